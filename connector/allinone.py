@@ -1,0 +1,148 @@
+"""`twistd tailpost`: the edge and one device in a single process, on embedded defaults.
+
+The edge still hands every message to the device's connector over a loopback SMTP hop,
+the same code path as two hosts. On first start it makes the data directory, a self-signed
+certificate, the device's secrets and the demo domain with one address, and prints the
+secrets once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.application.service import IService, MultiService, Service
+
+from connector.app import Device, build_device
+from edge.app import Edge, build_edge
+from edge.config import Config, load_config
+from edge.service import ReadyReport
+from edge.store import Store
+from edge.tap import Options as EdgeOptions
+from edge.tls import ensure_self_signed
+
+LOCAL_DEVICE_ID = "dev_local"
+
+
+class Options(EdgeOptions):
+    pass
+
+
+def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
+    """Make sure the local device and the demo address exist in the edge's store."""
+    store.ensure_account()
+    creds = device.creds
+    if store.get_device(LOCAL_DEVICE_ID) is None:
+        store.create_device(
+            "local",
+            device_id=LOCAL_DEVICE_ID,
+            hostname=config.fqdn,
+            connector_smtp_addr=config.device.connector_listen,
+            connector_username=creds.connector_username,
+            connector_secret=creds.connector_password,
+        )
+    else:
+        store.update_device(
+            LOCAL_DEVICE_ID,
+            connector_username=creds.connector_username,
+            connector_secret=creds.connector_password,
+        )
+    domain = config.demo.domain.lower()
+    if store.get_route_by_domain(domain) is None:
+        store.create_route(
+            domain,
+            type="byod",
+            connector_id=LOCAL_DEVICE_ID,
+            connector_smtp_addr=config.device.connector_listen,
+            delivery_mode="split",
+            status="active",
+            setup_stage="active",
+        )
+    name, _, addr_domain = config.demo.address.lower().partition("@")
+    known = {a.address for a in store.list_byod_addresses()}
+    if config.demo.address.lower() not in known:
+        store.add_byod_address(name, addr_domain, LOCAL_DEVICE_ID)
+
+
+class LinkDevice(Service):
+    """Started after the device listens: points the store's device row at the real port."""
+
+    def __init__(self, store: Store, device: Device) -> None:
+        self.setName("link-device")
+        self.store = store
+        self.device = device
+
+    def startService(self) -> None:
+        super().startService()
+        addr = self.device.connector.address
+        self.store.update_device(LOCAL_DEVICE_ID, connector_smtp_addr=addr)
+
+
+def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[str, str]) -> None:
+    demo = config.demo.address
+    mx_host, _, mx_port = addresses["mx"].rpartition(":")
+    imap_host, _, imap_port = addresses["imap"].rpartition(":")
+    creds = device.creds
+    out.write(
+        f"""
+tailpost all-in-one is running; data in {config.data_path}
+  MX SMTP (edge, inbound)      {addresses["mx"]}
+  connector SMTP (device)      {addresses["connector"]}
+  IMAP (device)                {addresses["imap"]}
+  local HTTP API (device)      http://{addresses["http"]}
+
+Send a test message to {demo}:
+  swaks --server {mx_host} --port {mx_port} --from you@example.net --to {demo}
+  python3 -c "import smtplib; smtplib.SMTP('{mx_host}', {mx_port}).sendmail('you@example.net', ['{demo}'], b'Subject: hello\\r\\n\\r\\nHello from tailpost.\\r\\n')"
+
+Read it:
+  IMAP  host {imap_host}  port {imap_port}  user {demo}  (password in {creds.path})
+  curl -s -H "Authorization: Bearer $(python3 -c "import json; print(json.load(open('{creds.path}'))['local_api_token'])")" http://{addresses["http"]}/localapi/v0/mail/messages
+"""
+    )
+    fresh = [c for c in creds.created if c.startswith("imap:") or c == "local_api_token"]
+    if fresh:
+        out.write(
+            "\nGenerated on this first start (shown once; kept with mode 0600 in the file above):\n"
+        )
+        for what in fresh:
+            if what == "local_api_token":
+                out.write(f"  local API token:       {creds.local_api_token}\n")
+            else:
+                address = what.partition(":")[2]
+                out.write(f"  IMAP password of {address}: {creds.imap[address]}\n")
+    out.write("\n")
+    out.flush()
+
+
+def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, Device, ReadyReport]:
+    data = config.data_path
+    data.mkdir(parents=True, exist_ok=True)
+    if config.edge.tls_cert:
+        tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
+    else:
+        tls_files = (data / "tls" / "cert.pem", data / "tls" / "key.pem")
+        ensure_self_signed(*tls_files, config.fqdn)
+    device = build_device(config, reactor, extra_addresses=(config.demo.address,))
+    edge = build_edge(config, reactor, tls_files=tls_files)
+    bootstrap_demo(edge.store, config, device)
+    top = MultiService()
+    device.service.setServiceParent(top)
+    LinkDevice(edge.store, device).setServiceParent(top)
+    edge.service.setServiceParent(top)
+    report = ReadyReport(data / "run", [edge.mx, device.connector, device.imap, device.http])
+    report.ready.append(device.on_ready)
+    report.setServiceParent(top)
+    return top, edge, device, report
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config = load_config(options["config"], data_dir=options["data-dir"])
+    top, _edge, device, report = build_allinone(config, reactor)
+    out = sys.__stdout__
+    if out is not None:
+        report.ready.append(lambda addresses: print_banner(out, config, device, addresses))
+    return top

@@ -1,0 +1,57 @@
+"""IMAP server over the device's Maildir (for mail clients on the device's network).
+
+`make_imap_factory` is the only entry point other packages use. This package must never
+let a client name reach the filesystem unvalidated; the maildir package enforces that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import Factory, ServerFactory
+from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
+
+from maildir import Maildir
+
+from .auth import make_portal
+from .server import DEFAULT_MAX_MESSAGE, IMAPServer
+
+__all__ = ["make_imap_factory", "IMAPServer", "IMAPFactory"]
+
+
+class IMAPFactory(ServerFactory):
+    """Builds one IMAPServer per connection, all sharing the Maildir and the portal."""
+
+    protocol = IMAPServer
+
+    def __init__(
+        self,
+        maildir: Maildir,
+        authenticate: Callable[[str, str], bool],
+        hostname: str,
+        max_message_size: int,
+    ) -> None:
+        self.maildir = maildir
+        self.portal = make_portal(maildir, authenticate)
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+
+    def buildProtocol(self, addr: Any) -> IMAPServer:
+        p = IMAPServer(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials})
+        p.factory = self
+        p.portal = self.portal
+        p.max_message_size = self.max_message_size
+        p.IDENT = b"tailpost IMAP4rev1 ready on " + self.hostname.encode("ascii", "replace")
+        return p
+
+
+def make_imap_factory(
+    maildir: Maildir,
+    authenticate: Callable[[str, str], bool],
+    *,
+    hostname: str = "localhost",
+    max_message_size: int = DEFAULT_MAX_MESSAGE,
+) -> Factory:
+    """A factory for IMAP connections to `maildir`, with logins checked by `authenticate`."""
+    return IMAPFactory(maildir, authenticate, hostname, max_message_size)

@@ -1,0 +1,212 @@
+"""IMAP SEARCH evaluation (RFC 3501 6.4.4) over MaildirMessage objects.
+
+Parses the key list that Twisted's argument parser produces (bytes and nested lists)
+into a predicate and applies it. It only reads messages; it must never change flags.
+Unknown keys raise SearchError so the server can answer BAD instead of guessing.
+"""
+
+from __future__ import annotations
+
+import calendar
+import email.utils
+from collections.abc import Callable
+from typing import Any
+
+from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
+
+from .message import MaildirMessage
+
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+
+Pred = Callable[[int, MaildirMessage], bool]
+
+
+class SearchError(Exception):
+    """The search program is malformed or uses an unsupported key."""
+
+
+def _date(value: bytes) -> int:
+    """An IMAP date ("1-Feb-1994") as the epoch seconds of its UTC midnight."""
+    try:
+        d, m, y = value.decode("ascii").strip('"').split("-")
+        return calendar.timegm((int(y), _MONTHS.index(m.lower()[:3]) + 1, int(d), 0, 0, 0))
+    except (ValueError, UnicodeDecodeError):
+        raise SearchError(f"bad date {value!r}") from None
+
+
+def _day(ts: float) -> int:
+    return int(ts // 86400 * 86400)
+
+
+def _sent_day(msg: MaildirMessage) -> int | None:
+    value = msg.header_message().get("date")
+    if value is None:
+        return None
+    try:
+        return _day(email.utils.parsedate_to_datetime(str(value)).timestamp())
+    except (TypeError, ValueError):
+        return None
+
+
+def _contains(haystack: str | bytes, needle: bytes) -> bool:
+    if isinstance(haystack, str):
+        haystack = haystack.encode("utf-8", "surrogateescape")
+    return needle.lower() in haystack.lower()
+
+
+def _header_has(name: str, needle: bytes) -> Pred:
+    def pred(seq: int, msg: MaildirMessage) -> bool:
+        values = msg.header_message().get_all(name) or []
+        if not needle:
+            return bool(values)
+        return any(_contains(str(v), needle) for v in values)
+
+    return pred
+
+
+def _flag(flag: str, present: bool = True) -> Pred:
+    return lambda seq, msg: (flag in msg.info.flags) == present
+
+
+class Compiler:
+    """Turns the parsed SEARCH arguments into one predicate."""
+
+    def __init__(self, last_seq: int, last_uid: int) -> None:
+        self.last_seq = last_seq
+        self.last_uid = last_uid
+
+    def compile(self, query: list[Any]) -> Pred:
+        items = list(query)
+        preds = []
+        while items:
+            preds.append(self._one(items))
+        return lambda seq, msg: all(p(seq, msg) for p in preds)
+
+    def _arg(self, items: list[Any]) -> bytes:
+        if not items or isinstance(items[0], list):
+            raise SearchError("missing search argument")
+        value = items.pop(0)
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    def _one(self, items: list[Any]) -> Pred:
+        item = items.pop(0)
+        if isinstance(item, list):
+            return self.compile(item)
+        key = item.upper() if isinstance(item, bytes) else str(item).upper().encode()
+        simple: dict[bytes, Pred] = {
+            b"ALL": lambda seq, msg: True,
+            b"ANSWERED": _flag("\\Answered"),
+            b"DELETED": _flag("\\Deleted"),
+            b"DRAFT": _flag("\\Draft"),
+            b"FLAGGED": _flag("\\Flagged"),
+            b"SEEN": _flag("\\Seen"),
+            b"UNANSWERED": _flag("\\Answered", False),
+            b"UNDELETED": _flag("\\Deleted", False),
+            b"UNDRAFT": _flag("\\Draft", False),
+            b"UNFLAGGED": _flag("\\Flagged", False),
+            b"UNSEEN": _flag("\\Seen", False),
+            b"RECENT": lambda seq, msg: msg.info.recent,
+            b"OLD": lambda seq, msg: not msg.info.recent,
+            b"NEW": lambda seq, msg: msg.info.recent and "\\Seen" not in msg.info.flags,
+        }
+        if key in simple:
+            return simple[key]
+        if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
+            return _header_has(key.decode().lower(), self._arg(items))
+        if key == b"HEADER":
+            name = self._arg(items).decode("ascii", "replace")
+            return _header_has(name, self._arg(items))
+        if key == b"BODY":
+            needle = self._arg(items)
+
+            def body(seq: int, msg: MaildirMessage) -> bool:
+                with msg.getBodyFile() as f:
+                    return _contains(f.read(), needle)
+
+            return body
+        if key == b"TEXT":
+            needle = self._arg(items)
+
+            def text(seq: int, msg: MaildirMessage) -> bool:
+                with msg.open() as f:
+                    return _contains(f.read(), needle)
+
+            return text
+        if key in (b"LARGER", b"SMALLER"):
+            try:
+                n = int(self._arg(items))
+            except ValueError:
+                raise SearchError("bad size") from None
+            if key == b"LARGER":
+                return lambda seq, msg: msg.info.size > n
+            return lambda seq, msg: msg.info.size < n
+        if key in (b"BEFORE", b"ON", b"SINCE"):
+            day = _date(self._arg(items))
+            if key == b"BEFORE":
+                return lambda seq, msg: _day(msg.info.internaldate) < day
+            if key == b"ON":
+                return lambda seq, msg: _day(msg.info.internaldate) == day
+            return lambda seq, msg: _day(msg.info.internaldate) >= day
+        if key in (b"SENTBEFORE", b"SENTON", b"SENTSINCE"):
+            day = _date(self._arg(items))
+            ops: dict[bytes, Callable[[int], bool]] = {
+                b"SENTBEFORE": lambda d: d < day,
+                b"SENTON": lambda d: d == day,
+                b"SENTSINCE": lambda d: d >= day,
+            }
+            op = ops[key]
+
+            def sent(seq: int, msg: MaildirMessage) -> bool:
+                d = _sent_day(msg)
+                return d is not None and op(d)
+
+            return sent
+        if key == b"KEYWORD":
+            self._arg(items)
+            return lambda seq, msg: False
+        if key == b"UNKEYWORD":
+            self._arg(items)
+            return lambda seq, msg: True
+        if key == b"NOT":
+            if not items:
+                raise SearchError("NOT needs an argument")
+            inner = self._one(items)
+            return lambda seq, msg: not inner(seq, msg)
+        if key == b"OR":
+            if len(items) < 2:
+                raise SearchError("OR needs two arguments")
+            a = self._one(items)
+            b = self._one(items)
+            return lambda seq, msg: a(seq, msg) or b(seq, msg)
+        if key == b"UID":
+            uids = self._set(self._arg(items), self.last_uid)
+            return lambda seq, msg: msg.info.uid in uids
+        if key[:1].isdigit() or key[:1] == b"*":
+            seqs = self._set(key, self.last_seq)
+            return lambda seq, msg: seq in seqs
+        raise SearchError(f"unsupported search key {key.decode('ascii', 'replace')}")
+
+    @staticmethod
+    def _set(value: bytes, last: int) -> Any:
+        try:
+            return parseIdList(value, last or 1)
+        except (IllegalIdentifierError, ValueError):
+            raise SearchError("bad message set") from None
+
+
+def run_search(
+    query: list[Any], messages: list[tuple[int, MaildirMessage]], last_uid: int
+) -> list[tuple[int, int]]:
+    """(sequence number, UID) of the messages matching `query`."""
+    last_seq = messages[-1][0] if messages else 0
+    pred = Compiler(last_seq, last_uid).compile(query)
+    if not query:
+        raise SearchError("empty search")
+    out = []
+    for seq, msg in messages:
+        try:
+            if pred(seq, msg):
+                out.append((seq, msg.info.uid))
+        except FileNotFoundError:
+            continue
+    return out

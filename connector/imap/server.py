@@ -1,0 +1,427 @@
+"""The IMAP4rev1 server protocol: Twisted's IMAP4Server with tailpost's fixes.
+
+Fixes over the base class: strict literal sizes (a negative or malformed `{n}` is BAD,
+never a spin), a cap on APPEND literals (answered before any data is read), RFC 3501
+responses for failed logins ([AUTHENTICATIONFAILED]), SELECT data clients rely on
+(UIDNEXT, PERMANENTFLAGS, UNSEEN), \\Seen set by non-PEEK body fetches, exact header
+and partial body sections, a working SEARCH, EXPUNGE/EXISTS reporting on NOOP, and
+tagged answers instead of tracebacks. It must never echo an exception to a client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import IO, Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import threads
+from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.mail import imap4
+from twisted.mail.imap4 import (
+    IllegalClientResponse,
+    IllegalMailboxEncoding,
+    IllegalOperation,
+    MailboxException,
+    ReadOnlyMailbox,
+    collapseNestedLists,
+)
+from twisted.python.failure import Failure
+
+from .fetch import RangeProducer, format_internaldate
+from .mailbox import MaildirMailbox, parse_internaldate
+from .message import MaildirMessage, body_bytes, filter_headers, headers_bytes, subparts
+from .search import SearchError, run_search
+from .structure import body_structure, envelope
+
+log = Logger()
+
+DEFAULT_MAX_MESSAGE = 25 * 1024 * 1024
+_LITERAL_RE = re.compile(rb"\{([0-9]{1,10})\}")
+
+
+class TooBig(IllegalOperation):
+    """A literal larger than the configured limit."""
+
+
+class IMAPServer(imap4.IMAP4Server):
+    """One IMAP connection."""
+
+    IDENT = b"tailpost IMAP4rev1 ready"
+    MAX_LENGTH = 65536
+    max_message_size = DEFAULT_MAX_MESSAGE
+    idle_poll_seconds = 10.0
+    mbox: MaildirMailbox | None
+    account: Any
+    portal: Any
+    _idle_loop: LoopingCall | None = None
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def lookupCommand(self, cmd: bytes) -> Any:
+        """Use this class's overrides for handlers and argument parsers in the tables."""
+        spec = super().lookupCommand(cmd)
+        if spec is None:
+            return None
+        cls = type(self)
+        return tuple(
+            getattr(cls, x.__name__, x) if callable(x) and hasattr(x, "__name__") else x
+            for x in spec
+        )
+
+    def parse_command(self, line: bytes) -> Any:
+        try:
+            return super().parse_command(line)
+        except Exception:
+            log.failure("IMAP command failed")
+            parts = line.split(None, 1)
+            self.sendBadResponse(parts[0] if parts else None, b"Internal server error")
+            return None
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.sendLine(b"* BYE Line too long")
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(TooBig):
+            self.sendNegativeResponse(tag, b"[TOOBIG] Message too large")
+        elif failure.check(ReadOnlyMailbox):
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+        elif failure.check(IllegalClientResponse, SearchError):
+            self.sendBadResponse(tag, b"Invalid arguments: " + _safe(failure.value))
+        elif failure.check(IllegalOperation, IllegalMailboxEncoding, MailboxException):
+            self.sendNegativeResponse(tag, _safe(failure.value))
+        else:
+            log.failure("IMAP command failed", failure)
+            self.sendBadResponse(tag, b"Internal server error")
+
+    def _fail(self, tag: bytes) -> Any:
+        return lambda failure: self._IMAP4Server__ebDispatch(failure, tag)
+
+    # -- literals -----------------------------------------------------------------------
+
+    def _literal_size(self, line: bytes) -> int:
+        m = _LITERAL_RE.fullmatch(line.strip())
+        if m is None:
+            raise IllegalClientResponse("Bad literal size")
+        return int(m.group(1))
+
+    def arg_astring(self, line: bytes, final: bool = False) -> Any:
+        stripped = line.strip()
+        if stripped[:1] == b"{":
+            size = self._literal_size(stripped)
+            if final and not size:
+                return (b"", b"")
+            return self._stringLiteral(size)
+        return super().arg_astring(line, final)
+
+    def arg_finalastring(self, line: bytes) -> Any:
+        return self.arg_astring(line, final=True)
+
+    def arg_literal(self, line: bytes) -> Any:
+        if not line or line[:1] != b"{":
+            raise IllegalClientResponse("Missing literal")
+        size = self._literal_size(line)
+        if size > self.max_message_size:
+            raise TooBig("Message too large")
+        return self._fileLiteral(size)
+
+    def arg_fetchatt(self, line: bytes) -> Any:
+        try:
+            return super().arg_fetchatt(line)
+        except IllegalClientResponse:
+            raise
+        except Exception:
+            raise IllegalClientResponse("Bad FETCH attributes") from None
+
+    # -- capabilities and login ---------------------------------------------------------
+
+    def capabilities(self) -> dict[bytes, Any]:
+        caps: dict[bytes, Any] = super().capabilities()
+        caps[b"APPENDLIMIT"] = [b"%d" % self.max_message_size]
+        return caps
+
+    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        else:
+            log.failure("login failed", failure)
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Authentication unavailable")
+
+    _IMAP4Server__ebAuthResp = _IMAP4Server__ebLogin
+
+    def _IMAP4Server__ebAuthChunk(self, failure: Failure, tag: bytes) -> None:
+        self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+
+    # -- mailbox state ------------------------------------------------------------------
+
+    def _cbSelectWork(self, mbox: MaildirMailbox | None, cmdName: bytes, tag: bytes) -> None:
+        if mbox is None:
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
+            return
+        flags = " ".join(mbox.getFlags()).encode()
+        self.sendUntaggedResponse(b"FLAGS (" + flags + b")")
+        self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
+        self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
+        unseen = mbox.first_unseen()
+        if unseen is not None:
+            self.sendPositiveResponse(None, b"[UNSEEN %d] First unseen" % unseen)
+        self.sendPositiveResponse(None, b"[UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
+        self.sendPositiveResponse(None, b"[UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        if mbox.isWriteable():
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + flags + b")] Limited")
+        else:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS ()] Read-only")
+        mode = b"READ-WRITE" if mbox.isWriteable() else b"READ-ONLY"
+        mbox.addListener(self)
+        self.sendPositiveResponse(tag, b"[" + mode + b"] " + cmdName + b" completed")
+        self.state = "select"
+        self.mbox = mbox
+
+    def sync_mailbox(self) -> None:
+        """Report what changed in the selected folder (EXPUNGE, EXISTS, FETCH FLAGS)."""
+        if self.mbox is None:
+            return
+        expunged, exists, changed = self.mbox.refresh()
+        for seq in expunged:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
+        if exists is not None:
+            self.sendUntaggedResponse(b"%d EXISTS" % exists)
+        for seq, flags in sorted(changed.items()):
+            self.sendUntaggedResponse(b"%d FETCH (FLAGS (%s))" % (seq, " ".join(flags).encode()))
+
+    def do_NOOP(self, tag: bytes) -> None:
+        if self.state == "select":
+            self.sync_mailbox()
+        self.sendPositiveResponse(tag, b"NOOP completed")
+
+    def do_CHECK(self, tag: bytes) -> None:
+        self.sync_mailbox()
+        self.sendPositiveResponse(tag, b"CHECK completed")
+
+    def do_IDLE(self, tag: bytes) -> None:
+        super().do_IDLE(tag)
+        if self.mbox is not None and self._idle_loop is None:
+            self._idle_loop = LoopingCall(self.sync_mailbox)
+            self._idle_loop.start(self.idle_poll_seconds, now=False)
+
+    def parse_idle(self, *args: Any) -> None:
+        self._stop_idle()
+        super().parse_idle(*args)
+
+    def _stop_idle(self) -> None:
+        if self._idle_loop is not None:
+            if self._idle_loop.running:
+                self._idle_loop.stop()
+            self._idle_loop = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_idle()
+        super().connectionLost(reason)
+
+    def _listWork(self, tag: bytes, ref: bytes, mbox: bytes, sub: int, cmdName: bytes) -> None:
+        if mbox == b"" and not sub:
+            self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
+            self.sendPositiveResponse(tag, b"LIST completed")
+            return
+        super()._listWork(tag, ref, mbox, sub, cmdName)
+
+    def do_STATUS(self, tag: bytes, mailbox: bytes, names: list[bytes]) -> None:
+        name = imap4._parseMbox(mailbox)
+        mbox = self.account.select(name, 0)
+        if mbox is None:
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
+            return
+        status = mbox.requestStatus([n.decode("ascii", "replace") for n in names])
+        items = " ".join(f"{k} {v}" for k, v in status.items()).encode()
+        self.sendUntaggedResponse(
+            b"STATUS " + collapseNestedLists([name.encode("imap4-utf-7")]) + b" (" + items + b")"
+        )
+        self.sendPositiveResponse(tag, b"STATUS completed")
+
+    # -- APPEND / COPY / STORE / EXPUNGE ---------------------------------------------------
+
+    def do_APPEND(
+        self, tag: bytes, mailbox: bytes, flags: Any, date: Any, message: IO[bytes]
+    ) -> None:
+        name = imap4._parseMbox(mailbox)
+        target = self.account.select(name)
+        if target is None:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
+            return
+        flag_names = [f.decode("ascii", "replace") for f in flags or []]
+        parse_internaldate(date)  # BAD before doing anything if malformed
+        d = target.addMessage(message, flag_names, date)
+
+        def done(info: Any) -> None:
+            if self.mbox is not None and self.mbox.folder.path == target.folder.path:
+                self.sync_mailbox()
+            self.sendPositiveResponse(tag, b"APPEND completed")
+
+        d.addCallback(done)
+        d.addErrback(self._fail(tag))
+
+    def do_COPY(self, tag: bytes, messages: Any, mailbox: bytes, uid: int = 0) -> None:
+        assert self.mbox is not None
+        name = imap4._parseMbox(mailbox)
+        target = self.account.select(name)
+        if target is None:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
+            return
+        infos = [m.info for _seq, m in self.mbox.fetch(messages, bool(uid))]
+        folder = target.folder
+
+        def work() -> None:
+            for info in infos:
+                with open(info.path, "rb") as f:
+                    data = f.read()
+                folder.add(data, info.flags, info.internaldate)
+
+        def done(_: Any) -> None:
+            if self.mbox is not None and self.mbox.folder.path == folder.path:
+                self.sync_mailbox()
+            self.sendPositiveResponse(tag, b"COPY completed")
+
+        threads.deferToThread(work).addCallback(done).addErrback(self._fail(tag))
+
+    def do_STORE(self, tag: bytes, messages: Any, mode: bytes, flags: Any, uid: int = 0) -> None:
+        if self.mbox is None or not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+        super().do_STORE(tag, messages, mode, flags, uid)
+
+    def _IMAP4Server__ebStore(self, failure: Failure, tag: bytes) -> None:
+        self._IMAP4Server__ebDispatch(failure, tag)
+
+    # -- SEARCH ---------------------------------------------------------------------------
+
+    def do_SEARCH(self, tag: bytes, charset: Any, query: Any, uid: int = 0) -> None:
+        assert self.mbox is not None
+        if charset is not None and charset.upper() not in (b"US-ASCII", b"UTF-8"):
+            self.sendNegativeResponse(tag, b"[BADCHARSET (US-ASCII UTF-8)] Unsupported")
+            return
+        mbox = self.mbox
+        messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
+        last_uid = mbox.uids[-1] if mbox.uids else 0
+
+        def done(found: list[tuple[int, int]]) -> None:
+            ids = [u if uid else s for s, u in found]
+            self.sendUntaggedResponse(b" ".join([b"SEARCH", *(b"%d" % i for i in ids)]))
+            self.sendPositiveResponse(tag, b"SEARCH completed")
+
+        d = threads.deferToThread(run_search, query, messages, last_uid)
+        d.addCallback(done).addErrback(self._fail(tag))
+
+    # -- FETCH ----------------------------------------------------------------------------
+
+    def do_FETCH(self, tag: bytes, messages: Any, query: Any, uid: int = 0) -> None:
+        assert self.mbox is not None
+        marks = any(
+            p.type in ("rfc822", "rfc822text")
+            or (p.type == "body" and not p.peek and (p.empty or p.header or p.text or p.mime))
+            for p in query
+        )
+        if marks and self.mbox.isWriteable():
+            if self.mbox.mark_seen(messages, bool(uid)) and not any(
+                p.type == "flags" for p in query
+            ):
+                query = [*query, imap4._FetchParser.Flags()]
+        super().do_FETCH(tag, messages, query, uid)
+
+    def _IMAP4Server__ebFetch(self, failure: Failure, tag: bytes) -> None:
+        self.setTimeout(self._oldTimeout)
+        del self._oldTimeout
+        self._IMAP4Server__ebDispatch(failure, tag)
+
+    def spew_envelope(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> None:
+        _w(b"ENVELOPE " + collapseNestedLists([envelope(msg.header_message())]))
+
+    def spew_internaldate(
+        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
+    ) -> None:
+        _w(b"INTERNALDATE " + format_internaldate(msg.info.internaldate))
+
+    def spew_rfc822header(
+        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
+    ) -> None:
+        _w(b"RFC822.HEADER " + imap4._literal(msg.header_section()))
+
+    def spew_rfc822text(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> Any:
+        _w(b"RFC822.TEXT ")
+        _f()
+        return RangeProducer(msg.open(), msg.body_offset, None).beginProducing(self.transport)
+
+    def spew_rfc822(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> Any:
+        _w(b"RFC822 ")
+        _f()
+        return RangeProducer(msg.open(), 0, None).beginProducing(self.transport)
+
+    def spew_bodystructure(
+        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
+    ) -> None:
+        tree = msg.tree()
+        _w(b"BODYSTRUCTURE " + collapseNestedLists([body_structure(tree, msg.linesep, True)]))
+
+    def spew_body(
+        self, part: Any, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
+    ) -> Any:
+        if not (part.empty or part.header or part.text or part.mime):
+            tree = msg.tree()
+            _w(b"BODY " + collapseNestedLists([body_structure(tree, msg.linesep, False)]))
+            return None
+        begin, length = part.partialBegin, part.partialLength
+        part.partialBegin = None
+        label = part.getBytes()
+        part.partialBegin = begin
+        if begin is not None:
+            label += b"<%d>" % begin
+        path = tuple(part.part or ())
+        if not path and (part.empty or part.text):
+            start = 0 if part.empty else msg.body_offset
+            _w(label + b" ")
+            _f()
+            if begin is not None:
+                start += begin
+            producer = RangeProducer(msg.open(), start, length)
+            if begin is not None and start > os.fstat(producer.f.fileno()).st_size:  # type: ignore[union-attr]
+                producer.remaining = 0
+                producer.head = b"{0}\r\n"
+            return producer.beginProducing(self.transport)
+        data = self._section(msg, path, part)
+        if begin is not None:
+            data = data[begin : begin + length]
+        _w(label + b" " + imap4._literal(data))
+        return None
+
+    def _section(self, msg: MaildirMessage, path: tuple[int, ...], part: Any) -> bytes:
+        sep = msg.linesep
+        if not path:
+            raw = msg.header_section()
+            if part.header.fields:
+                return filter_headers(raw, list(part.header.fields), part.header.negate)
+            return raw
+        try:
+            node = msg.resolve(path)
+        except IndexError:
+            return b""
+        if part.mime:
+            return headers_bytes(node, sep)
+        if part.header or part.text:
+            if node.get_content_type() != "message/rfc822" or not subparts(node):
+                return b""
+            inner = subparts(node)[0]
+            if part.text:
+                return body_bytes(inner, sep)
+            raw = headers_bytes(inner, sep)
+            if part.header.fields:
+                return filter_headers(raw, list(part.header.fields), part.header.negate)
+            return raw
+        return body_bytes(node, sep)
+
+
+def _safe(value: object) -> bytes:
+    text = str(value).replace("\r", " ").replace("\n", " ")[:200]
+    return text.encode("ascii", "replace")

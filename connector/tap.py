@@ -1,0 +1,42 @@
+"""`twistd tailpost-device`: options and service construction for the device process."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+
+from connector.app import build_device
+from edge.config import load_config
+from edge.service import ReadyReport
+from edge.tap import Options as EdgeOptions
+
+
+class Options(EdgeOptions):
+    pass
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config = load_config(options["config"], data_dir=options["data-dir"])
+    device = build_device(config, reactor)
+    top: Any = MultiService()
+    device.service.setServiceParent(top)
+    report = ReadyReport(config.data_path / "run", [device.connector, device.imap, device.http])
+    report.ready.append(device.on_ready)
+
+    def banner(addresses: dict[str, str]) -> None:
+        out = sys.__stdout__
+        if out is None:
+            return
+        out.write("tailpost device listening:\n")
+        for name, address in addresses.items():
+            out.write(f"  {name:10} {address}\n")
+        out.write(f"credentials: {device.creds.path}\n")
+        out.flush()
+
+    report.ready.append(banner)
+    report.setServiceParent(top)
+    return top  # type: ignore[no-any-return]

@@ -1,0 +1,86 @@
+"""Assembly of the edge: store, spool, delivery queue and the MX listener, as one service.
+
+State is built here from the configuration and passed into each part; nothing is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import threads
+
+from edge.config import Config
+from edge.delivery import ConnectorDeliverer, DeliveryQueue
+from edge.mx import MXHandler
+from edge.service import TCPListener
+from edge.smtp.server import Limits, SMTPServerFactory
+from edge.spool import Spool
+from edge.store import Store, open_store
+from edge.tls import server_context
+
+
+def smtp_limits(config: Config) -> Limits:
+    e = config.edge
+    return Limits(
+        max_message_size=e.max_message_size,
+        max_recipients=e.max_recipients,
+        max_line_length=e.max_line_length,
+        idle_timeout=e.idle_timeout,
+        data_timeout=e.data_timeout,
+    )
+
+
+class QueueService(Service):
+    def __init__(self, queue: DeliveryQueue) -> None:
+        self.setName("delivery-queue")
+        self.queue = queue
+
+    def startService(self) -> None:
+        super().startService()
+        self.queue.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.queue.stop()
+        return None
+
+
+@dataclass
+class Edge:
+    service: MultiService
+    store: Store
+    spool: Spool
+    queue: DeliveryQueue
+    mx: TCPListener
+
+
+def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
+    store = open_store(config.store_url)
+    spool = Spool(config.spool_path)
+    hostname = config.fqdn
+    queue = DeliveryQueue(
+        spool,
+        store.resolve_recipient,
+        ConnectorDeliverer(reactor, hostname, config.edge.delivery_timeout),
+        reactor,
+        config.edge.retry_schedule,
+    )
+    if tls_files is None and config.edge.tls_cert:
+        tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
+    tls = server_context(*tls_files) if tls_files else None
+
+    def handler() -> MXHandler:
+        return MXHandler(
+            store.resolve_recipient, spool, hostname, reactor, threads.deferToThread, queue.enqueue
+        )
+
+    factory = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    service = MultiService()
+    service.setName("edge")
+    QueueService(queue).setServiceParent(service)
+    mx = TCPListener("mx", config.edge.mx_listen, factory, reactor)
+    mx.setServiceParent(service)
+    return Edge(service, store, spool, queue, mx)

@@ -1,0 +1,152 @@
+"""Configuration: one TOML file, read once at start, with embedded defaults.
+
+Every key and its default is listed in docs/configuration.md. Paths left empty are
+derived from `data_dir`. This module only reads and validates; it never opens sockets or
+creates files.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or holds a bad value."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:25") into its parts; port 0 means any free port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen address {value!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass
+class EdgeConfig:
+    mx_listen: str = "127.0.0.1:2025"
+    database_url: str = ""
+    spool_dir: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 512
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    retry_schedule: list[float] = field(
+        default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
+    )
+    delivery_timeout: float = 60.0
+
+
+@dataclass
+class DeviceConfig:
+    connector_listen: str = "127.0.0.1:2525"
+    imap_listen: str = "127.0.0.1:1143"
+    http_listen: str = "127.0.0.1:18080"
+    maildir: str = ""
+    addresses: list[str] = field(default_factory=list)
+    connector_username: str = "edge"
+    connector_password: str = ""
+
+
+@dataclass
+class DemoConfig:
+    domain: str = "example.test"
+    address: str = "demo@example.test"
+
+
+@dataclass
+class Config:
+    data_dir: str = "./var"
+    hostname: str = ""
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+    @property
+    def fqdn(self) -> str:
+        return self.hostname or socket.getfqdn() or "localhost"
+
+    @property
+    def store_url(self) -> str:
+        return self.edge.database_url or f"sqlite:///{self.data_path / 'edge' / 'store.db'}"
+
+    @property
+    def spool_path(self) -> Path:
+        return (
+            Path(self.edge.spool_dir) if self.edge.spool_dir else self.data_path / "edge" / "spool"
+        )
+
+    @property
+    def maildir_path(self) -> Path:
+        return (
+            Path(self.device.maildir)
+            if self.device.maildir
+            else self.data_path / "device" / "Maildir"
+        )
+
+
+def _apply(target: Any, values: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {where}{key}")
+        current = getattr(target, key)
+        if isinstance(value, dict):
+            if not hasattr(current, "__dataclass_fields__"):
+                raise ConfigError(f"{where}{key} is not a table")
+            _apply(current, value, f"{where}{key}.")
+            continue
+        if hasattr(current, "__dataclass_fields__"):
+            raise ConfigError(f"{where}{key} must be a table")
+        expected = type(current)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is list and isinstance(value, list):
+            value = [
+                float(v) if isinstance(v, int) and key == "retry_schedule" else v for v in value
+            ]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{where}{key} must be {expected.__name__}, not {type(value).__name__}"
+            )
+        setattr(target, key, value)
+
+
+def load_config(path: str | Path | None = None, *, data_dir: str | None = None) -> Config:
+    """Read `path` (or nothing: the embedded defaults) and apply a `--data-dir` override."""
+    config = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        _apply(config, raw, "")
+    if data_dir is not None:
+        config.data_dir = data_dir
+    for listen in (
+        config.edge.mx_listen,
+        config.device.connector_listen,
+        config.device.imap_listen,
+        config.device.http_listen,
+    ):
+        parse_listen(listen)
+    if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
+        raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
+    if not config.edge.retry_schedule:
+        raise ConfigError("edge.retry_schedule must not be empty")
+    return config

@@ -1,0 +1,93 @@
+"""The one table of SMTP replies (code, enhanced code, text) and the error that carries one.
+
+Every reply the servers send comes from here, so the wording and codes stay consistent and
+a test can check each reply's class against its enhanced code's class. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+    def lines(self) -> list[bytes]:
+        """The reply as CRLF-terminated wire lines (multi-line when text has newlines)."""
+        parts = self.text.split("\n") or [""]
+        out = []
+        for i, part in enumerate(parts):
+            sep = "-" if i < len(parts) - 1 else " "
+            prefix = f"{self.code}{sep}"
+            body = f"{self.enhanced} {part}" if self.enhanced else part
+            out.append((prefix + body).encode("utf-8", "replace") + b"\r\n")
+        return out
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+
+class SMTPReplyError(Exception):
+    """Raised by policy code to answer with `reply`; `reason` goes to the log only."""
+
+    def __init__(self, reply: Reply, reason: str = "") -> None:
+        super().__init__(reason or reply.text)
+        self.reply = reply
+        self.reason = reason
+
+
+# 2xx
+S211_HELP = Reply(
+    214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"
+)
+S220_READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+S221_BYE = Reply(221, "2.0.0", "Bye")
+S235_AUTH_OK = Reply(235, "2.7.0", "Authentication succeeded")
+S250_OK = Reply(250, "2.0.0", "OK")
+S250_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+S250_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
+S250_QUEUED = Reply(250, "2.0.0", "Queued as {qid}")
+S250_RESET = Reply(250, "2.0.0", "Reset")
+S252_VRFY = Reply(252, "2.5.0", "Cannot verify the user, but will accept mail and attempt delivery")
+# 3xx
+S334_AUTH_CONTINUE = Reply(334, "", "")
+S354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+# 4xx
+S421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+S421_IDLE = Reply(421, "4.4.2", "Idle timeout, closing connection")
+S421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+S421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+S451_INTERNAL = Reply(451, "4.3.0", "Temporary internal error, try again later")
+S451_TIMEOUT = Reply(451, "4.4.5", "Timed out processing the request, try again later")
+S452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+S454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+# 5xx
+S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
+S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+S501_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
+S501_BAD_ADDRESS = Reply(501, "5.1.7", "Malformed address")
+S501_HELO_ARG = Reply(501, "5.5.4", "HELO/EHLO needs a domain name")
+S502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+S503_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+S530_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+S504_AUTH_MECH = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+S535_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+S550_NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+S550_BARE_NEWLINE = Reply(550, "5.6.0", "Bare CR or LF in message data is not allowed")
+S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds the limit")
+S552_LINE_TOO_LONG = Reply(552, "5.6.0", "Message line too long")
+S553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+S554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
+S555_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+
+
+def all_replies() -> dict[str, Reply]:
+    """Every named reply of this module, by name."""
+    return {k: v for k, v in globals().items() if k.startswith("S") and isinstance(v, Reply)}

@@ -1,0 +1,589 @@
+"""The SMTP server protocol (RFC 5321, with STARTTLS, AUTH PLAIN, PIPELINING, SIZE).
+
+This module parses the wire and keeps the session state machine; what to accept is decided
+by a `SessionHandler` (policy) passed in by the factory. Every reply comes from
+`edge.smtp.replies`, and every exception a handler raises goes through one funnel: an
+`SMTPReplyError` becomes its reply, a timeout 451 4.4.5, anything else 451 4.3.0 with the
+detail in the log only. It never buffers more than one command line or one text line
+beyond what the handler's sink was given, and it never executes a command that arrived in
+the same read as STARTTLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from edge.smtp import replies
+from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
+from edge.smtp.replies import Reply, SMTPReplyError
+
+log = Logger()
+
+
+@dataclass
+class Limits:
+    """Sizes and timeouts of one listener; defaults follow the design's limits."""
+
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 512
+    max_text_line: int = 1000
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    handler_timeout: float = 60.0
+    max_errors: int = 20
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+
+
+@dataclass
+class Session:
+    """What the handler may know about the connection and the current transaction."""
+
+    peer_host: str
+    peer_port: int
+    local_host: str
+    local_port: int
+    helo: str | None = None
+    esmtp: bool = False
+    tls: str | None = None
+    authenticated_as: str | None = None
+    sender: Path | None = None
+    recipients: list[Path] = field(default_factory=list)
+
+    def reset_transaction(self) -> None:
+        self.sender = None
+        self.recipients = []
+
+
+class MessageSink(Protocol):
+    """Receives one message's data; `finish` makes it durable and returns the 250 reply."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Awaitable[Reply] | Reply: ...
+
+    def abort(self) -> None: ...
+
+
+class SessionHandler(Protocol):
+    """Policy for one connection. Methods return a Reply or None (accept), maybe later."""
+
+    auth_offered: bool
+    auth_required: bool
+
+    def connect(self, session: Session) -> Any: ...
+
+    def authenticate(self, session: Session, username: str, password: str) -> Any: ...
+
+    def mail_from(self, session: Session, sender: Path) -> Any: ...
+
+    def rcpt_to(self, session: Session, recipient: Path) -> Any: ...
+
+    def data(self, session: Session) -> Any:
+        """Return the MessageSink for the transaction's data (or raise SMTPReplyError)."""
+        ...
+
+
+def _tls_description(transport: Any) -> str | None:
+    handle: Any = getattr(transport, "getHandle", lambda: None)()
+    try:
+        version = handle.get_protocol_version_name()
+        cipher = handle.get_cipher_name()
+        bits = handle.get_cipher_bits()
+    except Exception:
+        return "TLS"
+    return f"{version} with cipher {cipher} ({bits}/{bits} bits)"
+
+
+class SMTPServer(TwistedProtocol, TimeoutMixin):
+    """One SMTP session."""
+
+    factory: SMTPServerFactory
+
+    def __init__(
+        self,
+        handler: SessionHandler,
+        limits: Limits,
+        hostname: str,
+        clock: IReactorTime,
+        tls_context: Any = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.hostname = hostname
+        self.clock = clock
+        self.tls_context = tls_context
+        self.callLater = clock.callLater  # type: ignore[method-assign,assignment]
+        self.session: Session | None = None
+        self._buffer = b""
+        self._busy = False
+        self._discarding = False
+        self._closed = False
+        self._errors = 0
+        self._in_data = False
+        self._sink: MessageSink | None = None
+        self._data_error: Reply | None = None
+        self._data_size = 0
+        self._auth_pending = False
+        self._processing = False
+        self._prev_crlf = True
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        host = self.transport.getHost()  # type: ignore[union-attr]
+        self.session = Session(
+            peer_host=getattr(peer, "host", "unknown"),
+            peer_port=getattr(peer, "port", 0),
+            local_host=getattr(host, "host", ""),
+            local_port=getattr(host, "port", 0),
+        )
+        self.setTimeout(self.limits.idle_timeout)
+        self._busy = True
+        d = defer.ensureDeferred(self._greet())
+        d.addErrback(self._internal_error)
+
+    async def _greet(self) -> None:
+        assert self.session is not None
+        refusal = self.factory.admit(self)
+        if refusal is None:
+            refusal = await self._call(self.handler.connect, self.session)
+        if refusal is not None and refusal.is_error:
+            self._send(refusal)
+            self._close()
+            return
+        self._send(Reply(220, "", f"{self.hostname} ESMTP tailpost"))
+        self._busy = False
+        self._process()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        self.setTimeout(None)
+        self._abort_data()
+        self.factory.release(self)
+
+    def timeoutConnection(self) -> None:
+        self._abort_data()
+        self._send(replies.S421_IDLE)
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._busy = True
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _send(self, reply: Reply) -> None:
+        if self.transport is None or (self._closed and reply.code not in (221, 421, 554)):
+            return
+        self.transport.writeSequence(reply.lines())
+
+    # -- input ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # the loop further up the stack carries on
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
+        while self._buffer and not self._busy and not self._closed:
+            if self._in_data:
+                if not self._consume_data():
+                    return  # waiting for the rest of a line
+                continue
+            nl = self._buffer.find(b"\n")
+            if nl < 0:
+                if len(self._buffer) > self.limits.max_line_length + 2:
+                    self._buffer = b""
+                    if not self._discarding:
+                        self._discarding = True
+                        self._reply_error(replies.S500_LINE_TOO_LONG)
+                return
+            line, self._buffer = self._buffer[:nl], self._buffer[nl + 1 :]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self.limits.max_line_length:
+                self._reply_error(replies.S500_LINE_TOO_LONG)
+                continue
+            self._run(self._command(line))
+
+    def _run(self, coro: Awaitable[Reply | None]) -> None:
+        """Run one command; while it waits, later pipelined input stays in the buffer."""
+        self._busy = True
+        d: defer.Deferred[Any] = defer.ensureDeferred(coro)  # type: ignore[arg-type]
+        d.addErrback(self._funnel)
+        d.addCallback(self._finish_command)
+        d.addErrback(self._internal_error)
+
+    def _finish_command(self, reply: Reply | None) -> None:
+        if reply is not None:
+            self._reply_error(reply) if reply.is_error else self._send(reply)
+        if not self._closed:
+            self._busy = False
+            self._process()
+
+    def _funnel(self, failure: Failure) -> Reply:
+        """The one place where exceptions become replies."""
+        if failure.check(SMTPReplyError):
+            err: SMTPReplyError = failure.value  # type: ignore[assignment]
+            if err.reason:
+                log.info(
+                    "smtp {peer}: {reply.code} {reason}",
+                    peer=self._peer(),
+                    reply=err.reply,
+                    reason=err.reason,
+                )
+            return err.reply
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            log.warn("smtp {peer}: handler timed out", peer=self._peer())
+            return replies.S451_TIMEOUT
+        log.failure("smtp {peer}: internal error", failure, peer=self._peer())
+        return replies.S451_INTERNAL
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("smtp {peer}: session failed", failure, peer=self._peer())
+        self._abort_data()
+        self._send(replies.S451_INTERNAL)
+        self._close()
+
+    def _reply_error(self, reply: Reply) -> None:
+        self._send(reply)
+        self._errors += 1
+        if self._errors >= self.limits.max_errors and not self._closed:
+            self._send(replies.S421_TOO_MANY_ERRORS)
+            self._close()
+
+    def _peer(self) -> str:
+        return self.session.peer_host if self.session else "?"
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        d = defer.maybeDeferred(fn, *args)
+        d.addTimeout(self.limits.handler_timeout, self.clock)
+        return await d
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def _command(self, line: bytes) -> Reply | None:
+        assert self.session is not None
+        if self._auth_pending:
+            return await self._auth_continue(line)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.S500_UNKNOWN.with_text("Command line is not valid UTF-8")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        method = getattr(self, f"cmd_{verb}", None) if verb.isalpha() else None
+        if method is None:
+            return replies.S500_UNKNOWN
+        result: Reply | None = await method(arg.strip() if verb not in ("MAIL", "RCPT") else arg)
+        return result
+
+    async def cmd_HELO(self, arg: str) -> Reply:
+        return self._greeting(arg, esmtp=False)
+
+    async def cmd_EHLO(self, arg: str) -> Reply:
+        return self._greeting(arg, esmtp=True)
+
+    def _greeting(self, arg: str, esmtp: bool) -> Reply:
+        assert self.session is not None
+        if not arg or " " in arg:
+            return replies.S501_HELO_ARG
+        self.session.helo = arg
+        self.session.esmtp = esmtp
+        if self.session.tls is not None:
+            self.session.tls = _tls_description(self.transport)
+        self.session.reset_transaction()
+        if not esmtp:
+            return Reply(250, "", self.hostname)
+        lines = [
+            self.hostname,
+            f"SIZE {self.limits.max_message_size}",
+            "PIPELINING",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and self.session.tls is None:
+            lines.append("STARTTLS")
+        if self.handler.auth_offered and self.session.authenticated_as is None:
+            lines.append("AUTH PLAIN")
+        return Reply(250, "", "\n".join(lines))
+
+    async def cmd_STARTTLS(self, arg: str) -> Reply | None:
+        assert self.session is not None
+        if arg:
+            return replies.S501_SYNTAX
+        if self.tls_context is None:
+            return replies.S454_TLS_UNAVAILABLE
+        if self.session.tls is not None or self.session.helo is None:
+            return replies.S503_BAD_SEQUENCE
+        self._send(replies.S220_READY_TLS)
+        # Anything pipelined after STARTTLS in plaintext is discarded, never executed.
+        self._buffer = b""
+        self.transport.startTLS(self.tls_context)  # type: ignore[union-attr]
+        self.session.helo = None
+        self.session.esmtp = False
+        self.session.authenticated_as = None
+        self.session.reset_transaction()
+        self.session.tls = "TLS"
+        return None
+
+    async def cmd_AUTH(self, arg: str) -> Reply | None:
+        assert self.session is not None
+        if not self.handler.auth_offered or self.session.helo is None:
+            return replies.S503_BAD_SEQUENCE
+        if self.session.authenticated_as is not None or self.session.sender is not None:
+            return replies.S503_BAD_SEQUENCE
+        mech, _, initial = arg.partition(" ")
+        if mech.upper() != "PLAIN":
+            return replies.S504_AUTH_MECH
+        if not initial:
+            self._auth_pending = True
+            return replies.S334_AUTH_CONTINUE
+        return await self._auth_plain(initial.strip())
+
+    async def _auth_continue(self, line: bytes) -> Reply:
+        self._auth_pending = False
+        if line.strip() == b"*":
+            return replies.S501_SYNTAX.with_text("Authentication cancelled")
+        return await self._auth_plain(line.decode("ascii", "replace").strip())
+
+    async def _auth_plain(self, encoded: str) -> Reply:
+        assert self.session is not None
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+            _authzid, username, password = decoded.split("\x00")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return replies.S501_SYNTAX.with_text("Malformed AUTH PLAIN response")
+        ok = await self._call(self.handler.authenticate, self.session, username, password)
+        if not ok:
+            return replies.S535_AUTH_FAILED
+        self.session.authenticated_as = username
+        return replies.S235_AUTH_OK
+
+    async def cmd_MAIL(self, arg: str) -> Reply | None:
+        assert self.session is not None
+        if self.session.helo is None or self.session.sender is not None:
+            return replies.S503_BAD_SEQUENCE
+        if self.handler.auth_required and self.session.authenticated_as is None:
+            return replies.S530_AUTH_REQUIRED
+        sender = parse_mail_from(arg, max_size=self.limits.max_message_size)
+        refusal = await self._call(self.handler.mail_from, self.session, sender)
+        if refusal is not None:
+            return refusal  # type: ignore[no-any-return]
+        self.session.sender = sender
+        return replies.S250_SENDER_OK
+
+    async def cmd_RCPT(self, arg: str) -> Reply | None:
+        assert self.session is not None
+        if self.session.sender is None:
+            return replies.S503_BAD_SEQUENCE
+        if len(self.session.recipients) >= self.limits.max_recipients:
+            return replies.S452_TOO_MANY_RCPTS
+        recipient = parse_rcpt_to(arg, smtputf8="SMTPUTF8" in self.session.sender.params)
+        refusal = await self._call(self.handler.rcpt_to, self.session, recipient)
+        if refusal is not None:
+            return refusal  # type: ignore[no-any-return]
+        self.session.recipients.append(recipient)
+        return replies.S250_RCPT_OK
+
+    async def cmd_DATA(self, arg: str) -> Reply | None:
+        assert self.session is not None
+        if arg:
+            return replies.S501_SYNTAX
+        if self.session.sender is None:
+            return replies.S503_BAD_SEQUENCE
+        if not self.session.recipients:
+            return replies.S554_NO_VALID_RCPTS
+        sink = await self._call(self.handler.data, self.session)
+        self._sink = sink
+        self._in_data = True
+        self._data_error = None
+        self._data_size = 0
+        self._prev_crlf = True
+        self.setTimeout(self.limits.data_timeout)
+        return replies.S354_DATA
+
+    async def cmd_RSET(self, arg: str) -> Reply:
+        assert self.session is not None
+        self.session.reset_transaction()
+        return replies.S250_RESET
+
+    async def cmd_NOOP(self, arg: str) -> Reply:
+        return replies.S250_OK
+
+    async def cmd_VRFY(self, arg: str) -> Reply:
+        return replies.S252_VRFY if arg else replies.S501_SYNTAX
+
+    async def cmd_HELP(self, arg: str) -> Reply:
+        return replies.S211_HELP
+
+    async def cmd_QUIT(self, arg: str) -> Reply | None:
+        self._send(replies.S221_BYE)
+        self._close()
+        return None
+
+    # -- DATA ----------------------------------------------------------------------------
+
+    def _consume_data(self) -> bool:
+        """Take complete lines from the buffer into the sink; True at the end of data."""
+        buf = self._buffer
+        pos = 0
+        limit = self.limits.max_text_line + 2
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                rest = buf[pos:]
+                if len(rest) > limit:
+                    # An over-long line: keep counting its size, but do not hold it.
+                    self._data_fail(replies.S552_LINE_TOO_LONG)
+                    self._count(len(rest))
+                    self._discarding = True
+                    rest = b""
+                self._buffer = rest
+                return False
+            line = buf[pos : nl + 1]
+            pos = nl + 1
+            crlf = line.endswith(b"\r\n")
+            if self._discarding:
+                self._discarding = False
+                self._count(len(line))
+                self._prev_crlf = crlf
+                continue
+            if self._prev_crlf and line == b".\r\n":
+                self._buffer = buf[pos:]
+                self._end_data()
+                return True
+            if not crlf or b"\r" in line[:-2]:
+                self._data_fail(replies.S550_BARE_NEWLINE)
+            if len(line) > limit:
+                self._data_fail(replies.S552_LINE_TOO_LONG)
+            if line.startswith(b"."):
+                line = line[1:]
+            self._prev_crlf = crlf
+            self._count(len(line))
+            if self._data_error is None and self._sink is not None:
+                self._sink.write(line)
+
+    def _count(self, n: int) -> None:
+        self._data_size += n
+        if self._data_size > self.limits.max_message_size:
+            self._data_fail(replies.S552_TOO_BIG)
+
+    def _data_fail(self, reply: Reply) -> None:
+        if self._data_error is None:
+            self._data_error = reply
+            self._abort_data()
+
+    def _abort_data(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            try:
+                sink.abort()
+            except Exception:
+                log.failure("smtp: aborting message data failed")
+
+    def _end_data(self) -> None:
+        assert self.session is not None
+        self._in_data = False
+        self._discarding = False
+        self.setTimeout(self.limits.idle_timeout)
+        sink, self._sink = self._sink, None
+        error = self._data_error
+        self.session.reset_transaction()
+        if error is not None or sink is None:
+            self._run(self._immediate(error or replies.S451_INTERNAL))
+            return
+        self._run(self._finish_sink(sink))
+
+    async def _immediate(self, reply: Reply) -> Reply:
+        return reply
+
+    async def _finish_sink(self, sink: MessageSink) -> Reply:
+        try:
+            d = defer.maybeDeferred(sink.finish)
+            d.addTimeout(self.limits.data_timeout, self.clock)
+            reply: Reply = await d  # type: ignore[assignment]
+        except BaseException:
+            sink.abort()
+            raise
+        return reply
+
+
+class SMTPServerFactory(Factory):
+    """Makes sessions with a handler per connection and enforces connection limits."""
+
+    def __init__(
+        self,
+        handler_factory: Callable[[], SessionHandler],
+        limits: Limits,
+        hostname: str,
+        clock: IReactorTime,
+        tls_context: Any = None,
+    ) -> None:
+        self.handler_factory = handler_factory
+        self.limits = limits
+        self.hostname = hostname
+        self.clock = clock
+        self.tls_context = tls_context
+        self.sessions: set[SMTPServer] = set()
+        self.per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> SMTPServer:  # type: ignore[override]
+        proto = SMTPServer(
+            self.handler_factory(), self.limits, self.hostname, self.clock, self.tls_context
+        )
+        proto.factory = self
+        return proto
+
+    def admit(self, proto: SMTPServer) -> Reply | None:
+        assert proto.session is not None
+        ip = proto.session.peer_host
+        self.sessions.add(proto)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        if (
+            len(self.sessions) > self.limits.max_connections
+            or self.per_ip[ip] > self.limits.max_connections_per_ip
+        ):
+            return replies.S421_TOO_MANY_CONNECTIONS
+        return None
+
+    def release(self, proto: SMTPServer) -> None:
+        if proto in self.sessions:
+            self.sessions.discard(proto)
+            ip = proto.session.peer_host if proto.session else ""
+            left = self.per_ip.get(ip, 1) - 1
+            if left > 0:
+                self.per_ip[ip] = left
+            else:
+                self.per_ip.pop(ip, None)

@@ -1,0 +1,210 @@
+"""ORM rows of the edge's control plane: accounts, devices, routes, addresses, spam rules.
+
+These are the SQLAlchemy 2 declarative tables that the Alembic migrations create. They are an
+implementation detail of :mod:`edge.store.store`: rows never leave a session; callers get the
+frozen records of :mod:`edge.store.records` instead. Every schema change here needs a new
+migration under ``migrations/versions`` (a test compares the two). This module must never
+open connections, hold state, or contain business rules beyond column constraints.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from edge.store.validate import DEVICE_AUTH_STATUSES
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ROUTE_TYPES = ("byod", "subdomain")
+DELIVERY_MODES = ("split", "device")
+ROUTE_STATUSES = ("pending_dns", "ready", "active", "disabled")
+SPAM_RULE_KINDS = ("sender", "domain")
+SPAM_RULE_ACTIONS = ("reject", "quarantine", "tag")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always read back timezone-aware (UTC).
+
+    PostgreSQL keeps ``timestamptz``; SQLite has no time zones, so the UTC wall time is stored
+    and UTC is attached again on the way out. Naive datetimes are refused on the way in.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise ValueError(f"timestamps must be timezone-aware datetimes, got {value!r}")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class AccountRow(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class DeviceRow(Base):
+    __tablename__ = "devices"
+    __table_args__ = (
+        CheckConstraint(_in("auth_status", DEVICE_AUTH_STATUSES), name="auth_status"),
+        Index(None, "account_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    auth_status: Mapped[str] = mapped_column(String(16), default="pending")
+    connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
+    connector_username: Mapped[str | None] = mapped_column(String(255))
+    connector_secret: Mapped[str | None] = mapped_column(String(255))
+    key_hash: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class EmailRouteRow(Base):
+    __tablename__ = "email_routes"
+    __table_args__ = (
+        CheckConstraint(_in("type", ROUTE_TYPES), name="type"),
+        CheckConstraint(_in("delivery_mode", DELIVERY_MODES), name="delivery_mode"),
+        CheckConstraint(_in("status", ROUTE_STATUSES), name="status"),
+        Index(None, "account_id"),
+        Index(None, "connector_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    domain: Mapped[str] = mapped_column(String(253), unique=True)
+    type: Mapped[str] = mapped_column(String(16))
+    connector_id: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("devices.id", ondelete="SET NULL")
+    )
+    connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
+    delivery_mode: Mapped[str] = mapped_column(String(16), default="split")
+    status: Mapped[str] = mapped_column(String(16), default="pending_dns")
+    setup_stage: Mapped[str] = mapped_column(String(64), default="ready_for_dns")
+    edge_mx_target: Mapped[str] = mapped_column(String(253), default="")
+    mail_from_domain: Mapped[str] = mapped_column(String(253), default="")
+    ownership_token: Mapped[str] = mapped_column(String(128), default="")
+    previous_mx: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    fallback_hosts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    authoritative_hosts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ManagedAddressRow(Base):
+    __tablename__ = "managed_addresses"
+    __table_args__ = (Index(None, "account_id"), Index(None, "device_id"))
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    domain: Mapped[str] = mapped_column(String(253))
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    vanity: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ByodAddressRow(Base):
+    __tablename__ = "byod_addresses"
+    __table_args__ = (
+        Index(None, "account_id"),
+        Index(None, "device_id"),
+        Index(None, "route_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    domain: Mapped[str] = mapped_column(String(253))
+    route_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("email_routes.id", ondelete="CASCADE")
+    )
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SpamRuleRow(Base):
+    __tablename__ = "spam_rules"
+    __table_args__ = (
+        UniqueConstraint("account_id", "kind", "value"),
+        CheckConstraint(_in("kind", SPAM_RULE_KINDS), name="kind"),
+        CheckConstraint(_in("action", SPAM_RULE_ACTIONS), name="action"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("accounts.id", ondelete="CASCADE")
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(String(320))
+    action: Mapped[str] = mapped_column(String(16), default="reject")
+    note: Mapped[str] = mapped_column(Text, default="")
+    source_message_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,99 @@
+"""Recipient resolution: which device connector or upstream host takes mail for an address.
+
+Called by the SMTP server at RCPT TO through ``Store.resolve_recipient``. The rules, in order:
+
+1. an exact managed or BYOD address goes to its device, if that device is authorized (an
+   address of a pending or revoked device is refused outright, as is a BYOD address whose
+   route is disabled);
+2. else a route for the domain in ``device`` delivery mode whose status is ``active`` or
+   ``ready`` sends every address to the route's connector device (if authorized);
+3. else a ``split`` route (not disabled) with authoritative hosts passes the address on to
+   those hosts (the domain's previous provider), in priority order;
+4. else nobody takes it (None), and the SMTP server refuses the recipient.
+
+Domains compare case-insensitively and local parts are lower-cased; plus-addresses are not
+stripped. This module must never raise on malformed input, never write to the database, and
+never do DNS lookups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from edge.store.models import ByodAddressRow, DeviceRow, EmailRouteRow, ManagedAddressRow
+from edge.store.records import RecipientTarget
+from edge.store.validate import split_address
+
+DEVICE_ROUTE_STATUSES = ("active", "ready")
+
+
+def _device_target(
+    address: str, device: DeviceRow, route_id: str | None, smtp_addr: str = ""
+) -> RecipientTarget | None:
+    if device.auth_status != "authorized":
+        return None
+    return RecipientTarget(
+        kind="device",
+        address=address,
+        device_id=device.id,
+        connector_smtp_addr=smtp_addr or device.connector_smtp_addr,
+        connector_username=device.connector_username,
+        connector_secret=device.connector_secret,
+        route_id=route_id,
+        upstream_hosts=[],
+    )
+
+
+def resolve_recipient(session: Session, address: object) -> RecipientTarget | None:
+    """The target for ``address`` per the module's rules, or None (see module docstring)."""
+    parts = split_address(address)
+    if parts is None:
+        return None
+    local, domain = parts
+    full = f"{local}@{domain}"
+
+    route = session.scalars(select(EmailRouteRow).where(EmailRouteRow.domain == domain)).first()
+
+    managed = session.execute(
+        select(ManagedAddressRow.id, DeviceRow)
+        .join(DeviceRow, DeviceRow.id == ManagedAddressRow.device_id)
+        .where(ManagedAddressRow.address == full)
+    ).first()
+    if managed is not None:
+        return _device_target(full, managed[1], route.id if route is not None else None)
+
+    byod = session.execute(
+        select(ByodAddressRow.route_id, DeviceRow)
+        .join(DeviceRow, DeviceRow.id == ByodAddressRow.device_id)
+        .where(ByodAddressRow.address == full)
+    ).first()
+    if byod is not None:
+        owner = session.get(EmailRouteRow, byod[0])
+        if owner is None or owner.status == "disabled":
+            return None
+        return _device_target(full, byod[1], owner.id)
+
+    if route is None or route.status == "disabled":
+        return None
+    if route.delivery_mode == "device":
+        if route.status not in DEVICE_ROUTE_STATUSES or route.connector_id is None:
+            return None
+        device = session.get(DeviceRow, route.connector_id)
+        if device is None:
+            return None
+        return _device_target(full, device, route.id, route.connector_smtp_addr)
+    if route.delivery_mode == "split" and route.authoritative_hosts:
+        return RecipientTarget(
+            kind="upstream",
+            address=full,
+            device_id=None,
+            connector_smtp_addr="",
+            connector_username=None,
+            connector_secret=None,
+            route_id=route.id,
+            upstream_hosts=copy.deepcopy(list(route.authoritative_hosts)),
+        )
+    return None

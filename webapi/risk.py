@@ -1,0 +1,146 @@
+"""A light, explainable risk summary of a message for API clients (people and agents).
+
+Heuristics only: authentication results recorded by the edge (`Authentication-Results`) and
+attachment names and types. This module is advice for the reader; it must never block,
+change or delete mail, and never claim a message is safe (the lowest level is "low").
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from typing import Any
+
+from maildir.message import AttachmentInfo, MessageDetail
+
+__all__ = ["EXECUTABLE_EXTENSIONS", "assess_attachment", "assess_message", "authentication"]
+
+EXECUTABLE_EXTENSIONS = frozenset(
+    "exe scr com bat cmd pif msi msp msc cpl dll sys drv ocx js jse vbs vbe wsf wsh wsc hta "
+    "ps1 psm1 psd1 jar lnk url reg inf scf chm gadget application appref-ms app command "
+    "sh bash apk deb rpm run bin elf".split()
+)
+# Not executable by themselves, but common carriers of active content or disguise.
+CAUTION_EXTENSIONS = frozenset(
+    "html htm xhtml shtml svg mht mhtml iso img vhd vhdx docm dotm xlsm xltm xlam pptm potm "
+    "ppam one onepkg xll iqy slk".split()
+)
+# Extensions people expect to be harmless: seen second to last, they are a disguise.
+_DECOY_EXTENSIONS = frozenset(
+    "pdf doc docx xls xlsx ppt pptx odt ods txt rtf csv jpg jpeg png gif bmp mp3 mp4 "
+    "wav mov avi zip".split()
+)
+_COMPRESSION_EXTENSIONS = frozenset({"gz", "bz2", "xz", "zst", "z"})
+_GENERIC_TYPES = frozenset(
+    {
+        "application/octet-stream",
+        "application/x-download",
+        "application/force-download",
+        "application/binary",
+        "application/unknown",
+        "binary/octet-stream",
+    }
+)
+_TYPE_ALIASES = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "application/x-pdf": "application/pdf",
+    "application/x-zip-compressed": "application/zip",
+    "application/x-zip": "application/zip",
+    "text/x-csv": "text/csv",
+    "text/comma-separated-values": "text/csv",
+}
+_MIME = mimetypes.MimeTypes(filenames=())
+_COMMENT = re.compile(r"\([^()]*\)")
+_LEVELS = ("low", "medium", "high")
+_SUMMARIES = {
+    "low": "No warning signs were found in the message headers or attachments.",
+    "medium": "Some caution signals were found in the message headers or attachments.",
+    "high": "Strong warning signs were found; do not open the attachments.",
+}
+_ATTACHMENT_SUMMARIES = {
+    "low": "No warning signs were found for this attachment.",
+    "medium": "The attachment has some warning signs worth checking before opening.",
+    "high": "The attachment looks dangerous; do not open it.",
+}
+_FAILED = frozenset({"fail", "softfail", "permerror"})
+
+
+def _max_level(levels: list[str]) -> str:
+    return max(levels, key=_LEVELS.index, default="low")
+
+
+def authentication(results: list[str]) -> dict[str, str]:
+    """spf/dkim/dmarc results from the topmost Authentication-Results header, else "none".
+
+    The topmost header is the one the receiving edge added (it removes any incoming header
+    that claims its name), so later ones are not trusted.
+    """
+    found = {"spf": "none", "dkim": "none", "dmarc": "none"}
+    if not results:
+        return found
+    value = results[0]
+    for _ in range(5):
+        value = _COMMENT.sub(" ", value)
+    for method in found:
+        match = re.search(rf"(?:^|[;\s]){method}\s*=\s*([A-Za-z]+)", value, re.IGNORECASE)
+        if match:
+            found[method] = match.group(1).lower()
+    return found
+
+
+def _extensions(filename: str) -> list[str]:
+    parts = filename.lower().split(".")
+    return [p.strip() for p in parts[1:] if p.strip()] if len(parts) > 1 else []
+
+
+def _guessed_type(filename: str) -> str | None:
+    guessed, _encoding = _MIME.guess_type(filename, strict=False)
+    return guessed
+
+
+def attachment_reasons(info: AttachmentInfo) -> list[tuple[str, str]]:
+    """(level, reason) findings for one attachment."""
+    findings: list[tuple[str, str]] = []
+    exts = _extensions(info.filename)
+    last = exts[-1] if exts else ""
+    if last in EXECUTABLE_EXTENSIONS:
+        findings.append(("high", f"executable file type .{last}"))
+    elif last in CAUTION_EXTENSIONS:
+        findings.append(("medium", f"file type .{last} can carry active content"))
+    compressed = last in _COMPRESSION_EXTENSIONS
+    if len(exts) >= 2 and exts[-2] in _DECOY_EXTENSIONS and exts[-2] != last and not compressed:
+        level = "high" if last in EXECUTABLE_EXTENSIONS else "medium"
+        findings.append((level, f"double extension .{exts[-2]}.{last}"))
+    declared = _TYPE_ALIASES.get(info.content_type.lower(), info.content_type.lower())
+    guessed = _guessed_type(info.filename)
+    guessed = _TYPE_ALIASES.get(guessed, guessed) if guessed else None
+    if guessed and declared not in _GENERIC_TYPES and guessed != declared:
+        findings.append(("medium", f"declared type {declared} does not match .{last}"))
+    return findings
+
+
+def assess_attachment(info: AttachmentInfo) -> dict[str, Any]:
+    level = _max_level([level for level, _ in attachment_reasons(info)])
+    return {"level": level, "summary": _ATTACHMENT_SUMMARIES[level], "method": "heuristic"}
+
+
+def assess_message(detail: MessageDetail) -> dict[str, Any]:
+    """The message-level risk: authentication failures and the worst attachment finding."""
+    auth = authentication(detail.authentication_results)
+    findings: list[tuple[str, str]] = []
+    for method, result in auth.items():
+        if result in _FAILED:
+            findings.append(("medium", f"{method} {result}"))
+    for info in detail.attachments:
+        findings.extend(
+            (level, f"{info.filename}: {reason}") for level, reason in attachment_reasons(info)
+        )
+    level = _max_level([level for level, _ in findings])
+    return {
+        "level": level,
+        "summary": _SUMMARIES[level],
+        "method": "heuristic",
+        "authentication": auth,
+        "reasons": [reason for _, reason in findings],
+    }
