@@ -67,7 +67,7 @@ class ConnectorDeliverer:
             (target.connector_secret or "").encode(),
             sender,
             recipients,
-            io.BytesIO(data),
+            io.BytesIO(data.replace(b"\r\n", b"\n")),
             result,
             retries=0,
             timeout=self.timeout,
@@ -78,6 +78,8 @@ class ConnectorDeliverer:
         factory.domain = self.hostname.encode()
         tcp: IReactorTCP = self.reactor
         tcp.connectTCP(host, port, factory, timeout=self.timeout)
+        # Twisted's client turns every LF into CRLF; spooled data is CRLF-only (bare LF and
+        # CR are refused at DATA), so hand it LF line ends to get exact CRLF on the wire.
         return result.addCallbacks(self._accepted, self._failed, errbackArgs=(recipients,))
 
     @staticmethod
@@ -92,15 +94,21 @@ class ConnectorDeliverer:
     def _failed(failure: Any, recipients: list[str]) -> dict[str, Outcome]:
         err = failure.value
         addresses: Any = getattr(err, "addresses", None)
-        if isinstance(err, SMTPDeliveryError) and addresses:
-            return {
-                _addr(addr): Outcome(code, resp.decode("utf-8", "replace"))
-                for addr, code, resp in addresses
-            }
         code = getattr(err, "code", 0)
-        code = code if isinstance(code, int) and 400 <= code < 600 else 451
-        text = str(err) or type(err).__name__
-        return dict.fromkeys(recipients, Outcome(code, text))
+        if not isinstance(code, int) or not 400 <= code < 600 or not addresses:
+            # Failing before the recipients were even tried (connection, TLS, AUTH) says
+            # nothing about the message: always worth another try.
+            code = 451
+        resp = getattr(err, "resp", b"")
+        text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) and resp else str(err)
+        outcomes = dict.fromkeys(recipients, Outcome(code, text or type(err).__name__))
+        if isinstance(err, SMTPDeliveryError) and addresses:
+            # Recipients refused at RCPT keep their own reply; the others share the
+            # transaction's final reply (a refusal at end of DATA).
+            for addr, rcpt_code, rcpt_resp in addresses:
+                if not 200 <= rcpt_code < 300:
+                    outcomes[_addr(addr)] = Outcome(rcpt_code, rcpt_resp.decode("utf-8", "replace"))
+        return outcomes
 
 
 def _addr(value: bytes | str) -> str:
