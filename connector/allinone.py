@@ -38,7 +38,6 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
             "local",
             device_id=LOCAL_DEVICE_ID,
             hostname=config.fqdn,
-            connector_smtp_addr=config.device.connector_listen,
             connector_username=creds.connector_username,
             connector_secret=creds.connector_password,
         )
@@ -54,7 +53,6 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
             domain,
             type="byod",
             connector_id=LOCAL_DEVICE_ID,
-            connector_smtp_addr=config.device.connector_listen,
             delivery_mode="split",
             status="active",
             setup_stage="active",

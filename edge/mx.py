@@ -39,7 +39,7 @@ def received_header(session: Session, hostname: str, qid: str, now: float) -> by
         lines.append(f"\t(using {session.tls})")
     if len(session.recipients) == 1:
         lines.append(f"\tfor <{session.recipients[0].address}>")
-    lines[-1] += f"; {email.utils.formatdate(now)}"
+    lines[-1] += f"; {email.utils.formatdate(now, localtime=True)}"
     return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
 
 

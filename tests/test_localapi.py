@@ -498,3 +498,16 @@ def test_real_server_with_threads(in_reactor: Any, mdir: Maildir) -> None:
         assert set(json.loads(caught.value.read())) == ERROR_KEYS
     finally:
         in_reactor(port.stopListening)
+
+
+def test_oversized_body_refused(mdir: Maildir) -> None:
+    client = Client(LocalAPI(mdir, TOKEN, max_body=16, run_blocking=run_now))
+    replies: list[Any] = []
+    d = client.stub.post(
+        f"http://127.0.0.1{MESSAGES}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        data=b"x" * 17,
+    )
+    d.addCallback(replies.append)
+    client.stub.flush()
+    assert replies[0].code == 413

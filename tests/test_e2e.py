@@ -1,0 +1,230 @@
+"""End to end with real processes: SMTP in at the edge, out over IMAP and HTTP at the device."""
+
+from __future__ import annotations
+
+import email
+import imaplib
+import json
+import shutil
+import smtplib
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.store import open_store
+from tests.processes import Process, host_port, wait_for
+
+ALL_PORTS_ZERO = """
+hostname = "mx.tailpost.test"
+[edge]
+mx_listen = "127.0.0.1:0"
+retry_schedule = [0.5]
+[device]
+connector_listen = "127.0.0.1:0"
+imap_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+"""
+
+
+@pytest.fixture(scope="module")
+def allinone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, dict[str, str]]]:
+    proc = Process("tailpost", tmp_path_factory.mktemp("aio"), ALL_PORTS_ZERO)
+    listeners = proc.start()
+    yield proc, listeners
+    proc.stop()
+
+
+def credentials(proc: Process) -> dict[str, Any]:
+    return json.loads((proc.data_dir / "device" / "credentials.json").read_text())
+
+
+def http_get(listeners: dict[str, str], path: str, token: str | None) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://{listeners['http']}{path}")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def imap_login(proc: Process, listeners: dict[str, str]) -> imaplib.IMAP4:
+    host, port = host_port(listeners["imap"])
+    imap = imaplib.IMAP4(host, port)
+    imap.login("demo@example.test", credentials(proc)["imap"]["demo@example.test"])
+    return imap
+
+
+def find_by_subject(imap: imaplib.IMAP4, subject: str) -> bytes | None:
+    imap.select("INBOX")
+    _typ, data = imap.uid("SEARCH", "SUBJECT", f'"{subject}"')  # type: ignore[arg-type]
+    uids = data[0].split() if data and data[0] else []
+    if not uids:
+        return None
+    assert len(uids) == 1, f"{subject!r} stored {len(uids)} times"
+    _typ, fetched = imap.uid("FETCH", uids[0], "(BODY.PEEK[])")
+    for item in fetched:
+        if isinstance(item, tuple):
+            return item[1]
+    return None
+
+
+def test_first_start_secrets_are_private(allinone: tuple[Process, dict[str, str]]) -> None:
+    proc, _ = allinone
+    path = proc.data_dir / "device" / "credentials.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    creds = credentials(proc)
+    assert creds["local_api_token"] and creds["imap"]["demo@example.test"]
+    assert (proc.data_dir / "tls" / "cert.pem").exists()
+    assert (proc.data_dir / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert creds["imap"]["demo@example.test"] in proc.log()  # printed once, on first start
+
+
+def test_smtp_in_imap_and_http_out(allinone: tuple[Process, dict[str, str]]) -> None:
+    proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    body = (
+        b"From: Jane <jane@sender.test>\r\nTo: demo@example.test\r\nSubject: e2e hello\r\n"
+        b"Message-ID: <e2e-1@sender.test>\r\n\r\nHello through the edge.\r\n"
+    )
+    with smtplib.SMTP(host, port) as smtp:
+        code, _ = smtp.ehlo("sender.test")
+        assert code == 250
+        refused = smtp.sendmail("jane@sender.test", ["demo@example.test"], body)
+        assert refused == {}
+    imap = imap_login(proc, listeners)
+    raw = wait_for(lambda: find_by_subject(imap, "e2e hello"))
+    msg = email.message_from_bytes(raw)
+    assert msg["Subject"] == "e2e hello"
+    assert "by mx.tailpost.test (tailpost)" in msg["Received"]
+    assert raw.endswith(b"\r\n\r\nHello through the edge.\r\n")
+    imap.logout()
+
+    token = credentials(proc)["local_api_token"]
+    status, listing = http_get(listeners, "/localapi/v0/mail/messages?search=e2e", token)
+    assert status == 200
+    assert listing["total"] == 1
+    item = listing["messages"][0]
+    assert item["subject"] == "e2e hello" and item["from"] == "Jane <jane@sender.test>"
+    status, detail = http_get(listeners, f"/localapi/v0/mail/messages/{item['id']}", token)
+    assert status == 200
+    assert detail["body_text"].strip() == "Hello through the edge."
+    assert detail["message_id"] == "<e2e-1@sender.test>"
+
+
+def test_unknown_recipient_is_refused_at_rcpt(allinone: tuple[Process, dict[str, str]]) -> None:
+    _proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    with smtplib.SMTP(host, port) as smtp:
+        smtp.ehlo("sender.test")
+        smtp.mail("jane@sender.test")
+        code, text = smtp.rcpt("nobody@example.test")
+        assert (code, text[:5]) == (550, b"5.1.1")
+        code, _ = smtp.rcpt("someone@elsewhere.test")
+        assert code == 550
+        code, _ = smtp.docmd("DATA")
+        assert code == 554  # no valid recipients: DATA never starts
+
+
+def test_bad_input_errors(allinone: tuple[Process, dict[str, str]]) -> None:
+    proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    with smtplib.SMTP(host, port) as smtp:
+        smtp.ehlo("sender.test")
+        code, _ = smtp.docmd("MAIL FROM:<not an address>")
+        assert code == 501
+        smtp.mail("jane@sender.test")
+        code, _ = smtp.docmd("RCPT TO:<a@b@c>")
+        assert code == 501
+    imap_host, imap_port = host_port(listeners["imap"])
+    imap = imaplib.IMAP4(imap_host, imap_port)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap.login("demo@example.test", "wrong password")
+    status, body = http_get(listeners, "/localapi/v0/mail/messages", None)
+    assert status == 401 and set(body) == {"error", "code", "statusCode", "action"}
+    token = credentials(proc)["local_api_token"]
+    status, body = http_get(listeners, "/localapi/v0/mail/messages/1234.nope.host", token)
+    assert status == 404 and body["statusCode"] == 404
+    for bad in ("..%2F..%2Fcredentials.json", "a%00b", ".."):
+        status, body = http_get(listeners, f"/localapi/v0/mail/messages/{bad}", token)
+        assert status in (400, 404) and set(body) == {"error", "code", "statusCode", "action"}
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_message_reaches_imap(allinone: tuple[Process, dict[str, str]]) -> None:
+    proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    out = subprocess.run(
+        ["swaks", "--server", host, "--port", str(port), "--from", "sw@sender.test",
+         "--to", "demo@example.test", "--header", "Subject: via swaks", "--body", "swaks body"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    imap = imap_login(proc, listeners)
+    raw = wait_for(lambda: find_by_subject(imap, "via swaks"))
+    assert b"swaks body" in raw
+    imap.logout()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_acknowledged_message_survives_sigkill_and_arrives_once(tmp_path: Path) -> None:
+    """250, then SIGKILL before delivery (the device is down): after restart, exactly once."""
+    connector_port = free_port()
+    edge = Process("tailpost-edge", tmp_path / "edge", """
+hostname = "edge.tailpost.test"
+[edge]
+mx_listen = "127.0.0.1:0"
+retry_schedule = [0.3]
+""")
+    device = Process("tailpost-device", tmp_path / "device", f"""
+[device]
+connector_listen = "127.0.0.1:{connector_port}"
+imap_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+connector_username = "edge-1"
+connector_password = "s3cret-connector"
+""")
+    store = open_store(f"sqlite:///{tmp_path / 'edge' / 'edge' / 'store.db'}")
+    store.create_device("home", device_id="dev_home", connector_smtp_addr=f"127.0.0.1:{connector_port}",
+                        connector_username="edge-1", connector_secret="s3cret-connector")
+    store.create_route("home.test", type="byod", connector_id="dev_home", delivery_mode="split",
+                       status="active")
+    store.add_byod_address("me", "home.test", "dev_home")
+    store.close()
+
+    listeners = edge.start()
+    try:
+        host, port = host_port(listeners["mx"])
+        with smtplib.SMTP(host, port) as smtp:
+            smtp.sendmail("a@sender.test", ["me@home.test"], b"Subject: crash test\r\n\r\nbody\r\n")
+        edge.kill()
+        spooled = list((tmp_path / "edge" / "edge" / "spool" / "queue").glob("*.env"))
+        assert len(spooled) == 1
+
+        device.start()
+        edge.start()
+        new = tmp_path / "device" / "device" / "Maildir" / "new"
+        wait_for(lambda: list(new.iterdir()))
+        queue_dir = tmp_path / "edge" / "edge" / "spool" / "queue"
+        wait_for(lambda: not list(queue_dir.iterdir()))
+        # A further restart must not deliver it again.
+        edge.stop()
+        edge.start()
+        stored = list(new.iterdir())
+        assert len(stored) == 1
+        assert b"Subject: crash test" in stored[0].read_bytes()
+    finally:
+        edge.stop()
+        device.stop()
