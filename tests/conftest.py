@@ -37,7 +37,8 @@ class ReactorRunner:
         self.reactor = _reactor
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return blockingCallFromThread(_reactor, fn, *args, **kwargs)
+        reactor: Any = _reactor
+        return blockingCallFromThread(reactor, fn, *args, **kwargs)
 
 
 @pytest.fixture(scope="session")

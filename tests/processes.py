@@ -35,8 +35,16 @@ class Process:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", self.plugin, "--config", str(self.config_path),
-             "--data-dir", str(self.data_dir)],
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                self.plugin,
+                "--config",
+                str(self.config_path),
+                "--data-dir",
+                str(self.data_dir),
+            ],
             cwd=self.data_dir,
             stdout=log,
             stderr=subprocess.STDOUT,

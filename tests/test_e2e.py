@@ -162,9 +162,25 @@ def test_swaks_message_reaches_imap(allinone: tuple[Process, dict[str, str]]) ->
     proc, listeners = allinone
     host, port = host_port(listeners["mx"])
     out = subprocess.run(
-        ["swaks", "--server", host, "--port", str(port), "--from", "sw@sender.test",
-         "--to", "demo@example.test", "--header", "Subject: via swaks", "--body", "swaks body"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            "swaks",
+            "--server",
+            host,
+            "--port",
+            str(port),
+            "--from",
+            "sw@sender.test",
+            "--to",
+            "demo@example.test",
+            "--header",
+            "Subject: via swaks",
+            "--body",
+            "swaks body",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     imap = imap_login(proc, listeners)
@@ -182,25 +198,39 @@ def free_port() -> int:
 def test_acknowledged_message_survives_sigkill_and_arrives_once(tmp_path: Path) -> None:
     """250, then SIGKILL before delivery (the device is down): after restart, exactly once."""
     connector_port = free_port()
-    edge = Process("tailpost-edge", tmp_path / "edge", """
+    edge = Process(
+        "tailpost-edge",
+        tmp_path / "edge",
+        """
 hostname = "edge.tailpost.test"
 [edge]
 mx_listen = "127.0.0.1:0"
 retry_schedule = [0.3]
-""")
-    device = Process("tailpost-device", tmp_path / "device", f"""
+""",
+    )
+    device = Process(
+        "tailpost-device",
+        tmp_path / "device",
+        f"""
 [device]
 connector_listen = "127.0.0.1:{connector_port}"
 imap_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
 connector_username = "edge-1"
 connector_password = "s3cret-connector"
-""")
+""",
+    )
     store = open_store(f"sqlite:///{tmp_path / 'edge' / 'edge' / 'store.db'}")
-    store.create_device("home", device_id="dev_home", connector_smtp_addr=f"127.0.0.1:{connector_port}",
-                        connector_username="edge-1", connector_secret="s3cret-connector")
-    store.create_route("home.test", type="byod", connector_id="dev_home", delivery_mode="split",
-                       status="active")
+    store.create_device(
+        "home",
+        device_id="dev_home",
+        connector_smtp_addr=f"127.0.0.1:{connector_port}",
+        connector_username="edge-1",
+        connector_secret="s3cret-connector",
+    )
+    store.create_route(
+        "home.test", type="byod", connector_id="dev_home", delivery_mode="split", status="active"
+    )
     store.add_byod_address("me", "home.test", "dev_home")
     store.close()
 

@@ -54,7 +54,7 @@ class Server:
         self.maildir = Maildir(self.root, hostname="testhost")
         factory = make_imap_factory(self.maildir, _auth, **self.kw)
         self.port = self.in_reactor(
-            lambda: reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+            lambda: reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         )
         self.portno = self.port.getHost().port
 

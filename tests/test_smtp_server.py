@@ -87,7 +87,9 @@ class Conn:
 
     def replies(self) -> list[str]:
         return [
-            line for line in self.transport.value().decode().split("\r\n") if line and line[3] == " "
+            line
+            for line in self.transport.value().decode().split("\r\n")
+            if line and line[3] == " "
         ]
 
     def codes(self, data: bytes) -> list[int]:

@@ -75,6 +75,8 @@ def database_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         return
     reason = postgres_unreachable()
     if reason is not None:
+        if os.environ.get("TAILPOST_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here: {reason}")
         pytest.skip(reason)
     schema = f"t_{secrets.token_hex(6)}"
     try:

@@ -209,7 +209,7 @@ class LocalAPI:
             raise ValueError("the local API needs a non-empty token")
         self._maildir = maildir
         self._token = token.encode("utf-8")
-        self._base_url = base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")
         self._max_body = max_body
         self._run = run_blocking
 
@@ -342,7 +342,7 @@ class LocalAPI:
         self, folder: Folder, info: MessageInfo, attachment: AttachmentInfo
     ) -> dict[str, Any]:
         url = (
-            f"{self._base_url}{PREFIX}/messages/{quote(info.id, safe='')}"
+            f"{self.base_url}{PREFIX}/messages/{quote(info.id, safe='')}"
             f"/attachments/{attachment.index}"
         )
         params = {"mailbox": folder.name} if folder.name != "INBOX" else {}

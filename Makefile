@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make run    create the virtual environment, install, start the all-in-one (foreground)
+#   make test   install what the tests need and run them all
+# Optional: make lint, make typecheck, make check (all three).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
+ARGS   ?=
+
+.PHONY: run test lint typecheck check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install -q '.[test]'
+	@touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/twistd -n --pidfile= tailpost $(ARGS)
+
+test: $(VENV)/.installed
+	scripts/install-test-deps
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy edge connector maildir webapi twistd-plugins/twisted/plugins tests
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) build *.egg-info
