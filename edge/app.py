@@ -30,6 +30,9 @@ def smtp_limits(config: Config) -> Limits:
         max_line_length=e.max_line_length,
         idle_timeout=e.idle_timeout,
         data_timeout=e.data_timeout,
+        max_connections=e.max_connections,
+        max_connections_per_ip=e.max_connections_per_ip,
+        max_errors=e.max_errors,
     )
 
 

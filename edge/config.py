@@ -39,6 +39,9 @@ class EdgeConfig:
     max_line_length: int = 512
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    max_errors: int = 20
     retry_schedule: list[float] = field(
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
     )

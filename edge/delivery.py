@@ -140,6 +140,7 @@ class DeliveryQueue:
         self.attempts: dict[str, int] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._running: set[str] = set()
+        self._stopped = False
 
     def start(self) -> defer.Deferred[None]:
         """Load the spool and schedule everything in it for an attempt now."""
@@ -154,6 +155,7 @@ class DeliveryQueue:
         return d.addCallback(loaded)
 
     def stop(self) -> None:
+        self._stopped = True
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -164,6 +166,8 @@ class DeliveryQueue:
         self._schedule(envelope.qid, delay)
 
     def _schedule(self, qid: str, delay: float) -> None:
+        if self._stopped:
+            return
         timer = self._timers.get(qid)
         if timer is not None and timer.active():
             timer.cancel()
@@ -175,8 +179,19 @@ class DeliveryQueue:
             return
         self._running.add(qid)
         d = defer.ensureDeferred(self._attempt(qid))
-        d.addErrback(lambda f: log.failure("queue: attempt for {qid} failed", f, qid=qid))
+        d.addErrback(self._attempt_failed, qid)
         d.addBoth(lambda _: self._running.discard(qid))
+
+    def _attempt_failed(self, failure: Any, qid: str) -> None:
+        """A fault of ours (store, disk) during an attempt: log it and try again later."""
+        log.failure("queue: attempt for {qid} failed", failure, qid=qid)
+        if qid in self.envelopes:
+            self._retry_later(qid)
+
+    def _retry_later(self, qid: str) -> None:
+        n = self.attempts.get(qid, 0)
+        self.attempts[qid] = n + 1
+        self._schedule(qid, self.retry_schedule[min(n, len(self.retry_schedule) - 1)])
 
     async def _attempt(self, qid: str) -> None:
         env = self.envelopes[qid]
@@ -221,10 +236,7 @@ class DeliveryQueue:
             for rcpt, final in finals.items():
                 log.info("queue: {qid} to {rcpt}: {final}", qid=qid, rcpt=rcpt, final=final)
         if retry:
-            n = self.attempts.get(qid, 0)
-            self.attempts[qid] = n + 1
-            delay = self.retry_schedule[min(n, len(self.retry_schedule) - 1)]
-            self._schedule(qid, delay)
+            self._retry_later(qid)
             return
         await self.run_blocking(self.spool.remove, qid)
         self.envelopes.pop(qid, None)

@@ -161,8 +161,13 @@ class Spool:
         lines = "".join(
             json.dumps({"rcpt": rcpt, "outcome": outcome, "at": time.time()}) + "\n"
             for rcpt, outcome in outcomes.items()
-        )
-        with open(self.queue / f"{qid}.done", "a", encoding="utf-8") as fh:
+        ).encode()
+        with open(self.queue / f"{qid}.done", "a+b") as fh:
+            # A torn last line (a crash mid-append) must not swallow the records after it.
+            if fh.seek(0, os.SEEK_END) > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    lines = b"\n" + lines
             fh.write(lines)
             fh.flush()
             os.fsync(fh.fileno())
