@@ -11,6 +11,7 @@ through `run_blocking` (a thread pool by default).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPSenderFactory, SMTPDeliveryError
+from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPDeliveryError
 
 from edge.config import parse_listen
 from edge.spool import QUEUE_ID_HEADER, Envelope, Spool
@@ -49,6 +50,23 @@ class Deliverer(Protocol):
     ) -> defer.Deferred[dict[str, Outcome]]: ...
 
 
+_DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
+
+
+class ExactDataSender(ESMTPSender):
+    """Twisted's ESMTP sender, sending message data exactly as given.
+
+    Twisted's own `transformChunk` rewrites LF to CRLF and dot-stuffs chunk by chunk, so a
+    line starting with "." right after a chunk boundary went out unstuffed and ended DATA
+    early (the rest ran as commands: a smuggled message). Spooled data is CRLF-only (bare
+    CR/LF are refused at DATA) and is dot-stuffed whole before it is handed over.
+    """
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        self.resetTimeout()
+        return chunk
+
+
 class ConnectorDeliverer:
     """Delivers to a device's connector over SMTP, authenticating with the device's secret."""
 
@@ -67,7 +85,7 @@ class ConnectorDeliverer:
             (target.connector_secret or "").encode(),
             sender,
             recipients,
-            io.BytesIO(data.replace(b"\r\n", b"\n")),
+            io.BytesIO(_DOT_AT_LINE_START.sub(b"..", data)),
             result,
             retries=0,
             timeout=self.timeout,
@@ -77,9 +95,8 @@ class ConnectorDeliverer:
         )
         factory.domain = self.hostname.encode()
         tcp: IReactorTCP = self.reactor
+        factory.protocol = ExactDataSender
         tcp.connectTCP(host, port, factory, timeout=self.timeout)
-        # Twisted's client turns every LF into CRLF; spooled data is CRLF-only (bare LF and
-        # CR are refused at DATA), so hand it LF line ends to get exact CRLF on the wire.
         return result.addCallbacks(self._accepted, self._failed, errbackArgs=(recipients,))
 
     @staticmethod

@@ -303,12 +303,6 @@ def test_e2e_delivery_stores_the_exact_message(
     assert inbox_files(device.maildir) == [data]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Twisted's client dot-stuffs each 16 KiB chunk separately (transformChunk), so a "
-    "line starting with '.' right after a chunk boundary is not stuffed: a '.' line there "
-    "ends DATA early and the rest of the message is read as SMTP commands",
-)
 def test_e2e_dot_line_at_a_chunk_boundary_is_stuffed(
     in_reactor: Any, listening: tuple[Device, int]
 ) -> None:
