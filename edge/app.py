@@ -33,6 +33,8 @@ def smtp_limits(config: Config) -> Limits:
         max_connections=e.max_connections,
         max_connections_per_ip=e.max_connections_per_ip,
         max_errors=e.max_errors,
+        max_header_size=e.max_header_size,
+        max_received_headers=e.max_received_headers,
     )
 
 
@@ -77,7 +79,13 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
 
     def handler() -> MXHandler:
         return MXHandler(
-            store.resolve_recipient, spool, hostname, reactor, threads.deferToThread, queue.enqueue
+            store.resolve_recipient,
+            spool,
+            hostname,
+            reactor,
+            threads.deferToThread,
+            queue.enqueue,
+            discard=config.edge.accept_mode == "discard",
         )
 
     factory = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)

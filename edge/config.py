@@ -42,6 +42,9 @@ class EdgeConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 100
     max_errors: int = 20
+    max_header_size: int = 1024 * 1024
+    max_received_headers: int = 50
+    accept_mode: str = "durable"
     retry_schedule: list[float] = field(
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
     )
@@ -60,6 +63,13 @@ class DeviceConfig:
 
 
 @dataclass
+class DNSConfig:
+    nameservers: list[str] = field(default_factory=list)
+    port: int = 53
+    timeout: float = 5.0
+
+
+@dataclass
 class DemoConfig:
     domain: str = "example.test"
     address: str = "demo@example.test"
@@ -71,6 +81,7 @@ class Config:
     hostname: str = ""
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
@@ -150,6 +161,8 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         parse_listen(listen)
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
+    if config.edge.accept_mode not in ("durable", "discard"):
+        raise ConfigError('edge.accept_mode must be "durable" or "discard"')
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
     return config

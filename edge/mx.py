@@ -72,6 +72,26 @@ class SpoolSink:
         return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
 
 
+class DiscardSink:
+    """Counts the data and answers 250 without keeping anything (accept_mode = "discard").
+
+    For measuring the protocol and policy layers alone; never for a real MX, since the
+    250 it sends is a lie about durability.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+
+    def abort(self) -> None:
+        self.size = 0
+
+    def finish(self) -> Reply:
+        return replies.S250_OK.with_text("Discarded")
+
+
 class MXHandler:
     """Policy of one inbound MX connection."""
 
@@ -86,7 +106,10 @@ class MXHandler:
         clock: Any,
         run_blocking: Callable[..., defer.Deferred[Any]],
         accepted: Callable[[Envelope], None],
+        *,
+        discard: bool = False,
     ) -> None:
+        self.discard = discard
         self.resolve = resolve
         self.spool = spool
         self.hostname = hostname
@@ -109,8 +132,10 @@ class MXHandler:
             raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
         return None
 
-    def data(self, session: Session) -> SpoolSink:
+    def data(self, session: Session) -> SpoolSink | DiscardSink:
         assert session.sender is not None
+        if self.discard:
+            return DiscardSink()
         writer = self.spool.writer()
         now = self.clock.seconds()
         writer.write(received_header(session, self.hostname, writer.qid, now))

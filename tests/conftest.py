@@ -52,3 +52,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         core: IReactorCore = _reactor  # type: ignore[assignment]
         _reactor.callFromThread(core.stop)  # type: ignore[attr-defined]
         _thread.join(timeout=5)
+
+
+@pytest.fixture
+def dns_server(in_reactor: ReactorRunner) -> Iterator[Any]:
+    """A local DNS server (see tests/dnsserver.py); `.zone.set(name, type, values)`."""
+    from tests.dnsserver import LocalDNSServer
+
+    server = in_reactor(LocalDNSServer, in_reactor.reactor)
+    yield server
+    in_reactor(server.stop)

@@ -324,3 +324,29 @@ def test_auth_plain_required_when_handler_requires_it() -> None:
     assert conn.codes(b"AUTH PLAIN\r\n") == [334]
     assert conn.codes(b"AGVkZ2UAc2VjcmV0\r\n") == [235]  # \0edge\0secret
     assert conn.codes(b"MAIL FROM:<a@b.test>\r\n") == [250]
+
+
+def test_header_section_limit_gets_552() -> None:
+    conn = greeted(Limits(max_header_size=2000))
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 60) for i in range(40))
+    out = deliver(conn, headers + b"\r\nbody\r\n.\r\n")
+    assert out[-1].startswith("552 5.3.4")
+    assert conn.handler.messages == []
+
+
+def test_body_lines_do_not_count_against_the_header_limit() -> None:
+    conn = greeted(Limits(max_header_size=200, max_received_headers=2))
+    body = b"Received: in the body is fine\r\n" * 100
+    out = deliver(conn, b"Subject: ok\r\n\r\n" + body + b".\r\n")
+    assert out[-1].startswith("250")
+
+
+def test_too_many_received_headers_is_a_loop() -> None:
+    conn = greeted(Limits(max_received_headers=3))
+    hops = b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 4
+    out = deliver(conn, hops + b"Subject: loop\r\n\r\nx\r\n.\r\n")
+    assert out[-1].startswith("554 5.4.6")
+    assert conn.handler.messages == []
+    conn2 = greeted(Limits(max_received_headers=3))
+    out = deliver(conn2, hops[: len(hops) * 3 // 4] + b"Subject: ok\r\n\r\nx\r\n.\r\n")
+    assert out[-1].startswith("250")

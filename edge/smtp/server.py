@@ -40,6 +40,8 @@ class Limits:
     max_recipients: int = 100
     max_line_length: int = 512
     max_text_line: int = 1000
+    max_header_size: int = 1024 * 1024
+    max_received_headers: int = 50
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     handler_timeout: float = 60.0
@@ -140,6 +142,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._auth_pending = False
         self._processing = False
         self._prev_crlf = True
+        self._in_headers = True
+        self._header_size = 0
+        self._received = 0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -431,6 +436,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._data_error = None
         self._data_size = 0
         self._prev_crlf = True
+        self._in_headers = True
+        self._header_size = 0
+        self._received = 0
         self.setTimeout(self.limits.data_timeout)
         return replies.S354_DATA
 
@@ -490,10 +498,25 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
                 self._data_fail(replies.S552_LINE_TOO_LONG)
             if line.startswith(b"."):
                 line = line[1:]
+            if self._in_headers:
+                self._header_line(line)
             self._prev_crlf = crlf
             self._count(len(line))
             if self._data_error is None and self._sink is not None:
                 self._sink.write(line)
+
+    def _header_line(self, line: bytes) -> None:
+        """Header-section limits: its size and the Received count (loop detection)."""
+        if line in (b"\r\n", b"\n"):
+            self._in_headers = False
+            return
+        self._header_size += len(line)
+        if self._header_size > self.limits.max_header_size:
+            self._data_fail(replies.S552_HEADER_TOO_BIG)
+        if line[:9].lower() == b"received:":
+            self._received += 1
+            if self._received > self.limits.max_received_headers:
+                self._data_fail(replies.S554_LOOP)
 
     def _count(self, n: int) -> None:
         self._data_size += n

@@ -1,0 +1,175 @@
+"""The one DNS resolver of a process: dnspython, nameservers and port from configuration.
+
+Every check and every lookup (SPF, DKIM, DMARC, MX, blocklists, domain scans) goes through
+a `DNSResolver` passed in at construction; nothing builds its own resolver. Answers are
+cached for their TTL. The `lookup` family is blocking and meant for code already running in
+a worker thread (dkimpy and pyspf call their DNS functions synchronously); `lookup_async`
+runs a lookup in the resolver's own bounded thread pool and never blocks the reactor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+class DNSTemporaryError(Exception):
+    """A lookup that may succeed later: timeout, SERVFAIL, no nameserver answering."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The records of one lookup. `nxdomain` tells a missing name from a name without data."""
+
+    name: str
+    rdtype: str
+    records: tuple[str, ...]
+    nxdomain: bool = False
+    ttl: float = 0.0
+
+    @property
+    def void(self) -> bool:
+        """No records at all (RFC 7208 §4.6.4 "void lookup")."""
+        return not self.records
+
+
+def _text(rdata: Any, rdtype: str) -> str:
+    if rdtype == "TXT":
+        return b"".join(rdata.strings).decode("utf-8", "replace")
+    if rdtype == "MX":
+        return f"{rdata.preference} {rdata.exchange.to_text(omit_final_dot=True)}"
+    if rdtype in ("CNAME", "PTR", "NS"):
+        return str(rdata.target.to_text(omit_final_dot=True))
+    return str(rdata.to_text())
+
+
+class DNSResolver:
+    def __init__(
+        self,
+        nameservers: list[str] | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        *,
+        reactor: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_threads: int = 8,
+        min_ttl: float = 0.0,
+        max_ttl: float = 3600.0,
+    ) -> None:
+        if nameservers:
+            self.resolver = dns.resolver.Resolver(configure=False)
+            self.resolver.nameservers = list(nameservers)
+        else:
+            self.resolver = dns.resolver.Resolver()
+        self.resolver.port = port
+        self.resolver.timeout = timeout
+        self.resolver.lifetime = timeout
+        self.clock = clock
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}
+        self._lock = threading.Lock()
+        self._reactor = reactor
+        self._pool: ThreadPool | None = None
+        self._max_threads = max_threads
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        """Blocking lookup (run it off the reactor thread). Raises DNSTemporaryError."""
+        rdtype = rdtype.upper()
+        key = (name.lower().rstrip("."), rdtype)
+        now = self.clock()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        answer = self._query(key[0], rdtype)
+        ttl = min(max(answer.ttl, self.min_ttl), self.max_ttl)
+        if ttl > 0:
+            with self._lock:
+                self._cache[key] = (now + ttl, answer)
+        return answer
+
+    def _query(self, name: str, rdtype: str) -> Answer:
+        try:
+            result = self.resolver.resolve(name, rdtype, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            ttl = _negative_ttl(exc)
+            return Answer(name, rdtype, (), nxdomain=True, ttl=ttl)
+        except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
+            raise DNSTemporaryError(f"{rdtype} {name}: {exc}") from exc
+        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
+            return Answer(name, rdtype, (), nxdomain=True)
+        except dns.exception.DNSException as exc:
+            raise DNSTemporaryError(f"{rdtype} {name}: {exc}") from exc
+        rrset = result.rrset
+        if rrset is None:
+            return Answer(name, rdtype, (), ttl=_negative_ttl_response(result))
+        records = tuple(_text(r, rdtype) for r in rrset)
+        return Answer(name, rdtype, records, ttl=float(rrset.ttl))
+
+    def txt(self, name: str) -> list[str]:
+        return list(self.lookup(name, "TXT").records)
+
+    def mx(self, name: str) -> list[tuple[int, str]]:
+        """MX records by preference; empty if none (the caller decides on the A fallback)."""
+        out = []
+        for record in self.lookup(name, "MX").records:
+            pref, _, host = record.partition(" ")
+            out.append((int(pref), host))
+        return sorted(out)
+
+    def addresses(self, name: str) -> list[str]:
+        return [*self.lookup(name, "A").records, *self.lookup(name, "AAAA").records]
+
+    def lookup_async(self, name: str, rdtype: str) -> defer.Deferred[Answer]:
+        """The same lookup in the resolver's bounded thread pool, as a Deferred."""
+        return self.run_async(self.lookup, name, rdtype)
+
+    def run_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        """Run DNS-bound work (e.g. an SPF evaluation) in the resolver's thread pool."""
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = self._reactor = default_reactor
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._max_threads, name="dns")
+            self._pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return deferToThreadPool(reactor, self._pool, fn, *args, **kwargs)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
+    try:
+        responses = exc.responses()
+    except Exception:
+        return 0.0
+    for response in responses.values():
+        return _soa_minimum(response)
+    return 0.0
+
+
+def _negative_ttl_response(result: Any) -> float:
+    return _soa_minimum(getattr(result, "response", None))
+
+
+def _soa_minimum(response: Any) -> float:
+    for rrset in getattr(response, "authority", []) or []:
+        if rrset.rdtype == dns.rdatatype.SOA:
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return 0.0

@@ -1,0 +1,88 @@
+"""A local authoritative DNS server for tests (Twisted Names), serving zones from a dict.
+
+Tests never touch the internet: they start this server on 127.0.0.1 (UDP and TCP on the
+same OS-chosen port) and point a `DNSResolver` at it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.names import dns, error
+from twisted.names.common import ResolverBase
+from twisted.names.server import DNSServerFactory
+
+HANG = object()
+"""Put this as a record value to make the server never answer that name and type."""
+
+
+def _record(rdtype: str, value: Any, ttl: int) -> Any:
+    if rdtype == "A":
+        return dns.Record_A(value, ttl=ttl)
+    if rdtype == "AAAA":
+        return dns.Record_AAAA(value, ttl=ttl)
+    if rdtype == "MX":
+        pref, host = value
+        return dns.Record_MX(pref, host.encode(), ttl=ttl)
+    if rdtype == "TXT":
+        data = value.encode() if isinstance(value, str) else value
+        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+        return dns.Record_TXT(*chunks, ttl=ttl)
+    if rdtype == "CNAME":
+        return dns.Record_CNAME(value.encode(), ttl=ttl)
+    if rdtype == "PTR":
+        return dns.Record_PTR(value.encode(), ttl=ttl)
+    raise ValueError(f"unsupported type {rdtype}")
+
+
+class ZoneResolver(ResolverBase):
+    """Answers from `records[(name, TYPE)] = [values]`; unknown names are NXDOMAIN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[tuple[str, str], list[Any]] = {}
+        self.ttl = 300
+        self.queries: list[tuple[str, str]] = []
+
+    def set(self, name: str, rdtype: str, values: list[Any]) -> None:
+        self.records[(name.lower().rstrip("."), rdtype.upper())] = list(values)
+
+    def remove(self, name: str, rdtype: str | None = None) -> None:
+        for key in list(self.records):
+            if key[0] == name.lower().rstrip(".") and rdtype in (None, key[1]):
+                del self.records[key]
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> defer.Deferred[Any]:  # noqa: A002
+        qname = name.decode().lower().rstrip(".")
+        rdtype = dns.QUERY_TYPES.get(type, str(type))
+        self.queries.append((qname, rdtype))
+        if not any(key[0] == qname for key in self.records):
+            return defer.fail(error.DomainError(name))
+        values = self.records.get((qname, rdtype), [])
+        if any(v is HANG for v in values):
+            return defer.Deferred()
+        answers = [
+            dns.RRHeader(name, type, cls, self.ttl, _record(rdtype, v, self.ttl), auth=True)
+            for v in values
+        ]
+        return defer.succeed((answers, [], []))
+
+
+class LocalDNSServer:
+    def __init__(self, reactor: Any) -> None:
+        self.zone = ZoneResolver()
+        self.factory = DNSServerFactory(authorities=[self.zone])
+        self.tcp = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port: int = self.tcp.getHost().port
+        self.udp = reactor.listenUDP(
+            self.port, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1"
+        )
+
+    def stop(self) -> defer.Deferred[Any]:
+        return defer.gatherResults(
+            [
+                defer.maybeDeferred(self.tcp.stopListening),
+                defer.maybeDeferred(self.udp.stopListening),
+            ]
+        )
