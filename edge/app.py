@@ -13,10 +13,14 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 
 from edge.config import Config
-from edge.delivery import ConnectorDeliverer, DeliveryQueue
+from edge.delivery import DeliveryQueue
+from edge.dns import DNSResolver
 from edge.mx import MXHandler
+from edge.routing import Router
 from edge.service import TCPListener
+from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtpclient import SMTPDeliverer
 from edge.spool import Spool
 from edge.store import Store, open_store
 from edge.tls import server_context
@@ -60,18 +64,26 @@ class Edge:
     spool: Spool
     queue: DeliveryQueue
     mx: TCPListener
+    resolver: DNSResolver
 
 
 def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
     store = open_store(config.store_url)
     spool = Spool(config.spool_path)
     hostname = config.fqdn
+    resolver = DNSResolver(
+        config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
+    )
+    router = Router(store.resolve_recipient, resolver, config.edge.mx_delivery_port)
     queue = DeliveryQueue(
         spool,
-        store.resolve_recipient,
-        ConnectorDeliverer(reactor, hostname, config.edge.delivery_timeout),
+        router.target,
+        SMTPDeliverer(reactor, hostname, config.edge.delivery_timeout),
         reactor,
         config.edge.retry_schedule,
+        lifetime=config.edge.queue_lifetime,
+        delay_warning=config.edge.delay_warning,
+        hostname=hostname,
     )
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
@@ -92,6 +104,10 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     service = MultiService()
     service.setName("edge")
     QueueService(queue).setServiceParent(service)
-    mx = TCPListener("mx", config.edge.mx_listen, factory, reactor)
+    mx_factory: Any = factory
+    if config.edge.mx_proxy_protocol:
+        trusted = trusted_networks(config.edge.mx_proxy_trusted)
+        mx_factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)
+    mx = TCPListener("mx", config.edge.mx_listen, mx_factory, reactor)
     mx.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx)
+    return Edge(service, store, spool, queue, mx, resolver)

@@ -7,6 +7,7 @@ creates files.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,21 @@ class EdgeConfig:
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
     )
     delivery_timeout: float = 60.0
+    queue_lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    mx_delivery_port: int = 25
+    mx_proxy_protocol: bool = False
+    mx_proxy_trusted: list[str] = field(default_factory=lambda: ["127.0.0.1/32"])
+    mx_proxy_timeout: float = 10.0
+    control_listen: str = "127.0.0.1:8025"
+    control_url: str = ""
+    admin_key_file: str = ""
+    managed_domain: str = ""
+    allow_vanity: bool = False
+    edge_mx_target: str = ""
+    spf_mechanism: str = ""
+    registration_ttl: float = 3600.0
+    probe_timeout: float = 10.0
 
 
 @dataclass
@@ -60,6 +76,7 @@ class DeviceConfig:
     addresses: list[str] = field(default_factory=list)
     connector_username: str = "edge"
     connector_password: str = ""
+    edge_url: str = ""
 
 
 @dataclass
@@ -154,6 +171,7 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         config.data_dir = data_dir
     for listen in (
         config.edge.mx_listen,
+        config.edge.control_listen,
         config.device.connector_listen,
         config.device.imap_listen,
         config.device.http_listen,
@@ -163,6 +181,17 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
     if config.edge.accept_mode not in ("durable", "discard"):
         raise ConfigError('edge.accept_mode must be "durable" or "discard"')
+    for network in config.edge.mx_proxy_trusted:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network, strict=True)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"edge.mx_proxy_trusted: {network!r} is not an IP network like 10.0.0.0/8"
+            ) from exc
+    if config.edge.mx_proxy_timeout <= 0:
+        raise ConfigError("edge.mx_proxy_timeout must be positive")
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
     return config

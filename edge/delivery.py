@@ -1,163 +1,88 @@
-"""Delivery of spooled messages to their targets, with retries on a schedule.
+"""The delivery queue: every spooled message to its targets, retried, bounced or expired.
 
-`DeliveryQueue` owns the in-memory schedule of the spool's messages: it resolves each
-pending recipient through the store, groups recipients by target, hands each group to a
-`Deliverer` and records final outcomes in the spool. Temporary failures are retried on the
-configured schedule; time comes from the injected clock. It never deletes a message whose
-recipients are not all finished, and it never blocks the reactor: spool and store calls go
-through `run_blocking` (a thread pool by default).
+`DeliveryQueue` owns the schedule of the spool's messages. For each attempt it finds each
+pending recipient's target (`edge.routing.Router`: a device, a route's old MX, an MX),
+groups recipients by target, hands each group to the deliverer, and records final outcomes
+in the spool. Temporary failures are retried on the configured schedule until the
+message's lifetime runs out; permanent failures and expiry bounce with an RFC 3464 DSN to
+the sender (never to `<>`, never for spam), and a "delayed" DSN goes out once after the
+configured delay. One recipient's failure never holds back another's. Time comes from the
+injected clock; spool, store and DNS calls go through `run_blocking`, never the reactor.
+It never forgets a message while one of its recipients is unfinished.
 """
 
 from __future__ import annotations
 
-import io
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPDeliveryError
 
-from edge.config import parse_listen
+from edge.dns import DNSTemporaryError
+from edge.dsn import RecipientStatus, build_dsn, dsn_allowed
+from edge.routing import NoRoute, Target
+from edge.smtpclient import Outcome
 from edge.spool import QUEUE_ID_HEADER, Envelope, Spool
-from edge.store import RecipientTarget
 
 log = Logger()
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one recipient in one attempt."""
-
-    code: int
-    text: str
-
-    @property
-    def final(self) -> bool:
-        return self.code < 400 or self.code >= 500
-
-    @property
-    def delivered(self) -> bool:
-        return 200 <= self.code < 300
+DEFAULT_LIFETIME = 5 * 86400.0
+DEFAULT_DELAY_WARNING = 4 * 3600.0
 
 
 class Deliverer(Protocol):
-    def deliver(
-        self, target: RecipientTarget, sender: str, recipients: list[str], data: bytes
-    ) -> defer.Deferred[dict[str, Outcome]]: ...
-
-
-_DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
-
-
-class ExactDataSender(ESMTPSender):
-    """Twisted's ESMTP sender, sending message data exactly as given.
-
-    Twisted's own `transformChunk` rewrites LF to CRLF and dot-stuffs chunk by chunk, so a
-    line starting with "." right after a chunk boundary went out unstuffed and ended DATA
-    early (the rest ran as commands: a smuggled message). Spooled data is CRLF-only (bare
-    CR/LF are refused at DATA) and is dot-stuffed whole before it is handed over.
-    """
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        self.resetTimeout()
-        return chunk
-
-
-class ConnectorDeliverer:
-    """Delivers to a device's connector over SMTP, authenticating with the device's secret."""
-
-    def __init__(self, reactor: Any, hostname: str, timeout: float = 60.0) -> None:
-        self.reactor = reactor
-        self.hostname = hostname
-        self.timeout = timeout
-
-    def deliver(
-        self, target: RecipientTarget, sender: str, recipients: list[str], data: bytes
-    ) -> defer.Deferred[dict[str, Outcome]]:
-        host, port = parse_listen(target.connector_smtp_addr)
-        result: defer.Deferred[Any] = defer.Deferred()
-        factory = ESMTPSenderFactory(
-            (target.connector_username or "").encode(),
-            (target.connector_secret or "").encode(),
-            sender,
-            recipients,
-            io.BytesIO(_DOT_AT_LINE_START.sub(b"..", data)),
-            result,
-            retries=0,
-            timeout=self.timeout,
-            requireAuthentication=True,
-            requireTransportSecurity=False,
-            hostname=self.hostname,
-        )
-        factory.domain = self.hostname.encode()
-        tcp: IReactorTCP = self.reactor
-        factory.protocol = ExactDataSender
-        tcp.connectTCP(host, port, factory, timeout=self.timeout)
-        return result.addCallbacks(self._accepted, self._failed, errbackArgs=(recipients,))
-
-    @staticmethod
-    def _accepted(result: tuple[int, list[tuple[bytes, int, bytes]]]) -> dict[str, Outcome]:
-        _num_ok, addresses = result
-        return {
-            _addr(addr): Outcome(code, resp.decode("utf-8", "replace"))
-            for addr, code, resp in addresses
-        }
-
-    @staticmethod
-    def _failed(failure: Any, recipients: list[str]) -> dict[str, Outcome]:
-        err = failure.value
-        addresses: Any = getattr(err, "addresses", None)
-        code = getattr(err, "code", 0)
-        if not isinstance(code, int) or not 400 <= code < 600 or not addresses:
-            # Failing before the recipients were even tried (connection, TLS, AUTH) says
-            # nothing about the message: always worth another try.
-            code = 451
-        resp = getattr(err, "resp", b"")
-        text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) and resp else str(err)
-        outcomes = dict.fromkeys(recipients, Outcome(code, text or type(err).__name__))
-        if isinstance(err, SMTPDeliveryError) and addresses:
-            # Recipients refused at RCPT keep their own reply; the others share the
-            # transaction's final reply (a refusal at end of DATA).
-            for addr, rcpt_code, rcpt_resp in addresses:
-                if not 200 <= rcpt_code < 300:
-                    outcomes[_addr(addr)] = Outcome(rcpt_code, rcpt_resp.decode("utf-8", "replace"))
-        return outcomes
-
-
-def _addr(value: bytes | str) -> str:
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text.strip("<>")
+    def deliver(self, target: Target, sender: str, recipients: list[str], data: bytes) -> Any: ...
 
 
 def _run_in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
     return threads.deferToThread(fn, *args)
 
 
+@dataclass
+class MessageState:
+    """What the queue knows of a message beyond the spool: attempts and last errors."""
+
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_errors: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+
+
 class DeliveryQueue:
     def __init__(
         self,
         spool: Spool,
-        resolve: Callable[[str], RecipientTarget | None],
+        route: Callable[[str, str], Target],
         deliverer: Deliverer,
         clock: IReactorTime,
         retry_schedule: list[float],
+        *,
+        lifetime: float = DEFAULT_LIFETIME,
+        delay_warning: float = DEFAULT_DELAY_WARNING,
+        hostname: str = "localhost",
         run_blocking: Callable[..., defer.Deferred[Any]] = _run_in_thread,
+        on_event: Callable[[str, str, str, str], None] | None = None,
     ) -> None:
         self.spool = spool
-        self.resolve = resolve
+        self.route = route
         self.deliverer = deliverer
         self.clock = clock
         self.retry_schedule = retry_schedule
+        self.lifetime = lifetime
+        self.delay_warning = delay_warning
+        self.hostname = hostname
         self.run_blocking = run_blocking
+        self.on_event = on_event
         self.envelopes: dict[str, Envelope] = {}
-        self.attempts: dict[str, int] = {}
+        self.states: dict[str, MessageState] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._running: set[str] = set()
         self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred[None]:
         """Load the spool and schedule everything in it for an attempt now."""
@@ -165,7 +90,10 @@ class DeliveryQueue:
 
         def loaded(envelopes: list[Envelope]) -> None:
             for env in envelopes:
-                self.enqueue(env)
+                self.envelopes[env.qid] = env
+                self.states[env.qid] = MessageState()
+                if not self.spool.entry(env.qid).held:
+                    self.schedule(env.qid, 0.0)
             if envelopes:
                 log.info("queue: {n} message(s) recovered from the spool", n=len(envelopes))
 
@@ -179,20 +107,46 @@ class DeliveryQueue:
         self._timers.clear()
 
     def enqueue(self, envelope: Envelope, delay: float = 0.0) -> None:
+        """A message just committed to the spool: deliver it."""
         self.envelopes[envelope.qid] = envelope
-        self._schedule(envelope.qid, delay)
+        self.states.setdefault(envelope.qid, MessageState())
+        for rcpt in envelope.recipients:
+            self.record_event(envelope.qid, rcpt, "accepted", "")
+        self.schedule(envelope.qid, delay)
 
-    def _schedule(self, qid: str, delay: float) -> None:
+    async def submit(self, sender: str, recipients: list[str], data: bytes, kind: str) -> Envelope:
+        """Queue a message made here (a DSN, or a device's outbound mail)."""
+        writer = self.spool.writer()
+        writer.write(data)
+        env = Envelope(writer.qid, sender, recipients, self.clock.seconds(), kind=kind)
+        await self.run_blocking(self.spool.commit, writer, env)
+        self.enqueue(env)
+        return env
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def schedule(self, qid: str, delay: float) -> None:
         if self._stopped:
             return
         timer = self._timers.get(qid)
         if timer is not None and timer.active():
             timer.cancel()
-        self._timers[qid] = self.clock.callLater(delay, self._kick, qid)
+        self._timers[qid] = self.clock.callLater(max(delay, 0.0), self._kick, qid)
+        self.states.setdefault(qid, MessageState()).next_attempt = self.clock.seconds() + delay
+
+    def is_running(self, qid: str) -> bool:
+        return qid in self._running
+
+    def unschedule(self, qid: str) -> None:
+        timer = self._timers.pop(qid, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if qid in self.states:
+            self.states[qid].next_attempt = None
 
     def _kick(self, qid: str) -> None:
         self._timers.pop(qid, None)
-        if qid in self._running:
+        if qid in self._running or qid not in self.envelopes:
             return
         self._running.add(qid)
         d = defer.ensureDeferred(self._attempt(qid))
@@ -206,55 +160,121 @@ class DeliveryQueue:
             self._retry_later(qid)
 
     def _retry_later(self, qid: str) -> None:
-        n = self.attempts.get(qid, 0)
-        self.attempts[qid] = n + 1
-        self._schedule(qid, self.retry_schedule[min(n, len(self.retry_schedule) - 1)])
+        state = self.states.setdefault(qid, MessageState())
+        n = state.attempts
+        state.attempts = n + 1
+        delay = self.retry_schedule[min(n, len(self.retry_schedule) - 1)]
+        env = self.envelopes[qid]
+        until_expiry = env.received_at + self.lifetime - self.clock.seconds()
+        self.schedule(qid, min(delay, max(until_expiry, 0.0)))
+
+    def record_event(self, qid: str, rcpt: str, event: str, detail: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(qid, rcpt, event, detail)
+            except Exception:
+                log.failure("queue: recording the {event} event failed", event=event)
+
+    # -- one attempt -------------------------------------------------------------------------
 
     async def _attempt(self, qid: str) -> None:
         env = self.envelopes[qid]
-        done: set[str] = await self.run_blocking(self.spool.finished, qid)
-        pending = [r for r in env.recipients if r not in done]
-        groups: dict[tuple[str, str | None], tuple[RecipientTarget, list[str]]] = {}
+        entry = self.spool.entry(qid)
+        if entry.held:
+            return
+        state = self.states.setdefault(qid, MessageState())
+        state.next_attempt = None
         finals: dict[str, str] = {}
-        for rcpt in pending:
-            target = await self.run_blocking(self.resolve, rcpt)
-            if target is None or target.kind != "device":
-                finals[rcpt] = "bounced: 550 5.1.1 no route to this address any more"
-                continue
-            key = (target.connector_smtp_addr, target.device_id)
-            groups.setdefault(key, (target, []))[1].append(rcpt)
-        retry = False
-        if groups:
-            raw = await self.run_blocking(self.spool.read, qid)
-            data = QUEUE_ID_HEADER + b": " + qid.encode() + b"\r\n" + raw
-        for target, rcpts in groups.values():
+        failed: list[RecipientStatus] = []
+        temporary: dict[str, RecipientStatus] = {}
+        groups: dict[str, tuple[Target, list[str]]] = {}
+        for rcpt in entry.pending:
             try:
-                outcomes = await self.deliverer.deliver(target, env.sender, rcpts, data)
+                target: Target = await self.run_blocking(self.route, rcpt, env.kind)
+            except NoRoute as exc:
+                status = RecipientStatus(rcpt, exc.reply)
+                (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))
+                continue
+            except DNSTemporaryError as exc:
+                temporary[rcpt] = RecipientStatus(rcpt, f"451 4.4.3 DNS lookup failed: {exc}")
+                continue
+            if target.device_id:
+                state.devices[rcpt] = target.device_id
+            groups.setdefault(target.key, (target, []))[1].append(rcpt)
+        raw = await self.run_blocking(self.spool.read, qid) if groups else b""
+        for target, rcpts in groups.values():
+            data = raw
+            if target.kind == "device":
+                data = QUEUE_ID_HEADER + b": " + qid.encode() + b"\r\n" + raw
+            try:
+                outcomes: dict[str, Outcome] = await self.deliverer.deliver(
+                    target, env.sender, rcpts, data
+                )
             except Exception as exc:  # a bad target must not stop the queue
                 log.failure("queue: delivering {qid} failed", qid=qid)
-                outcomes = dict.fromkeys(rcpts, Outcome(451, f"delivery failed: {exc}"))
+                outcomes = dict.fromkeys(rcpts, Outcome(451, f"4.3.0 delivery failed: {exc}"))
             for rcpt in rcpts:
-                outcome = outcomes.get(rcpt, Outcome(451, "no reply for this recipient"))
+                outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
+                status = RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
                 if outcome.delivered:
                     finals[rcpt] = "delivered"
+                    self.record_event(qid, rcpt, "delivered", status.reply)
                 elif outcome.final:
-                    finals[rcpt] = f"bounced: {outcome.code} {outcome.text}"
+                    failed.append(status)
                 else:
-                    retry = True
-                    log.info(
-                        "queue: {qid} to {rcpt} deferred: {code} {text}",
-                        qid=qid,
-                        rcpt=rcpt,
-                        code=outcome.code,
-                        text=outcome.text,
-                    )
+                    temporary[rcpt] = status
+        for status in failed:
+            finals[status.recipient] = f"bounced: {status.reply}"
+            self.record_event(qid, status.recipient, "bounced", status.reply)
+        now = self.clock.seconds()
+        expired = bool(temporary) and now - env.received_at >= self.lifetime
+        if expired:
+            for status in temporary.values():
+                finals[status.recipient] = f"expired: {status.reply}"
+                self.record_event(qid, status.recipient, "expired", status.reply)
+                failed.append(status)
+            temporary = {}
         if finals:
             await self.run_blocking(self.spool.mark_finished, qid, finals)
             for rcpt, final in finals.items():
                 log.info("queue: {qid} to {rcpt}: {final}", qid=qid, rcpt=rcpt, final=final)
-        if retry:
+        if failed:
+            await self.report(env, raw, failed, "failed")
+        if temporary:
+            state.last_errors.update({r: s.reply for r, s in temporary.items()})
+            for rcpt, status in temporary.items():
+                self.record_event(qid, rcpt, "deferred", status.reply)
+                log.info("queue: {qid} to {rcpt} deferred: {r}", qid=qid, rcpt=rcpt, r=status.reply)
+            if not entry.warned and now - env.received_at >= self.delay_warning:
+                await self.report(env, raw, list(temporary.values()), "delayed")
+                await self.run_blocking(self.spool.set_warned, qid)
             self._retry_later(qid)
             return
         await self.run_blocking(self.spool.remove, qid)
+        self.forget(qid)
+
+    async def report(
+        self, env: Envelope, raw: bytes, statuses: list[RecipientStatus], action: str
+    ) -> None:
+        """Send a DSN about `statuses` to the envelope sender, when one is allowed."""
+        if not dsn_allowed(env):
+            return
+        if not raw:
+            raw = await self.run_blocking(self.spool.read, env.qid)
+        now = self.clock.seconds()
+        dsn = build_dsn(
+            env,
+            statuses,
+            raw,
+            action=action,
+            reporting_mta=self.hostname,
+            now=now,
+            retry_until=env.received_at + self.lifetime,
+        )
+        report = await self.submit("", [env.sender], dsn, "dsn")
+        log.info("queue: {action} DSN {dsn} for {qid}", action=action, dsn=report.qid, qid=env.qid)
+
+    def forget(self, qid: str) -> None:
+        self.unschedule(qid)
         self.envelopes.pop(qid, None)
-        self.attempts.pop(qid, None)
+        self.states.pop(qid, None)

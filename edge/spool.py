@@ -1,16 +1,20 @@
-"""The edge's durable spool: message data and envelope, crash-consistent on local disk.
+"""The edge's durable spool: message data and envelopes, crash-consistent, group-committed.
 
 Layout under the spool root:
 
-    tmp/<qid>.data     data being received (never acknowledged; removed on start)
-    queue/<qid>.data   message data, fsynced before the envelope appears
-    queue/<qid>.env    the envelope (JSON); its rename into queue/ is the commit point
-    queue/<qid>.done   append-only log of recipients already delivered or bounced
+    tmp/<qid>.data          data being received (never acknowledged; removed on start)
+    tmp/<batch>.batch.tmp   a batch being written (removed on start)
+    queue/<batch>.batch     committed messages: one or more records (envelope + data)
+    queue/<batch>.log       append-only state of those messages: recipients finished
+                            (delivered, bounced, deleted), held/released, delay warned
 
-A message is acknowledged (250) only after `commit` returned: data fsynced, envelope
-fsynced, both renamed, directory fsynced. On start, anything without an envelope is
-discarded and everything with one is handed back for delivery. The blocking methods here
-must run in a thread pool, never in the reactor thread.
+Group commit: `commit` may be called from many worker threads at once. The first caller
+becomes the leader and writes every message waiting at that moment into one batch file:
+one fsync, one rename, one directory fsync for all of them. Callers that arrive meanwhile
+wait and form the next batch. A message is acknowledged (250) only after `commit` returned
+for it. On start, anything not in a renamed batch file is discarded, and every message with
+an unfinished recipient is handed back for delivery. The blocking methods here must run in
+a thread pool, never in the reactor thread.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 QUEUE_ID_HEADER = b"X-Tailpost-Queue-ID"
 """The header the edge puts first when it hands a message on, carrying its queue id."""
+
+_MAGIC = b"TPSPOOL1\n"
+_RECORD = b"TPREC "
 
 
 def new_queue_id() -> str:
@@ -49,15 +58,32 @@ class Envelope:
     client_ip: str = ""
     helo: str = ""
     size: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
+    kind: str = "inbound"
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
-        data = json.loads(raw)
-        return cls(**data)
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class SpoolEntry:
+    """Where a committed message lives and what is known of its recipients."""
+
+    envelope: Envelope
+    batch: str
+    offset: int
+    length: int
+    outcomes: dict[str, str] = field(default_factory=dict)
+    held: bool = False
+    warned: bool = False
+
+    @property
+    def pending(self) -> list[str]:
+        return [r for r in self.envelope.recipients if r not in self.outcomes]
 
 
 class SpoolWriter:
@@ -75,18 +101,22 @@ class SpoolWriter:
         self._fh.write(chunk)
         self.size += len(chunk)
 
-    def abort(self) -> None:
+    def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+    def abort(self) -> None:
+        self.close()
         self.path.unlink(missing_ok=True)
 
-    def close_and_sync(self) -> None:
-        assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+
+@dataclass
+class _Pending:
+    writer: SpoolWriter
+    envelope: Envelope
+    done: bool = False
+    error: BaseException | None = None
 
 
 class Spool:
@@ -96,73 +126,147 @@ class Spool:
         self.queue = self.root / "queue"
         for d in (self.root, self.tmp, self.queue):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._commit_cv = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._writing = False
+        self._entries: dict[str, SpoolEntry] = {}
+        self._live: dict[str, set[str]] = {}
+        self.batches_written = 0
+        self.messages_committed = 0
 
     def writer(self) -> SpoolWriter:
         return SpoolWriter(self, new_queue_id())
 
+    # -- committing ------------------------------------------------------------------------
+
     def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
-        """Make the message durable. Blocking: data fsync, envelope fsync, renames, dir fsync."""
-        writer.close_and_sync()
+        """Make the message durable, sharing the fsync with whatever commits alongside."""
+        writer.close()
         envelope.size = writer.size
-        env_tmp = self.tmp / f"{writer.qid}.env"
-        with open(env_tmp, "wb") as fh:
-            fh.write(envelope.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(writer.path, self.queue / f"{writer.qid}.data")
-        os.rename(env_tmp, self.queue / f"{writer.qid}.env")
-        _fsync_dir(self.queue)
+        mine = _Pending(writer, envelope)
+        with self._commit_cv:
+            self._pending.append(mine)
+            while not mine.done and self._writing:
+                self._commit_cv.wait()
+            if mine.done:
+                if mine.error is not None:
+                    raise mine.error
+                return
+            batch, self._pending = self._pending, []
+            self._writing = True
+        error: BaseException | None = None
+        try:
+            self._write_batch(batch)
+        except BaseException as exc:  # every message of the batch gets the same answer
+            error = exc
+        with self._commit_cv:
+            for item in batch:
+                item.done = True
+                item.error = error
+            self._writing = False
+            self._commit_cv.notify_all()
+        if error is not None:
+            raise error
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        name = f"B{batch[0].envelope.qid}"
+        tmp_path = self.tmp / f"{name}.batch.tmp"
+        placed: list[SpoolEntry] = []
+        try:
+            with open(tmp_path, "wb") as out:
+                out.write(_MAGIC)
+                for item in batch:
+                    env = item.envelope.to_json()
+                    out.write(_RECORD + b"%d %d\n" % (len(env), item.envelope.size))
+                    out.write(env)
+                    offset = out.tell()
+                    with open(item.writer.path, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    placed.append(SpoolEntry(item.envelope, name, offset, item.envelope.size))
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(tmp_path, self.queue / f"{name}.batch")
+            _fsync_dir(self.queue)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        for item in batch:
+            item.writer.path.unlink(missing_ok=True)
+        with self._lock:
+            for entry in placed:
+                self._entries[entry.envelope.qid] = entry
+            self._live[name] = {e.envelope.qid for e in placed}
+            self.batches_written += 1
+            self.messages_committed += len(placed)
+
+    # -- recovery ----------------------------------------------------------------------------
 
     def load(self) -> list[Envelope]:
         """Recover after a start: drop what was never acknowledged, return the rest by age."""
         for stray in self.tmp.iterdir():
             stray.unlink(missing_ok=True)
-        envelopes: list[Envelope] = []
-        names = {p.name for p in self.queue.iterdir()}
-        for name in sorted(names):
-            qid, _, kind = name.partition(".")
-            if kind == "data" and f"{qid}.env" not in names:
-                (self.queue / name).unlink(missing_ok=True)
-            elif kind == "env":
-                if f"{qid}.data" not in names:
-                    (self.queue / name).unlink(missing_ok=True)
-                    continue
-                env = Envelope.from_json((self.queue / name).read_bytes())
-                if set(env.recipients) <= self.finished(qid):
-                    self.remove(qid)
-                    continue
-                envelopes.append(env)
+        entries: dict[str, SpoolEntry] = {}
+        live: dict[str, set[str]] = {}
+        for path in sorted(self.queue.glob("*.batch")):
+            name = path.stem
+            found = _read_batch(path, name)
+            _apply_log(self.queue / f"{name}.log", {e.envelope.qid: e for e in found})
+            pending = [e for e in found if e.pending]
+            if not pending:
+                self._delete_batch(name)
+                continue
+            live[name] = {e.envelope.qid for e in pending}
+            entries.update((e.envelope.qid, e) for e in pending)
+        for orphan in self.queue.glob("*.log"):
+            if orphan.stem not in live:
+                orphan.unlink(missing_ok=True)
+        with self._lock:
+            self._entries = entries
+            self._live = live
+        envelopes = [e.envelope for e in entries.values()]
         envelopes.sort(key=lambda e: (e.received_at, e.qid))
         return envelopes
 
-    def data_path(self, qid: str) -> Path:
-        return self.queue / f"{qid}.data"
+    # -- reading and recording ---------------------------------------------------------------
+
+    def entry(self, qid: str) -> SpoolEntry:
+        with self._lock:
+            return self._entries[qid]
 
     def read(self, qid: str) -> bytes:
-        return self.data_path(qid).read_bytes()
+        entry = self.entry(qid)
+        with open(self.queue / f"{entry.batch}.batch", "rb") as fh:
+            fh.seek(entry.offset)
+            return fh.read(entry.length)
 
     def finished(self, qid: str) -> set[str]:
-        """Recipients already delivered or bounced."""
-        try:
-            raw = (self.queue / f"{qid}.done").read_text()
-        except FileNotFoundError:
-            return set()
-        done = set()
-        for line in raw.splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a torn last line: that recipient is simply tried again
-            done.add(entry["rcpt"])
-        return done
+        """Recipients already delivered, bounced or deleted."""
+        with self._lock:
+            entry = self._entries.get(qid)
+            return set(entry.outcomes) if entry else set()
 
     def mark_finished(self, qid: str, outcomes: dict[str, str]) -> None:
         """Record final outcomes ("delivered", "bounced: ...") per recipient. Blocking."""
-        lines = "".join(
-            json.dumps({"rcpt": rcpt, "outcome": outcome, "at": time.time()}) + "\n"
-            for rcpt, outcome in outcomes.items()
-        ).encode()
-        with open(self.queue / f"{qid}.done", "a+b") as fh:
+        at = time.time()
+        self._append(qid, [{"q": qid, "r": r, "o": o, "t": at} for r, o in outcomes.items()])
+        with self._lock:
+            self._entries[qid].outcomes.update(outcomes)
+
+    def set_held(self, qid: str, held: bool) -> None:
+        self._append(qid, [{"q": qid, "held": held}])
+        with self._lock:
+            self._entries[qid].held = held
+
+    def set_warned(self, qid: str) -> None:
+        self._append(qid, [{"q": qid, "warned": True}])
+        with self._lock:
+            self._entries[qid].warned = True
+
+    def _append(self, qid: str, records: list[dict[str, Any]]) -> None:
+        batch = self.entry(qid).batch
+        lines = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+        with open(self.queue / f"{batch}.log", "a+b") as fh:
             # A torn last line (a crash mid-append) must not swallow the records after it.
             if fh.seek(0, os.SEEK_END) > 0:
                 fh.seek(-1, os.SEEK_END)
@@ -173,10 +277,65 @@ class Spool:
             os.fsync(fh.fileno())
 
     def remove(self, qid: str) -> None:
-        """Forget a message whose recipients are all finished (envelope first)."""
-        for suffix in ("env", "data", "done"):
-            (self.queue / f"{qid}.{suffix}").unlink(missing_ok=True)
-        _fsync_dir(self.queue)
+        """Forget a message whose recipients are all finished; drop its batch when empty."""
+        with self._lock:
+            entry = self._entries.pop(qid, None)
+            if entry is None:
+                return
+            live = self._live.get(entry.batch, set())
+            live.discard(qid)
+            empty = not live
+            if empty:
+                self._live.pop(entry.batch, None)
+        if empty:
+            self._delete_batch(entry.batch)
+
+    def _delete_batch(self, name: str) -> None:
+        (self.queue / f"{name}.batch").unlink(missing_ok=True)
+        (self.queue / f"{name}.log").unlink(missing_ok=True)
 
     def queued_ids(self) -> list[str]:
-        return sorted(p.stem for p in self.queue.glob("*.env"))
+        with self._lock:
+            return sorted(self._entries)
+
+    def entries(self) -> list[SpoolEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.envelope.qid)
+
+
+def _read_batch(path: Path, name: str) -> list[SpoolEntry]:
+    found: list[SpoolEntry] = []
+    with open(path, "rb") as fh:
+        if fh.read(len(_MAGIC)) != _MAGIC:
+            return found
+        while True:
+            header = fh.readline()
+            if not header.startswith(_RECORD):
+                break
+            env_len, data_len = (int(x) for x in header[len(_RECORD) :].split())
+            envelope = Envelope.from_json(fh.read(env_len))
+            offset = fh.tell()
+            found.append(SpoolEntry(envelope, name, offset, data_len))
+            fh.seek(offset + data_len)
+    return found
+
+
+def _apply_log(path: Path, entries: dict[str, SpoolEntry]) -> None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line: that recipient is simply tried again
+        entry = entries.get(record.get("q", ""))
+        if entry is None:
+            continue
+        if "r" in record:
+            entry.outcomes[record["r"]] = record["o"]
+        if "held" in record:
+            entry.held = bool(record["held"])
+        if record.get("warned"):
+            entry.warned = True

@@ -240,7 +240,7 @@ connector_password = "s3cret-connector"
         with smtplib.SMTP(host, port) as smtp:
             smtp.sendmail("a@sender.test", ["me@home.test"], b"Subject: crash test\r\n\r\nbody\r\n")
         edge.kill()
-        spooled = list((tmp_path / "edge" / "edge" / "spool" / "queue").glob("*.env"))
+        spooled = list((tmp_path / "edge" / "edge" / "spool" / "queue").glob("*.batch"))
         assert len(spooled) == 1
 
         device.start()

@@ -1,0 +1,113 @@
+"""Delivery status notifications (RFC 3464): "failed" and "delayed" reports to the sender.
+
+`build_dsn` makes the whole `multipart/report` message (a human part, the
+`message/delivery-status` part, and the original header section) as bytes with CRLF line
+ends. Whether a DSN may be sent at all (never to the null sender, never for mail judged
+spam) is decided by `dsn_allowed`. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage, Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+from edge.spool import Envelope
+
+_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class RecipientStatus:
+    recipient: str
+    reply: str  # e.g. "550 5.1.1 No such user" or "451 4.4.1 connection refused"
+    remote: str = ""  # host:port that answered, if any
+
+
+def dsn_allowed(envelope: Envelope) -> bool:
+    """Never to the null sender (no loops), never for what the checks judged spam."""
+    return bool(envelope.sender) and not envelope.extra.get("spam")
+
+
+def status_code(reply: str, action: str) -> str:
+    match = _ENHANCED.search(reply)
+    if match and match.group(1)[0] == ("5" if action == "failed" else "4"):
+        return match.group(1)
+    if match and action == "failed" and match.group(1)[0] == "4":
+        return "5" + match.group(1)[1:]  # a temporary failure that ran out of time
+    return "5.0.0" if action == "failed" else "4.0.0"
+
+
+def _header_section(original: bytes) -> str:
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[: end + 2]
+    return head.decode("utf-8", "replace")
+
+
+def build_dsn(
+    envelope: Envelope,
+    statuses: list[RecipientStatus],
+    original: bytes,
+    *,
+    action: str,
+    reporting_mta: str,
+    now: float,
+    retry_until: float | None = None,
+) -> bytes:
+    """The report for `statuses` of `envelope`'s message; `action` is "failed" or "delayed"."""
+    if action not in ("failed", "delayed"):
+        raise ValueError(f"unknown DSN action {action!r}")
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = f"<{envelope.sender}>"
+    if action == "failed":
+        report["Subject"] = "Undelivered Mail Returned to Sender"
+    else:
+        report["Subject"] = "Delayed Mail (still being retried)"
+    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Message-ID"] = email.utils.make_msgid("dsn", domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-replied"
+
+    lines = [f"This is the mail system at {reporting_mta}.", ""]
+    if action == "failed":
+        lines.append("Your message could not be delivered to the following recipients:")
+    else:
+        lines.append("Your message has not been delivered yet. It is still being retried for:")
+    lines.append("")
+    for st in statuses:
+        lines.append(f"  <{st.recipient}>: {st.reply}")
+    if action == "delayed" and retry_until is not None:
+        lines += ["", f"It will be retried until {email.utils.formatdate(retry_until, True)}."]
+    report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
+
+    status = Message()
+    status.set_type("message/delivery-status")
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["X-Tailpost-Queue-ID"] = envelope.qid
+    per_message["Arrival-Date"] = email.utils.formatdate(envelope.received_at, localtime=True)
+    blocks: list[Message | str] = [per_message]
+    for st in statuses:
+        block = Message()
+        block["Final-Recipient"] = f"rfc822; {st.recipient}"
+        block["Action"] = action
+        block["Status"] = status_code(st.reply, action)
+        if st.remote:
+            block["Remote-MTA"] = f"dns; {st.remote.rpartition(':')[0] or st.remote}"
+        block["Diagnostic-Code"] = f"smtp; {st.reply}"
+        block["Last-Attempt-Date"] = email.utils.formatdate(now, localtime=True)
+        if action == "delayed" and retry_until is not None:
+            block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)
+        blocks.append(block)
+    status.set_payload(blocks)
+    report.attach(status)
+
+    headers = EmailMessage()
+    headers.set_type("text/rfc822-headers")
+    headers.set_payload(_header_section(original))
+    report.attach(headers)
+    return report.as_bytes(policy=policy.SMTP)
