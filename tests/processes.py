@@ -99,3 +99,65 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: 
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def edge_and_device(
+    base: Path, *, address: str = "me@home.test", retry: float = 0.3
+) -> tuple[Process, Process]:
+    """An edge and a device as two processes; the edge's store routes `address` to it."""
+    from edge.store import open_store
+
+    connector_port = free_port()
+    edge = Process(
+        "tailpost-edge",
+        base / "edge",
+        f"""
+hostname = "edge.tailpost.test"
+[edge]
+mx_listen = "127.0.0.1:0"
+retry_schedule = [{retry}]
+""",
+    )
+    device = Process(
+        "tailpost-device",
+        base / "device",
+        f"""
+[device]
+connector_listen = "127.0.0.1:{connector_port}"
+imap_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+connector_username = "edge-1"
+connector_password = "s3cret-connector"
+""",
+    )
+    name, _, domain = address.partition("@")
+    store = open_store(f"sqlite:///{base / 'edge' / 'edge' / 'store.db'}")
+    store.create_device(
+        "home",
+        device_id="dev_home",
+        connector_smtp_addr=f"127.0.0.1:{connector_port}",
+        connector_username="edge-1",
+        connector_secret="s3cret-connector",
+    )
+    store.create_route(
+        domain, type="byod", connector_id="dev_home", delivery_mode="split", status="active"
+    )
+    store.add_byod_address(name, domain, "dev_home")
+    store.close()
+    return edge, device
+
+
+def spool_queue(edge: Process) -> Path:
+    return edge.data_dir / "edge" / "spool" / "queue"
+
+
+def maildir_new(device: Process) -> Path:
+    return device.data_dir / "device" / "Maildir" / "new"

@@ -7,7 +7,6 @@ import imaplib
 import json
 import shutil
 import smtplib
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,8 +16,14 @@ from typing import Any
 
 import pytest
 
-from edge.store import open_store
-from tests.processes import Process, host_port, wait_for
+from tests.processes import (
+    Process,
+    edge_and_device,
+    host_port,
+    maildir_new,
+    spool_queue,
+    wait_for,
+)
 
 ALL_PORTS_ZERO = """
 hostname = "mx.tailpost.test"
@@ -189,66 +194,22 @@ def test_swaks_message_reaches_imap(allinone: tuple[Process, dict[str, str]]) ->
     imap.logout()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_acknowledged_message_survives_sigkill_and_arrives_once(tmp_path: Path) -> None:
     """250, then SIGKILL before delivery (the device is down): after restart, exactly once."""
-    connector_port = free_port()
-    edge = Process(
-        "tailpost-edge",
-        tmp_path / "edge",
-        """
-hostname = "edge.tailpost.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-retry_schedule = [0.3]
-""",
-    )
-    device = Process(
-        "tailpost-device",
-        tmp_path / "device",
-        f"""
-[device]
-connector_listen = "127.0.0.1:{connector_port}"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-connector_username = "edge-1"
-connector_password = "s3cret-connector"
-""",
-    )
-    store = open_store(f"sqlite:///{tmp_path / 'edge' / 'edge' / 'store.db'}")
-    store.create_device(
-        "home",
-        device_id="dev_home",
-        connector_smtp_addr=f"127.0.0.1:{connector_port}",
-        connector_username="edge-1",
-        connector_secret="s3cret-connector",
-    )
-    store.create_route(
-        "home.test", type="byod", connector_id="dev_home", delivery_mode="split", status="active"
-    )
-    store.add_byod_address("me", "home.test", "dev_home")
-    store.close()
-
+    edge, device = edge_and_device(tmp_path)
     listeners = edge.start()
     try:
         host, port = host_port(listeners["mx"])
         with smtplib.SMTP(host, port) as smtp:
             smtp.sendmail("a@sender.test", ["me@home.test"], b"Subject: crash test\r\n\r\nbody\r\n")
         edge.kill()
-        spooled = list((tmp_path / "edge" / "edge" / "spool" / "queue").glob("*.batch"))
-        assert len(spooled) == 1
+        assert len(list(spool_queue(edge).glob("*.batch"))) == 1
 
         device.start()
         edge.start()
-        new = tmp_path / "device" / "device" / "Maildir" / "new"
+        new = maildir_new(device)
         wait_for(lambda: list(new.iterdir()))
-        queue_dir = tmp_path / "edge" / "edge" / "spool" / "queue"
-        wait_for(lambda: not list(queue_dir.iterdir()))
+        wait_for(lambda: not list(spool_queue(edge).iterdir()))
         # A further restart must not deliver it again.
         edge.stop()
         edge.start()
