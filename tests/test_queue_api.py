@@ -65,7 +65,7 @@ class World:
         return env
 
     def call(self, method: str, path: str) -> tuple[int, Any]:
-        d = self.api.request(method, f"http://127.0.0.1/{path.lstrip('/')}")
+        d = self.api.request(method, f"http://127.0.0.1/{path.lstrip('/')}")  # type: ignore[attr-defined]
         response = self.result(d)
         body = self.result(response.content())
         return response.code, json.loads(body)
