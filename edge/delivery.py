@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from edge.dns import DNSTemporaryError
 from edge.dsn import RecipientStatus, build_dsn, dsn_allowed
@@ -49,6 +50,7 @@ class MessageState:
     next_attempt: float | None = None
     last_errors: dict[str, str] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
+    waiting_on: set[str] = field(default_factory=set)
 
 
 class DeliveryQueue:
@@ -80,6 +82,7 @@ class DeliveryQueue:
         self.states: dict[str, MessageState] = {}
         self._timers: dict[str, IDelayedCall] = {}
         self._running: set[str] = set()
+        self._flushing: set[str] = set()
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -184,6 +187,7 @@ class DeliveryQueue:
             return
         state = self.states.setdefault(qid, MessageState())
         state.next_attempt = None
+        state.waiting_on = set()
         finals: dict[str, str] = {}
         failed: list[RecipientStatus] = []
         temporary: dict[str, RecipientStatus] = {}
@@ -213,6 +217,8 @@ class DeliveryQueue:
             except Exception as exc:  # a bad target must not stop the queue
                 log.failure("queue: delivering {qid} failed", qid=qid)
                 outcomes = dict.fromkeys(rcpts, Outcome(451, f"4.3.0 delivery failed: {exc}"))
+            if any(o.delivered for o in outcomes.values()):
+                self._target_is_back(target.key, qid)
             for rcpt in rcpts:
                 outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
                 status = RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
@@ -223,6 +229,7 @@ class DeliveryQueue:
                     failed.append(status)
                 else:
                     temporary[rcpt] = status
+                    state.waiting_on.add(target.key)
         for status in failed:
             finals[status.recipient] = f"bounced: {status.reply}"
             self.record_event(qid, status.recipient, "bounced", status.reply)
@@ -252,6 +259,37 @@ class DeliveryQueue:
             return
         await self.run_blocking(self.spool.remove, qid)
         self.forget(qid)
+
+    def _target_is_back(self, key: str, current: str) -> None:
+        """A target accepted mail again: what waits for it goes now, oldest first."""
+        if key in self._flushing:
+            return
+        waiting = [
+            qid
+            for qid, st in self.states.items()
+            if key in st.waiting_on and qid != current and qid in self.envelopes
+        ]
+        if not waiting:
+            return
+        waiting.sort(key=lambda q: (self.envelopes[q].received_at, q))
+        self._flushing.add(key)
+        d = defer.ensureDeferred(self._flush(waiting))
+        d.addBoth(lambda _: self._flushing.discard(key))
+
+    async def _flush(self, qids: list[str]) -> None:
+        for qid in qids:
+            if self._stopped or qid not in self.envelopes or qid in self._running:
+                continue
+            if self.spool.entry(qid).held:
+                continue
+            self.unschedule(qid)
+            self._running.add(qid)
+            try:
+                await self._attempt(qid)
+            except Exception:
+                self._attempt_failed(Failure(), qid)
+            finally:
+                self._running.discard(qid)
 
     async def report(
         self, env: Envelope, raw: bytes, statuses: list[RecipientStatus], action: str
