@@ -180,7 +180,7 @@ class DeliveryQueue:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, qid: str) -> None:
+    async def _attempt(self, qid: str, in_order: bool = False) -> None:
         env = self.envelopes[qid]
         entry = self.spool.entry(qid)
         if entry.held:
@@ -206,7 +206,16 @@ class DeliveryQueue:
                 state.devices[rcpt] = target.device_id
             groups.setdefault(target.key, (target, []))[1].append(rcpt)
         raw = await self.run_blocking(self.spool.read, qid) if groups else b""
+        postponed: set[str] = set()
         for target, rcpts in groups.values():
+            if not in_order and self._older_waiting(target.key, qid):
+                # Older mail for this target is still waiting: it goes first, this one after.
+                for rcpt in rcpts:
+                    reply = state.last_errors.get(rcpt, "451 4.4.1 older mail to it goes first")
+                    temporary[rcpt] = RecipientStatus(rcpt, reply)
+                state.waiting_on.add(target.key)
+                postponed.add(target.key)
+                continue
             data = raw
             if target.kind == "device":
                 data = QUEUE_ID_HEADER + b": " + qid.encode() + b"\r\n" + raw
@@ -218,7 +227,7 @@ class DeliveryQueue:
                 log.failure("queue: delivering {qid} failed", qid=qid)
                 outcomes = dict.fromkeys(rcpts, Outcome(451, f"4.3.0 delivery failed: {exc}"))
             if any(o.delivered for o in outcomes.values()):
-                self._target_is_back(target.key, qid)
+                self._flush_soon(target.key, skip=qid)
             for rcpt in rcpts:
                 outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
                 status = RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
@@ -256,40 +265,59 @@ class DeliveryQueue:
                 await self.report(env, raw, list(temporary.values()), "delayed")
                 await self.run_blocking(self.spool.set_warned, qid)
             self._retry_later(qid)
+            for key in postponed:
+                self._flush_soon(key)
             return
         await self.run_blocking(self.spool.remove, qid)
         self.forget(qid)
 
-    def _target_is_back(self, key: str, current: str) -> None:
-        """A target accepted mail again: what waits for it goes now, oldest first."""
-        if key in self._flushing:
-            return
-        waiting = [
-            qid
-            for qid, st in self.states.items()
-            if key in st.waiting_on and qid != current and qid in self.envelopes
-        ]
-        if not waiting:
-            return
-        waiting.sort(key=lambda q: (self.envelopes[q].received_at, q))
-        self._flushing.add(key)
-        d = defer.ensureDeferred(self._flush(waiting))
-        d.addBoth(lambda _: self._flushing.discard(key))
+    def _older_waiting(self, key: str, qid: str) -> bool:
+        mine = (self.envelopes[qid].received_at, qid)
+        return any(
+            key in st.waiting_on and (self.envelopes[other].received_at, other) < mine
+            for other, st in self.states.items()
+            if other != qid and other in self.envelopes
+        )
 
-    async def _flush(self, qids: list[str]) -> None:
-        for qid in qids:
-            if self._stopped or qid not in self.envelopes or qid in self._running:
-                continue
-            if self.spool.entry(qid).held:
-                continue
+    def _flush_soon(self, key: str, skip: str | None = None) -> None:
+        """Deliver what waits for `key`, oldest first, one after another."""
+        if key in self._flushing or self._stopped:
+            return
+        self._flushing.add(key)
+
+        def start() -> None:
+            # After the current attempt has finished, so that it can take its turn too.
+            d = defer.ensureDeferred(self._flush(key, skip))
+            d.addErrback(lambda f: log.failure("queue: flushing {key} failed", f, key=key))
+            d.addBoth(lambda _: self._flushing.discard(key))
+
+        self.clock.callLater(0, start)
+
+    async def _flush(self, key: str, skip: str | None) -> None:
+        while not self._stopped:
+            waiting = [
+                qid
+                for qid, st in self.states.items()
+                if key in st.waiting_on
+                and qid != skip
+                and qid in self.envelopes
+                and qid not in self._running
+                and not self.spool.entry(qid).held
+            ]
+            if not waiting:
+                return
+            qid = min(waiting, key=lambda q: (self.envelopes[q].received_at, q))
             self.unschedule(qid)
             self._running.add(qid)
             try:
-                await self._attempt(qid)
+                await self._attempt(qid, in_order=True)
             except Exception:
                 self._attempt_failed(Failure(), qid)
             finally:
                 self._running.discard(qid)
+            state = self.states.get(qid)
+            if state is not None and key in state.waiting_on:
+                return  # still not taking mail: the retry timers carry on
 
     async def report(
         self, env: Envelope, raw: bytes, statuses: list[RecipientStatus], action: str

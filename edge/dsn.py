@@ -30,7 +30,8 @@ class RecipientStatus:
 
 def dsn_allowed(envelope: Envelope) -> bool:
     """Never to the null sender (no loops), never for what the checks judged spam."""
-    return bool(envelope.sender) and not envelope.extra.get("spam")
+    judged_spam = envelope.extra.get("spam") or envelope.extra.get("verdict") == "junk"
+    return bool(envelope.sender) and not judged_spam
 
 
 def status_code(reply: str, action: str) -> str:

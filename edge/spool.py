@@ -173,6 +173,7 @@ class Spool:
         name = f"B{batch[0].envelope.qid}"
         tmp_path = self.tmp / f"{name}.batch.tmp"
         placed: list[SpoolEntry] = []
+        final_path = self.queue / f"{name}.batch"
         try:
             with open(tmp_path, "wb") as out:
                 out.write(_MAGIC)
@@ -186,10 +187,16 @@ class Spool:
                     placed.append(SpoolEntry(item.envelope, name, offset, item.envelope.size))
                 out.flush()
                 os.fsync(out.fileno())
-            os.rename(tmp_path, self.queue / f"{name}.batch")
+            os.rename(tmp_path, final_path)
             _fsync_dir(self.queue)
         except BaseException:
+            # Nothing of a failed batch may stay: none of its messages was acknowledged.
             tmp_path.unlink(missing_ok=True)
+            final_path.unlink(missing_ok=True)
+            try:
+                _fsync_dir(self.queue)
+            except OSError:
+                pass
             raise
         for item in batch:
             item.writer.path.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """The device connector's SMTP receiver: AUTH, Maildir delivery, deduplication by queue id.
 
 Protocol tests drive the server over an in-memory transport and a fake clock; the
-end-to-end tests deliver with the edge's real `ConnectorDeliverer` over loopback TCP.
+end-to-end tests deliver with the edge's real `SMTPDeliverer` over loopback TCP.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from connector.receiver import ConnectorHandler, dedup_key
-from edge.delivery import ConnectorDeliverer, Outcome
+from edge.routing import Target
 from edge.smtp.server import Limits, SMTPServerFactory
-from edge.store import RecipientTarget
+from edge.smtpclient import Outcome, SMTPDeliverer
 from maildir import Maildir, MessageInfo
 
 USER = "edge-dev1"
@@ -263,26 +263,24 @@ def listening(in_reactor: Any, tmp_path: Path) -> Iterator[tuple[Device, int]]:
         in_reactor(port.stopListening)
 
 
-def target(port: int, secret: str = PASSWORD) -> RecipientTarget:
-    return RecipientTarget(
+def target(port: int, secret: str = PASSWORD) -> Target:
+    return Target(
         kind="device",
-        address=A,
+        key=f"device:dev1:127.0.0.1:{port}",
+        hosts=(("127.0.0.1", port),),
+        username=USER,
+        secret=secret,
         device_id="dev1",
-        connector_smtp_addr=f"127.0.0.1:{port}",
-        connector_username=USER,
-        connector_secret=secret,
-        route_id=None,
-        upstream_hosts=[],
     )
 
 
-def deliver(
-    in_reactor: Any, to: RecipientTarget, data: bytes, rcpts: list[str]
-) -> dict[str, Outcome]:
-    deliverer = ConnectorDeliverer(in_reactor.reactor, "edge.test", timeout=10)
-    result: dict[str, Outcome] = in_reactor(
-        deliverer.deliver, to, "sender@example.net", rcpts, data
-    )
+def deliver(in_reactor: Any, to: Target, data: bytes, rcpts: list[str]) -> dict[str, Outcome]:
+    deliverer = SMTPDeliverer(in_reactor.reactor, "edge.test", timeout=10)
+
+    def run() -> defer.Deferred[dict[str, Outcome]]:
+        return defer.ensureDeferred(deliverer.deliver(to, "sender@example.net", rcpts, data))
+
+    result: dict[str, Outcome] = in_reactor(run)
     return result
 
 
@@ -303,24 +301,25 @@ def test_e2e_delivery_stores_the_exact_message(
     assert inbox_files(device.maildir) == [data]
 
 
+@pytest.mark.parametrize("shift", [0, 1], ids=["dot-line-starts-a-chunk", "crlf-split"])
 def test_e2e_dot_line_at_a_chunk_boundary_is_stuffed(
-    in_reactor: Any, listening: tuple[Device, int]
+    in_reactor: Any, listening: tuple[Device, int], shift: int
 ) -> None:
     device, port = listening
     head = message("00000000000002E2E3", "boundary")
-    # ConnectorDeliverer hands Twisted LF line ends; Twisted reads 2**14 bytes at a time.
-    lf_len = len(head.replace(b"\r\n", b"\n"))
+    # SMTPDeliverer sends the (stuffed) data as it is; Twisted reads 2**14 bytes at a time.
+    # The "." line starts exactly at the chunk boundary, or its CR LF is cut in two.
     filler_lines = []
-    remaining = 2**14 - lf_len
+    remaining = 2**14 - len(head) + shift
     while remaining > 0:
         n = min(remaining, 900)
-        if remaining - n == 1:
-            n -= 1  # keep every line non-empty and under the line limit
-        filler_lines.append(b"x" * (n - 1) + b"\r\n")
+        if 0 < remaining - n < 3:
+            n -= 3  # keep every line non-empty and under the line limit
+        filler_lines.append(b"x" * (n - 2) + b"\r\n")
         remaining -= n
     smuggled = b"MAIL FROM:<evil@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
     data = head + b"".join(filler_lines) + b".\r\n" + smuggled + b"forged\r\n"
-    assert len(data[: len(head) + sum(map(len, filler_lines))].replace(b"\r\n", b"\n")) == 2**14
+    assert data.index(b"\r\n.\r\n") + 2 == 2**14 + shift
 
     outcomes = deliver(in_reactor, target(port), data, [A])
 

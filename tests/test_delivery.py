@@ -1,4 +1,8 @@
-"""The delivery queue over a real spool, a fake clock and a scripted deliverer."""
+"""The delivery queue over a real spool, a fake clock, a real Router and a scripted deliverer.
+
+DSNs the queue sends are delivered to the MX target of the sender (answered 250 here) and
+recorded apart from the deliveries under test; tests/test_queue_dsn.py looks at them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import defer
@@ -14,7 +18,10 @@ from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
-from edge.delivery import ConnectorDeliverer, DeliveryQueue, Outcome
+from edge.delivery import DeliveryQueue
+from edge.dns import DNSResolver
+from edge.routing import Router, Target
+from edge.smtpclient import Outcome, SMTPDeliverer
 from edge.spool import Envelope, Spool
 from edge.store import RecipientTarget
 
@@ -27,6 +34,7 @@ def run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferre
 
 
 def device(address: str, device_id: str = "dev1", port: int = 2525) -> RecipientTarget:
+    """What the store answers for an address on a device."""
     return RecipientTarget(
         kind="device",
         address=address,
@@ -39,9 +47,32 @@ def device(address: str, device_id: str = "dev1", port: int = 2525) -> Recipient
     )
 
 
+def device_target(device_id: str = "dev1", port: int = 2525) -> Target:
+    """The target the Router makes of `device(...)`."""
+    host = f"100.64.0.{port % 250}"
+    return Target(
+        kind="device",
+        key=f"device:{device_id}:{host}:{port}",
+        hosts=((host, port),),
+        username=f"edge-{device_id}",
+        secret="secret",
+        device_id=device_id,
+    )
+
+
+class SenderMX:
+    """A resolver for Router: every domain's MX is mx.<domain>."""
+
+    def mx(self, name: str) -> list[tuple[int, str]]:
+        return [(10, f"mx.{name}")]
+
+    def addresses(self, name: str) -> list[str]:
+        return ["192.0.2.25"]
+
+
 @dataclass
 class Call:
-    target: RecipientTarget
+    target: Target
     sender: str
     recipients: list[str]
     data: bytes
@@ -53,15 +84,23 @@ Reply = dict[str, Outcome] | BaseException | None
 
 @dataclass
 class FakeDeliverer:
-    """Records calls; `script(call)` answers at once, or None leaves the Deferred pending."""
+    """Records calls; `script(call)` answers at once, or None leaves the Deferred pending.
+
+    Deliveries to an MX (the DSNs) go to `dsn_calls` and are answered 250.
+    """
 
     script: Callable[[Call], Reply] = lambda call: None
     calls: list[Call] = field(default_factory=list)
+    dsn_calls: list[Call] = field(default_factory=list)
 
     def deliver(
-        self, target: RecipientTarget, sender: str, recipients: list[str], data: bytes
+        self, target: Target, sender: str, recipients: list[str], data: bytes
     ) -> defer.Deferred[dict[str, Outcome]]:
         call = Call(target, sender, list(recipients), data, defer.Deferred())
+        if target.kind == "mx":
+            self.dsn_calls.append(call)
+            call.result.callback(dict.fromkeys(recipients, Outcome(250, "2.0.0 Ok", "mx:25")))
+            return call.result
         self.calls.append(call)
         reply = self.script(call)
         if isinstance(reply, BaseException):
@@ -99,9 +138,10 @@ class Harness:
         self.spool = RecordingSpool(root)
         self.targets = targets
         self.deliverer = FakeDeliverer(script)
+        self.router = Router(self.targets.get, cast(DNSResolver, SenderMX()))
         self.queue = DeliveryQueue(
             self.spool,
-            self.targets.get,
+            self.router.target,
             self.deliverer,
             self.clock,
             SCHEDULE,
@@ -115,8 +155,16 @@ class Harness:
         return env
 
     def done_lines(self, qid: str) -> list[dict[str, Any]]:
-        path = self.spool.queue / f"{qid}.done"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        """The outcome records of `qid` in the log of its batch."""
+        path = self.spool.queue / f"{self.spool.entry(qid).batch}.log"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        return [x for x in lines if x.get("q") == qid and "r" in x]
+
+    def finished_log(self, qid: str) -> list[dict[str, str]]:
+        return [outcomes for q, outcomes in self.spool.finished_log if q == qid]
+
+    def dsns_to(self, rcpt: str) -> list[Call]:
+        return [c for c in self.deliverer.dsn_calls if c.recipients == [rcpt]]
 
 
 def commit(spool: Spool, recipients: list[str], data: bytes, now: float) -> Envelope:
@@ -129,6 +177,7 @@ def commit(spool: Spool, recipients: list[str], data: bytes, now: float) -> Enve
 
 A = "alice@example.test"
 B = "bob@example.test"
+SENDER = "sender@example.net"
 
 
 def test_delivered_message_is_removed_and_carries_the_queue_id(tmp_path: Path) -> None:
@@ -139,14 +188,15 @@ def test_delivered_message_is_removed_and_carries_the_queue_id(tmp_path: Path) -
     h.clock.advance(0)
 
     [call] = h.deliverer.calls
-    assert call.target == device(A)
-    assert call.sender == "sender@example.net"
+    assert call.target == device_target()
+    assert call.sender == SENDER
     assert call.recipients == [A]
     assert call.data == b"X-Tailpost-Queue-ID: " + env.qid.encode() + b"\r\n" + BODY
     assert h.spool.queued_ids() == []
     assert list(h.spool.queue.iterdir()) == []
     assert h.spool.finished_log == [(env.qid, {A: "delivered"})]
     assert h.queue.envelopes == {}
+    assert h.deliverer.dsn_calls == []  # no report for a delivery
     h.clock.advance(10_000)
     assert len(h.deliverer.calls) == 1
 
@@ -252,13 +302,15 @@ def test_permanent_failure_is_final(tmp_path: Path) -> None:
     h.clock.advance(0)
 
     assert len(h.deliverer.calls) == 1
-    assert h.spool.finished_log == [(env.qid, {A: "bounced: 550 5.1.1 no such mailbox"})]
-    assert h.spool.queued_ids() == []
+    assert h.finished_log(env.qid) == [{A: "bounced: 550 5.1.1 no such mailbox"}]
+    assert h.spool.queued_ids() == []  # the message and its (delivered) DSN are gone
+    assert len(h.dsns_to(SENDER)) == 1
     h.clock.advance(10 * SCHEDULE[-1])
     assert len(h.deliverer.calls) == 1
+    assert len(h.deliverer.dsn_calls) == 1
 
 
-def test_bounce_is_recorded_in_the_done_file_while_others_are_pending(tmp_path: Path) -> None:
+def test_bounce_is_recorded_in_the_log_while_others_are_pending(tmp_path: Path) -> None:
     def script(call: Call) -> Reply:
         return {A: Outcome(552, "5.2.2 mailbox full"), B: Outcome(452, "4.2.2 try later")}
 
@@ -267,7 +319,7 @@ def test_bounce_is_recorded_in_the_done_file_while_others_are_pending(tmp_path: 
     h.clock.advance(0)
 
     [line] = h.done_lines(env.qid)
-    assert (line["rcpt"], line["outcome"]) == (A, "bounced: 552 5.2.2 mailbox full")
+    assert (line["r"], line["o"]) == (A, "bounced: 552 5.2.2 mailbox full")
     assert h.spool.queued_ids() == [env.qid]
     h.clock.advance(SCHEDULE[0])
     assert h.deliverer.rcpts() == [[A, B], [B]]
@@ -281,11 +333,11 @@ def test_recipient_that_no_longer_resolves_is_bounced(tmp_path: Path) -> None:
     h.clock.advance(0)
 
     assert h.deliverer.rcpts() == [[A]]
-    [(qid, finals)] = h.spool.finished_log
-    assert qid == env.qid
+    [finals] = h.finished_log(env.qid)
     assert finals[A] == "delivered"
     assert finals[B].startswith("bounced: 550 5.1.1")
     assert h.spool.queued_ids() == []
+    assert len(h.dsns_to(SENDER)) == 1
 
 
 def test_no_resolvable_recipient_at_all_is_bounced_without_delivery(tmp_path: Path) -> None:
@@ -293,7 +345,7 @@ def test_no_resolvable_recipient_at_all_is_bounced_without_delivery(tmp_path: Pa
     env = h.accept([A])
     h.clock.advance(0)
     assert h.deliverer.calls == []
-    assert h.spool.finished_log[0][1][A].startswith("bounced: 550")
+    assert h.finished_log(env.qid)[0][A].startswith("bounced: 550")
     assert env.qid not in h.spool.queued_ids()
 
 
@@ -320,7 +372,7 @@ def test_two_devices_one_fails_only_that_one_is_retried(tmp_path: Path) -> None:
 
     assert sorted(h.deliverer.rcpts()) == [[A], [B]]
     assert h.spool.finished(env.qid) == {B}
-    assert [(x["rcpt"], x["outcome"]) for x in h.done_lines(env.qid)] == [(B, "delivered")]
+    assert [(x["r"], x["o"]) for x in h.done_lines(env.qid)] == [(B, "delivered")]
     assert h.spool.queued_ids() == [env.qid]
 
     h.clock.advance(SCHEDULE[0])
@@ -348,7 +400,23 @@ def test_start_delivers_what_an_earlier_spool_left_committed(tmp_path: Path) -> 
     assert sent == [(b"first\r\n", [A]), (b"second\r\n", [B])]
     assert h.spool.queued_ids() == []
     assert list(h.spool.tmp.iterdir()) == []
+    assert list(h.spool.queue.iterdir()) == []
     assert first.qid not in h.queue.envelopes
+
+
+def test_start_leaves_a_held_message_alone(tmp_path: Path) -> None:
+    before = Spool(tmp_path)
+    held = commit(before, [A], b"held\r\n", 10.0)
+    free = commit(before, [A], b"free\r\n", 20.0)
+    before.set_held(held.qid, True)
+
+    h = Harness(tmp_path, {A: device(A)}, all_(250))
+    h.queue.start()
+    h.clock.advance(10 * SCHEDULE[-1])
+
+    assert [c.data.split(b"\r\n", 1)[1] for c in h.deliverer.calls] == [b"free\r\n"]
+    assert h.spool.queued_ids() == [held.qid]
+    assert free.qid not in h.queue.envelopes
 
 
 def test_stop_cancels_scheduled_retries(tmp_path: Path) -> None:
@@ -371,11 +439,12 @@ def test_store_error_during_an_attempt_is_retried(tmp_path: Path) -> None:
             raise OSError("database is locked")
         return h.targets.get(address)
 
-    h.queue.resolve = resolve
+    h.router.resolve = resolve
     env = h.accept([A])
     h.clock.advance(0)
     assert h.deliverer.calls == []
     assert h.spool.queued_ids() == [env.qid]
+    assert h.deliverer.dsn_calls == []  # our own fault is never a bounce
     broken["now"] = False
     h.clock.advance(SCHEDULE[0] - 1)
     assert h.deliverer.calls == []  # retried on the schedule, not in a tight loop
@@ -385,26 +454,30 @@ def test_store_error_during_an_attempt_is_retried(tmp_path: Path) -> None:
     assert env.qid not in h.spool.queued_ids()
 
 
-# -- ConnectorDeliverer's mapping of Twisted's client results ------------------------------
+# -- SMTPDeliverer's mapping of Twisted's client results ------------------------------------
+
+WHERE = "mx.x.test:25"
 
 
 def test_accepted_result_maps_each_recipient() -> None:
-    outcomes = ConnectorDeliverer._accepted(
-        (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")])
+    outcomes = SMTPDeliverer._accepted(
+        (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")]), WHERE
     )
     assert outcomes == {
-        "a@x.test": Outcome(250, "2.1.5 OK"),
-        "b@x.test": Outcome(550, "5.1.1 unknown"),
+        "a@x.test": Outcome(250, "2.1.5 OK", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
     }
     assert outcomes["a@x.test"].delivered and outcomes["b@x.test"].final
+    assert all(o.connected for o in outcomes.values())
 
 
 def test_connection_error_is_temporary_for_every_recipient() -> None:
-    outcomes = ConnectorDeliverer._failed(
-        Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"]
+    outcomes = SMTPDeliverer._failed(
+        Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"], WHERE
     )
     assert set(outcomes) == {"a@x.test", "b@x.test"}
     assert all(o.code == 451 and not o.final for o in outcomes.values())
+    assert all(not o.connected and o.host == WHERE for o in outcomes.values())
 
 
 def test_all_recipients_refused_keeps_their_codes() -> None:
@@ -414,8 +487,11 @@ def test_all_recipients_refused_keeps_their_codes() -> None:
         b"",
         [(b"a@x.test", 550, b"no"), (b"b@x.test", 452, b"full")],
     )
-    outcomes = ConnectorDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"])
-    assert outcomes == {"a@x.test": Outcome(550, "no"), "b@x.test": Outcome(452, "full")}
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    assert outcomes == {
+        "a@x.test": Outcome(550, "no", WHERE),
+        "b@x.test": Outcome(452, "full", WHERE),
+    }
 
 
 @pytest.mark.parametrize("code", [451, 554])
@@ -428,16 +504,18 @@ def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
         b"",
         [(b"a@x.test", 250, b"2.1.5 OK"), (b"b@x.test", 550, b"5.1.1 unknown")],
     )
-    outcomes = ConnectorDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"])
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
     assert outcomes == {
-        "a@x.test": Outcome(code, "end of data refused"),
-        "b@x.test": Outcome(550, "5.1.1 unknown"),
+        "a@x.test": Outcome(code, "end of data refused", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
     }
+    assert not outcomes["a@x.test"].delivered
 
 
 def test_failure_before_the_transaction_is_temporary() -> None:
     # e.g. AUTH refused (535) with no recipient tried: worth another try, never a bounce.
     err = SMTPDeliveryError(535, b"5.7.8 bad credentials", b"")
-    outcomes = ConnectorDeliverer._failed(Failure(err), ["a@x.test"])
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test"], WHERE)
     assert outcomes["a@x.test"].code == 451
     assert not outcomes["a@x.test"].final
+    assert not outcomes["a@x.test"].connected  # the next host may be tried

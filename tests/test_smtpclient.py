@@ -1,0 +1,236 @@
+"""SMTPDeliverer against a real SMTP peer outside tailpost (aiosmtpd) over loopback TCP."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from twisted.internet import defer
+
+from edge.routing import Target
+from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.tls import ensure_self_signed
+
+SENDER = "carol@sender.test"
+A = "alice@example.com"
+B = "bob@example.com"
+BODY = b"From: carol@sender.test\r\nTo: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@dataclass
+class Seen:
+    """One transaction as the peer saw it."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+
+
+@dataclass
+class OldMX:
+    """An aiosmtpd handler: refuses some recipients at RCPT, answers DATA as told."""
+
+    refuse: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 Message accepted for delivery"
+    seen: list[Seen] = field(default_factory=list)
+    port: int = 0
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        data = envelope.original_content
+        assert isinstance(data, bytes)
+        tls = session.ssl is not None
+        self.seen.append(Seen(envelope.mail_from, list(envelope.rcpt_tos), data, tls))
+        return self.data_reply
+
+
+class _AnyPortController(Controller):
+    """aiosmtpd's Controller on an OS-chosen port (it needs the port to check readiness)."""
+
+    def _trigger_server(self) -> None:
+        server: Any = self.server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+@dataclass
+class Peer:
+    handler: OldMX
+    controller: Controller
+
+    @property
+    def port(self) -> int:
+        return int(self.controller.port)
+
+
+def start_peer(handler: OldMX, tls_context: ssl.SSLContext | None = None) -> Peer:
+    kwargs: dict[str, Any] = {}
+    if tls_context is not None:
+        kwargs.update(tls_context=tls_context, require_starttls=False)
+    controller = _AnyPortController(
+        handler, hostname="127.0.0.1", port=0, server_hostname="old-mx.test", **kwargs
+    )
+    controller.start()
+    handler.port = int(controller.port)
+    return Peer(handler, controller)
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    started = start_peer(OldMX())
+    try:
+        yield started
+    finally:
+        started.controller.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mx_target(*ports: int, starttls: bool = True) -> Target:
+    return Target(
+        kind="mx",
+        key="mx:example.com",
+        hosts=tuple(("127.0.0.1", p) for p in ports),
+        starttls=starttls,
+    )
+
+
+def deliver(in_reactor: Any, target: Target, data: bytes, rcpts: list[str]) -> dict[str, Outcome]:
+    deliverer = SMTPDeliverer(in_reactor.reactor, "edge.test", timeout=10)
+
+    def run() -> defer.Deferred[dict[str, Outcome]]:
+        return defer.ensureDeferred(deliverer.deliver(target, SENDER, rcpts, data))
+
+    result: dict[str, Outcome] = in_reactor(run)
+    return result
+
+
+def test_delivers_the_exact_bytes(in_reactor: Any, peer: Peer) -> None:
+    data = BODY + b".leading dot\r\n.\r\n..\r\n...three\r\n. \r\nend\r\n"
+
+    outcomes = deliver(in_reactor, mx_target(peer.port), data, [A, B])
+
+    assert set(outcomes) == {A, B}
+    assert all(o.delivered and o.host == f"127.0.0.1:{peer.port}" for o in outcomes.values())
+    [seen] = peer.handler.seen
+    assert (seen.sender, seen.recipients) == (SENDER, [A, B])
+    assert seen.data == data
+    assert not seen.tls  # none offered
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2], ids=["dot-starts-chunk", "lf-dot", "crlf-dot"])
+def test_a_dot_line_at_the_16k_boundary_does_not_end_the_data(
+    in_reactor: Any, peer: Peer, shift: int
+) -> None:
+    # Twisted sends the data in 2**14-byte chunks; the "." line starts at the boundary, or
+    # its CR LF (or the CR LF before it) is cut by it.
+    head = BODY
+    filler = []
+    remaining = 2**14 - len(head) + shift
+    while remaining > 0:
+        n = min(remaining, 900)
+        if 0 < remaining - n < 3:
+            n -= 3
+        filler.append(b"y" * (n - 2) + b"\r\n")
+        remaining -= n
+    data = head + b"".join(filler) + b".\r\nQUIT\r\nafter the dot line\r\n"
+    assert data.index(b"\r\n.\r\n") + 2 == 2**14 + shift
+
+    outcomes = deliver(in_reactor, mx_target(peer.port), data, [A])
+
+    assert outcomes[A].delivered, outcomes
+    [seen] = peer.handler.seen
+    assert seen.data == data
+
+
+def test_first_host_refusing_connections_falls_through_to_the_second(
+    in_reactor: Any, peer: Peer
+) -> None:
+    dead = closed_port()
+
+    outcomes = deliver(in_reactor, mx_target(dead, peer.port), BODY, [A])
+
+    assert outcomes[A].delivered
+    assert outcomes[A].host == f"127.0.0.1:{peer.port}"
+    assert [s.data for s in peer.handler.seen] == [BODY]
+
+
+def test_no_host_answering_is_temporary_and_not_connected(in_reactor: Any) -> None:
+    outcomes = deliver(in_reactor, mx_target(closed_port(), closed_port()), BODY, [A, B])
+    assert set(outcomes) == {A, B}
+    assert all(o.code == 451 and not o.final and not o.connected for o in outcomes.values())
+
+
+def test_550_at_rcpt_is_final_for_that_recipient_only(in_reactor: Any) -> None:
+    handler = OldMX(refuse={B: "550 5.1.1 <bob@example.com>: no such user"})
+    peer = start_peer(handler)
+    try:
+        outcomes = deliver(in_reactor, mx_target(peer.port), BODY, [A, B])
+    finally:
+        peer.controller.stop()
+
+    assert outcomes[A].delivered
+    assert outcomes[B].code == 550 and outcomes[B].final and not outcomes[B].delivered
+    assert "5.1.1" in outcomes[B].text
+    [seen] = handler.seen
+    assert seen.recipients == [A]
+    assert seen.data == BODY
+
+
+@pytest.mark.parametrize("refuse_b", [False, True])
+def test_4xx_at_end_of_data_is_temporary_for_all(in_reactor: Any, refuse_b: bool) -> None:
+    refuse = {B: "550 5.1.1 no such user"} if refuse_b else {}
+    handler = OldMX(refuse=refuse, data_reply="451 4.3.0 queue file write error")
+    second = start_peer(OldMX())
+    peer = start_peer(handler)
+    try:
+        outcomes = deliver(in_reactor, mx_target(peer.port, second.port), BODY, [A, B])
+    finally:
+        peer.controller.stop()
+        second.controller.stop()
+
+    assert outcomes[A].code == 451 and not outcomes[A].final and not outcomes[A].delivered
+    assert "4.3.0" in outcomes[A].text
+    if refuse_b:
+        assert outcomes[B].code == 550 and outcomes[B].final  # its own RCPT reply stands
+    else:
+        assert outcomes[B].code == 451 and not outcomes[B].final
+    # The host answered the transaction: its word stands, the next host is not tried.
+    assert second.handler.seen == []
+
+
+def test_starttls_is_used_when_the_server_offers_it(in_reactor: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_self_signed(cert, key, "old-mx.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    handler = OldMX()
+    peer = start_peer(handler, context)
+    try:
+        outcomes = deliver(in_reactor, mx_target(peer.port), BODY, [A])
+        plain = deliver(in_reactor, mx_target(peer.port, starttls=False), BODY, [A])
+    finally:
+        peer.controller.stop()
+
+    assert outcomes[A].delivered and plain[A].delivered
+    assert [s.tls for s in handler.seen] == [True, False]
+    assert all(s.data == BODY for s in handler.seen)
