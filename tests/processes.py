@@ -14,14 +14,40 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
 
 
+_local_dns: list[int] = []
+
+
+def local_dns_port() -> int:
+    """The port of a DNS server on 127.0.0.1 shared by the test session (empty zone).
+
+    Processes started by tests ask it instead of the machine's resolver, so no test ever
+    sends a DNS query off this machine. Tests that need records start their own server.
+    """
+    if not _local_dns:
+        from tests.conftest import ReactorRunner, _start_reactor
+        from tests.dnsserver import LocalDNSServer
+
+        _start_reactor()
+        run = ReactorRunner()
+        server = run(LocalDNSServer, run.reactor)
+        _local_dns.append(server.port)
+    return _local_dns[0]
+
+
 class Process:
-    """One twistd process with its own data directory; ports come from listening.json."""
+    """One twistd process with its own data directory; ports come from listening.json.
+
+    Unless the configuration has a `[dns]` table, the process is pointed at the session's
+    local DNS server.
+    """
 
     def __init__(self, plugin: str, data_dir: Path, config: str) -> None:
         self.plugin = plugin
         self.data_dir = data_dir
         self.config_path = data_dir / f"{plugin}.toml"
         data_dir.mkdir(parents=True, exist_ok=True)
+        if "[dns]" not in config:
+            config += f'\n[dns]\nnameservers = ["127.0.0.1"]\nport = {local_dns_port()}\n'
         self.config_path.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"{plugin}.log"
@@ -123,6 +149,7 @@ def edge_and_device(
 hostname = "edge.tailpost.test"
 [edge]
 mx_listen = "127.0.0.1:0"
+control_listen = "127.0.0.1:0"
 retry_schedule = [{retry}]
 """,
     )
