@@ -12,17 +12,20 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 
+from edge.checks import authserv_id, build_pipeline
 from edge.config import Config
+from edge.control import Control, build_control
 from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
 from edge.mx import MXHandler
+from edge.queueops import QueueControl
 from edge.routing import Router
 from edge.service import TCPListener
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
 from edge.smtpclient import SMTPDeliverer
 from edge.spool import Spool
-from edge.store import Store, open_store
+from edge.store import RecipientTarget, Store, open_store
 from edge.tls import server_context
 
 
@@ -65,6 +68,7 @@ class Edge:
     queue: DeliveryQueue
     mx: TCPListener
     resolver: DNSResolver
+    control: Control
 
 
 def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
@@ -88,6 +92,11 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
+    checks = build_pipeline(config, resolver, reactor, store.list_spam_rules, threads.deferToThread)
+
+    def account_of(target: RecipientTarget) -> str | None:
+        device = store.get_device(target.device_id) if target.device_id else None
+        return device.account_id if device is not None else None
 
     def handler() -> MXHandler:
         return MXHandler(
@@ -98,6 +107,9 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             threads.deferToThread,
             queue.enqueue,
             discard=config.edge.accept_mode == "discard",
+            checks=checks,
+            account_of=account_of,
+            authserv_id=authserv_id(config),
         )
 
     factory = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
@@ -110,4 +122,8 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         mx_factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)
     mx = TCPListener("mx", config.edge.mx_listen, mx_factory, reactor)
     mx.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx, resolver)
+    control = build_control(
+        config, store, resolver, reactor, lambda: len(queue.envelopes), QueueControl(queue)
+    )
+    control.listener.setServiceParent(service)
+    return Edge(service, store, spool, queue, mx, resolver, control)

@@ -65,7 +65,8 @@ class World:
         return env
 
     def call(self, method: str, path: str) -> tuple[int, Any]:
-        d = self.api.request(method, f"http://127.0.0.1/{path.lstrip('/')}")  # type: ignore[attr-defined]
+        url = "http://127.0.0.1/v1/queue" + ("" if path == "/" else path)
+        d = self.api.request(method, url)  # type: ignore[attr-defined]
         response = self.result(d)
         body = self.result(response.content())
         return response.code, json.loads(body)
@@ -95,10 +96,10 @@ def test_list_and_show(world: World) -> None:
     assert item["devices"] == {"me@home.test": "dev_1", "you@home.test": "dev_1"}
     code, shown = world.call("GET", f"/{env.qid}")
     assert code == 200 and shown["pending"] == ["me@home.test", "you@home.test"]
-    assert world.call("GET", "/?state=held")[1]["total"] == 0
-    assert world.call("GET", "/?device=dev_1")[1]["total"] == 1
-    assert world.call("GET", "/?domain=other.test")[1]["total"] == 0
-    assert world.call("GET", "/?min_age=10")[1]["total"] == 0
+    assert world.call("GET", "?state=held")[1]["total"] == 0
+    assert world.call("GET", "?device=dev_1")[1]["total"] == 1
+    assert world.call("GET", "?domain=other.test")[1]["total"] == 0
+    assert world.call("GET", "?min_age=10")[1]["total"] == 0
 
 
 def test_hold_release_retry(world: World) -> None:
@@ -150,7 +151,7 @@ def test_bad_input(world: World) -> None:
     assert code == 400 and body["code"] == "invalid_queue_id"
     code, body = world.call("GET", "/0660C790C37DDB44B36CE2")
     assert code == 404 and body["code"] == "message_not_found"
-    code, body = world.call("GET", "/?state=bogus")
+    code, body = world.call("GET", "?state=bogus")
     assert code == 400
-    code, body = world.call("GET", "/?color=blue")
+    code, body = world.call("GET", "?color=blue")
     assert code == 400

@@ -1,8 +1,8 @@
-"""The edge's queue operations over HTTP, mounted by the control API at `/v1/queue`.
+"""The edge's queue operations over HTTP, served on the control listener.
 
-Routes (relative to the mount point): `GET /` (filters: state, device, domain, min_age),
-`GET /{id}`, `POST /{id}/retry|hold|release|bounce`, `DELETE /{id}`. Admin-only: the
-control API authenticates before anything here runs. Errors use the common error shape;
+Routes: `GET /v1/queue` (filters: state, device, domain, min_age), `GET /v1/queue/{id}`,
+`POST /v1/queue/{id}/retry|hold|release|bounce`, `DELETE /v1/queue/{id}`. Admin-only: the
+control listener checks the admin key before anything here runs. Errors use the common error shape;
 nothing here ever answers with a stack trace.
 """
 
@@ -65,32 +65,32 @@ class QueueAPI:
             failure = Failure(APIError(err.status, err.code, str(err), action))
         return failure_reply(request, failure)
 
-    @app.route("/", methods=["GET"])
+    @app.route("/v1/queue", methods=["GET"])
     def list_queue(self, request: IRequest) -> bytes:
         q = _query(request)
         items = self.control.list(Filters(q.state, q.device, q.domain, q.min_age))
         return json_reply(request, {"messages": items, "total": len(items)})
 
-    @app.route("/<qid>", methods=["GET"])
+    @app.route("/v1/queue/<qid>", methods=["GET"])
     def show(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, self.control.describe(_qid(qid)))
 
-    @app.route("/<qid>", methods=["DELETE"])
+    @app.route("/v1/queue/<qid>", methods=["DELETE"])
     async def delete(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, await self.control.delete(_qid(qid)))
 
-    @app.route("/<qid>/retry", methods=["POST"])
+    @app.route("/v1/queue/<qid>/retry", methods=["POST"])
     def retry(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, self.control.retry_now(_qid(qid)))
 
-    @app.route("/<qid>/hold", methods=["POST"])
+    @app.route("/v1/queue/<qid>/hold", methods=["POST"])
     async def hold(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, await self.control.hold(_qid(qid)))
 
-    @app.route("/<qid>/release", methods=["POST"])
+    @app.route("/v1/queue/<qid>/release", methods=["POST"])
     async def release(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, await self.control.release(_qid(qid)))
 
-    @app.route("/<qid>/bounce", methods=["POST"])
+    @app.route("/v1/queue/<qid>/bounce", methods=["POST"])
     async def bounce(self, request: IRequest, qid: str) -> bytes:
         return json_reply(request, await self.control.bounce(_qid(qid)))
