@@ -129,8 +129,12 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     device.service.setServiceParent(top)
     LinkDevice(edge.store, device).setServiceParent(top)
     edge.service.setServiceParent(top)
-    report = ReadyReport(data / "run", [edge.mx, device.connector, device.imap, device.http])
+    report = ReadyReport(
+        data / "run",
+        [edge.mx, edge.control.listener, device.connector, device.imap, device.http],
+    )
     report.ready.append(device.on_ready)
+    report.ready.append(edge.control.on_ready)
     report.setServiceParent(top)
     return top, edge, device, report
 

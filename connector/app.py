@@ -15,13 +15,19 @@ from twisted.internet import threads
 from twisted.web.server import Site
 
 from connector import credentials
-from connector.imap import make_imap_factory
+from connector.events import EventLog, InboundEvents
+from connector.imap import IMAPFactory, make_imap_factory
+from connector.mailservice import LinkState, MailService
 from connector.receiver import ConnectorHandler
+from connector.registration import Registration, build_registration
 from edge.config import Config, ConfigError, parse_listen
 from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
 from maildir import Maildir, MessageInfo
+from webapi.device_api import DeviceInfo
 from webapi.localapi import LocalAPI
+from webapi.passthrough import device_root
+from webapi.spam_api import EdgeJSON, RspamdTrainer
 
 
 @dataclass
@@ -33,10 +39,15 @@ class Device:
     imap: TCPListener
     http: TCPListener
     api: LocalAPI
+    events: InboundEvents
+    mail: MailService
+    link: LinkState
+    registration: Registration | None = None
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
         self.api.base_url = f"http://{addresses['http']}"
+        self.api.device.imap_addr = addresses.get("imap", self.api.device.imap_addr)
 
 
 def _require_loopback(listen: str, what: str) -> None:
@@ -53,6 +64,8 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     d = config.device
     _require_loopback(d.http_listen, "device.http_listen")
     _require_loopback(d.imap_listen, "device.imap_listen")
+    if d.rspamd_url and not d.rspamd_url.startswith(("http://", "https://")):
+        raise ConfigError("device.rspamd_url must start with http:// or https://")
     creds = credentials.ensure(
         config.data_path / "device" / "credentials.json",
         [*d.addresses, *extra_addresses],
@@ -62,8 +75,20 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     maildir = Maildir(config.maildir_path, hostname=config.fqdn)
     hostname = config.fqdn
 
+    events = InboundEvents(
+        EventLog(config.data_path / "device" / "events.jsonl", reactor.seconds),
+        maildir,
+        threads.deferToThread,
+    )
+    link = LinkState(reactor.seconds)
+    imap_factory = make_imap_factory(maildir, creds.check_imap, hostname=hostname)
+    notify_imap = imap_factory.notify_changed if isinstance(imap_factory, IMAPFactory) else None
+
     def delivered(info: MessageInfo) -> None:
-        return None
+        link.touch()
+        events.delivered(info)
+        if notify_imap is not None:
+            notify_imap([info.folder])
 
     def connector_handler() -> ConnectorHandler:
         return ConnectorHandler(
@@ -82,15 +107,37 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     service = MultiService()
     service.setName("device")
     connector = TCPListener("connector", d.connector_listen, smtp_factory, reactor)
-    imap = TCPListener(
-        "imap",
-        d.imap_listen,
-        make_imap_factory(maildir, creds.check_imap, hostname=hostname),
-        reactor,
+    imap = TCPListener("imap", d.imap_listen, imap_factory, reactor)
+    mail = MailService(
+        config.data_path / "device" / "mail-state.json", [connector, imap], threads.deferToThread
     )
     host, port = parse_listen(d.http_listen)
-    api = LocalAPI(maildir, creds.local_api_token, base_url=f"http://{host}:{port}")
-    http = TCPListener("http", d.http_listen, Site(api.resource()), reactor)
-    for listener in (connector, imap, http):
-        listener.setServiceParent(service)
-    return Device(service, maildir, creds, connector, imap, http, api)
+    device_info = DeviceInfo(
+        hostname,
+        addresses=sorted(creds.imap),
+        imap_addr=imap.address,
+        maildir_root=str(maildir.root),
+        edge_url=d.edge_url,
+        imap_password=creds.imap.get,
+    )
+    api = LocalAPI(
+        maildir,
+        creds.local_api_token,
+        base_url=f"http://{host}:{port}",
+        events=events,
+        mail_service=mail,
+        link=link,
+        device=device_info,
+        trainer=RspamdTrainer(d.rspamd_url, d.rspamd_password) if d.rspamd_url else None,
+        clock=reactor,
+        on_change=notify_imap,
+    )
+    registration, edge_client = build_registration(config, creds, connector)
+    api.edge = EdgeJSON(edge_client) if edge_client is not None else None
+    root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
+    http = TCPListener("http", d.http_listen, Site(root), reactor)
+    mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
+    http.setServiceParent(service)
+    return Device(
+        service, maildir, creds, connector, imap, http, api, events, mail, link, registration
+    )

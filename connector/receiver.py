@@ -5,6 +5,11 @@ them MAIL is refused (530). The message is written into the Maildir (tmp, fsync,
 new) before the 250. The edge puts its queue id in a first `X-Tailpost-Queue-ID` header; the
 Maildir deduplicates on it (plus the recipients), so a redelivery after a lost reply never
 stores a message twice. Maildir writes run in a thread pool, never in the reactor thread.
+
+The edge's verdict header (`X-Tailpost-Verdict`, see `maildir.verdict`) decides the folder:
+mail the edge judged junk goes into `Junk`, the rest into `INBOX`. The header is trusted
+only because the edge removes every incoming `X-Tailpost-*` header before adding its own
+and this receiver accepts mail only from its authenticated edge.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from edge.smtp.address import Path
 from edge.smtp.replies import Reply
 from edge.smtp.server import Session
 from edge.spool import QUEUE_ID_HEADER
-from maildir import Maildir, MessageInfo
+from maildir import FolderExists, Maildir, MessageInfo
+from maildir.verdict import parse_verdict
+
+JUNK_FOLDER = "Junk"
 
 _QID = re.compile(rb"^" + re.escape(QUEUE_ID_HEADER) + rb":[ \t]*([A-Za-z0-9]{1,40})\r\n", re.I)
 
@@ -34,6 +42,21 @@ def dedup_key(data: bytes, recipients: list[str]) -> str | None:
         return None
     digest = hashlib.sha256("\n".join(sorted(recipients)).encode()).hexdigest()[:12]
     return f"{match.group(1).decode()}-{digest}"
+
+
+def folder_for(data: bytes) -> str:
+    """Where the edge's verdict files the message: Junk for junk, else INBOX."""
+    verdict = parse_verdict(data)
+    return JUNK_FOLDER if verdict is not None and verdict.junk else "INBOX"
+
+
+def _deliver(maildir: Maildir, data: bytes, folder: str, key: str | None) -> MessageInfo:
+    if folder != "INBOX" and folder not in maildir.list_folders():
+        try:
+            maildir.create_folder(folder)  # the user deleted it: mail must still land
+        except FolderExists:
+            pass
+    return maildir.deliver(data, folder, dedup_key=key)
 
 
 class MaildirSink:
@@ -61,7 +84,7 @@ class MaildirSink:
         self.chunks = []
         key = dedup_key(data, self.recipients)
         info: MessageInfo = await self.run_blocking(
-            self.maildir.deliver, data, "INBOX", dedup_key=key
+            _deliver, self.maildir, data, folder_for(data), key
         )
         self.delivered(info)
         return replies.S250_OK.with_text(f"Stored as {info.id}")

@@ -77,6 +77,8 @@ class DeviceConfig:
     connector_username: str = "edge"
     connector_password: str = ""
     edge_url: str = ""
+    rspamd_url: str = ""
+    rspamd_password: str = ""
 
 
 @dataclass
@@ -84,6 +86,26 @@ class DNSConfig:
     nameservers: list[str] = field(default_factory=list)
     port: int = 53
     timeout: float = 5.0
+
+
+@dataclass
+class ChecksConfig:
+    """The inbound checks (SPF, DKIM, DMARC, ARC, block rules, Rspamd, DNS blocklists)."""
+
+    enabled: bool = True
+    authserv_id: str = ""
+    actions: dict[str, str] = field(default_factory=dict)
+    rspamd_url: str = ""
+    rspamd_timeout: float = 20.0
+    dnsbl_zones: list[str] = field(default_factory=list)
+    connect_timeout: float = 10.0
+    mail_timeout: float = 25.0
+    rcpt_timeout: float = 10.0
+    data_timeout: float = 30.0
+    arc_seal: bool = True
+    arc_key: str = ""
+    arc_selector: str = "tailpost"
+    arc_domain: str = ""
 
 
 @dataclass
@@ -99,6 +121,7 @@ class Config:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
@@ -134,6 +157,9 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
         if key not in known:
             raise ConfigError(f"unknown key {where}{key}")
         current = getattr(target, key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            setattr(target, key, dict(value))  # a free-form table (checks.actions)
+            continue
         if isinstance(value, dict):
             if not hasattr(current, "__dataclass_fields__"):
                 raise ConfigError(f"{where}{key} is not a table")

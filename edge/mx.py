@@ -1,26 +1,39 @@
-"""The MX session policy: which recipients the edge accepts and how accepted mail is spooled.
+"""The MX session policy: which recipients the edge accepts, the checks, and the spooling.
 
 A recipient is accepted only when the store routes it (550 5.1.1 at RCPT otherwise, so the
-edge never accepts mail it would have to bounce). Data goes straight into the spool with a
-Received header on top; the 250 is sent only after the spool commit (fsync) returned, and
-the message is then handed to the delivery queue. Store and fsync calls run in a thread
+edge never accepts mail it would have to bounce). The check pipeline (`edge.checks`) runs
+at connect, MAIL FROM, RCPT TO and after DATA; its refusals come back as `SMTPReplyError`s
+for the SMTP server's one funnel. While the header section streams in, every incoming
+header that claims the edge's authserv-id and every `X-Tailpost-*` header is dropped. An
+accepted message is spooled with the edge's headers on top (ARC set, Authentication-Results,
+verdict, Received); the 250 is sent only after the spool commit (fsync) returned, and the
+message is then handed to the delivery queue. Store, file and fsync calls run in a thread
 pool, never in the reactor thread.
 """
 
 from __future__ import annotations
 
 import email.utils
+import shutil
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
+from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
 from edge.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
+
+log = Logger()
+
+MEMORY_LIMIT = 1024 * 1024
+"""Message data up to this size is held in memory for the checks; more spills to disk."""
 
 
 def received_header(session: Session, hostname: str, qid: str, now: float) -> bytes:
@@ -44,7 +57,7 @@ def received_header(session: Session, hostname: str, qid: str, now: float) -> by
 
 
 class SpoolSink:
-    """The MessageSink of one MX transaction: streams into the spool, commits on finish."""
+    """The MessageSink of one MX transaction without checks: streams into the spool."""
 
     def __init__(
         self,
@@ -53,21 +66,97 @@ class SpoolSink:
         spool: Spool,
         run_blocking: Callable[..., defer.Deferred[Any]],
         accepted: Callable[[Envelope], None],
+        header_filter: HeaderFilter,
     ) -> None:
         self.writer = writer
         self.envelope = envelope
         self.spool = spool
         self.run_blocking = run_blocking
         self.accepted = accepted
+        self.filter = header_filter
 
     def write(self, chunk: bytes) -> None:
-        self.writer.write(chunk)
+        for line in self.filter.feed(chunk):
+            self.writer.write(line)
 
     def abort(self) -> None:
         self.writer.abort()
 
     async def finish(self) -> Reply:
+        for line in self.filter.finish():
+            self.writer.write(line)
         await self.run_blocking(self.spool.commit, self.writer, self.envelope)
+        self.accepted(self.envelope)
+        return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
+
+
+def _read_all(buffer: IO[bytes]) -> bytes:
+    buffer.seek(0)
+    return buffer.read()
+
+
+def _write_and_commit(
+    spool: Spool, writer: SpoolWriter, envelope: Envelope, top: bytes, buffer: IO[bytes]
+) -> None:
+    writer.write(top)
+    buffer.seek(0)
+    shutil.copyfileobj(buffer, writer, 64 * 1024)  # type: ignore[misc]
+    buffer.close()
+    spool.commit(writer, envelope)
+
+
+class CheckedSink:
+    """The MessageSink of one MX transaction with checks: judge the whole message, then spool.
+
+    The (filtered) data is held in a spooled temporary file; after the end of data the
+    checks run on it, and an accepted message is written to the spool with the edge's
+    headers on top, then committed.
+    """
+
+    def __init__(
+        self,
+        writer: SpoolWriter,
+        envelope: Envelope,
+        spool: Spool,
+        run_blocking: Callable[..., defer.Deferred[Any]],
+        accepted: Callable[[Envelope], None],
+        header_filter: HeaderFilter,
+        checks: CheckPipeline,
+        tx: Transaction,
+        received: bytes,
+    ) -> None:
+        self.writer = writer
+        self.envelope = envelope
+        self.spool = spool
+        self.run_blocking = run_blocking
+        self.accepted = accepted
+        self.filter = header_filter
+        self.checks = checks
+        self.tx = tx
+        self.received = received
+        self.buffer: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=MEMORY_LIMIT, dir=str(spool.tmp)
+        )
+
+    def write(self, chunk: bytes) -> None:
+        for line in self.filter.feed(chunk):
+            self.buffer.write(line)
+
+    def abort(self) -> None:
+        self.buffer.close()
+        self.writer.abort()
+
+    async def finish(self) -> Reply:
+        for line in self.filter.finish():
+            self.buffer.write(line)
+        message: bytes = await self.run_blocking(_read_all, self.buffer)
+        outcome = await self.checks.data(self.tx, message, self.received)
+        del message
+        self.envelope.extra["verdict"] = outcome.decision.action
+        top = outcome.headers + self.received
+        await self.run_blocking(
+            _write_and_commit, self.spool, self.writer, self.envelope, top, self.buffer
+        )
         self.accepted(self.envelope)
         return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
 
@@ -108,6 +197,9 @@ class MXHandler:
         accepted: Callable[[Envelope], None],
         *,
         discard: bool = False,
+        checks: CheckPipeline | None = None,
+        account_of: Callable[[RecipientTarget], str | None] | None = None,
+        authserv_id: str | None = None,
     ) -> None:
         self.discard = discard
         self.resolve = resolve
@@ -116,29 +208,57 @@ class MXHandler:
         self.clock = clock
         self.run_blocking = run_blocking
         self.accepted = accepted
+        self.checks = checks
+        self.account_of = account_of
+        self.authserv_id = (authserv_id or (checks.authserv_id if checks else hostname)).lower()
+        self.tx: Transaction | None = None
 
-    def connect(self, session: Session) -> None:
+    async def connect(self, session: Session) -> Reply | None:
+        if self.checks is None:
+            return None
+        self.tx = self.checks.transaction(session.peer_host)
+        try:
+            await self.checks.connect(self.tx)
+        except SMTPReplyError as err:
+            # The server closes the connection after a refused greeting.
+            log.info(
+                "smtp {peer}: {code} {reason}",
+                peer=session.peer_host,
+                code=err.reply.code,
+                reason=err.reason,
+            )
+            return err.reply
         return None
 
     def authenticate(self, session: Session, username: str, password: str) -> bool:
         return False
 
-    def mail_from(self, session: Session, sender: Path) -> None:
-        return None
+    def mail_from(self, session: Session, sender: Path) -> Any:
+        """None, or a Deferred that fails with SMTPReplyError when the checks refuse."""
+        if self.checks is None:
+            return None
+        if self.tx is None:
+            self.tx = self.checks.transaction(session.peer_host)
+        return defer.ensureDeferred(self.checks.mail(self.tx, session.helo or "", sender.address))
 
     async def rcpt_to(self, session: Session, recipient: Path) -> Reply | None:
         target = await self.run_blocking(self.resolve, recipient.address)
-        if target is None or target.kind != "device":
+        if target is None:
             raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
+        if self.checks is not None and self.tx is not None:
+            account = None
+            if self.account_of is not None:
+                account = await self.run_blocking(self.account_of, target)
+            await self.checks.rcpt(self.tx, Recipient(recipient.address, account))
         return None
 
-    def data(self, session: Session) -> SpoolSink | DiscardSink:
+    def data(self, session: Session) -> SpoolSink | CheckedSink | DiscardSink:
         assert session.sender is not None
         if self.discard:
             return DiscardSink()
         writer = self.spool.writer()
         now = self.clock.seconds()
-        writer.write(received_header(session, self.hostname, writer.qid, now))
+        received = received_header(session, self.hostname, writer.qid, now)
         envelope = Envelope(
             qid=writer.qid,
             sender=session.sender.address,
@@ -147,4 +267,20 @@ class MXHandler:
             client_ip=session.peer_host,
             helo=session.helo or "",
         )
-        return SpoolSink(writer, envelope, self.spool, self.run_blocking, self.accepted)
+        header_filter = HeaderFilter(self.authserv_id)
+        if self.checks is not None and self.tx is not None:
+            return CheckedSink(
+                writer,
+                envelope,
+                self.spool,
+                self.run_blocking,
+                self.accepted,
+                header_filter,
+                self.checks,
+                self.tx,
+                received,
+            )
+        writer.write(received)
+        return SpoolSink(
+            writer, envelope, self.spool, self.run_blocking, self.accepted, header_filter
+        )

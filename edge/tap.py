@@ -26,5 +26,7 @@ def makeService(options: Options) -> IService:
     edge = build_edge(config, reactor)
     top: Any = MultiService()
     edge.service.setServiceParent(top)
-    ReadyReport(config.data_path / "run", [edge.mx]).setServiceParent(top)
+    report = ReadyReport(config.data_path / "run", [edge.mx, edge.control.listener])
+    report.ready.append(edge.control.on_ready)
+    report.setServiceParent(top)
     return top  # type: ignore[no-any-return]

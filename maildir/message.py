@@ -25,7 +25,9 @@ __all__ = [
     "AttachmentNotFound",
     "MessageDetail",
     "MessageSummary",
+    "from_address",
     "get_attachment",
+    "header_summary",
     "parse_detail",
     "read_header",
     "sanitize_filename",
@@ -330,7 +332,7 @@ def _raw_header_section(data: bytes) -> str:
     return "".join(lines)
 
 
-def _summary(msg: EmailMessage, text: str, html: str) -> MessageSummary:
+def _summary(msg: Message, text: str, html: str) -> MessageSummary:
     return MessageSummary(
         subject=_header(msg, "Subject"),
         from_=", ".join(_addresses(msg, "From")),
@@ -348,11 +350,40 @@ def _summary(msg: EmailMessage, text: str, html: str) -> MessageSummary:
 
 def read_header(data: bytes, name: str) -> str:
     """The decoded value of the first `name` header, parsing the header section only."""
+    msg = _parse_headers(data)
+    return "" if msg is None else _header(msg, name)
+
+
+def _parse_headers(data: bytes) -> Message | None:
     try:
-        msg = BytesHeaderParser(policy=policy.default).parsebytes(data)
+        return BytesHeaderParser(policy=policy.default).parsebytes(data[:_MAX_HEADER_SECTION])
     except Exception:
+        return None
+
+
+def header_summary(data: bytes) -> MessageSummary:
+    """The summary fields that live in the header section (the preview is left empty)."""
+    msg = _parse_headers(data)
+    if msg is None:
+        return MessageSummary("", "", [], [], "", "", "")
+    return _summary(msg, "", "")
+
+
+def from_address(data: bytes) -> str:
+    """The bare, lower-cased address of the first From mailbox; "" when there is none."""
+    msg = _parse_headers(data)
+    if msg is None:
         return ""
-    return _header(msg, name)
+    try:
+        value = msg.get("From")
+        addresses = getattr(value, "addresses", None)
+        if addresses:
+            return _clean(str(addresses[0].addr_spec)).strip().lower()
+    except Exception:
+        pass
+    raw = _header(msg, "From")
+    found = [addr for _display, addr in getaddresses([raw]) if "@" in addr]
+    return found[0].strip().lower() if found else ""
 
 
 def summarize(data: bytes) -> MessageSummary:

@@ -29,6 +29,7 @@ ALL_PORTS_ZERO = """
 hostname = "mx.tailpost.test"
 [edge]
 mx_listen = "127.0.0.1:0"
+control_listen = "127.0.0.1:0"
 retry_schedule = [0.5]
 [device]
 connector_listen = "127.0.0.1:0"

@@ -96,7 +96,27 @@ class Client:
         header: str = "Authorization",
         host: str = "127.0.0.1:18080",
     ) -> Reply:
-        headers: dict[str, str] = {"Host": host}
+        return self.request("GET", path, token=token, header=header, host=host)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Reply:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        return self.request("POST", path, data=data, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Reply:
+        return self.request("DELETE", path, **kwargs)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        token: str | None = TOKEN,
+        header: str = "Authorization",
+        host: str = "127.0.0.1:18080",
+        extra: dict[str, str] | None = None,
+    ) -> Reply:
+        headers: dict[str, str] = {"Host": host, **(extra or {})}
         if token is not None:
             headers[header] = f"Bearer {token}" if header == "Authorization" else token
         replies: list[Reply] = []
@@ -111,7 +131,7 @@ class Client:
             d.addCallback(lambda body: replies.append(Reply(response.code, raw, body)))
             return d
 
-        d = self.stub.get(f"http://127.0.0.1:18080{path}", headers=headers)
+        d = self.stub.request(method, f"http://127.0.0.1:18080{path}", headers=headers, data=data)
         d.addCallback(collect)
         d.addErrback(failures.append)
         self.stub.flush()

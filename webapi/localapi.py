@@ -1,184 +1,49 @@
-"""The device's loopback HTTP API (`/localapi/v0/...`): reading the local Maildir.
+"""The device's loopback HTTP API (`/localapi/v0/...`): its mail, its status, its events.
 
-A Klein app whose state lives on a `LocalAPI` instance. Every request passes the
-`RequestGuard` (loopback Host, token) before a route runs; every parameter is validated
-before the Maildir is touched; every error leaves through `webapi.errors`. Maildir access
-and message parsing are blocking and run through `run_blocking` (a thread by default), never
-on the reactor thread. This module must never build a path itself or serve an attachment
-with a type a browser would execute.
+A Klein app whose state lives on a `LocalAPI` instance; routes are thin: they validate
+(`webapi.localmodels`), run the Maildir work in a thread (`webapi.localmail`), and shape the
+reply. Every request passes the `RequestGuard` (loopback Host, token) before a route runs;
+every error leaves through `webapi.errors`. Changes made here are announced through
+`on_change` so IMAP clients in IDLE hear of them at once. This module must never build a
+path itself, run Maildir work on the reactor thread, or serve an attachment with a type a
+browser would execute.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
-from urllib.parse import quote, urlencode
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from klein import Klein
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.routing import BaseConverter
 
-from maildir import (
-    Folder,
-    InvalidName,
-    Maildir,
-    MessageInfo,
-    MessageNotFound,
-    validate_folder_name,
-    validate_message_id,
-)
-from maildir.message import AttachmentInfo, get_attachment, parse_detail, read_header, summarize
+from connector.events import InboundEvents, iso_time
+from connector.mailservice import LinkState, MailService
+from maildir import Maildir, MessageNotFound
+from maildir.message import AttachmentInfo, from_address, read_header
+from webapi import localmodels as m
 from webapi.auth import RequestGuard
-from webapi.errors import APIError, bad_parameter, failure_reply, json_reply, set_common_headers
-from webapi.risk import assess_attachment, assess_message
+from webapi.device_api import DeviceInfo, autoconfig_xml, client_config, pick_address, status_body
+from webapi.downloads import content_disposition, served_content_type
+from webapi.errors import APIError, failure_reply, json_reply, set_common_headers
+from webapi.events_api import EventStream, event_item, last_event_id
+from webapi.local_openapi import local_document
+from webapi.localmail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
+from webapi.spam_api import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
 
-__all__ = ["LocalAPI", "RunBlocking"]
+__all__ = ["LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
 
 RunBlocking = Callable[..., "Deferred[Any]"]
-Q = TypeVar("Q", bound=BaseModel)
 
-PREFIX = "/localapi/v0/mail"
-MAX_LIMIT = 100
-SEEN = "\\Seen"
-QUEUE_ID_HEADER = "X-Tailpost-Queue-ID"
-_QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_INTERNET_MSGID = re.compile(r"<[!-;=?-~]{1,994}>")
-_INDEX = re.compile(r"[0-9]{1,4}")
-_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
-_ACTIVE_TYPES = frozenset(
-    {
-        "text/html",
-        "application/xhtml+xml",
-        "image/svg+xml",
-        "application/javascript",
-        "application/x-javascript",
-        "application/ecmascript",
-        "text/javascript",
-        "text/ecmascript",
-        "text/xml",
-        "application/xml",
-        "text/xsl",
-        "application/x-shockwave-flash",
-        "text/cache-manifest",
-        "application/wasm",
-    }
-)
-
-
-# -- query parameters ------------------------------------------------------------------------
-
-
-def _query_int(value: object) -> object:
-    if isinstance(value, str):
-        if not re.fullmatch(r"[0-9]{1,9}", value):
-            raise ValueError("must be a non-negative integer")
-        return int(value)
-    return value
-
-
-def _query_bool(value: object) -> object:
-    if isinstance(value, str):
-        lowered = value.lower()
-        if lowered in ("true", "1"):
-            return True
-        if lowered in ("false", "0"):
-            return False
-        raise ValueError("must be true, false, 1 or 0")
-    return value
-
-
-def _mailbox(value: str) -> str:
-    return validate_folder_name(value)  # InvalidName is a ValueError
-
-
-QueryInt = Annotated[int, BeforeValidator(_query_int)]
-QueryBool = Annotated[bool, BeforeValidator(_query_bool)]
-Mailbox = Annotated[str, AfterValidator(_mailbox)]
-
-
-class _Query(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-
-class ListQuery(_Query):
-    mailbox: Mailbox = "INBOX"
-    limit: QueryInt = Field(default=20, ge=1)  # values above MAX_LIMIT are capped
-    offset: QueryInt = Field(default=0, ge=0)
-    search: str = Field(default="", max_length=256)
-    unread_only: QueryBool = False
-
-
-class MessageQuery(_Query):
-    mailbox: Mailbox = "INBOX"
-
-
-class AttachmentQuery(MessageQuery):
-    download: QueryBool = False
-
-
-def parse_query(request: IRequest, model: type[Q]) -> Q:
-    """Validate the query string against `model` (strict UTF-8, no repeats, no extras)."""
-    values: dict[str, str] = {}
-    for key, items in (request.args or {}).items():
-        try:
-            name = key.decode("utf-8")
-            decoded = [item.decode("utf-8") for item in items]
-        except UnicodeDecodeError:
-            raise bad_parameter("query parameters must be UTF-8") from None
-        if len(decoded) != 1:
-            raise bad_parameter(f"query parameter given more than once: {name}")
-        values[name] = decoded[0]
-    return model.model_validate(values)
-
-
-def _invalid_id() -> APIError:
-    return APIError(400, "invalid_message_id", "the message id is not valid", "verify_message_id")
-
-
-def check_message_ref(ref: str) -> str:
-    """Classify a message reference: "id" (Maildir id), "queue" or "msgid"; 400 otherwise."""
-    if _INTERNET_MSGID.fullmatch(ref):
-        return "msgid"
-    try:
-        validate_message_id(ref)
-        return "id"
-    except InvalidName:
-        pass
-    if _QUEUE_ID.fullmatch(ref) and ".." not in ref:
-        return "queue"
-    raise _invalid_id()
-
-
-# -- attachment replies ----------------------------------------------------------------------
-
-
-def served_content_type(content_type: str) -> bytes:
-    """The Content-Type to serve an attachment with; active or odd types become octet-stream."""
-    ctype = content_type.strip().lower()
-    active = ctype in _ACTIVE_TYPES or any(w in ctype for w in ("html", "xml", "script"))
-    if not _MIME_TYPE.fullmatch(ctype) or active or ctype.startswith("multipart/"):
-        return b"application/octet-stream"
-    return ctype.encode("ascii")
-
-
-def content_disposition(disposition: str, filename: str) -> bytes:
-    """An RFC 6266 Content-Disposition: ASCII fallback plus `filename*` when needed."""
-    fallback = "".join(
-        ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\%' else "_" for ch in filename
-    )
-    value = f'{disposition}; filename="{fallback}"'
-    if fallback != filename:
-        value += "; filename*=UTF-8''" + quote(filename, safe="!#$&+-.^_`|~")
-    return value.encode("ascii")
-
-
-# -- the app ---------------------------------------------------------------------------------
+API = "/localapi/v0"
+PREFIX = f"{API}/mail"
 
 
 class _RefConverter(BaseConverter):
@@ -189,8 +54,31 @@ class _RefConverter(BaseConverter):
     part_isolating = False
 
 
+_ACTIONS = frozenset({"mark", "report-spam", "report-ham", "reply"})
+
+
+def _message_ref(ref: str) -> str:
+    """Classify `ref`; ".../mark" and the like reached with GET or DELETE get a 405."""
+    head, _, action = ref.rpartition("/")
+    if head and action in _ACTIONS:
+        raise APIError(
+            405,
+            "method_not_allowed",
+            "method not allowed for this endpoint",
+            "use_an_allowed_method",
+            {b"Allow": b"POST"},
+        )
+    return m.check_message_ref(ref)
+
+
+def _index(index: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,4}", index):
+        raise APIError(404, "attachment_not_found", "no such attachment", "check_attachments")
+    return int(index)
+
+
 class LocalAPI:
-    """The `/localapi/v0` Klein app over one Maildir."""
+    """The `/localapi/v0` Klein app over one device's Maildir, events and services."""
 
     app = Klein()
     app.url_map.merge_slashes = False
@@ -204,14 +92,45 @@ class LocalAPI:
         base_url: str = "http://127.0.0.1:18080",
         max_body: int = 1 << 20,
         run_blocking: RunBlocking = deferToThread,
+        events: InboundEvents | None = None,
+        mail_service: MailService | None = None,
+        link: LinkState | None = None,
+        device: DeviceInfo | None = None,
+        edge: EdgeRequester | None = None,
+        trainer: RspamdTrainer | None = None,
+        clock: IReactorTime | None = None,
+        on_change: Callable[[Sequence[str]], None] | None = None,
+        cache: SummaryCache | None = None,
     ) -> None:
         if not token:
             raise ValueError("the local API needs a non-empty token")
-        self._maildir = maildir
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        assert clock is not None
         self._token = token.encode("utf-8")
-        self.base_url = base_url.rstrip("/")
         self._max_body = max_body
         self._run = run_blocking
+        self.links = Links(base_url)
+        self.mail = LocalMail(maildir, self.links, cache)
+        self.events = events
+        self.mail_service = mail_service
+        self.link = link if link is not None else LinkState(clock.seconds)
+        self.device = device if device is not None else DeviceInfo("localhost")
+        self.edge = edge
+        self.trainer = trainer
+        self.clock = clock
+        self._on_change = on_change
+        self._openapi: dict[str, Any] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.links.base
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        self.links.base = value.rstrip("/")
 
     def resource(self) -> IResource:
         """The resource to serve: the app behind the request guard."""
@@ -222,159 +141,236 @@ class LocalAPI:
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
         return failure_reply(request, failure)
 
-    # -- routes ------------------------------------------------------------------------------
+    def _changed(self, *folders: str) -> None:
+        if self._on_change is not None:
+            self._on_change(folders)
+
+    # -- device and service ------------------------------------------------------------------
+
+    @app.route(f"{API}/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        m.parse_query(request, m.Empty)
+        last = self.link.last_seen
+        mail_status = self.mail_service.status if self.mail_service else "enabled"
+        body = status_body(
+            self.device,
+            mail_status=mail_status,
+            link_status=self.link.status,
+            last_seen=iso_time(last) if last is not None else None,
+            api_base=self.links.base,
+        )
+        return json_reply(request, body)
+
+    def _service(self) -> MailService:
+        if self.mail_service is None:
+            raise APIError(501, "not_supported", "mail services cannot be switched here", "none")
+        return self.mail_service
+
+    @app.route(f"{PREFIX}/enable", methods=["POST"])
+    async def enable(self, request: IRequest) -> bytes:
+        m.parse_query(request, m.Empty)
+        changed = await self._service().enable()
+        text = "Managed mail services enabled." if changed else "Mail services were enabled."
+        return json_reply(request, {"status": "ok", "message": text, "mail": "enabled"})
+
+    @app.route(f"{PREFIX}/disable", methods=["POST"])
+    async def disable(self, request: IRequest) -> bytes:
+        m.parse_query(request, m.Empty)
+        changed = await self._service().disable()
+        text = "Managed mail services disabled." if changed else "Mail services were disabled."
+        return json_reply(request, {"status": "ok", "message": text, "mail": "disabled"})
+
+    def _require_enabled(self) -> None:
+        if self.mail_service is not None and not self.mail_service.enabled:
+            raise APIError(409, "mail_disabled", "local mail is disabled", "post_mail_enable")
+
+    @app.route(f"{PREFIX}/client-config", methods=["GET"])
+    def client_config(self, request: IRequest) -> bytes:
+        query = m.parse_query(request, m.ClientConfigQuery)
+        self._require_enabled()
+        address = pick_address(self.device, query.address or query.emailaddress)
+        return json_reply(request, client_config(self.device, address, self.links.base))
+
+    @app.route(f"{PREFIX}/autoconfig.xml", methods=["GET"])
+    def autoconfig(self, request: IRequest) -> bytes:
+        query = m.parse_query(request, m.ClientConfigQuery)
+        self._require_enabled()
+        wanted = query.address or query.emailaddress
+        if wanted is not None:
+            pick_address(self.device, wanted)
+        request.setResponseCode(200)
+        set_common_headers(request)
+        request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
+        return autoconfig_xml(self.device, wanted)
+
+    # -- reading -----------------------------------------------------------------------------
 
     @app.route(f"{PREFIX}/messages", methods=["GET"])
-    def list_messages(self, request: IRequest) -> Deferred[bytes]:
-        query = parse_query(request, ListQuery)
-        d = self._run(self._list, query)
-        d.addCallback(lambda body: json_reply(request, body))
-        return d
+    async def list_messages(self, request: IRequest) -> bytes:
+        query = m.parse_query(request, m.ListQuery)
+        return json_reply(request, await self._run(self.mail.list, query))
 
     @app.route(f"{PREFIX}/messages/<ref:ref>", methods=["GET"])
-    def get_message(self, request: IRequest, ref: str) -> Deferred[bytes]:
-        query = parse_query(request, MessageQuery)
-        kind = check_message_ref(ref)
-        d = self._run(self._detail, query.mailbox, ref, kind)
-        d.addCallback(lambda body: json_reply(request, body))
-        return d
+    async def get_message(self, request: IRequest, ref: str) -> bytes:
+        query = m.parse_query(request, m.MessageQuery)
+        kind = _message_ref(ref)
+        return json_reply(request, await self._run(self.mail.detail, query.mailbox, ref, kind))
 
     @app.route(f"{PREFIX}/messages/<ref:ref>/attachments/<index>", methods=["GET"])
-    def get_attachment(self, request: IRequest, ref: str, index: str) -> Deferred[bytes]:
-        query = parse_query(request, AttachmentQuery)
-        kind = check_message_ref(ref)
-        if not _INDEX.fullmatch(index):
-            raise APIError(404, "attachment_not_found", "no such attachment", "check_attachments")
-        d = self._run(self._attachment, query.mailbox, ref, kind, int(index))
-        d.addCallback(lambda result: self._send_attachment(request, query, *result))
-        return d
-
-    # -- blocking work (runs in a thread) ----------------------------------------------------
-
-    def _list(self, query: ListQuery) -> dict[str, Any]:
-        folder = self._maildir.folder(query.mailbox)
-        infos = folder.messages()
-        if query.unread_only:
-            infos = [info for info in infos if SEEN not in info.flags]
-        infos.sort(key=lambda info: (info.internaldate, info.uid), reverse=True)
-        limit = min(query.limit, MAX_LIMIT)
-        window = slice(query.offset, query.offset + limit)
-        if query.search:
-            needle = query.search.casefold()
-            matched = []
-            for info in infos:
-                item = self._list_item(folder, info)
-                fields = (item["subject"], item["from"], item["preview"]) if item else ()
-                if any(needle in str(field).casefold() for field in fields):
-                    matched.append(item)
-            total, page = len(matched), matched[window]
-        else:
-            total = len(infos)
-            page = [self._list_item(folder, info) for info in infos[window]]
-        messages = [item for item in page if item is not None]
-        return {"mailbox": folder.name, "total": total, "messages": messages}
-
-    def _list_item(self, folder: Folder, info: MessageInfo) -> dict[str, Any] | None:
-        try:
-            data = folder.read(info.id)
-        except MessageNotFound:  # removed since it was listed
-            return None
-        summary = summarize(data)
-        return {
-            "id": info.id,
-            "proxy_message_id": summary.queue_id,
-            "mailbox": folder.name,
-            "subject": summary.subject,
-            "from": summary.from_,
-            "to": summary.to,
-            "date": summary.date,
-            "size_bytes": info.size,
-            "flags": sorted(info.flags),
-            "preview": summary.preview,
-        }
-
-    def _resolve(self, folder: Folder, ref: str, kind: str) -> tuple[MessageInfo, bytes]:
-        if kind == "id":
-            try:
-                info = folder.get(ref)
-                return info, folder.read(info.id)
-            except MessageNotFound:
-                if not _QUEUE_ID.fullmatch(ref):
-                    raise
-                kind = "queue"
-        header = "Message-ID" if kind == "msgid" else QUEUE_ID_HEADER
-        for info in reversed(folder.messages()):
-            try:
-                data = folder.read(info.id)
-            except MessageNotFound:
-                continue
-            if read_header(data, header) == ref:
-                return info, data
-        raise MessageNotFound(ref)
-
-    def _detail(self, mailbox: str, ref: str, kind: str) -> dict[str, Any]:
-        folder = self._maildir.folder(mailbox)
-        info, data = self._resolve(folder, ref, kind)
-        detail = parse_detail(data)
-        summary = detail.summary
-        return {
-            "id": info.id,
-            "proxy_message_id": summary.queue_id,
-            "mailbox": folder.name,
-            "subject": summary.subject,
-            "from": summary.from_,
-            "to": summary.to,
-            "cc": summary.cc,
-            "date": summary.date,
-            "message_id": summary.message_id,
-            "in_reply_to": detail.in_reply_to,
-            "references": detail.references,
-            "headers": detail.headers,
-            "body_text": detail.body_text,
-            "body_html": detail.body_html,
-            "attachments": [self._attachment_item(folder, info, a) for a in detail.attachments],
-            "risk": assess_message(detail),
-            "flags": sorted(info.flags),
-            "size_bytes": info.size,
-        }
-
-    def _attachment_item(
-        self, folder: Folder, info: MessageInfo, attachment: AttachmentInfo
-    ) -> dict[str, Any]:
-        url = (
-            f"{self.base_url}{PREFIX}/messages/{quote(info.id, safe='')}"
-            f"/attachments/{attachment.index}"
-        )
-        params = {"mailbox": folder.name} if folder.name != "INBOX" else {}
-        open_query = urlencode(params)
-        download_query = urlencode({**params, "download": "1"})
-        return {
-            "index": attachment.index,
-            "filename": attachment.filename,
-            "content_type": attachment.content_type,
-            "size_bytes": attachment.size_bytes,
-            "open_url": f"{url}?{open_query}" if open_query else url,
-            "download_url": f"{url}?{download_query}",
-            "risk": assess_attachment(attachment),
-        }
-
-    def _attachment(
-        self, mailbox: str, ref: str, kind: str, index: int
-    ) -> tuple[AttachmentInfo, bytes]:
-        folder = self._maildir.folder(mailbox)
-        _info, data = self._resolve(folder, ref, kind)
-        return get_attachment(data, index)
-
-    # -- reactor thread ----------------------------------------------------------------------
+    async def get_attachment(self, request: IRequest, ref: str, index: str) -> bytes:
+        query = m.parse_query(request, m.AttachmentQuery)
+        kind = m.check_message_ref(ref)
+        number = _index(index)
+        info, content = await self._run(self.mail.attachment, query.mailbox, ref, kind, number)
+        return self._send_attachment(request, query.download, info, content)
 
     @staticmethod
     def _send_attachment(
-        request: IRequest, query: AttachmentQuery, info: AttachmentInfo, content: bytes
+        request: IRequest, download: bool, info: AttachmentInfo, content: bytes
     ) -> bytes:
-        disposition = "attachment" if query.download else "inline"
         request.setResponseCode(200)
         set_common_headers(request)
         request.setHeader(b"Content-Type", served_content_type(info.content_type))
+        disposition = "attachment" if download else "inline"
         request.setHeader(b"Content-Disposition", content_disposition(disposition, info.filename))
         request.setHeader(b"Content-Security-Policy", b"default-src 'none'; sandbox")
         return content
+
+    # -- changes -----------------------------------------------------------------------------
+
+    @app.route(f"{PREFIX}/messages/<ref:ref>", methods=["DELETE"])
+    async def delete_message(self, request: IRequest, ref: str) -> bytes:
+        query = m.parse_query(request, m.MessageQuery)
+        kind = _message_ref(ref)
+        body = await self._run(self.mail.delete, query.mailbox, ref, kind)
+        self._changed(query.mailbox, *([body["mailbox"]] if "mailbox" in body else []))
+        return json_reply(request, body)
+
+    @app.route(f"{PREFIX}/messages/<ref:ref>/mark", methods=["POST"])
+    async def mark_message(self, request: IRequest, ref: str) -> bytes:
+        query = m.parse_query(request, m.MessageQuery)
+        kind = m.check_message_ref(ref)
+        mark = m.parse_body(request, m.MarkBody)
+        body = await self._run(self.mail.mark, query.mailbox, ref, kind, mark.read)
+        self._changed(query.mailbox)
+        return json_reply(request, body)
+
+    def _move(self, mailboxes: Sequence[str], ref: str, kind: str, dest: str) -> Resolved:
+        """Find the message in the first of `mailboxes` that has it and move it to `dest`."""
+        for i, mailbox in enumerate(mailboxes):
+            try:
+                found = self.mail.resolve(mailbox, ref, kind)
+            except MessageNotFound:
+                if i == len(mailboxes) - 1:
+                    raise
+                continue
+            info = self.mail.move(found, dest)
+            return Resolved(self.mail.maildir.folder(dest), info, found.data)
+        raise MessageNotFound(ref)  # pragma: no cover
+
+    @app.route(f"{PREFIX}/messages/<ref:ref>/report-spam", methods=["POST"])
+    async def report_spam(self, request: IRequest, ref: str) -> bytes:
+        query = m.parse_query(request, m.SpamQuery)
+        kind = m.check_message_ref(ref)
+        body = m.parse_body(request, m.SpamBody, optional=True)
+        block_domain = body.block_domain or bool(query.block_domain)
+        moved: Resolved = await self._run(self._move, [query.mailbox], ref, kind, JUNK)
+        self._changed(query.mailbox, JUNK)
+        warnings: list[str] = []
+        rule = await self._block_sender(moved, block_domain, warnings)
+        trained = await self._train("spam", moved.data, warnings)
+        return json_reply(request, self._report(moved, warnings, rule=rule, trained=trained))
+
+    @app.route(f"{PREFIX}/messages/<ref:ref>/report-ham", methods=["POST"])
+    async def report_ham(self, request: IRequest, ref: str) -> bytes:
+        query = m.parse_query(request, m.MessageQuery)
+        kind = m.check_message_ref(ref)
+        m.parse_body(request, m.Empty, optional=True)
+        where = [query.mailbox] if "mailbox" in query.model_fields_set else [JUNK, INBOX]
+        moved: Resolved = await self._run(self._move, where, ref, kind, INBOX)
+        self._changed(*where)
+        warnings: list[str] = []
+        trained = await self._train("ham", moved.data, warnings)
+        return json_reply(request, self._report(moved, warnings, trained=trained))
+
+    @staticmethod
+    def _report(moved: Resolved, warnings: list[str], **extra: Any) -> dict[str, Any]:
+        return {
+            "status": "partial" if warnings else "ok",
+            "id": moved.info.id,
+            "mailbox": moved.info.folder,
+            **extra,
+            "warnings": warnings,
+        }
+
+    async def _block_sender(
+        self, moved: Resolved, block_domain: bool, warnings: list[str]
+    ) -> dict[str, Any] | None:
+        sender = from_address(moved.data)
+        if not sender:
+            warnings.append("the message has no From address; no block rule was made")
+            return None
+        source = read_header(moved.data, "X-Tailpost-Queue-ID") or moved.info.id
+        try:
+            status, reply = await edge_call(
+                self.edge, "POST", RULES_PATH, rule_body(sender, block_domain, source)
+            )
+        except APIError as error:
+            warnings.append(f"no block rule was made: {error.message}")
+            return None
+        if status not in (200, 201):
+            warnings.append(f"the edge refused the block rule (HTTP {status})")
+            return None
+        self.link.touch()
+        return reply if isinstance(reply, dict) else None
+
+    async def _train(self, kind: str, data: bytes, warnings: list[str]) -> bool | None:
+        if self.trainer is None:
+            return None
+        learned = await self.trainer.learn(kind, data)
+        if not learned:
+            warnings.append(f"Rspamd could not be trained with this {kind}")
+        return learned
+
+    # -- spam rules (at the edge) ------------------------------------------------------------
+
+    @app.route(f"{PREFIX}/spam-rules", methods=["GET"])
+    async def list_spam_rules(self, request: IRequest) -> bytes:
+        m.parse_query(request, m.Empty)
+        status, body = await edge_call(self.edge, "GET", RULES_PATH)
+        self.link.touch()
+        return json_reply(request, body, status)
+
+    @app.route(f"{PREFIX}/spam-rules/<ref:rule_id>", methods=["DELETE"])
+    async def delete_spam_rule(self, request: IRequest, rule_id: str) -> bytes:
+        m.parse_query(request, m.Empty)
+        path = f"{RULES_PATH}/{m.check_rule_id(rule_id)}"
+        status, body = await edge_call(self.edge, "DELETE", path)
+        self.link.touch()
+        return json_reply(request, body, status)
+
+    @app.route(f"{API}/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        m.parse_query(request, m.Empty)
+        if self._openapi is None:
+            self._openapi = local_document()
+        return json_reply(request, {**self._openapi, "servers": [{"url": self.links.base}]})
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _events(self) -> InboundEvents:
+        if self.events is None:
+            raise APIError(501, "not_supported", "this API has no event log", "none")
+        return self.events
+
+    @app.route(f"{PREFIX}/recent", methods=["GET"])
+    def recent(self, request: IRequest) -> bytes:
+        query = m.parse_query(request, m.RecentQuery)
+        events = self._events().log.recent(min(query.limit, m.MAX_RECENT))
+        return json_reply(request, {"events": [event_item(e, self.links) for e in events]})
+
+    @app.route(f"{PREFIX}/stream", methods=["GET"])
+    def stream(self, request: IRequest) -> IResource:
+        query = m.parse_query(request, m.StreamQuery)
+        resume = last_event_id(request, query.last_event_id)
+        return EventStream(self._events(), self.links, self.clock, resume)

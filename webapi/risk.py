@@ -1,8 +1,11 @@
 """A light, explainable risk summary of a message for API clients (people and agents).
 
-Heuristics only: authentication results recorded by the edge (`Authentication-Results`) and
-attachment names and types. This module is advice for the reader; it must never block,
-change or delete mail, and never claim a message is safe (the lowest level is "low").
+The edge's verdict (`maildir.verdict`: SPF, DKIM and DMARC results, spam verdict, score and
+symbols), which the device trusts because only its authenticated edge can deliver and the
+edge strips forged verdict headers, plus heuristics on attachment names and types. Without
+a verdict the topmost `Authentication-Results` header is read instead. This module is advice
+for the reader; it must never block, change or delete mail, and never claim a message is
+safe (the lowest level is "low").
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import re
 from typing import Any
 
 from maildir.message import AttachmentInfo, MessageDetail
+from maildir.verdict import Verdict
 
 __all__ = ["EXECUTABLE_EXTENSIONS", "assess_attachment", "assess_message", "authentication"]
 
@@ -125,22 +129,43 @@ def assess_attachment(info: AttachmentInfo) -> dict[str, Any]:
     return {"level": level, "summary": _ATTACHMENT_SUMMARIES[level], "method": "heuristic"}
 
 
-def assess_message(detail: MessageDetail) -> dict[str, Any]:
-    """The message-level risk: authentication failures and the worst attachment finding."""
-    auth = authentication(detail.authentication_results)
+def _verdict_findings(verdict: Verdict) -> list[tuple[str, str]]:
+    findings: list[tuple[str, str]] = []
+    if verdict.spam == "Yes":
+        score = f" (score {verdict.score:g})" if verdict.score is not None else ""
+        findings.append(("medium", f"the edge's spam scan says spam{score}"))
+    if verdict.junk:
+        reason = f": {verdict.reason}" if verdict.reason else ""
+        findings.append(("medium", f"the edge filed this as junk{reason}"))
+    return findings
+
+
+def assess_message(detail: MessageDetail, verdict: Verdict | None = None) -> dict[str, Any]:
+    """The message-level risk: the edge's verdict (or Authentication-Results), authentication
+    failures and the worst attachment finding."""
+    if verdict is not None:
+        auth = verdict.authentication()
+    else:
+        auth = authentication(detail.authentication_results)
     findings: list[tuple[str, str]] = []
     for method, result in auth.items():
         if result in _FAILED:
             findings.append(("medium", f"{method} {result}"))
+    if verdict is not None:
+        findings.extend(_verdict_findings(verdict))
     for info in detail.attachments:
         findings.extend(
             (level, f"{info.filename}: {reason}") for level, reason in attachment_reasons(info)
         )
     level = _max_level([level for level, _ in findings])
-    return {
+    risk: dict[str, Any] = {
         "level": level,
         "summary": _SUMMARIES[level],
-        "method": "heuristic",
+        "method": "header+heuristic" if verdict is not None else "heuristic",
         "authentication": auth,
-        "reasons": [reason for _, reason in findings],
     }
+    spam = verdict.spam_summary() if verdict is not None else None
+    if spam is not None:
+        risk["spam"] = spam
+    risk["reasons"] = [reason for _, reason in findings]
+    return risk

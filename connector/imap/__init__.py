@@ -6,7 +6,7 @@ let a client name reach the filesystem unvalidated; the maildir package enforces
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.protocol import Factory, ServerFactory
@@ -36,6 +36,7 @@ class IMAPFactory(ServerFactory):
         self.portal = make_portal(maildir, authenticate)
         self.hostname = hostname
         self.max_message_size = max_message_size
+        self.sessions: set[IMAPServer] = set()
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials})
@@ -43,7 +44,14 @@ class IMAPFactory(ServerFactory):
         p.portal = self.portal
         p.max_message_size = self.max_message_size
         p.IDENT = b"tailpost IMAP4rev1 ready on " + self.hostname.encode("ascii", "replace")
+        self.sessions.add(p)
         return p
+
+    def notify_changed(self, folders: Iterable[str]) -> None:
+        """Tell sessions idling in one of `folders` what changed now, not at the next poll."""
+        names = set(folders)
+        for session in list(self.sessions):
+            session.folder_changed(names)
 
 
 def make_imap_factory(

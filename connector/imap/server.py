@@ -218,8 +218,16 @@ class IMAPServer(imap4.IMAP4Server):
                 self._idle_loop.stop()
             self._idle_loop = None
 
+    def folder_changed(self, names: set[str]) -> None:
+        """Another part of the device changed these folders: an IDLE client hears of it now."""
+        if self._idle_loop is not None and self.mbox is not None and self.mbox.folder.name in names:
+            self.sync_mailbox()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_idle()
+        sessions = getattr(self.factory, "sessions", None)
+        if sessions is not None:
+            sessions.discard(self)
         super().connectionLost(reason)
 
     def _listWork(self, tag: bytes, ref: bytes, mbox: bytes, sub: int, cmdName: bytes) -> None:

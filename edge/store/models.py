@@ -1,4 +1,5 @@
-"""ORM rows of the edge's control plane: accounts, devices, routes, addresses, spam rules.
+"""ORM rows of the edge's control plane: accounts, devices, routes, addresses, spam rules,
+and for the management API: device keys, registrations, DKIM keys, route setup, idempotency.
 
 These are the SQLAlchemy 2 declarative tables that the Alembic migrations create. They are an
 implementation detail of :mod:`edge.store.store`: rows never leave a session; callers get the
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Dialect,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Text,
@@ -208,3 +210,85 @@ class SpamRuleRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+DKIM_ALGORITHMS = ("rsa", "ed25519")
+
+
+class DeviceKeyRow(Base):
+    """An API key of a device: only its SHA-256 is kept; revoked keys stay for the record."""
+
+    __tablename__ = "device_keys"
+    __table_args__ = (Index(None, "device_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    registration_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class RegistrationRow(Base):
+    """A device's request to join: a short approval code and the hash of its poll secret."""
+
+    __tablename__ = "device_registrations"
+    __table_args__ = (Index(None, "device_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    code: Mapped[str] = mapped_column(String(16), unique=True)
+    poll_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class DkimKeyRow(Base):
+    """A domain's DKIM key under one selector: private key as PKCS#8 PEM (RSA) or the base64
+    of the 32-byte seed (Ed25519); public key as the base64 of the DNS record's ``p=``."""
+
+    __tablename__ = "dkim_keys"
+    __table_args__ = (
+        UniqueConstraint("domain", "selector"),
+        CheckConstraint(_in("algorithm", DKIM_ALGORITHMS), name="algorithm"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(253))
+    selector: Mapped[str] = mapped_column(String(63))
+    algorithm: Mapped[str] = mapped_column(String(16))
+    private_key: Mapped[str] = mapped_column(Text)
+    public_key: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RouteSetupRow(Base):
+    """Onboarding progress of a route: ownership proof, preparation, last DNS check."""
+
+    __tablename__ = "route_setup"
+
+    route_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("email_routes.id", ondelete="CASCADE"), primary_key=True
+    )
+    ownership_verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    prepared_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class IdempotencyRow(Base):
+    """The remembered reply to one Idempotency-Key of one caller (status NULL: in progress)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index(None, "created_at"),)
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    body_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,218 @@
+"""The device side of joining an edge: start a registration, poll it, keep what approval gives.
+
+`Registration.start()` asks the edge to register this device and keeps the registration id
+and poll secret; `status()` polls the edge until an operator approves, then keeps the device
+key (in `<data_dir>/device/edge-link.json`, mode 0600, next to `credentials.json`) and takes
+the connector credentials the edge will present into the device's credentials, so the
+running connector accepts them at once. This module must never return or log the device
+key or the poll secret: the key never leaves the device daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+
+from connector.credentials import Credentials
+from connector.edgeclient import EdgeClient, EdgeReply
+from edge.config import Config, ConfigError
+from edge.service import TCPListener
+
+__all__ = ["EdgeLink", "Registration", "RegistrationError", "build_registration"]
+
+
+class RegistrationError(Exception):
+    """The edge refused or did not understand a registration step."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"the edge answered {status}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class EdgeLink:
+    """What this device knows of its edge account (the JSON file's fields)."""
+
+    status: str = "not_started"
+    registration_id: str = ""
+    poll_token: str = ""
+    code: str = ""
+    approval_url: str = ""
+    expires_at: str = ""
+    device_id: str = ""
+    account_id: str = ""
+    namespace: str = ""
+    managed_domain: str = ""
+    edge_mx_target: str = ""
+    device_key: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> EdgeLink:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        known = {k: str(v) for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        os.chmod(path, 0o600)
+
+    def public(self) -> dict[str, Any]:
+        """The fields a local caller may see (no key, no poll secret)."""
+        body: dict[str, Any] = {"status": self.status}
+        for name in ("device_id", "account_id", "namespace", "managed_domain", "edge_mx_target"):
+            if getattr(self, name):
+                body[name] = getattr(self, name)
+        if self.status == "pending":
+            body.update(auth_url=self.approval_url, code=self.code, expires_at=self.expires_at)
+        return body
+
+
+class Registration:
+    def __init__(
+        self,
+        path: Path,
+        creds: Credentials,
+        client: EdgeClient | None,
+        *,
+        name: str,
+        hostname: str,
+        connector_addr: Callable[[], str],
+        run_blocking: Callable[..., defer.Deferred[Any]],
+    ) -> None:
+        self.path = path
+        self.creds = creds
+        self.client = client
+        self.name = name
+        self.hostname = hostname
+        self.connector_addr = connector_addr
+        self.run = run_blocking
+        self.link = EdgeLink.load(path)
+
+    @property
+    def device_key(self) -> str | None:
+        """The device's key for the edge, once approved (for the pass-through only)."""
+        return self.link.device_key or None
+
+    def _client(self) -> EdgeClient:
+        if self.client is None:
+            raise RegistrationError(0, None)
+        return self.client
+
+    @staticmethod
+    def _json(reply: EdgeReply) -> Any:
+        try:
+            body = reply.json()
+        except ValueError:
+            body = None
+        if not 200 <= reply.code < 300 or not isinstance(body, dict):
+            raise RegistrationError(reply.code, body)
+        return body
+
+    async def _start(self) -> dict[str, Any]:
+        reply = await self._client().register(self.name, self.hostname, self.connector_addr())
+        body = self._json(reply)
+        link = EdgeLink(
+            status="pending",
+            registration_id=str(body["registration_id"]),
+            poll_token=str(body["poll_token"]),
+            code=str(body["code"]),
+            approval_url=str(body["approval_url"]),
+            expires_at=str(body.get("expires_at") or ""),
+            device_id=str(body["device_id"]),
+        )
+        await self.run(link.save, self.path)
+        self.link = link
+        return link.public()
+
+    def start(self) -> defer.Deferred[dict[str, Any]]:
+        """A fresh registration; what was kept of an earlier one is replaced."""
+        return defer.ensureDeferred(self._start())
+
+    async def _status(self) -> dict[str, Any]:
+        link = self.link
+        if link.status != "pending":
+            return link.public()
+        reply = await self._client().registration_status(link.registration_id, link.poll_token)
+        body = self._json(reply)
+        status = str(body.get("status", ""))
+        if status == "authorized":
+            connector = body.get("connector") or {}
+            updated = EdgeLink(
+                status="authorized",
+                device_id=str(body["device_id"]),
+                account_id=str(body.get("account_id") or ""),
+                namespace=str(body.get("namespace") or ""),
+                managed_domain=str(body.get("managed_domain") or ""),
+                edge_mx_target=str(body.get("edge_mx_target") or ""),
+                device_key=str(body["device_key"]),
+            )
+            await self.run(self._keep, updated, connector)
+            self.link = updated
+        elif status in ("expired", "revoked"):
+            self.link = EdgeLink(status=status, device_id=link.device_id)
+            await self.run(self.link.save, self.path)
+        return self.link.public()
+
+    def _keep(self, link: EdgeLink, connector: dict[str, Any]) -> None:
+        link.save(self.path)
+        username, password = connector.get("username"), connector.get("password")
+        if isinstance(username, str) and isinstance(password, str) and username and password:
+            self.creds.connector_username = username
+            self.creds.connector_password = password
+            self.creds.save()
+
+    def status(self) -> defer.Deferred[dict[str, Any]]:
+        """Where the registration stands; while pending, this asks the edge once."""
+        return defer.ensureDeferred(self._status())
+
+
+def build_registration(
+    config: Config, creds: Credentials, connector: TCPListener, http: Any = None
+) -> tuple[Registration, EdgeClient | None]:
+    """The device's registration and edge client, from `[device] edge_url` (none if empty)."""
+    holder: list[Registration] = []
+    client = None
+    if config.device.edge_url:
+        try:
+            client = EdgeClient(
+                config.device.edge_url,
+                lambda: holder[0].device_key if holder else None,
+                http=http,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"device.edge_url: {exc}") from None
+
+    def connector_addr() -> str:
+        if connector.host in ("0.0.0.0", "::", ""):
+            return f"{config.fqdn}:{connector.port}"
+        return connector.address
+
+    registration = Registration(
+        config.data_path / "device" / "edge-link.json",
+        creds,
+        client,
+        name=config.fqdn.split(".")[0] or "device",
+        hostname=config.fqdn,
+        connector_addr=connector_addr,
+        run_blocking=deferToThread,
+    )
+    holder.append(registration)
+    return registration, client

@@ -1,0 +1,156 @@
+"""From findings to actions, and from actions to SMTP replies: the checks' one funnel.
+
+Configuration maps each finding (`spf.fail`, `dmarc.reject`, `rspamd.add_header`, ...) to
+an action: accept, tag, junk (deliver into the Junk folder), reject (5xx) or tempfail (4xx).
+The defaults follow the sender domain's DMARC policy: `dmarc.reject` rejects,
+`dmarc.quarantine` goes to Junk, and an SPF or DKIM failure alone only shows in the headers.
+Of several findings the strongest action wins (reject, tempfail, junk, tag, accept). The
+client gets a generic text with the enhanced code that fits; the finding's reason goes to
+the log. This module never does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edge.checks.base import Finding
+from edge.config import ConfigError
+from edge.smtp.replies import Reply
+
+ACTIONS = ("accept", "tag", "junk", "reject", "tempfail")
+_STRENGTH = {"accept": 0, "tag": 1, "junk": 2, "tempfail": 3, "reject": 4}
+
+# Every finding a check can make, with its default action.
+DEFAULT_ACTIONS: dict[str, str] = {
+    **{f"spf.{r}": "accept" for r in ("pass", "fail", "softfail", "neutral", "none")},
+    "spf.temperror": "accept",
+    "spf.permerror": "accept",
+    "dkim.pass": "accept",
+    "dkim.fail": "accept",
+    "dkim.none": "accept",
+    "dkim.temperror": "accept",
+    "dkim.permerror": "accept",
+    "dmarc.pass": "accept",
+    "dmarc.none": "accept",
+    "dmarc.fail": "accept",  # failed, but the domain's policy is p=none (or pct spared it)
+    "dmarc.quarantine": "junk",
+    "dmarc.reject": "reject",
+    "dmarc.temperror": "accept",
+    "dmarc.permerror": "accept",
+    "arc.pass": "accept",
+    "arc.fail": "accept",
+    "arc.none": "accept",
+    "message.multiple_from": "reject",
+    "rules.reject": "reject",
+    "rules.quarantine": "junk",
+    "rules.tag": "tag",
+    "rspamd.no_action": "accept",
+    "rspamd.greylist": "accept",
+    "rspamd.add_header": "tag",
+    "rspamd.rewrite_subject": "tag",
+    "rspamd.soft_reject": "tempfail",
+    "rspamd.reject": "reject",
+    "rspamd.temperror": "accept",
+    "dnsbl.listed": "reject",
+    "dnsbl.temperror": "accept",
+}
+
+# Reply of a reject per check (the enhanced codes of RFC 3463 and RFC 7372).
+REJECT_REPLIES: dict[str, Reply] = {
+    "spf": Reply(550, "5.7.23", "SPF validation failed"),
+    "dkim": Reply(550, "5.7.20", "No valid DKIM signature"),
+    "dmarc": Reply(550, "5.7.1", "Rejected by the sender domain's DMARC policy"),
+    "arc": Reply(550, "5.7.29", "ARC validation failed"),
+    "message": Reply(550, "5.6.0", "Message format not accepted (more than one From header)"),
+    "rules": Reply(550, "5.7.1", "Sender is blocked by the recipient"),
+    "rspamd": Reply(550, "5.7.1", "Message rejected as spam"),
+    "dnsbl": Reply(554, "5.7.1", "Client host is on a DNS blocklist"),
+}
+REJECT_DEFAULT = Reply(550, "5.7.1", "Message rejected by policy")
+TEMPFAIL_REPLY = Reply(451, "4.7.1", "Temporary policy failure, try again later")
+TEMPFAIL_DNS_REPLY = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
+TIMEOUT_REPLY = Reply(451, "4.4.5", "Timed out checking the message, try again later")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML's `dmarc.quarantine = "junk"` (a nested table) and `"dmarc.quarantine"` alike."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The action for a set of findings, and the finding that decided it."""
+
+    action: str
+    finding: Finding | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The SMTP refusal of this decision, or None when the mail goes on."""
+        if self.action == "reject":
+            check = self.finding.check if self.finding else ""
+            return REJECT_REPLIES.get(check, REJECT_DEFAULT)
+        if self.action == "tempfail":
+            if self.finding is not None and self.finding.result == "temperror":
+                return TEMPFAIL_DNS_REPLY
+            return TEMPFAIL_REPLY
+        return None
+
+    @property
+    def reason(self) -> str:
+        if self.finding is None:
+            return ""
+        detail = f": {self.finding.reason}" if self.finding.reason else ""
+        return f"{self.finding.key} -> {self.action}{detail}"
+
+
+class ActionPolicy:
+    """The configured action of every finding (defaults from DEFAULT_ACTIONS)."""
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
+        self.actions = dict(DEFAULT_ACTIONS)
+        for raw_key, action in _flatten(overrides or {}).items():
+            key = normalize_key(raw_key)
+            if key not in DEFAULT_ACTIONS:
+                known = ", ".join(sorted(DEFAULT_ACTIONS))
+                raise ConfigError(f"checks.actions: unknown finding {raw_key!r} (known: {known})")
+            if not isinstance(action, str) or action not in ACTIONS:
+                raise ConfigError(
+                    f"checks.actions.{raw_key} must be one of {', '.join(ACTIONS)}, not {action!r}"
+                )
+            self.actions[key] = action
+
+    def action_for(self, finding: Finding) -> str:
+        return self.actions.get(normalize_key(finding.key), "accept")
+
+    def decide(self, findings: Iterable[Finding]) -> Decision:
+        """The strongest action among the findings; the first finding of it decides."""
+        best = Decision("accept")
+        for finding in findings:
+            action = self.action_for(finding)
+            if _STRENGTH[action] > _STRENGTH[best.action]:
+                best = Decision(action, finding)
+        return best
+
+
+def all_replies() -> list[Reply]:
+    return [
+        *REJECT_REPLIES.values(),
+        REJECT_DEFAULT,
+        TEMPFAIL_REPLY,
+        TEMPFAIL_DNS_REPLY,
+        TIMEOUT_REPLY,
+    ]

@@ -1,0 +1,104 @@
+"""The device operations of `/v1`: listing, registration and its polling, approval, revoke.
+
+Blocking functions over `edge.store.access.AccessStore`, run in a thread by `webapi.control`.
+A registering device gets a poll secret; once an operator approves it, its poll returns its
+API key and connector credentials. This module must never return a key to anyone but the
+holder of the registration's poll secret, nor let a device key approve or revoke.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.store import Conflict, Device, NotFound
+from edge.store.access import PollRefused
+from webapi import v1_models as m
+from webapi.control_ops import ControlOps, Principal, _err, _not_found, namespace_of
+
+__all__ = ["DeviceOps"]
+
+
+class DeviceOps:
+    def __init__(self, ops: ControlOps) -> None:
+        self.ops = ops
+        self.store = ops.store
+        self.access = ops.access
+        self.settings = ops.settings
+
+    # -- devices -----------------------------------------------------------------------------
+
+    def device_out(self, device: Device, code: str | None = None) -> dict[str, Any]:
+        body = device.to_dict()
+        body.update(
+            account_id=device.account_id, namespace=namespace_of(device), registration_code=code
+        )
+        return m.DeviceOut.model_validate(body).model_dump(mode="json")
+
+    def list_devices(self, p: Principal) -> dict[str, Any]:
+        codes: dict[str, str] = {}
+        if p.kind == "admin":
+            codes = {
+                r.device_id: r.code for r in self.access.registrations() if r.approved_at is None
+            }
+        devices = self.store.list_devices(self.ops._account(p))
+        return {"devices": [self.device_out(d, codes.get(d.id)) for d in devices]}
+
+    def approve(self, ref: str, req: m.ApproveRequest) -> dict[str, Any]:
+        try:
+            return self.device_out(self.access.approve(ref, req.account_id))
+        except NotFound:
+            raise _not_found("device", ref) from None
+        except Conflict as exc:
+            raise _err(409, "registration_closed", str(exc), "register_again") from None
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        try:
+            return self.device_out(self.access.revoke_device(device_id))
+        except NotFound:
+            raise _not_found("device", device_id) from None
+
+    def register(self, req: m.RegisterRequest) -> dict[str, Any]:
+        try:
+            reg, poll = self.access.register(
+                req.name, req.hostname, req.connector_smtp_addr, self.settings.registration_ttl
+            )
+        except ValueError as exc:
+            raise _err(400, "validation_failed", str(exc), "fix_request_body") from None
+        body = {
+            "status": "pending",
+            "registration_id": reg.id,
+            "device_id": reg.device_id,
+            "code": reg.code,
+            "poll_token": poll,
+            "approval_url": f"{self.settings.control_url()}/v1/devices/{reg.device_id}/approve",
+            "expires_at": reg.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        return m.RegisterOut.model_validate(body).model_dump(mode="json")
+
+    def registration_status(self, req: m.RegistrationStatusRequest) -> dict[str, Any]:
+        try:
+            status, issued = self.access.poll(req.registration_id, req.poll_token)
+        except NotFound:
+            raise _not_found("registration", req.registration_id) from None
+        except PollRefused:
+            raise _err(
+                403, "invalid_poll_token", "the poll token does not match", "login_start_again"
+            ) from None
+        reg = self.access.find_registration(req.registration_id)
+        body: dict[str, Any] = {"status": status, "device_id": reg.device_id if reg else ""}
+        if issued is not None:
+            device = issued.device
+            body.update(
+                account_id=device.account_id,
+                device_key=issued.key,
+                namespace=namespace_of(device),
+                managed_domain=self.settings.managed_domain,
+                edge_mx_target=self.settings.edge_mx_target,
+                connector={
+                    "username": device.connector_username or "",
+                    "password": device.connector_secret or "",
+                },
+            )
+        return m.RegistrationStatusOut.model_validate(body).model_dump(
+            mode="json", exclude_none=True
+        )
