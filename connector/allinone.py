@@ -19,6 +19,7 @@ from edge.app import Edge, build_edge
 from edge.config import Config, load_config
 from edge.service import ReadyReport
 from edge.store import Store
+from edge.store.access import AccessStore
 from edge.tap import Options as EdgeOptions
 from edge.tls import ensure_self_signed
 
@@ -27,6 +28,28 @@ LOCAL_DEVICE_ID = "dev_local"
 
 class Options(EdgeOptions):
     pass
+
+
+def link_local_device(store: Store, device: Device) -> None:
+    """Give the local device a key of its own for the edge, as an approval would.
+
+    The device then reaches the in-process edge's `/v1` exactly as a remote device does
+    (report-spam rules, the pass-through), with a key that sees only its own account.
+    """
+    registration = device.registration
+    if registration is None:
+        return
+    access = AccessStore(store)
+    link = registration.link
+    if link.device_key and access.authenticate(link.device_key) is not None:
+        return
+    row = store.get_device(LOCAL_DEVICE_ID)
+    assert row is not None
+    link.device_key = access.issue_key(LOCAL_DEVICE_ID)
+    link.status = "authorized"
+    link.device_id = LOCAL_DEVICE_ID
+    link.account_id = row.account_id
+    link.save(registration.path)
 
 
 def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
@@ -61,6 +84,7 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
     known = {a.address for a in store.list_byod_addresses()}
     if config.demo.address.lower() not in known:
         store.add_byod_address(name, addr_domain, LOCAL_DEVICE_ID)
+    link_local_device(store, device)
 
 
 class LinkDevice(Service):
@@ -122,6 +146,9 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     else:
         tls_files = (data / "tls" / "cert.pem", data / "tls" / "key.pem")
         ensure_self_signed(*tls_files, config.fqdn)
+    if not config.device.edge_url:
+        # The device talks to the edge in this process; the real port is set once listening.
+        config.device.edge_url = f"http://{config.edge.control_listen}"
     device = build_device(config, reactor, extra_addresses=(config.demo.address,))
     edge = build_edge(config, reactor, tls_files=tls_files)
     bootstrap_demo(edge.store, config, device)
@@ -135,6 +162,13 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     )
     report.ready.append(device.on_ready)
     report.ready.append(edge.control.on_ready)
+
+    def point_device_at_edge(addresses: dict[str, str]) -> None:
+        client = device.registration.client if device.registration else None
+        if client is not None:
+            client.base_url = f"http://{addresses['control']}"
+
+    report.ready.append(point_device_at_edge)
     report.setServiceParent(top)
     return top, edge, device, report
 
