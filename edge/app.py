@@ -17,6 +17,7 @@ from edge.config import Config
 from edge.control import Control, build_control
 from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
+from edge.eventlog import EventRecorder
 from edge.mx import MXHandler
 from edge.queueops import QueueControl
 from edge.routing import Router
@@ -26,6 +27,7 @@ from edge.smtp.server import Limits, SMTPServerFactory
 from edge.smtpclient import SMTPDeliverer
 from edge.spool import Spool
 from edge.store import RecipientTarget, Store, open_store
+from edge.store.events import DeliveryEvents
 from edge.tls import server_context
 
 
@@ -79,6 +81,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )
     router = Router(store.resolve_recipient, resolver, config.edge.mx_delivery_port)
+    recorder = EventRecorder(DeliveryEvents(store), reactor)
     queue = DeliveryQueue(
         spool,
         router.target,
@@ -88,6 +91,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         lifetime=config.edge.queue_lifetime,
         delay_warning=config.edge.delay_warning,
         hostname=hostname,
+        on_event=recorder.add,
     )
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
@@ -115,6 +119,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     factory = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
     service = MultiService()
     service.setName("edge")
+    recorder.setServiceParent(service)
     QueueService(queue).setServiceParent(service)
     mx_factory: Any = factory
     if config.edge.mx_proxy_protocol:
@@ -123,7 +128,13 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     mx = TCPListener("mx", config.edge.mx_listen, mx_factory, reactor)
     mx.setServiceParent(service)
     control = build_control(
-        config, store, resolver, reactor, lambda: len(queue.envelopes), QueueControl(queue)
+        config,
+        store,
+        resolver,
+        reactor,
+        lambda: len(queue.envelopes),
+        QueueControl(queue),
+        recorder,
     )
     control.listener.setServiceParent(service)
     return Edge(service, store, spool, queue, mx, resolver, control)

@@ -29,9 +29,12 @@ from twisted.web.server import Site
 
 from edge.config import Config, ConfigError
 from edge.dns import DNSResolver
+from edge.eventlog import EventRecorder
 from edge.queueops import QueueControl
 from edge.service import TCPListener
 from edge.store import Store
+from edge.store.events import DeliveryEvents
+from edge.store.models import DELIVERY_EVENTS
 from webapi.compose import PrefixDispatch
 from webapi.control import ControlAPI
 from webapi.errors import APIError, error_reply, failure_reply, json_reply, set_common_headers
@@ -75,9 +78,10 @@ class OpsEndpoints:
 
     app = Klein()
 
-    def __init__(self, store: Store, queue_size: Any = None) -> None:
+    def __init__(self, store: Store, queue_size: Any = None, events: Any = None) -> None:
         self.store = store
         self.queue_size = queue_size or (lambda: 0)
+        self.events = events
 
     @app.handle_errors(Exception)
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
@@ -123,6 +127,14 @@ class OpsEndpoints:
             ]
             for status in ("pending", "authorized", "revoked"):
                 lines.append(f'tailpost_devices{{status="{status}"}} {counts.get(status, 0)}')
+            if self.events is not None:
+                lines += [
+                    "# HELP tailpost_delivery_events_total Recipient events since start.",
+                    "# TYPE tailpost_delivery_events_total counter",
+                ]
+                for event in DELIVERY_EVENTS:
+                    total = self.events.counts.get(event, 0)
+                    lines.append(f'tailpost_delivery_events_total{{event="{event}"}} {total}')
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
             set_common_headers(request)
             return ("\n".join(lines) + "\n").encode("utf-8")
@@ -171,13 +183,15 @@ def build_control(
     reactor: Any,
     queue_size: Any = None,
     queue: QueueControl | None = None,
+    events: EventRecorder | None = None,
 ) -> Control:
     keys = load_admin_keys(admin_key_path(config))
     api = ControlAPI(store, resolver, config, keys)
-    ops = OpsEndpoints(store, queue_size)
+    ops = OpsEndpoints(store, queue_size, events)
     routes: list[tuple[bytes, IResource]] = []
     if queue is not None:
-        routes.append((b"/v1/queue", AdminOnly(QueueAPI(queue).resource(), keys)))
+        history = DeliveryEvents(store)
+        routes.append((b"/v1/queue", AdminOnly(QueueAPI(queue, history).resource(), keys)))
     routes.append((b"/v1/", api.resource()))
     root = PrefixDispatch(routes, ops.app.resource())
     listener = TCPListener("control", config.edge.control_listen, Site(root), reactor)

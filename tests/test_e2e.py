@@ -220,3 +220,35 @@ def test_acknowledged_message_survives_sigkill_and_arrives_once(tmp_path: Path) 
     finally:
         edge.stop()
         device.stop()
+
+
+def test_delivery_events_are_kept_in_the_store(allinone: tuple[Process, dict[str, str]]) -> None:
+    proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    with smtplib.SMTP(host, port) as smtp:
+        smtp.sendmail("ev@sender.test", ["demo@example.test"], b"Subject: events\r\n\r\nx\r\n")
+    key = next(
+        line
+        for line in (proc.data_dir / "edge" / "admin.key").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+    def events() -> list[dict[str, Any]]:
+        req = urllib.request.Request(
+            f"http://{listeners['control']}/v1/queue/events?recipient=demo@example.test",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            found: list[dict[str, Any]] = json.loads(resp.read())["events"]
+        return found
+
+    found = wait_for(lambda: [e for e in events() if e["event"] == "delivered"])
+    qids = {e["queue_id"] for e in found}
+    accepted = [e for e in events() if e["event"] == "accepted" and e["queue_id"] in qids]
+    assert accepted and all(e["recipient"] == "demo@example.test" for e in accepted)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{listeners['control']}/v1/queue/events", timeout=10)
+    assert refused.value.code == 401
+    with urllib.request.urlopen(f"http://{listeners['control']}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'tailpost_delivery_events_total{event="delivered"}' in metrics

@@ -292,3 +292,25 @@ class IdempotencyRow(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+DELIVERY_EVENTS = ("accepted", "delivered", "deferred", "bounced", "expired", "deleted")
+
+
+class DeliveryEventRow(Base):
+    """One thing that happened to one recipient of a queued message."""
+
+    __tablename__ = "delivery_events"
+    __table_args__ = (
+        Index(None, "queue_id"),
+        Index(None, "recipient"),
+        Index(None, "created_at"),
+        CheckConstraint(_in("event", DELIVERY_EVENTS), name="event"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    queue_id: Mapped[str] = mapped_column(String(64))
+    recipient: Mapped[str] = mapped_column(String(320))
+    event: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
