@@ -97,6 +97,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
             creds.connector_password,
             threads.deferToThread,
             delivered,
+            per_address=config.device.mailbox_mode == "per_address",
         )
 
     limits = Limits(

@@ -27,7 +27,7 @@ from edge.smtp.address import Path
 from edge.smtp.replies import Reply
 from edge.smtp.server import Session
 from edge.spool import QUEUE_ID_HEADER
-from maildir import FolderExists, Maildir, MessageInfo
+from maildir import FolderExists, Maildir, MessageInfo, address_folder
 from maildir.verdict import parse_verdict
 
 JUNK_FOLDER = "Junk"
@@ -44,10 +44,13 @@ def dedup_key(data: bytes, recipients: list[str]) -> str | None:
     return f"{match.group(1).decode()}-{digest}"
 
 
-def folder_for(data: bytes) -> str:
-    """Where the edge's verdict files the message: Junk for junk, else INBOX."""
+def folder_for(data: bytes, recipient: str | None = None) -> str:
+    """Where the edge's verdict files the message: Junk for junk, else INBOX (or, in
+    address-mailbox mode, the recipient's own folder)."""
     verdict = parse_verdict(data)
-    return JUNK_FOLDER if verdict is not None and verdict.junk else "INBOX"
+    if verdict is not None and verdict.junk:
+        return JUNK_FOLDER
+    return address_folder(recipient) if recipient is not None else "INBOX"
 
 
 def _deliver(maildir: Maildir, data: bytes, folder: str, key: str | None) -> MessageInfo:
@@ -66,11 +69,13 @@ class MaildirSink:
         recipients: list[str],
         run_blocking: Callable[..., defer.Deferred[Any]],
         delivered: Callable[[MessageInfo], None],
+        per_address: bool = False,
     ) -> None:
         self.maildir = maildir
         self.recipients = recipients
         self.run_blocking = run_blocking
         self.delivered = delivered
+        self.per_address = per_address
         self.chunks: list[bytes] = []
 
     def write(self, chunk: bytes) -> None:
@@ -82,12 +87,25 @@ class MaildirSink:
     async def finish(self) -> Reply:
         data = b"".join(self.chunks)
         self.chunks = []
-        key = dedup_key(data, self.recipients)
-        info: MessageInfo = await self.run_blocking(
-            _deliver, self.maildir, data, folder_for(data), key
-        )
-        self.delivered(info)
-        return replies.S250_OK.with_text(f"Stored as {info.id}")
+        if not self.per_address:
+            key = dedup_key(data, self.recipients)
+            info: MessageInfo = await self.run_blocking(
+                _deliver, self.maildir, data, folder_for(data), key
+            )
+            self.delivered(info)
+            return replies.S250_OK.with_text(f"Stored as {info.id}")
+        # Address-mailbox mode: one copy in each recipient's own folder (junk: one in Junk),
+        # each stored once.
+        folders: dict[str, list[str]] = {}
+        for rcpt in dict.fromkeys(r.lower() for r in self.recipients):
+            folders.setdefault(folder_for(data, rcpt), []).append(rcpt)
+        stored = []
+        for folder, rcpts in folders.items():
+            key = dedup_key(data, rcpts)
+            info = await self.run_blocking(_deliver, self.maildir, data, folder, key)
+            self.delivered(info)
+            stored.append(info.id)
+        return replies.S250_OK.with_text(f"Stored as {' '.join(stored)}")
 
 
 class ConnectorHandler:
@@ -103,7 +121,10 @@ class ConnectorHandler:
         password: str,
         run_blocking: Callable[..., defer.Deferred[Any]],
         delivered: Callable[[MessageInfo], None],
+        *,
+        per_address: bool = False,
     ) -> None:
+        self.per_address = per_address
         self.maildir = maildir
         self.username = username
         self.password = password
@@ -128,4 +149,4 @@ class ConnectorHandler:
 
     def data(self, session: Session) -> MaildirSink:
         rcpts = [r.address for r in session.recipients]
-        return MaildirSink(self.maildir, rcpts, self.run_blocking, self.delivered)
+        return MaildirSink(self.maildir, rcpts, self.run_blocking, self.delivered, self.per_address)

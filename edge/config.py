@@ -77,6 +77,7 @@ class DeviceConfig:
     connector_username: str = "edge"
     connector_password: str = ""
     edge_url: str = ""
+    mailbox_mode: str = "inbox"
     rspamd_url: str = ""
     rspamd_password: str = ""
 
@@ -205,6 +206,8 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         parse_listen(listen)
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
+    if config.device.mailbox_mode not in ("inbox", "per_address"):
+        raise ConfigError('device.mailbox_mode must be "inbox" or "per_address"')
     if config.edge.accept_mode not in ("durable", "discard"):
         raise ConfigError('edge.accept_mode must be "durable" or "discard"')
     for network in config.edge.mx_proxy_trusted:

@@ -11,6 +11,7 @@ from .names import (
     InvalidName,
     MaildirError,
     MessageNotFound,
+    address_folder,
     validate_folder_name,
     validate_message_id,
 )
@@ -27,4 +28,5 @@ __all__ = [
     "FolderExists",
     "validate_message_id",
     "validate_folder_name",
+    "address_folder",
 ]

@@ -54,7 +54,7 @@ class FolderExists(MaildirError):
 
 
 _MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,=+-]{0,200}")
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9 _&+-]{1,64}")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9 _&+@-]{1,64}")
 _DEDUP_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 _DEDUP_IN_NAME_RE = re.compile(r"\d+\.M\d+P\d+X([A-Za-z0-9_-]{1,80})\.")
 _MAX_FOLDER_NAME = 255
@@ -77,6 +77,15 @@ def validate_message_id(s: str) -> str:
     if not isinstance(s, str) or not _MESSAGE_ID_RE.fullmatch(s) or ".." in s:
         raise InvalidName(f"invalid message id: {s!r}")
     return s
+
+
+def address_folder(address: str) -> str:
+    """The folder of one address in address-mailbox mode: `Alerts@Example.com` ->
+    `alerts@example_com` (dots would nest folders in Maildir++). Raises InvalidName."""
+    local, at, domain = address.strip().lower().rpartition("@")
+    if not at or not local or not domain:
+        raise InvalidName(f"not an address: {address!r}")
+    return validate_folder_name(f"{local}@{domain}".replace(".", "_"))
 
 
 def validate_folder_name(s: str) -> str:

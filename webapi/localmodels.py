@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from twisted.web.iweb import IRequest
 
-from maildir import InvalidName, validate_folder_name, validate_message_id
+from maildir import InvalidName, address_folder, validate_folder_name, validate_message_id
 from webapi.errors import APIError, bad_parameter
 
 __all__ = [
@@ -64,7 +64,9 @@ def _query_bool(value: object) -> object:
 
 
 def _mailbox(value: str) -> str:
-    return validate_folder_name(value)  # InvalidName is a ValueError
+    if "@" in value:  # address-mailbox mode: an assigned address names its own folder
+        return address_folder(value)  # InvalidName is a ValueError
+    return validate_folder_name(value)
 
 
 def _address(value: str) -> str:
