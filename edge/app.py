@@ -24,7 +24,7 @@ from edge.routing import Router
 from edge.service import TCPListener
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
-from edge.smtpclient import SMTPDeliverer
+from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
 from edge.store import RecipientTarget, Store, open_store
 from edge.store.events import DeliveryEvents
@@ -82,10 +82,16 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     )
     router = Router(store.resolve_recipient, resolver, config.edge.mx_delivery_port)
     recorder = EventRecorder(DeliveryEvents(store), reactor)
+    deliverer = SMTPDeliverer(
+        reactor,
+        hostname,
+        config.edge.delivery_timeout,
+        max_connections=config.edge.delivery_connections,
+    )
     queue = DeliveryQueue(
         spool,
         router.target,
-        SMTPDeliverer(reactor, hostname, config.edge.delivery_timeout),
+        deliverer,
         reactor,
         config.edge.retry_schedule,
         lifetime=config.edge.queue_lifetime,
@@ -120,6 +126,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     service = MultiService()
     service.setName("edge")
     recorder.setServiceParent(service)
+    DelivererService(deliverer).setServiceParent(service)  # stops after the queue
     QueueService(queue).setServiceParent(service)
     mx_factory: Any = factory
     if config.edge.mx_proxy_protocol:

@@ -50,6 +50,7 @@ class EdgeConfig:
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
     )
     delivery_timeout: float = 60.0
+    delivery_connections: int = 4
     queue_lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     mx_delivery_port: int = 25
@@ -221,6 +222,8 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             ) from exc
     if config.edge.mx_proxy_timeout <= 0:
         raise ConfigError("edge.mx_proxy_timeout must be positive")
+    if config.edge.delivery_connections <= 0:
+        raise ConfigError("edge.delivery_connections must be positive")
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
     return config

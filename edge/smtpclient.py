@@ -1,26 +1,62 @@
-"""Sending one message to one target over SMTP: the device's connector, an old MX, an MX.
+"""Sending mail over SMTP to a delivery target: the device's connector, an old MX, an MX.
 
-Built on Twisted's ESMTP client, with two corrections made here in one place: the data is
-sent exactly as spooled (Twisted's own per-chunk LF rewriting and dot-stuffing let a dot
-line at a 16 KiB boundary end DATA early), and the outcome is reported per recipient, with
-a refusal at end of DATA applying to every recipient that RCPT had accepted. Hosts are tried
+Built on Twisted's ESMTP client (greeting, EHLO, STARTTLS and AUTH are its code), with the
+transaction driven here, and with two corrections made here in one place: the data is sent
+exactly as spooled (Twisted's own per-chunk LF rewriting and dot-stuffing let a dot line at
+a 16 KiB boundary end DATA early), and the outcome is reported per recipient, with a
+refusal at end of DATA applying to every recipient that RCPT had accepted. Hosts are tried
 in order until one answers the transaction. Connection-level failures are always temporary.
+
+Connections to the same target are reused. Per (host, port, username, secret, STARTTLS)
+the deliverer keeps the sessions that finished a transaction and sends the next
+transaction for that key on one of them. At most `max_connections` are open per key (more
+deliveries wait their turn); an idle session is closed after `idle_timeout` seconds, a
+session after `max_transactions` transactions, and one the server closed or that failed is
+dropped. When no connection to a host can be made and none is open, the deliveries waiting
+for one get that answer at once. A transaction that failed only because a reused session
+turned out dead (closed, timed out, 421, RSET refused) before the end of its data was sent
+is tried once more on a fresh connection, so that this is never reported as a failure of
+the message; a connection lost after the data was sent is reported (temporary), never
+followed by a second copy.
+
+It must never: send a message on a session whose previous transaction is unfinished (one
+transaction at a time; RSET first after one that ended mid-way), let a session made for one
+key (and its credentials) carry another key's mail, send the data anything but once and
+unchanged, or report a failure of the connection as anything but temporary. Twisted's
+session log is off, so that no error text can carry the AUTH exchange.
 """
 
 from __future__ import annotations
 
-import io
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet import defer, ssl
-from twisted.internet.interfaces import IReactorTCP
-from twisted.mail.smtp import ESMTPSender, ESMTPSenderFactory, SMTPDeliveryError
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+from twisted.mail.smtp import (
+    Address,
+    SMTPDeliveryError,
+    quoteaddr,
+)
+from twisted.python.failure import Failure
 
 from edge.routing import Target
+from edge.smtpsession import QUIT_TIMEOUT, Session, SessionFactory, Transaction
+
+log = Logger()
 
 _DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
+
+DEFAULT_MAX_CONNECTIONS = 4
+DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_MAX_TRANSACTIONS = 100
+
+# host, port, username, secret, STARTTLS: sessions are never shared across keys.
+PoolKey = tuple[str, int, str | None, str | None, bool]
 
 
 @dataclass(frozen=True)
@@ -41,24 +77,166 @@ class Outcome:
         return 200 <= self.code < 300
 
 
-class ExactDataSender(ESMTPSender):
-    """Twisted's ESMTP sender, sending message data exactly as given (already stuffed)."""
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        self.resetTimeout()
-        return chunk
-
-
 def _addr(value: bytes | str) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return text.strip("<>")
 
 
+class _Pool:
+    """The sessions of one key: idle ones to reuse, and a bound on how many are open."""
+
+    def __init__(self, owner: SMTPDeliverer, key: PoolKey, target: Target) -> None:
+        self.owner = owner
+        self.key = key
+        self.target = target
+        self.idle: list[Session] = []  # most recently used last
+        self.open = 0  # sessions holding a slot: connecting, idle or busy
+        self.waiters: deque[defer.Deferred[None]] = deque()
+
+    async def acquire(self, fresh: bool) -> Session:
+        """An idle session (unless `fresh`), a new one, or wait for one to be free."""
+        waited = False
+        while True:
+            while self.idle and not fresh:
+                session = self.idle.pop()
+                session._cancel_idle_timer()
+                if session.usable:
+                    return session
+                self._discard(session)
+            if fresh and self.open >= self.owner.max_connections and self.idle:
+                self._discard(self.idle.pop(0))  # make room: the oldest idle one goes
+            if self.open < self.owner.max_connections:
+                return await self._connect()
+            waiter: defer.Deferred[None] = defer.Deferred()
+            # A waiter woken for nothing keeps its place at the front.
+            (self.waiters.appendleft if waited else self.waiters.append)(waiter)
+            waited = True
+            await waiter
+
+    async def _connect(self) -> Session:
+        owner, target = self.owner, self.target
+        host, port = self.key[0], self.key[1]
+        session = Session(
+            (target.username or "").encode(),
+            (target.secret or "").encode(),
+            ssl.CertificateOptions() if target.starttls else None,
+            owner.hostname.encode(),
+            owner.timeout,
+            owner.clock,
+            require_auth=target.username is not None,
+        )
+        session.counted = True
+        self.open += 1
+        session.on_lost = self._lost
+        tcp: IReactorTCP = owner.reactor
+        tcp.connectTCP(host, port, SessionFactory(session), timeout=owner.timeout)
+        try:
+            return await session.ready
+        except Exception as exc:
+            session.close()  # (only does something when this wait was cancelled)
+            self._forget(session)
+            if self.open == 0 and self.waiters:
+                # No connection to this host could be made and none is open: those waiting
+                # get the same answer now, rather than each waiting for its own timeout.
+                waiters, self.waiters = list(self.waiters), deque()
+                for waiter in waiters:
+                    if not waiter.called:
+                        waiter.errback(Failure(exc))
+                self._drop_if_unused()
+            else:
+                self._wake()
+            raise
+
+    def release(self, session: Session) -> None:
+        """A transaction on `session` has ended: keep it for the next one, or close it."""
+        if (
+            session.usable
+            and session.counted
+            and not self.owner.closing
+            and session.transactions < self.owner.max_transactions
+        ):
+            session.idle_timer = self.owner.clock.callLater(
+                self.owner.idle_timeout, self._expire, session
+            )
+            self.idle.append(session)
+        else:
+            self._discard(session)
+        self._wake()
+
+    def _expire(self, session: Session) -> None:
+        session.idle_timer = None
+        if session in self.idle:
+            self.idle.remove(session)
+            self._discard(session)
+            self._wake()
+
+    def _lost(self, session: Session) -> None:
+        if session in self.idle:
+            self.idle.remove(session)
+        if session.counted:
+            self._forget(session)
+            self._wake()
+
+    def _discard(self, session: Session) -> None:
+        if session in self.idle:
+            self.idle.remove(session)
+        session.close()
+        self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        if session.counted:
+            session.counted = False
+            self.open -= 1
+        self._drop_if_unused()
+
+    def _drop_if_unused(self) -> None:
+        if self.open == 0 and not self.waiters and not self.idle:
+            if self.owner._pools.get(self.key) is self:
+                del self.owner._pools[self.key]
+
+    def _wake(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.called:  # (called already only if that delivery was cancelled)
+                waiter.callback(None)
+                return
+
+    def close_idle(self) -> list[defer.Deferred[None]]:
+        closing = []
+        for session in list(self.idle):
+            closing.append(session.closed)
+            self.idle.remove(session)
+            session._cancel_idle_timer()
+            session.close(QUIT_TIMEOUT)
+            self._forget(session)
+        return closing
+
+
 class SMTPDeliverer:
-    def __init__(self, reactor: Any, hostname: str, timeout: float = 60.0) -> None:
+    """Delivers one message to one target per call, reusing connections per target."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        hostname: str,
+        timeout: float = 60.0,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if max_connections < 1 or max_transactions < 1:
+            raise ValueError("max_connections and max_transactions must be at least 1")
         self.reactor = reactor
         self.hostname = hostname
         self.timeout = timeout
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_transactions = max_transactions
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.closing = False
+        self._pools: dict[PoolKey, _Pool] = {}
 
     async def deliver(
         self, target: Target, sender: str, recipients: list[str], data: bytes
@@ -71,32 +249,68 @@ class SMTPDeliverer:
                 break  # this host answered the transaction: its word stands
         return outcomes
 
-    def _send(
+    def idle_count(self, target: Target, host: str, port: int) -> int:
+        """How many idle sessions are kept for `target` at `host:port` (for tests, metrics)."""
+        pool = self._pools.get(self._key(target, host, port))
+        return len(pool.idle) if pool is not None else 0
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every idle session (QUIT); busy ones close when their transaction ends.
+
+        Fires once the idle ones are disconnected. Delivering after this still works, on
+        connections that are not kept.
+        """
+        self.closing = True
+        closing: list[defer.Deferred[None]] = []
+        for pool in list(self._pools.values()):
+            closing.extend(pool.close_idle())
+        done = defer.DeferredList(closing, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    @staticmethod
+    def _key(target: Target, host: str, port: int) -> PoolKey:
+        return (host.lower(), port, target.username, target.secret, target.starttls)
+
+    def _pool(self, target: Target, host: str, port: int) -> _Pool:
+        key = self._key(target, host, port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(self, key, target)
+        return pool
+
+    async def _send(
         self, target: Target, host: str, port: int, sender: str, rcpts: list[str], data: bytes
-    ) -> defer.Deferred[dict[str, Outcome]]:
-        result: defer.Deferred[Any] = defer.Deferred()
-        context = ssl.CertificateOptions() if target.starttls else None
-        factory = ESMTPSenderFactory(
-            (target.username or "").encode(),
-            (target.secret or "").encode(),
-            sender,
-            rcpts,
-            io.BytesIO(data),
-            result,
-            retries=0,
-            timeout=self.timeout,
-            contextFactory=context,
-            requireAuthentication=target.username is not None,
-            requireTransportSecurity=False,
-        )
-        factory.protocol = ExactDataSender
-        factory.domain = self.hostname.encode()
-        tcp: IReactorTCP = self.reactor
-        tcp.connectTCP(host, port, factory, timeout=self.timeout)
+    ) -> dict[str, Outcome]:
         where = f"{host}:{port}"
-        return result.addCallbacks(
-            self._accepted, self._failed, callbackArgs=(where,), errbackArgs=(rcpts, where)
-        )
+        mail_from = quoteaddr(str(Address(sender)))
+        encoded = [r.encode("ascii") for r in rcpts]
+        for attempt in range(2):
+            pool = self._pool(target, host, port)
+            try:
+                session = await pool.acquire(fresh=attempt > 0)
+            except defer.CancelledError:
+                raise
+            except Exception:
+                return self._failed(Failure(), rcpts, where)
+            reused = session.transactions > 0
+            tx = Transaction(mail_from, encoded, data)
+            try:
+                session.send(tx)
+                result = await tx.done
+            finally:
+                pool.release(session)
+            if result.error is None:
+                assert result.accepted is not None
+                return self._accepted(result.accepted, where)
+            if result.dead and reused and attempt == 0:
+                log.info(
+                    "smtp: reused connection to {where} failed ({error}); again on a new one",
+                    where=where,
+                    error=result.error,
+                )
+                continue
+            return self._failed(Failure(result.error), rcpts, where)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _accepted(
@@ -130,3 +344,15 @@ class SMTPDeliverer:
                     text = rcpt_resp.decode("utf-8", "replace")
                     outcomes[_addr(addr)] = Outcome(rcpt_code, text, where)
         return outcomes
+
+
+class DelivererService(Service):
+    """Closes the deliverer's idle connections when the edge stops."""
+
+    def __init__(self, deliverer: SMTPDeliverer) -> None:
+        self.setName("smtp-deliverer")
+        self.deliverer = deliverer
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.deliverer.close()

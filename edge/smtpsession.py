@@ -1,0 +1,395 @@
+"""One SMTP client session of the delivery pool: greeting, TLS and AUTH, then transactions.
+
+Twisted's ESMTP client does the greeting, EHLO, STARTTLS and AUTH; after that this session
+drives MAIL/RCPT/DATA itself, one transaction at a time, sending the data exactly as given
+(already dot-stuffed, CRLF) and collecting one reply per recipient. `edge.smtpclient` owns
+the pool of these sessions. A session must never start a transaction while another is
+unfinished, and never log the AUTH exchange.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.mail.smtp import (
+    SUCCESS,
+    CramMD5ClientAuthenticator,
+    ESMTPClient,
+    LOGINAuthenticator,
+    PLAINAuthenticator,
+    SMTPClientError,
+    SMTPConnectError,
+    SMTPDeliveryError,
+    SMTPProtocolError,
+    SMTPTimeoutError,
+    quoteaddr,
+)
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+log = Logger()
+
+QUIT_TIMEOUT = 10.0  # the most a polite close waits for the reply to QUIT
+_ANY_REPLY = list(range(1000))
+_OK_REPLY = list(SUCCESS)
+RcptReply = tuple[bytes, int, bytes]
+
+
+@dataclass
+class Result:
+    """How one transaction ended, in the shapes of Twisted's sender results.
+
+    `accepted` is `(number accepted, RCPT replies)` on success; otherwise `error` says why.
+    `dead` is set when the session failed before the end of the data was sent: the server
+    cannot have taken the message, so trying again elsewhere can never duplicate it.
+    """
+
+    accepted: tuple[int, list[RcptReply]] | None = None
+    error: Exception | None = None
+    dead: bool = False
+
+
+@dataclass
+class Transaction:
+    sender: bytes  # MAIL FROM argument, quoted
+    recipients: list[bytes]
+    data: bytes  # already dot-stuffed: sent exactly as it is
+    pending: list[bytes] = field(default_factory=list)
+    current: bytes = b""
+    replies: list[RcptReply] = field(default_factory=list)
+    dot_sent: bool = False
+    done: defer.Deferred[Result] = field(default_factory=defer.Deferred)
+
+
+class Session(ESMTPClient):
+    """One SMTP connection: Twisted's handshake once, then our transactions one at a time.
+
+    States: connecting -> idle <-> busy, then closing (QUIT sent), broken (failed), closed.
+    """
+
+    debug = False  # Twisted's line log would hold the AUTH exchange
+
+    def __init__(
+        self,
+        username: bytes,
+        secret: bytes,
+        context: Any,
+        identity: bytes,
+        timeout: float,
+        clock: IReactorTime,
+        require_auth: bool,
+    ) -> None:
+        ESMTPClient.__init__(self, secret, context, identity)
+        self.heloFallback = False
+        self.requireAuthentication = require_auth
+        self.requireTransportSecurity = False
+        for auth in (
+            CramMD5ClientAuthenticator(username),
+            LOGINAuthenticator(username),
+            PLAINAuthenticator(username),
+        ):
+            self.registerAuthenticator(auth)
+        self.response_timeout = timeout
+        self.clock = clock
+        self.state = "connecting"
+        self.ready: defer.Deferred[Session] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.lost = False
+        self.tx: Transaction | None = None
+        self.needs_rset = False
+        self.transactions = 0
+        self.counted = False  # holds one of its pool's connection slots
+        self.idle_timer: IDelayedCall | None = None
+        self.on_lost: Callable[[Session], None] | None = None
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
+        # TimeoutMixin's timer, on the injected clock.
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        if self.state != "connecting":  # given up on while the connect was under way
+            self._abort()
+            return
+        ESMTPClient.connectionMade(self)
+        self.setTimeout(self.response_timeout)
+
+    def _lose(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- Twisted's handshake ends here -------------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Called by Twisted's ESMTP client once greeting, EHLO, STARTTLS and AUTH are done."""
+        if self.state != "connecting" or self.ready.called:
+            self._broken(SMTPProtocolError(-1, b"handshake ended twice, or was given up on"))
+            return
+        self.state = "idle"
+        self._expect_nothing()
+        self.ready.callback(self)
+
+    def sendError(self, exc: Exception) -> None:
+        """Twisted's handshake (or line parser) gave up: this session is unusable."""
+        self._broken(exc)
+
+    def timeoutConnection(self) -> None:
+        if self.state == "closing":
+            self._abort()
+            return
+        self._broken(SMTPTimeoutError(-1, b"Timeout waiting for SMTP server response"), abort=True)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        ESMTPClient.connectionLost(self, reason)
+        self.lost = True
+        if self.state == "connecting":
+            text = "Unable to connect to SMTP server: " + str(reason.value)
+            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+        elif self.state in ("idle", "busy"):
+            text = "connection lost: " + str(reason.value)
+            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+        self.state = "closed"
+        self._cancel_idle_timer()
+        if not self.closed.called:
+            self.closed.callback(None)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    # -- one transaction ---------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "idle" and self.tx is None and not self.lost
+
+    def send(self, tx: Transaction) -> None:
+        """Start `tx` on this idle session; `tx.done` fires with its `Result`."""
+        if not self.usable:
+            raise RuntimeError(f"SMTP session is {self.state}, not idle")
+        self.state = "busy"
+        self.tx = tx
+        self.transactions += 1
+        tx.pending = list(tx.recipients)
+        self.setTimeout(self.response_timeout)
+        if self.needs_rset:
+            self._command(b"RSET", _OK_REPLY, self._rset_done, self._rset_refused)
+        else:
+            self._mail()
+
+    def _command(
+        self,
+        line: bytes,
+        expected: Any,
+        ok: Callable[[int, bytes], None],
+        fail: Callable[[int, bytes], None],
+    ) -> None:
+        self._expected = expected
+        self._okresponse = ok
+        self._failresponse = fail
+        self.sendLine(line)
+
+    def _rset_done(self, code: int, resp: bytes) -> None:
+        self.needs_rset = False
+        self._mail()
+
+    def _rset_refused(self, code: int, resp: bytes) -> None:
+        self._broken(SMTPProtocolError(code, b"RSET refused: " + resp))
+
+    def _mail(self) -> None:
+        assert self.tx is not None
+        # From here until the reply to the end of data, a failure leaves a transaction open.
+        self.needs_rset = True
+        self._command(b"MAIL FROM:" + self.tx.sender, [250], self._mail_ok, self._mail_refused)
+
+    def _mail_ok(self, code: int, resp: bytes) -> None:
+        self._next_rcpt()
+
+    def _mail_refused(self, code: int, resp: bytes) -> None:
+        if code == 421:
+            self._closing_reply(code, resp)
+            return
+        # No recipient was tried: the mapping makes this temporary and lets the next host try.
+        self._finish(Result(error=SMTPDeliveryError(code, resp, None, [])))
+
+    def _next_rcpt(self) -> None:
+        tx = self.tx
+        assert tx is not None
+        if tx.pending:
+            tx.current = tx.pending.pop(0)
+            reply = self._rcpt_reply
+            self._command(b"RCPT TO:" + quoteaddr(tx.current), _ANY_REPLY, reply, reply)
+        elif any(code in SUCCESS for _addr, code, _resp in tx.replies):
+            self._command(b"DATA", [354], self._send_data, self._data_refused)
+        else:
+            code = tx.replies[-1][1] if tx.replies else -1
+            error = SMTPDeliveryError(code, b"No recipients accepted", None, list(tx.replies))
+            self._finish(Result(error=error))
+
+    def _rcpt_reply(self, code: int, resp: bytes) -> None:
+        if code == 421:
+            self._closing_reply(code, resp)
+            return
+        assert self.tx is not None
+        self.tx.replies.append((self.tx.current, code, resp))
+        self._next_rcpt()
+
+    def _data_refused(self, code: int, resp: bytes) -> None:
+        if code == 421:
+            self._closing_reply(code, resp)
+            return
+        assert self.tx is not None
+        self._finish(Result(error=SMTPDeliveryError(code, resp, None, list(self.tx.replies))))
+
+    def _closing_reply(self, code: int, resp: bytes) -> None:
+        """421 before the end of data: the server is closing the channel mid-transaction."""
+        self._broken(SMTPDeliveryError(code, resp, None, []))
+
+    def _send_data(self, code: int, resp: bytes) -> None:
+        tx = self.tx
+        assert tx is not None
+        # Nothing is expected while the data goes out; a reply now puts us out of step.
+        self._expected = []
+        self._okresponse = self._failresponse = self._early_reply
+        sender = FileSender()
+        d = sender.beginFileTransfer(io.BytesIO(tx.data), self.transport, self._chunk)
+        d.addCallbacks(self._data_written, self._data_failed, (tx,), None, (tx,))
+
+    def _chunk(self, chunk: bytes) -> bytes:
+        self.resetTimeout()
+        return chunk  # exactly as given: stuffed once, by `deliver`
+
+    def _data_written(self, last: bytes | str, tx: Transaction) -> None:
+        if self.tx is not tx or self.state != "busy":
+            return
+        self._expected = _OK_REPLY
+        self._okresponse = self._accepted
+        self._failresponse = self._refused
+        tx.dot_sent = True
+        self.sendLine(b"." if last == b"\n" else b"\r\n.")
+
+    def _data_failed(self, failure: Failure, tx: Transaction) -> None:
+        if self.tx is tx and self.state == "busy":
+            text = "sending the data failed: " + str(failure.value)
+            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+
+    def _early_reply(self, code: int, resp: bytes) -> None:
+        assert self.tx is not None
+        replies = list(self.tx.replies) if code != 421 else []
+        # Abort: the rest of the data must not go out after a reply out of step.
+        self._broken(SMTPDeliveryError(code, resp, None, replies), abort=True)
+
+    def _accepted(self, code: int, resp: bytes) -> None:
+        assert self.tx is not None
+        self.needs_rset = False
+        replies = list(self.tx.replies)
+        ok = sum(1 for _addr, rcode, _resp in replies if rcode in SUCCESS)
+        self._finish(Result(accepted=(ok, replies)))
+
+    def _refused(self, code: int, resp: bytes) -> None:
+        assert self.tx is not None
+        self.needs_rset = False  # the reply to the end of data ends the transaction
+        error = SMTPDeliveryError(code, resp, None, list(self.tx.replies))
+        self._finish(Result(error=error), reusable=code != 421)
+
+    def _finish(self, result: Result, reusable: bool = True) -> None:
+        tx = self.tx
+        assert tx is not None and self.state == "busy"
+        self.tx = None
+        if reusable:
+            self.state = "idle"
+            self._expect_nothing()
+        else:
+            self._quit()
+        if not tx.done.called:  # (called already only if the delivery was cancelled)
+            tx.done.callback(result)
+
+    # -- idle, closing, failing --------------------------------------------------------------
+
+    def _expect_nothing(self) -> None:
+        self.setTimeout(None)
+        self._expected = []
+        self._okresponse = self._failresponse = self._unsolicited
+
+    def _unsolicited(self, code: int, resp: bytes) -> None:
+        # A reply to nothing (a 421 before the server hangs up, or garbage): done with it.
+        self._broken(SMTPConnectError(code, resp))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Say QUIT to an idle session; drop one given up on while connecting or busy."""
+        self._cancel_idle_timer()
+        if self.state == "idle":
+            self._quit(timeout)
+        elif self.state in ("connecting", "busy"):
+            self._broken(SMTPClientError(-1, b"connection given up on"), abort=True)
+
+    def _quit(self, timeout: float | None = None) -> None:
+        self.state = "closing"
+        self.setTimeout(min(self.response_timeout, timeout or QUIT_TIMEOUT))
+        done = self._after_quit
+        self._command(b"QUIT", _ANY_REPLY, done, done)
+
+    def _after_quit(self, code: int, resp: bytes) -> None:
+        self.setTimeout(None)
+        self._lose()
+
+    def _broken(self, exc: Exception, abort: bool = False) -> None:
+        """This session cannot be used any more: fail what waits on it and drop it."""
+        state = self.state
+        if state in ("broken", "closed"):
+            return
+        self.state = "broken"
+        self.setTimeout(None)
+        self._cancel_idle_timer()
+        self._expected = _ANY_REPLY
+        self._okresponse = self._failresponse = lambda code, resp: None
+        tx, self.tx = self.tx, None
+        if state == "connecting" and not self.ready.called:
+            self.ready.errback(Failure(exc))
+        if tx is not None and not tx.done.called:
+            tx.done.callback(Result(error=exc, dead=not tx.dot_sent))
+        if self.lost or self.transport is None:
+            return
+        if abort:
+            self._abort()
+            return
+        if isinstance(exc, SMTPClientError) and not exc.isFatal:
+            self.sendLine(b"QUIT")
+        self._lose()
+
+    def _abort(self) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self._lose()
+
+    def _cancel_idle_timer(self) -> None:
+        timer, self.idle_timer = self.idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+class SessionFactory(protocol.ClientFactory):
+    """Connects one `Session`; a failed connect fails its `ready`."""
+
+    noisy = False
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def buildProtocol(self, addr: Any) -> Session:
+        self.session.factory = self
+        return self.session
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        session = self.session
+        if session.state == "connecting" and not session.ready.called:
+            session.state = "closed"
+            text = "Unable to connect to SMTP server: " + str(reason.value)
+            session.ready.errback(Failure(SMTPConnectError(-1, text.encode("utf-8", "replace"))))
+            if not session.closed.called:
+                session.closed.callback(None)
