@@ -27,27 +27,10 @@ from twisted.python.failure import Failure
 
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
+from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 
 log = Logger()
-
-
-@dataclass
-class Limits:
-    """Sizes and timeouts of one listener; defaults follow the design's limits."""
-
-    max_message_size: int = 25 * 1024 * 1024
-    max_recipients: int = 100
-    max_line_length: int = 512
-    max_text_line: int = 1000
-    max_header_size: int = 1024 * 1024
-    max_received_headers: int = 50
-    idle_timeout: float = 300.0
-    data_timeout: float = 600.0
-    handler_timeout: float = 60.0
-    max_errors: int = 20
-    max_connections: int = 1000
-    max_connections_per_ip: int = 100
 
 
 @dataclass
@@ -68,16 +51,6 @@ class Session:
     def reset_transaction(self) -> None:
         self.sender = None
         self.recipients = []
-
-
-class MessageSink(Protocol):
-    """Receives one message's data; `finish` makes it durable and returns the 250 reply."""
-
-    def write(self, chunk: bytes) -> None: ...
-
-    def finish(self) -> Awaitable[Reply] | Reply: ...
-
-    def abort(self) -> None: ...
 
 
 class SessionHandler(Protocol):
@@ -135,16 +108,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._discarding = False
         self._closed = False
         self._errors = 0
-        self._in_data = False
-        self._sink: MessageSink | None = None
-        self._data_error: Reply | None = None
-        self._data_size = 0
+        self._data: DataReader | None = None
         self._auth_pending = False
         self._processing = False
-        self._prev_crlf = True
-        self._in_headers = True
-        self._header_size = 0
-        self._received = 0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -218,9 +184,11 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closed:
-            if self._in_data:
-                if not self._consume_data():
+            if self._data is not None:
+                ended, self._buffer = self._data.feed(self._buffer)
+                if not ended:
                     return  # waiting for the rest of a line
+                self._end_data()
                 continue
             nl = self._buffer.find(b"\n")
             if nl < 0:
@@ -431,14 +399,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         if not self.session.recipients:
             return replies.S554_NO_VALID_RCPTS
         sink = await self._call(self.handler.data, self.session)
-        self._sink = sink
-        self._in_data = True
-        self._data_error = None
-        self._data_size = 0
-        self._prev_crlf = True
-        self._in_headers = True
-        self._header_size = 0
-        self._received = 0
+        self._data = DataReader(self.limits, sink)
         self.setTimeout(self.limits.data_timeout)
         return replies.S354_DATA
 
@@ -463,86 +424,17 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     # -- DATA ----------------------------------------------------------------------------
 
-    def _consume_data(self) -> bool:
-        """Take complete lines from the buffer into the sink; True at the end of data."""
-        buf = self._buffer
-        pos = 0
-        limit = self.limits.max_text_line + 2
-        while True:
-            nl = buf.find(b"\n", pos)
-            if nl < 0:
-                rest = buf[pos:]
-                if len(rest) > limit:
-                    # An over-long line: keep counting its size, but do not hold it.
-                    self._data_fail(replies.S552_LINE_TOO_LONG)
-                    self._count(len(rest))
-                    self._discarding = True
-                    rest = b""
-                self._buffer = rest
-                return False
-            line = buf[pos : nl + 1]
-            pos = nl + 1
-            crlf = line.endswith(b"\r\n")
-            if self._discarding:
-                self._discarding = False
-                self._count(len(line))
-                self._prev_crlf = crlf
-                continue
-            if self._prev_crlf and line == b".\r\n":
-                self._buffer = buf[pos:]
-                self._end_data()
-                return True
-            if not crlf or b"\r" in line[:-2]:
-                self._data_fail(replies.S550_BARE_NEWLINE)
-            if len(line) > limit:
-                self._data_fail(replies.S552_LINE_TOO_LONG)
-            if line.startswith(b"."):
-                line = line[1:]
-            if self._in_headers:
-                self._header_line(line)
-            self._prev_crlf = crlf
-            self._count(len(line))
-            if self._data_error is None and self._sink is not None:
-                self._sink.write(line)
-
-    def _header_line(self, line: bytes) -> None:
-        """Header-section limits: its size and the Received count (loop detection)."""
-        if line in (b"\r\n", b"\n"):
-            self._in_headers = False
-            return
-        self._header_size += len(line)
-        if self._header_size > self.limits.max_header_size:
-            self._data_fail(replies.S552_HEADER_TOO_BIG)
-        if line[:9].lower() == b"received:":
-            self._received += 1
-            if self._received > self.limits.max_received_headers:
-                self._data_fail(replies.S554_LOOP)
-
-    def _count(self, n: int) -> None:
-        self._data_size += n
-        if self._data_size > self.limits.max_message_size:
-            self._data_fail(replies.S552_TOO_BIG)
-
-    def _data_fail(self, reply: Reply) -> None:
-        if self._data_error is None:
-            self._data_error = reply
-            self._abort_data()
-
     def _abort_data(self) -> None:
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            try:
-                sink.abort()
-            except Exception:
-                log.failure("smtp: aborting message data failed")
+        reader, self._data = self._data, None
+        if reader is not None:
+            reader.abort()
 
     def _end_data(self) -> None:
-        assert self.session is not None
-        self._in_data = False
-        self._discarding = False
+        assert self.session is not None and self._data is not None
+        reader, self._data = self._data, None
         self.setTimeout(self.limits.idle_timeout)
-        sink, self._sink = self._sink, None
-        error = self._data_error
+        sink = reader.take_sink()
+        error = reader.error
         self.session.reset_transaction()
         if error is not None or sink is None:
             self._run(self._immediate(error or replies.S451_INTERNAL))

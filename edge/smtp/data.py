@@ -1,0 +1,138 @@
+"""The DATA phase of one SMTP transaction: end-of-data, dot-unstuffing and data limits.
+
+`DataReader.feed` takes bytes as they arrive and hands complete, unstuffed lines to the
+transaction's sink. Data ends only at `<CRLF>.<CRLF>`; a bare CR or LF anywhere marks the
+message as refused (it is still read to its real end, so nothing after a bare-LF dot can
+run as a command), as do the size, text-line, header-section and Received-count limits.
+Once refused, nothing more reaches the sink and the sink is aborted. It never holds more
+than one text line of input, and never decides anything but these wire-level rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.logger import Logger
+
+from edge.smtp import replies
+from edge.smtp.replies import Reply
+
+log = Logger()
+
+
+@dataclass
+class Limits:
+    """Sizes and timeouts of one listener; defaults follow the design's limits."""
+
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 512
+    max_text_line: int = 1000
+    max_header_size: int = 1024 * 1024
+    max_received_headers: int = 50
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    handler_timeout: float = 60.0
+    max_errors: int = 20
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+
+
+class MessageSink(Protocol):
+    """Receives one message's data; `finish` makes it durable and returns the 250 reply."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> Awaitable[Reply] | Reply: ...
+
+    def abort(self) -> None: ...
+
+
+class DataReader:
+    def __init__(self, limits: Limits, sink: MessageSink | None) -> None:
+        self.limits = limits
+        self.sink = sink
+        self.error: Reply | None = None
+        self.size = 0
+        self._prev_crlf = True
+        self._discarding = False
+        self._in_headers = True
+        self._header_size = 0
+        self._received = 0
+
+    def feed(self, buf: bytes) -> tuple[bool, bytes]:
+        """Consume `buf`: (True, what follows the end) at the end of data, else (False,
+        the incomplete last line to feed again with more bytes)."""
+        pos = 0
+        limit = self.limits.max_text_line + 2
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                rest = buf[pos:]
+                if len(rest) > limit:
+                    # An over-long line: keep counting its size, but do not hold it.
+                    self.fail(replies.S552_LINE_TOO_LONG)
+                    self._count(len(rest))
+                    self._discarding = True
+                    rest = b""
+                return False, rest
+            line = buf[pos : nl + 1]
+            pos = nl + 1
+            crlf = line.endswith(b"\r\n")
+            if self._discarding:
+                self._discarding = False
+                self._count(len(line))
+                self._prev_crlf = crlf
+                continue
+            if self._prev_crlf and line == b".\r\n":
+                return True, buf[pos:]
+            if not crlf or b"\r" in line[:-2]:
+                self.fail(replies.S550_BARE_NEWLINE)
+            if len(line) > limit:
+                self.fail(replies.S552_LINE_TOO_LONG)
+            if line.startswith(b"."):
+                line = line[1:]
+            if self._in_headers:
+                self._header_line(line)
+            self._prev_crlf = crlf
+            self._count(len(line))
+            if self.error is None and self.sink is not None:
+                self.sink.write(line)
+
+    def _header_line(self, line: bytes) -> None:
+        """Header-section limits: its size and the Received count (loop detection)."""
+        if line in (b"\r\n", b"\n"):
+            self._in_headers = False
+            return
+        self._header_size += len(line)
+        if self._header_size > self.limits.max_header_size:
+            self.fail(replies.S552_HEADER_TOO_BIG)
+        if line[:9].lower() == b"received:":
+            self._received += 1
+            if self._received > self.limits.max_received_headers:
+                self.fail(replies.S554_LOOP)
+
+    def _count(self, n: int) -> None:
+        self.size += n
+        if self.size > self.limits.max_message_size:
+            self.fail(replies.S552_TOO_BIG)
+
+    def fail(self, reply: Reply) -> None:
+        """Refuse the message with `reply` (the first refusal wins) and drop its data."""
+        if self.error is None:
+            self.error = reply
+            self.abort()
+
+    def abort(self) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            try:
+                sink.abort()
+            except Exception:
+                log.failure("smtp: aborting message data failed")
+
+    def take_sink(self) -> MessageSink | None:
+        sink, self.sink = self.sink, None
+        return sink
