@@ -41,7 +41,8 @@ class Process:
     local DNS server.
     """
 
-    def __init__(self, plugin: str, data_dir: Path, config: str) -> None:
+    def __init__(self, plugin: str, data_dir: Path, config: str, *, installed: bool = False) -> None:
+        self.installed = installed  # run the installed package, not the source tree
         self.plugin = plugin
         self.data_dir = data_dir
         self.config_path = data_dir / f"{plugin}.toml"
@@ -58,7 +59,7 @@ class Process:
 
     def start(self, timeout: float = 30.0) -> dict[str, str]:
         self.listening_file.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ) if self.installed else dict(os.environ, PYTHONPATH=str(REPO))
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [

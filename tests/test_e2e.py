@@ -40,7 +40,8 @@ http_listen = "127.0.0.1:0"
 
 @pytest.fixture(scope="module")
 def allinone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, dict[str, str]]]:
-    proc = Process("tailpost", tmp_path_factory.mktemp("aio"), ALL_PORTS_ZERO)
+    # The installed package, as `make run` starts it: a file missing from the package fails here.
+    proc = Process("tailpost", tmp_path_factory.mktemp("aio"), ALL_PORTS_ZERO, installed=True)
     listeners = proc.start()
     yield proc, listeners
     proc.stop()
