@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make run    create the virtual environment, install, start the all-in-one (foreground)
 #   make test   install what the tests need and run them all
-# Optional: make lint, make typecheck, make check (all three).
+# Optional: make lint, make typecheck, make check (all three), make bench (MX benchmark).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck check clean
+.PHONY: run test lint typecheck check clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ typecheck: $(VENV)/.installed
 	$(BIN)/mypy edge connector maildir webapi twistd-plugins/twisted/plugins tests
 
 check: lint typecheck test
+
+# The MX benchmark (bench/smtp_bench.py; results in docs/benchmarks.md). Not a test.
+bench: $(VENV)/.installed
+	scripts/install-test-deps
+	PYTHONPATH=. $(BIN)/python bench/smtp_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

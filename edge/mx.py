@@ -27,7 +27,7 @@ from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
-from edge.spool import Envelope, Spool, SpoolWriter
+from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id
 from edge.store import RecipientTarget
 
 log = Logger()
@@ -162,22 +162,38 @@ class CheckedSink:
 
 
 class DiscardSink:
-    """Counts the data and answers 250 without keeping anything (accept_mode = "discard").
+    """Runs the checks, then answers 250 without keeping anything (accept_mode = "discard").
 
     For measuring the protocol and policy layers alone; never for a real MX, since the
     250 it sends is a lie about durability.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        checks: CheckPipeline | None = None,
+        tx: Transaction | None = None,
+        received: bytes = b"",
+    ) -> None:
+        self.checks = checks
+        self.tx = tx
+        self.received = received
+        self.chunks: list[bytes] = []
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        if self.checks is not None:
+            self.chunks.append(chunk)
 
     def abort(self) -> None:
+        self.chunks = []
         self.size = 0
 
-    def finish(self) -> Reply:
+    async def finish(self) -> Reply:
+        if self.checks is not None and self.tx is not None:
+            message = b"".join(self.chunks)
+            self.chunks = []
+            await self.checks.data(self.tx, message, self.received)
         return replies.S250_OK.with_text("Discarded")
 
 
@@ -254,10 +270,11 @@ class MXHandler:
 
     def data(self, session: Session) -> SpoolSink | CheckedSink | DiscardSink:
         assert session.sender is not None
-        if self.discard:
-            return DiscardSink()
-        writer = self.spool.writer()
         now = self.clock.seconds()
+        if self.discard:
+            received = received_header(session, self.hostname, new_queue_id(), now)
+            return DiscardSink(self.checks, self.tx, received)
+        writer = self.spool.writer()
         received = received_header(session, self.hostname, writer.qid, now)
         envelope = Envelope(
             qid=writer.qid,

@@ -66,7 +66,9 @@ def transact(client: smtplib.SMTP, sender: str, data: bytes) -> tuple[int, bytes
     return client.data(data)
 
 
-def start_mx(in_reactor: Any, dns_server: Any, tmp_path: Path, **checks: Any) -> MX:
+def start_mx(
+    in_reactor: Any, dns_server: Any, tmp_path: Path, discard: bool = False, **checks: Any
+) -> MX:
     reactor = in_reactor.reactor
     config = Config(data_dir=str(tmp_path), hostname=HOST)
     for key, value in checks.items():
@@ -94,6 +96,7 @@ def start_mx(in_reactor: Any, dns_server: Any, tmp_path: Path, **checks: Any) ->
             reactor,
             threads.deferToThread,
             accepted.append,
+            discard=discard,
             checks=pipeline,
             account_of=account_of,
             authserv_id=authserv_id(config),
@@ -264,3 +267,20 @@ def test_dnsbl_listed_client_is_refused_at_connect(
     finally:
         in_reactor(mx.listener.stopListening)  # type: ignore[attr-defined]
         mx.store.close()
+
+
+def test_discard_mode_runs_the_checks_and_keeps_nothing(
+    in_reactor: Any, dns_server: Any, tmp_path: Path
+) -> None:
+    mx = start_mx(in_reactor, dns_server, tmp_path, discard=True)
+    try:
+        mx.store.add_spam_rule("domain", "evil.test")
+        with mx.smtp() as client:
+            code, resp = transact(client, "a@open.test", message("boss@evil.test", "refused"))
+            assert (code, resp[:5]) == (550, b"5.7.1")  # the data-stage rule still ran
+            code, resp = transact(client, "a@open.test", message("a@open.test", "fine"))
+            assert (code, resp) == (250, b"2.0.0 Discarded")
+        assert mx.accepted == [] and mx.spool.queued_ids() == []
+        assert list((tmp_path / "spool" / "queue").iterdir()) == []
+    finally:
+        in_reactor(mx.listener.stopListening)  # type: ignore[attr-defined]

@@ -1,0 +1,263 @@
+"""MX benchmark: the tailpost edge against the SMTP servers one would use instead, in one run.
+
+For each server (aiosmtpd discard sink, Postfix smtp-sink, a private Postfix smtpd accepting
+into its queue, the tailpost edge in discard mode with its checks running, and the edge in
+durable mode with the spool fsync before 250) and each concurrency (1, 10, 50 sessions) it
+sends 4 KB messages with Postfix's smtp-source for the rate, then the same load from a small
+asyncio client for p50/p99 transaction latency. The edge's SMTP protocol layer alone, behind
+a policy that accepts everything, is measured too: the ceiling the edge's policy works under.
+Then it holds 1,000 idle sessions on a fresh durable edge and reads its resident memory. Prints Markdown tables: results, ratios of
+tailpost to each peer, and the targets.
+
+    make bench            # or: PYTHONPATH=. .venv/bin/python bench/smtp_bench.py [--help]
+
+A benchmark, not a test: it asserts nothing, and exits 1 only when a server fails. It only ever
+talks to 127.0.0.1 and stops every process it starts; it needs `postfix` (smtp-source,
+smtp-sink, and root for the private Postfix instance) and skips, with the reason, any peer
+that cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import smtp_load  # noqa: E402
+import smtp_peers  # noqa: E402
+
+
+@dataclass
+class Row:
+    server: str
+    sessions: int
+    messages: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class Report:
+    machine: dict[str, str]
+    size: int
+    rows: list[Row] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    idle_connections: int = 0
+    idle_rss_before: int = 0
+    idle_rss_after: int = 0
+
+    def rate(self, server: str, sessions: int) -> float | None:
+        for row in self.rows:
+            if row.server == server and row.sessions == sessions:
+                return row.rate
+        return None
+
+
+AIOSMTPD = "aiosmtpd sink"
+SMTP_SINK = "postfix smtp-sink"
+POSTFIX_QUEUE = "postfix smtpd -> queue"
+EDGE_DISCARD = "tailpost edge (discard)"
+EDGE_DURABLE = "tailpost edge (durable)"
+PROTOCOL_ONLY = "tailpost SMTP layer only"
+TARGETS = [(EDGE_DISCARD, AIOSMTPD, 1.5), (EDGE_DURABLE, POSTFIX_QUEUE, 1.3)]
+IDLE_TARGET = 100 * 1024 * 1024
+
+
+def servers(
+    workdir: Path, dns_port: int, extra: str
+) -> list[tuple[str, Callable[[], AbstractContextManager[Any]]]]:
+    return [
+        (AIOSMTPD, lambda: smtp_peers.aiosmtpd_sink(workdir)),
+        (SMTP_SINK, lambda: smtp_peers.postfix_smtp_sink(workdir)),
+        (POSTFIX_QUEUE, lambda: smtp_peers.postfix_queue(workdir)),
+        (EDGE_DISCARD, lambda: smtp_peers.tailpost_edge(workdir, "discard", dns_port, extra)),
+        (EDGE_DURABLE, lambda: smtp_peers.tailpost_edge(workdir, "durable", dns_port, extra)),
+        (PROTOCOL_ONLY, lambda: smtp_peers.tailpost_protocol_only(workdir)),
+    ]
+
+
+def messages_for(sessions: int, messages: int) -> int:
+    """At least 20 messages per session, so that connection setup stays a small share."""
+    return max(messages, 20 * sessions)
+
+
+def measure(peer: smtp_peers.Peer, args: argparse.Namespace, report: Report) -> None:
+    smtp_load.smtp_source(peer.port, 5, 100, args.size)  # warm up: imports, caches, processes
+    for sessions in args.sessions:
+        count = messages_for(sessions, args.messages)
+        throughput = smtp_load.smtp_source(peer.port, sessions, count, args.size)
+        latencies = smtp_load.latency_run(peer.port, sessions, args.latency_messages, args.size)
+        row = Row(
+            peer.name,
+            sessions,
+            count,
+            throughput.rate,
+            smtp_load.percentile(latencies, 50) * 1000,
+            smtp_load.percentile(latencies, 99) * 1000,
+        )
+        report.rows.append(row)
+        print(
+            f"  {peer.name:26} {sessions:3} sessions: {row.rate:8.0f} msg/s  "
+            f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms",
+            flush=True,
+        )
+
+
+def measure_idle(workdir: Path, dns_port: int, count: int, report: Report) -> None:
+    smtp_load.raise_fd_limit(count + 256)
+    with smtp_peers.tailpost_edge(workdir / "idle", "durable", dns_port) as peer:
+        assert peer.pid is not None
+        time.sleep(1.0)
+        report.idle_rss_before = smtp_load.rss_bytes(peer.pid)
+        held = smtp_load.hold_idle(peer.port, count)
+        try:
+            time.sleep(2.0)
+            report.idle_rss_after = smtp_load.rss_bytes(peer.pid)
+            report.idle_connections = len(held)
+        finally:
+            smtp_load.close_all(held)
+    mib = report.idle_rss_after / 2**20
+    print(f"  tailpost edge holding {count} idle sessions: {mib:.1f} MiB resident", flush=True)
+
+
+def ratio(report: Report, ours: str, theirs: str, sessions: int) -> float | None:
+    a, b = report.rate(ours, sessions), report.rate(theirs, sessions)
+    return a / b if a is not None and b else None
+
+
+def _times(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.3f}x"
+
+
+def render(report: Report, sessions: list[int]) -> str:
+    out = [
+        f"Messages of {report.size} octets; machine: "
+        + ", ".join(f"{k} {v}" for k, v in report.machine.items()),
+        "",
+    ]
+    out += [
+        "| server | sessions | messages | msg/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.rows:
+        out.append(
+            f"| {r.server} | {r.sessions} | {r.messages} | {r.rate:.0f} | "
+            f"{r.p50_ms:.2f} | {r.p99_ms:.2f} |"
+        )
+    peers = [p for p in (AIOSMTPD, SMTP_SINK, POSTFIX_QUEUE) if p not in report.skipped]
+    out += ["", "Ratios of msg/s (tailpost / peer):", ""]
+    out.append("| tailpost | sessions | " + " | ".join(peers) + " |")
+    out.append("|---|---:|" + "---:|" * len(peers))
+    for ours in (EDGE_DISCARD, EDGE_DURABLE, PROTOCOL_ONLY):
+        for n in sessions:
+            cells = [ratio(report, ours, p, n) for p in peers]
+            text = " | ".join(_times(c) for c in cells)
+            out.append(f"| {ours} | {n} | {text} |")
+    out += ["", "Targets:", ""]
+    for ours, theirs, want in TARGETS:
+        for n in sessions:
+            got = ratio(report, ours, theirs, n)
+            verdict = "n/a" if got is None else ("met" if got >= want else "NOT met")
+            shown = _times(got)
+            out.append(f"- {ours} vs {theirs}, {n} sessions: {shown} (target {want}x): {verdict}")
+    if report.idle_connections:
+        after = report.idle_rss_after / 2**20
+        verdict = "met" if report.idle_rss_after < IDLE_TARGET else "NOT met"
+        out.append(
+            f"- {report.idle_connections} idle sessions: edge resident {after:.1f} MiB "
+            f"(at start {report.idle_rss_before / 2**20:.1f} MiB; target < 100 MiB): {verdict}"
+        )
+    for name, why in report.skipped.items():
+        out.append(f"- skipped {name}: {why}")
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    if keep:
+        yield Path(tempfile.mkdtemp(prefix="tailpost-bench-"))
+        return
+    with tempfile.TemporaryDirectory(prefix="tailpost-bench-") as tmp:
+        yield Path(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
+    parser.add_argument("--messages", type=int, default=2000, help="messages per smtp-source run")
+    parser.add_argument(
+        "--latency-messages", type=int, default=1000, help="messages per latency run"
+    )
+    parser.add_argument("--size", type=int, default=4096, help="message size in octets")
+    parser.add_argument(
+        "--idle", type=int, default=1000, help="idle sessions for the memory figure"
+    )
+    parser.add_argument("--only", default="", help="comma-separated server names to run")
+    parser.add_argument(
+        "--edge-extra",
+        type=Path,
+        help="a TOML fragment appended to the edge's configuration, e.g. [checks] enabled = false",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args(argv)
+    try:
+        args.sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+    if not args.sessions or min(args.sessions) < 1 or args.messages < 1 or args.size < 200:
+        parser.error("sessions and messages must be positive and --size at least 200")
+    if smtp_peers.tool("smtp-source") is None:
+        print("smtp-source is missing: install the Debian package postfix", file=sys.stderr)
+        print(
+            "(scripts/install-test-deps installs it without configuring any mail)", file=sys.stderr
+        )
+        return 2
+    try:
+        extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
+    except OSError as exc:
+        parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    report = Report(machine=smtp_load.machine(), size=args.size)
+    failed = 0
+    smtp_load.raise_fd_limit(4096)
+    with workspace(args.keep) as workdir, smtp_peers.null_dns(workdir) as dns_port:
+        print(f"work directory {workdir}", flush=True)
+        for name, start in servers(workdir, dns_port, extra):
+            if only and not any(o in name for o in only):
+                continue
+            try:
+                with start() as peer:
+                    measure(peer, args, report)
+            except smtp_peers.PeerUnavailable as exc:
+                report.skipped[name] = str(exc)
+                print(f"  {name}: skipped ({exc})", flush=True)
+            except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
+                failed += 1
+                report.skipped[name] = f"FAILED: {exc}"
+                print(f"  {name}: FAILED ({exc}); see the logs with --keep", flush=True)
+        if args.idle and (not only or any(o in "tailpost edge" for o in only)):
+            measure_idle(workdir, dns_port, args.idle, report)
+    print()
+    print(render(report, args.sessions))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(report), indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

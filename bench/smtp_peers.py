@@ -1,0 +1,379 @@
+"""The SMTP servers the MX benchmark measures, each started on 127.0.0.1 in a private directory.
+
+Peers: an aiosmtpd discard sink, Postfix's `smtp-sink`, a private Postfix instance whose
+smtpd accepts into its own queue (its own config and queue directories under the run's
+temporary directory, messages put on hold so nothing is ever delivered), and the tailpost
+edge (`twistd tailpost-edge`) in discard or durable mode, with a null DNS server so its
+checks never query beyond this machine; and, to read the edge's figures against, the edge's
+SMTP protocol layer alone behind a policy that accepts everything. Run as a script
+(`null-dns`, `protocol-only`) it serves one of the last two and prints its port.
+
+Nothing here listens on anything but 127.0.0.1, touches the machine's own mail setup, or
+leaves a process running: every server is stopped by the context that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).parent / "twistd")
+BENCH_DOMAIN = "bench.test"
+BENCH_RCPT = f"rcpt@{BENCH_DOMAIN}"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer cannot run here (missing tool or privileges); the reason says which."""
+
+
+def tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found is None and os.access(f"/usr/sbin/{name}", os.X_OK):
+        found = f"/usr/sbin/{name}"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_smtp(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    """Wait until a 220 greeting comes from 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"no SMTP greeting on 127.0.0.1:{port} within {timeout:g} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class Peer:
+    """A started server: its name, port, and the pid whose memory counts as its own."""
+
+    def __init__(self, name: str, port: int, pid: int | None) -> None:
+        self.name = name
+        self.port = port
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def aiosmtpd_sink(workdir: Path) -> Iterator[Peer]:
+    port = free_port()
+    log = open(workdir / "aiosmtpd.log", "wb")  # noqa: SIM115
+    cmd = [PYTHON, "-m", "aiosmtpd", "-n", "-c", "aiosmtpd.handlers.Sink"]
+    proc = subprocess.Popen([*cmd, "-l", f"127.0.0.1:{port}"], stdout=log, stderr=log)
+    try:
+        wait_smtp(port, proc)
+        yield Peer("aiosmtpd sink", port, proc.pid)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
+    binary = tool("smtp-sink")
+    if binary is None:
+        raise PeerUnavailable("smtp-sink (Debian package postfix) is not installed")
+    port = free_port()
+    cmd = [binary]
+    if os.geteuid() == 0:
+        cmd += ["-u", "nobody"]  # smtp-sink refuses to keep root privileges
+    log = open(workdir / "smtp-sink.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=log, stderr=log)
+    try:
+        wait_smtp(port, proc)
+        yield Peer("postfix smtp-sink", port, proc.pid)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+POSTFIX_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+daemon_directory = {daemons}
+command_directory = {commands}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+mydestination =
+relay_domains =
+local_recipient_maps =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+# Every accepted message goes to the hold queue: stored and fsynced, never delivered.
+smtpd_data_restrictions = check_client_access static:HOLD
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = 200
+message_size_limit = 26214400
+biff = no
+maillog_file = {root}/postfix.log
+maillog_file_prefixes = {root}
+"""
+
+POSTFIX_MASTER = """\
+127.0.0.1:{port} inet n - n - - smtpd
+cleanup   unix n - n - 0 cleanup
+rewrite   unix - - n - - trivial-rewrite
+proxymap  unix - - n - - proxymap
+anvil     unix - - n - 1 anvil
+qmgr      unix n - n 300 1 qmgr
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def _postfix(binary: str, confdir: Path, action: str) -> None:
+    result = subprocess.run(
+        [binary, "-c", str(confdir), action], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"postfix {action} failed: {result.stdout}{result.stderr}")
+
+
+@contextlib.contextmanager
+def postfix_queue(workdir: Path) -> Iterator[Peer]:
+    """A private Postfix instance: its smtpd on a high port, accepting into its own queue."""
+    binary = tool("postfix")
+    if binary is None:
+        raise PeerUnavailable("postfix is not installed")
+    if os.geteuid() != 0:
+        raise PeerUnavailable("a private Postfix instance needs root to start its master")
+    daemons = Path("/usr/lib/postfix/sbin")
+    if not (daemons / "smtpd").exists():
+        raise PeerUnavailable(f"no Postfix daemons in {daemons}")
+    root = workdir / "postfix"
+    confdir = root / "conf"
+    for d in (confdir, root / "queue", root / "data"):
+        d.mkdir(parents=True, exist_ok=True)
+    shutil.chown(root / "data", user="postfix")
+    for d in (workdir, root):
+        d.chmod(0o755)  # the postfix user must reach its queue directory
+    port = free_port()
+    commands = str(Path(binary).parent)
+    (confdir / "main.cf").write_text(
+        POSTFIX_MAIN.format(root=root, daemons=daemons, commands=commands)
+    )
+    (confdir / "master.cf").write_text(POSTFIX_MASTER.format(port=port))
+    _postfix(binary, confdir, "start")
+    try:
+        wait_smtp(port, None)
+        pid_file = root / "queue" / "pid" / "master.pid"
+        pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+        yield Peer("postfix smtpd -> queue", port, pid)
+    finally:
+        try:
+            _postfix(binary, confdir, "stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            _postfix(binary, confdir, "abort")
+
+
+@contextlib.contextmanager
+def null_dns(workdir: Path) -> Iterator[int]:
+    """A DNS server on 127.0.0.1 that answers NXDOMAIN to everything (own process)."""
+    log = open(workdir / "dns.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [PYTHON, str(Path(__file__).resolve()), "null-dns"], stdout=subprocess.PIPE, stderr=log
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError("the null DNS server did not start")
+        yield int(line)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+EDGE_CONFIG = """\
+hostname = "mx.bench.test"
+[edge]
+mx_listen = "127.0.0.1:0"
+control_listen = "127.0.0.1:0"
+accept_mode = "{mode}"
+max_connections = 5000
+max_connections_per_ip = 5000
+retry_schedule = [86400]
+[dns]
+nameservers = ["127.0.0.1"]
+port = {dns_port}
+"""
+
+
+def _seed_store(data_dir: Path) -> None:
+    """The route of the benchmark's recipient: a device that has not connected yet, so mail
+    to it is accepted and waits in the spool (no delivery runs during the measurement)."""
+    sys.path.insert(0, str(REPO))
+    from edge.store import open_store
+
+    (data_dir / "edge").mkdir(parents=True, exist_ok=True)
+    store = open_store(f"sqlite:///{data_dir / 'edge' / 'store.db'}")
+    store.ensure_account()
+    store.create_device("bench", device_id="dev_bench", hostname="device.bench.test")
+    store.create_route(
+        BENCH_DOMAIN,
+        type="byod",
+        connector_id="dev_bench",
+        delivery_mode="split",
+        status="active",
+        setup_stage="active",
+    )
+    store.add_byod_address("rcpt", BENCH_DOMAIN, "dev_bench")
+    dispose = getattr(store, "close", None) or getattr(store, "dispose", None)
+    if dispose is not None:
+        dispose()
+
+
+@contextlib.contextmanager
+def tailpost_edge(workdir: Path, mode: str, dns_port: int, extra: str = "") -> Iterator[Peer]:
+    data = workdir / f"edge-{mode}"
+    data.mkdir(parents=True, exist_ok=True)
+    _seed_store(data)
+    config = data / "edge.toml"
+    config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port) + extra)
+    log = open(data / "edge.log", "wb")  # noqa: SIM115
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [TWISTD, "-n", "--pidfile=", "tailpost-edge", "--config", str(config)]
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data)], cwd=data, stdout=log, stderr=log, env=env
+    )
+    try:
+        listening = data / "run" / "listening.json"
+        deadline = time.monotonic() + 60
+        port = 0
+        while not port:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the edge did not start; see {data / 'edge.log'}")
+            try:
+                info = json.loads(listening.read_text())
+                if info.get("pid") == proc.pid:
+                    port = int(info["listeners"]["mx"].rpartition(":")[2])
+            except (FileNotFoundError, ValueError, KeyError):
+                time.sleep(0.1)
+        wait_smtp(port, proc)
+        yield Peer(f"tailpost edge ({mode})", port, proc.pid)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def tailpost_protocol_only(workdir: Path) -> Iterator[Peer]:
+    """The edge's SMTP server alone, with a policy that accepts everything and keeps nothing:
+    the ceiling of the protocol layer, to read the edge's own figures against."""
+    log = open(workdir / "protocol-only.log", "wb")  # noqa: SIM115
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [PYTHON, str(Path(__file__).resolve()), "protocol-only"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise RuntimeError("the protocol-only server did not start")
+        port = int(line)
+        wait_smtp(port, proc)
+        yield Peer("tailpost SMTP layer only", port, proc.pid)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def _serve_protocol_only() -> None:
+    from twisted.internet import reactor as default_reactor
+
+    from edge.mx import DiscardSink
+    from edge.smtp.server import Limits, SMTPServerFactory
+
+    class AcceptAll:
+        auth_offered = False
+        auth_required = False
+
+        def connect(self, session: Any) -> None:
+            return None
+
+        def authenticate(self, session: Any, username: str, password: str) -> bool:
+            return False
+
+        def mail_from(self, session: Any, sender: Any) -> None:
+            return None
+
+        def rcpt_to(self, session: Any, recipient: Any) -> None:
+            return None
+
+        def data(self, session: Any) -> DiscardSink:
+            return DiscardSink()
+
+    reactor: Any = default_reactor
+    limits = Limits(max_connections=5000, max_connections_per_ip=5000)
+    factory = SMTPServerFactory(AcceptAll, limits, "mx.bench.test", reactor)
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    print(listening.getHost().port, flush=True)
+    reactor.run()
+
+
+def _serve_null_dns() -> None:
+    from twisted.internet import reactor
+    from twisted.names import dns, server
+
+    factory = server.DNSServerFactory(authorities=[])
+    tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = getattr(tcp.getHost(), "port")  # noqa: B009
+    reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")  # type: ignore[attr-defined]
+    print(port, flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["null-dns"]:
+        _serve_null_dns()
+    elif sys.argv[1:] == ["protocol-only"]:
+        sys.path.insert(0, str(REPO))
+        _serve_protocol_only()
+    else:
+        sys.exit("usage: smtp_peers.py null-dns | protocol-only")
