@@ -41,7 +41,9 @@ class Process:
     local DNS server.
     """
 
-    def __init__(self, plugin: str, data_dir: Path, config: str, *, installed: bool = False) -> None:
+    def __init__(
+        self, plugin: str, data_dir: Path, config: str, *, installed: bool = False
+    ) -> None:
         self.installed = installed  # run the installed package, not the source tree
         self.plugin = plugin
         self.data_dir = data_dir
