@@ -211,7 +211,7 @@ def postfix_queue(workdir: Path) -> Iterator[Peer]:
 
 @contextlib.contextmanager
 def null_dns(workdir: Path) -> Iterator[int]:
-    """A DNS server on 127.0.0.1 that answers NXDOMAIN to everything (own process)."""
+    """A DNS server on 127.0.0.1 that has no records for any name (own process)."""
     log = open(workdir / "dns.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [PYTHON, str(Path(__file__).resolve()), "null-dns"], stdout=subprocess.PIPE, stderr=log
@@ -358,10 +358,21 @@ def _serve_protocol_only() -> None:
 
 
 def _serve_null_dns() -> None:
-    from twisted.internet import reactor
+    """Every name exists with no records: NODATA with an SOA (minimum 300 s), as a real
+    authoritative server answers, so resolvers may cache the negative answer (RFC 2308)."""
+    from twisted.internet import defer, reactor
     from twisted.names import dns, server
+    from twisted.names.common import ResolverBase
 
-    factory = server.DNSServerFactory(authorities=[])
+    class NoData(ResolverBase):
+        def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:  # noqa: A002
+            soa = dns.Record_SOA(
+                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=300, ttl=300
+            )
+            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, 300, soa, auth=True)]
+            return defer.succeed(([], authority, []))
+
+    factory = server.DNSServerFactory(authorities=[NoData()])
     tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     port = getattr(tcp.getHost(), "port")  # noqa: B009
     reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")  # type: ignore[attr-defined]

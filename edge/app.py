@@ -27,6 +27,7 @@ from edge.smtp.server import Limits, SMTPServerFactory
 from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
 from edge.store import RecipientTarget, Store, open_store
+from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
 from edge.tls import server_context
 
@@ -80,7 +81,8 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )
-    router = Router(store.resolve_recipient, resolver, config.edge.mx_delivery_port)
+    lookups = CachedLookups(store)
+    router = Router(lookups.resolve_recipient, resolver, config.edge.mx_delivery_port)
     recorder = EventRecorder(DeliveryEvents(store), reactor)
     deliverer = SMTPDeliverer(
         reactor,
@@ -102,15 +104,17 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
-    checks = build_pipeline(config, resolver, reactor, store.list_spam_rules, threads.deferToThread)
+    checks = build_pipeline(
+        config, resolver, reactor, lookups.list_spam_rules, threads.deferToThread
+    )
 
     def account_of(target: RecipientTarget) -> str | None:
-        device = store.get_device(target.device_id) if target.device_id else None
+        device = lookups.get_device(target.device_id) if target.device_id else None
         return device.account_id if device is not None else None
 
     def handler() -> MXHandler:
         return MXHandler(
-            store.resolve_recipient,
+            lookups.resolve_recipient,
             spool,
             hostname,
             reactor,

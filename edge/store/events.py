@@ -55,7 +55,7 @@ class DeliveryEvents:
                     created_at=datetime.fromtimestamp(at, UTC),
                 )
             )
-        with self.store._write() as session:
+        with self.store._write(control=False) as session:
             session.add_all(rows)
 
     def query(

@@ -88,6 +88,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Bumped after every committed control-plane write in this process, so caches of
+        # routes, devices and rules (edge.store.cache) see this process's changes at once.
+        self.generation = 0
 
     def close(self) -> None:
         """Close every pooled connection; the store must not be used afterwards."""
@@ -99,14 +102,18 @@ class Store:
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """A write transaction; integrity errors (a lost race on a unique key) are Conflict."""
+    def _write(self, *, control: bool = True) -> Iterator[Session]:
+        """A write transaction; integrity errors (a lost race on a unique key) are Conflict.
+
+        `control=False` for writes that change no route, device, address or rule (logs)."""
         try:
             with self._sessions() as session, session.begin():
                 session.connection(execution_options={WRITE_OPTION: True})
                 yield session
         except IntegrityError as exc:
             raise Conflict("conflicts with an existing record") from exc
+        if control:
+            self.generation += 1
 
     def _delete(self, table: type[ManagedAddressRow] | type[ByodAddressRow], key: str) -> bool:
         if not _is_key(key):
