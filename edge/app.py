@@ -29,6 +29,7 @@ from edge.spool import Spool
 from edge.store import RecipientTarget, Store, open_store
 from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
+from edge.store.migrate import migrate_in_child
 from edge.tls import server_context
 
 
@@ -75,7 +76,8 @@ class Edge:
 
 
 def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
-    store = open_store(config.store_url)
+    migrate_in_child(config.store_url)
+    store = open_store(config.store_url, migrate=False)
     spool = Spool(config.spool_path)
     hostname = config.fqdn
     resolver = DNSResolver(

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import StaticPool
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported only where a migration runs: a long-running edge migrates in a short
+# child process (edge.store.migrate) and never loads it, which keeps its memory down.
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 WRITE_OPTION = "tailpost_write"
@@ -95,6 +97,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic config for this package's migrations; ``connection`` is used if given."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     if connection is not None:
@@ -104,17 +108,23 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head_revision() -> str | None:
     """The newest migration revision shipped with this package."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade_to_head(engine: Engine) -> None:
     """Apply pending migrations; a database already at head is left untouched."""
+    from alembic import command
+
     head = head_revision()
     if current_revision(engine) == head:
         return

@@ -66,12 +66,15 @@ def _is_key(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and "\x00" not in value
 
 
-def open_store(url: str, *, schema: str | None = None) -> Store:
+def open_store(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
     """Open the database at ``url``, migrate it to head, and return a ``Store`` over it.
 
     ``schema`` (PostgreSQL only) keeps every table in that schema, created if missing.
+    ``migrate=False`` when the migrations already ran (edge.store.migrate in a child).
     """
     engine = make_engine(url, schema=schema)
+    if not migrate:
+        return Store(engine)
     try:
         upgrade_to_head(engine)
     except BaseException:
