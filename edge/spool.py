@@ -2,7 +2,8 @@
 
 Layout under the spool root:
 
-    tmp/<qid>.data          data being received (never acknowledged; removed on start)
+    tmp/<qid>.data          data being received, beyond 64 KiB (never acknowledged; removed
+                            on start); smaller messages wait in memory until committed
     tmp/<batch>.batch.tmp   a batch being written (removed on start)
     queue/<batch>.batch     committed messages: one or more records (envelope + data)
     queue/<batch>.log       append-only state of those messages: recipients finished
@@ -87,16 +88,36 @@ class SpoolEntry:
 
 
 class SpoolWriter:
-    """Receives one message's data into tmp/; `Spool.commit` makes it durable."""
+    """Receives one message's data; `Spool.commit` makes it durable.
+
+    Up to `SPILL_SIZE` octets stay in memory (most mail, and no file to create and remove
+    per message); beyond that the data goes on to `tmp/<qid>.data`, so a large message never
+    sits in memory whole.
+    """
+
+    SPILL_SIZE = 64 * 1024
 
     def __init__(self, spool: Spool, qid: str) -> None:
         self.spool = spool
         self.qid = qid
         self.path = spool.tmp / f"{qid}.data"
         self.size = 0
-        self._fh: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115
+        self._memory: bytearray | None = bytearray()
+        self._fh: BinaryIO | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._memory is None
 
     def write(self, chunk: bytes) -> None:
+        if self._memory is not None:
+            if len(self._memory) + len(chunk) <= self.SPILL_SIZE:
+                self._memory += chunk
+                self.size += len(chunk)
+                return
+            self._fh = open(self.path, "xb")  # noqa: SIM115
+            self._fh.write(self._memory)
+            self._memory = None
         assert self._fh is not None
         self._fh.write(chunk)
         self.size += len(chunk)
@@ -106,9 +127,20 @@ class SpoolWriter:
             self._fh.close()
             self._fh = None
 
+    def copy_into(self, out: BinaryIO) -> None:
+        """Write the received data to `out` (after `close`)."""
+        if self._memory is not None:
+            out.write(self._memory)
+            return
+        with open(self.path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
     def abort(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self._memory is not None:
+            self._memory = bytearray()
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -182,8 +214,7 @@ class Spool:
                     out.write(_RECORD + b"%d %d\n" % (len(env), item.envelope.size))
                     out.write(env)
                     offset = out.tell()
-                    with open(item.writer.path, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
+                    item.writer.copy_into(out)
                     placed.append(SpoolEntry(item.envelope, name, offset, item.envelope.size))
                 out.flush()
                 os.fsync(out.fileno())
@@ -199,7 +230,8 @@ class Spool:
                 pass
             raise
         for item in batch:
-            item.writer.path.unlink(missing_ok=True)
+            if item.writer.spilled:
+                item.writer.path.unlink(missing_ok=True)
         with self._lock:
             for entry in placed:
                 self._entries[entry.envelope.qid] = entry

@@ -195,15 +195,32 @@ def test_commit_writes_data_and_envelope_and_empties_tmp(tmp_path: Path) -> None
     assert again.read(env.qid) == data
 
 
-def test_writer_data_lives_in_tmp_until_commit(tmp_path: Path) -> None:
+def test_writer_keeps_small_data_in_memory_and_spills_large_data_to_tmp(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    writer = spool.writer()
-    writer.write(b"partial")
-    assert names(spool.tmp) == {f"{writer.qid}.data"}
+    small = spool.writer()
+    small.write(b"partial")
+    assert names(spool.tmp) == set() and names(spool.queue) == set()
+    small.abort()
+
+    large = spool.writer()
+    chunk = b"x" * 1000 + b"\r\n"
+    for _ in range(SpoolWriter.SPILL_SIZE // len(chunk) + 2):
+        large.write(chunk)
+    assert large.spilled
+    assert names(spool.tmp) == {f"{large.qid}.data"}
     assert names(spool.queue) == set()
-    writer.abort()
+    large.abort()
     assert names(spool.tmp) == set()
     assert spool.load() == []
+
+
+def test_large_message_is_committed_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    data = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 300
+    env = commit(spool, data)
+    assert names(spool.tmp) == set()
+    assert Spool(tmp_path).load()[0].qid == env.qid
+    assert spool.read(env.qid) == data
 
 
 def test_envelope_json_round_trip() -> None:
