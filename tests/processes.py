@@ -14,6 +14,33 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
 
 
+def allinone_config(
+    *,
+    hostname: str = "mx.tailpost.test",
+    retry: float = 0.5,
+    dns_port: int | None = None,
+    dns_timeout: float = 5.0,
+) -> str:
+    """An all-in-one configuration with every port 0; DNS from `dns_port` on 127.0.0.1, or
+    (None) the session's empty local DNS server, added by `Process`."""
+    config = f"""
+hostname = "{hostname}"
+[edge]
+mx_listen = "127.0.0.1:0"
+control_listen = "127.0.0.1:0"
+retry_schedule = [{retry}]
+[device]
+connector_listen = "127.0.0.1:0"
+imap_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+"""
+    if dns_port is not None:
+        config += (
+            f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\ntimeout = {dns_timeout}\n'
+        )
+    return config
+
+
 _local_dns: list[int] = []
 
 

@@ -13,25 +13,9 @@ import dkim
 import pytest
 
 from maildir.verdict import parse_verdict
-from tests.processes import Process, host_port, wait_for
+from tests.processes import Process, allinone_config, host_port, wait_for
 from tests.test_checks_dkim import rsa_key
 from tests.test_e2e import credentials, find_by_subject, http_get, imap_login
-
-CONFIG = """
-hostname = "mx.tailpost.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-control_listen = "127.0.0.1:0"
-retry_schedule = [0.5]
-[device]
-connector_listen = "127.0.0.1:0"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-[dns]
-nameservers = ["127.0.0.1"]
-port = {port}
-timeout = 2.0
-"""
 
 
 def test_dmarc_reject_refused_and_signed_message_arrives_with_results(
@@ -45,7 +29,9 @@ def test_dmarc_reject_refused_and_signed_message_arrives_with_results(
     z.set("bank.test", "TXT", ["v=spf1 ip4:192.0.2.10 -all"])
     z.set("_dmarc.bank.test", "TXT", ["v=DMARC1; p=reject"])
 
-    proc = Process("tailpost", tmp_path / "aio", CONFIG.format(port=dns_server.port))
+    proc = Process(
+        "tailpost", tmp_path / "aio", allinone_config(dns_port=dns_server.port, dns_timeout=2.0)
+    )
     listeners = proc.start()
     try:
         host, port = host_port(listeners["mx"])

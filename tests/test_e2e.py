@@ -18,6 +18,7 @@ import pytest
 
 from tests.processes import (
     Process,
+    allinone_config,
     edge_and_device,
     host_port,
     maildir_new,
@@ -25,23 +26,11 @@ from tests.processes import (
     wait_for,
 )
 
-ALL_PORTS_ZERO = """
-hostname = "mx.tailpost.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-control_listen = "127.0.0.1:0"
-retry_schedule = [0.5]
-[device]
-connector_listen = "127.0.0.1:0"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-"""
-
 
 @pytest.fixture(scope="module")
 def allinone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, dict[str, str]]]:
     # The installed package, as `make run` starts it: a file missing from the package fails here.
-    proc = Process("tailpost", tmp_path_factory.mktemp("aio"), ALL_PORTS_ZERO, installed=True)
+    proc = Process("tailpost", tmp_path_factory.mktemp("aio"), allinone_config(), installed=True)
     listeners = proc.start()
     yield proc, listeners
     proc.stop()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import Process, host_port, wait_for
-from tests.test_e2e import ALL_PORTS_ZERO, credentials
+from tests.processes import Process, allinone_config, host_port, wait_for
+from tests.test_e2e import credentials
 
 pytestmark = pytest.mark.skipif(shutil.which("mbsync") is None, reason="mbsync is not installed")
 
@@ -30,7 +30,7 @@ def mbsync(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_mbsync_pulls_mail_and_pushes_flags(tmp_path: Path) -> None:
-    proc = Process("tailpost", tmp_path / "aio", ALL_PORTS_ZERO)
+    proc = Process("tailpost", tmp_path / "aio", allinone_config())
     listeners = proc.start()
     try:
         mx_host, mx_port = host_port(listeners["mx"])

@@ -22,22 +22,7 @@ from typing import Any
 import pytest
 
 from tests.dnsserver import LocalDNSServer
-from tests.processes import Process, host_port, wait_for
-
-CONFIG = """
-hostname = "mx.interop.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-control_listen = "127.0.0.1:0"
-retry_schedule = [0.5]
-[device]
-connector_listen = "127.0.0.1:0"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-[dns]
-nameservers = ["127.0.0.1"]
-port = {dns_port}
-"""
+from tests.processes import Process, allinone_config, host_port, wait_for
 
 DEMO = "demo@example.test"
 
@@ -65,7 +50,7 @@ def allinone(
     # The checks' DNS lookups (SPF, DMARC of the sender domains) go to a local server that
     # knows no names: every answer is an immediate NXDOMAIN, and nothing leaves the machine.
     dns_server = in_reactor(LocalDNSServer, in_reactor.reactor)
-    config = CONFIG.format(dns_port=dns_server.port)
+    config = allinone_config(hostname="mx.interop.test", dns_port=dns_server.port)
     proc = Process("tailpost", tmp_path_factory.mktemp("interop"), config)
     try:
         listeners = proc.start()

@@ -18,19 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.processes import Process, host_port, wait_for
+from tests.processes import Process, allinone_config, host_port, wait_for
 
-CONFIG = """
-hostname = "mx.tailpost.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-control_listen = "127.0.0.1:0"
-retry_schedule = [0.5]
-[device]
-connector_listen = "127.0.0.1:0"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-"""
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
 MAIL = "/localapi/v0/mail"
 SENDER = "mallory@spam-sender.test"
@@ -38,7 +27,7 @@ SENDER = "mallory@spam-sender.test"
 
 @pytest.fixture(scope="module")
 def aio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, dict[str, str]]]:
-    proc = Process("tailpost", tmp_path_factory.mktemp("aio-api"), CONFIG)
+    proc = Process("tailpost", tmp_path_factory.mktemp("aio-api"), allinone_config())
     listeners = proc.start()
     yield proc, listeners
     proc.stop()

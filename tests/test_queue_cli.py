@@ -9,19 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.processes import REPO, Process, host_port, wait_for
-
-CONFIG = """
-hostname = "mx.tailpost.test"
-[edge]
-mx_listen = "127.0.0.1:0"
-control_listen = "127.0.0.1:0"
-retry_schedule = [3600]
-[device]
-connector_listen = "127.0.0.1:0"
-imap_listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-"""
+from tests.processes import REPO, Process, allinone_config, host_port, wait_for
 
 
 def tailpost(proc: Process, *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +33,7 @@ def tailpost(proc: Process, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_queue_commands_against_a_running_edge(tmp_path: Path) -> None:
-    proc = Process("tailpost", tmp_path / "aio", CONFIG)
+    proc = Process("tailpost", tmp_path / "aio", allinone_config(retry=3600))
     listeners = proc.start()
     try:
         # Take the device away so mail waits in the queue: disable its mail service.
