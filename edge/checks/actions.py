@@ -17,6 +17,7 @@ from typing import Any
 
 from edge.checks.base import Finding
 from edge.config import ConfigError
+from edge.smtp import replies
 from edge.smtp.replies import Reply
 
 ACTIONS = ("accept", "tag", "junk", "reject", "tempfail")
@@ -57,21 +58,21 @@ DEFAULT_ACTIONS: dict[str, str] = {
     "dnsbl.temperror": "accept",
 }
 
-# Reply of a reject per check (the enhanced codes of RFC 3463 and RFC 7372).
+# Reply of a reject per check; the replies live in the one table of edge.smtp.replies.
 REJECT_REPLIES: dict[str, Reply] = {
-    "spf": Reply(550, "5.7.23", "SPF validation failed"),
-    "dkim": Reply(550, "5.7.20", "No valid DKIM signature"),
-    "dmarc": Reply(550, "5.7.1", "Rejected by the sender domain's DMARC policy"),
-    "arc": Reply(550, "5.7.29", "ARC validation failed"),
-    "message": Reply(550, "5.6.0", "Message format not accepted (more than one From header)"),
-    "rules": Reply(550, "5.7.1", "Sender is blocked by the recipient"),
-    "rspamd": Reply(550, "5.7.1", "Message rejected as spam"),
-    "dnsbl": Reply(554, "5.7.1", "Client host is on a DNS blocklist"),
+    "spf": replies.S550_SPF_FAIL,
+    "dkim": replies.S550_DKIM_FAIL,
+    "dmarc": replies.S550_DMARC_REJECT,
+    "arc": replies.S550_ARC_FAIL,
+    "message": replies.S550_TWO_FROM,
+    "rules": replies.S550_SENDER_BLOCKED,
+    "rspamd": replies.S550_SPAM,
+    "dnsbl": replies.S554_DNSBL,
 }
-REJECT_DEFAULT = Reply(550, "5.7.1", "Message rejected by policy")
-TEMPFAIL_REPLY = Reply(451, "4.7.1", "Temporary policy failure, try again later")
-TEMPFAIL_DNS_REPLY = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
-TIMEOUT_REPLY = Reply(451, "4.4.5", "Timed out checking the message, try again later")
+REJECT_DEFAULT = replies.S550_POLICY
+TEMPFAIL_REPLY = replies.S451_POLICY_TEMP
+TEMPFAIL_DNS_REPLY = replies.S451_DNS_TEMP
+TIMEOUT_REPLY = replies.S451_CHECK_TIMEOUT
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

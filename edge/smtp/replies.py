@@ -68,6 +68,9 @@ S451_INTERNAL = Reply(451, "4.3.0", "Temporary internal error, try again later")
 S451_TIMEOUT = Reply(451, "4.4.5", "Timed out processing the request, try again later")
 S452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 S454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+S451_POLICY_TEMP = Reply(451, "4.7.1", "Temporary policy failure, try again later")
+S451_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
+S451_CHECK_TIMEOUT = Reply(451, "4.4.5", "Timed out checking the message, try again later")
 # 5xx
 S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
@@ -88,6 +91,18 @@ S553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
 S554_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop")
 S554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
 S555_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+
+
+# Refusals by the inbound checks (enhanced codes of RFC 3463 and RFC 7372).
+S550_SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
+S550_DKIM_FAIL = Reply(550, "5.7.20", "No valid DKIM signature")
+S550_DMARC_REJECT = Reply(550, "5.7.1", "Rejected by the sender domain's DMARC policy")
+S550_ARC_FAIL = Reply(550, "5.7.29", "ARC validation failed")
+S550_TWO_FROM = Reply(550, "5.6.0", "Message format not accepted (more than one From header)")
+S550_SENDER_BLOCKED = Reply(550, "5.7.1", "Sender is blocked by the recipient")
+S550_SPAM = Reply(550, "5.7.1", "Message rejected as spam")
+S554_DNSBL = Reply(554, "5.7.1", "Client host is on a DNS blocklist")
+S550_POLICY = Reply(550, "5.7.1", "Message rejected by policy")
 
 
 def all_replies() -> dict[str, Reply]:
