@@ -13,6 +13,7 @@ It never forgets a message while one of its recipients is unfinished.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -83,6 +84,10 @@ class DeliveryQueue:
         self._timers: dict[str, IDelayedCall] = {}
         self._running: set[str] = set()
         self._flushing: set[str] = set()
+        # Per target key: the messages waiting for it, and a heap of (arrival, qid) whose
+        # stale entries (no longer waiting) are dropped when they reach the top.
+        self._waiting: dict[str, set[str]] = {}
+        self._oldest: dict[str, list[tuple[float, str]]] = {}
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -187,7 +192,7 @@ class DeliveryQueue:
             return
         state = self.states.setdefault(qid, MessageState())
         state.next_attempt = None
-        state.waiting_on = set()
+        self._stop_waiting(qid)
         finals: dict[str, str] = {}
         failed: list[RecipientStatus] = []
         temporary: dict[str, RecipientStatus] = {}
@@ -213,7 +218,7 @@ class DeliveryQueue:
                 for rcpt in rcpts:
                     reply = state.last_errors.get(rcpt, "451 4.4.1 older mail to it goes first")
                     temporary[rcpt] = RecipientStatus(rcpt, reply)
-                state.waiting_on.add(target.key)
+                self._wait(qid, target.key)
                 postponed.add(target.key)
                 continue
             data = raw
@@ -238,7 +243,7 @@ class DeliveryQueue:
                     failed.append(status)
                 else:
                     temporary[rcpt] = status
-                    state.waiting_on.add(target.key)
+                    self._wait(qid, target.key)
         for status in failed:
             finals[status.recipient] = f"bounced: {status.reply}"
             self.record_event(qid, status.recipient, "bounced", status.reply)
@@ -271,13 +276,34 @@ class DeliveryQueue:
         await self.run_blocking(self.spool.remove, qid)
         self.forget(qid)
 
+    def _wait(self, qid: str, key: str) -> None:
+        state = self.states.setdefault(qid, MessageState())
+        if key in state.waiting_on:
+            return
+        state.waiting_on.add(key)
+        self._waiting.setdefault(key, set()).add(qid)
+        heapq.heappush(self._oldest.setdefault(key, []), (self.envelopes[qid].received_at, qid))
+
+    def _stop_waiting(self, qid: str) -> None:
+        state = self.states.get(qid)
+        if state is None:
+            return
+        for key in state.waiting_on:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(qid)
+                if not waiting:
+                    del self._waiting[key]
+                    self._oldest.pop(key, None)
+        state.waiting_on = set()
+
     def _older_waiting(self, key: str, qid: str) -> bool:
-        mine = (self.envelopes[qid].received_at, qid)
-        return any(
-            key in st.waiting_on and (self.envelopes[other].received_at, other) < mine
-            for other, st in self.states.items()
-            if other != qid and other in self.envelopes
-        )
+        """Whether a message older than `qid` waits for `key` (amortised O(log n))."""
+        heap = self._oldest.get(key, [])
+        waiting = self._waiting.get(key, set())
+        while heap and heap[0][1] not in waiting:
+            heapq.heappop(heap)
+        return bool(heap) and heap[0] < (self.envelopes[qid].received_at, qid)
 
     def _flush_soon(self, key: str, skip: str | None = None) -> None:
         """Deliver what waits for `key`, oldest first, one after another."""
@@ -295,29 +321,34 @@ class DeliveryQueue:
 
     async def _flush(self, key: str, skip: str | None) -> None:
         while not self._stopped:
-            waiting = [
-                qid
-                for qid, st in self.states.items()
-                if key in st.waiting_on
-                and qid != skip
-                and qid in self.envelopes
-                and qid not in self._running
-                and not self.spool.entry(qid).held
-            ]
-            if not waiting:
-                return
-            qid = min(waiting, key=lambda q: (self.envelopes[q].received_at, q))
-            self.unschedule(qid)
-            self._running.add(qid)
-            try:
-                await self._attempt(qid, in_order=True)
-            except Exception:
-                self._attempt_failed(Failure(), qid)
-            finally:
-                self._running.discard(qid)
-            state = self.states.get(qid)
-            if state is not None and key in state.waiting_on:
-                return  # still not taking mail: the retry timers carry on
+            turn = sorted(
+                (self.envelopes[qid].received_at, qid)
+                for qid in self._waiting.get(key, ())
+                if qid != skip and qid in self.envelopes
+            )
+            progressed = False
+            for _arrival, qid in turn:
+                if self._stopped:
+                    return
+                state = self.states.get(qid)
+                if state is None or key not in state.waiting_on or qid in self._running:
+                    continue
+                if self.spool.entry(qid).held:
+                    continue
+                self.unschedule(qid)
+                self._running.add(qid)
+                try:
+                    await self._attempt(qid, in_order=True)
+                except Exception:
+                    self._attempt_failed(Failure(), qid)
+                finally:
+                    self._running.discard(qid)
+                state = self.states.get(qid)
+                if state is not None and key in state.waiting_on:
+                    return  # still not taking mail: the retry timers carry on
+                progressed = True
+            if not progressed:
+                return  # what is left is held, running or skipped
 
     async def report(
         self, env: Envelope, raw: bytes, statuses: list[RecipientStatus], action: str
@@ -342,5 +373,6 @@ class DeliveryQueue:
 
     def forget(self, qid: str) -> None:
         self.unschedule(qid)
+        self._stop_waiting(qid)
         self.envelopes.pop(qid, None)
         self.states.pop(qid, None)
