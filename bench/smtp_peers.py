@@ -233,6 +233,7 @@ hostname = "mx.bench.test"
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
 accept_mode = "{mode}"
+mx_processes = {processes}
 max_connections = 5000
 max_connections_per_ip = 5000
 retry_schedule = [86400]
@@ -267,12 +268,14 @@ def _seed_store(data_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def tailpost_edge(workdir: Path, mode: str, dns_port: int, extra: str = "") -> Iterator[Peer]:
+def tailpost_edge(
+    workdir: Path, mode: str, dns_port: int, extra: str = "", processes: int = 1
+) -> Iterator[Peer]:
     data = workdir / f"edge-{mode}"
     data.mkdir(parents=True, exist_ok=True)
     _seed_store(data)
     config = data / "edge.toml"
-    config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port) + extra)
+    config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port, processes=processes) + extra)
     log = open(data / "edge.log", "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [TWISTD, "-n", "--pidfile=", "tailpost-edge", "--config", str(config)]

@@ -10,53 +10,47 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import threads
+from twisted.internet import defer
 
-from edge.checks import authserv_id, build_pipeline
+from edge.acceptor import AcceptorPool
 from edge.config import Config
 from edge.control import Control, build_control
 from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
 from edge.eventlog import EventRecorder
-from edge.mx import MXHandler
+from edge.mxbuild import build_mx_factory
 from edge.queueops import QueueControl
 from edge.routing import Router
 from edge.service import TCPListener
-from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
-from edge.smtp.server import Limits, SMTPServerFactory
 from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
-from edge.store import RecipientTarget, Store, open_store
+from edge.store import Store, open_store
 from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
 from edge.store.migrate import migrate_in_child
 from edge.tls import server_context
 
 
-def smtp_limits(config: Config) -> Limits:
-    e = config.edge
-    return Limits(
-        max_message_size=e.max_message_size,
-        max_recipients=e.max_recipients,
-        max_line_length=e.max_line_length,
-        idle_timeout=e.idle_timeout,
-        data_timeout=e.data_timeout,
-        max_connections=e.max_connections,
-        max_connections_per_ip=e.max_connections_per_ip,
-        max_errors=e.max_errors,
-        max_header_size=e.max_header_size,
-        max_received_headers=e.max_received_headers,
-    )
-
-
 class QueueService(Service):
     def __init__(self, queue: DeliveryQueue) -> None:
         self.setName("delivery-queue")
         self.queue = queue
+        self.loaded: defer.Deferred[None] = defer.succeed(None)
 
     def startService(self) -> None:
         super().startService()
-        self.queue.start()
+        self.loaded = self.queue.start()
+
+    def when_loaded(self) -> defer.Deferred[None]:
+        """A Deferred that fires once the spool is recovered (after `startService`)."""
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self.loaded.addBoth(fire)
+        return d
 
     def stopService(self) -> Any:
         super().stopService()
@@ -106,40 +100,27 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
-    checks = build_pipeline(
-        config, resolver, reactor, lookups.list_spam_rules, threads.deferToThread
-    )
-
-    def account_of(target: RecipientTarget) -> str | None:
-        device = lookups.get_device(target.device_id) if target.device_id else None
-        return device.account_id if device is not None else None
-
-    def handler() -> MXHandler:
-        return MXHandler(
-            lookups.resolve_recipient,
-            spool,
-            hostname,
-            reactor,
-            threads.deferToThread,
-            queue.enqueue,
-            discard=config.edge.accept_mode == "discard",
-            checks=checks,
-            account_of=account_of,
-            authserv_id=authserv_id(config),
-        )
-
-    factory = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    factory = build_mx_factory(config, reactor, lookups, spool, resolver, queue.enqueue, tls)
     service = MultiService()
     service.setName("edge")
     recorder.setServiceParent(service)
     DelivererService(deliverer).setServiceParent(service)  # stops after the queue
-    QueueService(queue).setServiceParent(service)
-    mx_factory: Any = factory
-    if config.edge.mx_proxy_protocol:
-        trusted = trusted_networks(config.edge.mx_proxy_trusted)
-        mx_factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)
-    mx = TCPListener("mx", config.edge.mx_listen, mx_factory, reactor)
+    queue_service = QueueService(queue)
+    queue_service.setServiceParent(service)
+    workers = config.edge.mx_processes
+    mx = TCPListener("mx", config.edge.mx_listen, factory, reactor, reuse_port=workers > 1)
     mx.setServiceParent(service)
+    if workers > 1:
+        AcceptorPool(
+            config,
+            reactor,
+            mx,
+            spool,
+            queue.enqueue,
+            workers - 1,
+            tls_files,
+            after=queue_service.when_loaded,
+        ).setServiceParent(service)
     control = build_control(
         config,
         store,

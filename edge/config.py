@@ -8,9 +8,10 @@ creates files.
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class EdgeConfig:
     max_header_size: int = 1024 * 1024
     max_received_headers: int = 50
     accept_mode: str = "durable"
+    mx_processes: int = 1
     retry_schedule: list[float] = field(
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
     )
@@ -183,6 +185,18 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
         setattr(target, key, value)
 
 
+def config_to_json(config: Config) -> str:
+    """The whole configuration as JSON, for a child process (`config_from_json`)."""
+    return json.dumps(asdict(config))
+
+
+def config_from_json(text: str) -> Config:
+    """The configuration a parent process handed over with `config_to_json`."""
+    config = Config()
+    _apply(config, json.loads(text), "")
+    return config
+
+
 def load_config(path: str | Path | None = None, *, data_dir: str | None = None) -> Config:
     """Read `path` (or nothing: the embedded defaults) and apply a `--data-dir` override."""
     config = Config()
@@ -222,6 +236,8 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             ) from exc
     if config.edge.mx_proxy_timeout <= 0:
         raise ConfigError("edge.mx_proxy_timeout must be positive")
+    if not 1 <= config.edge.mx_processes <= 64:
+        raise ConfigError("edge.mx_processes must be between 1 and 64")
     if config.edge.delivery_connections <= 0:
         raise ConfigError("edge.delivery_connections must be positive")
     if not config.edge.retry_schedule:

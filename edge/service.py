@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,44 @@ from edge.config import parse_listen
 
 
 class TCPListener(Service):
-    """Listens on `host:port` (port 0: any free port) when started."""
+    """Listens on `host:port` (port 0: any free port) when started.
 
-    def __init__(self, name: str, listen: str, factory: Any, reactor: Any) -> None:
+    With `reuse_port`, the socket is bound with SO_REUSEPORT, so that other processes of
+    the same user can bind the same port and the kernel spreads new connections over them.
+    """
+
+    def __init__(
+        self, name: str, listen: str, factory: Any, reactor: Any, *, reuse_port: bool = False
+    ) -> None:
         self.setName(name)
         self.host, self.port = parse_listen(listen)
         self.factory = factory
         self.reactor = reactor
+        self.reuse_port = reuse_port
         self.listening: IListeningPort | None = None
 
     def startService(self) -> None:
         super().startService()
-        self.listening = self.reactor.listenTCP(self.port, self.factory, interface=self.host)
+        if self.reuse_port:
+            self.listening = self._listen_reusing_port()
+        else:
+            self.listening = self.reactor.listenTCP(self.port, self.factory, interface=self.host)
         bound: Any = self.listening.getHost()
         self.port = bound.port
+
+    def _listen_reusing_port(self) -> IListeningPort:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+            sock.setblocking(False)
+            port: IListeningPort = self.reactor.adoptStreamPort(sock.fileno(), family, self.factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate of the descriptor
+        return port
 
     def stopService(self) -> Any:
         super().stopService()

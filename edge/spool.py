@@ -26,6 +26,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,6 +86,24 @@ class SpoolEntry:
     @property
     def pending(self) -> list[str]:
         return [r for r in self.envelope.recipients if r not in self.outcomes]
+
+    def to_record(self) -> dict[str, Any]:
+        """A just-committed entry as a JSON-able record (`from_record`)."""
+        return {
+            "envelope": asdict(self.envelope),
+            "batch": self.batch,
+            "offset": self.offset,
+            "length": self.length,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SpoolEntry:
+        return cls(
+            Envelope(**record["envelope"]),
+            str(record["batch"]),
+            int(record["offset"]),
+            int(record["length"]),
+        )
 
 
 class SpoolWriter:
@@ -152,8 +171,24 @@ class _Pending:
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    """The spool of one edge.
+
+    `on_commit`, when given, is called with each batch's name and entries once the batch
+    is durable and before any of its commits returns. An acceptor process (`edge.acceptor`)
+    uses it to hand its batches to the process that delivers them, and keeps no index of its
+    own (`index=False`); that process takes them in with `adopt`.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        on_commit: Callable[[str, list[SpoolEntry]], None] | None = None,
+        index: bool = True,
+    ) -> None:
         self.root = Path(root)
+        self.on_commit = on_commit
+        self.index = index
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
         for d in (self.root, self.tmp, self.queue):
@@ -220,6 +255,9 @@ class Spool:
                 os.fsync(out.fileno())
             os.rename(tmp_path, final_path)
             _fsync_dir(self.queue)
+            if self.on_commit is not None:
+                # Handed over, or undone: a batch nobody delivers must not stay behind.
+                self.on_commit(name, placed)
         except BaseException:
             # Nothing of a failed batch may stay: none of its messages was acknowledged.
             tmp_path.unlink(missing_ok=True)
@@ -233,11 +271,20 @@ class Spool:
             if item.writer.spilled:
                 item.writer.path.unlink(missing_ok=True)
         with self._lock:
-            for entry in placed:
-                self._entries[entry.envelope.qid] = entry
-            self._live[name] = {e.envelope.qid for e in placed}
+            if self.index:
+                self._register(name, placed)
             self.batches_written += 1
             self.messages_committed += len(placed)
+
+    def _register(self, name: str, placed: list[SpoolEntry]) -> None:
+        for entry in placed:
+            self._entries[entry.envelope.qid] = entry
+        self._live.setdefault(name, set()).update(e.envelope.qid for e in placed)
+
+    def adopt(self, name: str, placed: list[SpoolEntry]) -> None:
+        """Take in a batch another process of this edge committed into this spool."""
+        with self._lock:
+            self._register(name, placed)
 
     # -- recovery ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ def allinone_config(
     retry: float = 0.5,
     dns_port: int | None = None,
     dns_timeout: float = 5.0,
+    mx_processes: int = 1,
 ) -> str:
     """An all-in-one configuration with every port 0; DNS from `dns_port` on 127.0.0.1, or
     (None) the session's empty local DNS server, added by `Process`."""
@@ -29,6 +30,7 @@ hostname = "{hostname}"
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
 retry_schedule = [{retry}]
+mx_processes = {mx_processes}
 [device]
 connector_listen = "127.0.0.1:0"
 imap_listen = "127.0.0.1:0"

@@ -1,0 +1,78 @@
+"""The MX listener's factory: the SMTP server, its session policy, the checks and the spool.
+
+Built the same way in the edge process and in each acceptor process (`edge.acceptor`), from
+the parts passed in. Nothing here listens or starts anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import threads
+
+from edge.checks import authserv_id, build_pipeline
+from edge.config import Config
+from edge.dns import DNSResolver
+from edge.mx import MXHandler
+from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
+from edge.smtp.server import Limits, SMTPServerFactory
+from edge.spool import Envelope, Spool
+from edge.store import RecipientTarget
+from edge.store.cache import CachedLookups
+
+
+def smtp_limits(config: Config) -> Limits:
+    e = config.edge
+    return Limits(
+        max_message_size=e.max_message_size,
+        max_recipients=e.max_recipients,
+        max_line_length=e.max_line_length,
+        idle_timeout=e.idle_timeout,
+        data_timeout=e.data_timeout,
+        max_connections=e.max_connections,
+        max_connections_per_ip=e.max_connections_per_ip,
+        max_errors=e.max_errors,
+        max_header_size=e.max_header_size,
+        max_received_headers=e.max_received_headers,
+    )
+
+
+def build_mx_factory(
+    config: Config,
+    reactor: Any,
+    lookups: CachedLookups,
+    spool: Spool,
+    resolver: DNSResolver,
+    accepted: Callable[[Envelope], None],
+    tls: Any = None,
+) -> Any:
+    """The protocol factory of the MX listener (behind the PROXY protocol when configured)."""
+    hostname = config.fqdn
+    checks = build_pipeline(
+        config, resolver, reactor, lookups.list_spam_rules, threads.deferToThread
+    )
+
+    def account_of(target: RecipientTarget) -> str | None:
+        device = lookups.get_device(target.device_id) if target.device_id else None
+        return device.account_id if device is not None else None
+
+    def handler() -> MXHandler:
+        return MXHandler(
+            lookups.resolve_recipient,
+            spool,
+            hostname,
+            reactor,
+            threads.deferToThread,
+            accepted,
+            discard=config.edge.accept_mode == "discard",
+            checks=checks,
+            account_of=account_of,
+            authserv_id=authserv_id(config),
+        )
+
+    factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    if config.edge.mx_proxy_protocol:
+        trusted = trusted_networks(config.edge.mx_proxy_trusted)
+        factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)
+    return factory

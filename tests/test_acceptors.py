@@ -1,0 +1,183 @@
+"""Acceptor processes (`edge.mx_processes`): more MX listeners on one port, one spool.
+
+With two processes, the kernel spreads connections over both, every message lands exactly
+once, an acceptor that dies is started again, and messages an acceptor accepted survive a
+SIGKILL of the whole edge. The hand-over itself is checked on the spool: a batch that cannot
+be handed over is undone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.config import Config, config_from_json, config_to_json
+from edge.spool import Envelope, Spool
+from tests.processes import Process, allinone_config, host_port, wait_for
+from tests.test_interop import SMTP_SOURCE, edge_queue_id, needs_smtp_source, with_subject
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and b"edge.acceptor" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def tcp_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+@pytest.fixture
+def two_processes(tmp_path: Path) -> Iterator[tuple[Process, str, int]]:
+    proc = Process(
+        "tailpost", tmp_path, allinone_config(hostname="mx.interop.test", mx_processes=2)
+    )
+    try:
+        host, port = host_port(proc.start()["mx"])
+        assert proc.proc is not None
+        main_pid = proc.proc.pid
+        assert wait_for(lambda: "acceptor 1 is listening" in proc.log() or None, timeout=30)
+        assert len(children(main_pid)) == 1
+        yield proc, host, port
+    finally:
+        proc.stop()
+
+
+def send(host: str, port: int, subject: str) -> None:
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.sendmail(
+            "someone@sender.test",
+            ["demo@example.test"],
+            f"From: someone@sender.test\r\nSubject: {subject}\r\n\r\nhello\r\n",
+        )
+
+
+def test_connections_are_spread_over_both_processes(
+    two_processes: tuple[Process, str, int],
+) -> None:
+    proc, host, port = two_processes
+    assert proc.proc is not None
+    main_pid = proc.proc.pid
+    [child] = children(main_pid)
+    before = {main_pid: tcp_sockets(main_pid), child: tcp_sockets(child)}
+    held = []
+    try:
+        for _ in range(24):
+            conn = socket.create_connection((host, port), timeout=10)
+            assert conn.recv(512).startswith(b"220 ")
+            held.append(conn)
+        after = {pid: tcp_sockets(pid) for pid in before}
+    finally:
+        for conn in held:
+            conn.close()
+    gained = {pid: after[pid] - before[pid] for pid in before}
+    assert sum(gained.values()) >= 24
+    assert gained[main_pid] > 0 and gained[child] > 0, gained
+
+
+@needs_smtp_source
+def test_every_message_lands_once_and_survives_a_kill_of_the_edge(
+    two_processes: tuple[Process, str, int],
+) -> None:
+    proc, host, port = two_processes
+    assert SMTP_SOURCE is not None
+    subject = "two processes"
+    result = subprocess.run(
+        [SMTP_SOURCE, "-d", "-s", "20", "-m", "400", "-l", "2048"]
+        + ["-f", "source@sender.test", "-t", "demo@example.test", "-M", "client.sender.test"]
+        + ["-S", subject, f"{host}:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr + result.stdout
+    # Everything was answered 250; kill the edge at once, whatever is still queued.
+    proc.kill()
+    proc.start()
+    assert wait_for(lambda: len(with_subject(proc, subject)) >= 400 or None, timeout=90)
+    messages = with_subject(proc, subject)
+    assert len(messages) == 400
+    assert len({edge_queue_id(raw) for raw in messages}) == 400
+
+
+def test_an_acceptor_that_dies_is_started_again(two_processes: tuple[Process, str, int]) -> None:
+    proc, host, port = two_processes
+    assert proc.proc is not None
+    main_pid = proc.proc.pid
+    [child] = children(main_pid)
+    os.kill(child, signal.SIGKILL)
+    replaced = wait_for(lambda: [c for c in children(main_pid) if c != child] or None, timeout=40)
+    assert replaced
+    for n in range(6):
+        send(host, port, f"after restart {n}")
+    for n in range(6):
+        assert wait_for(lambda n=n: with_subject(proc, f"after restart {n}") or None, timeout=30)
+    assert "acceptor 1 exited" in proc.log()
+
+
+def test_a_batch_that_cannot_be_handed_over_is_undone(tmp_path: Path) -> None:
+    def refuse(batch: str, entries: Any) -> None:
+        raise BrokenPipeError("the edge process is gone")
+
+    spool = Spool(tmp_path, on_commit=refuse, index=False)
+    writer = spool.writer()
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    envelope = Envelope(writer.qid, "a@b.test", ["c@d.test"], 0.0)
+    with pytest.raises(BrokenPipeError):
+        spool.commit(writer, envelope)
+    assert list((tmp_path / "queue").iterdir()) == []
+    assert Spool(tmp_path).load() == []
+
+
+def test_a_handed_over_batch_is_delivered_from_the_edges_index(tmp_path: Path) -> None:
+    handed: list[tuple[str, list[Any]]] = []
+    acceptor = Spool(tmp_path, on_commit=lambda b, e: handed.append((b, e)), index=False)
+    edge = Spool(tmp_path)
+    writer = acceptor.writer()
+    writer.write(b"Subject: y\r\n\r\nbody\r\n")
+    envelope = Envelope(writer.qid, "a@b.test", ["c@d.test", "e@d.test"], 0.0)
+    acceptor.commit(writer, envelope)
+    assert acceptor.queued_ids() == []  # the acceptor keeps no index of its own
+    [(batch, entries)] = handed
+    records = [e.to_record() for e in entries]
+    from edge.spool import SpoolEntry
+
+    edge.adopt(batch, [SpoolEntry.from_record(r) for r in records])
+    assert edge.read(envelope.qid) == b"Subject: y\r\n\r\nbody\r\n"
+    edge.mark_finished(envelope.qid, {"c@d.test": "delivered", "e@d.test": "delivered"})
+    edge.remove(envelope.qid)
+    assert not (tmp_path / "queue" / f"{batch}.batch").exists()
+
+
+def test_the_configuration_reaches_an_acceptor_whole() -> None:
+    config = Config()
+    config.edge.mx_processes = 3
+    config.edge.retry_schedule = [5.0, 10.0]
+    config.checks.actions = {"spf.fail": "reject"}
+    assert config_from_json(config_to_json(config)) == config
