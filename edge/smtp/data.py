@@ -10,6 +10,8 @@ than one text line of input, and never decides anything but these wire-level rul
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +52,12 @@ class MessageSink(Protocol):
     def abort(self) -> None: ...
 
 
+@functools.cache
+def _long_line(limit: int) -> re.Pattern[bytes]:
+    """Matches a text line of `limit` octets or more before its LF (CR included)."""
+    return re.compile(rb"[^\n]{%d}" % limit)
+
+
 class DataReader:
     def __init__(self, limits: Limits, sink: MessageSink | None) -> None:
         self.limits = limits
@@ -68,6 +76,10 @@ class DataReader:
         pos = 0
         limit = self.limits.max_text_line + 2
         while True:
+            if not self._in_headers and self._prev_crlf and not self._discarding:
+                done, pos = self._body(buf, pos, limit)
+                if done:
+                    return True, buf[pos:]
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 rest = buf[pos:]
@@ -100,6 +112,36 @@ class DataReader:
             self._count(len(line))
             if self.error is None and self.sink is not None:
                 self.sink.write(line)
+
+    def _body(self, buf: bytes, pos: int, limit: int) -> tuple[bool, int]:
+        """The body's complete lines from `pos` at once, by the same rules as line by line
+        (the header section is read line by line): (True, just past the end of data) or
+        (False, where the incomplete last line starts)."""
+        if buf.startswith(b".\r\n", pos):
+            return True, pos + 3
+        end = buf.find(b"\r\n.\r\n", pos)
+        if end >= 0:
+            stop = end + 2
+        else:
+            stop = buf.rfind(b"\n", pos) + 1
+            if stop <= pos:
+                return False, pos
+        region = buf[pos:stop]
+        crlf = region.count(b"\r\n")
+        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+            self.fail(replies.S550_BARE_NEWLINE)
+        if len(region) >= limit and _long_line(limit).search(region):
+            self.fail(replies.S552_LINE_TOO_LONG)
+        if region.startswith(b"."):
+            region = region[1:]
+        region = region.replace(b"\n.", b"\n")
+        self._prev_crlf = region.endswith(b"\r\n")
+        self._count(len(region))
+        if self.error is None and self.sink is not None:
+            self.sink.write(region)
+        if end >= 0:
+            return True, stop + 3
+        return False, stop
 
     def _header_line(self, line: bytes) -> None:
         """Header-section limits: its size and the Received count (loop detection)."""
