@@ -29,6 +29,7 @@ from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
+from edge.smtp.sendnow import send_now
 
 log = Logger()
 
@@ -162,7 +163,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def _send(self, reply: Reply) -> None:
         if self.transport is None or (self._closed and reply.code not in (221, 421, 554)):
             return
-        self.transport.writeSequence(reply.lines())
+        send_now(self.transport, b"".join(reply.lines()))
 
     # -- input ---------------------------------------------------------------------------
 
