@@ -236,6 +236,26 @@ class Spool:
         if error is not None:
             raise error
 
+    def commit_batch(self, items: list[tuple[SpoolWriter, Envelope]]) -> None:
+        """Make these messages durable as one batch (for `edge.committer`, which gathers
+        them without a thread waiting per message). Blocking; never alongside `commit`'s
+        own batches."""
+        batch = []
+        for writer, envelope in items:
+            writer.close()
+            envelope.size = writer.size
+            batch.append(_Pending(writer, envelope))
+        with self._commit_cv:
+            while self._writing:
+                self._commit_cv.wait()
+            self._writing = True
+        try:
+            self._write_batch(batch)
+        finally:
+            with self._commit_cv:
+                self._writing = False
+                self._commit_cv.notify_all()
+
     def _write_batch(self, batch: list[_Pending]) -> None:
         name = f"B{batch[0].envelope.qid}"
         tmp_path = self.tmp / f"{name}.batch.tmp"

@@ -1,0 +1,63 @@
+"""Group commit driven from the reactor: no thread waits per message.
+
+`Committer.commit` queues a received message and returns a Deferred that fires once the
+message is durable. One batch is written at a time, in the committer's own thread, holding
+every message that was waiting when it started; messages that arrive meanwhile form the
+next batch. So under load one fsync (and one rename and one directory fsync) covers many
+messages, and no pool thread sits blocked waiting for its turn, which would starve the
+store lookups and delivery work that share the reactor's pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from edge.spool import Envelope, Spool, SpoolWriter
+
+
+class Committer:
+    def __init__(self, spool: Spool, reactor: Any) -> None:
+        self.spool = spool
+        self.reactor = reactor
+        self._waiting: list[tuple[SpoolWriter, Envelope, defer.Deferred[None]]] = []
+        self._busy = False
+        self._pool: ThreadPool | None = None
+        self.batches = 0
+
+    def commit(self, writer: SpoolWriter, envelope: Envelope) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((writer, envelope, d))
+        self._next()
+        return d
+
+    def _thread_pool(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="spool-commit")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return self._pool
+
+    def _next(self) -> None:
+        if self._busy or not self._waiting:
+            return
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        self.batches += 1
+        items = [(writer, envelope) for writer, envelope, _ in batch]
+        d = deferToThreadPool(self.reactor, self._thread_pool(), self.spool.commit_batch, items)
+
+        def done(result: Any) -> None:
+            self._busy = False
+            for _, _, waiter in batch:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            self._next()
+
+        d.addBoth(done)
