@@ -13,6 +13,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 
 from edge.acceptor import AcceptorPool
+from edge.checks import sealer_for
 from edge.config import Config
 from edge.control import Control, build_control
 from edge.delivery import DeliveryQueue
@@ -85,6 +86,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         hostname,
         config.edge.delivery_timeout,
         max_connections=config.edge.delivery_connections,
+        sealer=sealer_for(config),
     )
     queue = DeliveryQueue(
         spool,

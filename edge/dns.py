@@ -2,9 +2,12 @@
 
 Every check and every lookup (SPF, DKIM, DMARC, MX, blocklists, domain scans) goes through
 a `DNSResolver` passed in at construction; nothing builds its own resolver. Answers are
-cached for their TTL. The `lookup` family is blocking and meant for code already running in
-a worker thread (dkimpy and pyspf call their DNS functions synchronously); `lookup_async`
-runs a lookup in the resolver's own bounded thread pool and never blocks the reactor.
+cached for their TTL. The `lookup` family is blocking (dkimpy and pyspf call their DNS
+functions synchronously). `run_cached` runs such DNS-bound work in the calling (reactor)
+thread when every lookup it makes is answered from the cache, and again in the resolver's
+own bounded thread pool (`run_async`) as soon as one would need the network; so CPU work on
+cached data runs inline, and nothing that may wait on the network ever blocks the reactor.
+`lookup_async` is the same for one lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from twisted.python.threadpool import ThreadPool
 
 class DNSTemporaryError(Exception):
     """A lookup that may succeed later: timeout, SERVFAIL, no nameserver answering."""
+
+
+class NotCached(Exception):
+    """A lookup under `run_cached` that the cache cannot answer (it would need the network).
+
+    Internal: `run_cached` catches it and runs the work again in the worker pool. It is
+    also noticed when the code in between swallows it (pyspf has bare `except:` clauses).
+    """
 
 
 @dataclass(frozen=True)
@@ -83,9 +94,13 @@ class DNSResolver:
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._max_threads = max_threads
+        self._local = threading.local()  # .cache_only / .missed, per thread, for run_cached
 
     def lookup(self, name: str, rdtype: str) -> Answer:
-        """Blocking lookup (run it off the reactor thread). Raises DNSTemporaryError."""
+        """Blocking lookup (run it off the reactor thread). Raises DNSTemporaryError.
+
+        Under `run_cached` (cache-only mode in this thread) a lookup the cache cannot
+        answer raises NotCached instead of querying."""
         rdtype = rdtype.upper()
         key = (name.lower().rstrip("."), rdtype)
         now = self.clock()
@@ -93,6 +108,10 @@ class DNSResolver:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now:
                 return hit[1]
+        local = self._local
+        if getattr(local, "cache_only", False):
+            local.missed = True
+            raise NotCached(f"{rdtype} {key[0]}")
         answer = self._query(key[0], rdtype)
         ttl = min(max(answer.ttl, self.min_ttl), self.max_ttl)
         if ttl > 0:
@@ -133,8 +152,36 @@ class DNSResolver:
         return [*self.lookup(name, "A").records, *self.lookup(name, "AAAA").records]
 
     def lookup_async(self, name: str, rdtype: str) -> defer.Deferred[Answer]:
-        """The same lookup in the resolver's bounded thread pool, as a Deferred."""
-        return self.run_async(self.lookup, name, rdtype)
+        """The same lookup as a Deferred: from the cache at once, else in the thread pool."""
+        return self.run_cached(self.lookup, name, rdtype)
+
+    def run_cached(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        """Run DNS-bound work here in the calling thread if the cache answers all its lookups.
+
+        `fn` runs at once in cache-only mode: a `lookup` the cache cannot answer raises
+        NotCached. If one did (even if `fn` swallowed it), `fn` runs again from the start
+        in the worker pool (`run_async`), where lookups may query; so `fn` must be free of
+        side effects before its lookups. Use it for work that is cheap once the answers are
+        cached (no big message bodies to hash): it must never stall the calling thread.
+        """
+        local = self._local
+        if getattr(local, "cache_only", False):  # nested: the outer call decides
+            return defer.execute(fn, *args, **kwargs)
+        local.cache_only = True
+        local.missed = False
+        try:
+            result = fn(*args, **kwargs)
+        except NotCached:
+            local.missed = True
+        except Exception:
+            if not local.missed:
+                return defer.fail()
+        finally:
+            local.cache_only = False
+        if local.missed:
+            local.missed = False
+            return self.run_async(fn, *args, **kwargs)
+        return defer.succeed(result)
 
     def run_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         """Run DNS-bound work (e.g. an SPF evaluation) in the resolver's thread pool."""

@@ -5,10 +5,13 @@ edge never accepts mail it would have to bounce). The check pipeline (`edge.chec
 at connect, MAIL FROM, RCPT TO and after DATA; its refusals come back as `SMTPReplyError`s
 for the SMTP server's one funnel. While the header section streams in, every incoming
 header that claims the edge's authserv-id and every `X-Tailpost-*` header is dropped. An
-accepted message is spooled with the edge's headers on top (ARC set, Authentication-Results,
-verdict, Received); the 250 is sent only after the spool commit (fsync) returned, and the
-message is then handed to the delivery queue. Store, file and fsync calls run in a thread
-pool, never in the reactor thread.
+accepted message is spooled with the edge's headers on top (Authentication-Results,
+verdict, Received; the ARC set is added when it is forwarded); the 250 is sent only after
+the spool commit (fsync) returned, and the message is then handed to the delivery queue.
+Store lookups go through `lookup` (in the edge `CachedLookups.cached_or_load`: a fresh
+cached answer is used at once, a miss is loaded in a worker thread); file and fsync calls
+run in a thread pool, never in the reactor thread, and a message held in memory is read
+inline.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
-from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id
+from edge.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 
 log = Logger()
@@ -95,6 +98,11 @@ def _read_all(buffer: IO[bytes]) -> bytes:
     return buffer.read()
 
 
+def _in_memory(buffer: IO[bytes]) -> bool:
+    """Whether a SpooledTemporaryFile still holds its data in memory (not rolled to disk)."""
+    return not getattr(buffer, "_rolled", True)
+
+
 def _write_and_commit(
     spool: Spool, writer: SpoolWriter, envelope: Envelope, top: bytes, buffer: IO[bytes]
 ) -> None:
@@ -149,8 +157,11 @@ class CheckedSink:
     async def finish(self) -> Reply:
         for line in self.filter.finish():
             self.buffer.write(line)
-        message: bytes = await self.run_blocking(_read_all, self.buffer)
-        outcome = await self.checks.data(self.tx, message, self.received)
+        if _in_memory(self.buffer):
+            message = _read_all(self.buffer)
+        else:
+            message = await self.run_blocking(_read_all, self.buffer)
+        outcome = await self.checks.data(self.tx, message)
         del message
         self.envelope.extra["verdict"] = outcome.decision.action
         top = outcome.headers + self.received
@@ -168,15 +179,9 @@ class DiscardSink:
     250 it sends is a lie about durability.
     """
 
-    def __init__(
-        self,
-        checks: CheckPipeline | None = None,
-        tx: Transaction | None = None,
-        received: bytes = b"",
-    ) -> None:
+    def __init__(self, checks: CheckPipeline | None = None, tx: Transaction | None = None) -> None:
         self.checks = checks
         self.tx = tx
-        self.received = received
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -193,7 +198,7 @@ class DiscardSink:
         if self.checks is not None and self.tx is not None:
             message = b"".join(self.chunks)
             self.chunks = []
-            await self.checks.data(self.tx, message, self.received)
+            await self.checks.data(self.tx, message)
         return replies.S250_OK.with_text("Discarded")
 
 
@@ -216,13 +221,18 @@ class MXHandler:
         checks: CheckPipeline | None = None,
         account_of: Callable[[RecipientTarget], str | None] | None = None,
         authserv_id: str | None = None,
+        lookup: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
+        """`resolve` and `account_of` are blocking store lookups, called through `lookup`
+        (`lookup(fn, *args)`, a Deferred): a cached-or-load runner such as
+        `CachedLookups.cached_or_load`, or by default `run_blocking`."""
         self.discard = discard
         self.resolve = resolve
         self.spool = spool
         self.hostname = hostname
         self.clock = clock
         self.run_blocking = run_blocking
+        self.lookup = lookup or run_blocking
         self.accepted = accepted
         self.checks = checks
         self.account_of = account_of
@@ -258,13 +268,13 @@ class MXHandler:
         return defer.ensureDeferred(self.checks.mail(self.tx, session.helo or "", sender.address))
 
     async def rcpt_to(self, session: Session, recipient: Path) -> Reply | None:
-        target = await self.run_blocking(self.resolve, recipient.address)
+        target = await self.lookup(self.resolve, recipient.address)
         if target is None:
             raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
         if self.checks is not None and self.tx is not None:
             account = None
             if self.account_of is not None:
-                account = await self.run_blocking(self.account_of, target)
+                account = await self.lookup(self.account_of, target)
             await self.checks.rcpt(self.tx, Recipient(recipient.address, account))
         return None
 
@@ -272,8 +282,7 @@ class MXHandler:
         assert session.sender is not None
         now = self.clock.seconds()
         if self.discard:
-            received = received_header(session, self.hostname, new_queue_id(), now)
-            return DiscardSink(self.checks, self.tx, received)
+            return DiscardSink(self.checks, self.tx)
         writer = self.spool.writer()
         received = received_header(session, self.hostname, writer.qid, now)
         envelope = Envelope(

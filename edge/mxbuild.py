@@ -50,7 +50,7 @@ def build_mx_factory(
     """The protocol factory of the MX listener (behind the PROXY protocol when configured)."""
     hostname = config.fqdn
     checks = build_pipeline(
-        config, resolver, reactor, lookups.list_spam_rules, threads.deferToThread
+        config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
     )
 
     def account_of(target: RecipientTarget) -> str | None:
@@ -69,6 +69,7 @@ def build_mx_factory(
             checks=checks,
             account_of=account_of,
             authserv_id=authserv_id(config),
+            lookup=lookups.cached_or_load,
         )
 
     factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)

@@ -7,6 +7,14 @@ a 16 KiB boundary end DATA early), and the outcome is reported per recipient, wi
 refusal at end of DATA applying to every recipient that RCPT had accepted. Hosts are tried
 in order until one answers the transaction. Connection-level failures are always temporary.
 
+With a sealer (`edge.checks.arc.ARCSealer`, `checks.arc_seal`), the edge's ARC set goes on
+top of a message sent to a device or an upstream host (RFC 8617: sealing is the forwarding
+hop's act). It is computed over the message as stored, which carries the edge's
+Authentication-Results on top, in a worker thread, once per delivery and only when a
+transaction got as far as DATA (recipients accepted): an attempt that fails before costs no
+RSA signature. It goes under a leading `X-Tailpost-Queue-ID` line, which the connector
+reads first. A seal that fails is logged and the message goes unsealed.
+
 Connections to the same target are reused. Per (host, port, username, secret, STARTTLS)
 the deliverer keeps the sessions that finished a transaction and sends the next
 transaction for that key on one of them. At most `max_connections` are open per key (more
@@ -30,11 +38,12 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.mail.smtp import (
@@ -44,8 +53,10 @@ from twisted.mail.smtp import (
 )
 from twisted.python.failure import Failure
 
+from edge.checks.arc import ARCSealer
 from edge.routing import Target
 from edge.smtpsession import QUIT_TIMEOUT, Session, SessionFactory, Transaction
+from edge.spool import QUEUE_ID_HEADER
 
 log = Logger()
 
@@ -57,6 +68,9 @@ DEFAULT_MAX_TRANSACTIONS = 100
 
 # host, port, username, secret, STARTTLS: sessions are never shared across keys.
 PoolKey = tuple[str, int, str | None, str | None, bool]
+
+SEALED_KINDS = ("device", "upstream")
+"""The targets a message goes to with the edge's ARC set: those it forwards inbound mail to."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,52 @@ class _Pool:
         return closing
 
 
+def _trace_end(data: bytes) -> int:
+    """Where the message proper starts: after a leading X-Tailpost-Queue-ID line, if any."""
+    name = QUEUE_ID_HEADER + b":"
+    if data[: len(name)].lower() == name.lower():
+        end = data.find(b"\n")
+        return len(data) if end < 0 else end + 1
+    return 0
+
+
+class _Seal:
+    """The ARC-sealed data of one delivery, made at most once, when first asked for."""
+
+    def __init__(self, deliverer: SMTPDeliverer, sealer: ARCSealer, data: bytes, stuffed: bytes):
+        self.deliverer = deliverer
+        self.sealer = sealer
+        self.data = data
+        self.stuffed = stuffed
+        self.result: defer.Deferred[bytes] | None = None
+
+    def __call__(self) -> defer.Deferred[bytes]:
+        if self.result is None:
+            owner = self.deliverer
+            cut = _trace_end(self.data)
+            work = owner.run_blocking(self.sealer.seal, self.data[cut:], int(owner.clock.seconds()))
+            self.data = b""  # (the thread has its slice)
+            work.addCallback(lambda arc_set: self._sealed(cut, arc_set))
+            work.addErrback(self._failed)
+            self.result = work
+        out: defer.Deferred[bytes] = defer.Deferred()
+
+        def fire(stuffed: bytes) -> bytes:
+            out.callback(stuffed)
+            return stuffed
+
+        self.result.addCallback(fire)
+        return out
+
+    def _sealed(self, cut: int, arc_set: list[bytes]) -> bytes:
+        # The ARC set's lines never start with ".": the stuffed data takes it as it is.
+        return self.stuffed[:cut] + b"".join(arc_set) + self.stuffed[cut:]
+
+    def _failed(self, failure: Failure) -> bytes:
+        log.failure("smtp: ARC sealing failed; the message goes unsealed", failure)
+        return self.stuffed
+
+
 class SMTPDeliverer:
     """Delivers one message to one target per call, reusing connections per target."""
 
@@ -225,6 +285,8 @@ class SMTPDeliverer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_transactions: int = DEFAULT_MAX_TRANSACTIONS,
         clock: IReactorTime | None = None,
+        sealer: ARCSealer | None = None,
+        run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
     ) -> None:
         if max_connections < 1 or max_transactions < 1:
             raise ValueError("max_connections and max_transactions must be at least 1")
@@ -235,6 +297,8 @@ class SMTPDeliverer:
         self.idle_timeout = idle_timeout
         self.max_transactions = max_transactions
         self.clock: IReactorTime = clock if clock is not None else reactor
+        self.sealer = sealer
+        self.run_blocking = run_blocking  # for the ARC seal (CPU-heavy)
         self.closing = False
         self._pools: dict[PoolKey, _Pool] = {}
 
@@ -242,9 +306,12 @@ class SMTPDeliverer:
         self, target: Target, sender: str, recipients: list[str], data: bytes
     ) -> dict[str, Outcome]:
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
+        prepare = None
+        if self.sealer is not None and target.kind in SEALED_KINDS:
+            prepare = _Seal(self, self.sealer, data, stuffed)
         outcomes: dict[str, Outcome] = {}
         for host, port in target.hosts:
-            outcomes = await self._send(target, host, port, sender, recipients, stuffed)
+            outcomes = await self._send(target, host, port, sender, recipients, stuffed, prepare)
             if any(o.connected for o in outcomes.values()):
                 break  # this host answered the transaction: its word stands
         return outcomes
@@ -279,7 +346,14 @@ class SMTPDeliverer:
         return pool
 
     async def _send(
-        self, target: Target, host: str, port: int, sender: str, rcpts: list[str], data: bytes
+        self,
+        target: Target,
+        host: str,
+        port: int,
+        sender: str,
+        rcpts: list[str],
+        data: bytes,
+        prepare: Callable[[], defer.Deferred[bytes]] | None = None,
     ) -> dict[str, Outcome]:
         where = f"{host}:{port}"
         mail_from = quoteaddr(str(Address(sender)))
@@ -293,7 +367,7 @@ class SMTPDeliverer:
             except Exception:
                 return self._failed(Failure(), rcpts, where)
             reused = session.transactions > 0
-            tx = Transaction(mail_from, encoded, data)
+            tx = Transaction(mail_from, encoded, data, prepare)
             try:
                 session.send(tx)
                 result = await tx.done

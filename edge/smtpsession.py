@@ -2,8 +2,10 @@
 
 Twisted's ESMTP client does the greeting, EHLO, STARTTLS and AUTH; after that this session
 drives MAIL/RCPT/DATA itself, one transaction at a time, sending the data exactly as given
-(already dot-stuffed, CRLF) and collecting one reply per recipient. `edge.smtpclient` owns
-the pool of these sessions. A session must never start a transaction while another is
+(already dot-stuffed, CRLF) and collecting one reply per recipient. A transaction may carry
+a `prepare` step that makes the final data once the recipients are accepted, while the DATA
+command is under way (the deliverer's ARC seal), so that an attempt that ends earlier never
+pays for it. `edge.smtpclient` owns the pool of these sessions. A session must never start a transaction while another is
 unfinished, and never log the AUTH exchange.
 """
 
@@ -60,6 +62,12 @@ class Transaction:
     sender: bytes  # MAIL FROM argument, quoted
     recipients: list[bytes]
     data: bytes  # already dot-stuffed: sent exactly as it is
+    # Called (once) when a recipient was accepted and DATA goes out; what it fires with
+    # replaces `data`. It must not fail.
+    prepare: Callable[[], defer.Deferred[bytes]] | None = None
+    prepared: defer.Deferred[bytes] | None = None
+    data_ready: bool = True  # False while `prepare` is under way
+    go_ahead: bool = False  # the 354 to DATA came
     pending: list[bytes] = field(default_factory=list)
     current: bytes = b""
     replies: list[RcptReply] = field(default_factory=list)
@@ -223,6 +231,12 @@ class Session(ESMTPClient):
             reply = self._rcpt_reply
             self._command(b"RCPT TO:" + quoteaddr(tx.current), _ANY_REPLY, reply, reply)
         elif any(code in SUCCESS for _addr, code, _resp in tx.replies):
+            if tx.prepare is not None and tx.prepared is None:
+                # Made while the DATA command is under way; waited for before the data goes.
+                tx.data_ready = False
+                tx.prepared = tx.prepare()
+                tx.prepared.addCallback(self._data_prepared, tx)
+                tx.prepared.addErrback(self._prepare_failed, tx)
             self._command(b"DATA", [354], self._send_data, self._data_refused)
         else:
             code = tx.replies[-1][1] if tx.replies else -1
@@ -248,12 +262,29 @@ class Session(ESMTPClient):
         """421 before the end of data: the server is closing the channel mid-transaction."""
         self._broken(SMTPDeliveryError(code, resp, None, []))
 
+    def _data_prepared(self, data: bytes, tx: Transaction) -> None:
+        tx.data = data
+        tx.data_ready = True
+        if tx.go_ahead and self.tx is tx and self.state == "busy":
+            self._write_data(tx)  # the 354 came first
+
+    def _prepare_failed(self, failure: Failure, tx: Transaction) -> None:
+        log.failure("smtp: preparing the data failed", failure)
+        if self.tx is tx and self.state == "busy":
+            text = "preparing the data failed: " + str(failure.value)
+            self._broken(SMTPClientError(-1, text.encode("utf-8", "replace")), abort=True)
+
     def _send_data(self, code: int, resp: bytes) -> None:
         tx = self.tx
         assert tx is not None
         # Nothing is expected while the data goes out; a reply now puts us out of step.
         self._expected = []
         self._okresponse = self._failresponse = self._early_reply
+        tx.go_ahead = True
+        if tx.data_ready:
+            self._write_data(tx)
+
+    def _write_data(self, tx: Transaction) -> None:
         sender = FileSender()
         d = sender.beginFileTransfer(io.BytesIO(tx.data), self.transport, self._chunk)
         d.addCallbacks(self._data_written, self._data_failed, (tx,), None, (tx,))

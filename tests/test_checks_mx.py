@@ -10,19 +10,23 @@ from typing import Any
 
 import dkim
 import pytest
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
-from edge.checks import authserv_id, build_pipeline
-from edge.checks.arc import dns_record, verify_chain
+from edge.checks import authserv_id, build_pipeline, sealer_for
+from edge.checks.arc import ARCSealer, dns_record, verify_chain
 from edge.config import Config
 from edge.dns import DNSResolver
 from edge.mx import MXHandler
+from edge.routing import Target
 from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtpclient import SMTPDeliverer
 from edge.spool import Envelope, Spool
 from edge.store import RecipientTarget, Store, open_store
+from edge.store.cache import CachedLookups
 from maildir.verdict import parse_verdict
 from tests.dnsserver import HANG
 from tests.test_checks_dkim import rsa_key
+from tests.test_smtpclient import OldMX, start_peer
 
 HOST = "mx.tailpost.test"
 
@@ -35,6 +39,7 @@ class MX:
     accepted: list[Envelope]
     zone: Any
     resolver: DNSResolver
+    sealer: ARCSealer | None = None
 
     def smtp(self) -> smtplib.SMTP:
         client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
@@ -79,18 +84,20 @@ def start_mx(
     store.add_managed_address("bob", device.id, domain="inbound.test", namespace=None, vanity=True)
     spool = Spool(tmp_path / "spool")
     resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=1.0, reactor=reactor)
+    # Store lookups through the cache, answered inline when cached, as the edge wires them.
+    lookups = CachedLookups(store)
     pipeline = build_pipeline(
-        config, resolver, reactor, store.list_spam_rules, threads.deferToThread
+        config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
     )
     accepted: list[Envelope] = []
 
     def account_of(target: RecipientTarget) -> str | None:
-        dev = store.get_device(target.device_id or "")
+        dev = lookups.get_device(target.device_id or "")
         return dev.account_id if dev else None
 
     def handler() -> MXHandler:
         return MXHandler(
-            store.resolve_recipient,
+            lookups.resolve_recipient,
             spool,
             HOST,
             reactor,
@@ -100,14 +107,16 @@ def start_mx(
             checks=pipeline,
             account_of=account_of,
             authserv_id=authserv_id(config),
+            lookup=lookups.cached_or_load,
         )
 
     factory = SMTPServerFactory(handler, Limits(), HOST, reactor)
     listener = in_reactor(reactor.listenTCP, 0, factory, interface="127.0.0.1")
-    mx = MX(listener.getHost().port, store, spool, accepted, dns_server.zone, resolver)
+    sealer = sealer_for(config)  # the deliverer's, as the edge wires it
+    mx = MX(listener.getHost().port, store, spool, accepted, dns_server.zone, resolver, sealer)
     mx.listener = listener  # type: ignore[attr-defined]
-    arc_pem = (tmp_path / "edge" / "arc.key").read_bytes()
-    dns_server.zone.set(f"tailpost._domainkey.{HOST}", "TXT", [dns_record(arc_pem)])
+    if sealer is not None:
+        dns_server.zone.set(f"tailpost._domainkey.{HOST}", "TXT", [dns_record(sealer.private_pem)])
     return mx
 
 
@@ -140,7 +149,28 @@ def signed(data: bytes, pem: bytes) -> bytes:
     )
 
 
-def test_signed_aligned_message_is_accepted_with_results(mx: MX, signer: tuple[bytes, str]) -> None:
+def forward(in_reactor: Any, mx: MX, data: bytes) -> bytes:
+    """`data` as the edge's deliverer sends it to a device (here an aiosmtpd peer)."""
+    peer = start_peer(OldMX())
+    deliverer = SMTPDeliverer(in_reactor.reactor, HOST, timeout=10, sealer=mx.sealer)
+    target = Target("device", "device:d", (("127.0.0.1", peer.port),), device_id="d")
+    try:
+        outcomes = in_reactor(
+            lambda: defer.ensureDeferred(
+                deliverer.deliver(target, "alice@signed.test", ["bob@inbound.test"], data)
+            )
+        )
+        in_reactor(deliverer.close)
+    finally:
+        peer.controller.stop()
+    assert outcomes["bob@inbound.test"].delivered
+    [seen] = peer.handler.seen
+    return seen.data
+
+
+def test_signed_aligned_message_is_accepted_with_results(
+    in_reactor: Any, mx: MX, signer: tuple[bytes, str]
+) -> None:
     with mx.smtp() as client:
         code, _ = transact(
             client, "alice@signed.test", signed(message("alice@signed.test", "ok"), signer[0])
@@ -148,7 +178,9 @@ def test_signed_aligned_message_is_accepted_with_results(mx: MX, signer: tuple[b
     assert code == 250
     data = mx.spooled()
     head = data.split(b"\r\n\r\n", 1)[0]
-    assert head.startswith(b"ARC-Seal: ")
+    # No ARC set in the spool: the edge seals what it forwards, when it forwards it.
+    assert head.startswith(b"Authentication-Results: ")
+    assert b"\r\nARC-" not in head
     ar = [
         h
         for h in head.replace(b"\r\n\t", b" ").split(b"\r\n")
@@ -166,8 +198,12 @@ def test_signed_aligned_message_is_accepted_with_results(mx: MX, signer: tuple[b
     assert verdict.authentication() == {"spf": "pass", "dkim": "pass", "dmarc": "pass"}
     assert mx.accepted[-1].extra["verdict"] == "accept"
     assert b"Received: from client.sender.test ([127.0.0.1])" in head
-    # The edge's own ARC set verifies against its published key.
-    chain = verify_chain(mx.resolver, data)
+    # The copy the deliverer forwards carries the edge's ARC set, which verifies against
+    # the edge's published key.
+    delivered = forward(in_reactor, mx, data)
+    assert delivered.startswith(b"ARC-Seal: i=1; cv=none;")
+    assert delivered.endswith(data)
+    chain = verify_chain(mx.resolver, delivered)
     assert (chain.result, chain.instances) == ("pass", 1), chain.reason
 
 

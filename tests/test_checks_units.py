@@ -93,7 +93,6 @@ def test_stage_timeout_is_a_tempfail() -> None:
         ActionPolicy(),
         "mx.test",
         clock,
-        lambda f, *a, **k: defer.succeed(f(*a, **k)),
         timeouts=StageTimeouts(mail=5.0),
     )
     d = defer.ensureDeferred(pipeline.mail(Transaction("192.0.2.1"), "h.test", "a@b.test"))
@@ -232,7 +231,7 @@ def test_connector_files_junk_into_junk(tmp_path: Path) -> None:
 
 
 def test_checks_section_of_the_config_file(tmp_path: Path) -> None:
-    from edge.checks.build import build_pipeline
+    from edge.checks.build import build_pipeline, sealer_for
     from edge.config import load_config
     from edge.dns import DNSResolver
 
@@ -250,9 +249,13 @@ def test_checks_section_of_the_config_file(tmp_path: Path) -> None:
     assert [c.name for c in pipeline.checks] == ["dnsbl", "spf", "dkim", "arc", "dmarc", "rules"]
     assert pipeline.policy.actions["rspamd.add_header"] == "junk"
     assert pipeline.policy.actions["dmarc.quarantine"] == "tag"
+    assert not (tmp_path / "edge" / "arc.key").exists()  # the pipeline does not seal
+    sealer = sealer_for(config)
+    assert sealer is not None and sealer.authserv_id == b"auth.mx.test"
     assert (tmp_path / "edge" / "arc.key").stat().st_mode & 0o777 == 0o600
     path.write_text('[checks.actions]\n"dmarc.maybe" = "junk"\n')
     with pytest.raises(ConfigError, match="unknown finding"):
         build_pipeline(load_config(path, data_dir=str(tmp_path)), resolver, None, list, Any)  # type: ignore[arg-type]
     path.write_text("[checks]\nenabled = false\n")
     assert build_pipeline(load_config(path), resolver, None, list, Any) is None  # type: ignore[arg-type]
+    assert sealer_for(load_config(path)) is None

@@ -2,13 +2,14 @@
 
 `build_pipeline` makes the configured `CheckPipeline`; the MX policy (`edge.mx`) runs it at
 each SMTP stage. Checks report findings, configuration decides actions, and one funnel
-turns them into replies. Nothing in this package builds a DNS resolver or blocks the
-reactor thread.
+turns them into replies. `sealer_for` makes the ARC sealer the deliverer uses on what it
+forwards. Nothing in this package builds a DNS resolver or blocks the reactor thread: CPU
+work on cached data runs inline, anything that may wait runs in a worker pool.
 """
 
 from edge.checks.actions import ActionPolicy, Decision
 from edge.checks.base import Finding, Recipient, Transaction
-from edge.checks.build import authserv_id, build_pipeline
+from edge.checks.build import authserv_id, build_pipeline, sealer_for
 from edge.checks.headers import HeaderFilter
 from edge.checks.pipeline import CheckPipeline, DataOutcome, StageTimeouts
 from edge.checks.verdict import VERDICT_HEADER
@@ -26,4 +27,5 @@ __all__ = [
     "Transaction",
     "authserv_id",
     "build_pipeline",
+    "sealer_for",
 ]

@@ -5,7 +5,10 @@ method returns the `Finding`s it made, and may record its evidence (an SPF resul
 results, a spam score) on the `Transaction` for the Authentication-Results and verdict
 headers. What to do about a finding is not decided here: `edge.checks.actions` maps
 findings to actions from configuration. A check must never build its own DNS resolver,
-never block the reactor thread and never send an SMTP reply itself.
+never block the reactor thread and never send an SMTP reply itself: CPU work on cached data
+(DNS answers from the resolver's cache, store answers from `CachedLookups`) may run inline,
+anything that may wait on the network or the disk, or hash a big body, runs in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+INLINE_LIMIT = 256 * 1024
+"""Messages up to this size are verified in the reactor thread when the DNS cache answers;
+bigger ones always go to the worker pool, so hashing a big body never stalls the reactor."""
 
 
 @dataclass(frozen=True)

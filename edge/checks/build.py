@@ -3,8 +3,9 @@
 `REGISTRY` maps each check's name to the function that makes it; `DEFAULT_ORDER` is the
 order they run in (DMARC after SPF and DKIM, the block rules and Rspamd last). Rspamd and
 the DNS blocklists join only when configured. The one `DNSResolver` of the process is
-passed in; nothing here builds a resolver. Building may read or create the ARC sealing key
-(at start, before the reactor runs), and never opens a connection.
+passed in; nothing here builds a resolver. Building never opens a connection. The ARC
+sealer (`sealer_for`) is not part of the pipeline: the deliverer seals what it forwards;
+making it may read or create the sealing key (at start, before the reactor runs).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Parts:
     resolver: DNSResolver
     reactor: Any
     list_rules: Callable[[], list[SpamRule]]
+    # Runs `list_rules`: in the edge `CachedLookups.cached_or_load` (a cached answer at once).
     run_blocking: Callable[..., defer.Deferred[Any]]
     orgs: OrgDomains
 
@@ -90,9 +92,11 @@ def _validate(config: Config) -> None:
 
 
 def sealer_for(config: Config) -> ARCSealer | None:
+    """The deliverer's ARC sealer: None with `checks.arc_seal = false` or the checks off."""
     c = config.checks
-    if not c.arc_seal:
+    if not c.enabled or not c.arc_seal:
         return None
+    _validate(config)
     key_path = Path(c.arc_key) if c.arc_key else config.data_path / "edge" / "arc.key"
     try:
         pem = ensure_key(key_path)
@@ -123,7 +127,5 @@ def build_pipeline(
         policy,
         authserv_id(config),
         reactor,
-        resolver.run_async,
         timeouts=StageTimeouts(c.connect_timeout, c.mail_timeout, c.rcpt_timeout, c.data_timeout),
-        sealer=sealer_for(config),
     )

@@ -3,8 +3,10 @@
 Each DKIM-Signature gets its own result (pass, fail, temperror, permerror) with its d=, s=
 and the start of b=, for the Authentication-Results header and for DMARC. A message with
 more than one From header fails every signature (a signed From must be unambiguous). Key
-lookups go through tailpost's resolver, in its worker pool; this module never verifies in
-the reactor thread.
+lookups go through tailpost's resolver. A message without a DKIM-Signature is answered at
+once, without dkimpy; one with signatures is verified in the calling (reactor) thread when
+it is small (`INLINE_LIMIT`) and the resolver's cache has the keys, else in the resolver's
+worker pool. Nothing here waits on the network in the reactor thread.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from edge.checks.base import BaseCheck, DKIMResult, Finding, Transaction
+from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError
 
 _WSP = re.compile(rb"\s+")
@@ -38,7 +40,8 @@ def dnsfunc_for(resolver: DNSResolver) -> Any:
 
 def _signature_headers(message: bytes) -> list[bytes]:
     """The values of the DKIM-Signature headers, top to bottom, unfolded."""
-    head = message.split(b"\r\n\r\n", 1)[0]
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end]
     fields: list[bytes] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
@@ -99,9 +102,11 @@ class DKIMCheck(BaseCheck):
         self.resolver = resolver
 
     async def data(self, tx: Transaction, message: bytes) -> list[Finding]:
-        results: list[DKIMResult] = await self.resolver.run_async(
-            verify_all, self.resolver, message, tx.from_count
-        )
+        results: list[DKIMResult] = []
+        if _signature_headers(message):
+            resolver = self.resolver
+            run = resolver.run_cached if len(message) <= INLINE_LIMIT else resolver.run_async
+            results = await run(verify_all, resolver, message, tx.from_count)
         tx.dkim = results
         if not results:
             return [Finding("dkim", "none", "no DKIM signature")]

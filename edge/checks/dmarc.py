@@ -5,8 +5,9 @@ The organizational domain comes from the Public Suffix List shipped inside the
 `_dmarc.<From domain>`, then at the organizational domain, where `sp=` applies to
 subdomains. A failing message gets the policy the record asks for, lowered one step
 (reject to quarantine, quarantine to none) when `pct` leaves it out; the sampling draws
-from an injected random source. DNS goes through tailpost's resolver; this module never
-looks anything up in the reactor thread.
+from an injected random source. DNS goes through tailpost's resolver: the evaluation runs
+in the calling (reactor) thread when the resolver's cache has the records, else in its
+worker pool (`DNSResolver.run_cached`); it never waits on the network in the reactor thread.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class DMARCCheck(BaseCheck):
 
     async def data(self, tx: Transaction, message: bytes) -> list[Finding]:
         count = tx.from_count
-        result: DMARCResult = await self.resolver.run_async(
+        result: DMARCResult = await self.resolver.run_cached(
             evaluate, self.resolver, self.orgs, tx, count, self.sample
         )
         tx.dmarc = result

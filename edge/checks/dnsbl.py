@@ -1,8 +1,9 @@
 """DNS blocklists (RFC 5782), checked at connect for the configured zones.
 
 The client's address is reversed (IPv4 octets, IPv6 nibbles) under each zone; an A record
-in 127.0.0.0/8 means listed. Lookups go through tailpost's resolver in its worker pool; a
-lookup that fails temporarily is recorded as `dnsbl.temperror`, never as listed.
+in 127.0.0.0/8 means listed. Lookups go through tailpost's resolver (a cached answer at
+once, anything else in its worker pool); a lookup that fails temporarily is recorded as
+`dnsbl.temperror`, never as listed.
 """
 
 from __future__ import annotations

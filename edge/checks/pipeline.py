@@ -6,9 +6,11 @@ clock; a stage that runs out of time is a tempfail (451 4.4.5). The findings of 
 through the configured `ActionPolicy`; a reject or tempfail becomes an `SMTPReplyError`
 with a generic text for the client and the reason for the log, which the SMTP server's one
 funnel turns into the reply. After DATA, an accepted message gets the headers to put on
-top of it: the edge's ARC set (when a sealer is configured), its Authentication-Results
-and the verdict header. This module never blocks the reactor: checks do their blocking
-work in the resolver's worker pool.
+top of it: the edge's Authentication-Results and the verdict header (the edge's ARC set is
+added when the message is forwarded: `edge.smtpclient`). This module never blocks the
+reactor: the From header is read inline (the header section is bounded), and checks run
+CPU work on cached data inline and anything that may wait on the network, the disk or a big
+body in a worker pool.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from twisted.logger import Logger
 
 from edge.checks import authresults, verdict
 from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
-from edge.checks.arc import ARCSealer
 from edge.checks.base import Check, Finding, Recipient, Transaction
 from edge.checks.headers import from_addresses
 from edge.smtp.replies import SMTPReplyError
@@ -56,18 +57,14 @@ class CheckPipeline:
         policy: ActionPolicy,
         authserv_id: str,
         clock: IReactorTime,
-        run_async: Callable[..., defer.Deferred[Any]],
         *,
         timeouts: StageTimeouts | None = None,
-        sealer: ARCSealer | None = None,
     ) -> None:
         self.checks = checks
         self.policy = policy
         self.authserv_id = authserv_id
         self.clock = clock
-        self.run_async = run_async
         self.timeouts = timeouts or StageTimeouts()
-        self.sealer = sealer
 
     def transaction(self, client_ip: str) -> Transaction:
         return Transaction(client_ip=client_ip)
@@ -85,7 +82,8 @@ class CheckPipeline:
             return found
 
         d = defer.ensureDeferred(all_checks())
-        d.addTimeout(getattr(self.timeouts, stage), self.clock)
+        if not d.called:  # (all answered inline: nothing to time out)
+            d.addTimeout(getattr(self.timeouts, stage), self.clock)
         try:
             findings: list[Finding] = await d
         except defer.TimeoutError as exc:
@@ -117,24 +115,15 @@ class CheckPipeline:
         self._enforce("rcpt", tx, findings)
         tx.recipients.append(recipient)
 
-    async def data(self, tx: Transaction, message: bytes, received: bytes = b"") -> DataOutcome:
-        """Judge the whole message; raise SMTPReplyError to refuse it.
-
-        `received` is the edge's own trace header, which goes on top of the message (and
-        under the ARC set) but is not part of what the checks saw.
-        """
-        tx.from_count, tx.header_from = await self.run_async(from_addresses, message)
+    async def data(self, tx: Transaction, message: bytes) -> DataOutcome:
+        """Judge the whole message; raise SMTPReplyError to refuse it."""
+        tx.from_count, tx.header_from = from_addresses(message)
         findings = await self._stage("data", lambda c: c.data(tx, message), tx)
         everything = [*tx.connect_findings, *tx.findings, *findings]
         tx.findings = [*tx.findings, *findings]
         decision = self._enforce("data", tx, everything)
         ar = authresults.header_bytes(self.authserv_id, tx)
         headers = ar + verdict.header_bytes(tx, decision)
-        if self.sealer is not None:
-            arc_set: list[bytes] = await self.run_async(
-                self.sealer.seal, ar + received + message, int(self.clock.seconds())
-            )
-            headers = b"".join(arc_set) + headers
         if decision.action != "accept":
             log.info(
                 "checks: message from {ip} {action}: {reason}",

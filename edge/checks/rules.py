@@ -5,8 +5,10 @@ holds from the next transaction on. Rules belong to an account, and a transactio
 account is known per recipient, so the envelope sender is matched at MAIL FROM and applied
 at RCPT TO to each recipient whose account has a matching rule (a `reject` rule refuses
 that recipient with 550 5.7.1); after DATA the From header is matched against the rules of
-the transaction's accounts. A `domain` rule covers the domain and its subdomains. Store
-calls run through `run_blocking`, never in the reactor thread.
+the transaction's accounts. A `domain` rule covers the domain and its subdomains. The rules
+are read through `run_blocking`, which in the edge is `CachedLookups.cached_or_load`: the
+cached rules are used at once, in the reactor thread; a miss reads the store in a worker
+thread, never in the reactor thread.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 The evaluation is pyspf's, with its RFC limits (10 DNS-querying terms, 2 void lookups);
 its DNS goes through tailpost's resolver. pyspf only offers a module-level DNS function,
 so this module installs one dispatcher into it, once, at import; the dispatcher uses the
-resolver bound to the current worker thread for the duration of one evaluation
+resolver bound to the current thread for the duration of one evaluation
 (`_bound_resolver`), so concurrent evaluations never see each other's resolver and nothing
 is patched per call. The client IP is the session's peer address, which is the real client
-also behind the PROXY protocol. This module never runs an evaluation in the reactor thread.
+also behind the PROXY protocol. An evaluation runs in the calling (reactor) thread when the
+resolver's cache answers every lookup it makes (`DNSResolver.run_cached`), else in the
+resolver's worker pool; it never waits on the network in the reactor thread.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _bound_resolver(resolver: DNSResolver) -> Iterator[None]:
 def evaluate(
     resolver: DNSResolver, client_ip: str, sender: str, helo: str, *, querytime: float = 20.0
 ) -> SPFResult:
-    """Blocking SPF evaluation (run it in a worker thread)."""
+    """Blocking SPF evaluation (in a worker thread, or under `DNSResolver.run_cached`)."""
     identity = "mailfrom" if sender else "helo"
     domain = sender.rpartition("@")[2] if sender else helo
     checked = sender or f"postmaster@{helo}"
@@ -88,7 +90,7 @@ class SPFCheck(BaseCheck):
         self.querytime = querytime
 
     async def mail(self, tx: Transaction) -> list[Finding]:
-        result: SPFResult = await self.resolver.run_async(
+        result: SPFResult = await self.resolver.run_cached(
             evaluate,
             self.resolver,
             tx.client_ip,

@@ -5,8 +5,12 @@ which block rules apply; those answers change rarely. `CachedLookups` keeps them
 seconds and drops everything as soon as this process commits a control-plane write
 (`Store.generation`), so a change made through this edge's API holds for the next
 connection, and one made through another edge sharing the database within `ttl` seconds.
-Blocking on a miss (it queries the store): call it from a worker thread. It never caches
-an exception.
+It never caches an exception.
+
+The lookups block on a miss (they query the store), so from the reactor thread go through
+`cached_or_load(fn, *args)`: `fn`, made of this cache's lookups, runs at once in the
+calling thread when every lookup it makes is answered by a fresh entry (`peek`), and in a
+worker thread (`run_blocking`), where misses load from the store, otherwise.
 """
 
 from __future__ import annotations
@@ -16,22 +20,64 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer, threads
+
 from edge.store.records import Device, RecipientTarget, SpamRule
 from edge.store.store import Store
 
-_MISSING = object()
+
+class NotCached(Exception):
+    """A lookup under `peek` that would have to query the store."""
 
 
 class CachedLookups:
     def __init__(
-        self, store: Store, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
+        self,
+        store: Store,
+        ttl: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
     ) -> None:
         self.store = store
         self.ttl = ttl
         self.clock = clock
+        self.run_blocking = run_blocking
         self._lock = threading.Lock()
         self._entries: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self._generation = store.generation
+        self._local = threading.local()  # .cache_only / .missed of `peek`, per thread
+
+    def peek(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` with this cache's lookups answered from fresh entries only.
+
+        Never blocks: a lookup that would query the store raises NotCached (also when `fn`
+        swallowed it). `fn` must consist of this cache's lookups (anything else it does
+        runs here, in the calling thread).
+        """
+        local = self._local
+        if getattr(local, "cache_only", False):
+            return fn(*args)
+        local.cache_only = True
+        local.missed = False
+        try:
+            value = fn(*args)
+        finally:
+            local.cache_only = False
+        if local.missed:
+            raise NotCached(getattr(fn, "__name__", repr(fn)))
+        return value
+
+    def cached_or_load(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """`fn(*args)` (made of this cache's lookups) as a Deferred: fired at once when the
+        cache answers it, else run in a worker thread, loading what is missing."""
+        try:
+            return defer.succeed(self.peek(fn, *args))
+        except NotCached:
+            return self.run_blocking(fn, *args)
+        except Exception:
+            if getattr(self._local, "missed", False):
+                return self.run_blocking(fn, *args)
+            return defer.fail()
 
     def _get(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
         now = self.clock()
@@ -43,6 +89,10 @@ class CachedLookups:
             if hit is not None and hit[0] > now:
                 return hit[1]
             generation = self._generation
+        local = self._local
+        if getattr(local, "cache_only", False):
+            local.missed = True
+            raise NotCached(repr(key))
         value = load()
         with self._lock:
             if generation == self.store.generation:  # nothing changed while we loaded
