@@ -35,6 +35,9 @@ from edge.store import RecipientTarget
 
 log = Logger()
 
+Commit = Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
+"""Makes one message durable (`edge.committer.Committer.commit`, or the spool's own)."""
+
 MEMORY_LIMIT = 1024 * 1024
 """Message data up to this size is held in memory for the checks; more spills to disk."""
 
@@ -70,8 +73,10 @@ class SpoolSink:
         run_blocking: Callable[..., defer.Deferred[Any]],
         accepted: Callable[[Envelope], None],
         header_filter: HeaderFilter,
+        commit: Commit,
     ) -> None:
         self.writer = writer
+        self.commit = commit
         self.envelope = envelope
         self.spool = spool
         self.run_blocking = run_blocking
@@ -88,7 +93,7 @@ class SpoolSink:
     async def finish(self) -> Reply:
         for line in self.filter.finish():
             self.writer.write(line)
-        await self.run_blocking(self.spool.commit, self.writer, self.envelope)
+        await self.commit(self.writer, self.envelope)
         self.accepted(self.envelope)
         return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
 
@@ -103,14 +108,12 @@ def _in_memory(buffer: IO[bytes]) -> bool:
     return not getattr(buffer, "_rolled", True)
 
 
-def _write_and_commit(
-    spool: Spool, writer: SpoolWriter, envelope: Envelope, top: bytes, buffer: IO[bytes]
-) -> None:
+def _fill(writer: SpoolWriter, top: bytes, buffer: IO[bytes]) -> None:
+    """The spooled message: the edge's headers, then the data as received."""
     writer.write(top)
     buffer.seek(0)
     shutil.copyfileobj(buffer, writer, 64 * 1024)  # type: ignore[misc]
     buffer.close()
-    spool.commit(writer, envelope)
 
 
 class CheckedSink:
@@ -132,8 +135,10 @@ class CheckedSink:
         checks: CheckPipeline,
         tx: Transaction,
         received: bytes,
+        commit: Commit,
     ) -> None:
         self.writer = writer
+        self.commit = commit
         self.envelope = envelope
         self.spool = spool
         self.run_blocking = run_blocking
@@ -165,9 +170,12 @@ class CheckedSink:
         del message
         self.envelope.extra["verdict"] = outcome.decision.action
         top = outcome.headers + self.received
-        await self.run_blocking(
-            _write_and_commit, self.spool, self.writer, self.envelope, top, self.buffer
-        )
+        size = self.buffer.tell()
+        if _in_memory(self.buffer) and len(top) + size <= SpoolWriter.SPILL_SIZE:
+            _fill(self.writer, top, self.buffer)  # memory to memory: no disk, no thread
+        else:
+            await self.run_blocking(_fill, self.writer, top, self.buffer)
+        await self.commit(self.writer, self.envelope)
         self.accepted(self.envelope)
         return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
 
@@ -222,6 +230,7 @@ class MXHandler:
         account_of: Callable[[RecipientTarget], str | None] | None = None,
         authserv_id: str | None = None,
         lookup: Callable[..., defer.Deferred[Any]] | None = None,
+        commit: Commit | None = None,
     ) -> None:
         """`resolve` and `account_of` are blocking store lookups, called through `lookup`
         (`lookup(fn, *args)`, a Deferred): a cached-or-load runner such as
@@ -233,6 +242,7 @@ class MXHandler:
         self.clock = clock
         self.run_blocking = run_blocking
         self.lookup = lookup or run_blocking
+        self.commit: Commit = commit or (lambda w, e: run_blocking(spool.commit, w, e))
         self.accepted = accepted
         self.checks = checks
         self.account_of = account_of
@@ -305,8 +315,15 @@ class MXHandler:
                 self.checks,
                 self.tx,
                 received,
+                self.commit,
             )
         writer.write(received)
         return SpoolSink(
-            writer, envelope, self.spool, self.run_blocking, self.accepted, header_filter
+            writer,
+            envelope,
+            self.spool,
+            self.run_blocking,
+            self.accepted,
+            header_filter,
+            self.commit,
         )

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import threads
 
 from edge.checks import authserv_id, build_pipeline
+from edge.committer import Committer
 from edge.config import Config
 from edge.dns import DNSResolver
 from edge.mx import MXHandler
@@ -57,6 +58,8 @@ def build_mx_factory(
         device = lookups.get_device(target.device_id) if target.device_id else None
         return device.account_id if device is not None else None
 
+    committer = Committer(spool, reactor)
+
     def handler() -> MXHandler:
         return MXHandler(
             lookups.resolve_recipient,
@@ -70,6 +73,7 @@ def build_mx_factory(
             account_of=account_of,
             authserv_id=authserv_id(config),
             lookup=lookups.cached_or_load,
+            commit=committer.commit,
         )
 
     factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
