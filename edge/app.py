@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from edge.acceptor import AcceptorPool
 from edge.checks import sealer_for
@@ -21,7 +21,7 @@ from edge.dns import DNSResolver
 from edge.eventlog import EventRecorder
 from edge.mxbuild import build_mx_factory
 from edge.queueops import QueueControl
-from edge.routing import Router
+from edge.routing import Router, route_soon
 from edge.service import TCPListener
 from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
@@ -98,6 +98,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         delay_warning=config.edge.delay_warning,
         hostname=hostname,
         on_event=recorder.add,
+        route_soon=route_soon(router, lookups, threads.deferToThread),
     )
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))

@@ -68,9 +68,13 @@ class DeliveryQueue:
         hostname: str = "localhost",
         run_blocking: Callable[..., defer.Deferred[Any]] = _run_in_thread,
         on_event: Callable[[str, str, str, str], None] | None = None,
+        route_soon: Callable[[str, str], defer.Deferred[Target]] | None = None,
     ) -> None:
+        """`route` is blocking (it may query the store and DNS); `route_soon`, when given,
+        answers the same as a Deferred, at once when its caches can."""
         self.spool = spool
         self.route = route
+        self.route_soon = route_soon or (lambda rcpt, kind: run_blocking(route, rcpt, kind))
         self.deliverer = deliverer
         self.clock = clock
         self.retry_schedule = retry_schedule
@@ -199,7 +203,7 @@ class DeliveryQueue:
         groups: dict[str, tuple[Target, list[str]]] = {}
         for rcpt in entry.pending:
             try:
-                target: Target = await self.run_blocking(self.route, rcpt, env.kind)
+                target: Target = await self.route_soon(rcpt, env.kind)
             except NoRoute as exc:
                 status = RecipientStatus(rcpt, exc.reply)
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
 
 from edge.config import ConfigError, parse_listen
 from edge.dns import DNSResolver
 from edge.store import RecipientTarget
+from edge.store.cache import CachedLookups, NotCached
 
 
 class NoRoute(Exception):
@@ -108,3 +112,25 @@ class Router:
             hosts=tuple((h, self.mx_port) for h in hosts),
             starttls=True,
         )
+
+
+def route_soon(
+    router: Router,
+    lookups: CachedLookups,
+    run_blocking: Callable[..., defer.Deferred[Any]],
+) -> Callable[[str, str], defer.Deferred[Target]]:
+    """`router.target` as a Deferred: answered at once from the store cache for a device or
+    upstream recipient (no DNS involved), and in a worker thread otherwise."""
+
+    def soon(recipient: str, kind: str) -> defer.Deferred[Target]:
+        try:
+            found = lookups.peek(lookups.resolve_recipient, recipient)
+            if found is not None and found.kind in ("device", "upstream"):
+                return defer.succeed(lookups.peek(router.target, recipient, kind))
+        except NotCached:
+            pass
+        except NoRoute:
+            return defer.fail()
+        return run_blocking(router.target, recipient, kind)
+
+    return soon

@@ -324,3 +324,36 @@ def test_other_address_on_the_split_domain_reaches_the_old_mx(site: Site) -> Non
     assert seen.data.endswith(data)
     [stored] = _inbox(site.maildir)
     assert stored.endswith(data)
+
+
+def test_route_soon_answers_from_the_cache_and_loads_in_a_thread_otherwise(
+    store: Store, world: World, resolver: DNSResolver
+) -> None:
+    from edge.routing import route_soon
+    from edge.store.cache import CachedLookups
+
+    lookups = CachedLookups(store)
+    router = Router(lookups.resolve_recipient, resolver, mx_port=25)
+    loaded: list[tuple[str, str]] = []
+
+    def in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        loaded.append(args)
+        return defer.execute(fn, *args)  # the thread's work, done here for the test
+
+    soon = route_soon(router, lookups, in_thread)
+    first = soon("alice@example.com", "inbound")  # cold cache: loaded off the reactor
+    assert loaded == [("alice@example.com", "inbound")]
+    second = soon("alice@example.com", "inbound")  # warm: answered at once, no thread
+    assert loaded == [("alice@example.com", "inbound")]
+    assert second.called and first.called
+    results: list[Any] = []
+    second.addCallback(results.append)
+    first.addCallback(results.append)
+    assert results[0] == results[1] and results[0].device_id == world.laptop.id
+    # Unknown to the store (cached as such): the MX route needs DNS, so it goes to a thread.
+    lookups.resolve_recipient("someone@elsewhere.test")
+    failed = soon("someone@elsewhere.test", "inbound")
+    assert loaded[-1] == ("someone@elsewhere.test", "inbound")
+    errors: list[Any] = []
+    failed.addErrback(errors.append)
+    assert errors and errors[0].check(NoRoute)
