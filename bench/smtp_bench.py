@@ -57,6 +57,7 @@ class Report:
     idle_connections: int = 0
     idle_rss_before: int = 0
     idle_rss_after: int = 0
+    edge_processes: int = 1
 
     def rate(self, server: str, sessions: int) -> float | None:
         for row in self.rows:
@@ -76,14 +77,20 @@ IDLE_TARGET = 100 * 1024 * 1024
 
 
 def servers(
-    workdir: Path, dns_port: int, extra: str
+    workdir: Path, dns_port: int, extra: str, processes: int = 1
 ) -> list[tuple[str, Callable[[], AbstractContextManager[Any]]]]:
     return [
         (AIOSMTPD, lambda: smtp_peers.aiosmtpd_sink(workdir)),
         (SMTP_SINK, lambda: smtp_peers.postfix_smtp_sink(workdir)),
         (POSTFIX_QUEUE, lambda: smtp_peers.postfix_queue(workdir)),
-        (EDGE_DISCARD, lambda: smtp_peers.tailpost_edge(workdir, "discard", dns_port, extra)),
-        (EDGE_DURABLE, lambda: smtp_peers.tailpost_edge(workdir, "durable", dns_port, extra)),
+        (
+            EDGE_DISCARD,
+            lambda: smtp_peers.tailpost_edge(workdir, "discard", dns_port, extra, processes),
+        ),
+        (
+            EDGE_DURABLE,
+            lambda: smtp_peers.tailpost_edge(workdir, "durable", dns_port, extra, processes),
+        ),
         (PROTOCOL_ONLY, lambda: smtp_peers.tailpost_protocol_only(workdir)),
     ]
 
@@ -115,16 +122,19 @@ def measure(peer: smtp_peers.Peer, args: argparse.Namespace, report: Report) -> 
         )
 
 
-def measure_idle(workdir: Path, dns_port: int, count: int, report: Report) -> None:
+def measure_idle(
+    workdir: Path, dns_port: int, count: int, report: Report, processes: int = 1
+) -> None:
     smtp_load.raise_fd_limit(count + 256)
-    with smtp_peers.tailpost_edge(workdir / "idle", "durable", dns_port) as peer:
+    edge = smtp_peers.tailpost_edge(workdir / "idle", "durable", dns_port, "", processes)
+    with edge as peer:
         assert peer.pid is not None
-        time.sleep(1.0)
-        report.idle_rss_before = smtp_load.rss_bytes(peer.pid)
+        time.sleep(1.0 + 2.0 * (processes > 1))  # acceptors start after the spool recovery
+        report.idle_rss_before = smtp_load.rss_tree_bytes(peer.pid)
         held = smtp_load.hold_idle(peer.port, count)
         try:
             time.sleep(2.0)
-            report.idle_rss_after = smtp_load.rss_bytes(peer.pid)
+            report.idle_rss_after = smtp_load.rss_tree_bytes(peer.pid)
             report.idle_connections = len(held)
         finally:
             smtp_load.close_all(held)
@@ -146,7 +156,8 @@ def _times(value: float | None) -> str:
 def render(report: Report, sessions: list[int]) -> str:
     out = [
         f"Messages of {report.size} octets; machine: "
-        + ", ".join(f"{k} {v}" for k, v in report.machine.items()),
+        + ", ".join(f"{k} {v}" for k, v in report.machine.items())
+        + f"; tailpost edge with mx_processes = {report.edge_processes}",
         "",
     ]
     out += [
@@ -212,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a TOML fragment appended to the edge's configuration, e.g. [checks] enabled = false",
     )
+    parser.add_argument(
+        "--edge-processes",
+        type=int,
+        default=1,
+        help="the edge's edge.mx_processes (default 1); memory is summed over its processes",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
@@ -232,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    report = Report(machine=smtp_load.machine(), size=args.size)
+    report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
     failed = 0
     smtp_load.raise_fd_limit(4096)
     with workspace(args.keep) as workdir, smtp_peers.null_dns(workdir) as dns_port:
         print(f"work directory {workdir}", flush=True)
-        for name, start in servers(workdir, dns_port, extra):
+        for name, start in servers(workdir, dns_port, extra, args.edge_processes):
             if only and not any(o in name for o in only):
                 continue
             try:
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.skipped[name] = f"FAILED: {exc}"
                 print(f"  {name}: FAILED ({exc}); see the logs with --keep", flush=True)
         if args.idle and (not only or any(o in "tailpost edge" for o in only)):
-            measure_idle(workdir, dns_port, args.idle, report)
+            measure_idle(workdir, dns_port, args.idle, report, args.edge_processes)
     print()
     print(render(report, args.sessions))
     if args.json:

@@ -133,6 +133,22 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def rss_tree_bytes(pid: int) -> int:
+    """Resident memory of a process and its direct children (the edge's acceptors)."""
+    total = rss_bytes(pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                total += rss_bytes(int(entry))
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return total
+
+
 def hold_idle(port: int, count: int) -> list[socket.socket]:
     """Open `count` sessions that are greeted and said EHLO, then sit idle; caller closes them."""
     held: list[socket.socket] = []
