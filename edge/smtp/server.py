@@ -261,7 +261,8 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         d = defer.maybeDeferred(fn, *args)
-        d.addTimeout(self.limits.handler_timeout, self.clock)
+        if not d.called:  # an answer already there needs no timer
+            d.addTimeout(self.limits.handler_timeout, self.clock)
         return await d
 
     # -- commands ------------------------------------------------------------------------
