@@ -328,8 +328,12 @@ class Spool:
             if orphan.stem not in live:
                 orphan.unlink(missing_ok=True)
         with self._lock:
-            self._entries = entries
-            self._live = live
+            # Batches committed (or handed over) while this ran are in the index already,
+            # whether or not the scan above saw their files: keep them.
+            for qid, entry in entries.items():
+                self._entries.setdefault(qid, entry)
+            for name, qids in live.items():
+                self._live.setdefault(name, set()).update(qids)
         envelopes = [e.envelope for e in entries.values()]
         envelopes.sort(key=lambda e: (e.received_at, e.qid))
         return envelopes

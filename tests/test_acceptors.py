@@ -181,3 +181,20 @@ def test_the_configuration_reaches_an_acceptor_whole() -> None:
     config.edge.retry_schedule = [5.0, 10.0]
     config.checks.actions = {"spf.fail": "reject"}
     assert config_from_json(config_to_json(config)) == config
+
+
+def test_batches_taken_in_during_recovery_stay_indexed(tmp_path: Path) -> None:
+    from edge.spool import SpoolEntry
+
+    old = Spool(tmp_path)
+    writer = old.writer()
+    writer.write(b"Subject: before\r\n\r\nx\r\n")
+    before = Envelope(writer.qid, "a@b.test", ["c@d.test"], 1.0)
+    old.commit(writer, before)
+    edge = Spool(tmp_path)
+    # An acceptor's batch arrives while the edge still recovers (its file not yet scanned).
+    late = Envelope("0FFFFFFFFFFFFF00000000", "a@b.test", ["e@d.test"], 2.0)
+    edge.adopt("B0FFFFFFFFFFFFF00000000", [SpoolEntry(late, "B0FFFFFFFFFFFFF00000000", 0, 0)])
+    recovered = edge.load()
+    assert [e.qid for e in recovered] == [before.qid]
+    assert sorted(edge.queued_ids()) == sorted([before.qid, late.qid])
