@@ -22,7 +22,14 @@ import pytest
 from edge.config import Config, config_from_json, config_to_json
 from edge.spool import Envelope, Spool
 from tests.processes import Process, allinone_config, host_port, wait_for
-from tests.test_interop import SMTP_SOURCE, edge_queue_id, needs_smtp_source, with_subject
+from tests.test_interop import (
+    SMTP_SOURCE,
+    SWAKS,
+    edge_queue_id,
+    needs_smtp_source,
+    needs_swaks,
+    with_subject,
+)
 
 
 def children(pid: int) -> list[int]:
@@ -198,3 +205,22 @@ def test_batches_taken_in_during_recovery_stay_indexed(tmp_path: Path) -> None:
     recovered = edge.load()
     assert [e.qid for e in recovered] == [before.qid]
     assert sorted(edge.queued_ids()) == sorted([before.qid, late.qid])
+
+
+@needs_swaks
+def test_starttls_works_with_two_processes(two_processes: tuple[Process, str, int]) -> None:
+    proc, host, port = two_processes
+    assert SWAKS is not None
+    for n in range(8):  # connections spread over both processes (by the kernel's hash)
+        result = subprocess.run(
+            [SWAKS, "--server", host, "--port", str(port), "--from", "tls@sender.test"]
+            + ["--to", "demo@example.test", "-tls", "--header", f"Subject: tls {n}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0 and "TLS started" in result.stdout, result.stdout
+    for n in range(8):
+        [raw] = wait_for(lambda n=n: with_subject(proc, f"tls {n}") or None, timeout=30)
+        assert b"with ESMTPS" in raw
