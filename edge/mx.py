@@ -20,6 +20,7 @@ import email.utils
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -62,26 +63,32 @@ def received_header(session: Session, hostname: str, qid: str, now: float) -> by
     return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
 
 
+@dataclass
+class Spooling:
+    """What both spooling sinks need to make a message durable and hand it on."""
+
+    writer: SpoolWriter
+    envelope: Envelope
+    spool: Spool
+    run_blocking: Callable[..., defer.Deferred[Any]]
+    accepted: Callable[[Envelope], None]
+    filter: HeaderFilter
+    commit: Commit
+
+    async def done(self) -> Reply:
+        """Commit (the 250 waits for the fsync), queue for delivery, and say so."""
+        await self.commit(self.writer, self.envelope)
+        self.accepted(self.envelope)
+        return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
+
+
 class SpoolSink:
     """The MessageSink of one MX transaction without checks: streams into the spool."""
 
-    def __init__(
-        self,
-        writer: SpoolWriter,
-        envelope: Envelope,
-        spool: Spool,
-        run_blocking: Callable[..., defer.Deferred[Any]],
-        accepted: Callable[[Envelope], None],
-        header_filter: HeaderFilter,
-        commit: Commit,
-    ) -> None:
-        self.writer = writer
-        self.commit = commit
-        self.envelope = envelope
-        self.spool = spool
-        self.run_blocking = run_blocking
-        self.accepted = accepted
-        self.filter = header_filter
+    def __init__(self, spooling: Spooling) -> None:
+        self.spooling = spooling
+        self.writer = spooling.writer
+        self.filter = spooling.filter
 
     def write(self, chunk: bytes) -> None:
         for line in self.filter.feed(chunk):
@@ -93,9 +100,7 @@ class SpoolSink:
     async def finish(self) -> Reply:
         for line in self.filter.finish():
             self.writer.write(line)
-        await self.commit(self.writer, self.envelope)
-        self.accepted(self.envelope)
-        return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
+        return await self.spooling.done()
 
 
 def _read_all(buffer: IO[bytes]) -> bytes:
@@ -125,30 +130,17 @@ class CheckedSink:
     """
 
     def __init__(
-        self,
-        writer: SpoolWriter,
-        envelope: Envelope,
-        spool: Spool,
-        run_blocking: Callable[..., defer.Deferred[Any]],
-        accepted: Callable[[Envelope], None],
-        header_filter: HeaderFilter,
-        checks: CheckPipeline,
-        tx: Transaction,
-        received: bytes,
-        commit: Commit,
+        self, spooling: Spooling, checks: CheckPipeline, tx: Transaction, received: bytes
     ) -> None:
-        self.writer = writer
-        self.commit = commit
-        self.envelope = envelope
-        self.spool = spool
-        self.run_blocking = run_blocking
-        self.accepted = accepted
-        self.filter = header_filter
+        self.spooling = spooling
+        self.writer = spooling.writer
+        self.filter = spooling.filter
+        self.run_blocking = spooling.run_blocking
         self.checks = checks
         self.tx = tx
         self.received = received
         self.buffer: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=MEMORY_LIMIT, dir=str(spool.tmp)
+            max_size=MEMORY_LIMIT, dir=str(spooling.spool.tmp)
         )
 
     def write(self, chunk: bytes) -> None:
@@ -168,16 +160,14 @@ class CheckedSink:
             message = await self.run_blocking(_read_all, self.buffer)
         outcome = await self.checks.data(self.tx, message)
         del message
-        self.envelope.extra["verdict"] = outcome.decision.action
+        self.spooling.envelope.extra["verdict"] = outcome.decision.action
         top = outcome.headers + self.received
         size = self.buffer.tell()
         if _in_memory(self.buffer) and len(top) + size <= SpoolWriter.SPILL_SIZE:
             _fill(self.writer, top, self.buffer)  # memory to memory: no disk, no thread
         else:
             await self.run_blocking(_fill, self.writer, top, self.buffer)
-        await self.commit(self.writer, self.envelope)
-        self.accepted(self.envelope)
-        return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
+        return await self.spooling.done()
 
 
 class DiscardSink:
@@ -303,27 +293,16 @@ class MXHandler:
             client_ip=session.peer_host,
             helo=session.helo or "",
         )
-        header_filter = HeaderFilter(self.authserv_id)
-        if self.checks is not None and self.tx is not None:
-            return CheckedSink(
-                writer,
-                envelope,
-                self.spool,
-                self.run_blocking,
-                self.accepted,
-                header_filter,
-                self.checks,
-                self.tx,
-                received,
-                self.commit,
-            )
-        writer.write(received)
-        return SpoolSink(
+        spooling = Spooling(
             writer,
             envelope,
             self.spool,
             self.run_blocking,
             self.accepted,
-            header_filter,
+            HeaderFilter(self.authserv_id),
             self.commit,
         )
+        if self.checks is not None and self.tx is not None:
+            return CheckedSink(spooling, self.checks, self.tx, received)
+        writer.write(received)
+        return SpoolSink(spooling)
