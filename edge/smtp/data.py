@@ -10,8 +10,6 @@ than one text line of input, and never decides anything but these wire-level rul
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,12 +48,6 @@ class MessageSink(Protocol):
     def finish(self) -> Awaitable[Reply] | Reply: ...
 
     def abort(self) -> None: ...
-
-
-@functools.cache
-def _long_line(limit: int) -> re.Pattern[bytes]:
-    """Matches a text line of `limit` octets or more before its LF (CR included)."""
-    return re.compile(rb"[^\n]{%d}" % limit)
 
 
 class DataReader:
@@ -130,8 +122,8 @@ class DataReader:
         crlf = region.count(b"\r\n")
         if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
             self.fail(replies.S550_BARE_NEWLINE)
-        if len(region) >= limit and _long_line(limit).search(region):
-            self.fail(replies.S552_LINE_TOO_LONG)
+        if len(region) >= limit and max(map(len, region.split(b"\n"))) >= limit:
+            self.fail(replies.S552_LINE_TOO_LONG)  # a line of `limit` octets before its LF
         if region.startswith(b"."):
             region = region[1:]
         region = region.replace(b"\n.", b"\n")
