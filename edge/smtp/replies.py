@@ -7,6 +7,7 @@ a test can check each reply's class against its enhanced code's class. Nothing h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Reply:
             body = f"{self.enhanced} {part}" if self.enhanced else part
             out.append((prefix + body).encode("utf-8", "replace") + b"\r\n")
         return out
+
+    @cached_property
+    def wire(self) -> bytes:
+        """`lines()` joined: what goes on the wire (made once per reply)."""
+        return b"".join(self.lines())
 
     @property
     def is_error(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,6 +73,10 @@ class SessionHandler(Protocol):
         ...
 
 
+Answer = Reply | None | defer.Deferred[Any]
+"""What a command gives: its reply (None when it has answered itself) now, or later."""
+
+
 def _tls_description(transport: Any) -> str | None:
     handle: Any = getattr(transport, "getHandle", lambda: None)()
     try:
@@ -126,14 +130,22 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         )
         self.setTimeout(self.limits.idle_timeout)
         self._busy = True
-        d = defer.ensureDeferred(self._greet())
-        d.addErrback(self._internal_error)
-
-    async def _greet(self) -> None:
-        assert self.session is not None
         refusal = self.factory.admit(self)
-        if refusal is None:
-            refusal = await self._call(self.handler.connect, self.session)
+        if refusal is not None:
+            self._greeted(refusal)
+            return
+        try:
+            result = self._call(self.handler.connect, self.session)
+        except Exception:
+            result = self._funnel(Failure())
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._funnel)
+            result.addCallback(self._greeted)
+            result.addErrback(self._internal_error)
+        else:
+            self._greeted(result)
+
+    def _greeted(self, refusal: Reply | None) -> None:
         if refusal is not None and refusal.is_error:
             self._send(refusal)
             self._close()
@@ -163,7 +175,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def _send(self, reply: Reply) -> None:
         if self.transport is None or (self._closed and reply.code not in (221, 421, 554)):
             return
-        send_now(self.transport, b"".join(reply.lines()))
+        send_now(self.transport, reply.wire)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -208,15 +220,29 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             if len(line) > self.limits.max_line_length:
                 self._reply_error(replies.S500_LINE_TOO_LONG)
                 continue
-            self._run(self._command(line))
+            self._execute(line)
 
-    def _run(self, coro: Awaitable[Reply | None]) -> None:
-        """Run one command; while it waits, later pipelined input stays in the buffer."""
+    def _run(self, result: Answer) -> None:
+        """Finish one command with its answer: now, or once its Deferred fires. While it
+        waits, later pipelined input stays in the buffer."""
         self._busy = True
-        d: defer.Deferred[Any] = defer.ensureDeferred(coro)  # type: ignore[arg-type]
-        d.addErrback(self._funnel)
-        d.addCallback(self._finish_command)
-        d.addErrback(self._internal_error)
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._funnel)
+            result.addCallback(self._finish_command)
+            result.addErrback(self._internal_error)
+            return
+        try:
+            self._finish_command(result)
+        except Exception:
+            self._internal_error(Failure())
+
+    def _execute(self, line: bytes) -> None:
+        self._busy = True
+        try:
+            result = self._command(line)
+        except Exception:
+            result = self._funnel(Failure())
+        self._run(result)
 
     def _finish_command(self, reply: Reply | None) -> None:
         if reply is not None:
@@ -259,34 +285,42 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def _peer(self) -> str:
         return self.session.peer_host if self.session else "?"
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        d = defer.maybeDeferred(fn, *args)
-        if not d.called:  # an answer already there needs no timer
-            d.addTimeout(self.limits.handler_timeout, self.clock)
-        return await d
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` of the handler: its value when it has one now (an exception it raised,
+        or a fired Deferred's failure, is raised here), else a Deferred under the handler
+        timeout."""
+        return _settle(fn(*args), self.limits.handler_timeout, self.clock)
+
+    def _then(self, result: Any, then: Callable[[Any], Answer]) -> Answer:
+        """`then(result)` now, or once `result` (a Deferred from `_call`) fires."""
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(then)
+        return then(result)
 
     # -- commands ------------------------------------------------------------------------
 
-    async def _command(self, line: bytes) -> Reply | None:
+    def _command(self, line: bytes) -> Answer:
         assert self.session is not None
         if self._auth_pending:
-            return await self._auth_continue(line)
+            return self._auth_continue(line)
+        verb, _, rest = line.partition(b" ")
+        method = _COMMANDS.get(verb.upper())
+        if method is None:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return replies.S500_UNKNOWN.with_text("Command line is not valid UTF-8")
+            return replies.S500_UNKNOWN
         try:
-            text = line.decode("utf-8")
+            arg = rest.decode("utf-8")
         except UnicodeDecodeError:
             return replies.S500_UNKNOWN.with_text("Command line is not valid UTF-8")
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        method = getattr(self, f"cmd_{verb}", None) if verb.isalpha() else None
-        if method is None:
-            return replies.S500_UNKNOWN
-        result: Reply | None = await method(arg.strip() if verb not in ("MAIL", "RCPT") else arg)
-        return result
+        return method(self, arg if method in _RAW_ARGUMENT else arg.strip())
 
-    async def cmd_HELO(self, arg: str) -> Reply:
+    def cmd_HELO(self, arg: str) -> Reply:
         return self._greeting(arg, esmtp=False)
 
-    async def cmd_EHLO(self, arg: str) -> Reply:
+    def cmd_EHLO(self, arg: str) -> Reply:
         return self._greeting(arg, esmtp=True)
 
     def _greeting(self, arg: str, esmtp: bool) -> Reply:
@@ -314,7 +348,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             lines.append("AUTH PLAIN")
         return Reply(250, "", "\n".join(lines))
 
-    async def cmd_STARTTLS(self, arg: str) -> Reply | None:
+    def cmd_STARTTLS(self, arg: str) -> Answer:
         assert self.session is not None
         if arg:
             return replies.S501_SYNTAX
@@ -333,7 +367,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self.session.tls = "TLS"
         return None
 
-    async def cmd_AUTH(self, arg: str) -> Reply | None:
+    def cmd_AUTH(self, arg: str) -> Answer:
         assert self.session is not None
         if not self.handler.auth_offered or self.session.helo is None:
             return replies.S503_BAD_SEQUENCE
@@ -345,54 +379,66 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         if not initial:
             self._auth_pending = True
             return replies.S334_AUTH_CONTINUE
-        return await self._auth_plain(initial.strip())
+        return self._auth_plain(initial.strip())
 
-    async def _auth_continue(self, line: bytes) -> Reply:
+    def _auth_continue(self, line: bytes) -> Answer:
         self._auth_pending = False
         if line.strip() == b"*":
             return replies.S501_SYNTAX.with_text("Authentication cancelled")
-        return await self._auth_plain(line.decode("ascii", "replace").strip())
+        return self._auth_plain(line.decode("ascii", "replace").strip())
 
-    async def _auth_plain(self, encoded: str) -> Reply:
+    def _auth_plain(self, encoded: str) -> Answer:
         assert self.session is not None
         try:
             decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
             _authzid, username, password = decoded.split("\x00")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return replies.S501_SYNTAX.with_text("Malformed AUTH PLAIN response")
-        ok = await self._call(self.handler.authenticate, self.session, username, password)
+        ok = self._call(self.handler.authenticate, self.session, username, password)
+        return self._then(ok, lambda ok: self._authenticated(username, ok))
+
+    def _authenticated(self, username: str, ok: Any) -> Reply:
+        assert self.session is not None
         if not ok:
             return replies.S535_AUTH_FAILED
         self.session.authenticated_as = username
         return replies.S235_AUTH_OK
 
-    async def cmd_MAIL(self, arg: str) -> Reply | None:
+    def cmd_MAIL(self, arg: str) -> Answer:
         assert self.session is not None
         if self.session.helo is None or self.session.sender is not None:
             return replies.S503_BAD_SEQUENCE
         if self.handler.auth_required and self.session.authenticated_as is None:
             return replies.S530_AUTH_REQUIRED
         sender = parse_mail_from(arg, max_size=self.limits.max_message_size)
-        refusal = await self._call(self.handler.mail_from, self.session, sender)
+        refusal = self._call(self.handler.mail_from, self.session, sender)
+        return self._then(refusal, lambda refusal: self._sender_taken(sender, refusal))
+
+    def _sender_taken(self, sender: Path, refusal: Reply | None) -> Reply:
+        assert self.session is not None
         if refusal is not None:
-            return refusal  # type: ignore[no-any-return]
+            return refusal
         self.session.sender = sender
         return replies.S250_SENDER_OK
 
-    async def cmd_RCPT(self, arg: str) -> Reply | None:
+    def cmd_RCPT(self, arg: str) -> Answer:
         assert self.session is not None
         if self.session.sender is None:
             return replies.S503_BAD_SEQUENCE
         if len(self.session.recipients) >= self.limits.max_recipients:
             return replies.S452_TOO_MANY_RCPTS
         recipient = parse_rcpt_to(arg, smtputf8="SMTPUTF8" in self.session.sender.params)
-        refusal = await self._call(self.handler.rcpt_to, self.session, recipient)
+        refusal = self._call(self.handler.rcpt_to, self.session, recipient)
+        return self._then(refusal, lambda refusal: self._recipient_taken(recipient, refusal))
+
+    def _recipient_taken(self, recipient: Path, refusal: Reply | None) -> Reply:
+        assert self.session is not None
         if refusal is not None:
-            return refusal  # type: ignore[no-any-return]
+            return refusal
         self.session.recipients.append(recipient)
         return replies.S250_RCPT_OK
 
-    async def cmd_DATA(self, arg: str) -> Reply | None:
+    def cmd_DATA(self, arg: str) -> Answer:
         assert self.session is not None
         if arg:
             return replies.S501_SYNTAX
@@ -400,26 +446,28 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             return replies.S503_BAD_SEQUENCE
         if not self.session.recipients:
             return replies.S554_NO_VALID_RCPTS
-        sink = await self._call(self.handler.data, self.session)
+        return self._then(self._call(self.handler.data, self.session), self._data_begins)
+
+    def _data_begins(self, sink: MessageSink) -> Reply:
         self._data = DataReader(self.limits, sink)
         self.setTimeout(self.limits.data_timeout)
         return replies.S354_DATA
 
-    async def cmd_RSET(self, arg: str) -> Reply:
+    def cmd_RSET(self, arg: str) -> Reply:
         assert self.session is not None
         self.session.reset_transaction()
         return replies.S250_RESET
 
-    async def cmd_NOOP(self, arg: str) -> Reply:
+    def cmd_NOOP(self, arg: str) -> Reply:
         return replies.S250_OK
 
-    async def cmd_VRFY(self, arg: str) -> Reply:
+    def cmd_VRFY(self, arg: str) -> Reply:
         return replies.S252_VRFY if arg else replies.S501_SYNTAX
 
-    async def cmd_HELP(self, arg: str) -> Reply:
+    def cmd_HELP(self, arg: str) -> Reply:
         return replies.S211_HELP
 
-    async def cmd_QUIT(self, arg: str) -> Reply | None:
+    def cmd_QUIT(self, arg: str) -> Reply | None:
         self._send(replies.S221_BYE)
         self._close()
         return None
@@ -439,22 +487,40 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         error = reader.error
         self.session.reset_transaction()
         if error is not None or sink is None:
-            self._run(self._immediate(error or replies.S451_INTERNAL))
+            self._run(error or replies.S451_INTERNAL)
             return
-        self._run(self._finish_sink(sink))
-
-    async def _immediate(self, reply: Reply) -> Reply:
-        return reply
-
-    async def _finish_sink(self, sink: MessageSink) -> Reply:
         try:
-            d = defer.maybeDeferred(sink.finish)
-            d.addTimeout(self.limits.data_timeout, self.clock)
-            reply: Reply = await d  # type: ignore[assignment]
-        except BaseException:
+            result = _settle(sink.finish(), self.limits.data_timeout, self.clock)
+        except Exception:
             sink.abort()
-            raise
-        return reply
+            result = self._funnel(Failure())
+        else:
+            if isinstance(result, defer.Deferred):
+                result.addErrback(_aborting, sink)
+        self._run(result)
+
+
+def _aborting(failure: Failure, sink: MessageSink) -> Failure:
+    sink.abort()
+    return failure
+
+
+def _settle(result: Any, timeout: float, clock: IReactorTime) -> Any:
+    """A handler's or sink's answer as a value when it has one now, else as a Deferred that
+    times out after `timeout` seconds. A coroutine runs until it first waits; a failure that
+    is already there is raised."""
+    if isinstance(result, Coroutine):
+        result = defer.Deferred.fromCoroutine(result)
+    if not isinstance(result, defer.Deferred):
+        return result
+    if result.called and not result.paused:
+        value = result.result
+        if isinstance(value, Failure):
+            result.addErrback(lambda _: None)  # raised here instead
+            value.raiseException()
+        return value
+    result.addTimeout(timeout, clock)
+    return result
 
 
 class SMTPServerFactory(Factory):
@@ -504,3 +570,14 @@ class SMTPServerFactory(Factory):
                 self.per_ip[ip] = left
             else:
                 self.per_ip.pop(ip, None)
+
+
+_COMMANDS: dict[bytes, Callable[[SMTPServer, str], Answer]] = {
+    name[4:].encode(): getattr(SMTPServer, name)
+    for name in dir(SMTPServer)
+    if name.startswith("cmd_")
+}
+"""The commands by their verb (upper case)."""
+
+_RAW_ARGUMENT = {SMTPServer.cmd_MAIL, SMTPServer.cmd_RCPT}
+"""Commands whose argument is parsed with its spaces as received."""
