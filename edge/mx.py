@@ -17,6 +17,7 @@ inline.
 from __future__ import annotations
 
 import email.utils
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
+from edge.soon import then
 from edge.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 
@@ -41,6 +43,12 @@ Commit = Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
 
 MEMORY_LIMIT = 1024 * 1024
 """Message data up to this size is held in memory for the checks; more spills to disk."""
+
+
+@functools.lru_cache(maxsize=4)
+def _date(seconds: int) -> str:
+    """The RFC 5322 date of a second (most messages share theirs with the one before)."""
+    return email.utils.formatdate(seconds, localtime=True)
 
 
 def received_header(session: Session, hostname: str, qid: str, now: float) -> bytes:
@@ -59,7 +67,7 @@ def received_header(session: Session, hostname: str, qid: str, now: float) -> by
         lines.append(f"\t(using {session.tls})")
     if len(session.recipients) == 1:
         lines.append(f"\tfor <{session.recipients[0].address}>")
-    lines[-1] += f"; {email.utils.formatdate(now, localtime=True)}"
+    lines[-1] += f"; {_date(int(now))}"
     return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
 
 
@@ -200,6 +208,10 @@ class DiscardSink:
         return replies.S250_OK.with_text("Discarded")
 
 
+def _none(_: object) -> None:
+    return None
+
+
 class MXHandler:
     """Policy of one inbound MX connection."""
 
@@ -265,18 +277,25 @@ class MXHandler:
             return None
         if self.tx is None:
             self.tx = self.checks.transaction(session.peer_host)
-        return defer.ensureDeferred(self.checks.mail(self.tx, session.helo or "", sender.address))
+        return then(self.checks.mail(self.tx, session.helo or "", sender.address), _none)
 
-    async def rcpt_to(self, session: Session, recipient: Path) -> Reply | None:
-        target = await self.lookup(self.resolve, recipient.address)
+    def rcpt_to(self, session: Session, recipient: Path) -> Any:
+        """None, or a Deferred of it; refusals are raised (or fail the Deferred) as
+        SMTPReplyError. A recipient whose route is cached is answered at once."""
+        return then(self.lookup(self.resolve, recipient.address), self._routed, recipient)
+
+    def _routed(self, target: RecipientTarget | None, recipient: Path) -> Any:
         if target is None:
             raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
-        if self.checks is not None and self.tx is not None:
-            account = None
-            if self.account_of is not None:
-                account = await self.lookup(self.account_of, target)
-            await self.checks.rcpt(self.tx, Recipient(recipient.address, account))
-        return None
+        if self.checks is None or self.tx is None:
+            return None
+        if self.account_of is None:
+            return self._check_recipient(None, recipient)
+        return then(self.lookup(self.account_of, target), self._check_recipient, recipient)
+
+    def _check_recipient(self, account: str | None, recipient: Path) -> Any:
+        assert self.checks is not None and self.tx is not None
+        return then(self.checks.rcpt(self.tx, Recipient(recipient.address, account)), _none)
 
     def data(self, session: Session) -> SpoolSink | CheckedSink | DiscardSink:
         assert session.sender is not None

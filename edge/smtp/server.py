@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
+from edge.soon import now
 
 log = Logger()
 
@@ -507,19 +508,10 @@ def _aborting(failure: Failure, sink: MessageSink) -> Failure:
 
 def _settle(result: Any, timeout: float, clock: IReactorTime) -> Any:
     """A handler's or sink's answer as a value when it has one now, else as a Deferred that
-    times out after `timeout` seconds. A coroutine runs until it first waits; a failure that
-    is already there is raised."""
-    if isinstance(result, Coroutine):
-        result = defer.Deferred.fromCoroutine(result)
-    if not isinstance(result, defer.Deferred):
-        return result
-    if result.called and not result.paused:
-        value = result.result
-        if isinstance(value, Failure):
-            result.addErrback(lambda _: None)  # raised here instead
-            value.raiseException()
-        return value
-    result.addTimeout(timeout, clock)
+    times out after `timeout` seconds (`edge.soon.now`)."""
+    result = now(result)
+    if isinstance(result, defer.Deferred):
+        result.addTimeout(timeout, clock)
     return result
 
 
