@@ -350,3 +350,78 @@ def test_too_many_received_headers_is_a_loop() -> None:
     conn2 = greeted(Limits(max_received_headers=3))
     out = deliver(conn2, hops[: len(hops) * 3 // 4] + b"Subject: ok\r\n\r\nx\r\n.\r\n")
     assert out[-1].startswith("250")
+
+
+class DeferredHandler(FakeHandler):
+    """Answers MAIL and RCPT through Deferreds: fired, pending, or failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[defer.Deferred[None]] = []
+        self.hold = False
+
+    def mail_from(self, session: Session, sender: Path) -> Any:
+        if sender.address == "refused@example.test":
+            return defer.fail(SMTPReplyError(replies.S550_NO_SUCH_USER))
+        return defer.succeed(None)
+
+    def rcpt_to(self, session: Session, recipient: Path) -> Any:
+        if self.hold:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.pending.append(d)
+            return d
+        return super().rcpt_to(session, recipient)
+
+
+def test_handler_answers_by_deferred_fired_or_not() -> None:
+    handler = DeferredHandler()
+    conn = Conn(handler=handler)
+    conn.send(b"EHLO client.test\r\n")
+    assert conn.codes(b"MAIL FROM:<refused@example.test>\r\n") == [550]
+    assert conn.codes(b"MAIL FROM:<a@example.test>\r\n") == [250]
+    handler.hold = True
+    # While RCPT waits, the pipelined DATA stays unread; both are answered in order later.
+    assert conn.codes(b"RCPT TO:<user@example.test>\r\nDATA\r\n") == []
+    assert len(handler.pending) == 1
+    handler.pending[0].callback(None)
+    assert [int(line[:3]) for line in conn.replies()] == [250, 354]
+
+
+def test_coroutine_handler_that_refuses_synchronously() -> None:
+    class CoroutineHandler(FakeHandler):
+        async def rcpt_to(self, session: Session, recipient: Path) -> None:  # type: ignore[override]
+            raise SMTPReplyError(replies.S550_NO_SUCH_USER, "nobody")
+
+    conn = Conn(handler=CoroutineHandler())
+    conn.send(b"EHLO client.test\r\n")
+    conn.send(b"MAIL FROM:<a@example.test>\r\n")
+    assert conn.codes(b"RCPT TO:<user@example.test>\r\n") == [550]
+
+
+def test_sink_whose_finish_fails_later_is_aborted_and_tempfails() -> None:
+    finished: list[defer.Deferred[Reply]] = []
+    aborted: list[bool] = []
+
+    class LaterSink:
+        def write(self, chunk: bytes) -> None:
+            pass
+
+        def finish(self) -> defer.Deferred[Reply]:
+            d: defer.Deferred[Reply] = defer.Deferred()
+            finished.append(d)
+            return d
+
+        def abort(self) -> None:
+            aborted.append(True)
+
+    class Handler(FakeHandler):
+        def data(self, session: Session) -> Any:
+            return LaterSink()
+
+    conn = Conn(handler=Handler())
+    conn.send(b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<user@example.test>\r\n")
+    assert conn.codes(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n") == [354]
+    finished[0].errback(OSError("disk full"))
+    assert [int(line[:3]) for line in conn.replies()] == [354, 451]
+    assert aborted == [True]
+    assert "disk full" not in conn.transport.value().decode()
