@@ -7,16 +7,19 @@ functions synchronously). `run_cached` runs such DNS-bound work in the calling (
 thread when every lookup it makes is answered from the cache, and again in the resolver's
 own bounded thread pool (`run_async`) as soon as one would need the network; so CPU work on
 cached data runs inline, and nothing that may wait on the network ever blocks the reactor.
-`lookup_async` is the same for one lookup.
+`lookup_async` is the same for one lookup. `run_cached_now` answers without a Deferred when
+the cache answers, and `ResultMemo` keeps the results of such work for as long as the
+answers they were computed from.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.exception
 import dns.name
@@ -25,6 +28,9 @@ import dns.resolver
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+_MISSED: Any = object()  # `_inline`'s answer when a lookup would have needed the network
 
 
 class DNSTemporaryError(Exception):
@@ -94,7 +100,8 @@ class DNSResolver:
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._max_threads = max_threads
-        self._local = threading.local()  # .cache_only / .missed, per thread, for run_cached
+        self._local = threading.local()  # .cache_only / .missed / .expires, for run_cached
+        self.generation = 0  # bumped by clear_cache: results computed before are stale
 
     def lookup(self, name: str, rdtype: str) -> Answer:
         """Blocking lookup (run it off the reactor thread). Raises DNSTemporaryError.
@@ -106,9 +113,11 @@ class DNSResolver:
         now = self.clock()
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[0] > now:
-                return hit[1]
         local = self._local
+        if hit is not None and hit[0] > now:
+            if getattr(local, "cache_only", False) and hit[0] < local.expires:
+                local.expires = hit[0]  # the earliest expiry of what the inline run used
+            return hit[1]
         if getattr(local, "cache_only", False):
             local.missed = True
             raise NotCached(f"{rdtype} {key[0]}")
@@ -164,24 +173,54 @@ class DNSResolver:
         side effects before its lookups. Use it for work that is cheap once the answers are
         cached (no big message bodies to hash): it must never stall the calling thread.
         """
-        local = self._local
-        if getattr(local, "cache_only", False):  # nested: the outer call decides
+        if getattr(self._local, "cache_only", False):  # nested: the outer call decides
             return defer.execute(fn, *args, **kwargs)
+        try:
+            result, _expires = self._inline(fn, args, kwargs)
+        except Exception:
+            return defer.fail()
+        if result is _MISSED:
+            return self.run_async(fn, *args, **kwargs)
+        return defer.succeed(result)
+
+    def run_cached_now(
+        self, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T | defer.Deferred[T]:
+        """`run_cached` without a Deferred when the cache answers: `fn`'s value at once (an
+        error of the inline run is raised here), else the Deferred of the worker pool's run."""
+        if getattr(self._local, "cache_only", False):  # nested: the outer call decides
+            return fn(*args, **kwargs)
+        result, _expires = self._inline(fn, args, kwargs)
+        if result is _MISSED:
+            return self.run_async(fn, *args, **kwargs)
+        out: T = result
+        return out
+
+    def _inline(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, float]:
+        """`fn` in cache-only mode in this thread: its value and when the first of the cached
+        answers it used expires (infinity if it used none), or `_MISSED` when one of its
+        lookups would have needed the network. Errors of `fn` are raised, unless a lookup
+        missed before them (the pool run will tell)."""
+        local = self._local
         local.cache_only = True
         local.missed = False
+        local.expires = math.inf
         try:
             result = fn(*args, **kwargs)
         except NotCached:
             local.missed = True
         except Exception:
             if not local.missed:
-                return defer.fail()
+                raise
         finally:
             local.cache_only = False
         if local.missed:
             local.missed = False
-            return self.run_async(fn, *args, **kwargs)
-        return defer.succeed(result)
+            return _MISSED, 0.0
+        expires: float = local.expires
+        return result, expires
 
     def run_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         """Run DNS-bound work (e.g. an SPF evaluation) in the resolver's thread pool."""
@@ -199,6 +238,64 @@ class DNSResolver:
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self.generation += 1
+
+
+class ResultMemo:
+    """Results of DNS-bound work, each kept while the DNS answers it was computed from are.
+
+    `run(key, fn, *args)` answers the kept result of `key` at once while it is fresh;
+    otherwise it runs `fn` as `DNSResolver.run_cached_now` does. A result computed from the
+    resolver's cache alone, and accepted by `keep`, is kept until the first of the answers
+    it used expires, `max_age` seconds at most, and never past a `clear_cache`. A result
+    of the worker pool (one that needed the network, or met an error there) is never kept:
+    the next run finds its answers cached and keeps its own. `fn` must depend only on its
+    arguments and its lookups, and `key` must stand for all the arguments. Used from one
+    thread (the reactor's); at most `max_entries` results, the oldest dropped first.
+    """
+
+    def __init__(
+        self,
+        resolver: DNSResolver,
+        *,
+        max_age: float = 30.0,
+        max_entries: int = 4096,
+        keep: Callable[[Any], bool] | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.max_age = max_age
+        self.max_entries = max_entries
+        self.keep = keep
+        self._entries: dict[Hashable, tuple[float, int, Any]] = {}
+
+    def run(
+        self, key: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T | defer.Deferred[T]:
+        resolver = self.resolver
+        now = resolver.clock()
+        generation = resolver.generation
+        entries = self._entries
+        hit = entries.get(key)
+        if hit is not None:
+            if hit[0] > now and hit[1] == generation:
+                kept: T = hit[2]
+                return kept
+            del entries[key]
+        if getattr(resolver._local, "cache_only", False):  # inside run_cached: no keeping
+            return fn(*args, **kwargs)
+        result, expires = resolver._inline(fn, args, kwargs)
+        if result is _MISSED:
+            return resolver.run_async(fn, *args, **kwargs)
+        until = min(expires, now + self.max_age)
+        if until > now and (self.keep is None or self.keep(result)):
+            if len(entries) >= self.max_entries:
+                del entries[next(iter(entries))]
+            entries[key] = (until, generation, result)
+        out: T = result
+        return out
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:

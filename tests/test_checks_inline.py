@@ -74,7 +74,7 @@ def test_spf_cold_cache_goes_to_the_pool_and_a_warm_one_answers_inline(
 
     def run() -> defer.Deferred[Any]:
         tx = Transaction(ip, helo="client.good.test", mail_from="ann@good.test")
-        return defer.ensureDeferred(check.mail(tx)).addCallback(lambda _: tx.spf)
+        return defer.maybeDeferred(check.mail, tx).addCallback(lambda _: tx.spf)
 
     cold_now, cold = now_or_later(in_reactor, run)
     assert not cold_now and spy.calls == ["evaluate"]
@@ -157,11 +157,11 @@ def test_dkim_and_arc_without_headers_touch_neither_pool_nor_dkimpy(
     monkeypatch.setattr(dkim, "arc_verify", no_dkimpy)
     tx = Transaction("192.0.2.1")
     at_once, findings = now_or_later(
-        in_reactor, lambda: defer.ensureDeferred(DKIMCheck(resolver).data(tx, MESSAGE))
+        in_reactor, lambda: defer.maybeDeferred(DKIMCheck(resolver).data, tx, MESSAGE)
     )
     assert at_once and [f.key for f in findings] == ["dkim.none"] and tx.dkim == []
     at_once, findings = now_or_later(
-        in_reactor, lambda: defer.ensureDeferred(ARCCheck(resolver).data(tx, MESSAGE))
+        in_reactor, lambda: defer.maybeDeferred(ARCCheck(resolver).data, tx, MESSAGE)
     )
     assert at_once and [f.key for f in findings] == ["arc.none"]
     assert tx.arc is not None and tx.arc.reason == "Message is not ARC signed"
@@ -188,7 +188,7 @@ def test_signed_messages_verify_inline_once_keys_are_cached_unless_big(
 
     def run(message: bytes) -> tuple[bool, Any]:
         tx = Transaction("192.0.2.1", from_count=1)
-        at_once, _ = now_or_later(in_reactor, lambda: defer.ensureDeferred(check.data(tx, message)))
+        at_once, _ = now_or_later(in_reactor, lambda: defer.maybeDeferred(check.data, tx, message))
         return at_once, [(r.result, r.domain) for r in tx.dkim]
 
     signed = sign(MESSAGE, pem)
@@ -211,7 +211,7 @@ def test_dmarc_answers_inline_once_the_record_is_cached(
     def run() -> tuple[bool, Any]:
         tx = Transaction("192.0.2.1", header_from=["ann@good.test"], from_count=1)
         at_once, findings = now_or_later(
-            in_reactor, lambda: defer.ensureDeferred(check.data(tx, MESSAGE))
+            in_reactor, lambda: defer.maybeDeferred(check.data, tx, MESSAGE)
         )
         return at_once, [f.key for f in findings]
 

@@ -6,8 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 
-from edge.checks.spf import evaluate
+from edge.checks import spf as spf_module
+from edge.checks.base import SPFResult, Transaction
+from edge.checks.spf import KEEP_SECONDS, SPFCheck, evaluate
 from edge.dns import DNSResolver
 from tests.dnsserver import HANG
 
@@ -93,3 +96,92 @@ def test_ipv6_client(zone: tuple[Any, DNSResolver]) -> None:
     z.set("six.test", "TXT", ["v=spf1 ip6:2001:db8::/32 -all"])
     assert evaluate(resolver, "2001:db8::5", "a@six.test", "h.example").result == "pass"
     assert evaluate(resolver, "2001:db9::5", "a@six.test", "h.example").result == "fail"
+
+
+def spf_run(check: SPFCheck, ip: str, sender: str, helo: str = "client.example") -> Any:
+    tx = Transaction(ip, helo=helo, mail_from=sender)
+    found = check.mail(tx)
+    return found, tx.spf
+
+
+def test_results_are_kept_per_client_sender_and_helo(
+    dns_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=1.0, clock=lambda: now[0])
+    zone = dns_server.zone
+    zone.ttl = 20  # below the check's own bound (KEEP_SECONDS)
+    zone.set("kept.test", "TXT", ["v=spf1 ip4:192.0.2.1 -all"])
+    runs: list[tuple[str, str, str]] = []
+
+    def counted(r: DNSResolver, ip: str, sender: str, helo: str, **kw: Any) -> Any:
+        runs.append((ip, sender, helo))
+        return evaluate(r, ip, sender, helo, **kw)
+
+    monkeypatch.setattr(spf_module, "evaluate", counted)
+    evaluate(resolver, "192.0.2.1", "a@kept.test", "client.example")  # warm the DNS cache
+    check = SPFCheck(resolver)
+    found, first = spf_run(check, "192.0.2.1", "a@kept.test")
+    assert isinstance(found, list) and [f.key for f in found] == ["spf.pass"]
+    again, second = spf_run(check, "192.0.2.1", "a@kept.test")
+    assert second is first and again == found and len(runs) == 1
+    _, other_ip = spf_run(check, "192.0.2.9", "a@kept.test")
+    _, other_sender = spf_run(check, "192.0.2.1", "b@kept.test")
+    _, other_helo = spf_run(check, "192.0.2.1", "a@kept.test", "other.example")
+    assert other_ip.result == "fail" and other_sender.sender == "b@kept.test"
+    assert other_helo.result == "pass" and len(runs) == 4
+    now[0] += 21  # the policy's TTL is over: evaluated again (from a fresh answer)
+    evaluate(resolver, "192.0.2.1", "a@kept.test", "client.example")
+    spf_run(check, "192.0.2.1", "a@kept.test")
+    assert len(runs) == 5
+    resolver.clear_cache()
+    evaluate(resolver, "192.0.2.1", "a@kept.test", "client.example")
+    spf_run(check, "192.0.2.1", "a@kept.test")
+    assert len(runs) == 6
+
+
+def test_keeping_is_bounded_even_for_long_ttls(dns_server: Any) -> None:
+    now = [1000.0]
+    resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=1.0, clock=lambda: now[0])
+    dns_server.zone.set("long.test", "TXT", ["v=spf1 ip4:192.0.2.1 -all"])  # TTL 300
+    evaluate(resolver, "192.0.2.1", "a@long.test", "h.example")
+    check = SPFCheck(resolver)
+    _, first = spf_run(check, "192.0.2.1", "a@long.test")
+    now[0] += KEEP_SECONDS - 1
+    assert spf_run(check, "192.0.2.1", "a@long.test")[1] is first
+    now[0] += 2
+    assert spf_run(check, "192.0.2.1", "a@long.test")[1] is not first
+
+
+@pytest.mark.parametrize(("result", "kept"), [("temperror", False), ("pass", True)])
+def test_a_temperror_is_never_kept(
+    dns_server: Any, monkeypatch: pytest.MonkeyPatch, result: str, kept: bool
+) -> None:
+    resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=1.0)
+    runs: list[str] = []
+
+    def inline(r: DNSResolver, ip: str, sender: str, helo: str, **kw: Any) -> SPFResult:
+        runs.append(sender)  # answered without a lookup (as from the cache)
+        return SPFResult(result, "t.test", "mailfrom", sender, "made up")
+
+    monkeypatch.setattr(spf_module, "evaluate", inline)
+    check = SPFCheck(resolver)
+    for _ in range(2):
+        found, spf = spf_run(check, "192.0.2.1", "a@t.test")
+        assert [f.key for f in found] == [f"spf.{result}"] and spf.result == result
+    assert len(runs) == (1 if kept else 2)
+
+
+def test_a_dns_timeout_goes_to_the_pool_every_time(
+    zone: tuple[Any, DNSResolver], in_reactor: Any
+) -> None:
+    _z, plain = zone
+    resolver = DNSResolver(
+        ["127.0.0.1"], plain.resolver.port, timeout=0.5, reactor=in_reactor.reactor
+    )
+    check = SPFCheck(resolver)
+    for _ in range(2):
+        tx = Transaction("192.0.2.1", helo="h.example", mail_from="a@slow.test")
+        found = in_reactor(lambda t=tx: [check.mail(t)])[0]
+        assert isinstance(found, defer.Deferred)  # not answered from anything kept
+        assert [f.key for f in in_reactor(lambda f=found: f)] == ["spf.temperror"]

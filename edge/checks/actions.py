@@ -133,9 +133,16 @@ class ActionPolicy:
                     f"checks.actions.{raw_key} must be one of {', '.join(ACTIONS)}, not {action!r}"
                 )
             self.actions[key] = action
+        self._of: dict[tuple[str, str], str] = {}  # (check, result) -> action, as looked up
 
     def action_for(self, finding: Finding) -> str:
-        return self.actions.get(normalize_key(finding.key), "accept")
+        pair = (finding.check, finding.result)
+        action = self._of.get(pair)
+        if action is None:
+            action = self.actions.get(normalize_key(finding.key), "accept")
+            if len(self._of) < 4096:
+                self._of[pair] = action
+        return action
 
     def decide(self, findings: Iterable[Finding]) -> Decision:
         """The strongest action among the findings; the first finding of it decides."""

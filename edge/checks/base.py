@@ -1,7 +1,9 @@
 """The check interface: what a check sees of a transaction and what it may report.
 
 A check is a small object with one method per SMTP stage (connect, mail, rcpt, data). Each
-method returns the `Finding`s it made, and may record its evidence (an SPF result, DKIM
+method returns the `Finding`s it made (a list when it has them at once, which lets the
+pipeline answer without a coroutine or Deferred; else a Deferred or coroutine of them),
+and may record its evidence (an SPF result, DKIM
 results, a spam score) on the `Transaction` for the Authentication-Results and verdict
 headers. What to do about a finding is not decided here: `edge.checks.actions` maps
 findings to actions from configuration. A check must never build its own DNS resolver,
@@ -15,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
 
 INLINE_LIMIT = 256 * 1024
 """Messages up to this size are verified in the reactor thread when the DNS cache answers;
@@ -38,8 +45,10 @@ class Finding:
         return f"{self.check}.{self.result}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SPFResult:
+    """Frozen: one result may stand for several transactions (`edge.checks.spf` keeps it)."""
+
     result: str
     domain: str
     identity: str  # "mailfrom" or "helo"
@@ -68,7 +77,7 @@ class DMARCResult:
     reason: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ARCResult:
     result: str  # pass, fail, none
     instances: int = 0
@@ -141,6 +150,16 @@ class Transaction:
 
 
 Found = list[Finding] | Awaitable[list[Finding]]
+
+
+def settled(d: defer.Deferred[T]) -> T | defer.Deferred[T]:
+    """The value of a Deferred that has already succeeded; any other Deferred as it is."""
+    if d.called and not d.paused:
+        result: Any = d.result
+        if not isinstance(result, (Failure, defer.Deferred)):
+            out: T = result
+            return out
+    return d
 
 
 class Check(Protocol):

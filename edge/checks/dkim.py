@@ -16,8 +16,9 @@ from typing import Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
+from twisted.internet import defer
 
-from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Transaction
+from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Found, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError
 
 _WSP = re.compile(rb"\s+")
@@ -101,16 +102,24 @@ class DKIMCheck(BaseCheck):
     def __init__(self, resolver: DNSResolver) -> None:
         self.resolver = resolver
 
-    async def data(self, tx: Transaction, message: bytes) -> list[Finding]:
-        results: list[DKIMResult] = []
-        if _signature_headers(message):
-            resolver = self.resolver
-            run = resolver.run_cached if len(message) <= INLINE_LIMIT else resolver.run_async
-            results = await run(verify_all, resolver, message, tx.from_count)
-        tx.dkim = results
-        if not results:
-            return [Finding("dkim", "none", "no DKIM signature")]
-        return [
-            Finding("dkim", r.result, f"d={r.domain} s={r.selector}: {r.reason}".rstrip(": "))
-            for r in results
-        ]
+    def data(self, tx: Transaction, message: bytes) -> Found:
+        if not _signature_headers(message):
+            return _found([], tx)
+        resolver = self.resolver
+        if len(message) <= INLINE_LIMIT:
+            results = resolver.run_cached_now(verify_all, resolver, message, tx.from_count)
+        else:
+            results = resolver.run_async(verify_all, resolver, message, tx.from_count)
+        if isinstance(results, defer.Deferred):
+            return results.addCallback(_found, tx)
+        return _found(results, tx)
+
+
+def _found(results: list[DKIMResult], tx: Transaction) -> list[Finding]:
+    tx.dkim = results
+    if not results:
+        return [Finding("dkim", "none", "no DKIM signature")]
+    return [
+        Finding("dkim", r.result, f"d={r.domain} s={r.selector}: {r.reason}".rstrip(": "))
+        for r in results
+    ]

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
+from twisted.internet import defer
 
-from edge.checks.base import BaseCheck, DMARCResult, Finding, Transaction
+from edge.checks.base import BaseCheck, DMARCResult, Finding, Found, Transaction
 from edge.checks.headers import domain_of
 from edge.dns import DNSResolver, DNSTemporaryError
 
@@ -26,14 +27,26 @@ POLICIES = ("none", "quarantine", "reject")
 
 
 class OrgDomains:
-    """Organizational domains from the packaged Public Suffix List (loaded once)."""
+    """Organizational domains from the packaged Public Suffix List (loaded once).
 
-    def __init__(self, psl: PublicSuffixList | None = None) -> None:
+    The list does not change while the process runs, so each answer is kept (up to
+    `max_entries` domains; then the kept answers start over)."""
+
+    def __init__(self, psl: PublicSuffixList | None = None, max_entries: int = 10000) -> None:
         self.psl = psl or PublicSuffixList()
+        self.max_entries = max_entries
+        self._known: dict[str, str] = {}
 
     def org(self, domain: str) -> str:
-        domain = domain.lower().strip(".")
-        return self.psl.privatesuffix(domain) or domain
+        known = self._known.get(domain)
+        if known is not None:
+            return known
+        name = domain.lower().strip(".")
+        org = self.psl.privatesuffix(name) or name
+        if len(self._known) >= self.max_entries:
+            self._known.clear()
+        self._known[domain] = org
+        return org
 
 
 @dataclass(frozen=True)
@@ -166,18 +179,24 @@ class DMARCCheck(BaseCheck):
         self.orgs = orgs
         self.sample = sample
 
-    async def data(self, tx: Transaction, message: bytes) -> list[Finding]:
-        count = tx.from_count
-        result: DMARCResult = await self.resolver.run_cached(
-            evaluate, self.resolver, self.orgs, tx, count, self.sample
+    def data(self, tx: Transaction, message: bytes) -> Found:
+        result = self.resolver.run_cached_now(
+            evaluate, self.resolver, self.orgs, tx, tx.from_count, self.sample
         )
-        tx.dmarc = result
-        findings = []
-        if count > 1:
-            findings.append(Finding("message", "multiple_from", f"{count} From headers"))
-        if result.result == "fail":
-            key = result.policy if result.policy != "none" else "fail"
-        else:
-            key = result.result
-        findings.append(Finding("dmarc", key, f"{result.from_domain}: {result.reason}"))
-        return findings
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(_found, tx)
+        return _found(result, tx)
+
+
+def _found(result: DMARCResult, tx: Transaction) -> list[Finding]:
+    tx.dmarc = result
+    count = tx.from_count
+    findings = []
+    if count > 1:
+        findings.append(Finding("message", "multiple_from", f"{count} From headers"))
+    if result.result == "fail":
+        key = result.policy if result.policy != "none" else "fail"
+    else:
+        key = result.result
+    findings.append(Finding("dmarc", key, f"{result.from_domain}: {result.reason}"))
+    return findings

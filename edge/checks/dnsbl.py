@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from edge.checks.base import BaseCheck, Finding, Transaction
+from twisted.internet import defer
+
+from edge.checks.base import BaseCheck, Finding, Found, Transaction
 from edge.dns import Answer, DNSResolver, DNSTemporaryError
 
 
@@ -46,23 +48,37 @@ class DNSBLCheck(BaseCheck):
         self.resolver = resolver
         self.zones = [z.strip().strip(".").lower() for z in zones if z.strip()]
 
-    async def connect(self, tx: Transaction) -> list[Finding]:
-        lookups = []
+    def connect(self, tx: Transaction) -> Found:
+        answers: list[tuple[str, Answer | defer.Deferred[Answer]]] = []
         for zone in self.zones:
             name = query_name(tx.client_ip, zone)
             if name is not None:
-                d = self.resolver.lookup_async(name, "A")
-                lookups.append((zone, d))
+                answers.append(
+                    (zone, self.resolver.run_cached_now(self.resolver.lookup, name, "A"))
+                )
+        findings: list[Finding] = []
+        for zone, answer in answers:
+            if isinstance(answer, defer.Deferred):
+                return defer.ensureDeferred(self._later(tx, answers))
+            findings += _findings(tx, zone, answer)
+        return findings
+
+    async def _later(
+        self, tx: Transaction, answers: list[tuple[str, Answer | defer.Deferred[Answer]]]
+    ) -> list[Finding]:
         findings = []
-        for zone, d in lookups:
+        for zone, pending in answers:
             try:
-                answer = await d
+                answer = await pending if isinstance(pending, defer.Deferred) else pending
             except DNSTemporaryError as exc:
                 findings.append(Finding("dnsbl", "temperror", f"{zone}: {exc}"))
                 continue
-            codes = _listed(answer)
-            if codes:
-                findings.append(
-                    Finding("dnsbl", "listed", f"{tx.client_ip} in {zone} ({', '.join(codes)})")
-                )
+            findings += _findings(tx, zone, answer)
         return findings
+
+
+def _findings(tx: Transaction, zone: str, answer: Answer) -> list[Finding]:
+    codes = _listed(answer)
+    if not codes:
+        return []
+    return [Finding("dnsbl", "listed", f"{tx.client_ip} in {zone} ({', '.join(codes)})")]

@@ -10,28 +10,31 @@ top of it: the edge's Authentication-Results and the verdict header (the edge's 
 added when the message is forwarded: `edge.smtpclient`). This module never blocks the
 reactor: the From header is read inline (the header section is bounded), and checks run
 CPU work on cached data inline and anything that may wait on the network, the disk or a big
-body in a worker pool.
+body in a worker pool. When every check of a stage answers at once, the stage's `*_now`
+method (`connect_now`, `mail_now`, `rcpt_now`, `data_now`) answers at once too, with no
+coroutine or Deferred; the coroutine methods are the same stages for awaiting callers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from edge.checks import authresults, verdict
 from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
-from edge.checks.base import Check, Finding, Recipient, Transaction
+from edge.checks.base import Check, Finding, Found, Recipient, Transaction, settled
 from edge.checks.headers import from_addresses
 from edge.smtp.replies import SMTPReplyError
 
 log = Logger()
 
 STAGES = ("connect", "mail", "rcpt", "data")
+Stage = list[Finding] | defer.Deferred[list[Finding]]
 
 
 @dataclass(frozen=True)
@@ -69,26 +72,46 @@ class CheckPipeline:
     def transaction(self, client_ip: str) -> Transaction:
         return Transaction(client_ip=client_ip)
 
-    async def _stage(
-        self, stage: str, run: Callable[[Check], Any], tx: Transaction
-    ) -> list[Finding]:
+    # Each stage has a coroutine method and a `*_now` method. The `*_now` methods answer at
+    # once when every check does (a check's findings are a list, not an awaitable): they
+    # return the stage's value (None, or the `DataOutcome`) or raise SMTPReplyError, with
+    # no coroutine or Deferred made; when a check has to wait they return a Deferred of the
+    # same, which fails with SMTPReplyError when the checks refuse or time out.
+
+    def _run(self, stage: str, run: Callable[[Check], Found]) -> Stage:
+        found: list[Finding] = []
+        for index, check in enumerate(self.checks):
+            result = run(check)
+            if isinstance(result, list):
+                found.extend(result)
+            else:
+                return self._wait(stage, run, found, result, index + 1)
+        return found
+
+    def _wait(
+        self,
+        stage: str,
+        run: Callable[[Check], Found],
+        found: list[Finding],
+        pending: Awaitable[list[Finding]],
+        rest: int,
+    ) -> Stage:
+        """The rest of a stage from the first check that has to wait, under the timeout."""
+
         async def all_checks() -> list[Finding]:
-            found: list[Finding] = []
-            for check in self.checks:
+            found.extend(await pending)
+            for check in self.checks[rest:]:
                 result = run(check)
-                if isinstance(result, Awaitable):
+                if not isinstance(result, list):
                     result = await result
                 found.extend(result)
             return found
 
         d = defer.ensureDeferred(all_checks())
-        if not d.called:  # (all answered inline: nothing to time out)
+        if not d.called:
             d.addTimeout(getattr(self.timeouts, stage), self.clock)
-        try:
-            findings: list[Finding] = await d
-        except defer.TimeoutError as exc:
-            raise SMTPReplyError(TIMEOUT_REPLY, f"{stage} checks timed out") from exc
-        return findings
+        d.addErrback(_timed_out, stage)
+        return settled(d)
 
     def _enforce(self, stage: str, tx: Transaction, findings: list[Finding]) -> Decision:
         decision = self.policy.decide(findings)
@@ -97,28 +120,53 @@ class CheckPipeline:
             raise SMTPReplyError(reply, f"{stage} from {tx.client_ip}: {decision.reason}")
         return decision
 
-    async def connect(self, tx: Transaction) -> None:
-        findings = await self._stage("connect", lambda c: c.connect(tx), tx)
+    def connect_now(self, tx: Transaction) -> defer.Deferred[None] | None:
+        found = self._run("connect", lambda c: c.connect(tx))
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._connected, tx)
+        self._connected(found, tx)
+        return None
+
+    def _connected(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("connect", tx, findings)
         tx.connect_findings = findings
 
-    async def mail(self, tx: Transaction, helo: str, sender: str) -> None:
+    def mail_now(self, tx: Transaction, helo: str, sender: str) -> defer.Deferred[None] | None:
         tx.reset()
         tx.helo = helo
         tx.mail_from = sender
-        findings = await self._stage("mail", lambda c: c.mail(tx), tx)
+        found = self._run("mail", lambda c: c.mail(tx))
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._mailed, tx)
+        self._mailed(found, tx)
+        return None
+
+    def _mailed(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("mail", tx, findings)
         tx.findings.extend(findings)
 
-    async def rcpt(self, tx: Transaction, recipient: Recipient) -> None:
-        findings = await self._stage("rcpt", lambda c: c.rcpt(tx, recipient), tx)
+    def rcpt_now(self, tx: Transaction, recipient: Recipient) -> defer.Deferred[None] | None:
+        found = self._run("rcpt", lambda c: c.rcpt(tx, recipient))
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._recipient, tx, recipient)
+        self._recipient(found, tx, recipient)
+        return None
+
+    def _recipient(self, findings: list[Finding], tx: Transaction, recipient: Recipient) -> None:
         self._enforce("rcpt", tx, findings)
         tx.recipients.append(recipient)
 
-    async def data(self, tx: Transaction, message: bytes) -> DataOutcome:
-        """Judge the whole message; raise SMTPReplyError to refuse it."""
+    def data_now(
+        self, tx: Transaction, message: bytes
+    ) -> DataOutcome | defer.Deferred[DataOutcome]:
+        """Judge the whole message; SMTPReplyError (raised, or the Deferred's) refuses it."""
         tx.from_count, tx.header_from = from_addresses(message)
-        findings = await self._stage("data", lambda c: c.data(tx, message), tx)
+        found = self._run("data", lambda c: c.data(tx, message))
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._judged, tx)
+        return self._judged(found, tx)
+
+    def _judged(self, findings: list[Finding], tx: Transaction) -> DataOutcome:
         everything = [*tx.connect_findings, *tx.findings, *findings]
         tx.findings = [*tx.findings, *findings]
         decision = self._enforce("data", tx, everything)
@@ -132,3 +180,31 @@ class CheckPipeline:
                 reason=decision.reason,
             )
         return DataOutcome(decision, headers)
+
+    async def connect(self, tx: Transaction) -> None:
+        done = self.connect_now(tx)
+        if done is not None:
+            await done
+
+    async def mail(self, tx: Transaction, helo: str, sender: str) -> None:
+        done = self.mail_now(tx, helo, sender)
+        if done is not None:
+            await done
+
+    async def rcpt(self, tx: Transaction, recipient: Recipient) -> None:
+        done = self.rcpt_now(tx, recipient)
+        if done is not None:
+            await done
+
+    async def data(self, tx: Transaction, message: bytes) -> DataOutcome:
+        """Judge the whole message; raise SMTPReplyError to refuse it."""
+        outcome = self.data_now(tx, message)
+        if isinstance(outcome, defer.Deferred):
+            return await outcome
+        return outcome
+
+
+def _timed_out(failure: Failure, stage: str) -> Failure:
+    if failure.check(defer.TimeoutError):
+        raise SMTPReplyError(TIMEOUT_REPLY, f"{stage} checks timed out") from failure.value
+    return failure

@@ -18,7 +18,15 @@ from typing import Any
 
 from twisted.internet import defer
 
-from edge.checks.base import BaseCheck, Finding, Recipient, SpamResult, Transaction
+from edge.checks.base import (
+    BaseCheck,
+    Finding,
+    Found,
+    Recipient,
+    SpamResult,
+    Transaction,
+    settled,
+)
 from edge.checks.headers import domain_of
 from edge.store.records import SpamRule
 
@@ -35,6 +43,12 @@ def matches(rule: SpamRule, address: str) -> bool:
     return domain == rule.value or domain.endswith("." + rule.value)
 
 
+def _loaded(rules: list[SpamRule], tx: Transaction) -> list[Finding]:
+    tx.state["rules"] = rules
+    tx.state["rules.sender"] = [r for r in rules if matches(r, tx.mail_from)]
+    return []
+
+
 class SpamRulesCheck(BaseCheck):
     name = "rules"
 
@@ -46,11 +60,11 @@ class SpamRulesCheck(BaseCheck):
         self.list_rules = list_rules
         self.run_blocking = run_blocking
 
-    async def mail(self, tx: Transaction) -> list[Finding]:
-        rules: list[SpamRule] = await self.run_blocking(self.list_rules)
-        tx.state["rules"] = rules
-        tx.state["rules.sender"] = [r for r in rules if matches(r, tx.mail_from)]
-        return []
+    def mail(self, tx: Transaction) -> Found:
+        rules = settled(self.run_blocking(self.list_rules))
+        if isinstance(rules, defer.Deferred):
+            return rules.addCallback(_loaded, tx)
+        return _loaded(rules, tx)
 
     def rcpt(self, tx: Transaction, recipient: Recipient) -> list[Finding]:
         hits = [r for r in tx.state.get("rules.sender", []) if r.account_id == recipient.account_id]

@@ -8,7 +8,10 @@ resolver bound to the current thread for the duration of one evaluation
 is patched per call. The client IP is the session's peer address, which is the real client
 also behind the PROXY protocol. An evaluation runs in the calling (reactor) thread when the
 resolver's cache answers every lookup it makes (`DNSResolver.run_cached`), else in the
-resolver's worker pool; it never waits on the network in the reactor thread.
+resolver's worker pool; it never waits on the network in the reactor thread. A result
+computed from cached answers is kept per (client IP, envelope sender, HELO name) until the
+first of those answers expires, `KEEP_SECONDS` at most (`ResultMemo`); a temperror is
+never kept.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import spf
+from twisted.internet import defer
 
-from edge.checks.base import BaseCheck, Finding, SPFResult, Transaction
-from edge.dns import DNSResolver, DNSTemporaryError
+from edge.checks.base import BaseCheck, Finding, Found, SPFResult, Transaction
+from edge.dns import DNSResolver, DNSTemporaryError, ResultMemo
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+KEEP_SECONDS = 30.0
 
 _local = threading.local()
 
@@ -82,23 +87,28 @@ def evaluate(
     return SPFResult(result, domain.lower(), identity, checked, str(explanation))
 
 
+def _keep(result: SPFResult) -> bool:
+    return result.result != "temperror"
+
+
 class SPFCheck(BaseCheck):
     name = "spf"
 
     def __init__(self, resolver: DNSResolver, querytime: float = 20.0) -> None:
         self.resolver = resolver
         self.querytime = querytime
+        self.results = ResultMemo(resolver, max_age=KEEP_SECONDS, keep=_keep)
 
-    async def mail(self, tx: Transaction) -> list[Finding]:
-        result: SPFResult = await self.resolver.run_cached(
-            evaluate,
-            self.resolver,
-            tx.client_ip,
-            tx.mail_from,
-            tx.helo,
-            querytime=self.querytime,
+    def mail(self, tx: Transaction) -> Found:
+        ip, sender, helo = tx.client_ip, tx.mail_from, tx.helo
+        result = self.results.run(
+            (ip, sender, helo), evaluate, self.resolver, ip, sender, helo, querytime=self.querytime
         )
-        tx.spf = result
-        return [
-            Finding("spf", result.result, f"{result.identity} {result.domain}: {result.reason}")
-        ]
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(_found, tx)
+        return _found(result, tx)
+
+
+def _found(result: SPFResult, tx: Transaction) -> list[Finding]:
+    tx.spf = result
+    return [Finding("spf", result.result, f"{result.identity} {result.domain}: {result.reason}")]

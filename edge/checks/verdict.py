@@ -15,6 +15,7 @@ its authenticated edge. Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from edge.checks.actions import Decision
@@ -25,6 +26,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.@+ \-]")
 MAX_SYMBOLS = 40
 
 
+@functools.lru_cache(maxsize=1024)
 def _clean(value: str) -> str:
     return _UNSAFE.sub("_", value).strip()[:200]
 
