@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
+from edge.checks.pipeline import DataOutcome
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
@@ -83,9 +84,11 @@ class Spooling:
     filter: HeaderFilter
     commit: Commit
 
-    async def done(self) -> Reply:
+    def done(self) -> defer.Deferred[Reply]:
         """Commit (the 250 waits for the fsync), queue for delivery, and say so."""
-        await self.commit(self.writer, self.envelope)
+        return self.commit(self.writer, self.envelope).addCallback(self._committed)
+
+    def _committed(self, _: object) -> Reply:
         self.accepted(self.envelope)
         return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
 
@@ -105,10 +108,10 @@ class SpoolSink:
     def abort(self) -> None:
         self.writer.abort()
 
-    async def finish(self) -> Reply:
+    def finish(self) -> defer.Deferred[Reply]:
         for line in self.filter.finish():
             self.writer.write(line)
-        return await self.spooling.done()
+        return self.spooling.done()
 
 
 def _read_all(buffer: IO[bytes]) -> bytes:
@@ -159,23 +162,27 @@ class CheckedSink:
         self.buffer.close()
         self.writer.abort()
 
-    async def finish(self) -> Reply:
+    def finish(self) -> Any:
+        """The 250 once the message is judged and durable (a Deferred of it), or the
+        refusal raised (or as the Deferred's failure)."""
         for line in self.filter.finish():
             self.buffer.write(line)
         if _in_memory(self.buffer):
-            message = _read_all(self.buffer)
-        else:
-            message = await self.run_blocking(_read_all, self.buffer)
-        outcome = await self.checks.data(self.tx, message)
-        del message
+            return self._judge(_read_all(self.buffer))
+        return then(self.run_blocking(_read_all, self.buffer), self._judge)
+
+    def _judge(self, message: bytes) -> Any:
+        return then(self.checks.data_now(self.tx, message), self._store)
+
+    def _store(self, outcome: DataOutcome) -> Any:
         self.spooling.envelope.extra["verdict"] = outcome.decision.action
         top = outcome.headers + self.received
         size = self.buffer.tell()
         if _in_memory(self.buffer) and len(top) + size <= SpoolWriter.SPILL_SIZE:
             _fill(self.writer, top, self.buffer)  # memory to memory: no disk, no thread
-        else:
-            await self.run_blocking(_fill, self.writer, top, self.buffer)
-        return await self.spooling.done()
+            return self.spooling.done()
+        filled = self.run_blocking(_fill, self.writer, top, self.buffer)
+        return filled.addCallback(lambda _: self.spooling.done())
 
 
 class DiscardSink:
@@ -200,16 +207,20 @@ class DiscardSink:
         self.chunks = []
         self.size = 0
 
-    async def finish(self) -> Reply:
+    def finish(self) -> Any:
+        """The 250 (or a Deferred of it) once the checks have judged the message."""
         if self.checks is not None and self.tx is not None:
             message = b"".join(self.chunks)
             self.chunks = []
-            await self.checks.data(self.tx, message)
-        return replies.S250_OK.with_text("Discarded")
+            return then(self.checks.data_now(self.tx, message), _discarded)
+        return _DISCARDED
 
 
-def _none(_: object) -> None:
-    return None
+_DISCARDED = replies.S250_OK.with_text("Discarded")
+
+
+def _discarded(_: object) -> Reply:
+    return _DISCARDED
 
 
 class MXHandler:
@@ -251,22 +262,13 @@ class MXHandler:
         self.authserv_id = (authserv_id or (checks.authserv_id if checks else hostname)).lower()
         self.tx: Transaction | None = None
 
-    async def connect(self, session: Session) -> Reply | None:
+    def connect(self, session: Session) -> Any:
+        """None, or a Deferred of it; a refusal is raised (or fails the Deferred) as an
+        SMTPReplyError, and the server closes the connection after sending it."""
         if self.checks is None:
             return None
         self.tx = self.checks.transaction(session.peer_host)
-        try:
-            await self.checks.connect(self.tx)
-        except SMTPReplyError as err:
-            # The server closes the connection after a refused greeting.
-            log.info(
-                "smtp {peer}: {code} {reason}",
-                peer=session.peer_host,
-                code=err.reply.code,
-                reason=err.reason,
-            )
-            return err.reply
-        return None
+        return self.checks.connect_now(self.tx)
 
     def authenticate(self, session: Session, username: str, password: str) -> bool:
         return False
@@ -277,7 +279,7 @@ class MXHandler:
             return None
         if self.tx is None:
             self.tx = self.checks.transaction(session.peer_host)
-        return then(self.checks.mail(self.tx, session.helo or "", sender.address), _none)
+        return self.checks.mail_now(self.tx, session.helo or "", sender.address)
 
     def rcpt_to(self, session: Session, recipient: Path) -> Any:
         """None, or a Deferred of it; refusals are raised (or fail the Deferred) as
@@ -295,7 +297,7 @@ class MXHandler:
 
     def _check_recipient(self, account: str | None, recipient: Path) -> Any:
         assert self.checks is not None and self.tx is not None
-        return then(self.checks.rcpt(self.tx, Recipient(recipient.address, account)), _none)
+        return self.checks.rcpt_now(self.tx, Recipient(recipient.address, account))
 
     def data(self, session: Session) -> SpoolSink | CheckedSink | DiscardSink:
         assert session.sender is not None
