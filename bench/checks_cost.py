@@ -5,11 +5,13 @@ Builds the edge's real check pipeline (`build_pipeline`, with a `DNSResolver`, a
 query NXDOMAIN with an SOA (so SPF and DMARC are none and the answers are cached), warms the
 caches, then runs transactions of MAIL, RCPT and DATA on a 4 KB message like smtp-source's,
 several per connection, inside the running reactor, and prints microseconds per message and
-per stage. `--api coroutine` calls the pipeline's coroutine methods as the MX handler does
-(MAIL through `ensureDeferred`); `--api now` calls the `*_now` methods where the pipeline has
-them. Everything stays on this machine; the DNS server is a thread of this process.
+per stage. `--api coroutine` calls the pipeline's coroutine methods as the MX handler did
+(MAIL through `ensureDeferred`); `--api now` calls the `*_now` methods. `--senders N` cycles
+through N senders of the same domain (envelope and From), so what is kept per sender (SPF
+results, From addresses) is found again only every N messages. Everything stays on this
+machine; the DNS server is a thread of this process.
 
-    .venv/bin/python bench/checks_cost.py [--messages 20000] [--api coroutine|now]
+    .venv/bin/python bench/checks_cost.py [--messages 20000] [--api coroutine|now] [--senders 1]
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ CLIENT_IP = "192.0.2.10"
 PER_SESSION = 100  # messages per connection (smtp-source -d reuses its sessions)
 
 
-def message(size: int = 4096) -> bytes:
+def message(size: int = 4096, sender: str = SENDER) -> bytes:
     """About `size` octets in 78-octet lines, with smtp-source's kind of header section."""
     head = (
-        f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: bench\r\n"
+        f"From: <{sender}>\r\nTo: <{RCPT}>\r\nSubject: bench\r\n"
         "Message-ID: <bench@client.bench.test>\r\n\r\n"
     ).encode()
     line = b"X" * 76 + b"\r\n"
@@ -101,35 +103,40 @@ async def _wait(result: Any) -> Any:
     return result
 
 
-async def run(pipeline: CheckPipeline, count: int, api: str, body: bytes) -> dict[str, float]:
+async def run(
+    pipeline: CheckPipeline, count: int, api: str, size: int, senders: int
+) -> dict[str, float]:
     totals = dict.fromkeys(("connect", "mail", "rcpt", "data"), 0)
     clock = time.perf_counter_ns
     fast = api == "now"
     tx = pipeline.transaction(CLIENT_IP)
     sessions = 0
+    same = message(size)
     for i in range(count):
+        sender = SENDER if senders == 1 else f"bench{i % senders}@sender.bench.test"
+        body = same if senders == 1 else message(size, sender)
         if i % PER_SESSION == 0:
             sessions += 1
             t0 = clock()
             tx = pipeline.transaction(CLIENT_IP)
             if fast:
-                await _wait(pipeline.connect_now(tx))  # type: ignore[attr-defined]
+                await _wait(pipeline.connect_now(tx))
             else:
                 await pipeline.connect(tx)
             totals["connect"] += clock() - t0
         t0 = clock()
         if fast:
-            await _wait(pipeline.mail_now(tx, HELO, SENDER))  # type: ignore[attr-defined]
+            await _wait(pipeline.mail_now(tx, HELO, sender))
         else:
-            await defer.ensureDeferred(pipeline.mail(tx, HELO, SENDER))
+            await defer.ensureDeferred(pipeline.mail(tx, HELO, sender))
         t1 = clock()
         if fast:
-            await _wait(pipeline.rcpt_now(tx, Recipient(RCPT, None)))  # type: ignore[attr-defined]
+            await _wait(pipeline.rcpt_now(tx, Recipient(RCPT, None)))
         else:
             await pipeline.rcpt(tx, Recipient(RCPT, None))
         t2 = clock()
         if fast:
-            outcome = await _wait(pipeline.data_now(tx, body))  # type: ignore[attr-defined]
+            outcome = await _wait(pipeline.data_now(tx, body))
         else:
             outcome = await pipeline.data(tx, body)
         t3 = clock()
@@ -145,15 +152,17 @@ async def run(pipeline: CheckPipeline, count: int, api: str, body: bytes) -> dic
 
 async def main(args: argparse.Namespace, dns_port: int, tmp: Path) -> None:
     pipeline = build(tmp, dns_port)
-    body = message(args.size)
-    await run(pipeline, 200, args.api, body)  # warm up: DNS cache, store cache, imports
+    await run(pipeline, 200, args.api, args.size, 1)  # warm up: DNS cache, store cache, imports
     best: dict[str, float] | None = None
     for _ in range(args.repeat):
-        figures = await run(pipeline, args.messages, args.api, body)
+        figures = await run(pipeline, args.messages, args.api, args.size, args.senders)
         if best is None or figures["message (mail+rcpt+data)"] < best["message (mail+rcpt+data)"]:
             best = figures
     assert best is not None
-    print(f"api={args.api} messages={args.messages} size={len(body)} (best of {args.repeat})")
+    print(
+        f"api={args.api} messages={args.messages} size={len(message(args.size))} "
+        f"senders={args.senders} (best of {args.repeat})"
+    )
     for stage, us in best.items():
         print(f"  {stage:26s} {us:8.1f} us")
 
@@ -164,6 +173,12 @@ def cli() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--api", choices=("coroutine", "now"), default="coroutine")
+    parser.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        help="distinct senders (envelope and From) to cycle through; 1 is smtp-source's load",
+    )
     args = parser.parse_args()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))

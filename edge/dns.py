@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -266,7 +267,7 @@ class ResultMemo:
         self.max_age = max_age
         self.max_entries = max_entries
         self.keep = keep
-        self._entries: dict[Hashable, tuple[float, int, Any]] = {}
+        self._entries: OrderedDict[Hashable, tuple[float, int, Any]] = OrderedDict()
 
     def run(
         self, key: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any
@@ -289,7 +290,7 @@ class ResultMemo:
         until = min(expires, now + self.max_age)
         if until > now and (self.keep is None or self.keep(result)):
             if len(entries) >= self.max_entries:
-                del entries[next(iter(entries))]
+                entries.popitem(last=False)
             entries[key] = (until, generation, result)
         out: T = result
         return out

@@ -165,13 +165,17 @@ def test_a_waiting_stage_times_out_into_a_tempfail() -> None:
 def test_a_failing_check_fails_the_stage() -> None:
     p = pipeline([Waits("broken", [], defer.fail(ValueError("broken")))])
     tx = p.transaction("192.0.2.1")
+    with pytest.raises(ValueError):
+        p.data_now(tx, MESSAGE)
+    failures: list[Any] = []
+    defer.ensureDeferred(p.data(tx, MESSAGE)).addErrback(failures.append)
+    assert failures[0].check(ValueError)
+    later: defer.Deferred[Any] = defer.Deferred()
+    p = pipeline([Waits("broken later", [], later)])
     pending = p.data_now(tx, MESSAGE)
     assert isinstance(pending, defer.Deferred)
-    failures: list[Any] = []
     pending.addErrback(failures.append)
-    assert failures[0].check(ValueError)
-    d = defer.ensureDeferred(p.data(tx, MESSAGE))
-    d.addErrback(failures.append)
+    later.errback(ValueError("broken"))
     assert failures[1].check(ValueError)
 
 

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
-
-from twisted.internet import defer
-from twisted.python.failure import Failure
-
-T = TypeVar("T")
+from typing import Any, Protocol
 
 INLINE_LIMIT = 256 * 1024
 """Messages up to this size are verified in the reactor thread when the DNS cache answers;
@@ -150,16 +145,6 @@ class Transaction:
 
 
 Found = list[Finding] | Awaitable[list[Finding]]
-
-
-def settled(d: defer.Deferred[T]) -> T | defer.Deferred[T]:
-    """The value of a Deferred that has already succeeded; any other Deferred as it is."""
-    if d.called and not d.paused:
-        result: Any = d.result
-        if not isinstance(result, (Failure, defer.Deferred)):
-            out: T = result
-            return out
-    return d
 
 
 class Check(Protocol):

@@ -27,9 +27,10 @@ from twisted.python.failure import Failure
 
 from edge.checks import authresults, verdict
 from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
-from edge.checks.base import Check, Finding, Found, Recipient, Transaction, settled
+from edge.checks.base import Check, Finding, Found, Recipient, Transaction
 from edge.checks.headers import from_addresses
 from edge.smtp.replies import SMTPReplyError
+from edge.soon import now
 
 log = Logger()
 
@@ -76,7 +77,8 @@ class CheckPipeline:
     # once when every check does (a check's findings are a list, not an awaitable): they
     # return the stage's value (None, or the `DataOutcome`) or raise SMTPReplyError, with
     # no coroutine or Deferred made; when a check has to wait they return a Deferred of the
-    # same, which fails with SMTPReplyError when the checks refuse or time out.
+    # same, which fails with SMTPReplyError when the checks refuse or time out (an error
+    # that is already there when the stage returns is raised).
 
     def _run(self, stage: str, run: Callable[[Check], Found]) -> Stage:
         found: list[Finding] = []
@@ -111,7 +113,8 @@ class CheckPipeline:
         if not d.called:
             d.addTimeout(getattr(self.timeouts, stage), self.clock)
         d.addErrback(_timed_out, stage)
-        return settled(d)
+        found_now: Stage = now(d)
+        return found_now
 
     def _enforce(self, stage: str, tx: Transaction, findings: list[Finding]) -> Decision:
         decision = self.policy.decide(findings)

@@ -25,9 +25,9 @@ from edge.checks.base import (
     Recipient,
     SpamResult,
     Transaction,
-    settled,
 )
 from edge.checks.headers import domain_of
+from edge.soon import now
 from edge.store.records import SpamRule
 
 _SYMBOLS = {"sender": "TAILPOST_BLOCKED_SENDER", "domain": "TAILPOST_BLOCKED_DOMAIN"}
@@ -61,7 +61,7 @@ class SpamRulesCheck(BaseCheck):
         self.run_blocking = run_blocking
 
     def mail(self, tx: Transaction) -> Found:
-        rules = settled(self.run_blocking(self.list_rules))
+        rules = now(self.run_blocking(self.list_rules))
         if isinstance(rules, defer.Deferred):
             return rules.addCallback(_loaded, tx)
         return _loaded(rules, tx)
