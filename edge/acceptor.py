@@ -4,12 +4,15 @@ One Python process runs on one core. With `edge.mx_processes = N`, the edge proc
 N-1 acceptor processes (`python -m edge.acceptor`). Each binds the MX port with SO_REUSEPORT
 (the edge's own listener does too), so the kernel spreads connections over all of them, and
 each runs the whole inbound policy: SMTP, checks, store lookups, and the durable spool
-commit, into the edge's spool directory. Delivery stays in the edge process, which owns the
-queue: when an acceptor's batch is durable, and before any of its messages is answered 250,
-the acceptor writes the batch's entries to a pipe (descriptor 3), and the edge takes them
-into its spool index and delivery queue. A hand-over that cannot be written undoes the
-batch, so the client gets a 4xx and nothing is left that nobody delivers. If the edge dies
-with entries still in the pipe, its start-up recovery finds the batches in the spool.
+commit, into the edge's spool directory (each into segments of its own). Delivery stays in
+the edge process, which owns the queue: when an acceptor's batch is durable, and before any
+of its messages is answered 250, the acceptor writes the batch's entries to a pipe
+(descriptor 3), and the edge takes them into its spool index and delivery queue. A
+hand-over that cannot be written undoes the batch, so the client gets a 4xx and nothing is
+left that nobody delivers. If the edge dies with entries still in the pipe, its start-up
+recovery finds the batches in the spool. The edge deletes a segment only once it is sealed:
+the acceptor says so on the pipe when it starts the next one (or stops), and the edge
+seals every segment of an acceptor that exited.
 
 The edge hands each acceptor its configuration on standard input and restarts an acceptor
 that exits; an acceptor ends with the edge (SIGTERM on the parent's death). An acceptor reads
@@ -39,7 +42,9 @@ from edge.spool import Envelope, Spool, SpoolEntry
 log = Logger()
 
 NOTIFY_FD = 3
-"""The acceptor's descriptor for batch hand-overs (a pipe the edge reads)."""
+"""The acceptor's descriptor for batch hand-overs (a pipe the edge reads): one JSON line per
+batch, `{"batch": segment, "entries": [...]}`, and `{"sealed": segment}` once no more
+batches go into that segment."""
 
 RESTART_DELAY = 1.0
 """Seconds before an acceptor that exited is started again (10x that after a quick exit)."""
@@ -56,6 +61,8 @@ class _AcceptorProtocol(protocol.ProcessProtocol):
         self.errors = b""
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.started_at = pool.reactor.seconds()
+        self.segments: set[str] = set()
+        """The acceptor's segments the edge took batches from, not sealed yet."""
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802
         if childFD == NOTIFY_FD:
@@ -65,7 +72,7 @@ class _AcceptorProtocol(protocol.ProcessProtocol):
                 if line == b"listening":
                     log.info("acceptor {index} is listening", index=self.index)
                 elif line:
-                    self.pool.take_batch(line)
+                    self.pool.take_batch(line, self)
         elif childFD == 2:
             self.errors += data
             *lines, self.errors = self.errors.split(b"\n")
@@ -144,20 +151,31 @@ class AcceptorPool(Service):
         transport.closeChildFD(0)
         self.children[index] = proto
 
-    def take_batch(self, line: bytes) -> None:
-        """An acceptor committed a batch: index it and queue its messages for delivery."""
+    def take_batch(self, line: bytes, proto: _AcceptorProtocol) -> None:
+        """An acceptor committed a batch: index it and queue its messages for delivery. Or
+        it sealed a segment: that may go once its messages are finished."""
         try:
             record = json.loads(line)
+            if "sealed" in record:
+                segment = str(record["sealed"])
+                proto.segments.discard(segment)
+                self.spool.seal(segment)
+                return
             entries = [SpoolEntry.from_record(r) for r in record["entries"]]
         except (ValueError, KeyError, TypeError) as exc:
             # The batch is on disk; the next start of the edge recovers it.
             log.error("acceptor hand-over unreadable ({exc}): {line!r}", exc=exc, line=line[:200])
             return
-        self.spool.adopt(str(record["batch"]), entries)
+        segment = str(record["batch"])
+        self.spool.adopt(segment, entries)
+        proto.segments.add(segment)
         for entry in entries:
             self.enqueue(entry.envelope)
 
     def ended(self, proto: _AcceptorProtocol, reason: Failure) -> None:
+        for segment in proto.segments:  # it appends to them no more
+            self.spool.seal(segment)
+        proto.segments.clear()
         if self.children.get(proto.index) is proto:
             del self.children[proto.index]
         if not self.running:
@@ -221,6 +239,15 @@ def hand_over(fd: int) -> Any:
     return on_commit
 
 
+def hand_over_seal(fd: int) -> Any:
+    """The spool's `on_seal` of an acceptor: one line per sealed segment on `fd`."""
+
+    def on_seal(segment: str) -> None:
+        _write_all(fd, json.dumps({"sealed": segment}).encode() + b"\n")
+
+    return on_seal
+
+
 def _end_with_parent() -> None:
     """SIGTERM when the edge process dies (Linux), and stop now if it is already gone."""
     parent = os.getppid()
@@ -246,7 +273,11 @@ def build_acceptor(
     from edge.tls import server_context
 
     store = open_store(config.store_url, migrate=False)
-    spool = Spool(config.spool_path, on_commit=hand_over(fd), index=False)
+    spool = Spool(
+        config.spool_path, on_commit=hand_over(fd), on_seal=hand_over_seal(fd), index=False
+    )
+    # After the listener and the committer stopped: seal the segment, drop the one made ahead.
+    reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )

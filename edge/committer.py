@@ -3,9 +3,11 @@
 `Committer.commit` queues a received message and returns a Deferred that fires once the
 message is durable. One batch is written at a time, in the committer's own thread, holding
 every message that was waiting when it started; messages that arrive meanwhile form the
-next batch. So under load one fsync (and one rename and one directory fsync) covers many
-messages, and no pool thread sits blocked waiting for its turn, which would starve the
-store lookups and delivery work that share the reactor's pool.
+next batch. So under load one write and one fdatasync cover many messages, and no pool
+thread sits blocked waiting for its turn, which would starve the store lookups and delivery
+work that share the reactor's pool. When no message waits after a batch, the same thread
+makes the spool's next segment if it is due (`Spool.prepare`), so that the batch that
+fills the current one does not have to.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from edge.spool import Envelope, Spool, SpoolWriter
+
+log = Logger()
 
 
 class Committer:
@@ -58,6 +63,21 @@ class Committer:
                     waiter.errback(result)
                 else:
                     waiter.callback(None)
+            self._next()
+            self._prepare()
+
+        d.addBoth(done)
+
+    def _prepare(self) -> None:
+        if self._busy or self._waiting or not self.spool.wants_spare():
+            return
+        self._busy = True
+        d = deferToThreadPool(self.reactor, self._thread_pool(), self.spool.prepare)
+
+        def done(result: Any) -> None:
+            self._busy = False
+            if isinstance(result, Failure):  # the batch that needs it tries again
+                log.failure("the spool's next segment could not be made", result)
             self._next()
 
         d.addBoth(done)

@@ -2,53 +2,58 @@
 
 Layout under the spool root:
 
-    tmp/<qid>.data          data being received, beyond 64 KiB (never acknowledged; removed
-                            on start); smaller messages wait in memory until committed
-    tmp/<batch>.batch.tmp   a batch being written (removed on start)
-    queue/<batch>.batch     committed messages: one or more records (envelope + data)
-    queue/<batch>.log       append-only state of those messages: recipients finished
-                            (delivered, bounced, deleted), held/released, delay warned
+    tmp/<qid>.data    data being received, beyond 64 KiB (never acknowledged; removed on
+                      start); smaller messages wait in memory until committed
+    queue/<seg>.seg   a segment: committed messages, appended batch after batch to a file
+                      made ahead of need at a fixed size (the format: `edge.segments`)
+    queue/<seg>.log   append-only state of the segment's messages: recipients finished
+                      (delivered, bounced, deleted), held/released, delay warned
 
 Group commit: `commit` may be called from many worker threads at once. The first caller
-becomes the leader and writes every message waiting at that moment into one batch file:
-one fsync, one rename, one directory fsync for all of them. Callers that arrive meanwhile
+becomes the leader and appends every message waiting at that moment to the current segment
+as one batch: one write and one fdatasync for all of them. Callers that arrive meanwhile
 wait and form the next batch. A message is acknowledged (250) only after `commit` returned
-for it. On start, anything not in a renamed batch file is discarded, and every message with
-an unfinished recipient is handed back for delivery. The blocking methods here must run in
-a thread pool, never in the reactor thread.
+for it. A batch that does not fit in what is left of the segment seals it (nothing more goes
+into it) and goes into the next one, which the committing thread made ahead (`prepare`). A
+segment is deleted, with its log, once it is sealed and all its messages are finished.
+
+On start, every segment found is sealed (a process appends only to segments it made), what
+is not in a whole, valid batch is discarded, and every message with an unfinished recipient
+is handed back for delivery. The blocking methods here must run in a thread pool, never in
+the reactor thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
+
+from twisted.logger import Logger
+
+from edge import segments
+from edge.segments import Segment
+
+log = Logger()
 
 QUEUE_ID_HEADER = b"X-Tailpost-Queue-ID"
 """The header the edge puts first when it hands a message on, carrying its queue id."""
 
-_MAGIC = b"TPSPOOL1\n"
-_RECORD = b"TPREC "
+_LEGACY = "B"  # how the names of earlier versions' batch files (`<name>.batch`) begin
+
+_T = TypeVar("_T")
 
 
 def new_queue_id() -> str:
     """A sortable, unique queue id: microseconds since the epoch plus randomness, in hex."""
     return f"{time.time_ns() // 1000:014X}{secrets.token_hex(4).upper()}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -73,7 +78,8 @@ class Envelope:
 
 @dataclass
 class SpoolEntry:
-    """Where a committed message lives and what is known of its recipients."""
+    """Where a committed message lives (`batch`: the name of its segment, and where in it
+    its data is) and what is known of its recipients."""
 
     envelope: Envelope
     batch: str
@@ -146,13 +152,14 @@ class SpoolWriter:
             self._fh.close()
             self._fh = None
 
-    def copy_into(self, out: BinaryIO) -> None:
-        """Write the received data to `out` (after `close`)."""
+    def chunks(self) -> Iterator[bytes | bytearray]:
+        """The received data (after `close`), in pieces of at most 1 MiB."""
         if self._memory is not None:
-            out.write(self._memory)
+            yield self._memory
             return
         with open(self.path, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+            while chunk := src.read(1 << 20):
+                yield chunk
 
     def abort(self) -> None:
         self.close()
@@ -173,10 +180,11 @@ class _Pending:
 class Spool:
     """The spool of one edge.
 
-    `on_commit`, when given, is called with each batch's name and entries once the batch
-    is durable and before any of its commits returns. An acceptor process (`edge.acceptor`)
-    uses it to hand its batches to the process that delivers them, and keeps no index of its
-    own (`index=False`); that process takes them in with `adopt`.
+    `on_commit`, when given, is called with each batch's segment name and entries once the
+    batch is durable and before any of its commits returns; `on_seal` with a segment's name
+    once no more batches will go into it. An acceptor process (`edge.acceptor`) uses them to
+    hand its batches to the process that delivers them, and keeps no index of its own
+    (`index=False`); that process takes them in with `adopt` and `seal`.
     """
 
     def __init__(
@@ -184,11 +192,15 @@ class Spool:
         root: Path,
         *,
         on_commit: Callable[[str, list[SpoolEntry]], None] | None = None,
+        on_seal: Callable[[str], None] | None = None,
         index: bool = True,
+        segment_size: int = segments.SEGMENT_SIZE,
     ) -> None:
         self.root = Path(root)
         self.on_commit = on_commit
+        self.on_seal = on_seal
         self.index = index
+        self.segment_size = segment_size
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
         for d in (self.root, self.tmp, self.queue):
@@ -197,6 +209,12 @@ class Spool:
         self._commit_cv = threading.Condition()
         self._pending: list[_Pending] = []
         self._writing = False
+        self._closed = False
+        self._current: Segment | None = None  # used by the batch writer only
+        self._spare: Segment | None = None  # the next one, made ahead (under _prepare_lock)
+        self._prepare_lock = threading.Lock()
+        self._own: set[str] = set()  # this process's segments, not sealed yet
+        self._sealed: set[str] = set()  # sealed, but holding unfinished messages
         self._entries: dict[str, SpoolEntry] = {}
         self._live: dict[str, set[str]] = {}
         self.batches_written = 0
@@ -208,7 +226,7 @@ class Spool:
     # -- committing ------------------------------------------------------------------------
 
     def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
-        """Make the message durable, sharing the fsync with whatever commits alongside."""
+        """Make the message durable, sharing the fdatasync with whatever commits alongside."""
         writer.close()
         envelope.size = writer.size
         mine = _Pending(writer, envelope)
@@ -235,6 +253,9 @@ class Spool:
             self._commit_cv.notify_all()
         if error is not None:
             raise error
+        if self.wants_spare():
+            with contextlib.suppress(OSError):  # then the batch that needs it makes it
+                self.prepare()
 
     def commit_batch(self, items: list[tuple[SpoolWriter, Envelope]]) -> None:
         """Make these messages durable as one batch (for `edge.committer`, which gathers
@@ -256,45 +277,123 @@ class Spool:
                 self._writing = False
                 self._commit_cv.notify_all()
 
-    def _write_batch(self, batch: list[_Pending]) -> None:
-        name = f"B{batch[0].envelope.qid}"
-        tmp_path = self.tmp / f"{name}.batch.tmp"
-        placed: list[SpoolEntry] = []
-        final_path = self.queue / f"{name}.batch"
+    def wants_spare(self) -> bool:
+        """Whether `prepare` has work: the current segment is half full, the next not made."""
+        current = self._current
+        if current is None or self._spare is not None or self._closed:
+            return False
+        return current.end * 2 >= current.size
+
+    def prepare(self) -> None:
+        """Make the next segment now, so that the batch that fills the current one need not.
+        Blocking: for the committing thread, when no batch waits."""
+        with self._prepare_lock:
+            if self._spare is None and not self._closed:
+                self._spare = self._make(Segment.create, self.segment_size)
+
+    def close(self) -> None:
+        """Commit no more: seal the current segment, remove the unused next one. Blocking."""
+        with self._commit_cv:
+            while self._writing:
+                self._commit_cv.wait()
+            self._writing = self._closed = True
         try:
-            with open(tmp_path, "wb") as out:
-                out.write(_MAGIC)
-                for item in batch:
-                    env = item.envelope.to_json()
-                    out.write(_RECORD + b"%d %d\n" % (len(env), item.envelope.size))
-                    out.write(env)
-                    offset = out.tell()
-                    item.writer.copy_into(out)
-                    placed.append(SpoolEntry(item.envelope, name, offset, item.envelope.size))
-                out.flush()
-                os.fsync(out.fileno())
-            os.rename(tmp_path, final_path)
-            _fsync_dir(self.queue)
+            with self._prepare_lock:
+                spare, self._spare = self._spare, None
+            for segment in (spare, self._current):
+                if segment is not None:
+                    with contextlib.suppress(Exception):  # a start seals it anyway
+                        self._retire(segment)
+        finally:
+            with self._commit_cv:
+                self._writing = False
+                self._commit_cv.notify_all()
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        if self._closed:
+            raise RuntimeError("the spool is closed")
+        records: list[segments.Record] = [
+            (item.envelope.to_json(), item.envelope.size, item.writer.chunks()) for item in batch
+        ]
+        need = segments.batch_size((env, size) for env, size, _ in records)
+        whole = need > self.segment_size
+        segment: Segment | None = None
+        at = 0
+        try:
+            if whole:
+                segment, starts = self._make(segments.write_whole, records)
+            else:
+                segment = self._segment_for(need)
+                at = segment.end
+                at, starts = segment.append(records)
+            placed = [
+                SpoolEntry(item.envelope, segment.name, start, item.envelope.size)
+                for item, start in zip(batch, starts, strict=True)
+            ]
             if self.on_commit is not None:
                 # Handed over, or undone: a batch nobody delivers must not stay behind.
-                self.on_commit(name, placed)
+                self.on_commit(segment.name, placed)
         except BaseException:
-            # Nothing of a failed batch may stay: none of its messages was acknowledged.
-            tmp_path.unlink(missing_ok=True)
-            final_path.unlink(missing_ok=True)
-            try:
-                _fsync_dir(self.queue)
-            except OSError:
-                pass
+            # Nothing of a failed batch may stay: none of its messages was acknowledged. After
+            # a failed write the segment's state is not known: nothing more goes into it.
+            if segment is not None:
+                segment.erase(at)
+                with contextlib.suppress(Exception):
+                    self._retire(segment)
             raise
+        segment.committed += 1
         for item in batch:
             if item.writer.spilled:
                 item.writer.path.unlink(missing_ok=True)
         with self._lock:
             if self.index:
-                self._register(name, placed)
+                self._register(segment.name, placed)
             self.batches_written += 1
             self.messages_committed += len(placed)
+        if whole:
+            # The batch is acknowledged whatever this says; a start seals the segment anyway.
+            with contextlib.suppress(Exception):
+                self._retire(segment)
+
+    def _segment_for(self, need: int) -> Segment:
+        """The segment the next batch (`need` octets) goes into, sealing a full one."""
+        current = self._current
+        if current is not None and current.free >= need:
+            return current
+        if current is not None:
+            self._retire(current)
+        with self._prepare_lock:
+            spare, self._spare = self._spare, None
+            if spare is None:
+                spare = self._make(Segment.create, self.segment_size)
+        self._current = spare
+        return spare
+
+    def _make(self, make: Callable[..., _T], *args: Any) -> _T:
+        """Make a segment of this process: `make(queue, name, *args)`, with a new name."""
+        name = f"S{new_queue_id()}"
+        with self._lock:
+            self._own.add(name)  # before the file exists: `load` must not take it
+        try:
+            return make(self.queue, name, *args)
+        except BaseException:
+            with self._lock:
+                self._own.discard(name)
+            raise
+
+    def _retire(self, segment: Segment) -> None:
+        """Seal one of this process's segments: nothing more goes into it."""
+        if segment is self._current:
+            self._current = None
+        segment.close()
+        with self._lock:
+            self._own.discard(segment.name)
+        if not segment.committed:
+            self._delete_segment(segment.name)  # no message in it was acknowledged
+        elif self.index:
+            self.seal(segment.name)
+        elif self.on_seal is not None:
+            self.on_seal(segment.name)
 
     def _register(self, name: str, placed: list[SpoolEntry]) -> None:
         for entry in placed:
@@ -306,34 +405,49 @@ class Spool:
         with self._lock:
             self._register(name, placed)
 
+    def seal(self, name: str) -> None:
+        """Nothing more goes into segment `name` (another process's, once it says so or is
+        gone): delete it as soon as all its messages are finished."""
+        with self._lock:
+            if self._live.get(name):
+                self._sealed.add(name)
+                return
+            self._live.pop(name, None)
+        self._delete_segment(name)
+
     # -- recovery ----------------------------------------------------------------------------
 
     def load(self) -> list[Envelope]:
-        """Recover after a start: drop what was never acknowledged, return the rest by age."""
+        """Recover after a start: drop what was never acknowledged, return the rest by age.
+
+        Not while another process commits into this spool (acceptors start after it)."""
         for stray in self.tmp.iterdir():
             stray.unlink(missing_ok=True)
+        paths, logs = _segment_paths(self.queue), list(self.queue.glob("*.log"))
+        with self._lock:
+            # This process's segments (named before they are made, so after the listing),
+            # and batches committed here while this runs: not the past's to recover.
+            known = self._own | self._sealed | set(self._live)
         entries: dict[str, SpoolEntry] = {}
         live: dict[str, set[str]] = {}
-        for path in sorted(self.queue.glob("*.batch")):
-            name = path.stem
-            found = _read_batch(path, name)
-            _apply_log(self.queue / f"{name}.log", {e.envelope.qid: e for e in found})
+        for name, found in _scan_queue(paths, known, warn=True).items():
             pending = [e for e in found if e.pending]
             if not pending:
-                self._delete_batch(name)
+                self._delete_segment(name)
                 continue
             live[name] = {e.envelope.qid for e in pending}
             entries.update((e.envelope.qid, e) for e in pending)
-        for orphan in self.queue.glob("*.log"):
-            if orphan.stem not in live:
+        for orphan in logs:
+            if orphan.stem not in live and orphan.stem not in known:
                 orphan.unlink(missing_ok=True)
         with self._lock:
             # Batches committed (or handed over) while this ran are in the index already,
-            # whether or not the scan above saw their files: keep them.
+            # whether or not the scan above saw their segments: keep them.
             for qid, entry in entries.items():
                 self._entries.setdefault(qid, entry)
             for name, qids in live.items():
                 self._live.setdefault(name, set()).update(qids)
+                self._sealed.add(name)
         envelopes = [e.envelope for e in entries.values()]
         envelopes.sort(key=lambda e: (e.received_at, e.qid))
         return envelopes
@@ -346,7 +460,7 @@ class Spool:
 
     def read(self, qid: str) -> bytes:
         entry = self.entry(qid)
-        with open(self.queue / f"{entry.batch}.batch", "rb") as fh:
+        with open(_segment_path(self.queue, entry.batch), "rb") as fh:
             fh.seek(entry.offset)
             return fh.read(entry.length)
 
@@ -374,9 +488,9 @@ class Spool:
             self._entries[qid].warned = True
 
     def _append(self, qid: str, records: list[dict[str, Any]]) -> None:
-        batch = self.entry(qid).batch
+        segment = self.entry(qid).batch
         lines = b"".join(json.dumps(r).encode() + b"\n" for r in records)
-        with open(self.queue / f"{batch}.log", "a+b") as fh:
+        with open(self.queue / f"{segment}.log", "a+b") as fh:
             # A torn last line (a crash mid-append) must not swallow the records after it.
             if fh.seek(0, os.SEEK_END) > 0:
                 fh.seek(-1, os.SEEK_END)
@@ -387,7 +501,8 @@ class Spool:
             os.fsync(fh.fileno())
 
     def remove(self, qid: str) -> None:
-        """Forget a message whose recipients are all finished; drop its batch when empty."""
+        """Forget a message whose recipients are all finished; delete its segment once that
+        is sealed and holds no other unfinished message."""
         with self._lock:
             entry = self._entries.pop(qid, None)
             if entry is None:
@@ -397,11 +512,15 @@ class Spool:
             empty = not live
             if empty:
                 self._live.pop(entry.batch, None)
+                empty = entry.batch in self._sealed
+                self._sealed.discard(entry.batch)
         if empty:
-            self._delete_batch(entry.batch)
+            self._delete_segment(entry.batch)
 
-    def _delete_batch(self, name: str) -> None:
-        (self.queue / f"{name}.batch").unlink(missing_ok=True)
+    def _delete_segment(self, name: str) -> None:
+        # The segment first: a log without its segment is dropped on start, while a segment
+        # without its log would be delivered again.
+        _segment_path(self.queue, name).unlink(missing_ok=True)
         (self.queue / f"{name}.log").unlink(missing_ok=True)
 
     def queued_ids(self) -> list[str]:
@@ -413,20 +532,49 @@ class Spool:
             return sorted(self._entries.values(), key=lambda e: e.envelope.qid)
 
 
-def _read_batch(path: Path, name: str) -> list[SpoolEntry]:
-    found: list[SpoolEntry] = []
-    with open(path, "rb") as fh:
-        if fh.read(len(_MAGIC)) != _MAGIC:
-            return found
-        while True:
-            header = fh.readline()
-            if not header.startswith(_RECORD):
-                break
-            env_len, data_len = (int(x) for x in header[len(_RECORD) :].split())
-            envelope = Envelope.from_json(fh.read(env_len))
-            offset = fh.tell()
-            found.append(SpoolEntry(envelope, name, offset, data_len))
-            fh.seek(offset + data_len)
+def recoverable(root: Path) -> list[SpoolEntry]:
+    """The messages with an unfinished recipient that a start would hand back for delivery,
+    read from the spool at `root` without changing anything (also while an edge runs)."""
+    found = _scan_queue(_segment_paths(Path(root) / "queue"), set(), warn=False)
+    return sorted(
+        (e for entries in found.values() for e in entries if e.pending),
+        key=lambda e: e.envelope.qid,
+    )
+
+
+def _segment_path(queue: Path, name: str) -> Path:
+    return queue / (f"{name}.batch" if name.startswith(_LEGACY) else f"{name}.seg")
+
+
+def _segment_paths(queue: Path) -> list[Path]:
+    return sorted(queue.glob("*.seg")) + sorted(queue.glob(f"{_LEGACY}*.batch"))
+
+
+def _scan_queue(paths: list[Path], skip: set[str], warn: bool) -> dict[str, list[SpoolEntry]]:
+    """Each segment's messages, with what its log says of them, by segment name."""
+    found: dict[str, list[SpoolEntry]] = {}
+    for path in paths:
+        name = path.stem
+        if name in skip:
+            continue
+        try:
+            if path.suffix == ".batch":
+                records = segments.read_legacy_batch(path)
+            else:
+                scan = segments.read_segment(path)
+                records = scan.records
+                if warn and scan.damaged_at is not None:
+                    log.warn(
+                        "spool segment {name}: no whole batch at offset {at}; the rest of the"
+                        " segment is dropped (a batch never acknowledged, or damage)",
+                        name=name,
+                        at=scan.damaged_at,
+                    )
+        except FileNotFoundError:
+            continue  # deleted meanwhile (by a running edge)
+        entries = [SpoolEntry(Envelope.from_json(e), name, at, n) for e, at, n in records]
+        _apply_log(path.with_suffix(".log"), {e.envelope.qid: e for e in entries})
+        found[name] = entries
     return found
 
 

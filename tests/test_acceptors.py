@@ -3,7 +3,7 @@
 With two processes, the kernel spreads connections over both, every message lands exactly
 once, an acceptor that dies is started again, and messages an acceptor accepted survive a
 SIGKILL of the whole edge. The hand-over itself is checked on the spool: a batch that cannot
-be handed over is undone.
+be handed over is undone, and a segment goes only once it is sealed.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.python.failure import Failure
 
 from edge.config import Config, config_from_json, config_to_json
 from edge.spool import Envelope, Spool
-from tests.processes import Process, allinone_config, host_port, wait_for
+from tests.processes import Process, allinone_config, host_port, spool_queue, wait_for
 from tests.test_interop import (
     SMTP_SOURCE,
     SWAKS,
@@ -138,6 +139,13 @@ def test_an_acceptor_that_dies_is_started_again(two_processes: tuple[Process, st
     assert proc.proc is not None
     main_pid = proc.proc.pid
     [child] = children(main_pid)
+    for n in range(20):  # one connection each: the kernel spreads them over both processes
+        send(host, port, f"before the kill {n}")
+    for n in range(20):
+        assert wait_for(lambda n=n: with_subject(proc, f"before the kill {n}") or None, timeout=30)
+    queue = spool_queue(proc)
+    before = set(queue.glob("*.seg"))
+    assert len(before) == 2  # one segment each, appended to still
     os.kill(child, signal.SIGKILL)
     replaced = wait_for(lambda: [c for c in children(main_pid) if c != child] or None, timeout=40)
     assert replaced
@@ -146,6 +154,9 @@ def test_an_acceptor_that_dies_is_started_again(two_processes: tuple[Process, st
     for n in range(6):
         assert wait_for(lambda n=n: with_subject(proc, f"after restart {n}") or None, timeout=30)
     assert "acceptor 1 exited" in proc.log()
+    # The dead acceptor's segment is sealed and, its messages delivered, deleted; the edge
+    # process's own stays, since it goes on appending to it.
+    assert wait_for(lambda: len(before & set(queue.glob("*.seg"))) == 1 or None, timeout=30)
 
 
 def test_a_batch_that_cannot_be_handed_over_is_undone(tmp_path: Path) -> None:
@@ -179,7 +190,9 @@ def test_a_handed_over_batch_is_delivered_from_the_edges_index(tmp_path: Path) -
     assert edge.read(envelope.qid) == b"Subject: y\r\n\r\nbody\r\n"
     edge.mark_finished(envelope.qid, {"c@d.test": "delivered", "e@d.test": "delivered"})
     edge.remove(envelope.qid)
-    assert not (tmp_path / "queue" / f"{batch}.batch").exists()
+    assert (tmp_path / "queue" / f"{batch}.seg").exists()  # until the acceptor seals it
+    edge.seal(batch)
+    assert not (tmp_path / "queue" / f"{batch}.seg").exists()
 
 
 def test_the_configuration_reaches_an_acceptor_whole() -> None:
@@ -224,3 +237,65 @@ def test_starttls_works_with_two_processes(two_processes: tuple[Process, str, in
     for n in range(8):
         [raw] = wait_for(lambda n=n: with_subject(proc, f"tls {n}") or None, timeout=30)
         assert b"with ESMTPS" in raw
+
+
+def test_the_edge_deletes_an_acceptors_segment_only_once_it_is_sealed(tmp_path: Path) -> None:
+    """The acceptor says on the pipe when it seals a segment; the edge seals the segments of
+    an acceptor that exited. Until then a segment stays, though all its messages are done."""
+    from twisted.internet.error import ProcessTerminated
+    from twisted.internet.task import Clock
+
+    from edge.acceptor import NOTIFY_FD, AcceptorPool, _AcceptorProtocol, hand_over, hand_over_seal
+    from edge.segments import BLOCK
+
+    read_end, write_end = os.pipe()
+    acceptor = Spool(
+        tmp_path,
+        on_commit=hand_over(write_end),
+        on_seal=hand_over_seal(write_end),
+        index=False,
+        segment_size=2 * BLOCK,  # two batches of one message each
+    )
+    edge = Spool(tmp_path)
+    enqueued: list[Envelope] = []
+    pool = AcceptorPool(Config(), Clock(), None, edge, enqueued.append, 1)
+    proto = _AcceptorProtocol(pool, 1)
+
+    def accept(subject: str) -> Envelope:
+        writer = acceptor.writer()
+        writer.write(f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+        envelope = Envelope(writer.qid, "a@b.test", ["c@d.test"], 0.0)
+        acceptor.commit(writer, envelope)
+        proto.childDataReceived(NOTIFY_FD, os.read(read_end, 1 << 16))
+        return envelope
+
+    def finish(envelope: Envelope) -> None:
+        edge.mark_finished(envelope.qid, {"c@d.test": "delivered"})
+        edge.remove(envelope.qid)
+
+    def segment(envelope: Envelope) -> Path:
+        return tmp_path / "queue" / f"{edge.entry(envelope.qid).batch}.seg"
+
+    try:
+        first = accept("first")
+        first_segment = segment(first)
+        finish(first)
+        assert first_segment.exists()  # the acceptor appends to it still
+        second = accept("second")
+        assert segment(second) == first_segment
+        third = accept("third")  # into the next segment: the acceptor seals the first
+        third_segment = segment(third)
+        assert third_segment != first_segment
+        assert first_segment.exists()  # the second message is not finished
+        finish(second)
+        assert not first_segment.exists()
+        finish(third)
+        assert third_segment.exists()
+        assert [e.qid for e in enqueued] == [first.qid, second.qid, third.qid]
+
+        pool.ended(proto, Failure(ProcessTerminated(signal=9)))  # it appends no more
+        assert not third_segment.exists()
+        assert Spool(tmp_path).load() == []
+    finally:
+        os.close(read_end)
+        os.close(write_end)

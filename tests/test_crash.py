@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from edge.spool import recoverable
 from tests.processes import Process, edge_and_device, host_port, maildir_new, spool_queue, wait_for
 
 
@@ -51,7 +52,8 @@ def send_many(mx: str, numbers: range, acked: list[int], stop: threading.Event) 
 
 
 def settle(edge: Process, device: Process) -> None:
-    wait_for(lambda: not list(spool_queue(edge).glob("*.batch")), timeout=30)
+    """Until the edge's spool holds no message with an unfinished recipient."""
+    wait_for(lambda: not recoverable(spool_queue(edge).parent), timeout=30)
 
 
 def check_exactly_once(device: Process, acked: list[int], tried: int) -> None:

@@ -22,7 +22,7 @@ from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
 from edge.routing import Router, Target
 from edge.smtpclient import Outcome, SMTPDeliverer
-from edge.spool import Envelope, Spool
+from edge.spool import Envelope, Spool, recoverable
 from edge.store import RecipientTarget
 
 SCHEDULE = [60.0, 300.0, 900.0]
@@ -193,7 +193,7 @@ def test_delivered_message_is_removed_and_carries_the_queue_id(tmp_path: Path) -
     assert call.recipients == [A]
     assert call.data == b"X-Tailpost-Queue-ID: " + env.qid.encode() + b"\r\n" + BODY
     assert h.spool.queued_ids() == []
-    assert list(h.spool.queue.iterdir()) == []
+    assert recoverable(h.spool.root) == []
     assert h.spool.finished_log == [(env.qid, {A: "delivered"})]
     assert h.queue.envelopes == {}
     assert h.deliverer.dsn_calls == []  # no report for a delivery

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from edge.spool import recoverable
 from tests.processes import (
     Process,
     allinone_config,
@@ -194,13 +195,15 @@ def test_acknowledged_message_survives_sigkill_and_arrives_once(tmp_path: Path) 
         with smtplib.SMTP(host, port) as smtp:
             smtp.sendmail("a@sender.test", ["me@home.test"], b"Subject: crash test\r\n\r\nbody\r\n")
         edge.kill()
-        assert len(list(spool_queue(edge).glob("*.batch"))) == 1
+        assert len(recoverable(spool_queue(edge).parent)) == 1
+        [segment] = spool_queue(edge).glob("*.seg")
 
         device.start()
         edge.start()
         new = maildir_new(device)
         wait_for(lambda: list(new.iterdir()))
-        wait_for(lambda: not list(spool_queue(edge).iterdir()))
+        wait_for(lambda: not recoverable(spool_queue(edge).parent))
+        wait_for(lambda: not segment.exists())  # sealed by the restart, then finished
         # A further restart must not deliver it again.
         edge.stop()
         edge.start()

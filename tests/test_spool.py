@@ -1,4 +1,4 @@
-"""The edge spool: group commit, crash recovery, the per-batch outcome log."""
+"""The edge spool: group commit into segments, crash recovery, the per-segment outcome log."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-import edge.spool
-from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id
+import edge.segments
+from edge.segments import BLOCK, HEADER, read_segment
+from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id, recoverable
 
 
 def commit(
@@ -49,12 +50,27 @@ def prepare(
     return writer, env
 
 
+def small(root: Path, blocks: int, **kwargs: Any) -> Spool:
+    """A spool whose segments hold `blocks` batches of one small message each."""
+    return Spool(root, segment_size=blocks * BLOCK, **kwargs)
+
+
 def names(path: Path) -> set[str]:
     return {p.name for p in path.iterdir()}
 
 
-def batch_files(spool: Spool) -> list[Path]:
-    return sorted(spool.queue.glob("*.batch"))
+def segment_files(spool: Spool) -> list[Path]:
+    return sorted(spool.queue.glob("*.seg"))
+
+
+def segment_of(spool: Spool, qid: str) -> Path:
+    return spool.queue / f"{spool.entry(qid).batch}.seg"
+
+
+def finish(spool: Spool, env: Envelope) -> None:
+    """What delivery does with a message whose recipients are all done."""
+    spool.mark_finished(env.qid, dict.fromkeys(env.recipients, "delivered"))
+    spool.remove(env.qid)
 
 
 def log_lines(spool: Spool, qid: str) -> list[dict[str, Any]]:
@@ -62,19 +78,45 @@ def log_lines(spool: Spool, qid: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-class _PatchedOS(ModuleType):
-    """`os` as `edge.spool` sees it, with `fsync` replaced (the rest is the real module)."""
+def batch_start(spool: Spool, env: Envelope) -> int:
+    """Where the record of the message `env` begins in its segment."""
+    return spool.entry(env.qid).offset - len(env.to_json()) - HEADER.size
 
-    def __init__(self, fsync: Callable[[int], None]) -> None:
+
+class _PatchedOS(ModuleType):
+    """`os` as `edge.segments` sees it, with some functions replaced (the rest is the real
+    module)."""
+
+    def __init__(self, **replaced: Callable[..., Any]) -> None:
         super().__init__("os")
-        self.fsync = fsync
+        self.__dict__.update(replaced)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
 
-def patch_fsync(monkeypatch: pytest.MonkeyPatch, fsync: Callable[[int], None]) -> None:
-    monkeypatch.setattr(edge.spool, "os", _PatchedOS(fsync))
+def patch_os(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
+    monkeypatch.setattr(edge.segments, "os", _PatchedOS(**replaced))
+
+
+class Calls:
+    """Counts the calls of the `os` functions `edge.segments` makes, passing them on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *functions: str) -> None:
+        self.counts = dict.fromkeys(functions, 0)
+
+        def counting(name: str) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                self.counts[name] += 1
+                return getattr(os, name)(*args)
+
+            return call
+
+        patch_os(monkeypatch, **{name: counting(name) for name in functions})
+
+    def taken(self) -> dict[str, int]:
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -104,10 +146,10 @@ class Committer(threading.Thread):
 def leader_held(
     spool: Spool, monkeypatch: pytest.MonkeyPatch, fail_call: int | None = None
 ) -> Iterator[threading.Event]:
-    """A first commit whose data fsync blocks until the yielded event is set.
+    """A first commit whose fdatasync blocks until the yielded event is set.
 
     Commits started meanwhile queue up behind it and go together into the next batch. The
-    spool's fsync call number `fail_call` (counting from 1; the leader makes calls 1 and 2)
+    spool's fdatasync call number `fail_call` (counting from 1; the leader makes call 1)
     raises an I/O error.
     """
     release = threading.Event()
@@ -115,19 +157,18 @@ def leader_held(
     calls = {"n": 0}
     lock = threading.Lock()
 
-    def fsync(fd: int) -> None:
+    def fdatasync(fd: int) -> None:
         with lock:
             calls["n"] += 1
-            first = calls["n"] == 1
             n = calls["n"]
-        if first:
+        if n == 1:
             entered.set()
             assert release.wait(10)
         if n == fail_call:
             raise OSError(5, "Input/output error")
-        os.fsync(fd)
+        os.fdatasync(fd)
 
-    patch_fsync(monkeypatch, fsync)
+    patch_os(monkeypatch, fdatasync=fdatasync)
     leader = Committer(spool, *prepare(spool, b"leader\r\n"))
     leader.start()
     assert entered.wait(10)
@@ -153,8 +194,9 @@ def commit_together(
         c.join(10)
         assert c.error is None
     monkeypatch.undo()
-    batches = {spool.entry(e.qid).batch for _w, e in prepared}
-    assert len(batches) == 1, "the messages were meant to share one batch"
+    starts = {batch_start(spool, e) for _w, e in prepared}
+    assert spool.batches_written == 2, "the messages were meant to share one batch"
+    assert len(starts) == len(prepared)
     return [e for _w, e in prepared]
 
 
@@ -173,13 +215,14 @@ def test_commit_writes_data_and_envelope_and_empties_tmp(tmp_path: Path) -> None
     env = commit(spool, data, ["a@example.test", "b@example.test"])
 
     assert names(spool.tmp) == set()
-    [batch] = batch_files(spool)
-    assert names(spool.queue) == {batch.name}  # no log until something is recorded
+    [segment] = segment_files(spool)
+    assert names(spool.queue) == {segment.name}  # no log until something is recorded
+    assert segment.stat().st_size == spool.segment_size  # made whole, ahead of the data
     assert spool.read(env.qid) == data
-    assert data in batch.read_bytes()
+    assert data in segment.read_bytes()
     entry = spool.entry(env.qid)
     assert entry.envelope == env
-    assert entry.batch == batch.stem
+    assert entry.batch == segment.stem
     assert entry.envelope.size == len(data)
     assert entry.envelope.recipients == ["a@example.test", "b@example.test"]
     assert entry.pending == ["a@example.test", "b@example.test"]
@@ -195,12 +238,28 @@ def test_commit_writes_data_and_envelope_and_empties_tmp(tmp_path: Path) -> None
     assert again.read(env.qid) == data
 
 
+def test_each_batch_is_one_write_and_one_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = Calls(monkeypatch, "pwrite", "fdatasync", "fsync", "rename", "open")
+    spool = Spool(tmp_path)
+    first = commit(spool, b"first\r\n")
+    made = calls.taken()
+    assert made["open"] == 2 and made["fsync"] == 2  # the segment and its directory, once
+    envs = [commit(spool, b"message %d\r\n" % i + b"x" * 4000) for i in range(10)]
+    assert calls.taken() == {"pwrite": 10, "fdatasync": 10, "fsync": 0, "rename": 0, "open": 0}
+    assert {spool.entry(e.qid).batch for e in [first, *envs]} == {segment_files(spool)[0].stem}
+    # Each batch starts on a block of its own: none rewrites an earlier batch's blocks.
+    starts = [batch_start(spool, e) for e in [first, *envs]]
+    assert all(s % BLOCK == 0 for s in starts) and len(set(starts)) == 11
+
+
 def test_writer_keeps_small_data_in_memory_and_spills_large_data_to_tmp(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    small = spool.writer()
-    small.write(b"partial")
+    small_writer = spool.writer()
+    small_writer.write(b"partial")
     assert names(spool.tmp) == set() and names(spool.queue) == set()
-    small.abort()
+    small_writer.abort()
 
     large = spool.writer()
     chunk = b"x" * 1000 + b"\r\n"
@@ -235,17 +294,15 @@ def test_load_after_crash_discards_unacknowledged_and_keeps_committed(tmp_path: 
     root = tmp_path / "spool"
     spool = Spool(root)
     kept = commit(spool, b"kept\r\n")
-    [kept_batch] = batch_files(spool)
+    [kept_segment] = segment_files(spool)
 
-    # Crash states: data still being received, a batch torn while being written (never
-    # renamed, so never acknowledged), and a log left over from a batch that is gone.
+    # Crash states: data still being received, a stray file in tmp, a segment that was
+    # being made (half its zeros), and a log left over from a segment that is gone.
     receiving = spool.writer()
     receiving.write(b"half a message")
-    torn_env = Envelope("0000000000000100AAAAAAAA", "s@x", ["a@example.test"], 1.0).to_json()
-    (spool.tmp / "B0000000000000100AAAAAAAA.batch.tmp").write_bytes(
-        b"TPSPOOL1\nTPREC %d 100\n" % len(torn_env) + torn_env + b"never ackno"
-    )
-    (spool.queue / "B0000000000000050CCCCCCCC.log").write_bytes(b'{"q": "x", "r": "y"}\n')
+    (spool.tmp / "0000000000000100AAAAAAAA.data").write_bytes(b"never ackno")
+    (spool.queue / "S0000000000000100BBBBBBBB.seg").write_bytes(bytes(1000))
+    (spool.queue / "S0000000000000050CCCCCCCC.log").write_bytes(b'{"q": "x", "r": "y"}\n')
 
     restarted = Spool(root)
     envelopes = restarted.load()
@@ -253,9 +310,203 @@ def test_load_after_crash_discards_unacknowledged_and_keeps_committed(tmp_path: 
     assert [e.qid for e in envelopes] == [kept.qid]
     assert envelopes[0] == kept
     assert names(restarted.tmp) == set()
-    assert names(restarted.queue) == {kept_batch.name}
+    assert names(restarted.queue) == {kept_segment.name}
     assert restarted.read(kept.qid) == b"kept\r\n"
     assert restarted.queued_ids() == [kept.qid]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "half-written", "header-only"])
+def test_a_torn_last_batch_is_dropped_and_earlier_ones_kept(tmp_path: Path, damage: str) -> None:
+    spool = Spool(tmp_path)
+    kept = [commit(spool, b"kept %d\r\n" % i) for i in range(2)]
+    torn = commit(spool, b"Subject: torn\r\n\r\n" + b"t" * 9000)
+    segment = segment_of(spool, torn.qid)
+    entry = spool.entry(torn.qid)
+    raw = bytearray(segment.read_bytes())
+    # What a crash can leave of a write whose fdatasync never returned:
+    if damage == "truncated":  # not all of it reached the file
+        del raw[entry.offset + entry.length // 2 :]
+    elif damage == "garbled":  # other bytes than were written
+        raw[entry.offset + 5000] ^= 0x20
+    elif damage == "half-written":  # its last blocks still zeros
+        raw[entry.offset + 4096 : entry.offset + entry.length] = bytes(entry.length - 4096)
+    else:  # only the first block, with the header, was written
+        raw[batch_start(spool, torn) + BLOCK :] = bytes(len(raw) - batch_start(spool, torn) - BLOCK)
+    segment.write_bytes(raw)
+
+    restarted = Spool(tmp_path)
+    assert [e.qid for e in restarted.load()] == [e.qid for e in kept]
+    assert [restarted.read(e.qid) for e in kept] == [b"kept 0\r\n", b"kept 1\r\n"]
+    assert [e.envelope.qid for e in recoverable(tmp_path)] == [e.qid for e in kept]
+
+
+def test_a_checksum_mismatch_stops_the_scan(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first, second, third = (commit(spool, b"message %d\r\n" % i) for i in range(3))
+    segment = segment_of(spool, second.qid)
+    raw = bytearray(segment.read_bytes())
+    raw[spool.entry(second.qid).offset + 3] ^= 0x01  # "message" -> "messafe": lengths intact
+    segment.write_bytes(raw)
+
+    scan = read_segment(segment)
+    assert scan.damaged_at == batch_start(spool, second)
+    restarted = Spool(tmp_path)
+    # Nothing after the first record that is not valid is read, not even whole batches.
+    assert [e.qid for e in restarted.load()] == [first.qid]
+    assert restarted.read(first.qid) == b"message 0\r\n"
+
+
+def test_a_batch_counts_only_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    before = commit(spool, b"before\r\n")
+    items = [prepare(spool, b"together %d\r\n" % i) for i in range(3)]
+    spool.commit_batch(items)
+    together = [env for _w, env in items]
+    starts = [batch_start(spool, e) for e in together]
+    assert starts[0] == BLOCK and BLOCK < starts[1] < starts[2] < 2 * BLOCK
+    # The batch's last record torn: its first two, though intact, were never acknowledged.
+    segment = segment_of(spool, together[2].qid)
+    raw = bytearray(segment.read_bytes())
+    raw[spool.entry(together[2].qid).offset] ^= 0xFF
+    segment.write_bytes(raw)
+
+    restarted = Spool(tmp_path)
+    assert [e.qid for e in restarted.load()] == [before.qid]
+
+
+def test_a_batch_larger_than_a_segment_gets_a_segment_of_its_own(tmp_path: Path) -> None:
+    spool = small(tmp_path, 4)
+    before = commit(spool, b"small\r\n")
+    data = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 100  # spilled to tmp, too
+    big = commit(spool, data)
+    after = commit(spool, b"small again\r\n")
+
+    own = segment_of(spool, big.qid)
+    assert spool.entry(before.qid).batch == spool.entry(after.qid).batch != own.stem
+    assert own.stat().st_size == HEADER.size + len(big.to_json()) + len(data)  # sized to fit
+    assert spool.read(big.qid) == data
+    assert names(spool.tmp) == set()
+    assert sorted(e.envelope.qid for e in recoverable(tmp_path)) == sorted(
+        [before.qid, big.qid, after.qid]
+    )
+    # Nothing more goes into it, so it goes as soon as its message is finished.
+    finish(spool, big)
+    assert not own.exists()
+    finish(spool, before)
+    assert segment_of(spool, after.qid).exists()
+
+    restarted = Spool(tmp_path)
+    assert [e.qid for e in restarted.load()] == [after.qid]
+    assert restarted.read(after.qid) == b"small again\r\n"
+
+
+def test_a_segment_is_deleted_only_once_sealed_and_finished(tmp_path: Path) -> None:
+    spool = small(tmp_path, 3)  # three one-message batches to a segment
+    a = commit(spool, b"a\r\n")
+    first = segment_of(spool, a.qid)
+    finish(spool, a)
+    assert first.exists()  # not sealed: the next batches go into it
+    b, c = commit(spool, b"b\r\n"), commit(spool, b"c\r\n")
+    assert segment_of(spool, b.qid) == segment_of(spool, c.qid) == first
+    d = commit(spool, b"d\r\n")  # does not fit: the first segment is sealed
+    second = segment_of(spool, d.qid)
+    assert second != first
+    finish(spool, b)
+    assert first.exists() and (spool.queue / f"{first.stem}.log").exists()  # c is not finished
+    finish(spool, c)
+    assert not first.exists() and not (spool.queue / f"{first.stem}.log").exists()
+
+    # A segment whose messages are all finished goes when it is sealed.
+    e, f = commit(spool, b"e\r\n"), commit(spool, b"f\r\n")
+    assert segment_of(spool, e.qid) == segment_of(spool, f.qid) == second
+    for env in (d, e, f):
+        finish(spool, env)
+    assert second.exists()
+    g = commit(spool, b"g\r\n")
+    assert not second.exists()
+    assert [p.name for p in segment_files(spool)] == [segment_of(spool, g.qid).name]
+    assert [e.qid for e in Spool(tmp_path).load()] == [g.qid]
+
+
+def test_the_next_segment_is_made_ahead_once_half_the_current_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = small(tmp_path, 4)
+    items = [prepare(spool, b"%d\r\n" % i) for i in range(5)]
+    spool.commit_batch(items[:1])
+    assert not spool.wants_spare()
+    spool.commit_batch(items[1:2])
+    assert spool.wants_spare() and len(segment_files(spool)) == 1  # left to the committer
+    spool.prepare()
+    assert not spool.wants_spare() and len(segment_files(spool)) == 2
+    spool.prepare()  # made already
+    assert len(segment_files(spool)) == 2
+    spool.commit_batch(items[2:3])
+    spool.commit_batch(items[3:4])  # the first segment is full
+    calls = Calls(monkeypatch, "pwrite", "fdatasync", "fsync", "open")
+    spool.commit_batch(items[4:5])  # goes into the one made ahead: no file made now
+    assert calls.taken() == {"pwrite": 1, "fdatasync": 1, "fsync": 0, "open": 0}
+    assert spool.entry(items[4][1].qid).batch != spool.entry(items[3][1].qid).batch
+
+    # `commit`, with no committer behind it, makes the next one itself after its batch.
+    threaded = small(tmp_path / "threaded", 4)
+    commit(threaded, b"one\r\n")
+    assert len(segment_files(threaded)) == 1
+    commit(threaded, b"two\r\n")
+    assert len(segment_files(threaded)) == 2 and not threaded.wants_spare()
+
+
+def test_recovery_seals_segments_and_removes_an_unused_one_made_ahead(tmp_path: Path) -> None:
+    spool = small(tmp_path, 4)
+    first, second = commit(spool, b"first\r\n"), commit(spool, b"second\r\n")
+    old = segment_of(spool, first.qid)
+    assert len(segment_files(spool)) == 2  # and the next one is ready
+    before = old.read_bytes()
+    # The process dies here, with nothing closed.
+
+    restarted = small(tmp_path, 4)
+    assert sorted(e.qid for e in restarted.load()) == sorted([first.qid, second.qid])
+    assert segment_files(restarted) == [old]  # the unused one is gone
+    third = commit(restarted, b"third\r\n")
+    assert segment_of(restarted, third.qid) != old  # an old segment is never appended to
+    assert old.read_bytes() == before
+    finish(restarted, first)
+    finish(restarted, second)
+    assert not old.exists()  # sealed at the start, now finished
+
+    again = Spool(tmp_path)
+    assert [e.qid for e in again.load()] == [third.qid]
+    assert again.read(third.qid) == b"third\r\n"
+
+
+def test_load_leaves_the_segments_this_process_writes_alone(tmp_path: Path) -> None:
+    """Mail may be committed before the recovery at start has run, or while it runs."""
+    before = commit(Spool(tmp_path), b"before\r\n")  # a past run's
+    spool = Spool(tmp_path)
+    done = commit(spool, b"done\r\n")
+    current = segment_of(spool, done.qid)
+    finish(spool, done)  # nothing unfinished in it, but it is not sealed
+
+    assert [e.qid for e in spool.load()] == [before.qid]
+    assert current.exists() and current.with_suffix(".log").exists()
+    after = commit(spool, b"after\r\n")
+    assert segment_of(spool, after.qid) == current
+    finish(spool, after)
+    assert current.exists()  # not sealed: this process appends to it still
+    assert [e.qid for e in Spool(tmp_path).load()] == [before.qid]
+
+
+def test_close_seals_the_current_segment_and_removes_the_next(tmp_path: Path) -> None:
+    sealed: list[str] = []
+    spool = small(tmp_path, 4, on_seal=sealed.append, on_commit=lambda b, e: None, index=False)
+    first, _second = commit(spool, b"first\r\n"), commit(spool, b"second\r\n")
+    assert len(segment_files(spool)) == 2
+    spool.close()
+    with pytest.raises(RuntimeError):
+        commit(spool, b"too late\r\n")
+    [segment] = segment_files(spool)
+    assert sealed == [segment.stem]
+    assert [e.envelope.qid for e in recoverable(tmp_path)][0] == first.qid
 
 
 def test_load_returns_envelopes_in_arrival_order(tmp_path: Path) -> None:
@@ -347,32 +598,32 @@ def test_record_appended_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:
     assert final.finished(env.qid) == {"a@x.test", "c@x.test"}
 
 
-def test_load_drops_finished_messages_and_deletes_an_empty_batch(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
+def test_load_drops_finished_messages_and_deletes_a_finished_segment(tmp_path: Path) -> None:
+    spool = small(tmp_path, 1)  # one batch to a segment
     done = commit(spool, recipients=["a@x.test", "b@x.test"])
     pending = commit(spool, recipients=["a@x.test"])
-    done_batch, pending_batch = spool.entry(done.qid).batch, spool.entry(pending.qid).batch
-    assert done_batch != pending_batch
+    done_segment, pending_segment = segment_of(spool, done.qid), segment_of(spool, pending.qid)
+    assert done_segment != pending_segment
     spool.mark_finished(done.qid, {"a@x.test": "delivered"})
     spool.mark_finished(done.qid, {"b@x.test": "bounced: 550 gone"})
-    assert (spool.queue / f"{done_batch}.log").exists()
+    assert (spool.queue / f"{done_segment.stem}.log").exists()
 
-    restarted = Spool(tmp_path)
+    restarted = small(tmp_path, 1)
     loaded = restarted.load()
 
     assert [e.qid for e in loaded] == [pending.qid]
     assert restarted.queued_ids() == [pending.qid]
-    assert names(spool.queue) == {f"{pending_batch}.batch"}
+    assert names(spool.queue) == {pending_segment.name}
 
 
-def test_load_keeps_a_batch_with_one_unfinished_message(
+def test_load_keeps_a_segment_with_one_unfinished_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool(tmp_path)
     done, pending = commit_together(
         spool, monkeypatch, [(b"done\r\n", ["a@x.test"]), (b"pending\r\n", ["a@x.test"])]
     )
-    batch = spool.entry(done.qid).batch
+    segment = spool.entry(done.qid).batch
     spool.mark_finished(done.qid, {"a@x.test": "delivered"})
 
     restarted = Spool(tmp_path)
@@ -381,18 +632,18 @@ def test_load_keeps_a_batch_with_one_unfinished_message(
     assert pending.qid in [e.qid for e in loaded]
     assert done.qid not in [e.qid for e in loaded]
     assert done.qid not in restarted.queued_ids()
-    assert {f"{batch}.batch", f"{batch}.log"} <= names(spool.queue)
+    assert {f"{segment}.seg", f"{segment}.log"} <= names(spool.queue)
     assert restarted.read(pending.qid) == b"pending\r\n"
 
 
-def test_remove_deletes_the_batch_only_when_all_its_messages_are_gone(
+def test_remove_forgets_the_message_and_keeps_the_segment_for_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool(tmp_path)
     first, second = commit_together(
         spool, monkeypatch, [(b"one\r\n", ["a@x.test"]), (b"two\r\n", ["a@x.test"])]
     )
-    batch = spool.entry(first.qid).batch
+    segment = segment_of(spool, first.qid)
     leader_qids = [q for q in spool.queued_ids() if q not in (first.qid, second.qid)]
     spool.mark_finished(first.qid, {"a@x.test": "delivered"})
 
@@ -400,45 +651,25 @@ def test_remove_deletes_the_batch_only_when_all_its_messages_are_gone(
 
     assert spool.queued_ids() == sorted([*leader_qids, second.qid])
     assert spool.finished(first.qid) == set()
-    assert {f"{batch}.batch", f"{batch}.log"} <= names(spool.queue)
-    assert spool.read(second.qid) == b"two\r\n"  # the batch is still readable
+    assert spool.read(second.qid) == b"two\r\n"  # the segment is still readable
     spool.remove(first.qid)  # idempotent
-    assert (spool.queue / f"{batch}.batch").exists()
-
-    spool.mark_finished(second.qid, {"a@x.test": "delivered"})
-    spool.remove(second.qid)
-
-    assert not (spool.queue / f"{batch}.batch").exists()
-    assert not (spool.queue / f"{batch}.log").exists()
-    assert sorted(e.qid for e in Spool(tmp_path).load()) == leader_qids
-
-
-def test_remove_of_a_single_message_deletes_its_files(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    gone = commit(spool, recipients=["a@x.test"])
-    other = commit(spool, recipients=["a@x.test"])
-    other_batch = spool.entry(other.qid).batch
-    spool.mark_finished(gone.qid, {"a@x.test": "delivered"})
-
-    spool.remove(gone.qid)
-
-    assert spool.queued_ids() == [other.qid]
-    assert names(spool.queue) == {f"{other_batch}.batch"}
-    assert spool.finished(gone.qid) == set()
-    spool.remove(gone.qid)  # idempotent
-    assert [e.qid for e in Spool(tmp_path).load()] == [other.qid]
+    assert segment.exists()
+    assert sorted(e.qid for e in Spool(tmp_path).load()) == sorted([*leader_qids, second.qid])
 
 
 def test_group_commit_shares_batches_between_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A disk whose fsync takes a while (as real disks do): commits arriving meanwhile wait
-    # for the next batch instead of each paying for an fsync of their own.
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.02)
-        os.fsync(fd)
+    # A disk whose fdatasync takes a while (as real disks do): commits arriving meanwhile
+    # wait for the next batch instead of each paying for an fdatasync of their own.
+    syncs = {"n": 0}
 
-    patch_fsync(monkeypatch, slow_fsync)
+    def slow_fdatasync(fd: int) -> None:
+        syncs["n"] += 1
+        time.sleep(0.02)
+        os.fdatasync(fd)
+
+    patch_os(monkeypatch, fdatasync=slow_fdatasync)
     spool = Spool(tmp_path)
     n = 20
     payloads = [
@@ -465,7 +696,8 @@ def test_group_commit_shares_batches_between_threads(
     assert errors == []
     assert spool.messages_committed == n
     assert 1 <= spool.batches_written < n, spool.batches_written
-    assert len(batch_files(spool)) == spool.batches_written
+    assert syncs["n"] == spool.batches_written
+    assert len(segment_files(spool)) == 1
     assert names(spool.tmp) == set()
     assert sorted(spool.queued_ids()) == sorted(e.qid for _w, e in prepared)
 
@@ -477,24 +709,22 @@ def test_group_commit_shares_batches_between_threads(
         assert restarted.read(env.qid) == data
 
 
-@pytest.mark.parametrize(
-    "fail_call",
-    [
-        pytest.param(3, id="batch-data-fsync"),
-        pytest.param(
-            4,
-            id="queue-dir-fsync",
-        ),
-    ],
-)
+@pytest.mark.parametrize("failure", ["fdatasync", "write", "hand-over"])
 def test_failed_batch_fails_every_commit_in_it_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_call: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    spool = Spool(tmp_path)
+    def hand_over(segment: str, entries: list[Any]) -> None:
+        if any(e.envelope.qid in doomed for e in entries):
+            raise BrokenPipeError("the edge process is gone")
+
+    spool = Spool(tmp_path, on_commit=hand_over if failure == "hand-over" else None)
     prepared = [prepare(spool, b"doomed %d\r\n" % i, ["a@x.test"]) for i in range(3)]
+    doomed = {e.qid for _w, e in prepared}
     committers = [Committer(spool, w, e) for w, e in prepared]
     # The leader's own batch goes through; the one after it (all three messages) fails.
-    with leader_held(spool, monkeypatch, fail_call):
+    with leader_held(spool, monkeypatch, 2 if failure == "fdatasync" else None):
+        if failure == "write":
+            patch_os(monkeypatch, fdatasync=os.fdatasync, pwrite=half_a_write())
         for c in committers:
             c.start()
         wait_until(lambda: len(spool._pending) == len(committers))
@@ -504,14 +734,39 @@ def test_failed_batch_fails_every_commit_in_it_and_leaves_nothing(
     assert all(isinstance(c.error, OSError) for c in committers), [c.error for c in committers]
     [leader_qid] = spool.queued_ids()
     assert spool.batches_written == 1
-    assert [p.name for p in batch_files(spool)] == [f"{spool.entry(leader_qid).batch}.batch"]
-    assert not list(spool.tmp.glob("*.batch.tmp"))
-    assert not list(spool.queue.glob("*.tmp"))
+    assert [p.stem for p in segment_files(spool)] == [spool.entry(leader_qid).batch]
+    assert names(spool.tmp) == set()
 
-    # The spool goes on working, and a restart knows nothing of the failed messages.
+    # The spool goes on working, in a segment of its own, and a restart knows nothing of
+    # the failed messages (written whole in all but one case).
     monkeypatch.undo()
     after = commit(spool, b"after\r\n")
+    assert spool.entry(after.qid).batch != spool.entry(leader_qid).batch
     restarted = Spool(tmp_path)
     assert sorted(e.qid for e in restarted.load()) == sorted([leader_qid, after.qid])
     assert restarted.read(leader_qid) == b"leader\r\n"
     assert restarted.read(after.qid) == b"after\r\n"
+
+
+def half_a_write() -> Callable[[int, Any, int], int]:
+    """`os.pwrite` that, on its first call, writes half and then fails (a full disk)."""
+    calls = {"n": 0}
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.pwrite(fd, bytes(data)[: len(data) // 2], offset)
+            raise OSError(28, "No space left on device")
+        return os.pwrite(fd, data, offset)
+
+    return pwrite
+
+
+def test_recoverable_reads_without_changing_anything(tmp_path: Path) -> None:
+    spool = small(tmp_path, 1)
+    done, pending = commit(spool, b"done\r\n"), commit(spool, b"pending\r\n")
+    spool.mark_finished(done.qid, {"a@example.test": "delivered"})
+    (spool.tmp / "stray.data").write_bytes(b"x")
+    before = names(spool.queue) | names(spool.tmp)
+    assert [e.envelope.qid for e in recoverable(tmp_path)] == [pending.qid]
+    assert names(spool.queue) | names(spool.tmp) == before
