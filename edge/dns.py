@@ -295,9 +295,6 @@ class ResultMemo:
         out: T = result
         return out
 
-    def clear(self) -> None:
-        self._entries.clear()
-
 
 def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
     try:

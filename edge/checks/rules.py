@@ -18,14 +18,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from edge.checks.base import (
-    BaseCheck,
-    Finding,
-    Found,
-    Recipient,
-    SpamResult,
-    Transaction,
-)
+from edge.checks.base import BaseCheck, Finding, Found, Recipient, SpamResult, Transaction
 from edge.checks.headers import domain_of
 from edge.soon import now
 from edge.store.records import SpamRule
