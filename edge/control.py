@@ -1,31 +1,36 @@
 """The edge's control listener: the `/v1` management API, `/health` and `/metrics`.
 
 `build_control` makes the listener from the configuration: the admin key file (created on
-first start with one random key, mode 0600; one key per line, `#` comments allowed), the
-`ControlAPI` over the edge's store and resolver, and the two operational endpoints. The
-listener belongs on the tailnet or an admin network, never on the public internet. This
-module must never log a key or run store queries on the reactor thread.
+first start with one random key, mode 0600; one key per line, `#` comments allowed) and a
+root resource that answers `GET /health` and `GET /metrics` itself. Every other request goes
+to the full tree of `edge.controlsite` (the `ControlAPI` over the edge's store and resolver,
+the queue API and the operational endpoints as a Klein app), which is imported, in a thread,
+and built on the first request that needs it: an edge that is only monitored never holds the
+web framework and the API models in memory. The listener belongs on the tailnet or an admin
+network, never on the public internet. This module must never log a key or run store queries
+on the reactor thread.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import importlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from klein import Klein
 from sqlalchemy import text
 from twisted.internet import defer
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
 
 from edge.config import Config, ConfigError
 from edge.dns import DNSResolver
@@ -33,14 +38,28 @@ from edge.eventlog import EventRecorder
 from edge.queueops import QueueControl
 from edge.service import TCPListener
 from edge.store import Store
-from edge.store.events import DeliveryEvents
 from edge.store.models import DELIVERY_EVENTS
-from webapi.compose import PrefixDispatch
-from webapi.control import ControlAPI
-from webapi.errors import APIError, error_reply, failure_reply, json_reply, set_common_headers
-from webapi.queue_api import QueueAPI
+from webapi.replies import internal_error_reply, json_reply, set_common_headers
 
-__all__ = ["Control", "OpsEndpoints", "admin_key_path", "build_control", "load_admin_keys"]
+if TYPE_CHECKING:
+    from twisted.web.server import Site
+
+    from webapi.control import ControlAPI
+
+__all__ = [
+    "Control",
+    "ControlRoot",
+    "LazyResource",
+    "LazySite",
+    "OpsReplies",
+    "admin_key_path",
+    "build_control",
+    "load_admin_keys",
+]
+
+log = Logger(namespace="tailpost.control")
+
+NOT_DONE_YET = 1  # twisted.web.server.NOT_DONE_YET, without loading that module at start
 
 
 def admin_key_path(config: Config) -> Path:
@@ -73,19 +92,13 @@ def load_admin_keys(path: Path) -> list[str]:
     return keys
 
 
-class OpsEndpoints:
-    """`/health` (the store answers) and `/metrics` (Prometheus text format)."""
-
-    app = Klein()
+class OpsReplies:
+    """The replies of `/health` (the store answers) and `/metrics` (Prometheus text format)."""
 
     def __init__(self, store: Store, queue_size: Any = None, events: Any = None) -> None:
         self.store = store
         self.queue_size = queue_size or (lambda: 0)
         self.events = events
-
-    @app.handle_errors(Exception)
-    def _errors(self, request: IRequest, failure: Failure) -> bytes:
-        return failure_reply(request, failure)
 
     def _check(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -93,7 +106,6 @@ class OpsEndpoints:
             conn.execute(text("SELECT 1"))
         return {"status": "ok", "latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
-    @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> defer.Deferred[bytes]:
         def failed(_failure: Failure) -> bytes:
             body = {"status": "error", "checks": {"database": {"status": "error"}}}
@@ -112,7 +124,6 @@ class OpsEndpoints:
         counts["routes"] = len(self.store.list_routes())
         return counts
 
-    @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> defer.Deferred[bytes]:
         def render(counts: dict[str, int]) -> bytes:
             lines = [
@@ -142,38 +153,137 @@ class OpsEndpoints:
         return deferToThread(self._counts).addCallback(render)
 
 
+class LazyResource(Resource):
+    """Renders the resource that `build` makes on the first request: `prepare` (the imports
+    `build` needs) runs in a thread first, then `build` on the reactor thread.
+
+    Requests that arrive in the meantime wait for it. If either step fails, the waiting
+    requests get the generic 500 reply and the next request tries again.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        prepare: Callable[[], object],
+        build: Callable[[], IResource],
+        run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
+    ) -> None:
+        super().__init__()
+        self._prepare = prepare
+        self._build = build
+        self._run = run_blocking
+        self.built: IResource | None = None
+        self._waiting: list[tuple[Any, list[Failure]]] = []
+
+    def render(self, request: IRequest) -> bytes | int:  # type: ignore[override]
+        if self.built is not None:
+            inner: Resource = self.built  # type: ignore[assignment]
+            return inner.render(request)  # type: ignore[no-any-return]
+        lost: list[Failure] = []
+        request.notifyFinish().addErrback(lost.append)  # type: ignore[attr-defined]
+        self._waiting.append((request, lost))
+        if len(self._waiting) == 1:
+            d = self._run(self._prepare)
+            d.addCallback(lambda _: self._build())
+            d.addBoth(self._ready)
+        return NOT_DONE_YET
+
+    def _ready(self, result: IResource | Failure) -> None:
+        if isinstance(result, Failure):
+            log.failure("the control API could not be built", result)
+        else:
+            self.built = result
+        waiting, self._waiting = self._waiting, []
+        for request, lost in waiting:
+            if lost:  # the client went away while it waited
+                continue
+            if self.built is None:
+                request.write(internal_error_reply(request))
+                request.finish()
+            else:
+                request.render(self.built)  # a twisted.web.server.Request
+
+
+class ControlRoot(Resource):
+    """Answers `GET /health` and `GET /metrics`; hands every other request to `rest`."""
+
+    isLeaf = True
+
+    def __init__(self, ops: OpsReplies, rest: IResource) -> None:
+        super().__init__()
+        self.ops = ops
+        self.rest = rest
+
+    def render(self, request: IRequest) -> bytes | int:  # type: ignore[override]
+        if request.method == b"GET" and request.path in (b"/health", b"/metrics"):
+            lost: list[Failure] = []
+            request.notifyFinish().addErrback(lost.append)  # type: ignore[attr-defined]
+            d = (
+                self.ops.health(request)
+                if request.path == b"/health"
+                else self.ops.metrics(request)
+            )
+            d.addErrback(self._failed, request)
+            d.addCallback(self._send, request, lost)
+            return NOT_DONE_YET
+        rest: Resource = self.rest  # type: ignore[assignment]
+        return rest.render(request)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _failed(failure: Failure, request: IRequest) -> bytes:
+        log.failure(
+            "unhandled error in {method} {path}", failure, method=request.method, path=request.path
+        )
+        return internal_error_reply(request)
+
+    @staticmethod
+    def _send(body: bytes, request: IRequest, lost: list[Failure]) -> None:
+        if not lost:  # else the client went away before the reply was ready
+            request.write(body)
+            request.finish()
+
+
+class LazySite(Factory):
+    """The `Site` over `root`, made (and `twisted.web.server` loaded) at the first connection."""
+
+    def __init__(self, root: IResource, reactor: Any) -> None:
+        self.root = root
+        self.reactor = reactor
+        self.site: Site | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        if self.site is None:
+            from twisted.web.server import Site
+
+            self.site = Site(self.root, reactor=self.reactor)
+            self.site.doStart()
+        return self.site.buildProtocol(addr)
+
+    def startFactory(self) -> None:
+        if self.site is not None:  # listening again after a stop
+            self.site.doStart()
+
+    def stopFactory(self) -> None:
+        if self.site is not None:
+            self.site.doStop()
+
+
 @dataclass
 class Control:
+    """The control listener; `api` is the `ControlAPI` once a request has built it."""
+
     listener: TCPListener
-    api: ControlAPI
+    root: ControlRoot
+    api: ControlAPI | None = None
+    base_url: str = ""
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: approval links use the real address (port 0 allowed)."""
         if "control" in addresses:
-            self.api.base_url = f"http://{addresses['control']}"
-
-
-class AdminOnly(Resource):
-    """Lets a request through to `inner` only with an admin key (`Authorization: Bearer`)."""
-
-    isLeaf = True
-
-    def __init__(self, inner: IResource, keys: list[str]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def render(self, request: IRequest) -> bytes | int:  # type: ignore[override]
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, presented = header.partition(b" ")
-        digest = hashlib.sha256(presented.strip()).digest()
-        if scheme.lower() != b"bearer" or not any(
-            hmac.compare_digest(digest, h) for h in self.hashes
-        ):
-            error = APIError(401, "admin_only", "this needs the admin key", "use_the_admin_key")
-            return error_reply(request, error)
-        inner: Resource = self.inner  # type: ignore[assignment]
-        return inner.render(request)  # type: ignore[no-any-return]
+            self.base_url = f"http://{addresses['control']}"
+            if self.api is not None:
+                self.api.base_url = self.base_url
 
 
 def build_control(
@@ -186,13 +296,20 @@ def build_control(
     events: EventRecorder | None = None,
 ) -> Control:
     keys = load_admin_keys(admin_key_path(config))
-    api = ControlAPI(store, resolver, config, keys)
-    ops = OpsEndpoints(store, queue_size, events)
-    routes: list[tuple[bytes, IResource]] = []
-    if queue is not None:
-        history = DeliveryEvents(store)
-        routes.append((b"/v1/queue", AdminOnly(QueueAPI(queue, history).resource(), keys)))
-    routes.append((b"/v1/", api.resource()))
-    root = PrefixDispatch(routes, ops.app.resource())
-    listener = TCPListener("control", config.edge.control_listen, Site(root), reactor)
-    return Control(listener, api)
+
+    def prepare() -> object:
+        return importlib.import_module("edge.controlsite")
+
+    def build() -> IResource:
+        from edge.controlsite import build_root
+
+        root, control.api = build_root(
+            config, store, resolver, keys, queue_size, queue, events, base_url=control.base_url
+        )
+        return root
+
+    root = ControlRoot(OpsReplies(store, queue_size, events), LazyResource(prepare, build))
+    site = LazySite(root, reactor)
+    listener = TCPListener("control", config.edge.control_listen, site, reactor)
+    control = Control(listener, root)
+    return control

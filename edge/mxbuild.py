@@ -59,21 +59,26 @@ def build_mx_factory(
         return device.account_id if device is not None else None
 
     committer = Committer(spool, reactor)
+    # Made once and shared by every session's handler (a bound method is a new object each
+    # time it is looked up).
+    resolve, lookup, commit = lookups.resolve_recipient, lookups.cached_or_load, committer.commit
+    discard = config.edge.accept_mode == "discard"
+    authserv = authserv_id(config)
 
     def handler() -> MXHandler:
         return MXHandler(
-            lookups.resolve_recipient,
+            resolve,
             spool,
             hostname,
             reactor,
             threads.deferToThread,
             accepted,
-            discard=config.edge.accept_mode == "discard",
+            discard=discard,
             checks=checks,
             account_of=account_of,
-            authserv_id=authserv_id(config),
-            lookup=lookups.cached_or_load,
-            commit=committer.commit,
+            authserv_id=authserv,
+            lookup=lookup,
+            commit=commit,
         )
 
     factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)

@@ -23,7 +23,7 @@ from connector.edgeclient import EdgeClient
 from connector.registration import Registration
 from edge.cli import main as cli
 from edge.config import Config
-from edge.control import OpsEndpoints
+from edge.controlsite import OpsEndpoints
 from edge.dns import DNSResolver
 from edge.store import Store, open_store
 from tests.test_control_support import ADMIN, make_config

@@ -7,7 +7,6 @@ reply: those go to the log, and the client gets a generic 500.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,6 +17,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from maildir import FolderNotFound, InvalidName, MessageNotFound
 from maildir.message import AttachmentNotFound
+from webapi.replies import internal_error_reply, json_reply, set_common_headers
 
 __all__ = [
     "APIError",
@@ -28,8 +28,6 @@ __all__ = [
 ]
 
 log = Logger(namespace="tailpost.webapi")
-
-JSON_TYPE = b"application/json"
 
 
 class APIError(Exception):
@@ -61,21 +59,6 @@ class APIError(Exception):
 
 def bad_parameter(message: str) -> APIError:
     return APIError(400, "invalid_parameter", message, "fix_request_parameters")
-
-
-def set_common_headers(request: IRequest) -> None:
-    """Headers every reply carries: mail is private and never sniffed or cached."""
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Referrer-Policy", b"no-referrer")
-
-
-def json_reply(request: IRequest, body: Any, status: int = 200) -> bytes:
-    """Serialise `body` as the JSON reply to `request`."""
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", JSON_TYPE)
-    set_common_headers(request)
-    return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def error_reply(request: IRequest, error: APIError) -> bytes:
@@ -133,7 +116,5 @@ def failure_reply(request: IRequest, failure: Failure) -> bytes:
             method=request.method,
             path=request.path,
         )
-        error = APIError(
-            500, "internal_error", "internal server error", "retry_later_or_check_the_log"
-        )
+        return internal_error_reply(request)
     return error_reply(request, error)
