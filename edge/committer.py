@@ -1,13 +1,18 @@
 """Group commit driven from the reactor: no thread waits per message.
 
 `Committer.commit` queues a received message and returns a Deferred that fires once the
-message is durable. One batch is written at a time, in the committer's own thread, holding
-every message that was waiting when it started; messages that arrive meanwhile form the
-next batch. So under load one write and one fdatasync cover many messages, and no pool
-thread sits blocked waiting for its turn, which would starve the store lookups and delivery
-work that share the reactor's pool. When no message waits after a batch, the same thread
-makes the spool's next segment if it is due (`Spool.prepare`), so that the batch that
-fills the current one does not have to.
+message is durable. One batch is written at a time, holding every message that was waiting
+when it started; messages that arrive meanwhile form the next batch. So under load one write
+and one fdatasync cover many messages, and no pool thread sits blocked waiting for its turn,
+which would starve the store lookups and delivery work that share the reactor's pool.
+
+With a `Syncer`, a small batch that fits in the current segment is written from the reactor
+thread into the page cache and made durable by the sync process (`edge.syncer`), so no
+thread has to win the interpreter lock from a busy reactor on the way. Any other batch (a
+new segment to start, data spilled to disk, a large one) is written and synced in the
+committer's own thread. When no message waits after a batch, that thread makes the spool's
+next segment if it is due (`Spool.prepare`), so that the batch that fills the current one
+does not have to.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from edge.spool import Envelope, Spool, SpoolWriter
+from edge.spool import Envelope, Spool, SpoolWriter, Unsynced
+from edge.syncer import Syncer
 
 log = Logger()
 
 
 class Committer:
-    def __init__(self, spool: Spool, reactor: Any) -> None:
+    def __init__(self, spool: Spool, reactor: Any, syncer: Syncer | None = None) -> None:
         self.spool = spool
         self.reactor = reactor
+        self.syncer = syncer
         self._waiting: list[tuple[SpoolWriter, Envelope, defer.Deferred[None]]] = []
         self._busy = False
         self._pool: ThreadPool | None = None
@@ -54,7 +61,11 @@ class Committer:
         self._busy = True
         self.batches += 1
         items = [(writer, envelope) for writer, envelope, _ in batch]
-        d = deferToThreadPool(self.reactor, self._thread_pool(), self.spool.commit_batch, items)
+        written = self.spool.write_unsynced(items) if self.syncer is not None else None
+        if written is None:
+            d = deferToThreadPool(self.reactor, self._thread_pool(), self.spool.commit_batch, items)
+        else:
+            d = self._sync(written)
 
         def done(result: Any) -> None:
             self._busy = False
@@ -67,6 +78,23 @@ class Committer:
             self._prepare()
 
         d.addBoth(done)
+
+    def _sync(self, written: Unsynced) -> defer.Deferred[None]:
+        """Make `written` durable through the sync process; undo it if that fails."""
+        assert self.syncer is not None
+        if written.error is not None:
+            d: defer.Deferred[None] = defer.fail(written.error)
+        else:
+            d = self.syncer.sync(written.segment.path)
+            d.addCallback(lambda _: self.spool.synced(written))
+
+        def undo(failure: Failure) -> defer.Deferred[None]:
+            undone = deferToThreadPool(self.reactor, self._thread_pool(), self.spool.undo, written)
+            undone.addErrback(lambda f: log.failure("undoing a failed batch failed", f))
+            return undone.addBoth(lambda _: failure)  # type: ignore[return-value]
+
+        d.addErrback(undo)
+        return d
 
     def _prepare(self) -> None:
         if self._busy or self._waiting or not self.spool.wants_spare():

@@ -21,6 +21,7 @@ from edge.smtp.server import Limits, SMTPServerFactory
 from edge.spool import Envelope, Spool
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups
+from edge.syncer import Syncer
 
 
 def smtp_limits(config: Config) -> Limits:
@@ -58,7 +59,7 @@ def build_mx_factory(
         device = lookups.get_device(target.device_id) if target.device_id else None
         return device.account_id if device is not None else None
 
-    committer = Committer(spool, reactor)
+    committer = Committer(spool, reactor, Syncer(reactor))
     # Made once and shared by every session's handler (a bound method is a new object each
     # time it is looked up).
     resolve, lookup, commit = lookups.resolve_recipient, lookups.cached_or_load, committer.commit

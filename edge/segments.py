@@ -101,17 +101,24 @@ class Segment:
         """Write a batch that fits (`free`) and make it durable: (its offset, where each
         message's data starts). If that fails, what was written is made unreadable, as far
         as the disk still allows; the segment is then not to be appended to again."""
-        buf, starts = encode_batch(records)
         at = self.end
-        if len(buf) > self.free:
-            raise ValueError(f"a batch of {len(buf)} octets does not fit in segment {self.name}")
         try:
-            _pwrite_all(self.fd, buf, at)
+            at, starts = self.write(records)
             os.fdatasync(self.fd)
         except BaseException:
             self.erase(at)
             raise
+        return at, starts
+
+    def write(self, records: list[Record]) -> tuple[int, list[int]]:
+        """Write a batch that fits (`free`), not yet durable (`fdatasync` of the file makes
+        it so): (its offset, where each message's data starts)."""
+        buf, starts = encode_batch(records)
+        at = self.end
+        if len(buf) > self.free:
+            raise ValueError(f"a batch of {len(buf)} octets does not fit in segment {self.name}")
         self.end = _align(at + len(buf))
+        _pwrite_all(self.fd, buf, at)
         return at, [at + s for s in starts]
 
     def erase(self, at: int) -> None:

@@ -69,7 +69,19 @@ class Envelope:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        # The fields by hand: `asdict` copies recursively and costs more than the dump.
+        fields = {
+            "client_ip": self.client_ip,
+            "extra": self.extra,
+            "helo": self.helo,
+            "kind": self.kind,
+            "qid": self.qid,
+            "received_at": self.received_at,
+            "recipients": self.recipients,
+            "sender": self.sender,
+            "size": self.size,
+        }
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
@@ -167,6 +179,21 @@ class SpoolWriter:
             self._memory = bytearray()
         else:
             self.path.unlink(missing_ok=True)
+
+
+INLINE_LIMIT = 256 * 1024
+"""The largest batch (octets) `write_unsynced` writes from the caller's thread."""
+
+
+@dataclass
+class Unsynced:
+    """A batch written by `Spool.write_unsynced`, waiting for its segment's `fdatasync`."""
+
+    segment: Segment
+    at: int
+    placed: list[SpoolEntry]
+    error: OSError | None = None
+    """The write failed: the batch is to be undone."""
 
 
 @dataclass
@@ -276,6 +303,73 @@ class Spool:
             with self._commit_cv:
                 self._writing = False
                 self._commit_cv.notify_all()
+
+    def write_unsynced(self, items: list[tuple[SpoolWriter, Envelope]]) -> Unsynced | None:
+        """Write a small batch into the current segment without waiting for the disk, for a
+        caller that makes the segment durable itself (`edge.syncer`) and then calls
+        `synced`, or `undo` (blocking) if that failed. Until then no other batch is
+        written. None, with nothing done, when the batch must take the blocking way
+        (`commit_batch`): no current segment with room, data spilled to disk, or more than
+        `INLINE_LIMIT` octets. Does not block on the disk: it writes to the page cache of
+        a file made ahead."""
+        if self._closed or any(writer.spilled for writer, _ in items):
+            return None
+        with self._commit_cv:
+            if self._writing:
+                return None
+            self._writing = True
+        batch = []
+        for writer, envelope in items:
+            writer.close()
+            envelope.size = writer.size
+            batch.append(_Pending(writer, envelope))
+        records: list[segments.Record] = [
+            (item.envelope.to_json(), item.envelope.size, item.writer.chunks()) for item in batch
+        ]
+        need = segments.batch_size((env, size) for env, size, _ in records)
+        segment = self._current
+        if need > INLINE_LIMIT or segment is None or segment.free < need:
+            self._done_writing()
+            return None
+        at = segment.end
+        try:
+            at, starts = segment.write(records)
+        except OSError as exc:
+            return Unsynced(segment, at, [], exc)
+        placed = [
+            SpoolEntry(item.envelope, segment.name, start, item.envelope.size)
+            for item, start in zip(batch, starts, strict=True)
+        ]
+        return Unsynced(segment, at, placed)
+
+    def synced(self, batch: Unsynced) -> None:
+        """`write_unsynced`'s batch is durable: hand it over (`on_commit`) and index it. If
+        the hand-over fails, this raises and the batch is to be undone."""
+        if self.on_commit is not None:
+            self.on_commit(batch.segment.name, batch.placed)
+        batch.segment.committed += 1
+        with self._lock:
+            if self.index:
+                self._register(batch.segment.name, batch.placed)
+            self.batches_written += 1
+            self.messages_committed += len(batch.placed)
+        self._done_writing()
+
+    def undo(self, batch: Unsynced) -> None:
+        """`write_unsynced`'s batch is not to be kept (its sync or hand-over failed): make it
+        unreadable, as far as the disk allows, and append nothing more to its segment.
+        Blocking."""
+        try:
+            batch.segment.erase(batch.at)
+            with contextlib.suppress(Exception):
+                self._retire(batch.segment)
+        finally:
+            self._done_writing()
+
+    def _done_writing(self) -> None:
+        with self._commit_cv:
+            self._writing = False
+            self._commit_cv.notify_all()
 
     def wants_spare(self) -> bool:
         """Whether `prepare` has work: the current segment is half full, the next not made."""

@@ -770,3 +770,13 @@ def test_recoverable_reads_without_changing_anything(tmp_path: Path) -> None:
     before = names(spool.queue) | names(spool.tmp)
     assert [e.envelope.qid for e in recoverable(tmp_path)] == [pending.qid]
     assert names(spool.queue) | names(spool.tmp) == before
+
+
+def test_envelope_json_has_every_field_as_asdict_would() -> None:
+    import dataclasses
+    import json
+
+    env = Envelope("Q1", "a@b.test", ["c@d.test", "e@f.test"], 12.5, "192.0.2.1", "h.test", 42)
+    env.extra["verdict"] = "accept"
+    assert env.to_json() == json.dumps(dataclasses.asdict(env), sort_keys=True).encode()
+    assert Envelope.from_json(env.to_json()) == env

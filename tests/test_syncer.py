@@ -1,0 +1,180 @@
+"""The sync process (`edge.syncer`, `edge.synchild`) and commits made durable through it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from edge import synchild
+from edge.committer import Committer
+from edge.spool import Envelope, Spool, SpoolWriter, recoverable
+from edge.syncer import Syncer
+from tests.test_spool import wait_until
+
+
+def _serve(requests: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, list[int]]:
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    req_r, req_w = os.pipe()
+    ans_r, ans_w = os.pipe()
+    os.write(req_w, requests)
+    os.close(req_w)
+    synchild.serve(req_r, ans_w)
+    os.close(req_r)
+    os.close(ans_w)
+    with os.fdopen(ans_r, "rb") as answers:
+        return answers.read(), synced
+
+
+def test_the_child_answers_each_request_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = tmp_path / "a.seg", tmp_path / "b.seg"
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    missing = tmp_path / "missing.seg"
+    lines = b"".join(os.fsencode(p) + b"\n" for p in (a, a, missing, b, a))
+    answers, synced = _serve(lines, monkeypatch)
+    assert answers.split(b"\n")[:-1] == [b"0", b"0", b"%d" % errno.ENOENT, b"0", b"0"]
+    assert len(synced) == 4  # the missing file was never synced, every other request was
+
+
+def test_the_child_ends_with_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers, synced = _serve(b"", monkeypatch)
+    assert answers == b"" and synced == []
+
+
+def test_sync_through_a_real_child(tmp_path: Path, in_reactor: Any) -> None:
+    syncer = Syncer(in_reactor.reactor)
+    seg = tmp_path / "s.seg"
+    seg.write_bytes(b"data")
+    assert in_reactor(lambda: syncer.sync(seg)) is None
+    with pytest.raises(FileNotFoundError):
+        in_reactor(lambda: syncer.sync(tmp_path / "nothing.seg"))
+    assert syncer.started == 1
+    in_reactor(syncer.stop)
+
+
+def test_a_child_that_dies_fails_what_waits_and_is_replaced(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    syncer = Syncer(in_reactor.reactor)
+    seg = tmp_path / "s.seg"
+    seg.write_bytes(b"data")
+    in_reactor(lambda: syncer.sync(seg))
+    child = syncer._child
+    assert child is not None and child.transport is not None
+    pid = child.transport.pid
+
+    def kill_then_ask() -> defer.Deferred[None]:
+        os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
+        waiting = syncer.sync(seg)
+        os.kill(pid, signal.SIGKILL)
+        return waiting
+
+    with pytest.raises(OSError, match="ended before answering"):
+        in_reactor(kill_then_ask)
+    wait_until(lambda: syncer._child is None)
+    assert in_reactor(lambda: syncer.sync(seg)) is None
+    assert syncer.started == 2
+    in_reactor(syncer.stop)
+
+
+class CountingSyncer(Syncer):
+    def __init__(self, reactor: Any, fail: bool = False) -> None:
+        super().__init__(reactor)
+        self.paths: list[Path] = []
+        self.fail = fail
+
+    def sync(self, path: Path) -> defer.Deferred[None]:
+        self.paths.append(path)
+        if self.fail:
+            return defer.fail(OSError(errno.EIO, "fdatasync failed"))
+        return super().sync(path)
+
+
+def _commit(spool: Spool, committer: Committer, data: bytes, n: int = 1) -> Any:
+    waits = []
+    for i in range(n):
+        writer = spool.writer()
+        writer.write(data)
+        waits.append(committer.commit(writer, Envelope(writer.qid, "a@b.test", ["c@d.test"], i)))
+    return defer.DeferredList(waits, consumeErrors=True)
+
+
+def test_small_batches_after_the_first_go_through_the_sync_process(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor)
+    committer = Committer(spool, in_reactor.reactor, syncer)
+    message = b"Subject: x\r\n\r\nbody\r\n"
+    for _ in range(3):
+        results = in_reactor(_commit, spool, committer, message)
+        assert all(ok for ok, _ in results)
+    # The first batch starts the segment in the committer's thread; the next two are
+    # written from the reactor and synced by the child.
+    assert len(syncer.paths) == 2 and len(set(syncer.paths)) == 1
+    assert syncer.paths[0].suffix == ".seg"
+    assert len(spool.queued_ids()) == 3
+    assert len(recoverable(tmp_path)) == 3
+    assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
+    in_reactor(syncer.stop)
+
+
+def test_spilled_data_takes_the_committers_thread(tmp_path: Path, in_reactor: Any) -> None:
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor)
+    committer = Committer(spool, in_reactor.reactor, syncer)
+    in_reactor(_commit, spool, committer, b"first\r\n")
+    big = b"x" * (SpoolWriter.SPILL_SIZE + 10) + b"\r\n"
+    results = in_reactor(_commit, spool, committer, big)
+    assert all(ok for ok, _ in results)
+    assert syncer.paths == []
+    assert sorted(len(spool.read(q)) for q in spool.queued_ids()) == [7, len(big)]
+    in_reactor(syncer.stop)
+
+
+def test_a_failed_sync_fails_the_batch_and_leaves_nothing(tmp_path: Path, in_reactor: Any) -> None:
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor, fail=True)
+    committer = Committer(spool, in_reactor.reactor, syncer)
+    in_reactor(_commit, spool, committer, b"kept\r\n")
+    results = in_reactor(_commit, spool, committer, b"lost\r\n")
+    assert len(syncer.paths) == 1 and [ok for ok, _ in results] == [False]
+    assert results[0][1].check(OSError)
+    # Nothing of the failed batch can come back; the one before it is untouched.
+    assert [spool.read(e.envelope.qid) for e in recoverable(tmp_path)] == [b"kept\r\n"]
+    # Its segment takes nothing more: the next batch starts another, in the thread.
+    syncer.fail = False
+    results = in_reactor(_commit, spool, committer, b"later\r\n")
+    assert all(ok for ok, _ in results) and len(syncer.paths) == 1
+    segments = {e.batch for e in recoverable(tmp_path)}
+    assert len(segments) == 2
+    assert len(spool.queued_ids()) == 2
+    in_reactor(syncer.stop)
+
+
+def test_a_failed_hand_over_undoes_a_synced_batch(tmp_path: Path, in_reactor: Any) -> None:
+    handed: list[str] = []
+
+    def hand_over(name: str, placed: list[Any]) -> None:
+        if len(handed) >= 1:
+            raise OSError(errno.EPIPE, "the edge is gone")
+        handed.append(name)
+
+    spool = Spool(tmp_path, index=False, on_commit=hand_over)
+    syncer = CountingSyncer(in_reactor.reactor)
+    committer = Committer(spool, in_reactor.reactor, syncer)
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, b"one\r\n"))
+    results = in_reactor(_commit, spool, committer, b"two\r\n")
+    assert syncer.paths and [ok for ok, _ in results] == [False]
+    assert [e.envelope.received_at for e in recoverable(tmp_path)] == [0]
+    in_reactor(syncer.stop)
