@@ -21,7 +21,12 @@ from tests.test_spool import wait_until
 def _serve(requests: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, list[int]]:
     synced: list[int] = []
     real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     req_r, req_w = os.pipe()
     ans_r, ans_w = os.pipe()
     os.write(req_w, requests)
