@@ -53,15 +53,22 @@ class _ChildProtocol(protocol.ProcessProtocol):
             else:
                 d.errback(OSError(code, f"fdatasync failed: {os.strerror(code)}"))
 
+    def outConnectionLost(self) -> None:  # noqa: N802
+        """The child can answer nothing more (it ended, or is ending)."""
+        self._end()
+
     def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self._end()
+        if not reason.check(error.ProcessDone):
+            log.warn("sync process ended: {why}", why=reason.getErrorMessage())
+
+    def _end(self) -> None:
         self.ended = True
         self.close_requests()
         self.syncer._ended(self)
         waiting, self.waiting = self.waiting, deque()
         for d in waiting:
             d.errback(OSError(errno.EIO, "the sync process ended before answering"))
-        if not reason.check(error.ProcessDone):
-            log.warn("sync process ended: {why}", why=reason.getErrorMessage())
 
     def close_requests(self) -> None:
         if self.requests >= 0:
