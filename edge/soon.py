@@ -9,7 +9,8 @@ pending.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
+from types import CoroutineType
 from typing import Any
 
 from twisted.internet import defer
@@ -19,10 +20,10 @@ from twisted.python.failure import Failure
 def now(result: Any) -> Any:
     """`result` itself, the value of a fired Deferred (its failure is raised here), or a
     Deferred still pending. A coroutine runs until it first waits."""
-    if isinstance(result, Coroutine):
-        result = defer.Deferred.fromCoroutine(result)
     if not isinstance(result, defer.Deferred):
-        return result
+        if not isinstance(result, CoroutineType):  # (a concrete type: no ABC check)
+            return result
+        result = defer.Deferred.fromCoroutine(result)
     if result.called and not result.paused:
         value = result.result
         if isinstance(value, Failure):
