@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from edge.dns import DNSTemporaryError
 from edge.dsn import RecipientStatus, build_dsn, dsn_allowed
+from edge.quieter import Quieter
 from edge.routing import NoRoute, Target
 from edge.smtpclient import Outcome
 from edge.spool import QUEUE_ID_HEADER, Envelope, Spool
@@ -83,6 +84,7 @@ class DeliveryQueue:
         self.hostname = hostname
         self.run_blocking = run_blocking
         self.on_event = on_event
+        self.quiet = Quieter(log, clock)
         self.envelopes: dict[str, Envelope] = {}
         self.states: dict[str, MessageState] = {}
         self._timers: dict[str, IDelayedCall] = {}
@@ -269,7 +271,13 @@ class DeliveryQueue:
             state.last_errors.update({r: s.reply for r, s in temporary.items()})
             for rcpt, status in temporary.items():
                 self.record_event(qid, rcpt, "deferred", status.reply)
-                log.info("queue: {qid} to {rcpt} deferred: {r}", qid=qid, rcpt=rcpt, r=status.reply)
+                self.quiet.say(
+                    f"queue: deferred: {status.reply}",
+                    "queue: {qid} to {rcpt} deferred: {r}",
+                    qid=qid,
+                    rcpt=rcpt,
+                    r=status.reply,
+                )
             if not entry.warned and now - env.received_at >= self.delay_warning:
                 await self.report(env, raw, list(temporary.values()), "delayed")
                 await self.run_blocking(self.spool.set_warned, qid)
