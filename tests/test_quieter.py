@@ -17,7 +17,8 @@ def _quieter(interval: float = 10.0) -> tuple[Quieter, Clock, list[str]]:
         lines.append(formatEvent(event))
 
     clock = Clock()
-    return Quieter(Logger(observer=LogPublisher(observe)), clock, interval), clock, lines
+    publisher = LogPublisher(observe)  # type: ignore[arg-type]
+    return Quieter(Logger(observer=publisher), clock, interval), clock, lines
 
 
 def test_repeats_are_counted_and_told_at_the_end_of_the_interval() -> None:
