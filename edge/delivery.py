@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from edge import soon
 from edge.dns import DNSTemporaryError
 from edge.dsn import RecipientStatus, build_dsn, dsn_allowed
 from edge.quieter import Quieter
@@ -162,6 +163,8 @@ class DeliveryQueue:
         self._timers.pop(qid, None)
         if qid in self._running or qid not in self.envelopes:
             return
+        if self._deferred_at_once(qid):
+            return
         self._running.add(qid)
         d = defer.ensureDeferred(self._attempt(qid))
         d.addErrback(self._attempt_failed, qid)
@@ -190,6 +193,53 @@ class DeliveryQueue:
                 log.failure("queue: recording the {event} event failed", event=event)
 
     # -- one attempt -------------------------------------------------------------------------
+
+    def _deferred_at_once(self, qid: str) -> bool:
+        """An attempt decided without waiting: when every pending recipient's route is known
+        at once to be unusable for now (a device that is offline, say) and no report is due,
+        the message is deferred here as `_attempt` would defer it, without a coroutine (the
+        common case for a device away from its edge). Otherwise False, and nothing is done."""
+        env = self.envelopes[qid]
+        entry = self.spool.entry(qid)
+        age = self.clock.seconds() - env.received_at
+        if entry.held or age >= min(self.delay_warning, self.lifetime):
+            return False
+        temporary: dict[str, RecipientStatus] = {}
+        for rcpt in entry.pending:
+            try:
+                routed = soon.now(self.route_soon(rcpt, env.kind))
+            except NoRoute as exc:
+                if not exc.temporary:
+                    return False
+                temporary[rcpt] = RecipientStatus(rcpt, exc.reply)
+                continue
+            except Exception:
+                return False  # (`_attempt` routes again and says what went wrong)
+            if isinstance(routed, defer.Deferred):
+                routed.addErrback(lambda _: None)  # (`_attempt` routes again)
+            return False
+        if not temporary:
+            return False
+        state = self.states.setdefault(qid, MessageState())
+        state.next_attempt = None
+        self._stop_waiting(qid)
+        self._deferred(qid, state, temporary)
+        self._retry_later(qid)
+        return True
+
+    def _deferred(
+        self, qid: str, state: MessageState, temporary: dict[str, RecipientStatus]
+    ) -> None:
+        state.last_errors.update({r: s.reply for r, s in temporary.items()})
+        for rcpt, status in temporary.items():
+            self.record_event(qid, rcpt, "deferred", status.reply)
+            self.quiet.say(
+                f"queue: deferred: {status.reply}",
+                "queue: {qid} to {rcpt} deferred: {r}",
+                qid=qid,
+                rcpt=rcpt,
+                r=status.reply,
+            )
 
     async def _attempt(self, qid: str, in_order: bool = False) -> None:
         env = self.envelopes[qid]
@@ -268,16 +318,7 @@ class DeliveryQueue:
         if failed:
             await self.report(env, raw, failed, "failed")
         if temporary:
-            state.last_errors.update({r: s.reply for r, s in temporary.items()})
-            for rcpt, status in temporary.items():
-                self.record_event(qid, rcpt, "deferred", status.reply)
-                self.quiet.say(
-                    f"queue: deferred: {status.reply}",
-                    "queue: {qid} to {rcpt} deferred: {r}",
-                    qid=qid,
-                    rcpt=rcpt,
-                    r=status.reply,
-                )
+            self._deferred(qid, state, temporary)
             if not entry.warned and now - env.received_at >= self.delay_warning:
                 await self.report(env, raw, list(temporary.values()), "delayed")
                 await self.run_blocking(self.spool.set_warned, qid)

@@ -519,3 +519,50 @@ def test_failure_before_the_transaction_is_temporary() -> None:
     assert outcomes["a@x.test"].code == 451
     assert not outcomes["a@x.test"].final
     assert not outcomes["a@x.test"].connected  # the next host may be tried
+
+
+def offline(address: str) -> RecipientTarget:
+    """A device that has not told the edge where to reach it."""
+    found = device(address)
+    return RecipientTarget(**{**found.__dict__, "connector_smtp_addr": ""})
+
+
+def test_mail_for_an_offline_device_is_deferred_at_once_then_delivered(tmp_path: Path) -> None:
+    events: list[tuple[str, str, str, str]] = []
+    h = Harness(tmp_path, {A: offline(A)}, all_(250, "2.0.0 Ok"))
+    h.queue.on_event = lambda *e: events.append(e)
+    attempts: list[str] = []
+    full_attempt = h.queue._attempt
+
+    def counted(qid: str, in_order: bool = False) -> Any:
+        attempts.append(qid)
+        return full_attempt(qid, in_order)
+
+    h.queue._attempt = counted  # type: ignore[method-assign]
+    env = h.accept([A])
+    h.clock.advance(0)
+    assert attempts == []  # decided at once, without the attempt's coroutine
+    assert h.deliverer.calls == [] and not h.queue.is_running(env.qid)
+    assert [e[2] for e in events] == ["accepted", "deferred"]
+    assert events[-1][3].startswith("451 4.4.0 device dev1 has no connector address")
+    state = h.queue.states[env.qid]
+    assert state.attempts == 1 and state.next_attempt == SCHEDULE[0]
+    assert state.last_errors[A].startswith("451 4.4.0")
+    h.clock.advance(SCHEDULE[0])  # still offline: deferred again, on the schedule
+    assert h.queue.states[env.qid].attempts == 2 and h.deliverer.calls == []
+    h.targets[A] = device(A)  # it came back
+    h.clock.advance(SCHEDULE[1])
+    assert h.deliverer.rcpts() == [[A]] and attempts == [env.qid]
+    assert h.spool.queued_ids() == []
+
+
+def test_an_offline_device_still_gets_the_delayed_report(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: offline(A)})
+    h.queue.delay_warning = 100.0
+    env = h.accept([A])
+    h.clock.advance(0)
+    assert h.dsns_to(SENDER) == []
+    h.clock.advance(SCHEDULE[0] + SCHEDULE[1])  # the second retry is past the warning delay
+    (dsn,) = h.dsns_to(SENDER)
+    assert b"delayed" in dsn.data.lower()
+    assert h.spool.entry(env.qid).warned
