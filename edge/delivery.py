@@ -14,6 +14,7 @@ It never forgets a message while one of its recipients is unfinished.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -88,7 +89,15 @@ class DeliveryQueue:
         self.quiet = Quieter(log, clock)
         self.envelopes: dict[str, Envelope] = {}
         self.states: dict[str, MessageState] = {}
-        self._timers: dict[str, IDelayedCall] = {}
+        # When each message is due for its next attempt: a heap of (time, sequence, qid),
+        # with the live entry of each qid in `_due_at` (others are dropped when they come
+        # up), and one reactor timer for the earliest. One DelayedCall per message in the
+        # reactor's own heap (ordered by Python comparisons) costs far more.
+        self._due: list[tuple[float, int, str]] = []
+        self._due_at: dict[str, tuple[float, int]] = {}
+        self._sequence = itertools.count()
+        self._alarm: IDelayedCall | None = None
+        self._alarm_at = 0.0
         self._running: set[str] = set()
         self._flushing: set[str] = set()
         # Per target key: the messages waiting for it, and a heap of (arrival, qid) whose
@@ -116,10 +125,11 @@ class DeliveryQueue:
 
     def stop(self) -> None:
         self._stopped = True
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._alarm is not None and self._alarm.active():
+            self._alarm.cancel()
+        self._alarm = None
+        self._due.clear()
+        self._due_at.clear()
 
     def enqueue(self, envelope: Envelope, delay: float = 0.0) -> None:
         """A message just committed to the spool: deliver it."""
@@ -143,24 +153,57 @@ class DeliveryQueue:
     def schedule(self, qid: str, delay: float) -> None:
         if self._stopped:
             return
-        timer = self._timers.get(qid)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timers[qid] = self.clock.callLater(max(delay, 0.0), self._kick, qid)
-        self.states.setdefault(qid, MessageState()).next_attempt = self.clock.seconds() + delay
+        now = self.clock.seconds()
+        entry = (now + max(delay, 0.0), next(self._sequence))
+        self._due_at[qid] = entry
+        heapq.heappush(self._due, (*entry, qid))
+        self.states.setdefault(qid, MessageState()).next_attempt = now + delay
+        self._arm()
+
+    def _arm(self) -> None:
+        """Set the one timer for the earliest message due (stale entries dropped first)."""
+        due, due_at = self._due, self._due_at
+        while due and due_at.get(due[0][2]) != due[0][:2]:
+            heapq.heappop(due)
+        alarm = self._alarm
+        armed = alarm is not None and alarm.active()
+        if not due:
+            if armed:
+                alarm.cancel()  # type: ignore[union-attr]
+            return
+        at = due[0][0]
+        if armed and self._alarm_at <= at:
+            return
+        if armed:
+            alarm.cancel()  # type: ignore[union-attr]
+        self._alarm_at = at
+        self._alarm = self.clock.callLater(max(at - self.clock.seconds(), 0.0), self._ring)
+
+    def _ring(self) -> None:
+        """Attempt every message that is due now, earliest first."""
+        self._alarm = None
+        now = self.clock.seconds()
+        due, due_at = self._due, self._due_at
+        ready = []
+        while due and due[0][0] <= now:
+            at, seq, qid = heapq.heappop(due)
+            if due_at.get(qid) == (at, seq):
+                del due_at[qid]
+                ready.append(qid)
+        for qid in ready:
+            self._kick(qid)
+        self._arm()
 
     def is_running(self, qid: str) -> bool:
         return qid in self._running
 
     def unschedule(self, qid: str) -> None:
-        timer = self._timers.pop(qid, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._due_at.pop(qid, None)  # its heap entry is dropped when it comes up
         if qid in self.states:
             self.states[qid].next_attempt = None
 
     def _kick(self, qid: str) -> None:
-        self._timers.pop(qid, None)
+        self._due_at.pop(qid, None)
         if qid in self._running or qid not in self.envelopes:
             return
         if self._deferred_at_once(qid):

@@ -566,3 +566,28 @@ def test_an_offline_device_still_gets_the_delayed_report(tmp_path: Path) -> None
     (dsn,) = h.dsns_to(SENDER)
     assert b"delayed" in dsn.data.lower()
     assert h.spool.entry(env.qid).warned
+
+
+def test_many_waiting_messages_share_one_timer_and_keep_their_order(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: offline(A), B: offline(B)}, all_(250, "2.0.0 Ok"))
+    first = [h.accept([A]) for _ in range(30)]
+    h.clock.advance(5)  # (the first attempts run at t=5)
+    later = [h.accept([B]) for _ in range(20)]
+    h.clock.advance(0)
+    # 50 messages wait for their retries; the reactor holds one timer for all of them.
+    timers = [c for c in h.clock.getDelayedCalls() if getattr(c, "func", None) == h.queue._ring]
+    assert len(timers) == 1 and timers[0].getTime() == 5 + SCHEDULE[0]
+    h.queue.unschedule(first[0].qid)
+    h.queue.schedule(later[-1].qid, 1.0)  # moved earlier than everything else
+    ring = [c for c in h.clock.getDelayedCalls() if getattr(c, "func", None) == h.queue._ring]
+    assert [c.getTime() for c in ring] == [6.0]
+    h.targets[A], h.targets[B] = device(A), device(B)
+    h.clock.advance(1)
+    assert h.deliverer.rcpts() == [[B]]
+    h.clock.advance(SCHEDULE[0])
+    # The rest, oldest first; the unscheduled one waits until something schedules it.
+    assert len(h.deliverer.calls) == 49
+    assert h.spool.queued_ids() == [first[0].qid]
+    order = [c.data.split(b"\r\n", 1)[0] for c in h.deliverer.calls[1:]]
+    expected = [b"X-Tailpost-Queue-ID: " + e.qid.encode() for e in first[1:] + later[:-1]]
+    assert order == expected
