@@ -259,3 +259,32 @@ def test_checks_section_of_the_config_file(tmp_path: Path) -> None:
     path.write_text("[checks]\nenabled = false\n")
     assert build_pipeline(load_config(path), resolver, None, list, Any) is None  # type: ignore[arg-type]
     assert sealer_for(load_config(path)) is None
+
+
+FILTER_SECTIONS = [
+    b"Subject: plain\r\nTo: a@b.test\r\n\r\nbody\r\n",
+    b"Authentication-Results: mx.edge.test; spf=pass\r\nSubject: x\r\n\r\nbody\r\n",
+    b"Subject: x\r\nX-Tailpost-Verdict: ham\r\n  folded\r\nTo: y\r\n\r\nbody\r\n",
+    b"authentication-results : mx.edge.test;\r\n dkim=pass\r\n\r\n",
+    b"Authentication-Results: other.test; spf=pass\r\nX-TAILPOST-QUEUE-ID: 1\r\n\r\n",
+    b"Subject: s\r\n X-Tailpost-Not-A-Field: continuation\r\n\r\nX-Tailpost-In-Body: 1\r\n",
+]
+
+
+@pytest.mark.parametrize("section", FILTER_SECTIONS)
+def test_header_filter_reads_a_whole_section_as_line_by_line(section: bytes) -> None:
+    from edge.checks.headers import HeaderFilter
+
+    def run(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
+        f = HeaderFilter("mx.edge.test")
+        out = b"".join(b"".join(f.feed(c)) for c in chunks) + b"".join(f.finish())
+        return out, f.removed
+
+    lines = section.splitlines(keepends=True)
+    by_line = run(lines)
+    assert run([section]) == by_line
+    cut = section.index(b"\r\n") + 2  # a first line alone, then the rest at once
+    assert run([section[:cut], section[cut:]]) == by_line
+    split = section.find(b"\r\n\r\n") + 4
+    if 0 < split < len(section):
+        assert run([section[:split], section[split:]]) == by_line

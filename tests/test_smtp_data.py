@@ -38,6 +38,8 @@ def reference(stream: bytes, limits: Limits) -> tuple[bytes | None, Reply | None
     prev_crlf = True
     in_headers = True
     size = 0
+    header_size = 0
+    received = 0
     pos = 0
     while True:
         nl = stream.find(b"\n", pos)
@@ -55,6 +57,14 @@ def reference(stream: bytes, limits: Limits) -> tuple[bytes | None, Reply | None
             line = line[1:]
         if in_headers and line in (b"\r\n", b"\n"):
             in_headers = False
+        elif in_headers:
+            header_size += len(line)
+            if error is None and header_size > limits.max_header_size:
+                error = replies.S552_HEADER_TOO_BIG
+            if line[:9].lower() == b"received:":
+                received += 1
+                if error is None and received > limits.max_received_headers:
+                    error = replies.S554_LOOP
         prev_crlf = crlf
         size += len(line)
         if error is None and size > limits.max_message_size:
@@ -111,3 +121,38 @@ def test_size_limit_counts_unstuffed_octets() -> None:
     stream = b"A: b\r\n" + body + b".\r\n"
     assert reference(stream, limits) == read(stream, limits, [len(stream)])
     assert read(stream, limits, [len(stream)])[1] is None  # 2 x 39 + headers fit in 100
+
+
+HEADER_SECTIONS = [
+    b"Subject: t\r\nReceived: by x\r\n\r\n",
+    b"From: a@b.test\r\nTo: c@d.test\r\nSubject: folded\r\n  on two lines\r\n\r\n",
+    b"Received: one\r\nRECEIVED: two\r\nreceived: three\r\nX-Received: not one\r\n\r\n",
+    b"Subject: a dot\r\n.X-Stuffed: yes\r\n\r\n",
+    b"Subject: bare lf\nTo: x\r\n\r\n",
+    b"Subject: bare cr\r here\r\n\r\n",
+    b"X-Long: " + b"v" * 1000 + b"\r\n\r\n",
+    b"X-Big: " + b"v" * 200 + b"\r\n" + b"X-Big-Too: " + b"w" * 200 + b"\r\n\r\n",
+    b"\r\n",  # no header fields at all
+    b"Subject: no end of the header section\r\n",
+]
+
+
+@pytest.mark.parametrize("section", HEADER_SECTIONS)
+@pytest.mark.parametrize("header_limit,received_limit", [(1 << 20, 50), (300, 2)])
+def test_header_sections_read_as_line_by_line(
+    section: bytes, header_limit: int, received_limit: int
+) -> None:
+    limits = Limits(
+        max_message_size=6000,
+        max_text_line=1000,
+        max_header_size=header_limit,
+        max_received_headers=received_limit,
+    )
+    body = b"\r\nReceived: in the body\r\nline\r\n" if section.endswith(b"\r\n\r\n") else b""
+    stream = section + body + b".\r\nQUIT\r\n"
+    expected = reference(stream, limits)
+    rng = random.Random(section)
+    chunkings = [[len(stream)], [1] * len(stream), [9] * (len(stream) // 9 + 1)]
+    chunkings += [[rng.randint(1, 120) for _ in range(len(stream))] for _ in range(20)]
+    for sizes in chunkings:
+        assert read(stream, limits, sizes) == expected, sizes[:10]

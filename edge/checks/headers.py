@@ -16,6 +16,9 @@ from email.policy import compat32
 from email.utils import getaddresses
 
 TAILPOST_PREFIX = b"x-tailpost-"
+_TRUST = re.compile(rb"^[ \t]*(?:authentication-results|x-tailpost-)", re.IGNORECASE | re.MULTILINE)
+"""A line that may start a field only the edge may write (then the section is read field by
+field)."""
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
@@ -50,10 +53,28 @@ class HeaderFilter:
         self.removed: list[bytes] = []
         self._field: list[bytes] = []
 
-    def feed(self, line: bytes) -> list[bytes]:
-        """Lines (each ending in CRLF) in; the lines to keep out, in order."""
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete lines (one or several, each ending in LF) in; what to keep out, in order."""
         if not self.in_headers:
-            return [line]
+            return [chunk]
+        last = len(chunk) - 1
+        if chunk.find(b"\n") == last:
+            return self._line(chunk)
+        if not self._field and chunk.endswith(b"\r\n\r\n") and not _TRUST.search(chunk):
+            # The whole rest of the header section, and no field in it that only the edge
+            # may write: it goes through as it is.
+            self.in_headers = False
+            return [chunk]
+        out: list[bytes] = []
+        start = 0
+        while start <= last:
+            end = chunk.find(b"\n", start) + 1 or len(chunk)
+            line = chunk[start:end]
+            out.extend(self._line(line) if self.in_headers else (line,))
+            start = end
+        return out
+
+    def _line(self, line: bytes) -> list[bytes]:
         if line[:1] in (b" ", b"\t") and self._field:
             self._field.append(line)
             return []

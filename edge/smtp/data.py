@@ -10,6 +10,7 @@ than one text line of input, and never decides anything but these wire-level rul
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,8 @@ from edge.smtp import replies
 from edge.smtp.replies import Reply
 
 log = Logger()
+
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
@@ -68,6 +71,8 @@ class DataReader:
         pos = 0
         limit = self.limits.max_text_line + 2
         while True:
+            if self._in_headers and self._prev_crlf and not self._discarding:
+                pos = self._headers(buf, pos, limit)
             if not self._in_headers and self._prev_crlf and not self._discarding:
                 done, pos = self._body(buf, pos, limit)
                 if done:
@@ -134,6 +139,40 @@ class DataReader:
         if end >= 0:
             return True, stop + 3
         return False, stop
+
+    def _headers(self, buf: bytes, pos: int, limit: int) -> int:
+        """The whole header section from `pos` at once, with the empty line that ends it,
+        when it is all here and plain (CRLF lines, none starting with a dot, every limit
+        kept): where reading goes on. Otherwise `pos`, and it is read line by line, which
+        says exactly where and why it is refused."""
+        if buf.startswith(b"\r\n", pos):
+            return pos
+        end = buf.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return pos
+        region = buf[pos : end + 4]
+        crlf = region.count(b"\r\n")
+        if region.startswith(b".") or b"\n." in region:
+            return pos
+        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+            return pos
+        if len(region) >= limit and max(map(len, region.split(b"\n"))) >= limit:
+            return pos
+        fields = len(region) - 2
+        received = len(_RECEIVED.findall(region))
+        if (
+            self._header_size + fields > self.limits.max_header_size
+            or self._received + received > self.limits.max_received_headers
+            or self.size + len(region) > self.limits.max_message_size
+        ):
+            return pos
+        self._header_size += fields
+        self._received += received
+        self._in_headers = False
+        self._count(len(region))
+        if self.error is None and self.sink is not None:
+            self.sink.write(region)
+        return end + 4
 
     def _header_line(self, line: bytes) -> None:
         """Header-section limits: its size and the Received count (loop detection)."""
