@@ -20,7 +20,10 @@ segment is deleted, with its log, once it is sealed and all its messages are fin
 On start, every segment found is sealed (a process appends only to segments it made), what
 is not in a whole, valid batch is discarded, and every message with an unfinished recipient
 is handed back for delivery. The blocking methods here must run in a thread pool, never in
-the reactor thread.
+the reactor thread; `write_unsynced` and `synced` do not block (a small batch written into
+the page cache of the current segment, made durable by the caller: `edge.committer`).
+What the spool keeps of each message (`Envelope`, `SpoolEntry`, `SpoolWriter`) is in
+`edge.spoolitems`.
 """
 
 from __future__ import annotations
@@ -28,166 +31,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
 from edge import segments
 from edge.segments import Segment
+from edge.spoolitems import QUEUE_ID_HEADER, Envelope, SpoolEntry, SpoolWriter, new_queue_id
+
+__all__ = [
+    "INLINE_LIMIT",
+    "QUEUE_ID_HEADER",
+    "Envelope",
+    "Spool",
+    "SpoolEntry",
+    "SpoolWriter",
+    "Unsynced",
+    "new_queue_id",
+    "recoverable",
+]
 
 log = Logger()
-
-QUEUE_ID_HEADER = b"X-Tailpost-Queue-ID"
-"""The header the edge puts first when it hands a message on, carrying its queue id."""
 
 _LEGACY = "B"  # how the names of earlier versions' batch files (`<name>.batch`) begin
 
 _T = TypeVar("_T")
-
-
-_ids = random.Random()  # seeded from the system's randomness when this process starts
-
-
-def new_queue_id() -> str:
-    """A sortable, unique queue id: microseconds since the epoch plus 32 random bits, in hex.
-    (Unique, not secret: a client never learns one before it exists, and the edge's own
-    headers that carry it are removed from incoming mail.)"""
-    return f"{time.time_ns() // 1000:014X}{_ids.getrandbits(32):08X}"
-
-
-@dataclass
-class Envelope:
-    qid: str
-    sender: str
-    recipients: list[str]
-    received_at: float
-    client_ip: str = ""
-    helo: str = ""
-    size: int = 0
-    kind: str = "inbound"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        # The fields by hand: `asdict` copies recursively and costs more than the dump.
-        fields = {
-            "client_ip": self.client_ip,
-            "extra": self.extra,
-            "helo": self.helo,
-            "kind": self.kind,
-            "qid": self.qid,
-            "received_at": self.received_at,
-            "recipients": self.recipients,
-            "sender": self.sender,
-            "size": self.size,
-        }
-        return json.dumps(fields, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Envelope:
-        return cls(**json.loads(raw))
-
-
-@dataclass
-class SpoolEntry:
-    """Where a committed message lives (`batch`: the name of its segment, and where in it
-    its data is) and what is known of its recipients."""
-
-    envelope: Envelope
-    batch: str
-    offset: int
-    length: int
-    outcomes: dict[str, str] = field(default_factory=dict)
-    held: bool = False
-    warned: bool = False
-
-    @property
-    def pending(self) -> list[str]:
-        return [r for r in self.envelope.recipients if r not in self.outcomes]
-
-    def to_record(self) -> dict[str, Any]:
-        """A just-committed entry as a JSON-able record (`from_record`)."""
-        return {
-            "envelope": asdict(self.envelope),
-            "batch": self.batch,
-            "offset": self.offset,
-            "length": self.length,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> SpoolEntry:
-        return cls(
-            Envelope(**record["envelope"]),
-            str(record["batch"]),
-            int(record["offset"]),
-            int(record["length"]),
-        )
-
-
-class SpoolWriter:
-    """Receives one message's data; `Spool.commit` makes it durable.
-
-    Up to `SPILL_SIZE` octets stay in memory (most mail, and no file to create and remove
-    per message); beyond that the data goes on to `tmp/<qid>.data`, so a large message never
-    sits in memory whole.
-    """
-
-    SPILL_SIZE = 64 * 1024
-
-    def __init__(self, spool: Spool, qid: str) -> None:
-        self.spool = spool
-        self.qid = qid
-        self.size = 0
-        self._memory: bytearray | None = bytearray()
-        self._fh: BinaryIO | None = None
-
-    @property
-    def path(self) -> Path:
-        """Where the data goes beyond `SPILL_SIZE`."""
-        return self.spool.tmp / f"{self.qid}.data"
-
-    @property
-    def spilled(self) -> bool:
-        return self._memory is None
-
-    def write(self, chunk: bytes) -> None:
-        if self._memory is not None:
-            if len(self._memory) + len(chunk) <= self.SPILL_SIZE:
-                self._memory += chunk
-                self.size += len(chunk)
-                return
-            self._fh = open(self.path, "xb")  # noqa: SIM115
-            self._fh.write(self._memory)
-            self._memory = None
-        assert self._fh is not None
-        self._fh.write(chunk)
-        self.size += len(chunk)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def chunks(self) -> Iterator[bytes | bytearray]:
-        """The received data (after `close`), in pieces of at most 1 MiB."""
-        if self._memory is not None:
-            yield self._memory
-            return
-        with open(self.path, "rb") as src:
-            while chunk := src.read(1 << 20):
-                yield chunk
-
-    def abort(self) -> None:
-        self.close()
-        if self._memory is not None:
-            self._memory = bytearray()
-        else:
-            self.path.unlink(missing_ok=True)
 
 
 INLINE_LIMIT = 256 * 1024
@@ -257,7 +130,7 @@ class Spool:
         self.messages_committed = 0
 
     def writer(self) -> SpoolWriter:
-        return SpoolWriter(self, new_queue_id())
+        return SpoolWriter(self.tmp, new_queue_id())
 
     # -- committing ------------------------------------------------------------------------
 
