@@ -9,7 +9,7 @@ from twisted.application.service import IService, MultiService
 
 from connector.app import build_device
 from edge.config import load_config
-from edge.service import ReadyReport
+from edge.service import ReadyReport, freeze_start_up
 from edge.tap import Options as EdgeOptions
 
 
@@ -39,4 +39,5 @@ def makeService(options: Options) -> IService:
 
     report.ready.append(banner)
     report.setServiceParent(top)
+    freeze_start_up()
     return top  # type: ignore[no-any-return]

@@ -174,15 +174,7 @@ class DNSResolver:
         side effects before its lookups. Use it for work that is cheap once the answers are
         cached (no big message bodies to hash): it must never stall the calling thread.
         """
-        if getattr(self._local, "cache_only", False):  # nested: the outer call decides
-            return defer.execute(fn, *args, **kwargs)
-        try:
-            result, _expires = self._inline(fn, args, kwargs)
-        except Exception:
-            return defer.fail()
-        if result is _MISSED:
-            return self.run_async(fn, *args, **kwargs)
-        return defer.succeed(result)
+        return defer.maybeDeferred(self.run_cached_now, fn, *args, **kwargs)
 
     def run_cached_now(
         self, fn: Callable[..., T], *args: Any, **kwargs: Any

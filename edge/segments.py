@@ -23,10 +23,11 @@ complete never comes back, not even in part. Nothing after that point is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,18 +80,10 @@ class Segment:
     @classmethod
     def create(cls, directory: Path, name: str, size: int = SEGMENT_SIZE) -> Segment:
         """Make `<directory>/<name>.seg`: `size` octets of zeros, durable with its name."""
-        path = directory / f"{name}.seg"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        with _new_file(directory, name) as (path, fd):
             left = size
             while left > 0:
                 left -= os.write(fd, memoryview(_ZEROS)[: min(left, len(_ZEROS))])
-            os.fsync(fd)
-            fsync_dir(directory)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
         return cls(path, fd, size)
 
     @property
@@ -156,10 +149,8 @@ def encode_batch(records: list[Record]) -> tuple[bytearray, list[int]]:
 def write_whole(directory: Path, name: str, records: list[Record]) -> tuple[Segment, list[int]]:
     """A segment holding just this batch, written at its size and fsynced with its name:
     the segment and where each message's data starts. Nothing stays if it fails."""
-    path = directory / f"{name}.seg"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     starts = []
-    try:
+    with _new_file(directory, name) as (path, fd):
         offset = 0
         for i, (env, size, chunks) in enumerate(records):
             head = HEADER.pack(MAGIC, 0, len(env), len(records) - 1 - i, size)
@@ -176,15 +167,25 @@ def write_whole(directory: Path, name: str, records: list[Record]) -> tuple[Segm
             _pwrite_all(fd, struct.pack("<I", crc), offset + 4)
             starts.append(start)
             offset = at
+    segment = Segment(path, fd, offset)
+    segment.end = offset
+    return segment, starts
+
+
+@contextlib.contextmanager
+def _new_file(directory: Path, name: str) -> Iterator[tuple[Path, int]]:
+    """A new segment file `<directory>/<name>.seg` to fill: fsynced with its name after the
+    block, removed (and its descriptor closed) if anything fails."""
+    path = directory / f"{name}.seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        yield path, fd
         os.fsync(fd)
         fsync_dir(directory)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
-    segment = Segment(path, fd, offset)
-    segment.end = offset
-    return segment, starts
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

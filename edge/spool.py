@@ -136,9 +136,7 @@ class Spool:
 
     def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
         """Make the message durable, sharing the fdatasync with whatever commits alongside."""
-        writer.close()
-        envelope.size = writer.size
-        mine = _Pending(writer, envelope)
+        (mine,) = _pending([(writer, envelope)])
         with self._commit_cv:
             self._pending.append(mine)
             while not mine.done and self._writing:
@@ -170,11 +168,7 @@ class Spool:
         """Make these messages durable as one batch (for `edge.committer`, which gathers
         them without a thread waiting per message). Blocking; never alongside `commit`'s
         own batches."""
-        batch = []
-        for writer, envelope in items:
-            writer.close()
-            envelope.size = writer.size
-            batch.append(_Pending(writer, envelope))
+        batch = _pending(items)
         with self._commit_cv:
             while self._writing:
                 self._commit_cv.wait()
@@ -182,9 +176,7 @@ class Spool:
         try:
             self._write_batch(batch)
         finally:
-            with self._commit_cv:
-                self._writing = False
-                self._commit_cv.notify_all()
+            self._done_writing()
 
     def write_unsynced(self, items: list[tuple[SpoolWriter, Envelope]]) -> Unsynced | None:
         """Write a small batch into the current segment without waiting for the disk, for a
@@ -194,23 +186,16 @@ class Spool:
         (`commit_batch`): no current segment with room, data spilled to disk, or more than
         `INLINE_LIMIT` octets. Does not block on the disk: it writes to the page cache of
         a file made ahead."""
-        if self._closed or any(writer.spilled for writer, _ in items):
+        segment = self._current
+        if self._closed or segment is None or any(writer.spilled for writer, _ in items):
             return None
         with self._commit_cv:
             if self._writing:
                 return None
             self._writing = True
-        batch = []
-        for writer, envelope in items:
-            writer.close()
-            envelope.size = writer.size
-            batch.append(_Pending(writer, envelope))
-        records: list[segments.Record] = [
-            (item.envelope.to_json(), item.envelope.size, item.writer.chunks()) for item in batch
-        ]
-        need = segments.batch_size((env, size) for env, size, _ in records)
-        segment = self._current
-        if need > INLINE_LIMIT or segment is None or segment.free < need:
+        batch = _pending(items)
+        records, need = _records(batch)
+        if need > INLINE_LIMIT or segment.free < need:
             self._done_writing()
             return None
         at = segment.end
@@ -218,23 +203,14 @@ class Spool:
             at, starts = segment.write(records)
         except OSError as exc:
             return Unsynced(segment, at, [], exc)
-        placed = [
-            SpoolEntry(item.envelope, segment.name, start, item.envelope.size)
-            for item, start in zip(batch, starts, strict=True)
-        ]
-        return Unsynced(segment, at, placed)
+        return Unsynced(segment, at, _placed(batch, segment.name, starts))
 
     def synced(self, batch: Unsynced) -> None:
         """`write_unsynced`'s batch is durable: hand it over (`on_commit`) and index it. If
         the hand-over fails, this raises and the batch is to be undone."""
         if self.on_commit is not None:
             self.on_commit(batch.segment.name, batch.placed)
-        batch.segment.committed += 1
-        with self._lock:
-            if self.index:
-                self._register(batch.segment.name, batch.placed)
-            self.batches_written += 1
-            self.messages_committed += len(batch.placed)
+        self._committed(batch.segment, batch.placed)
         self._done_writing()
 
     def undo(self, batch: Unsynced) -> None:
@@ -281,17 +257,12 @@ class Spool:
                     with contextlib.suppress(Exception):  # a start seals it anyway
                         self._retire(segment)
         finally:
-            with self._commit_cv:
-                self._writing = False
-                self._commit_cv.notify_all()
+            self._done_writing()
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         if self._closed:
             raise RuntimeError("the spool is closed")
-        records: list[segments.Record] = [
-            (item.envelope.to_json(), item.envelope.size, item.writer.chunks()) for item in batch
-        ]
-        need = segments.batch_size((env, size) for env, size, _ in records)
+        records, need = _records(batch)
         whole = need > self.segment_size
         segment: Segment | None = None
         at = 0
@@ -302,10 +273,7 @@ class Spool:
                 segment = self._segment_for(need)
                 at = segment.end
                 at, starts = segment.append(records)
-            placed = [
-                SpoolEntry(item.envelope, segment.name, start, item.envelope.size)
-                for item, start in zip(batch, starts, strict=True)
-            ]
+            placed = _placed(batch, segment.name, starts)
             if self.on_commit is not None:
                 # Handed over, or undone: a batch nobody delivers must not stay behind.
                 self.on_commit(segment.name, placed)
@@ -317,15 +285,10 @@ class Spool:
                 with contextlib.suppress(Exception):
                     self._retire(segment)
             raise
-        segment.committed += 1
         for item in batch:
             if item.writer.spilled:
                 item.writer.path.unlink(missing_ok=True)
-        with self._lock:
-            if self.index:
-                self._register(segment.name, placed)
-            self.batches_written += 1
-            self.messages_committed += len(placed)
+        self._committed(segment, placed)
         if whole:
             # The batch is acknowledged whatever this says; a start seals the segment anyway.
             with contextlib.suppress(Exception):
@@ -370,6 +333,15 @@ class Spool:
             self.seal(segment.name)
         elif self.on_seal is not None:
             self.on_seal(segment.name)
+
+    def _committed(self, segment: Segment, placed: list[SpoolEntry]) -> None:
+        """A batch of `segment` is acknowledged: count it, and index it (unless handed over)."""
+        segment.committed += 1
+        with self._lock:
+            if self.index:
+                self._register(segment.name, placed)
+            self.batches_written += 1
+            self.messages_committed += len(placed)
 
     def _register(self, name: str, placed: list[SpoolEntry]) -> None:
         for entry in placed:
@@ -506,6 +478,30 @@ class Spool:
     def entries(self) -> list[SpoolEntry]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.envelope.qid)
+
+
+def _pending(items: list[tuple[SpoolWriter, Envelope]]) -> list[_Pending]:
+    batch = []
+    for writer, envelope in items:
+        writer.close()
+        envelope.size = writer.size
+        batch.append(_Pending(writer, envelope))
+    return batch
+
+
+def _records(batch: list[_Pending]) -> tuple[list[segments.Record], int]:
+    """The batch's records for a segment, and the octets they take."""
+    records: list[segments.Record] = [
+        (item.envelope.to_json(), item.envelope.size, item.writer.chunks()) for item in batch
+    ]
+    return records, segments.batch_size((env, size) for env, size, _ in records)
+
+
+def _placed(batch: list[_Pending], name: str, starts: list[int]) -> list[SpoolEntry]:
+    return [
+        SpoolEntry(item.envelope, name, start, item.envelope.size)
+        for item, start in zip(batch, starts, strict=True)
+    ]
 
 
 def recoverable(root: Path) -> list[SpoolEntry]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -10,7 +9,7 @@ from twisted.python import usage
 
 from edge.app import build_edge
 from edge.config import load_config
-from edge.service import ReadyReport
+from edge.service import ReadyReport, freeze_start_up
 
 
 class Options(usage.Options):
@@ -30,8 +29,5 @@ def makeService(options: Options) -> IService:
     report = ReadyReport(config.data_path / "run", [edge.mx, edge.control.listener])
     report.ready.append(edge.control.on_ready)
     report.setServiceParent(top)
-    # What start-up made (modules, the store's metadata, the API models) lives as long as
-    # the process: keep it out of the cyclic collector's full passes, which would otherwise
-    # scan it every time (tens of milliseconds during which no session is served).
-    gc.freeze()
+    freeze_start_up()
     return top  # type: ignore[no-any-return]

@@ -30,7 +30,7 @@ from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
 from edge.checks.base import Check, Finding, Found, Recipient, Transaction
 from edge.checks.headers import from_addresses
 from edge.smtp.replies import SMTPReplyError
-from edge.soon import now
+from edge.soon import now, then
 
 log = Logger()
 
@@ -124,11 +124,10 @@ class CheckPipeline:
         return decision
 
     def connect_now(self, tx: Transaction) -> defer.Deferred[None] | None:
-        found = self._run("connect", lambda c: c.connect(tx))
-        if isinstance(found, defer.Deferred):
-            return found.addCallback(self._connected, tx)
-        self._connected(found, tx)
-        return None
+        done: defer.Deferred[None] | None = then(
+            self._run("connect", lambda c: c.connect(tx)), self._connected, tx
+        )
+        return done
 
     def _connected(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("connect", tx, findings)
@@ -138,22 +137,20 @@ class CheckPipeline:
         tx.reset()
         tx.helo = helo
         tx.mail_from = sender
-        found = self._run("mail", lambda c: c.mail(tx))
-        if isinstance(found, defer.Deferred):
-            return found.addCallback(self._mailed, tx)
-        self._mailed(found, tx)
-        return None
+        done: defer.Deferred[None] | None = then(
+            self._run("mail", lambda c: c.mail(tx)), self._mailed, tx
+        )
+        return done
 
     def _mailed(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("mail", tx, findings)
         tx.findings.extend(findings)
 
     def rcpt_now(self, tx: Transaction, recipient: Recipient) -> defer.Deferred[None] | None:
-        found = self._run("rcpt", lambda c: c.rcpt(tx, recipient))
-        if isinstance(found, defer.Deferred):
-            return found.addCallback(self._recipient, tx, recipient)
-        self._recipient(found, tx, recipient)
-        return None
+        done: defer.Deferred[None] | None = then(
+            self._run("rcpt", lambda c: c.rcpt(tx, recipient)), self._recipient, tx, recipient
+        )
+        return done
 
     def _recipient(self, findings: list[Finding], tx: Transaction, recipient: Recipient) -> None:
         self._enforce("rcpt", tx, findings)
@@ -164,10 +161,10 @@ class CheckPipeline:
     ) -> DataOutcome | defer.Deferred[DataOutcome]:
         """Judge the whole message; SMTPReplyError (raised, or the Deferred's) refuses it."""
         tx.from_count, tx.header_from = from_addresses(message)
-        found = self._run("data", lambda c: c.data(tx, message))
-        if isinstance(found, defer.Deferred):
-            return found.addCallback(self._judged, tx)
-        return self._judged(found, tx)
+        judged: DataOutcome | defer.Deferred[DataOutcome] = then(
+            self._run("data", lambda c: c.data(tx, message)), self._judged, tx
+        )
+        return judged
 
     def _judged(self, findings: list[Finding], tx: Transaction) -> DataOutcome:
         everything = [*tx.connect_findings, *tx.findings, *findings]

@@ -30,7 +30,7 @@ from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
-from edge.soon import now
+from edge.soon import now, then
 
 log = Logger()
 
@@ -139,12 +139,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             result = self._call(self.handler.connect, self.session)
         except Exception:
             result = self._funnel(Failure())
-        if isinstance(result, defer.Deferred):
-            result.addErrback(self._funnel)
-            result.addCallback(self._greeted)
-            result.addErrback(self._internal_error)
-        else:
-            self._greeted(result)
+        self._run(result, self._greeted)
 
     def _greeted(self, refusal: Reply | None) -> None:
         if refusal is not None and refusal.is_error:
@@ -223,17 +218,18 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
                 continue
             self._execute(line)
 
-    def _run(self, result: Answer) -> None:
-        """Finish one command with its answer: now, or once its Deferred fires. While it
-        waits, later pipelined input stays in the buffer."""
+    def _run(self, result: Answer, finish: Callable[[Reply | None], None] | None = None) -> None:
+        """Finish one command (by default; or the greeting) with its answer: now, or once
+        its Deferred fires. While it waits, later pipelined input stays in the buffer."""
         self._busy = True
+        finish = finish or self._finish_command
         if isinstance(result, defer.Deferred):
             result.addErrback(self._funnel)
-            result.addCallback(self._finish_command)
+            result.addCallback(finish)
             result.addErrback(self._internal_error)
             return
         try:
-            self._finish_command(result)
+            finish(result)
         except Exception:
             self._internal_error(Failure())
 
@@ -291,12 +287,6 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         or a fired Deferred's failure, is raised here), else a Deferred under the handler
         timeout."""
         return _settle(fn(*args), self.limits.handler_timeout, self.clock)
-
-    def _then(self, result: Any, then: Callable[[Any], Answer]) -> Answer:
-        """`then(result)` now, or once `result` (a Deferred from `_call`) fires."""
-        if isinstance(result, defer.Deferred):
-            return result.addCallback(then)
-        return then(result)
 
     # -- commands ------------------------------------------------------------------------
 
@@ -396,9 +386,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return replies.S501_SYNTAX.with_text("Malformed AUTH PLAIN response")
         ok = self._call(self.handler.authenticate, self.session, username, password)
-        return self._then(ok, lambda ok: self._authenticated(username, ok))
+        return then(ok, self._authenticated, username)
 
-    def _authenticated(self, username: str, ok: Any) -> Reply:
+    def _authenticated(self, ok: Any, username: str) -> Reply:
         assert self.session is not None
         if not ok:
             return replies.S535_AUTH_FAILED
@@ -413,9 +403,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             return replies.S530_AUTH_REQUIRED
         sender = parse_mail_from(arg, max_size=self.limits.max_message_size)
         refusal = self._call(self.handler.mail_from, self.session, sender)
-        return self._then(refusal, lambda refusal: self._sender_taken(sender, refusal))
+        return then(refusal, self._sender_taken, sender)
 
-    def _sender_taken(self, sender: Path, refusal: Reply | None) -> Reply:
+    def _sender_taken(self, refusal: Reply | None, sender: Path) -> Reply:
         assert self.session is not None
         if refusal is not None:
             return refusal
@@ -430,9 +420,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             return replies.S452_TOO_MANY_RCPTS
         recipient = parse_rcpt_to(arg, smtputf8="SMTPUTF8" in self.session.sender.params)
         refusal = self._call(self.handler.rcpt_to, self.session, recipient)
-        return self._then(refusal, lambda refusal: self._recipient_taken(recipient, refusal))
+        return then(refusal, self._recipient_taken, recipient)
 
-    def _recipient_taken(self, recipient: Path, refusal: Reply | None) -> Reply:
+    def _recipient_taken(self, refusal: Reply | None, recipient: Path) -> Reply:
         assert self.session is not None
         if refusal is not None:
             return refusal
@@ -447,7 +437,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             return replies.S503_BAD_SEQUENCE
         if not self.session.recipients:
             return replies.S554_NO_VALID_RCPTS
-        return self._then(self._call(self.handler.data, self.session), self._data_begins)
+        return then(self._call(self.handler.data, self.session), self._data_begins)
 
     def _data_begins(self, sink: MessageSink) -> Reply:
         self._data = DataReader(self.limits, sink)
