@@ -44,3 +44,15 @@ def test_long_values_are_cut_and_unknown_events_refused(store: Store) -> None:
     assert len(events.query()) == 1
     events.record([])
     assert len(events.query()) == 1
+
+
+def test_a_large_batch_keeps_its_order_and_text(store: Store) -> None:
+    events = DeliveryEvents(store)
+    batch = [
+        (f"Q{i:04d}", "r@x.test", "deferred", f"451 4.4.1 wait ({i}) é ✓ \"'\\", float(i))
+        for i in range(500)
+    ]
+    events.record(batch)
+    got = events.query(limit=1000)
+    assert [(e.queue_id, e.detail) for e in reversed(got)] == [(b[0], b[3]) for b in batch]
+    assert [e.id for e in reversed(got)] == sorted(e.id for e in got)
