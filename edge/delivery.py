@@ -71,10 +71,11 @@ class DeliveryQueue:
         hostname: str = "localhost",
         run_blocking: Callable[..., defer.Deferred[Any]] = _run_in_thread,
         on_event: Callable[[str, str, str, str], None] | None = None,
-        route_soon: Callable[[str, str], defer.Deferred[Target]] | None = None,
+        route_soon: Callable[[str, str], Target | defer.Deferred[Target]] | None = None,
     ) -> None:
         """`route` is blocking (it may query the store and DNS); `route_soon`, when given,
-        answers the same as a Deferred, at once when its caches can."""
+        answers the same at once when its caches can (a Target, or NoRoute raised), and as a
+        Deferred otherwise."""
         self.spool = spool
         self.route = route
         self.route_soon = route_soon or (lambda rcpt, kind: run_blocking(route, rcpt, kind))
@@ -134,7 +135,7 @@ class DeliveryQueue:
     def enqueue(self, envelope: Envelope, delay: float = 0.0) -> None:
         """A message just committed to the spool: deliver it."""
         self.envelopes[envelope.qid] = envelope
-        self.states.setdefault(envelope.qid, MessageState())
+        self._state(envelope.qid)
         for rcpt in envelope.recipients:
             self.record_event(envelope.qid, rcpt, "accepted", "")
         self.schedule(envelope.qid, delay)
@@ -157,7 +158,7 @@ class DeliveryQueue:
         entry = (now + max(delay, 0.0), next(self._sequence))
         self._due_at[qid] = entry
         heapq.heappush(self._due, (*entry, qid))
-        self.states.setdefault(qid, MessageState()).next_attempt = now + delay
+        self._state(qid).next_attempt = now + delay
         self._arm()
 
     def _arm(self) -> None:
@@ -220,13 +221,19 @@ class DeliveryQueue:
             self._retry_later(qid)
 
     def _retry_later(self, qid: str) -> None:
-        state = self.states.setdefault(qid, MessageState())
+        state = self._state(qid)
         n = state.attempts
         state.attempts = n + 1
         delay = self.retry_schedule[min(n, len(self.retry_schedule) - 1)]
         env = self.envelopes[qid]
         until_expiry = env.received_at + self.lifetime - self.clock.seconds()
         self.schedule(qid, min(delay, max(until_expiry, 0.0)))
+
+    def _state(self, qid: str) -> MessageState:
+        state = self.states.get(qid)
+        if state is None:
+            state = self.states[qid] = MessageState()
+        return state
 
     def record_event(self, qid: str, rcpt: str, event: str, detail: str) -> None:
         if self.on_event is not None:
@@ -263,7 +270,7 @@ class DeliveryQueue:
             return False
         if not temporary:
             return False
-        state = self.states.setdefault(qid, MessageState())
+        state = self._state(qid)
         state.next_attempt = None
         self._stop_waiting(qid)
         self._deferred(qid, state, temporary)
@@ -289,7 +296,7 @@ class DeliveryQueue:
         entry = self.spool.entry(qid)
         if entry.held:
             return
-        state = self.states.setdefault(qid, MessageState())
+        state = self._state(qid)
         state.next_attempt = None
         self._stop_waiting(qid)
         finals: dict[str, str] = {}
@@ -298,7 +305,7 @@ class DeliveryQueue:
         groups: dict[str, tuple[Target, list[str]]] = {}
         for rcpt in entry.pending:
             try:
-                target: Target = await self.route_soon(rcpt, env.kind)
+                target: Target = await defer.maybeDeferred(self.route_soon, rcpt, env.kind)
             except NoRoute as exc:
                 status = RecipientStatus(rcpt, exc.reply)
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))
@@ -373,7 +380,7 @@ class DeliveryQueue:
         self.forget(qid)
 
     def _wait(self, qid: str, key: str) -> None:
-        state = self.states.setdefault(qid, MessageState())
+        state = self._state(qid)
         if key in state.waiting_on:
             return
         state.waiting_on.add(key)

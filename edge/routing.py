@@ -118,19 +118,19 @@ def route_soon(
     router: Router,
     lookups: CachedLookups,
     run_blocking: Callable[..., defer.Deferred[Any]],
-) -> Callable[[str, str], defer.Deferred[Target]]:
-    """`router.target` as a Deferred: answered at once from the store cache for a device or
-    upstream recipient (no DNS involved), and in a worker thread otherwise."""
+) -> Callable[[str, str], Target | defer.Deferred[Target]]:
+    """`router.target`, now or later: answered at once from the store cache for a device or
+    upstream recipient (no DNS involved; a NoRoute is raised here), and as a Deferred of a
+    worker thread's answer otherwise."""
 
-    def soon(recipient: str, kind: str) -> defer.Deferred[Target]:
+    def soon(recipient: str, kind: str) -> Target | defer.Deferred[Target]:
         try:
             found = lookups.peek(lookups.resolve_recipient, recipient)
             if found is not None and found.kind in ("device", "upstream"):
-                return defer.succeed(lookups.peek(router.target, recipient, kind))
+                target: Target = lookups.peek(router.target, recipient, kind)
+                return target
         except NotCached:
             pass
-        except NoRoute:
-            return defer.fail()
         return run_blocking(router.target, recipient, kind)
 
     return soon

@@ -345,11 +345,16 @@ def test_route_soon_answers_from_the_cache_and_loads_in_a_thread_otherwise(
     assert loaded == [("alice@example.com", "inbound")]
     second = soon("alice@example.com", "inbound")  # warm: answered at once, no thread
     assert loaded == [("alice@example.com", "inbound")]
-    assert second.called and first.called
+    assert isinstance(first, defer.Deferred) and first.called
     results: list[Any] = []
-    second.addCallback(results.append)
     first.addCallback(results.append)
-    assert results[0] == results[1] and results[0].device_id == world.laptop.id
+    assert results == [second] and second.device_id == world.laptop.id
+    # A device the cache knows to be unreachable: NoRoute at once, no thread, no Deferred.
+    world.store.update_device(world.laptop.id, connector_smtp_addr="")
+    lookups.resolve_recipient("alice@example.com")
+    with pytest.raises(NoRoute) as caught:
+        soon("alice@example.com", "inbound")
+    assert caught.value.temporary and len(loaded) == 1
     # Unknown to the store (cached as such): the MX route needs DNS, so it goes to a thread.
     lookups.resolve_recipient("someone@elsewhere.test")
     failed = soon("someone@elsewhere.test", "inbound")
