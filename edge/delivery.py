@@ -305,7 +305,8 @@ class DeliveryQueue:
         groups: dict[str, tuple[Target, list[str]]] = {}
         for rcpt in entry.pending:
             try:
-                target: Target = await defer.maybeDeferred(self.route_soon, rcpt, env.kind)
+                routed = self.route_soon(rcpt, env.kind)
+                target = await routed if isinstance(routed, defer.Deferred) else routed
             except NoRoute as exc:
                 status = RecipientStatus(rcpt, exc.reply)
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))

@@ -348,7 +348,8 @@ def test_route_soon_answers_from_the_cache_and_loads_in_a_thread_otherwise(
     assert isinstance(first, defer.Deferred) and first.called
     results: list[Any] = []
     first.addCallback(results.append)
-    assert results == [second] and second.device_id == world.laptop.id
+    assert isinstance(second, Target) and results == [second]
+    assert second.device_id == world.laptop.id
     # A device the cache knows to be unreachable: NoRoute at once, no thread, no Deferred.
     world.store.update_device(world.laptop.id, connector_smtp_addr="")
     lookups.resolve_recipient("alice@example.com")
@@ -358,6 +359,7 @@ def test_route_soon_answers_from_the_cache_and_loads_in_a_thread_otherwise(
     # Unknown to the store (cached as such): the MX route needs DNS, so it goes to a thread.
     lookups.resolve_recipient("someone@elsewhere.test")
     failed = soon("someone@elsewhere.test", "inbound")
+    assert isinstance(failed, defer.Deferred)
     assert loaded[-1] == ("someone@elsewhere.test", "inbound")
     errors: list[Any] = []
     failed.addErrback(errors.append)
