@@ -17,6 +17,7 @@ from twisted.application.service import IService, MultiService, Service
 from connector.app import Device, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
+from edge.dispatch import direct_dispatch
 from edge.service import ReadyReport, freeze_start_up
 from edge.store import Store
 from edge.store.access import AccessStore
@@ -181,5 +182,6 @@ def makeService(options: Options) -> IService:
     out = sys.__stdout__
     if out is not None:
         report.ready.append(lambda addresses: print_banner(out, config, device, addresses))
+    direct_dispatch(reactor)
     freeze_start_up()
     return top

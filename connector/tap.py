@@ -9,6 +9,7 @@ from twisted.application.service import IService, MultiService
 
 from connector.app import build_device
 from edge.config import load_config
+from edge.dispatch import direct_dispatch
 from edge.service import ReadyReport, freeze_start_up
 from edge.tap import Options as EdgeOptions
 
@@ -39,5 +40,6 @@ def makeService(options: Options) -> IService:
 
     report.ready.append(banner)
     report.setServiceParent(top)
+    direct_dispatch(reactor)
     freeze_start_up()
     return top  # type: ignore[no-any-return]

@@ -37,6 +37,7 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from twisted.python.failure import Failure
 
 from edge.config import Config, config_from_json, config_to_json
+from edge.dispatch import direct_dispatch
 from edge.service import freeze_start_up
 from edge.spool import Envelope, Spool, SpoolEntry
 
@@ -321,6 +322,7 @@ def main() -> None:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", listener.stopService)
+    direct_dispatch(reactor)
     freeze_start_up()
     reactor.run()
 

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from edge.app import build_edge
 from edge.config import load_config
+from edge.dispatch import direct_dispatch
 from edge.service import ReadyReport, freeze_start_up
 
 
@@ -29,5 +30,6 @@ def makeService(options: Options) -> IService:
     report = ReadyReport(config.data_path / "run", [edge.mx, edge.control.listener])
     report.ready.append(edge.control.on_ready)
     report.setServiceParent(top)
+    direct_dispatch(reactor)
     freeze_start_up()
     return top  # type: ignore[no-any-return]
