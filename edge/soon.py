@@ -15,12 +15,26 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from typing_extensions import TypeIs
+
+_IS_DEFERRED: dict[type, bool] = {}
+
+
+def is_deferred(value: object) -> TypeIs[defer.Deferred[Any]]:
+    """`isinstance(value, Deferred)`, remembered per type: Deferred's class is an ABC, so
+    the plain check goes through `ABCMeta.__instancecheck__` in Python, and these checks
+    run many times per message."""
+    kind = type(value)
+    known = _IS_DEFERRED.get(kind)
+    if known is None:
+        known = _IS_DEFERRED[kind] = isinstance(value, defer.Deferred)
+    return known
 
 
 def now(result: Any) -> Any:
     """`result` itself, the value of a fired Deferred (its failure is raised here), or a
     Deferred still pending. A coroutine runs until it first waits."""
-    if not isinstance(result, defer.Deferred):
+    if not is_deferred(result):
         if not isinstance(result, CoroutineType):  # (a concrete type: no ABC check)
             return result
         result = defer.Deferred.fromCoroutine(result)
@@ -36,6 +50,6 @@ def now(result: Any) -> Any:
 def then(result: Any, fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(value, *args)` now when `result` has its value (see `now`), else a Deferred of it."""
     result = now(result)
-    if isinstance(result, defer.Deferred):
+    if is_deferred(result):
         return result.addCallback(fn, *args)
     return fn(result, *args)

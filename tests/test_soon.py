@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from edge.smtp.replies import S550_NO_SUCH_USER, SMTPReplyError
-from edge.soon import now, then
+from edge.soon import is_deferred, now, then
 
 
 async def _finished() -> str:
@@ -66,3 +67,15 @@ def test_then_calls_now_or_later() -> None:
     assert isinstance(chained, defer.Deferred) and not chained.called
     pending.callback(1)
     assert chained.result == 2
+
+
+def test_is_deferred_tells_deferreds_from_values_of_any_type() -> None:
+    class Later(defer.Deferred[None]):
+        pass
+
+    for _ in range(2):  # the second round answers from what the first remembered
+        assert is_deferred(defer.Deferred()) and is_deferred(Later())
+        fired = defer.succeed(1)
+        assert is_deferred(fired)
+        values: list[object] = [None, 1, "x", [], Failure(ValueError())]
+        assert not any(is_deferred(v) for v in values)

@@ -27,12 +27,12 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from twisted.internet import defer
 
 from edge.checks.base import INLINE_LIMIT, ARCResult, BaseCheck, Finding, Found, Transaction
 from edge.checks.dkim import dnsfunc_for
 from edge.checks.headers import header_section, plain_fields
 from edge.dns import DNSResolver, DNSTemporaryError
+from edge.soon import is_deferred
 
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")  # as dkimpy's header parser reads a field
 _ARC_FIELDS = frozenset(dkim.ARC.ARC_HEADERS)
@@ -105,7 +105,7 @@ class ARCCheck(BaseCheck):
             result = resolver.run_cached_now(verify_chain, resolver, message)
         else:
             result = resolver.run_async(verify_chain, resolver, message)
-        if isinstance(result, defer.Deferred):
+        if is_deferred(result):
             return result.addCallback(_found, tx)
         return _found(result, tx)
 

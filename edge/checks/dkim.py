@@ -16,10 +16,10 @@ from typing import Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
-from twisted.internet import defer
 
 from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Found, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError
+from edge.soon import is_deferred
 
 _WSP = re.compile(rb"\s+")
 _SIG_HEADER = re.compile(rb"^dkim-signature:", re.I)
@@ -110,7 +110,7 @@ class DKIMCheck(BaseCheck):
             results = resolver.run_cached_now(verify_all, resolver, message, tx.from_count)
         else:
             results = resolver.run_async(verify_all, resolver, message, tx.from_count)
-        if isinstance(results, defer.Deferred):
+        if is_deferred(results):
             return results.addCallback(_found, tx)
         return _found(results, tx)
 

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
-from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, DMARCResult, Finding, Found, Transaction
 from edge.checks.headers import domain_of
 from edge.dns import DNSResolver, DNSTemporaryError
+from edge.soon import is_deferred
 
 POLICIES = ("none", "quarantine", "reject")
 
@@ -183,7 +183,7 @@ class DMARCCheck(BaseCheck):
         result = self.resolver.run_cached_now(
             evaluate, self.resolver, self.orgs, tx, tx.from_count, self.sample
         )
-        if isinstance(result, defer.Deferred):
+        if is_deferred(result):
             return result.addCallback(_found, tx)
         return _found(result, tx)
 

@@ -30,7 +30,7 @@ from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
 from edge.checks.base import Check, Finding, Found, Recipient, Transaction
 from edge.checks.headers import from_addresses
 from edge.smtp.replies import SMTPReplyError
-from edge.soon import now, then
+from edge.soon import is_deferred, now, then
 
 log = Logger()
 
@@ -199,7 +199,7 @@ class CheckPipeline:
     async def data(self, tx: Transaction, message: bytes) -> DataOutcome:
         """Judge the whole message; raise SMTPReplyError to refuse it."""
         outcome = self.data_now(tx, message)
-        if isinstance(outcome, defer.Deferred):
+        if is_deferred(outcome):
             return await outcome
         return outcome
 

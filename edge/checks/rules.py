@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, Finding, Found, Recipient, SpamResult, Transaction
 from edge.checks.headers import domain_of
-from edge.soon import now
+from edge.soon import is_deferred, now
 from edge.store.records import SpamRule
 
 _SYMBOLS = {"sender": "TAILPOST_BLOCKED_SENDER", "domain": "TAILPOST_BLOCKED_DOMAIN"}
@@ -55,7 +55,7 @@ class SpamRulesCheck(BaseCheck):
 
     def mail(self, tx: Transaction) -> Found:
         rules = now(self.run_blocking(self.list_rules))
-        if isinstance(rules, defer.Deferred):
+        if is_deferred(rules):
             return rules.addCallback(_loaded, tx)
         return _loaded(rules, tx)
 

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import spf
-from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, Finding, Found, SPFResult, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError, ResultMemo
+from edge.soon import is_deferred
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 KEEP_SECONDS = 30.0
@@ -104,7 +104,7 @@ class SPFCheck(BaseCheck):
         result = self.results.run(
             (ip, sender, helo), evaluate, self.resolver, ip, sender, helo, querytime=self.querytime
         )
-        if isinstance(result, defer.Deferred):
+        if is_deferred(result):
             return result.addCallback(_found, tx)
         return _found(result, tx)
 

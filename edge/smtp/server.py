@@ -30,7 +30,7 @@ from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
-from edge.soon import now, then
+from edge.soon import is_deferred, now, then
 
 log = Logger()
 
@@ -223,7 +223,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         its Deferred fires. While it waits, later pipelined input stays in the buffer."""
         self._busy = True
         finish = finish or self._finish_command
-        if isinstance(result, defer.Deferred):
+        if is_deferred(result):
             result.addErrback(self._funnel)
             result.addCallback(finish)
             result.addErrback(self._internal_error)
@@ -486,7 +486,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             sink.abort()
             result = self._funnel(Failure())
         else:
-            if isinstance(result, defer.Deferred):
+            if is_deferred(result):
                 result.addErrback(_aborting, sink)
         self._run(result)
 
@@ -500,7 +500,7 @@ def _settle(result: Any, timeout: float, clock: IReactorTime) -> Any:
     """A handler's or sink's answer as a value when it has one now, else as a Deferred that
     times out after `timeout` seconds (`edge.soon.now`)."""
     result = now(result)
-    if isinstance(result, defer.Deferred):
+    if is_deferred(result):
         result.addTimeout(timeout, clock)
     return result
 
