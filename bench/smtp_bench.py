@@ -2,9 +2,10 @@
 
 For each server (aiosmtpd discard sink, Postfix smtp-sink, a private Postfix smtpd accepting
 into its queue, the tailpost edge in discard mode with its checks running, and the edge in
-durable mode with the spool fsync before 250) and each concurrency (1, 10, 50 sessions) it
-sends 4 KB messages with Postfix's smtp-source for the rate, then the same load from a small
-asyncio client for p50/p99 transaction latency. The edge's SMTP protocol layer alone, behind
+durable mode with the spool fsync before 250), all running at once, and each concurrency
+(1, 10, 50 sessions) it sends 4 KB messages with Postfix's smtp-source for the rate, in
+rounds that give each server one run in turn (the median run counts), then the same load
+from a small asyncio client for p50/p99 transaction latency. The edge's SMTP protocol layer alone, behind
 a policy that accepts everything, is measured too: the ceiling the edge's policy works under.
 Then it holds 1,000 idle sessions on a fresh durable edge and reads its resident memory. Prints Markdown tables: results, ratios of
 tailpost to each peer, and the targets.
@@ -54,6 +55,8 @@ class Report:
     size: int
     rows: list[Row] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    """Every run's msg/s, per "server@sessions", in the order of the rounds."""
     idle_connections: int = 0
     idle_rss_before: int = 0
     idle_rss_after: int = 0
@@ -100,32 +103,41 @@ def messages_for(sessions: int, messages: int) -> int:
     return max(messages, 20 * sessions)
 
 
-def measure(peer: smtp_peers.Peer, args: argparse.Namespace, report: Report) -> None:
-    smtp_load.smtp_source(peer.port, 5, 100, args.size)  # warm up: imports, caches, processes
+def measure(peers: list[smtp_peers.Peer], args: argparse.Namespace, report: Report) -> None:
+    """Each concurrency in rounds: one smtp-source run per server in turn, `--repeat` rounds,
+    the median counting; then the latency runs. Taking turns, every server sees the same
+    share of a shared machine's slow and fast moments: one run can be off by a third here
+    (Postfix's queue most of all), and back-to-back runs of one server would carry that
+    drift into the ratios."""
+    for peer in peers:
+        smtp_load.smtp_source(peer.port, 5, 100, args.size)  # warm up: imports, caches, processes
     for sessions in args.sessions:
         count = messages_for(sessions, args.messages)
-        # The median of several runs: one run of a peer can be off by a third on a shared
-        # machine (Postfix's queue most of all), and the ratios are only as good as both.
-        rates = sorted(
-            smtp_load.smtp_source(peer.port, sessions, count, args.size).rate
-            for _ in range(args.repeat)
-        )
-        rate = rates[len(rates) // 2]
-        latencies = smtp_load.latency_run(peer.port, sessions, args.latency_messages, args.size)
-        row = Row(
-            peer.name,
-            sessions,
-            count,
-            rate,
-            smtp_load.percentile(latencies, 50) * 1000,
-            smtp_load.percentile(latencies, 99) * 1000,
-        )
-        report.rows.append(row)
-        print(
-            f"  {peer.name:26} {sessions:3} sessions: {row.rate:8.0f} msg/s  "
-            f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms",
-            flush=True,
-        )
+        rates: dict[str, list[float]] = {peer.name: [] for peer in peers}
+        for _ in range(args.repeat):
+            for peer in peers:
+                rates[peer.name].append(
+                    smtp_load.smtp_source(peer.port, sessions, count, args.size).rate
+                )
+        for peer in peers:
+            runs = rates[peer.name]
+            report.runs[f"{peer.name}@{sessions}"] = runs
+            latencies = smtp_load.latency_run(peer.port, sessions, args.latency_messages, args.size)
+            row = Row(
+                peer.name,
+                sessions,
+                count,
+                sorted(runs)[len(runs) // 2],
+                smtp_load.percentile(latencies, 50) * 1000,
+                smtp_load.percentile(latencies, 99) * 1000,
+            )
+            report.rows.append(row)
+            print(
+                f"  {peer.name:26} {sessions:3} sessions: {row.rate:8.0f} msg/s  "
+                f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms  "
+                f"(runs: {', '.join(f'{r:.0f}' for r in runs)})",
+                flush=True,
+            )
 
 
 def measure_idle(
@@ -151,6 +163,12 @@ def measure_idle(
 def ratio(report: Report, ours: str, theirs: str, sessions: int) -> float | None:
     a, b = report.rate(ours, sessions), report.rate(theirs, sessions)
     return a / b if a is not None and b else None
+
+
+def round_ratios(report: Report, ours: str, theirs: str, sessions: int) -> list[float]:
+    """The ratio within each round (the two runs made one after the other)."""
+    a, b = report.runs.get(f"{ours}@{sessions}", []), report.runs.get(f"{theirs}@{sessions}", [])
+    return [x / y for x, y in zip(a, b, strict=False) if y]
 
 
 def _times(value: float | None) -> str:
@@ -190,7 +208,11 @@ def render(report: Report, sessions: list[int]) -> str:
             got = ratio(report, ours, theirs, n)
             verdict = "n/a" if got is None else ("met" if got >= want else "NOT met")
             shown = _times(got)
-            out.append(f"- {ours} vs {theirs}, {n} sessions: {shown} (target {want}x): {verdict}")
+            rounds = round_ratios(report, ours, theirs, n)
+            spread = f"; per round {_times(min(rounds))}-{_times(max(rounds))}" if rounds else ""
+            out.append(
+                f"- {ours} vs {theirs}, {n} sessions: {shown}{spread} (target {want}x): {verdict}"
+            )
     if report.idle_connections:
         after = report.idle_rss_after / 2**20
         verdict = "met" if report.idle_rss_after < IDLE_TARGET else "NOT met"
@@ -265,19 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     smtp_load.raise_fd_limit(4096)
     with workspace(args.keep) as workdir, smtp_peers.null_dns(workdir) as dns_port:
         print(f"work directory {workdir}", flush=True)
-        for name, start in servers(workdir, dns_port, extra, args.edge_processes):
-            if only and not any(o in name for o in only):
-                continue
+        with contextlib.ExitStack() as running:
+            peers = []
+            for name, start in servers(workdir, dns_port, extra, args.edge_processes):
+                if only and not any(o in name for o in only):
+                    continue
+                try:
+                    peers.append(running.enter_context(start()))
+                except smtp_peers.PeerUnavailable as exc:
+                    report.skipped[name] = str(exc)
+                    print(f"  {name}: skipped ({exc})", flush=True)
+                except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
+                    failed += 1
+                    report.skipped[name] = f"FAILED to start: {exc}"
+                    print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
             try:
-                with start() as peer:
-                    measure(peer, args, report)
-            except smtp_peers.PeerUnavailable as exc:
-                report.skipped[name] = str(exc)
-                print(f"  {name}: skipped ({exc})", flush=True)
+                measure(peers, args, report)
             except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
                 failed += 1
-                report.skipped[name] = f"FAILED: {exc}"
-                print(f"  {name}: FAILED ({exc}); see the logs with --keep", flush=True)
+                report.skipped["(the run)"] = f"FAILED: {exc}"
+                print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
         if args.idle and (
             not only or any("tailpost edge" in o or o in "tailpost edge" for o in only)
         ):

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import email.utils
 import functools
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.checks.pipeline import DataOutcome
+from edge.msgbuffer import MessageBuffer
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
@@ -114,29 +113,18 @@ class SpoolSink:
         return self.spooling.done()
 
 
-def _read_all(buffer: IO[bytes]) -> bytes:
-    buffer.seek(0)
-    return buffer.read()
-
-
-def _in_memory(buffer: IO[bytes]) -> bool:
-    """Whether a SpooledTemporaryFile still holds its data in memory (not rolled to disk)."""
-    return not getattr(buffer, "_rolled", True)
-
-
-def _fill(writer: SpoolWriter, top: bytes, buffer: IO[bytes]) -> None:
+def _fill(writer: SpoolWriter, top: bytes, buffer: MessageBuffer) -> None:
     """The spooled message: the edge's headers, then the data as received."""
     writer.write(top)
-    buffer.seek(0)
-    shutil.copyfileobj(buffer, writer, 64 * 1024)  # type: ignore[misc]
+    buffer.copy_to(writer)
     buffer.close()
 
 
 class CheckedSink:
     """The MessageSink of one MX transaction with checks: judge the whole message, then spool.
 
-    The (filtered) data is held in a spooled temporary file; after the end of data the
-    checks run on it, and an accepted message is written to the spool with the edge's
+    The (filtered) data is held in a `MessageBuffer`; after the end of data the checks run
+    on it, and an accepted message is written to the spool with the edge's
     headers on top, then committed.
     """
 
@@ -150,9 +138,7 @@ class CheckedSink:
         self.checks = checks
         self.tx = tx
         self.received = received
-        self.buffer: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=MEMORY_LIMIT, dir=str(spooling.spool.tmp)
-        )
+        self.buffer = MessageBuffer(spooling.spool.tmp, MEMORY_LIMIT)
 
     def write(self, chunk: bytes) -> None:
         for line in self.filter.feed(chunk):
@@ -167,9 +153,9 @@ class CheckedSink:
         refusal raised (or as the Deferred's failure)."""
         for line in self.filter.finish():
             self.buffer.write(line)
-        if _in_memory(self.buffer):
-            return self._judge(_read_all(self.buffer))
-        return then(self.run_blocking(_read_all, self.buffer), self._judge)
+        if self.buffer.in_memory:
+            return self._judge(self.buffer.value())
+        return then(self.run_blocking(self.buffer.value), self._judge)
 
     def _judge(self, message: bytes) -> Any:
         return then(self.checks.data_now(self.tx, message), self._store)
@@ -177,8 +163,8 @@ class CheckedSink:
     def _store(self, outcome: DataOutcome) -> Any:
         self.spooling.envelope.extra["verdict"] = outcome.decision.action
         top = outcome.headers + self.received
-        size = self.buffer.tell()
-        if _in_memory(self.buffer) and len(top) + size <= SpoolWriter.SPILL_SIZE:
+        size = self.buffer.size
+        if self.buffer.in_memory and len(top) + size <= SpoolWriter.SPILL_SIZE:
             _fill(self.writer, top, self.buffer)  # memory to memory: no disk, no thread
             return self.spooling.done()
         filled = self.run_blocking(_fill, self.writer, top, self.buffer)

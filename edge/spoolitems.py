@@ -19,6 +19,9 @@ from typing import Any, BinaryIO
 QUEUE_ID_HEADER = b"X-Tailpost-Queue-ID"
 """The header the edge puts first when it hands a message on, carrying its queue id."""
 
+_ENVELOPE_JSON = json.JSONEncoder(sort_keys=True)
+"""One encoder for every envelope: `json.dumps` with options makes a new one per call."""
+
 _ids = random.Random()  # seeded from the system's randomness when this process starts
 
 
@@ -54,7 +57,7 @@ class Envelope:
             "sender": self.sender,
             "size": self.size,
         }
-        return json.dumps(fields, sort_keys=True).encode()
+        return _ENVELOPE_JSON.encode(fields).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:

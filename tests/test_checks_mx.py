@@ -245,6 +245,20 @@ def test_forged_headers_are_removed(mx: MX) -> None:
     assert data.count(b"X-Tailpost-Verdict:") == 1 and b"FAKE" not in data
 
 
+@pytest.mark.parametrize("lines", [10, 40_000])  # about 1 KB, and past the in-memory limit
+def test_a_message_is_judged_and_spooled_whole_at_any_size(mx: MX, lines: int) -> None:
+    body = b"".join(
+        b"line %07d of the message body, the same length each time\r\n" % i for i in range(lines)
+    )
+    data = message("a@open.test", "sizes") + body
+    with mx.smtp() as client:
+        code, _ = transact(client, "a@open.test", data)
+    assert code == 250
+    spooled = mx.spooled()
+    assert spooled.endswith(data) and spooled.count(b"Authentication-Results:") == 1
+    assert list(mx.spool.tmp.iterdir()) == []
+
+
 def test_block_rule_added_through_the_store_holds_for_the_next_connection(mx: MX) -> None:
     with mx.smtp() as client:
         assert transact(client, "spammer@open.test", message("spammer@open.test", "one"))[0] == 250
