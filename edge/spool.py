@@ -195,7 +195,9 @@ class Spool:
             self._writing = True
         batch = _pending(items)
         records, need = _records(batch)
-        if need > INLINE_LIMIT or segment.free < need:
+        if need <= INLINE_LIMIT and segment.free < need:
+            segment = self._roll_over_now(segment)
+        if segment is None or need > INLINE_LIMIT or segment.free < need:
             self._done_writing()
             return None
         at = segment.end
@@ -204,6 +206,24 @@ class Spool:
         except OSError as exc:
             return Unsynced(segment, at, [], exc)
         return Unsynced(segment, at, _placed(batch, segment.name, starts))
+
+    def _roll_over_now(self, full: Segment) -> Segment | None:
+        """Seal the full current segment and go on in the one made ahead, if it is made and
+        can be taken without waiting (`prepare` may be making it): else None, and the batch
+        takes the blocking way, which makes one if need be. A full segment has no batch in
+        flight, so nothing waits on it."""
+        if not self._prepare_lock.acquire(blocking=False):
+            return None
+        try:
+            spare, self._spare = self._spare, None
+        finally:
+            self._prepare_lock.release()
+        if spare is None:
+            return None
+        with contextlib.suppress(Exception):  # a start seals it anyway
+            self._retire(full)
+        self._current = spare
+        return spare
 
     def synced(self, batch: Unsynced) -> None:
         """`write_unsynced`'s batch is durable: hand it over (`on_commit`) and index it. If

@@ -48,7 +48,7 @@ def test_a_failed_batch_fails_every_message_in_it(tmp_path: Path, in_reactor: An
     assert len(spool.queued_ids()) == 3
 
 
-def test_the_next_segment_is_made_in_the_committers_thread_when_nothing_waits(
+def test_the_next_segment_is_made_in_the_committers_thread_once_half_full(
     tmp_path: Path, in_reactor: Any
 ) -> None:
     spool = Spool(tmp_path, segment_size=4 * BLOCK)  # four batches of one message each

@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from edge import synchild
 from edge.committer import Committer
+from edge.segments import BLOCK
 from edge.spool import Envelope, Spool, SpoolWriter, recoverable
 from edge.syncer import Syncer
 from tests.test_spool import wait_until
@@ -131,6 +132,28 @@ def test_small_batches_after_the_first_go_through_the_sync_process(
     assert len(spool.queued_ids()) == 3
     assert len(recoverable(tmp_path)) == 3
     assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
+    in_reactor(syncer.stop)
+
+
+def test_a_full_segment_gives_way_to_the_next_one_from_the_reactor(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    spool = Spool(tmp_path, segment_size=4 * BLOCK)  # four one-message batches per segment
+    syncer = CountingSyncer(in_reactor.reactor)
+    committer = Committer(spool, in_reactor.reactor, syncer)
+    message = b"Subject: x\r\n\r\nbody\r\n"
+    for _ in range(12):
+        results = in_reactor(_commit, spool, committer, message)
+        assert all(ok for ok, _ in results)
+        wait_until(lambda: not spool.wants_spare())  # the next segment, made in the thread
+    # Only the very first batch took the committer's thread (no segment yet); each later
+    # one, the first of every new segment too, went through the sync process.
+    assert len(syncer.paths) == 11
+    segments_used = {p.name for p in syncer.paths}
+    assert len(segments_used) == 3
+    assert {e.batch for e in spool.entries()} == {p.stem for p in syncer.paths}
+    assert [spool.read(q) for q in spool.queued_ids()] == [message] * 12
+    assert len(recoverable(tmp_path)) == 12
     in_reactor(syncer.stop)
 
 
