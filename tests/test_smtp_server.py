@@ -387,6 +387,26 @@ def test_handler_answers_by_deferred_fired_or_not() -> None:
     assert [int(line[:3]) for line in conn.replies()] == [250, 354]
 
 
+def test_each_waiting_answer_has_its_own_full_timeout() -> None:
+    handler = DeferredHandler()
+    conn = Conn(Limits(handler_timeout=5), handler=handler)
+    conn.send(b"EHLO client.test\r\n")
+    assert conn.codes(b"MAIL FROM:<a@example.test>\r\n") == [250]
+    handler.hold = True
+    assert conn.codes(b"RCPT TO:<user@example.test>\r\n") == []
+    conn.clock.advance(4)
+    handler.pending[0].callback(None)  # in time
+    assert [int(line[:3]) for line in conn.replies()] == [250]
+    assert conn.codes(b"RCPT TO:<user@example.test>\r\n") == []
+    conn.clock.advance(4)  # 8 s after the first began, 4 after this one: not late yet
+    assert conn.replies() == []
+    conn.clock.advance(1.5)
+    assert conn.replies()[0].startswith("451 4.4.5")
+    assert handler.pending[1].called  # cancelled: nothing answers it twice
+    conn.proto.connectionLost(None)  # type: ignore[arg-type]
+    assert conn.clock.getDelayedCalls() == []  # no timer outlives the session
+
+
 def test_coroutine_handler_that_refuses_synchronously() -> None:
     class CoroutineHandler(FakeHandler):
         async def rcpt_to(self, session: Session, recipient: Path) -> None:  # type: ignore[override]

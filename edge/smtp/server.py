@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
@@ -117,6 +117,10 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._data: DataReader | None = None
         self._auth_pending = False
         self._processing = False
+        # The answer this session waits for (there is at most one) and the one timer that
+        # cancels it when it is late: reset for each answer, never made per command.
+        self._waiting_for: defer.Deferred[Any] | None = None
+        self._answer_timer: IDelayedCall | None = None
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -153,6 +157,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
+        timer, self._answer_timer = self._answer_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self._abort_data()
         self.factory.release(self)
 
@@ -286,7 +293,25 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         """`fn(*args)` of the handler: its value when it has one now (an exception it raised,
         or a fired Deferred's failure, is raised here), else a Deferred under the handler
         timeout."""
-        return _settle(fn(*args), self.limits.handler_timeout, self.clock)
+        return self._settle(fn(*args), self.limits.handler_timeout)
+
+    def _settle(self, result: Any, timeout: float) -> Any:
+        """A handler's or sink's answer as a value when it has one now (`edge.soon.now`),
+        else the Deferred, cancelled (a 451) if it has not fired after `timeout` seconds."""
+        result = now(result)
+        if is_deferred(result):
+            self._waiting_for = result
+            timer = self._answer_timer
+            if timer is not None and timer.active():
+                timer.reset(timeout)
+            else:
+                self._answer_timer = self.clock.callLater(timeout, self._answer_late)
+        return result
+
+    def _answer_late(self) -> None:
+        waiting, self._waiting_for = self._waiting_for, None
+        if waiting is not None and not waiting.called:
+            waiting.cancel()
 
     # -- commands ------------------------------------------------------------------------
 
@@ -481,7 +506,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             self._run(error or replies.S451_INTERNAL)
             return
         try:
-            result = _settle(sink.finish(), self.limits.data_timeout, self.clock)
+            result = self._settle(sink.finish(), self.limits.data_timeout)
         except Exception:
             sink.abort()
             result = self._funnel(Failure())
@@ -494,15 +519,6 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 def _aborting(failure: Failure, sink: MessageSink) -> Failure:
     sink.abort()
     return failure
-
-
-def _settle(result: Any, timeout: float, clock: IReactorTime) -> Any:
-    """A handler's or sink's answer as a value when it has one now, else as a Deferred that
-    times out after `timeout` seconds (`edge.soon.now`)."""
-    result = now(result)
-    if is_deferred(result):
-        result.addTimeout(timeout, clock)
-    return result
 
 
 class SMTPServerFactory(Factory):
