@@ -14,6 +14,7 @@ answers they were computed from.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -84,6 +85,7 @@ class DNSResolver:
         max_threads: int = 8,
         min_ttl: float = 0.0,
         max_ttl: float = 3600.0,
+        max_entries: int = 50_000,
     ) -> None:
         if nameservers:
             self.resolver = dns.resolver.Resolver(configure=False)
@@ -96,6 +98,8 @@ class DNSResolver:
         self.clock = clock
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
+        self.max_entries = max_entries
+        # In the order the answers came (oldest first), so that a full cache drops its oldest.
         self._cache: dict[tuple[str, str], tuple[float, Answer]] = {}
         self._lock = threading.Lock()
         self._reactor = reactor
@@ -126,8 +130,23 @@ class DNSResolver:
         ttl = min(max(answer.ttl, self.min_ttl), self.max_ttl)
         if ttl > 0:
             with self._lock:
-                self._cache[key] = (now + ttl, answer)
+                self._keep(key, now + ttl, answer, now)
         return answer
+
+    def _keep(self, key: tuple[str, str], expires: float, answer: Answer, now: float) -> None:
+        """Cache an answer (lock held). Past `max_entries`, expired answers go first, then,
+        while the cache is still nine tenths full, the oldest, down to three quarters: an
+        MX hears from ever new sender domains, and the cache must not grow with them."""
+        cache = self._cache
+        cache.pop(key, None)  # to the end: the newest
+        cache[key] = (expires, answer)
+        if len(cache) <= self.max_entries:
+            return
+        for stale in [k for k, (at, _) in cache.items() if at <= now]:
+            del cache[stale]
+        if len(cache) * 10 > self.max_entries * 9:
+            for oldest in list(itertools.islice(cache, len(cache) - self.max_entries * 3 // 4)):
+                del cache[oldest]
 
     def _query(self, name: str, rdtype: str) -> Answer:
         try:

@@ -176,3 +176,23 @@ def test_result_memo_never_keeps_what_the_pool_computed(dns_server: Any, in_reac
         assert isinstance(pending, defer.Deferred)
         with pytest.raises(DNSTemporaryError):
             in_reactor(lambda p=pending: p)
+
+
+def test_the_cache_stays_within_its_size_dropping_expired_then_oldest(dns_server: Any) -> None:
+    now = [1000.0]
+    for i in range(31):
+        dns_server.zone.set(f"d{i}.test", "TXT", [f"v{i}"])
+    r = resolver(dns_server, clock=lambda: now[0], max_entries=20)
+    for i in range(10):
+        r.txt(f"d{i}.test")
+    now[0] += 301  # those ten have expired
+    for i in range(10, 21):  # the 21st answer passes the limit: the expired go
+        r.txt(f"d{i}.test")
+    assert len(r._cache) == 11
+    for i in range(21, 31):  # ten more: past the limit, all fresh, so the oldest go
+        r.txt(f"d{i}.test")
+    kept = {name for name, _ in r._cache}
+    assert kept == {f"d{i}.test" for i in range(16, 31)}  # three quarters of 20
+    asked = len(dns_server.zone.queries)
+    r.txt("d30.test")  # still answered from the cache
+    assert len(dns_server.zone.queries) == asked
