@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .durable import fsync_dir
 from .names import (
     MessageNotFound,
     UniqueNames,
@@ -53,15 +54,6 @@ class _Entry:
     mtime: float
     other_letters: str
     flags: frozenset[str]
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename into it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_message(

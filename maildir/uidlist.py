@@ -13,18 +13,11 @@ import os
 import time
 from pathlib import Path
 
+from .durable import fsync_dir
 from .names import InvalidName, validate_message_id
 
 FILENAME = "tailpost-uidlist"
 _COMPACT_MIN_STALE = 256
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class UidList:
@@ -90,7 +83,7 @@ class UidList:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._lines = len(self.by_id)
 
     def _append(self, lines: list[str]) -> None:
