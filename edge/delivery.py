@@ -207,10 +207,11 @@ class DeliveryQueue:
         self._due_at.pop(qid, None)
         if qid in self._running or qid not in self.envelopes:
             return
-        if self._deferred_at_once(qid):
+        routes = self._deferred_at_once(qid)
+        if routes is None:
             return
         self._running.add(qid)
-        d = defer.ensureDeferred(self._attempt(qid))
+        d = defer.ensureDeferred(self._attempt(qid, routes=routes))
         d.addErrback(self._attempt_failed, qid)
         d.addBoth(lambda _: self._running.discard(qid))
 
@@ -244,38 +245,38 @@ class DeliveryQueue:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    def _deferred_at_once(self, qid: str) -> bool:
+    def _deferred_at_once(self, qid: str) -> dict[str, Any] | None:
         """An attempt decided without waiting: when every pending recipient's route is known
         at once to be unusable for now (a device that is offline, say) and no report is due,
         the message is deferred here as `_attempt` would defer it, without a coroutine (the
-        common case for a device away from its edge). Otherwise False, and nothing is done."""
+        common case for a device away from its edge), and the answer is None. Otherwise
+        nothing is done, and the answer is the routes asked for so far, for `_attempt` to
+        use (each a Target, a Deferred of one, or what routing raised): nothing is routed
+        twice."""
+        routes: dict[str, Any] = {}
         env = self.envelopes[qid]
         entry = self.spool.entry(qid)
         age = self.clock.seconds() - env.received_at
         if entry.held or age >= min(self.delay_warning, self.lifetime):
-            return False
+            return routes
         temporary: dict[str, RecipientStatus] = {}
         for rcpt in entry.pending:
             try:
-                routed = soon.now(self.route_soon(rcpt, env.kind))
-            except NoRoute as exc:
-                if not exc.temporary:
-                    return False
-                temporary[rcpt] = RecipientStatus(rcpt, exc.reply)
-                continue
-            except Exception:
-                return False  # (`_attempt` routes again and says what went wrong)
-            if isinstance(routed, defer.Deferred):
-                routed.addErrback(lambda _: None)  # (`_attempt` routes again)
-            return False
+                routes[rcpt] = soon.now(self.route_soon(rcpt, env.kind))
+            except Exception as exc:
+                routes[rcpt] = exc
+                if isinstance(exc, NoRoute) and exc.temporary:
+                    temporary[rcpt] = RecipientStatus(rcpt, exc.reply)
+                    continue
+            return routes
         if not temporary:
-            return False
+            return routes
         state = self._state(qid)
         state.next_attempt = None
         self._stop_waiting(qid)
         self._deferred(qid, state, temporary)
         self._retry_later(qid)
-        return True
+        return None
 
     def _deferred(
         self, qid: str, state: MessageState, temporary: dict[str, RecipientStatus]
@@ -291,7 +292,11 @@ class DeliveryQueue:
                 r=status.reply,
             )
 
-    async def _attempt(self, qid: str, in_order: bool = False) -> None:
+    async def _attempt(
+        self, qid: str, in_order: bool = False, routes: dict[str, Any] | None = None
+    ) -> None:
+        """One delivery attempt; `routes` are routes already asked for (`_deferred_at_once`)."""
+        routes = routes or {}
         env = self.envelopes[qid]
         entry = self.spool.entry(qid)
         if entry.held:
@@ -305,8 +310,10 @@ class DeliveryQueue:
         groups: dict[str, tuple[Target, list[str]]] = {}
         for rcpt in entry.pending:
             try:
-                routed = self.route_soon(rcpt, env.kind)
-                target = await routed if isinstance(routed, defer.Deferred) else routed
+                routed = routes.pop(rcpt) if rcpt in routes else self.route_soon(rcpt, env.kind)
+                if isinstance(routed, BaseException):
+                    raise routed
+                target = await routed if soon.is_deferred(routed) else routed
             except NoRoute as exc:
                 status = RecipientStatus(rcpt, exc.reply)
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))

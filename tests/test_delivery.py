@@ -527,6 +527,24 @@ def offline(address: str) -> RecipientTarget:
     return RecipientTarget(**{**found.__dict__, "connector_smtp_addr": ""})
 
 
+def test_each_recipient_is_routed_once_per_attempt(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: device(A), B: offline(B)}, all_(250))
+    asked: list[str] = []
+    route_soon = h.queue.route_soon
+
+    def counting(rcpt: str, kind: str) -> Any:
+        asked.append(rcpt)
+        return route_soon(rcpt, kind)
+
+    h.queue.route_soon = counting
+    env = h.accept([B, A])  # B's route is known unusable at once; A's is not
+    h.clock.advance(0)
+    assert sorted(asked) == [A, B]
+    [call] = h.deliverer.calls
+    assert call.recipients == [A]
+    assert h.queue.states[env.qid].last_errors[B].startswith("451 4.4.0")
+
+
 def test_mail_for_an_offline_device_is_deferred_at_once_then_delivered(tmp_path: Path) -> None:
     events: list[tuple[str, str, str, str]] = []
     h = Harness(tmp_path, {A: offline(A)}, all_(250, "2.0.0 Ok"))
@@ -534,9 +552,9 @@ def test_mail_for_an_offline_device_is_deferred_at_once_then_delivered(tmp_path:
     attempts: list[str] = []
     full_attempt = h.queue._attempt
 
-    def counted(qid: str, in_order: bool = False) -> Any:
+    def counted(qid: str, *args: Any, **kwargs: Any) -> Any:
         attempts.append(qid)
-        return full_attempt(qid, in_order)
+        return full_attempt(qid, *args, **kwargs)
 
     h.queue._attempt = counted  # type: ignore[method-assign]
     env = h.accept([A])
