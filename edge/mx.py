@@ -27,7 +27,6 @@ from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.checks.pipeline import DataOutcome
-from edge.msgbuffer import MessageBuffer
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
@@ -40,9 +39,6 @@ log = Logger()
 
 Commit = Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
 """Makes one message durable (`edge.committer.Committer.commit`, or the spool's own)."""
-
-MEMORY_LIMIT = 1024 * 1024
-"""Message data up to this size is held in memory for the checks; more spills to disk."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,19 +109,12 @@ class SpoolSink:
         return self.spooling.done()
 
 
-def _fill(writer: SpoolWriter, top: bytes, buffer: MessageBuffer) -> None:
-    """The spooled message: the edge's headers, then the data as received."""
-    writer.write(top)
-    buffer.copy_to(writer)
-    buffer.close()
-
-
 class CheckedSink:
     """The MessageSink of one MX transaction with checks: judge the whole message, then spool.
 
-    The (filtered) data is held in a `MessageBuffer`; after the end of data the checks run
-    on it, and an accepted message is written to the spool with the edge's
-    headers on top, then committed.
+    The (filtered) data goes into the spool writer as it comes; after the end of data the
+    checks run on it, and the edge's headers for an accepted message go on top of it in the
+    writer before the commit.
     """
 
     def __init__(
@@ -138,37 +127,30 @@ class CheckedSink:
         self.checks = checks
         self.tx = tx
         self.received = received
-        self.buffer = MessageBuffer(spooling.spool.tmp, MEMORY_LIMIT)
 
     def write(self, chunk: bytes) -> None:
         for line in self.filter.feed(chunk):
-            self.buffer.write(line)
+            self.writer.write(line)
 
     def abort(self) -> None:
-        self.buffer.close()
         self.writer.abort()
 
     def finish(self) -> Any:
         """The 250 once the message is judged and durable (a Deferred of it), or the
         refusal raised (or as the Deferred's failure)."""
         for line in self.filter.finish():
-            self.buffer.write(line)
-        if self.buffer.in_memory:
-            return self._judge(self.buffer.value())
-        return then(self.run_blocking(self.buffer.value), self._judge)
+            self.writer.write(line)
+        if not self.writer.spilled:
+            return self._judge(self.writer.data())
+        return then(self.run_blocking(self.writer.data), self._judge)
 
     def _judge(self, message: bytes) -> Any:
         return then(self.checks.data_now(self.tx, message), self._store)
 
     def _store(self, outcome: DataOutcome) -> Any:
         self.spooling.envelope.extra["verdict"] = outcome.decision.action
-        top = outcome.headers + self.received
-        size = self.buffer.size
-        if self.buffer.in_memory and len(top) + size <= SpoolWriter.SPILL_SIZE:
-            _fill(self.writer, top, self.buffer)  # memory to memory: no disk, no thread
-            return self.spooling.done()
-        filled = self.run_blocking(_fill, self.writer, top, self.buffer)
-        return filled.addCallback(lambda _: self.spooling.done())
+        self.writer.put_on_top(outcome.headers + self.received)
+        return self.spooling.done()
 
 
 class DiscardSink:

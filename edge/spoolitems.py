@@ -105,7 +105,8 @@ class SpoolWriter:
 
     Up to `SPILL_SIZE` octets stay in memory (most mail, and no file to create and remove
     per message); beyond that the data goes on to `tmp/<qid>.data`, so a large message never
-    sits in memory whole.
+    sits in memory whole. Headers known only once the data is in (the edge's own, after the
+    checks) go `put_on_top`, in front of it, without copying the data.
     """
 
     SPILL_SIZE = 64 * 1024
@@ -114,6 +115,7 @@ class SpoolWriter:
         self.tmp = tmp
         self.qid = qid
         self.size = 0
+        self._top = b""
         self._memory: bytearray | None = bytearray()
         self._fh: BinaryIO | None = None
 
@@ -139,13 +141,29 @@ class SpoolWriter:
         self._fh.write(chunk)
         self.size += len(chunk)
 
+    def put_on_top(self, head: bytes) -> None:
+        """Put `head` in front of the data (once, after the last `write`)."""
+        self._top = head
+        self.size += len(head)
+
+    def data(self) -> bytes:
+        """The data written so far, without what went on top (blocking once spilled)."""
+        if self._memory is not None:
+            return bytes(self._memory)
+        assert self._fh is not None
+        self._fh.flush()
+        return self.path.read_bytes()
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
 
     def chunks(self) -> Iterator[bytes | bytearray]:
-        """The received data (after `close`), in pieces of at most 1 MiB."""
+        """The message (after `close`): what went on top, then the data, in pieces of at
+        most 1 MiB."""
+        if self._top:
+            yield self._top
         if self._memory is not None:
             yield self._memory
             return
