@@ -32,7 +32,7 @@ from edge.checks.base import INLINE_LIMIT, ARCResult, BaseCheck, Finding, Found,
 from edge.checks.dkim import dnsfunc_for
 from edge.checks.headers import header_section, plain_fields
 from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import is_deferred
+from edge.soon import then
 
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")  # as dkimpy's header parser reads a field
 _ARC_FIELDS = frozenset(dkim.ARC.ARC_HEADERS)
@@ -105,9 +105,7 @@ class ARCCheck(BaseCheck):
             result = resolver.run_cached_now(verify_chain, resolver, message)
         else:
             result = resolver.run_async(verify_chain, resolver, message)
-        if is_deferred(result):
-            return result.addCallback(_found, tx)
-        return _found(result, tx)
+        return then(result, _found, tx)
 
 
 _UNSIGNED = ARCResult("none", 0, NOT_SIGNED)

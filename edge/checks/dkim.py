@@ -19,7 +19,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Found, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import is_deferred
+from edge.soon import then
 
 _WSP = re.compile(rb"\s+")
 _SIG_HEADER = re.compile(rb"^dkim-signature:", re.I)
@@ -110,9 +110,7 @@ class DKIMCheck(BaseCheck):
             results = resolver.run_cached_now(verify_all, resolver, message, tx.from_count)
         else:
             results = resolver.run_async(verify_all, resolver, message, tx.from_count)
-        if is_deferred(results):
-            return results.addCallback(_found, tx)
-        return _found(results, tx)
+        return then(results, _found, tx)
 
 
 def _found(results: list[DKIMResult], tx: Transaction) -> list[Finding]:

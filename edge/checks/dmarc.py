@@ -21,7 +21,7 @@ from publicsuffixlist import PublicSuffixList
 from edge.checks.base import BaseCheck, DMARCResult, Finding, Found, Transaction
 from edge.checks.headers import domain_of
 from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import is_deferred
+from edge.soon import then
 
 POLICIES = ("none", "quarantine", "reject")
 
@@ -183,9 +183,7 @@ class DMARCCheck(BaseCheck):
         result = self.resolver.run_cached_now(
             evaluate, self.resolver, self.orgs, tx, tx.from_count, self.sample
         )
-        if is_deferred(result):
-            return result.addCallback(_found, tx)
-        return _found(result, tx)
+        return then(result, _found, tx)
 
 
 def _found(result: DMARCResult, tx: Transaction) -> list[Finding]:

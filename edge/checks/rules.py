@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, Finding, Found, Recipient, SpamResult, Transaction
 from edge.checks.headers import domain_of
-from edge.soon import is_deferred, now
+from edge.soon import then
 from edge.store.records import SpamRule
 
 _SYMBOLS = {"sender": "TAILPOST_BLOCKED_SENDER", "domain": "TAILPOST_BLOCKED_DOMAIN"}
@@ -54,10 +54,7 @@ class SpamRulesCheck(BaseCheck):
         self.run_blocking = run_blocking
 
     def mail(self, tx: Transaction) -> Found:
-        rules = now(self.run_blocking(self.list_rules))
-        if is_deferred(rules):
-            return rules.addCallback(_loaded, tx)
-        return _loaded(rules, tx)
+        return then(self.run_blocking(self.list_rules), _loaded, tx)
 
     def rcpt(self, tx: Transaction, recipient: Recipient) -> list[Finding]:
         hits = [r for r in tx.state.get("rules.sender", []) if r.account_id == recipient.account_id]

@@ -25,7 +25,7 @@ import spf
 
 from edge.checks.base import BaseCheck, Finding, Found, SPFResult, Transaction
 from edge.dns import DNSResolver, DNSTemporaryError, ResultMemo
-from edge.soon import is_deferred
+from edge.soon import then
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 KEEP_SECONDS = 30.0
@@ -104,9 +104,7 @@ class SPFCheck(BaseCheck):
         result = self.results.run(
             (ip, sender, helo), evaluate, self.resolver, ip, sender, helo, querytime=self.querytime
         )
-        if is_deferred(result):
-            return result.addCallback(_found, tx)
-        return _found(result, tx)
+        return then(result, _found, tx)
 
 
 def _found(result: SPFResult, tx: Transaction) -> list[Finding]:
