@@ -103,7 +103,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
-    factory = build_mx_factory(config, reactor, lookups, spool, resolver, queue.enqueue, tls)
+    factory = build_mx_factory(config, reactor, lookups, spool, resolver, queue.take, tls)
     service = MultiService()
     service.setName("edge")
     recorder.setServiceParent(service)
@@ -119,7 +119,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             reactor,
             mx,
             spool,
-            queue.enqueue,
+            queue.take,
             workers - 1,
             tls_files,
             after=queue_service.when_loaded,

@@ -201,6 +201,50 @@ def test_delivered_message_is_removed_and_carries_the_queue_id(tmp_path: Path) -
     assert len(h.deliverer.calls) == 1
 
 
+def test_taken_messages_join_the_queue_on_the_next_turn_and_are_attempted_at_once(
+    tmp_path: Path,
+) -> None:
+    h = Harness(tmp_path, {A: device(A), B: device(B, "dev2", 2526)}, all_(250))
+    first = commit(h.spool, [A], BODY, h.clock.seconds())
+    second = commit(h.spool, [B], BODY, h.clock.seconds())
+    h.queue.take(first)
+    h.queue.take(second)
+    # Nothing of the queue's work runs in the turn that answers the client.
+    assert h.queue.envelopes == {}
+    assert h.deliverer.calls == []
+    assert len(h.clock.getDelayedCalls()) == 1  # one turn for every message taken
+
+    h.clock.advance(0)
+
+    assert h.deliverer.rcpts() == [[A], [B]]  # in the order they were taken
+    assert h.spool.finished_log == [(first.qid, {A: "delivered"}), (second.qid, {B: "delivered"})]
+    assert h.queue.envelopes == {}
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_taken_message_that_fails_is_retried_on_the_schedule(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: device(A)}, all_(451, "4.3.0 try later"))
+    env = commit(h.spool, [A], BODY, h.clock.seconds())
+    h.queue.take(env)
+    h.clock.advance(0)
+    assert len(h.deliverer.calls) == 1
+    assert h.queue.states[env.qid].attempts == 1
+    h.clock.advance(SCHEDULE[0] - 0.5)
+    assert len(h.deliverer.calls) == 1
+    h.clock.advance(0.5)
+    assert len(h.deliverer.calls) == 2
+
+
+def test_a_message_taken_as_the_queue_stops_is_left_to_the_spool(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: device(A)}, all_(250))
+    env = commit(h.spool, [A], BODY, h.clock.seconds())
+    h.queue.take(env)
+    h.queue.stop()
+    h.clock.advance(0)
+    assert h.deliverer.calls == []
+    assert h.spool.queued_ids() == [env.qid]  # the next start queues it
+
+
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path: Path) -> None:
     h = Harness(tmp_path, {A: device(A)}, all_(451, "4.3.0 try later"))
     env = h.accept([A])
