@@ -287,7 +287,10 @@ class DeliveryQueue:
             try:
                 routes[rcpt] = soon.now(self.route_soon(rcpt, env.kind))
             except Exception as exc:
-                routes[rcpt] = exc
+                # A NoRoute is kept as a copy without traceback or cause: those hold the
+                # frames up this stack, this one with `routes` among them, and the cycle
+                # would wait for the cyclic collector (once per message to an absent device).
+                routes[rcpt] = NoRoute(exc.reply) if isinstance(exc, NoRoute) else exc
                 if isinstance(exc, NoRoute) and exc.temporary:
                     temporary[rcpt] = RecipientStatus(rcpt, exc.reply)
                     continue

@@ -6,9 +6,10 @@ recorded apart from the deliveries under test; tests/test_queue_dsn.py looks at 
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -243,6 +244,32 @@ def test_a_message_taken_as_the_queue_stops_is_left_to_the_spool(tmp_path: Path)
     h.clock.advance(0)
     assert h.deliverer.calls == []
     assert h.spool.queued_ids() == [env.qid]  # the next start queues it
+
+
+def test_a_message_deferred_at_once_leaves_nothing_for_the_cyclic_collector(
+    tmp_path: Path,
+) -> None:
+    """Mail to a device that cannot be reached is deferred without a coroutine, once per
+    message; what that leaves behind must be freed as it goes, not in cycles that only a
+    full pass of the collector finds (each holding the frames of the whole call stack)."""
+    absent = replace(device(A), connector_smtp_addr="")  # has never connected
+    h = Harness(tmp_path, {A: absent})
+    h.queue.route_soon = h.router.target  # answered at once, as from the edge's caches
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        env = h.accept([A])
+        h.clock.advance(0)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert h.queue.states[env.qid].last_errors == {
+        A: "451 4.4.0 device dev1 has no connector address"
+    }
+    assert h.queue.states[env.qid].attempts == 1
+    assert left == []
 
 
 def test_temporary_failure_is_retried_on_the_schedule(tmp_path: Path) -> None:
