@@ -103,7 +103,9 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
-    factory = build_mx_factory(config, reactor, lookups, spool, resolver, queue.take, tls)
+    factory = build_mx_factory(
+        config, reactor, lookups, spool, resolver, queue.take, tls, while_syncing=queue.intake
+    )
     service = MultiService()
     service.setName("edge")
     recorder.setServiceParent(service)

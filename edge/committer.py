@@ -19,6 +19,7 @@ milliseconds).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -34,10 +35,19 @@ log = Logger()
 
 
 class Committer:
-    def __init__(self, spool: Spool, reactor: Any, syncer: Syncer | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        reactor: Any,
+        syncer: Syncer | None = None,
+        while_syncing: Callable[[], None] | None = None,
+    ) -> None:
+        """`while_syncing` is called each time a batch has been handed to the sync: work
+        that can wait a moment goes there, into time the reactor would spend waiting."""
         self.spool = spool
         self.reactor = reactor
         self.syncer = syncer
+        self.while_syncing = while_syncing
         self._waiting: list[tuple[SpoolWriter, Envelope, defer.Deferred[None]]] = []
         self._busy = False
         self._preparing = False
@@ -81,6 +91,11 @@ class Committer:
             self._prepare()
 
         d.addBoth(done)
+        if self.while_syncing is not None and self._busy:
+            try:
+                self.while_syncing()
+            except Exception:  # not this batch's concern: it is written and syncing
+                log.failure("work done while the spool syncs failed")
 
     def _sync(self, written: Unsynced) -> defer.Deferred[None]:
         """Make `written` durable through the sync process; undo it if that fails."""

@@ -48,8 +48,10 @@ def build_mx_factory(
     resolver: DNSResolver,
     accepted: Callable[[Envelope], None],
     tls: Any = None,
+    while_syncing: Callable[[], None] | None = None,
 ) -> Any:
-    """The protocol factory of the MX listener (behind the PROXY protocol when configured)."""
+    """The protocol factory of the MX listener (behind the PROXY protocol when configured).
+    `accepted` takes each committed message; `while_syncing` runs while the spool syncs."""
     hostname = config.fqdn
     checks = build_pipeline(
         config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
@@ -59,7 +61,7 @@ def build_mx_factory(
         device = lookups.get_device(target.device_id) if target.device_id else None
         return device.account_id if device is not None else None
 
-    committer = Committer(spool, reactor, Syncer(reactor))
+    committer = Committer(spool, reactor, Syncer(reactor), while_syncing)
     # Made once and shared by every session's handler (a bound method is a new object each
     # time it is looked up).
     resolve, lookup, commit = lookups.resolve_recipient, lookups.cached_or_load, committer.commit

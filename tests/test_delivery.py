@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
-from edge.delivery import DeliveryQueue
+from edge.delivery import INTAKE_WAIT, DeliveryQueue
 from edge.dns import DNSResolver
 from edge.routing import Router, Target
 from edge.smtpclient import Outcome, SMTPDeliverer
@@ -202,32 +202,43 @@ def test_delivered_message_is_removed_and_carries_the_queue_id(tmp_path: Path) -
     assert len(h.deliverer.calls) == 1
 
 
-def test_taken_messages_join_the_queue_on_the_next_turn_and_are_attempted_at_once(
-    tmp_path: Path,
-) -> None:
+def test_taken_messages_are_queued_together_and_attempted_at_once(tmp_path: Path) -> None:
     h = Harness(tmp_path, {A: device(A), B: device(B, "dev2", 2526)}, all_(250))
     first = commit(h.spool, [A], BODY, h.clock.seconds())
     second = commit(h.spool, [B], BODY, h.clock.seconds())
     h.queue.take(first)
     h.queue.take(second)
-    # Nothing of the queue's work runs in the turn that answers the client.
+    # Nothing of the queue's work runs while the client is being answered.
     assert h.queue.envelopes == {}
     assert h.deliverer.calls == []
-    assert len(h.clock.getDelayedCalls()) == 1  # one turn for every message taken
+    assert len(h.clock.getDelayedCalls()) == 1  # one wait for every message taken
 
-    h.clock.advance(0)
+    h.queue.intake()  # the MX calls it while the spool syncs
 
     assert h.deliverer.rcpts() == [[A], [B]]  # in the order they were taken
     assert h.spool.finished_log == [(first.qid, {A: "delivered"}), (second.qid, {B: "delivered"})]
     assert h.queue.envelopes == {}
-    assert h.clock.getDelayedCalls() == []
+    h.queue.intake()  # nothing more taken: nothing happens
+    h.clock.advance(INTAKE_WAIT)
+    assert len(h.deliverer.calls) == 2
+
+
+def test_a_taken_message_is_queued_within_the_intake_wait(tmp_path: Path) -> None:
+    h = Harness(tmp_path, {A: device(A)}, all_(250))
+    env = commit(h.spool, [A], BODY, h.clock.seconds())
+    h.queue.take(env)
+    h.clock.advance(INTAKE_WAIT * 0.9)
+    assert h.deliverer.calls == []
+    h.clock.advance(INTAKE_WAIT * 0.1)
+    assert h.deliverer.rcpts() == [[A]]
+    assert h.spool.queued_ids() == []
 
 
 def test_a_taken_message_that_fails_is_retried_on_the_schedule(tmp_path: Path) -> None:
     h = Harness(tmp_path, {A: device(A)}, all_(451, "4.3.0 try later"))
     env = commit(h.spool, [A], BODY, h.clock.seconds())
     h.queue.take(env)
-    h.clock.advance(0)
+    h.queue.intake()
     assert len(h.deliverer.calls) == 1
     assert h.queue.states[env.qid].attempts == 1
     h.clock.advance(SCHEDULE[0] - 0.5)
@@ -241,7 +252,8 @@ def test_a_message_taken_as_the_queue_stops_is_left_to_the_spool(tmp_path: Path)
     env = commit(h.spool, [A], BODY, h.clock.seconds())
     h.queue.take(env)
     h.queue.stop()
-    h.clock.advance(0)
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(INTAKE_WAIT)
     assert h.deliverer.calls == []
     assert h.spool.queued_ids() == [env.qid]  # the next start queues it
 

@@ -206,3 +206,26 @@ def test_a_failed_hand_over_undoes_a_synced_batch(tmp_path: Path, in_reactor: An
     assert syncer.paths and [ok for ok, _ in results] == [False]
     assert [e.envelope.received_at for e in recoverable(tmp_path)] == [0]
     in_reactor(syncer.stop)
+
+
+def test_work_while_syncing_runs_once_per_batch_and_its_faults_stay_its_own(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor)
+    seen: list[int] = []
+
+    def work() -> None:
+        seen.append(len(syncer.paths))
+        raise RuntimeError("a fault in the work done meanwhile")
+
+    committer = Committer(spool, in_reactor.reactor, syncer, work)
+    message = b"Subject: x\r\n\r\nbody\r\n"
+    for _ in range(3):
+        results = in_reactor(_commit, spool, committer, message)
+        assert all(ok for ok, _ in results)
+    # Called once per batch, after the batch went to its sync: the first to the
+    # committer's thread, the next two to the sync process (already asked each time).
+    assert seen == [0, 1, 2]
+    assert len(recoverable(tmp_path)) == 3
+    in_reactor(syncer.stop)
