@@ -5,6 +5,7 @@ domains. Each is compared with what the libraries make of the same input."""
 from __future__ import annotations
 
 import random
+import re
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
@@ -226,7 +227,9 @@ def test_the_edge_pipeline_answers_at_once_once_its_caches_are_warm(
 
 
 def parsed_from(head: bytes) -> list[str]:
-    """What `email`'s parser reads as the From values of a header section."""
+    """What `email`'s parser reads as the From values of a header section, once each From
+    field in the obsolete syntax (white space before the colon) is written as a From field."""
+    head = re.sub(rb"(?im)^(from)[ \t]+:", rb"\1:", head)
     parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
     return [str(v) for v in parsed.get_all("From") or []]
 
@@ -234,9 +237,10 @@ def parsed_from(head: bytes) -> list[str]:
 TRICKY = [
     b"From: a@x.test\r\nTo: b@y.test\r\n",
     b"FROM: a@x.test\r\nfrom:b@y.test\r\n",
-    b"From :a@x.test\r\nSubject: s\r\n",  # "From " then a colon: not a From field
+    b"From :a@x.test\r\nSubject: s\r\n",  # the obsolete syntax: a From field
     b"Subject: s\r\nFrom : a@x.test\r\nTo: b@y.test\r\n",
-    b"From\t: a@x.test\r\nTo: b@y.test\r\n",  # not a field: the header section ends
+    b"From\t: a@x.test\r\nTo: b@y.test\r\n",
+    b"Subject: s\r\n From : folded\r\nX-From : a@x.test\r\n",  # neither is a From field
     b"From: A\r\n <a@x.test>\r\nSubject: s\r\n",
     b"From:\r\n\t<a@x.test>\r\n \r\nTo: b\r\n",
     b"From: a@x.test\r\nFrom: b@y.test\r\n",
@@ -278,6 +282,27 @@ def test_from_values_match_the_email_parser_on_random_sections() -> None:
         plain += plain_fields(head)
         assert from_values(head) == parsed_from(head), head
     assert 200 < plain < 4800  # both ways of reading were compared
+
+
+OBSOLETE_FROM = [
+    (b"Subject: s\r\nFrom : a@x.test\r\nTo: b@y.test\r\n", ["a@x.test"]),
+    (b"From\t \t:a@x.test\r\n", ["a@x.test"]),
+    (b"from  : A <a@x.test>\r\n", ["A <a@x.test>"]),
+    (b"Subject: s\r\n From : folded\r\nX-From : a@x.test\r\n", []),
+]
+
+
+@pytest.mark.parametrize(("head", "values"), OBSOLETE_FROM)
+def test_a_from_field_in_the_obsolete_syntax_is_a_from_field(
+    head: bytes, values: list[str]
+) -> None:
+    assert from_values(head) == values
+
+
+def test_a_second_from_in_the_obsolete_syntax_is_counted() -> None:
+    """A reader that shows `From : evil` must not let DMARC judge only the other From."""
+    message = b"From: good@x.test\r\nFrom : evil@y.test\r\nSubject: s\r\n\r\nbody\r\n"
+    assert from_addresses(message) == (2, ["good@x.test", "evil@y.test"])
 
 
 def test_from_addresses_of_a_whole_message_and_kept_addresses() -> None:

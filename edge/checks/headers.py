@@ -111,6 +111,8 @@ _PLAIN_FIELDS = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\r\n]*\r\n(?:[ \t][^\r\
 _FROM_FIELD = re.compile(
     rb"^from:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n", re.IGNORECASE | re.MULTILINE
 )
+_OBS_FROM = re.compile(rb"^(from)[ \t]+:", re.IGNORECASE | re.MULTILINE)
+"""A From field in the obsolete syntax, white space before its colon (RFC 5322 §4.5.3)."""
 
 
 def plain_fields(head: bytes) -> bool:
@@ -127,7 +129,12 @@ def from_values(head: bytes) -> list[str]:
     (the value after the colon without its leading WSP, folding kept, a non-ASCII octet
     read as U+FFFD); anything else (bare CR or LF, a line that is not a field, a Unix
     "From " line, a folded first line) goes to the parser, which decides what it means.
+
+    A From field in the obsolete syntax (`From :`, white space before the colon) counts as
+    a From field: mail readers show it as the sender, so DMARC must see it, where the
+    parser alone would read it as no field (or as the end of the section).
     """
+    head = _OBS_FROM.sub(rb"\1:", head)
     if plain_fields(head):
         return [
             m.group(1).decode("ascii", "replace").lstrip(" \t") for m in _FROM_FIELD.finditer(head)
