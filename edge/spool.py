@@ -138,6 +138,7 @@ class Spool:
         """Make the message durable, sharing the fdatasync with whatever commits alongside."""
         (mine,) = _pending([(writer, envelope)])
         with self._commit_cv:
+            self._refuse_if_closed()
             self._pending.append(mine)
             while not mine.done and self._writing:
                 self._commit_cv.wait()
@@ -170,6 +171,7 @@ class Spool:
         own batches."""
         batch = _pending(items)
         with self._commit_cv:
+            self._refuse_if_closed()
             while self._writing:
                 self._commit_cv.wait()
             self._writing = True
@@ -263,11 +265,20 @@ class Spool:
             if self._spare is None and not self._closed:
                 self._spare = self._make(Segment.create, self.segment_size)
 
-    def close(self) -> None:
-        """Commit no more: seal the current segment, remove the unused next one. Blocking."""
+    def _refuse_if_closed(self) -> None:
+        """(Lock held.) A closed spool takes nothing, and nothing waits for its last batch."""
+        if self._closed:
+            raise RuntimeError("the spool is closed")
+
+    def close(self, wait: float = 5.0) -> None:
+        """Commit no more: seal the current segment, remove the unused next one. Blocking:
+        it waits for a batch being written, `wait` seconds at most; a batch still out then
+        (a sync that never answered) is left as it is, for the next start to recover."""
         with self._commit_cv:
-            while self._writing:
-                self._commit_cv.wait()
+            if not self._commit_cv.wait_for(lambda: not self._writing, timeout=wait):
+                self._closed = True
+                log.warn("spool: closed with a batch unanswered; the next start recovers it")
+                return
             self._writing = self._closed = True
         try:
             with self._prepare_lock:

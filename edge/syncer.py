@@ -14,6 +14,7 @@ messages are not acknowledged) and the next request starts a new child.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -28,6 +29,8 @@ from twisted.python.failure import Failure
 log = Logger()
 
 CHILD = Path(__file__).with_name("synchild.py")
+STOP_WAIT = 10.0
+"""Seconds a stopping edge waits for the sync process to answer what it was asked."""
 
 
 class _ChildProtocol(protocol.ProcessProtocol):
@@ -65,10 +68,10 @@ class _ChildProtocol(protocol.ProcessProtocol):
     def _end(self) -> None:
         self.ended = True
         self.close_requests()
-        self.syncer._ended(self)
         waiting, self.waiting = self.waiting, deque()
         for d in waiting:
             d.errback(OSError(errno.EIO, "the sync process ended before answering"))
+        self.syncer._ended(self)
 
     def close_requests(self) -> None:
         if self.requests >= 0:
@@ -83,6 +86,7 @@ class Syncer:
         self.reactor = reactor
         self._child: _ChildProtocol | None = None
         self._stopping = False
+        self._stopped: list[defer.Deferred[None]] = []
         self.started = 0
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
@@ -131,9 +135,29 @@ class Syncer:
     def _ended(self, child: _ChildProtocol) -> None:
         if self._child is child:
             self._child = None
+        stopped, self._stopped = self._stopped, []
+        for d in stopped:
+            d.callback(None)
 
-    def stop(self) -> None:
-        """Let the child end (after answering what it was asked)."""
+    def stop(self) -> defer.Deferred[None]:
+        """Let the child end after answering what it was asked: a Deferred that fires once
+        it has (so a shutdown waits for the batches in flight to be answered, and the spool
+        is not closed under them), or after `STOP_WAIT` seconds, when the child is killed
+        and what still waits fails (those messages were never answered 250)."""
         self._stopping = True
-        if self._child is not None:
-            self._child.close_requests()
+        child = self._child
+        if child is None or child.ended:
+            return defer.succeed(None)
+        child.close_requests()
+        d: defer.Deferred[None] = defer.Deferred()
+        self._stopped.append(d)
+        timer = self.reactor.callLater(STOP_WAIT, self._kill, child)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d
+
+    def _kill(self, child: _ChildProtocol) -> None:
+        log.warn("sync process: no answer within {s} s of the stop; killing it", s=STOP_WAIT)
+        if child.transport is not None:
+            with contextlib.suppress(error.ProcessExitedAlready, OSError):
+                child.transport.signalProcess("KILL")
+        child._end()

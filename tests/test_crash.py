@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import email
 import shutil
+import signal
 import smtplib
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from edge.spool import recoverable
@@ -51,6 +53,14 @@ def send_many(mx: str, numbers: range, acked: list[int], stop: threading.Event) 
         return  # the edge died under us: what was not acknowledged is not ours to keep
 
 
+def senders_of(mx: str, acked: list[int], stop: threading.Event) -> list[threading.Thread]:
+    """Four clients of 60 messages each (numbers 0-59, 100-159, ...), not started."""
+    return [
+        threading.Thread(target=send_many, args=(mx, range(i * 100, i * 100 + 60), acked, stop))
+        for i in range(4)
+    ]
+
+
 def settle(edge: Process, device: Process) -> None:
     """Until the edge's spool holds no message with an unfinished recipient."""
     wait_for(lambda: not recoverable(spool_queue(edge).parent), timeout=30)
@@ -64,23 +74,19 @@ def check_exactly_once(device: Process, acked: list[int], tried: int) -> None:
     assert len(counts) <= tried
 
 
-def test_kill_while_accepting_and_before_delivery(tmp_path: Path) -> None:
-    """(a) and (b): SIGKILL in the middle of a stream of commits, with the device down."""
+def interrupted_while_accepting(tmp_path: Path, interrupt: Callable[[Process], None]) -> None:
+    """`interrupt(edge)` in the middle of a stream of commits, with the device down; then
+    the device and the edge start, and every message answered 250 arrives once."""
     edge, device = edge_and_device(tmp_path)
     listeners = edge.start()
     acked: list[int] = []
     stop = threading.Event()
-    senders = [
-        threading.Thread(
-            target=send_many, args=(listeners["mx"], range(i * 100, i * 100 + 60), acked, stop)
-        )
-        for i in range(4)
-    ]
+    senders = senders_of(listeners["mx"], acked, stop)
     try:
         for t in senders:
             t.start()
         wait_for(lambda: len(acked) >= 40, timeout=30, interval=0.005)
-        edge.kill()
+        interrupt(edge)
         stop.set()
         for t in senders:
             t.join(15)
@@ -93,6 +99,31 @@ def test_kill_while_accepting_and_before_delivery(tmp_path: Path) -> None:
         stop.set()
         edge.stop()
         device.stop()
+
+
+def test_kill_while_accepting_and_before_delivery(tmp_path: Path) -> None:
+    """(a) and (b): SIGKILL in the middle of a stream of commits, with the device down."""
+    interrupted_while_accepting(tmp_path, Process.kill)
+
+
+def test_stop_while_accepting_ends_by_itself_and_loses_nothing(tmp_path: Path) -> None:
+    """SIGTERM in the middle of a stream of commits: the edge waits for the batches with
+    its sync process, closes its spool and exits on its own."""
+
+    def stop_cleanly(edge: Process) -> None:
+        proc = edge.proc
+        assert proc is not None
+        proc.terminate()
+        # Ended by itself: twistd ends a clean stop with the signal that asked for it.
+        assert proc.wait(20) == -signal.SIGTERM
+        edge.proc = None
+        assert "Main loop terminated." in edge.log()
+        assert "closed with a batch unanswered" not in edge.log()
+        # The segment made ahead is gone: every segment left holds answered mail.
+        segments = {p.stem for p in spool_queue(edge).glob("*.seg")}
+        assert segments == {e.batch for e in recoverable(spool_queue(edge).parent)}
+
+    interrupted_while_accepting(tmp_path, stop_cleanly)
 
 
 def test_kill_while_delivering(tmp_path: Path) -> None:

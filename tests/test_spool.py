@@ -509,6 +509,24 @@ def test_close_seals_the_current_segment_and_removes_the_next(tmp_path: Path) ->
     assert [e.envelope.qid for e in recoverable(tmp_path)][0] == first.qid
 
 
+def test_close_with_a_batch_never_answered_gives_up_after_its_wait(tmp_path: Path) -> None:
+    """A batch written for the sync process that never answered must not hang a stopping
+    edge: close waits, then leaves the batch to the next start."""
+    spool = Spool(tmp_path)
+    commit(spool, b"first\r\n")  # the segment exists now
+    writer = spool.writer()
+    writer.write(b"in flight\r\n")
+    unsynced = spool.write_unsynced([(writer, Envelope(writer.qid, "a@b.test", ["c@d.test"], 1))])
+    assert unsynced is not None
+    started = time.monotonic()
+    spool.close(wait=0.2)
+    assert 0.2 <= time.monotonic() - started < 5
+    with pytest.raises(RuntimeError):
+        commit(spool, b"too late\r\n")
+    spool.synced(unsynced)  # the answer, late: still taken
+    assert writer.qid in spool.queued_ids()
+
+
 def test_load_returns_envelopes_in_arrival_order(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     # Queue ids are created in this order, but the arrival times say otherwise.

@@ -68,16 +68,21 @@ def test_sync_through_a_real_child(tmp_path: Path, in_reactor: Any) -> None:
     in_reactor(syncer.stop)
 
 
-def test_a_child_that_dies_fails_what_waits_and_is_replaced(
-    tmp_path: Path, in_reactor: Any
-) -> None:
+def _running(tmp_path: Path, in_reactor: Any) -> tuple[Syncer, Path, int]:
+    """A syncer whose child runs (it has synced a file once): the syncer, the file, its pid."""
     syncer = Syncer(in_reactor.reactor)
     seg = tmp_path / "s.seg"
     seg.write_bytes(b"data")
     in_reactor(lambda: syncer.sync(seg))
     child = syncer._child
     assert child is not None and child.transport is not None
-    pid = child.transport.pid
+    return syncer, seg, child.transport.pid
+
+
+def test_a_child_that_dies_fails_what_waits_and_is_replaced(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    syncer, seg, pid = _running(tmp_path, in_reactor)
 
     def kill_then_ask() -> defer.Deferred[None]:
         os.kill(pid, signal.SIGSTOP)  # it cannot answer what comes now
@@ -229,3 +234,39 @@ def test_work_while_syncing_runs_once_per_batch_and_its_faults_stay_its_own(
     assert seen == [0, 1, 2]
     assert len(recoverable(tmp_path)) == 3
     in_reactor(syncer.stop)
+
+
+def test_stop_waits_for_what_the_child_was_asked(tmp_path: Path, in_reactor: Any) -> None:
+    syncer, seg, _pid = _running(tmp_path, in_reactor)
+    order: list[str] = []
+
+    def ask_then_stop() -> defer.Deferred[None]:
+        syncer.sync(seg).addCallback(lambda _: order.append("synced"))
+        return syncer.stop().addCallback(lambda _: order.append("stopped"))
+
+    in_reactor(ask_then_stop)
+    assert order == ["synced", "stopped"]
+    assert syncer._child is None
+    assert in_reactor(syncer.stop) is None  # nothing runs: at once
+
+
+def test_stop_kills_a_child_that_does_not_answer(
+    tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("edge.syncer.STOP_WAIT", 0.3)
+    syncer, seg, pid = _running(tmp_path, in_reactor)
+    os.kill(pid, signal.SIGSTOP)  # a child stuck in the kernel, say
+    failed: list[str] = []
+
+    def ask_then_stop() -> defer.Deferred[None]:
+        syncer.sync(seg).addErrback(lambda f: failed.append(f.getErrorMessage()))
+        return syncer.stop()
+
+    in_reactor(ask_then_stop)
+    assert failed == ["[Errno 5] the sync process ended before answering"]
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid))
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
