@@ -71,6 +71,11 @@ def _upstream_target(found: RecipientTarget) -> Target:
     )
 
 
+def routed_target(found: RecipientTarget) -> Target:
+    """The target of a recipient the store routes to a device or an upstream host (no DNS)."""
+    return _device_target(found) if found.kind == "device" else _upstream_target(found)
+
+
 class Router:
     def __init__(
         self,
@@ -85,10 +90,8 @@ class Router:
     def target(self, recipient: str, kind: str) -> Target:
         """The target of `recipient` for a message of `kind` ("inbound", "outbound", "dsn")."""
         found = self.resolve(recipient)
-        if found is not None and found.kind == "device":
-            return _device_target(found)
-        if found is not None and found.kind == "upstream":
-            return _upstream_target(found)
+        if found is not None and found.kind in ("device", "upstream"):
+            return routed_target(found)
         if kind == "inbound" or self.resolver is None:
             raise NoRoute("550 5.1.1 no route to this address")
         return self._mx_target(recipient)
@@ -126,11 +129,10 @@ def route_soon(
     def soon(recipient: str, kind: str) -> Target | defer.Deferred[Target]:
         try:
             found = lookups.peek(lookups.resolve_recipient, recipient)
-            if found is not None and found.kind in ("device", "upstream"):
-                target: Target = lookups.peek(router.target, recipient, kind)
-                return target
         except NotCached:
-            pass
+            return run_blocking(router.target, recipient, kind)
+        if found is not None and found.kind in ("device", "upstream"):
+            return routed_target(found)
         return run_blocking(router.target, recipient, kind)
 
     return soon
