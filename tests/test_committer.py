@@ -10,7 +10,7 @@ from twisted.internet import defer
 from edge.committer import Committer
 from edge.segments import BLOCK
 from edge.spool import Envelope, Spool
-from tests.test_spool import wait_until
+from tests.spoolkit import wait_until
 
 
 def _queue(spool: Spool, committer: Committer, n: int) -> defer.Deferred[Any]:

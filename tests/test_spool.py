@@ -1,203 +1,28 @@
-"""The edge spool: group commit into segments, crash recovery, the per-segment outcome log."""
+"""The edge spool: commits into segments, crash recovery, the per-segment outcome log."""
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 
-import edge.segments
 from edge.segments import BLOCK, HEADER, read_segment
 from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id, recoverable
-
-
-def commit(
-    spool: Spool,
-    data: bytes = b"Subject: hi\r\n\r\nbody\r\n",
-    recipients: list[str] | None = None,
-    received_at: float = 1000.0,
-) -> Envelope:
-    writer, env = prepare(spool, data, recipients, received_at)
-    spool.commit(writer, env)
-    return env
-
-
-def prepare(
-    spool: Spool,
-    data: bytes = b"Subject: hi\r\n\r\nbody\r\n",
-    recipients: list[str] | None = None,
-    received_at: float = 1000.0,
-) -> tuple[SpoolWriter, Envelope]:
-    writer = spool.writer()
-    for i in range(0, len(data), 7):  # several chunks
-        writer.write(data[i : i + 7])
-    env = Envelope(
-        qid=writer.qid,
-        sender="sender@example.net",
-        recipients=recipients if recipients is not None else ["a@example.test"],
-        received_at=received_at,
-        client_ip="192.0.2.7",
-        helo="client.example.net",
-    )
-    return writer, env
-
-
-def small(root: Path, blocks: int, **kwargs: Any) -> Spool:
-    """A spool whose segments hold `blocks` batches of one small message each."""
-    return Spool(root, segment_size=blocks * BLOCK, **kwargs)
-
-
-def names(path: Path) -> set[str]:
-    return {p.name for p in path.iterdir()}
-
-
-def segment_files(spool: Spool) -> list[Path]:
-    return sorted(spool.queue.glob("*.seg"))
-
-
-def segment_of(spool: Spool, qid: str) -> Path:
-    return spool.queue / f"{spool.entry(qid).batch}.seg"
-
-
-def finish(spool: Spool, env: Envelope) -> None:
-    """What delivery does with a message whose recipients are all done."""
-    spool.mark_finished(env.qid, dict.fromkeys(env.recipients, "delivered"))
-    spool.remove(env.qid)
-
-
-def log_lines(spool: Spool, qid: str) -> list[dict[str, Any]]:
-    path = spool.queue / f"{spool.entry(qid).batch}.log"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def batch_start(spool: Spool, env: Envelope) -> int:
-    """Where the record of the message `env` begins in its segment."""
-    return spool.entry(env.qid).offset - len(env.to_json()) - HEADER.size
-
-
-class _PatchedOS(ModuleType):
-    """`os` as `edge.segments` sees it, with some functions replaced (the rest is the real
-    module)."""
-
-    def __init__(self, **replaced: Callable[..., Any]) -> None:
-        super().__init__("os")
-        self.__dict__.update(replaced)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-
-def patch_os(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
-    monkeypatch.setattr(edge.segments, "os", _PatchedOS(**replaced))
-
-
-class Calls:
-    """Counts the calls of the `os` functions `edge.segments` makes, passing them on."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *functions: str) -> None:
-        self.counts = dict.fromkeys(functions, 0)
-
-        def counting(name: str) -> Callable[..., Any]:
-            def call(*args: Any) -> Any:
-                self.counts[name] += 1
-                return getattr(os, name)(*args)
-
-            return call
-
-        patch_os(monkeypatch, **{name: counting(name) for name in functions})
-
-    def taken(self) -> dict[str, int]:
-        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
-        return counts
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
-
-
-class Committer(threading.Thread):
-    """Commits one prepared message in its own thread, keeping the error if any."""
-
-    def __init__(self, spool: Spool, writer: SpoolWriter, env: Envelope) -> None:
-        super().__init__(daemon=True)
-        self.spool, self.writer, self.env = spool, writer, env
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.spool.commit(self.writer, self.env)
-        except BaseException as exc:
-            self.error = exc
-
-
-@contextmanager
-def leader_held(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch, fail_call: int | None = None
-) -> Iterator[threading.Event]:
-    """A first commit whose fdatasync blocks until the yielded event is set.
-
-    Commits started meanwhile queue up behind it and go together into the next batch. The
-    spool's fdatasync call number `fail_call` (counting from 1; the leader makes call 1)
-    raises an I/O error.
-    """
-    release = threading.Event()
-    entered = threading.Event()
-    calls = {"n": 0}
-    lock = threading.Lock()
-
-    def fdatasync(fd: int) -> None:
-        with lock:
-            calls["n"] += 1
-            n = calls["n"]
-        if n == 1:
-            entered.set()
-            assert release.wait(10)
-        if n == fail_call:
-            raise OSError(5, "Input/output error")
-        os.fdatasync(fd)
-
-    patch_os(monkeypatch, fdatasync=fdatasync)
-    leader = Committer(spool, *prepare(spool, b"leader\r\n"))
-    leader.start()
-    assert entered.wait(10)
-    try:
-        yield release
-    finally:
-        release.set()
-        leader.join(10)
-    assert leader.error is None
-
-
-def commit_together(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch, messages: list[tuple[bytes, list[str]]]
-) -> list[Envelope]:
-    """Commit `messages` so that they all land in one batch (after a leader's batch)."""
-    prepared = [prepare(spool, data, rcpts) for data, rcpts in messages]
-    committers = [Committer(spool, w, e) for w, e in prepared]
-    with leader_held(spool, monkeypatch):
-        for c in committers:
-            c.start()
-        wait_until(lambda: len(spool._pending) == len(committers))
-    for c in committers:
-        c.join(10)
-        assert c.error is None
-    monkeypatch.undo()
-    starts = {batch_start(spool, e) for _w, e in prepared}
-    assert spool.batches_written == 2, "the messages were meant to share one batch"
-    assert len(starts) == len(prepared)
-    return [e for _w, e in prepared]
+from tests.spoolkit import (
+    Calls,
+    batch_start,
+    commit,
+    commit_together,
+    finish,
+    log_lines,
+    names,
+    prepare,
+    segment_files,
+    segment_of,
+    small,
+)
 
 
 def test_queue_ids_are_unique_and_sortable() -> None:
@@ -236,22 +61,6 @@ def test_commit_writes_data_and_envelope_and_empties_tmp(tmp_path: Path) -> None
     assert loaded == env
     assert loaded.size == len(data)
     assert again.read(env.qid) == data
-
-
-def test_each_batch_is_one_write_and_one_fdatasync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = Calls(monkeypatch, "pwrite", "fdatasync", "fsync", "rename", "open")
-    spool = Spool(tmp_path)
-    first = commit(spool, b"first\r\n")
-    made = calls.taken()
-    assert made["open"] == 2 and made["fsync"] == 2  # the segment and its directory, once
-    envs = [commit(spool, b"message %d\r\n" % i + b"x" * 4000) for i in range(10)]
-    assert calls.taken() == {"pwrite": 10, "fdatasync": 10, "fsync": 0, "rename": 0, "open": 0}
-    assert {spool.entry(e.qid).batch for e in [first, *envs]} == {segment_files(spool)[0].stem}
-    # Each batch starts on a block of its own: none rewrites an earlier batch's blocks.
-    starts = [batch_start(spool, e) for e in [first, *envs]]
-    assert all(s % BLOCK == 0 for s in starts) and len(set(starts)) == 11
 
 
 def test_writer_keeps_small_data_in_memory_and_spills_large_data_to_tmp(tmp_path: Path) -> None:
@@ -675,111 +484,6 @@ def test_remove_forgets_the_message_and_keeps_the_segment_for_the_others(
     assert sorted(e.qid for e in Spool(tmp_path).load()) == sorted([*leader_qids, second.qid])
 
 
-def test_group_commit_shares_batches_between_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A disk whose fdatasync takes a while (as real disks do): commits arriving meanwhile
-    # wait for the next batch instead of each paying for an fdatasync of their own.
-    syncs = {"n": 0}
-
-    def slow_fdatasync(fd: int) -> None:
-        syncs["n"] += 1
-        time.sleep(0.02)
-        os.fdatasync(fd)
-
-    patch_os(monkeypatch, fdatasync=slow_fdatasync)
-    spool = Spool(tmp_path)
-    n = 20
-    payloads = [
-        b"Subject: %d\r\n\r\n" % i + (b"line %d of message\r\n" % i) * (i * 50 + 1) + b".\r\n"
-        for i in range(n)
-    ]
-    prepared = [prepare(spool, data, [f"r{i}@x.test"]) for i, data in enumerate(payloads)]
-    barrier = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def run(writer: SpoolWriter, env: Envelope) -> None:
-        barrier.wait()
-        try:
-            spool.commit(writer, env)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=p) for p in prepared]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-
-    assert errors == []
-    assert spool.messages_committed == n
-    assert 1 <= spool.batches_written < n, spool.batches_written
-    assert syncs["n"] == spool.batches_written
-    assert len(segment_files(spool)) == 1
-    assert names(spool.tmp) == set()
-    assert sorted(spool.queued_ids()) == sorted(e.qid for _w, e in prepared)
-
-    restarted = Spool(tmp_path)
-    loaded = {e.qid: e for e in restarted.load()}
-    assert set(loaded) == {e.qid for _w, e in prepared}
-    for (_w, env), data in zip(prepared, payloads, strict=True):
-        assert loaded[env.qid] == env
-        assert restarted.read(env.qid) == data
-
-
-@pytest.mark.parametrize("failure", ["fdatasync", "write", "hand-over"])
-def test_failed_batch_fails_every_commit_in_it_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
-) -> None:
-    def hand_over(segment: str, entries: list[Any]) -> None:
-        if any(e.envelope.qid in doomed for e in entries):
-            raise BrokenPipeError("the edge process is gone")
-
-    spool = Spool(tmp_path, on_commit=hand_over if failure == "hand-over" else None)
-    prepared = [prepare(spool, b"doomed %d\r\n" % i, ["a@x.test"]) for i in range(3)]
-    doomed = {e.qid for _w, e in prepared}
-    committers = [Committer(spool, w, e) for w, e in prepared]
-    # The leader's own batch goes through; the one after it (all three messages) fails.
-    with leader_held(spool, monkeypatch, 2 if failure == "fdatasync" else None):
-        if failure == "write":
-            patch_os(monkeypatch, fdatasync=os.fdatasync, pwrite=half_a_write())
-        for c in committers:
-            c.start()
-        wait_until(lambda: len(spool._pending) == len(committers))
-    for c in committers:
-        c.join(10)
-
-    assert all(isinstance(c.error, OSError) for c in committers), [c.error for c in committers]
-    [leader_qid] = spool.queued_ids()
-    assert spool.batches_written == 1
-    assert [p.stem for p in segment_files(spool)] == [spool.entry(leader_qid).batch]
-    assert names(spool.tmp) == set()
-
-    # The spool goes on working, in a segment of its own, and a restart knows nothing of
-    # the failed messages (written whole in all but one case).
-    monkeypatch.undo()
-    after = commit(spool, b"after\r\n")
-    assert spool.entry(after.qid).batch != spool.entry(leader_qid).batch
-    restarted = Spool(tmp_path)
-    assert sorted(e.qid for e in restarted.load()) == sorted([leader_qid, after.qid])
-    assert restarted.read(leader_qid) == b"leader\r\n"
-    assert restarted.read(after.qid) == b"after\r\n"
-
-
-def half_a_write() -> Callable[[int, Any, int], int]:
-    """`os.pwrite` that, on its first call, writes half and then fails (a full disk)."""
-    calls = {"n": 0}
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            os.pwrite(fd, bytes(data)[: len(data) // 2], offset)
-            raise OSError(28, "No space left on device")
-        return os.pwrite(fd, data, offset)
-
-    return pwrite
-
-
 def test_recoverable_reads_without_changing_anything(tmp_path: Path) -> None:
     spool = small(tmp_path, 1)
     done, pending = commit(spool, b"done\r\n"), commit(spool, b"pending\r\n")
@@ -792,7 +496,6 @@ def test_recoverable_reads_without_changing_anything(tmp_path: Path) -> None:
 
 def test_envelope_json_has_every_field_as_asdict_would() -> None:
     import dataclasses
-    import json
 
     env = Envelope("Q1", "a@b.test", ["c@d.test", "e@f.test"], 12.5, "192.0.2.1", "h.test", 42)
     env.extra["verdict"] = "accept"

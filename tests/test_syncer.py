@@ -16,7 +16,7 @@ from edge.committer import Committer
 from edge.segments import BLOCK
 from edge.spool import Envelope, Spool, SpoolWriter, recoverable
 from edge.syncer import Syncer
-from tests.test_spool import wait_until
+from tests.spoolkit import wait_until
 
 
 def _serve(requests: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, list[int]]:
