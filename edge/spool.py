@@ -23,7 +23,7 @@ is handed back for delivery. The blocking methods here must run in a thread pool
 the reactor thread; `write_unsynced` and `synced` do not block (a small batch written into
 the page cache of the current segment, made durable by the caller: `edge.committer`).
 What the spool keeps of each message (`Envelope`, `SpoolEntry`, `SpoolWriter`) is in
-`edge.spoolitems`.
+`edge.spoolitems`; reading a spool directory back (segments and logs) is `edge.spoolscan`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from edge import segments
 from edge.segments import Segment
 from edge.spoolitems import QUEUE_ID_HEADER, Envelope, SpoolEntry, SpoolWriter, new_queue_id
+from edge.spoolscan import scan_queue, segment_path, segment_paths
 
 __all__ = [
     "INLINE_LIMIT",
@@ -53,12 +54,10 @@ __all__ = [
     "SpoolWriter",
     "Unsynced",
     "new_queue_id",
-    "recoverable",
 ]
 
 log = Logger()
 
-_LEGACY = "B"  # how the names of earlier versions' batch files (`<name>.batch`) begin
 
 _T = TypeVar("_T")
 
@@ -402,14 +401,14 @@ class Spool:
         Not while another process commits into this spool (acceptors start after it)."""
         for stray in self.tmp.iterdir():
             stray.unlink(missing_ok=True)
-        paths, logs = _segment_paths(self.queue), list(self.queue.glob("*.log"))
+        paths, logs = segment_paths(self.queue), list(self.queue.glob("*.log"))
         with self._lock:
             # This process's segments (named before they are made, so after the listing),
             # and batches committed here while this runs: not the past's to recover.
             known = self._own | self._sealed | set(self._live)
         entries: dict[str, SpoolEntry] = {}
         live: dict[str, set[str]] = {}
-        for name, found in _scan_queue(paths, known, warn=True).items():
+        for name, found in scan_queue(paths, known, warn=True).items():
             pending = [e for e in found if e.pending]
             if not pending:
                 self._delete_segment(name)
@@ -439,7 +438,7 @@ class Spool:
 
     def read(self, qid: str) -> bytes:
         entry = self.entry(qid)
-        with open(_segment_path(self.queue, entry.batch), "rb") as fh:
+        with open(segment_path(self.queue, entry.batch), "rb") as fh:
             fh.seek(entry.offset)
             return fh.read(entry.length)
 
@@ -499,7 +498,7 @@ class Spool:
     def _delete_segment(self, name: str) -> None:
         # The segment first: a log without its segment is dropped on start, while a segment
         # without its log would be delivered again.
-        _segment_path(self.queue, name).unlink(missing_ok=True)
+        segment_path(self.queue, name).unlink(missing_ok=True)
         (self.queue / f"{name}.log").unlink(missing_ok=True)
 
     def queued_ids(self) -> list[str]:
@@ -533,70 +532,3 @@ def _placed(batch: list[_Pending], name: str, starts: list[int]) -> list[SpoolEn
         SpoolEntry(item.envelope, name, start, item.envelope.size)
         for item, start in zip(batch, starts, strict=True)
     ]
-
-
-def recoverable(root: Path) -> list[SpoolEntry]:
-    """The messages with an unfinished recipient that a start would hand back for delivery,
-    read from the spool at `root` without changing anything (also while an edge runs)."""
-    found = _scan_queue(_segment_paths(Path(root) / "queue"), set(), warn=False)
-    return sorted(
-        (e for entries in found.values() for e in entries if e.pending),
-        key=lambda e: e.envelope.qid,
-    )
-
-
-def _segment_path(queue: Path, name: str) -> Path:
-    return queue / (f"{name}.batch" if name.startswith(_LEGACY) else f"{name}.seg")
-
-
-def _segment_paths(queue: Path) -> list[Path]:
-    return sorted(queue.glob("*.seg")) + sorted(queue.glob(f"{_LEGACY}*.batch"))
-
-
-def _scan_queue(paths: list[Path], skip: set[str], warn: bool) -> dict[str, list[SpoolEntry]]:
-    """Each segment's messages, with what its log says of them, by segment name."""
-    found: dict[str, list[SpoolEntry]] = {}
-    for path in paths:
-        name = path.stem
-        if name in skip:
-            continue
-        try:
-            if path.suffix == ".batch":
-                records = segments.read_legacy_batch(path)
-            else:
-                scan = segments.read_segment(path)
-                records = scan.records
-                if warn and scan.damaged_at is not None:
-                    log.warn(
-                        "spool segment {name}: no whole batch at offset {at}; the rest of the"
-                        " segment is dropped (a batch never acknowledged, or damage)",
-                        name=name,
-                        at=scan.damaged_at,
-                    )
-        except FileNotFoundError:
-            continue  # deleted meanwhile (by a running edge)
-        entries = [SpoolEntry(Envelope.from_json(e), name, at, n) for e, at, n in records]
-        _apply_log(path.with_suffix(".log"), {e.envelope.qid: e for e in entries})
-        found[name] = entries
-    return found
-
-
-def _apply_log(path: Path, entries: dict[str, SpoolEntry]) -> None:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return
-    for line in raw.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn line: that recipient is simply tried again
-        entry = entries.get(record.get("q", ""))
-        if entry is None:
-            continue
-        if "r" in record:
-            entry.outcomes[record["r"]] = record["o"]
-        if "held" in record:
-            entry.held = bool(record["held"])
-        if record.get("warned"):
-            entry.warned = True

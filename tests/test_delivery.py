@@ -23,7 +23,8 @@ from edge.delivery import INTAKE_WAIT, DeliveryQueue
 from edge.dns import DNSResolver
 from edge.routing import Router, Target
 from edge.smtpclient import Outcome, SMTPDeliverer
-from edge.spool import Envelope, Spool, recoverable
+from edge.spool import Envelope, Spool
+from edge.spoolscan import recoverable
 from edge.store import RecipientTarget
 
 SCHEDULE = [60.0, 300.0, 900.0]

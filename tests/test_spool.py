@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from edge.segments import BLOCK, HEADER, read_segment
-from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id, recoverable
+from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id
+from edge.spoolscan import recoverable
 from tests.spoolkit import (
     Calls,
     batch_start,

@@ -14,7 +14,8 @@ from twisted.internet import defer
 from edge import synchild
 from edge.committer import Committer
 from edge.segments import BLOCK
-from edge.spool import Envelope, Spool, SpoolWriter, recoverable
+from edge.spool import Envelope, Spool, SpoolWriter
+from edge.spoolscan import recoverable
 from edge.syncer import Syncer
 from tests.spoolkit import wait_until
 
