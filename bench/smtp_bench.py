@@ -76,13 +76,25 @@ EDGE_DISCARD = "tailpost edge (discard)"
 EDGE_DURABLE = "tailpost edge (durable)"
 PROTOCOL_ONLY = "tailpost SMTP layer only"
 TARGETS = [(EDGE_DISCARD, AIOSMTPD, 1.5), (EDGE_DURABLE, POSTFIX_QUEUE, 1.3)]
+BASELINE = "baseline"
+"""The label of the durable edge of another checkout (`--baseline`), run in the same rounds."""
 IDLE_TARGET = 100 * 1024 * 1024
 
 
 def servers(
-    workdir: Path, dns_port: int, extra: str, processes: int = 1
+    workdir: Path, dns_port: int, extra: str, processes: int = 1, baseline: Path | None = None
 ) -> list[tuple[str, Callable[[], AbstractContextManager[Any]]]]:
-    return [
+    against: list[tuple[str, Callable[[], AbstractContextManager[Any]]]] = []
+    if baseline is not None:
+        against = [
+            (
+                f"{EDGE_DURABLE} {BASELINE}",
+                lambda: smtp_peers.tailpost_edge(
+                    workdir, "durable", dns_port, extra, processes, baseline, BASELINE
+                ),
+            )
+        ]
+    return against + [
         (AIOSMTPD, lambda: smtp_peers.aiosmtpd_sink(workdir)),
         (SMTP_SINK, lambda: smtp_peers.postfix_smtp_sink(workdir)),
         (POSTFIX_QUEUE, lambda: smtp_peers.postfix_queue(workdir)),
@@ -213,6 +225,15 @@ def render(report: Report, sessions: list[int]) -> str:
             out.append(
                 f"- {ours} vs {theirs}, {n} sessions: {shown}{spread} (target {want}x): {verdict}"
             )
+    base = f"{EDGE_DURABLE} {BASELINE}"
+    for n in sessions:
+        got = ratio(report, EDGE_DURABLE, base, n)
+        if got is not None:
+            rounds = round_ratios(report, EDGE_DURABLE, base, n)
+            out.append(
+                f"- this checkout's durable edge against the baseline's, {n} sessions: "
+                f"{_times(got)}; per round {_times(min(rounds))}-{_times(max(rounds))}"
+            )
     if report.idle_connections:
         after = report.idle_rss_after / 2**20
         verdict = "met" if report.idle_rss_after < IDLE_TARGET else "NOT met"
@@ -260,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="the edge's edge.mx_processes (default 1); memory is summed over its processes",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base HEAD~3`): its durable edge "
+        "runs in the same rounds, and the ratio of this one to it is printed",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
@@ -281,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
     except OSError as exc:
         parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    if args.baseline is not None and not (args.baseline / "edge" / "__init__.py").is_file():
+        parser.error(f"--baseline: {args.baseline} is not a tailpost checkout (no edge/)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
     failed = 0
@@ -289,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"work directory {workdir}", flush=True)
         with contextlib.ExitStack() as running:
             peers = []
-            for name, start in servers(workdir, dns_port, extra, args.edge_processes):
+            for name, start in servers(
+                workdir, dns_port, extra, args.edge_processes, args.baseline
+            ):
                 if only and not any(o in name for o in only):
                     continue
                 try:

@@ -269,15 +269,24 @@ def _seed_store(data_dir: Path) -> None:
 
 @contextlib.contextmanager
 def tailpost_edge(
-    workdir: Path, mode: str, dns_port: int, extra: str = "", processes: int = 1
+    workdir: Path,
+    mode: str,
+    dns_port: int,
+    extra: str = "",
+    processes: int = 1,
+    repo: Path = REPO,
+    label: str = "",
 ) -> Iterator[Peer]:
-    data = workdir / f"edge-{mode}"
+    """The edge of the checkout at `repo` (this one by default; with `label`, another one,
+    say a `git worktree` of an earlier commit, run on this checkout's virtualenv and named
+    `tailpost edge (<mode>) <label>`). Its store is seeded by this checkout's code."""
+    data = workdir / (f"edge-{mode}-{label}" if label else f"edge-{mode}")
     data.mkdir(parents=True, exist_ok=True)
     _seed_store(data)
     config = data / "edge.toml"
     config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port, processes=processes) + extra)
     log = open(data / "edge.log", "wb")  # noqa: SIM115
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(repo))
     cmd = [TWISTD, "-n", "--pidfile=", "tailpost-edge", "--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--data-dir", str(data)], cwd=data, stdout=log, stderr=log, env=env
@@ -296,7 +305,7 @@ def tailpost_edge(
             except (FileNotFoundError, ValueError, KeyError):
                 time.sleep(0.1)
         wait_smtp(port, proc)
-        yield Peer(f"tailpost edge ({mode})", port, proc.pid)
+        yield Peer(f"tailpost edge ({mode}) {label}".rstrip(), port, proc.pid)
     finally:
         stop_process(proc)
         log.close()
