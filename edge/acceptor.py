@@ -278,8 +278,6 @@ def build_acceptor(
     spool = Spool(
         config.spool_path, on_commit=hand_over(fd), on_seal=hand_over_seal(fd), index=False
     )
-    # After the listener and the committer stopped: seal the segment, drop the one made ahead.
-    reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )

@@ -74,9 +74,6 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     migrate_in_child(config.store_url)
     store = open_store(config.store_url, migrate=False)
     spool = Spool(config.spool_path)
-    # After the listener, the committer and the sync process have stopped: seal the current
-    # segment and remove the one made ahead.
-    reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     hostname = config.fqdn
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor

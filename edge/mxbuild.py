@@ -62,6 +62,9 @@ def build_mx_factory(
         return device.account_id if device is not None else None
 
     committer = Committer(spool, reactor, Syncer(reactor), while_syncing)
+    # Once the listener, the committer and the sync process have stopped (the sync process
+    # is waited for during shutdown): seal the current segment, remove the one made ahead.
+    reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     # Made once and shared by every session's handler (a bound method is a new object each
     # time it is looked up).
     resolve, lookup, commit = lookups.resolve_recipient, lookups.cached_or_load, committer.commit

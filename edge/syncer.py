@@ -152,8 +152,13 @@ class Syncer:
         d: defer.Deferred[None] = defer.Deferred()
         self._stopped.append(d)
         timer = self.reactor.callLater(STOP_WAIT, self._kill, child)
-        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
-        return d
+
+        def answered(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(answered)
 
     def _kill(self, child: _ChildProtocol) -> None:
         log.warn("sync process: no answer within {s} s of the stop; killing it", s=STOP_WAIT)

@@ -53,10 +53,12 @@ def send_many(mx: str, numbers: range, acked: list[int], stop: threading.Event) 
         return  # the edge died under us: what was not acknowledged is not ours to keep
 
 
-def senders_of(mx: str, acked: list[int], stop: threading.Event) -> list[threading.Thread]:
-    """Four clients of 60 messages each (numbers 0-59, 100-159, ...), not started."""
+def senders_of(
+    mx: str, acked: list[int], stop: threading.Event, each: int = 60
+) -> list[threading.Thread]:
+    """Four clients of `each` messages (numbered apart), not started."""
     return [
-        threading.Thread(target=send_many, args=(mx, range(i * 100, i * 100 + 60), acked, stop))
+        threading.Thread(target=send_many, args=(mx, range(i * each, (i + 1) * each), acked, stop))
         for i in range(4)
     ]
 
@@ -74,18 +76,24 @@ def check_exactly_once(device: Process, acked: list[int], tried: int) -> None:
     assert len(counts) <= tried
 
 
-def interrupted_while_accepting(tmp_path: Path, interrupt: Callable[[Process], None]) -> None:
-    """`interrupt(edge)` in the middle of a stream of commits, with the device down; then
-    the device and the edge start, and every message answered 250 arrives once."""
+def interrupted_while_accepting(
+    tmp_path: Path,
+    interrupt: Callable[[Process], None],
+    each: int = 60,
+    ready: Callable[[Process], bool] = lambda edge: True,
+) -> None:
+    """`interrupt(edge)` in the middle of a stream of commits (once 40 are answered and
+    `ready(edge)`), with the device down; then the device and the edge start, and every
+    message answered 250 arrives once."""
     edge, device = edge_and_device(tmp_path)
     listeners = edge.start()
     acked: list[int] = []
     stop = threading.Event()
-    senders = senders_of(listeners["mx"], acked, stop)
+    senders = senders_of(listeners["mx"], acked, stop, each)
     try:
         for t in senders:
             t.start()
-        wait_for(lambda: len(acked) >= 40, timeout=30, interval=0.005)
+        wait_for(lambda: len(acked) >= 40 and ready(edge), timeout=60, interval=0.005)
         interrupt(edge)
         stop.set()
         for t in senders:
@@ -94,7 +102,7 @@ def interrupted_while_accepting(tmp_path: Path, interrupt: Callable[[Process], N
         device.start()
         edge.start()
         settle(edge, device)
-        check_exactly_once(device, list(acked), 240)
+        check_exactly_once(device, list(acked), 4 * each)
     finally:
         stop.set()
         edge.stop()
@@ -123,7 +131,10 @@ def test_stop_while_accepting_ends_by_itself_and_loses_nothing(tmp_path: Path) -
         segments = {p.stem for p in spool_queue(edge).glob("*.seg")}
         assert segments == {e.batch for e in recoverable(spool_queue(edge).parent)}
 
-    interrupted_while_accepting(tmp_path, stop_cleanly)
+    def made_ahead(edge: Process) -> bool:  # the next segment exists: the stop must remove it
+        return len(list(spool_queue(edge).glob("*.seg"))) >= 2
+
+    interrupted_while_accepting(tmp_path, stop_cleanly, each=2000, ready=made_ahead)
 
 
 def test_kill_while_delivering(tmp_path: Path) -> None:
