@@ -87,7 +87,9 @@ def build_mx_factory(
             commit=commit,
         )
 
-    factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    smtp = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    committer.alone = smtp.alone
+    factory: Any = smtp
     if config.edge.mx_proxy_protocol:
         trusted = trusted_networks(config.edge.mx_proxy_trusted)
         factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)

@@ -237,6 +237,50 @@ def test_work_while_syncing_runs_once_per_batch_and_its_faults_stay_its_own(
     in_reactor(syncer.stop)
 
 
+def test_alone_the_reactor_syncs_small_batches_itself(tmp_path: Path, in_reactor: Any) -> None:
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor)
+    alone = [True]
+    committer = Committer(spool, in_reactor.reactor, syncer, alone=lambda: alone[0])
+    message = b"Subject: x\r\n\r\nbody\r\n"
+    in_reactor(_commit, spool, committer, message)  # the first makes the segment, in the thread
+    writer = spool.writer()
+    writer.write(message)
+    d = committer.commit(writer, Envelope(writer.qid, "a@b.test", ["c@d.test"], 1))
+    # Durable before `commit` returned: no sync process asked, no turn of the reactor.
+    assert d.called and committer.synced_here == 1 and syncer.paths == []
+    assert len(recoverable(tmp_path)) == 2
+    alone[0] = False  # someone else is in a transaction: the sync process again
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
+    assert committer.synced_here == 1 and len(syncer.paths) == 1
+    assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
+    in_reactor(syncer.stop)
+
+
+def test_a_failed_sync_in_the_reactor_fails_the_batch_and_leaves_nothing(
+    tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    committer = Committer(spool, in_reactor.reactor, CountingSyncer(in_reactor.reactor))
+    committer.alone = lambda: True
+    in_reactor(_commit, spool, committer, b"kept\r\n")
+    real, failures = os.fdatasync, [OSError(errno.EIO, "the disk said no")]
+
+    def fdatasync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    results = in_reactor(_commit, spool, committer, b"lost\r\n")
+    assert [ok for ok, _ in results] == [False] and results[0][1].check(OSError)
+    assert committer.synced_here == 1
+    assert [spool.read(e.envelope.qid) for e in recoverable(tmp_path)] == [b"kept\r\n"]
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, b"later\r\n"))
+    assert len({e.batch for e in recoverable(tmp_path)}) == 2  # the failed segment is done
+    assert len(spool.queued_ids()) == 2
+
+
 def test_stop_waits_for_what_the_child_was_asked(tmp_path: Path, in_reactor: Any) -> None:
     syncer, seg, _pid = _running(tmp_path, in_reactor)
     order: list[str] = []
