@@ -18,7 +18,9 @@ The edge hands each acceptor its configuration on standard input and restarts an
 that exits; an acceptor ends with the edge (SIGTERM on the parent's death). An acceptor reads
 the store (routes, devices, rules) through its own short cache, so a control-plane change
 reaches it within that cache's lifetime, as it reaches other edges sharing the database.
-Connection limits (`max_connections`, `max_connections_per_ip`) hold per process.
+Connection limits (`max_connections`, `max_connections_per_ip`) hold over all the
+processes: each counts in shared memory the edge hands it as descriptor 4
+(`edge.smtp.conncount`), and the edge clears an acceptor's counts when it exits.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from twisted.python.failure import Failure
 from edge.config import Config, config_from_json, config_to_json
 from edge.dispatch import direct_dispatch
 from edge.service import freeze_start_up
+from edge.smtp.conncount import SharedCounts
 from edge.spool import Envelope, Spool, SpoolEntry
 
 log = Logger()
@@ -47,6 +50,9 @@ NOTIFY_FD = 3
 """The acceptor's descriptor for batch hand-overs (a pipe the edge reads): one JSON line per
 batch, `{"batch": segment, "entries": [...]}`, and `{"sealed": segment}` once no more
 batches go into that segment."""
+
+COUNTS_FD = 4
+"""The acceptor's descriptor for the connection counts shared with the other processes."""
 
 RESTART_DELAY = 1.0
 """Seconds before an acceptor that exited is started again (10x that after a quick exit)."""
@@ -104,7 +110,10 @@ class AcceptorPool(Service):
         tls_files: tuple[Path, Path] | None = None,
         *,
         after: Any = None,
+        counts: SharedCounts | None = None,
     ) -> None:
+        """`counts` is the edge's own part (slot 0) of the connection counts shared with
+        the acceptors; acceptor N counts in slot N."""
         self.setName("acceptors")
         self.config = config
         self.reactor = reactor
@@ -114,6 +123,7 @@ class AcceptorPool(Service):
         self.count = count
         self.tls_files = tls_files
         self.after = after
+        self.counts = counts
         self.children: dict[int, _AcceptorProtocol] = {}
         self._restarts: dict[int, Any] = {}
 
@@ -139,14 +149,14 @@ class AcceptorPool(Service):
             "listen": self.listener.address,
             "tls": [str(p) for p in self.tls_files] if self.tls_files else None,
             "index": index,
+            "slots": self.counts.slots if self.counts is not None else 0,
         }
         env = dict(os.environ)
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", NOTIFY_FD: "r"}
+        if self.counts is not None:
+            fds[COUNTS_FD] = self.counts.fd
         self.reactor.spawnProcess(
-            proto,
-            sys.executable,
-            [sys.executable, "-m", "edge.acceptor"],
-            env=env,
-            childFDs={0: "w", 1: "r", 2: "r", NOTIFY_FD: "r"},
+            proto, sys.executable, [sys.executable, "-m", "edge.acceptor"], env=env, childFDs=fds
         )
         transport: Any = proto.transport
         transport.writeToChild(0, json.dumps(payload).encode())
@@ -178,6 +188,8 @@ class AcceptorPool(Service):
         for segment in proto.segments:  # it appends to them no more
             self.spool.seal(segment)
         proto.segments.clear()
+        if self.counts is not None:  # its connections are gone with it
+            self.counts.clear(proto.index)
         if self.children.get(proto.index) is proto:
             del self.children[proto.index]
         if not self.running:
@@ -264,7 +276,12 @@ def _end_with_parent() -> None:
 
 
 def build_acceptor(
-    config: Config, reactor: Any, listen: str, tls_files: tuple[Path, Path] | None, fd: int
+    config: Config,
+    reactor: Any,
+    listen: str,
+    tls_files: tuple[Path, Path] | None,
+    fd: int,
+    counts: SharedCounts | None = None,
 ) -> Any:
     """The acceptor's service: the MX listener over the shared spool and store."""
     from edge.dns import DNSResolver
@@ -287,7 +304,7 @@ def build_acceptor(
         """Delivery belongs to the edge process, which has the batch already."""
 
     factory = build_mx_factory(
-        config, reactor, CachedLookups(store), spool, resolver, accepted, tls
+        config, reactor, CachedLookups(store), spool, resolver, accepted, tls, counts=counts
     )
     return TCPListener("mx", listen, factory, reactor, reuse_port=True)
 
@@ -312,7 +329,9 @@ def main() -> None:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    listener = build_acceptor(config, reactor, payload["listen"], tls_files, NOTIFY_FD)
+    slots = int(payload.get("slots") or 0)
+    counts = SharedCounts(COUNTS_FD, int(payload["index"]), slots) if slots else None
+    listener = build_acceptor(config, reactor, payload["listen"], tls_files, NOTIFY_FD, counts)
 
     def start() -> None:
         listener.startService()

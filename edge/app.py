@@ -23,6 +23,7 @@ from edge.mxbuild import build_mx_factory
 from edge.queueops import QueueControl
 from edge.routing import Router, route_soon
 from edge.service import TCPListener
+from edge.smtp.conncount import SharedCounts
 from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
 from edge.store import Store, open_store
@@ -103,8 +104,19 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     tls = server_context(*tls_files) if tls_files else None
+    workers = config.edge.mx_processes
+    # With acceptors, the connection limits hold over all the processes on the MX port.
+    counts = SharedCounts.create(workers) if workers > 1 else None
     factory = build_mx_factory(
-        config, reactor, lookups, spool, resolver, queue.take, tls, while_syncing=queue.intake
+        config,
+        reactor,
+        lookups,
+        spool,
+        resolver,
+        queue.take,
+        tls,
+        while_syncing=queue.intake,
+        counts=counts,
     )
     service = MultiService()
     service.setName("edge")
@@ -112,10 +124,9 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     DelivererService(deliverer).setServiceParent(service)  # stops after the queue
     queue_service = QueueService(queue)
     queue_service.setServiceParent(service)
-    workers = config.edge.mx_processes
     mx = TCPListener("mx", config.edge.mx_listen, factory, reactor, reuse_port=workers > 1)
     mx.setServiceParent(service)
-    if workers > 1:
+    if counts is not None:
         AcceptorPool(
             config,
             reactor,
@@ -125,6 +136,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             workers - 1,
             tls_files,
             after=queue_service.when_loaded,
+            counts=counts,
         ).setServiceParent(service)
     control = build_control(
         config,

@@ -16,6 +16,7 @@ from edge.committer import Committer
 from edge.config import Config
 from edge.dns import DNSResolver
 from edge.mx import MXHandler
+from edge.smtp.conncount import LocalCounts
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
 from edge.spool import Envelope, Spool
@@ -49,9 +50,12 @@ def build_mx_factory(
     accepted: Callable[[Envelope], None],
     tls: Any = None,
     while_syncing: Callable[[], None] | None = None,
+    counts: LocalCounts | None = None,
 ) -> Any:
     """The protocol factory of the MX listener (behind the PROXY protocol when configured).
-    `accepted` takes each committed message; `while_syncing` runs while the spool syncs."""
+    `accepted` takes each committed message; `while_syncing` runs while the spool syncs;
+    `counts` are the connections the limits count (shared with the other processes on the
+    MX port, if any)."""
     hostname = config.fqdn
     checks = build_pipeline(
         config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
@@ -87,7 +91,7 @@ def build_mx_factory(
             commit=commit,
         )
 
-    smtp = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls)
+    smtp = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls, counts)
     committer.alone = smtp.alone
     factory: Any = smtp
     if config.edge.mx_proxy_protocol:

@@ -108,6 +108,37 @@ def test_connections_are_spread_over_both_processes(
     assert gained[main_pid] > 0 and gained[child] > 0, gained
 
 
+def greetings(host: str, port: int, count: int) -> list[bytes]:
+    """Open `count` connections one after another, each kept open: their first replies."""
+    held, codes = [], []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection((host, port), timeout=10)
+            held.append(conn)
+            codes.append(conn.recv(512)[:3])
+    finally:
+        for conn in held:
+            conn.close()
+    return codes
+
+
+def test_the_connection_limit_per_address_holds_over_both_processes(tmp_path: Path) -> None:
+    config = allinone_config(hostname="mx.interop.test", mx_processes=2)
+    config = config.replace("[edge]\n", "[edge]\nmax_connections_per_ip = 3\n", 1)
+    proc = Process("tailpost", tmp_path, config)
+    try:
+        host, port = host_port(proc.start()["mx"])
+        assert wait_for(lambda: "acceptor 1 is listening" in proc.log() or None, timeout=30)
+        # Twelve connections, spread by the kernel over the two processes: three in all
+        # are let in, wherever they land (counted per process, it would be up to six).
+        codes = greetings(host, port, 12)
+        assert codes.count(b"220") == 3 and codes.count(b"421") == 9, codes
+        # Closed, in whichever process: the next three are let in again.
+        assert wait_for(lambda: greetings(host, port, 3) == [b"220"] * 3 or None, timeout=20)
+    finally:
+        proc.stop()
+
+
 @needs_smtp_source
 def test_every_message_lands_once_and_survives_a_kill_of_the_edge(
     two_processes: tuple[Process, str, int],

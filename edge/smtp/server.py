@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
+from edge.smtp.conncount import LocalCounts
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
@@ -535,14 +536,17 @@ class SMTPServerFactory(Factory):
         hostname: str,
         clock: IReactorTime,
         tls_context: Any = None,
+        counts: LocalCounts | None = None,
     ) -> None:
+        """`counts` keeps the connections the limits are checked against: this factory's
+        own by default, or shared with the other processes on the MX port."""
         self.handler_factory = handler_factory
         self.limits = limits
         self.hostname = hostname
         self.clock = clock
         self.tls_context = tls_context
         self.sessions: set[SMTPServer] = set()
-        self.per_ip: dict[str, int] = {}
+        self.counts = counts if counts is not None else LocalCounts()
 
     def buildProtocol(self, addr: Any) -> SMTPServer:  # type: ignore[override]
         proto = SMTPServer(
@@ -553,13 +557,9 @@ class SMTPServerFactory(Factory):
 
     def admit(self, proto: SMTPServer) -> Reply | None:
         assert proto.session is not None
-        ip = proto.session.peer_host
         self.sessions.add(proto)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        if (
-            len(self.sessions) > self.limits.max_connections
-            or self.per_ip[ip] > self.limits.max_connections_per_ip
-        ):
+        total, of_ip = self.counts.add(proto.session.peer_host)
+        if total > self.limits.max_connections or of_ip > self.limits.max_connections_per_ip:
             return replies.S421_TOO_MANY_CONNECTIONS
         return None
 
@@ -578,12 +578,7 @@ class SMTPServerFactory(Factory):
     def release(self, proto: SMTPServer) -> None:
         if proto in self.sessions:
             self.sessions.discard(proto)
-            ip = proto.session.peer_host if proto.session else ""
-            left = self.per_ip.get(ip, 1) - 1
-            if left > 0:
-                self.per_ip[ip] = left
-            else:
-                self.per_ip.pop(ip, None)
+            self.counts.remove(proto.session.peer_host if proto.session else "")
 
 
 _COMMANDS: dict[bytes, Callable[[SMTPServer, str], Answer]] = {
