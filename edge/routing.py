@@ -43,6 +43,17 @@ class Target:
     secret: str | None = field(default=None, repr=False)
     starttls: bool = False
     device_id: str | None = None
+    tls_modes: tuple[str, ...] = ()
+    """How the connection to each of `hosts` (in the same order) is secured: "starttls"
+    (STARTTLS when the host offers it), "tls" (TLS from the first octet, as on port 465)
+    or "none" (plain SMTP, no STARTTLS even if offered). A host without an entry takes
+    "starttls" when `starttls` is set, else "none"."""
+
+    def tls_for(self, host: str, port: int) -> str:
+        for (h, p), mode in zip(self.hosts, self.tls_modes, strict=False):
+            if (h, p) == (host, port):
+                return mode
+        return "starttls" if self.starttls else "none"
 
 
 def _device_target(found: RecipientTarget) -> Target:
@@ -61,13 +72,18 @@ def _device_target(found: RecipientTarget) -> Target:
 
 
 def _upstream_target(found: RecipientTarget) -> Target:
-    hosts = []
+    hosts, modes = [], []
     for item in found.upstream_hosts:
         hosts.append((str(item["host"]), int(item.get("port", 25))))
+        modes.append(str(item.get("tls_mode") or "starttls"))
     if not hosts:
         raise NoRoute("550 5.1.1 no such user here")
     return Target(
-        kind="upstream", key=f"upstream:{found.route_id}", hosts=tuple(hosts), starttls=True
+        kind="upstream",
+        key=f"upstream:{found.route_id}",
+        hosts=tuple(hosts),
+        starttls=True,
+        tls_modes=tuple(modes),
     )
 
 

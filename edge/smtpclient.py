@@ -6,6 +6,8 @@ exactly as spooled (Twisted's own per-chunk LF rewriting and dot-stuffing let a 
 a 16 KiB boundary end DATA early), and the outcome is reported per recipient, with a
 refusal at end of DATA applying to every recipient that RCPT had accepted. Hosts are tried
 in order until one answers the transaction. Connection-level failures are always temporary.
+Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
+offered, TLS from the first octet (a split domain's old MX on port 465), or plain SMTP.
 
 With a sealer (`edge.checks.arc.ARCSealer`, `checks.arc_seal`), the edge's ARC set goes on
 top of a message sent to a device or an upstream host (RFC 8617: sealing is the forwarding
@@ -15,7 +17,7 @@ transaction got as far as DATA (recipients accepted): an attempt that fails befo
 RSA signature. It goes under a leading `X-Tailpost-Queue-ID` line, which the connector
 reads first. A seal that fails is logged and the message goes unsealed.
 
-Connections to the same target are reused. Per (host, port, username, secret, STARTTLS)
+Connections to the same target are reused. Per (host, port, username, secret, TLS mode)
 the deliverer keeps the sessions that finished a transaction and sends the next
 transaction for that key on one of them. At most `max_connections` are open per key (more
 deliveries wait their turn); an idle session is closed after `idle_timeout` seconds, a
@@ -66,8 +68,8 @@ DEFAULT_MAX_CONNECTIONS = 4
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_TRANSACTIONS = 100
 
-# host, port, username, secret, STARTTLS: sessions are never shared across keys.
-PoolKey = tuple[str, int, str | None, str | None, bool]
+# host, port, username, secret, TLS mode: sessions are never shared across keys.
+PoolKey = tuple[str, int, str | None, str | None, str]
 
 SEALED_KINDS = ("device", "upstream")
 """The targets a message goes to with the edge's ARC set: those it forwards inbound mail to."""
@@ -129,11 +131,11 @@ class _Pool:
 
     async def _connect(self) -> Session:
         owner, target = self.owner, self.target
-        host, port = self.key[0], self.key[1]
+        host, port, tls = self.key[0], self.key[1], self.key[4]
         session = Session(
             (target.username or "").encode(),
             (target.secret or "").encode(),
-            ssl.CertificateOptions() if target.starttls else None,
+            ssl.CertificateOptions() if tls == "starttls" else None,
             owner.hostname.encode(),
             owner.timeout,
             owner.clock,
@@ -142,8 +144,13 @@ class _Pool:
         session.counted = True
         self.open += 1
         session.on_lost = self._lost
-        tcp: IReactorTCP = owner.reactor
-        tcp.connectTCP(host, port, SessionFactory(session), timeout=owner.timeout)
+        if tls == "tls":  # TLS from the first octet: the session sees a secure transport
+            owner.reactor.connectSSL(
+                host, port, SessionFactory(session), ssl.CertificateOptions(), owner.timeout
+            )
+        else:
+            tcp: IReactorTCP = owner.reactor
+            tcp.connectTCP(host, port, SessionFactory(session), timeout=owner.timeout)
         try:
             return await session.ready
         except Exception as exc:
@@ -336,7 +343,7 @@ class SMTPDeliverer:
 
     @staticmethod
     def _key(target: Target, host: str, port: int) -> PoolKey:
-        return (host.lower(), port, target.username, target.secret, target.starttls)
+        return (host.lower(), port, target.username, target.secret, target.tls_for(host, port))
 
     def _pool(self, target: Target, host: str, port: int) -> _Pool:
         key = self._key(target, host, port)

@@ -13,8 +13,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from twisted.internet import defer
 
-from edge.routing import Target
+from edge.routing import Target, routed_target
 from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed
 
 SENDER = "carol@sender.test"
@@ -53,7 +54,8 @@ class OldMX:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data = envelope.original_content
         assert isinstance(data, bytes)
-        tls = session.ssl is not None
+        # STARTTLS sets the session's `ssl`; TLS from the first octet shows on the transport.
+        tls = session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None
         self.seen.append(Seen(envelope.mail_from, list(envelope.rcpt_tos), data, tls))
         return self.data_reply
 
@@ -78,9 +80,15 @@ class Peer:
         return int(self.controller.port)
 
 
-def start_peer(handler: OldMX, tls_context: ssl.SSLContext | None = None) -> Peer:
+def start_peer(
+    handler: OldMX, tls_context: ssl.SSLContext | None = None, *, implicit: bool = False
+) -> Peer:
+    """A peer on a free port: STARTTLS offered with `tls_context`, or (`implicit`) TLS
+    from the first octet with it, as on port 465."""
     kwargs: dict[str, Any] = {}
-    if tls_context is not None:
+    if tls_context is not None and implicit:
+        kwargs.update(ssl_context=tls_context)
+    elif tls_context is not None:
         kwargs.update(tls_context=tls_context, require_starttls=False)
     controller = _AnyPortController(
         handler, hostname="127.0.0.1", port=0, server_hostname="old-mx.test", **kwargs
@@ -234,3 +242,74 @@ def test_starttls_is_used_when_the_server_offers_it(in_reactor: Any, tmp_path: P
     assert outcomes[A].delivered and plain[A].delivered
     assert [s.tls for s in handler.seen] == [True, False]
     assert all(s.data == BODY for s in handler.seen)
+
+
+def server_context(tmp_path: Path) -> ssl.SSLContext:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_self_signed(cert, key, "old-mx.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def upstream(*hosts: tuple[int, str]) -> Target:
+    """A split domain's old MX hosts as the store gives them, each with its TLS mode."""
+    found = RecipientTarget(
+        kind="upstream",
+        address=A,
+        device_id=None,
+        connector_smtp_addr="",
+        connector_username=None,
+        connector_secret=None,
+        route_id="route_example_com",
+        upstream_hosts=[{"host": "127.0.0.1", "port": p, "tls_mode": m} for p, m in hosts],
+    )
+    return routed_target(found)
+
+
+def test_an_upstream_host_in_tls_mode_gets_tls_from_the_first_octet(
+    in_reactor: Any, tmp_path: Path
+) -> None:
+    handler = OldMX()
+    peer = start_peer(handler, server_context(tmp_path), implicit=True)
+    try:
+        outcomes = deliver(in_reactor, upstream((peer.port, "tls")), BODY, [A])
+    finally:
+        peer.controller.stop()
+    assert outcomes[A].delivered
+    assert [s.tls for s in handler.seen] == [True]
+    assert handler.seen[0].data == BODY
+
+
+def test_an_upstream_host_in_none_mode_gets_no_starttls_even_if_offered(
+    in_reactor: Any, tmp_path: Path
+) -> None:
+    handler = OldMX()
+    peer = start_peer(handler, server_context(tmp_path))
+    try:
+        plain = deliver(in_reactor, upstream((peer.port, "none")), BODY, [A])
+        secured = deliver(in_reactor, upstream((peer.port, "starttls")), BODY, [A])
+    finally:
+        peer.controller.stop()
+    assert plain[A].delivered and secured[A].delivered
+    assert [s.tls for s in handler.seen] == [False, True]
+
+
+def test_each_upstream_host_keeps_its_own_tls_mode(in_reactor: Any, tmp_path: Path) -> None:
+    # The first host speaks plain SMTP but is listed with "tls": the handshake fails (a
+    # temporary failure of that host), and the second, with STARTTLS, takes the message.
+    first, second = OldMX(), OldMX()
+    plain = start_peer(first)
+    secured = start_peer(second, server_context(tmp_path))
+    try:
+        target = upstream((plain.port, "tls"), (secured.port, "starttls"))
+        assert [target.tls_for("127.0.0.1", p) for p in (plain.port, secured.port)] == [
+            "tls",
+            "starttls",
+        ]
+        outcomes = deliver(in_reactor, target, BODY, [A])
+    finally:
+        plain.controller.stop()
+        secured.controller.stop()
+    assert outcomes[A].delivered and outcomes[A].host == f"127.0.0.1:{secured.port}"
+    assert first.seen == [] and [s.tls for s in second.seen] == [True]
