@@ -235,6 +235,20 @@ def test_delete_and_expunge(server: Server, client: imaplib.IMAP4) -> None:
     assert server.maildir.folder("INBOX").messages() == []
 
 
+def test_star_to_star_is_the_last_message(server: Server, client: imaplib.IMAP4) -> None:
+    for _ in range(3):
+        server.maildir.deliver(SIMPLE)
+    _ok(client.select("INBOX"))
+    # RFC 3501: "*" is the largest number in use, in a range as alone.
+    assert _ok(client.uid("FETCH", "*:*", "(UID)")) == [b"3 (UID 3)"]
+    assert _ok(client.fetch("*:*", "(UID)")) == [b"3 (UID 3)"]
+    assert _ok(client.uid("FETCH", "2,*:*", "(UID)")) == [b"2 (UID 2)", b"3 (UID 3)"]
+    assert _ok(client.uid("STORE", "*:*", "+FLAGS", "(\\Flagged)"))
+    assert b"\\Flagged" in _ok(client.fetch("3", "(FLAGS)"))[0]
+    with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+        client.fetch("0:*", "(UID)")
+
+
 def test_uids_stable_across_restart(server: Server) -> None:
     for _ in range(3):
         server.maildir.deliver(SIMPLE)

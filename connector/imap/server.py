@@ -129,6 +129,13 @@ class IMAPServer(imap4.IMAP4Server):
             raise TooBig("Message too large")
         return self._fileLiteral(size)
 
+    def arg_seqset(self, line: bytes) -> Any:
+        """A sequence set; `*:*` (the last message, RFC 3501's `seq-range` allows it) is read
+        as `*`, where the base class refuses it."""
+        head, sep, rest = line.partition(b" ")
+        parts = [b"*" if part == b"*:*" else part for part in head.split(b",")]
+        return super().arg_seqset(b",".join(parts) + sep + rest)
+
     def arg_fetchatt(self, line: bytes) -> Any:
         try:
             return super().arg_fetchatt(line)
