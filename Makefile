@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make run    create the virtual environment, install, start the all-in-one (foreground)
 #   make test   install what the tests need and run them all
-# Optional: make lint, make typecheck, make check (all three), make bench (MX benchmark).
+# Optional: make lint, make typecheck, make check (all three), make bench (MX benchmark),
+# make bench-imap (IMAP benchmark).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck check clean bench
+.PHONY: run test lint typecheck check clean bench bench-imap
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ check: lint typecheck test
 bench: $(VENV)/.installed
 	scripts/install-test-deps
 	PYTHONPATH=. $(BIN)/python bench/smtp_bench.py $(ARGS)
+
+# The IMAP benchmark against Dovecot on one large folder (bench/imap_bench.py). Not a test.
+bench-imap: $(VENV)/.installed
+	scripts/install-bench-deps
+	PYTHONPATH=. $(BIN)/python bench/imap_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
