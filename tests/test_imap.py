@@ -249,6 +249,38 @@ def test_star_to_star_is_the_last_message(server: Server, client: imaplib.IMAP4)
         client.fetch("0:*", "(UID)")
 
 
+def test_a_listing_fetch_goes_in_slices_in_order_and_holds_later_commands(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.imap import server as imap_server
+
+    monkeypatch.setattr(imap_server, "SLICE_SECONDS", 0.0)  # a new turn every 256 messages
+    for n in range(600):
+        server.maildir.deliver(SIMPLE, flags=("\\Seen",) if n % 2 else ())
+    with socket.create_connection(("127.0.0.1", server.portno), timeout=10) as sock:
+        sock.sendall(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+        sock.sendall(b"c UID FETCH 1:* (FLAGS RFC822.SIZE)\r\nd NOOP\r\n")
+        data = b""
+        while b"\r\nd " not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data[-200:]
+            data += chunk
+    lines = data.split(b"\r\n")
+    fetched = [line for line in lines if b" FETCH (" in line]
+    assert len(fetched) == 600
+    size = len(SIMPLE)
+    for n, line in enumerate(fetched, 1):
+        match = re.fullmatch(
+            rb"\* (\d+) FETCH \(FLAGS \(([^)]*)\) RFC822.SIZE (\d+) UID (\d+)\)", line
+        )
+        assert match, line
+        assert [int(match[1]), int(match[3]), int(match[4])] == [n, size, n]
+        assert (b"\\Seen" in match[2].split()) == (n % 2 == 0)  # \Recent too, on this select
+    done = [line[:1] for line in lines if line[:2] in (b"c ", b"d ")]
+    assert done == [b"c", b"d"]  # the NOOP waited for the whole FETCH
+    assert lines.index(fetched[-1]) < next(i for i, x in enumerate(lines) if x.startswith(b"c OK"))
+
+
 def test_uids_stable_across_restart(server: Server) -> None:
     for _ in range(3):
         server.maildir.deliver(SIMPLE)

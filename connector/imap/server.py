@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import IO, Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -39,6 +40,10 @@ from .structure import body_structure, envelope
 log = Logger()
 
 DEFAULT_MAX_MESSAGE = 25 * 1024 * 1024
+LISTING_ITEMS = frozenset({"flags", "uid", "internaldate", "rfc822size"})
+"""FETCH items the store's listing answers, without reading a message file."""
+SLICE_SECONDS = 0.01
+"""How long one reactor turn of such a FETCH may format before other sessions are served."""
 _LITERAL_RE = re.compile(rb"\{([0-9]{1,10})\}")
 
 
@@ -344,7 +349,47 @@ class IMAPServer(imap4.IMAP4Server):
                 p.type == "flags" for p in query
             ):
                 query = [*query, imap4._FetchParser.Flags()]
+        if query and all(p.type in LISTING_ITEMS for p in query):
+            self._fetch_listing(tag, messages, query, uid)
+            return
         super().do_FETCH(tag, messages, query, uid)
+
+    def _fetch_listing(self, tag: bytes, messages: Any, query: Any, uid: int) -> None:
+        """A FETCH of what the store lists (flags, UID, size, date), which a client asks of
+        every message when it resyncs: answered in slices of up to `SLICE_SECONDS`, each
+        written at once. (Twisted's FETCH takes a reactor turn and a write per message.)
+        Commands that arrive meanwhile wait, as they do for any FETCH."""
+        assert self.mbox is not None
+        self._oldTimeout = self.setTimeout(None)
+        if self.blocked is None:
+            self.blocked = []
+        found = iter(self.mbox.fetch(messages, uid=bool(uid)))
+        spews = [getattr(self, "spew_" + p.type) for p in query]
+        if uid and not any(p.type == "uid" for p in query):
+            spews.append(self.spew_uid)
+
+        def turn() -> None:
+            out: list[bytes] = []
+            deadline = time.monotonic() + SLICE_SECONDS
+            for n, (seq, msg) in enumerate(found):
+                out.append(b"* %d FETCH (" % seq)
+                for i, spew in enumerate(spews):
+                    if i:
+                        out.append(b" ")
+                    spew(seq, msg, out.append, None)
+                out.append(b")\r\n")
+                if n % 256 == 255 and time.monotonic() >= deadline:
+                    self.transport.write(b"".join(out))  # type: ignore[union-attr]
+                    self.callLater(0, turn)
+                    return
+            if out:
+                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            self.setTimeout(self._oldTimeout)
+            del self._oldTimeout
+            self.sendPositiveResponse(tag, b"FETCH completed")
+            self._unblock()
+
+        turn()
 
     def _IMAP4Server__ebFetch(self, failure: Failure, tag: bytes) -> None:
         self.setTimeout(self._oldTimeout)
