@@ -68,6 +68,25 @@ def _flag(flag: str, present: bool = True) -> Pred:
     return lambda seq, msg: (flag in msg.info.flags) == present
 
 
+CONTENT_KEYS = frozenset(
+    {b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT", b"HEADER", b"BODY", b"TEXT"}
+    | {b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
+)
+"""Search keys that read the message files; the others are answered from the listing."""
+
+
+def reads_content(query: list[Any]) -> bool:
+    """Whether the search program reads message files (a word equal to such a key as an
+    argument counts too, which errs on the side of yes)."""
+    for item in query:
+        if isinstance(item, list):
+            if reads_content(item):
+                return True
+        elif (item if isinstance(item, bytes) else str(item).encode()).upper() in CONTENT_KEYS:
+            return True
+    return False
+
+
 class Compiler:
     """Turns the parsed SEARCH arguments into one predicate."""
 

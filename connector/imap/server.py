@@ -10,6 +10,7 @@ tagged answers instead of tracebacks. It must never echo an exception to a clien
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -31,10 +32,11 @@ from twisted.mail.imap4 import (
 )
 from twisted.python.failure import Failure
 
+from . import collector
 from .fetch import RangeProducer, format_internaldate
 from .mailbox import MaildirMailbox, parse_internaldate
 from .message import MaildirMessage, body_bytes, filter_headers, headers_bytes, subparts
-from .search import SearchError, run_search
+from .search import SearchError, reads_content, run_search
 from .structure import body_structure, envelope
 
 log = Logger()
@@ -324,16 +326,30 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[BADCHARSET (US-ASCII UTF-8)] Unsupported")
             return
         mbox = self.mbox
-        messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
         last_uid = mbox.uids[-1] if mbox.uids else 0
+        # A search of the listing alone runs with the collector paused (`resumed`); one that
+        # parses message files makes garbage the collector is needed for.
+        pausing = not reads_content(query)
+        with contextlib.ExitStack() as on_error:
+            if pausing:
+                collector.pause()
+                on_error.callback(collector.resume)
+            messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
+            on_error.pop_all()
 
         def done(found: list[tuple[int, int]]) -> None:
             ids = [u if uid else s for s, u in found]
             self.sendUntaggedResponse(b" ".join([b"SEARCH", *(b"%d" % i for i in ids)]))
             self.sendPositiveResponse(tag, b"SEARCH completed")
 
+        def resumed(result: Any) -> Any:
+            if pausing:
+                collector.resume()
+            return result
+
         d = threads.deferToThread(run_search, query, messages, last_uid)
-        d.addCallback(done).addErrback(self._fail(tag))
+        del messages  # held by the search alone, and freed when it is done
+        d.addBoth(resumed).addCallback(done).addErrback(self._fail(tag))
 
     # -- FETCH ----------------------------------------------------------------------------
 
@@ -360,17 +376,23 @@ class IMAPServer(imap4.IMAP4Server):
         written at once. (Twisted's FETCH takes a reactor turn and a write per message.)
         Commands that arrive meanwhile wait, as they do for any FETCH."""
         assert self.mbox is not None
-        self._oldTimeout = self.setTimeout(None)
-        if self.blocked is None:
-            self.blocked = []
-        found = iter(self.mbox.fetch(messages, uid=bool(uid)))
         spews = [getattr(self, "spew_" + p.type) for p in query]
         if uid and not any(p.type == "uid" for p in query):
             spews.append(self.spew_uid)
+        with contextlib.ExitStack() as on_error:
+            collector.pause()  # until the last slice is written
+            on_error.callback(collector.resume)
+            found = iter(self.mbox.fetch(messages, uid=bool(uid)))
+            on_error.pop_all()
+        self._oldTimeout = self.setTimeout(None)
+        if self.blocked is None:
+            self.blocked = []
 
-        def turn() -> None:
+        def one_slice() -> bool:
+            """Write the next slice; whether more is left."""
             out: list[bytes] = []
             deadline = time.monotonic() + SLICE_SECONDS
+            more = False
             for n, (seq, msg) in enumerate(found):
                 out.append(b"* %d FETCH (" % seq)
                 for i, spew in enumerate(spews):
@@ -379,11 +401,22 @@ class IMAPServer(imap4.IMAP4Server):
                     spew(seq, msg, out.append, None)
                 out.append(b")\r\n")
                 if n % 256 == 255 and time.monotonic() >= deadline:
-                    self.transport.write(b"".join(out))  # type: ignore[union-attr]
-                    self.callLater(0, turn)
-                    return
+                    more = True
+                    break
             if out:
                 self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            return more
+
+        def turn() -> None:
+            more = False
+            try:
+                more = one_slice()
+            finally:
+                if not more:
+                    collector.resume()
+            if more:
+                self.callLater(0, turn)
+                return
             self.setTimeout(self._oldTimeout)
             del self._oldTimeout
             self.sendPositiveResponse(tag, b"FETCH completed")
