@@ -444,6 +444,7 @@ def test_permanent_refusal_by_the_old_mx_bounces_at_once(tmp_path: Path) -> None
         key="upstream:route1",
         hosts=(("mx1.old.test", 25), ("mx2.old.test", 2525)),
         starttls=True,
+        tls_modes=("starttls", "starttls"),  # what the route says, or STARTTLS
     )
     assert to_old.recipients == [B]
     assert to_old.data == BODY  # only the device gets the queue id header
