@@ -55,7 +55,8 @@ class Committer:
         """`while_syncing` is called each time a batch has been handed to the sync: work
         that can wait a moment goes there, into time the reactor would spend waiting.
         `alone` says whether nothing else waits for the reactor (then a small batch is
-        synced in the reactor, see above)."""
+        synced in the reactor, see above, and `while_syncing` is called in the reactor's
+        next turn)."""
         self.spool = spool
         self.reactor = reactor
         self.syncer = syncer
@@ -105,10 +106,15 @@ class Committer:
             self._prepare()
 
         d.addBoth(done)
-        if self.while_syncing is not None and self._busy:
+        if self._busy:
+            self._meanwhile()
+
+    def _meanwhile(self) -> None:
+        """`while_syncing`, whose faults are not the batch's concern (it is written)."""
+        if self.while_syncing is not None:
             try:
                 self.while_syncing()
-            except Exception:  # not this batch's concern: it is written and syncing
+            except Exception:
                 log.failure("work done while the spool syncs failed")
 
     def _sync(self, written: Unsynced) -> defer.Deferred[None]:
@@ -118,6 +124,11 @@ class Committer:
             d: defer.Deferred[None] = defer.fail(written.error)
         elif self.alone is not None and self.alone():
             self.synced_here += 1
+            # The work meant for a sync's time goes into the next turn of the reactor: after
+            # this batch is answered, while its client reads the answer and writes its next
+            # command. So what was handed over is taken in at once and in order, and not
+            # with what comes next.
+            self.reactor.callLater(0, self._meanwhile)
             d = defer.maybeDeferred(os.fdatasync, written.segment.fd)
             d.addCallback(lambda _: self.spool.synced(written))
         else:

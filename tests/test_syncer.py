@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from edge import synchild
 from edge.committer import Committer
@@ -237,22 +237,47 @@ def test_work_while_syncing_runs_once_per_batch_and_its_faults_stay_its_own(
     in_reactor(syncer.stop)
 
 
-def test_alone_the_reactor_syncs_small_batches_itself(tmp_path: Path, in_reactor: Any) -> None:
+def test_alone_the_reactor_syncs_small_batches_itself(
+    tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = Spool(tmp_path)
     syncer = CountingSyncer(in_reactor.reactor)
     alone = [True]
-    committer = Committer(spool, in_reactor.reactor, syncer, alone=lambda: alone[0])
+    events: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        events.append("sync")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def work() -> None:  # the work meant for the time of a sync
+        events.append("work")
+
+    committer = Committer(spool, in_reactor.reactor, syncer, work, alone=lambda: alone[0])
     message = b"Subject: x\r\n\r\nbody\r\n"
     in_reactor(_commit, spool, committer, message)  # the first makes the segment, in the thread
     writer = spool.writer()
     writer.write(message)
-    d = committer.commit(writer, Envelope(writer.qid, "a@b.test", ["c@d.test"], 1))
-    # Durable before `commit` returned: no sync process asked, no turn of the reactor.
-    assert d.called and committer.synced_here == 1 and syncer.paths == []
+    events.clear()
+
+    def commit() -> defer.Deferred[tuple[bool, list[str]]]:
+        d = committer.commit(writer, Envelope(writer.qid, "a@b.test", ["c@d.test"], 1))
+        return defer.succeed((d.called, list(events)))
+
+    # Durable before `commit` returned: no sync process asked, no turn of the reactor; the
+    # work meant for a sync's time is left for the next turn, once.
+    assert in_reactor(commit) == (True, ["sync"])
+    assert committer.synced_here == 1 and syncer.paths == []
+    in_reactor(lambda: task.deferLater(in_reactor.reactor, 0, lambda: None))
+    assert events == ["sync", "work"]
     assert len(recoverable(tmp_path)) == 2
-    alone[0] = False  # someone else is in a transaction: the sync process again
+    alone[0] = False  # another session is open: the sync process again
+    events.clear()
     assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
     assert committer.synced_here == 1 and len(syncer.paths) == 1
+    assert events == ["work"]  # (the sync is the child's, in another process)
     assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
     in_reactor(syncer.stop)
 
