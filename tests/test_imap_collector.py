@@ -84,11 +84,15 @@ def test_commands_over_the_folder_leave_the_collector_running(
         assert len(_ok(client.uid("FETCH", "1:*", "(FLAGS)"))) == 3
         assert _ok(client.uid("SEARCH", "UNSEEN")) == [b"1 2 3"]
         assert _ok(client.uid("SEARCH", "FROM", "alice")) == [b"1 2 3"]  # reads the files
+        assert len(seen) == 2
+        # The fields of every message are kept now: this one reads no file.
         assert _ok(client.uid("SEARCH", "NOT", "SUBJECT", "nothing")) == [b"1 2 3"]
+        assert len(seen) == 3
+        assert _ok(client.uid("SEARCH", "BODY", "line")) == [b"1 2 3"]  # reads the files
         client.logout()
     finally:
         server.stop()
-    # Paused for the listing FETCH and the flag search, not for the two that read files;
-    # running again after each.
-    assert seen == [False, False]
+    # Paused for the listing FETCH, the flag search and the search the cache answers, not
+    # for the two that read files; running again after each.
+    assert seen == [False, False, False]
     assert gc.isenabled()

@@ -15,6 +15,7 @@ from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from maildir import Maildir
 
 from .auth import make_portal
+from .fieldcache import FieldCache
 from .server import DEFAULT_MAX_MESSAGE, IMAPServer
 
 __all__ = ["make_imap_factory", "IMAPServer", "IMAPFactory"]
@@ -37,6 +38,7 @@ class IMAPFactory(ServerFactory):
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.sessions: set[IMAPServer] = set()
+        self.field_cache = FieldCache()
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials})

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
 
+from .fieldcache import FIELDS, FieldCache
 from .message import MaildirMessage
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -54,6 +55,19 @@ def _contains(haystack: str | bytes, needle: bytes) -> bool:
     return needle.lower() in haystack.lower()
 
 
+def _cached_field_has(cache: FieldCache, index: int, needle: bytes) -> Pred:
+    """`_header_has` for one of the cached fields (`FIELDS[index]`)."""
+    lowered = needle.lower()
+
+    def pred(seq: int, msg: MaildirMessage) -> bool:
+        value = cache.entry(msg)[index]
+        if value is None:
+            return False
+        return not needle or lowered in value
+
+    return pred
+
+
 def _header_has(name: str, needle: bytes) -> Pred:
     def pred(seq: int, msg: MaildirMessage) -> bool:
         values = msg.header_message().get_all(name) or []
@@ -75,24 +89,36 @@ CONTENT_KEYS = frozenset(
 """Search keys that read the message files; the others are answered from the listing."""
 
 
-def reads_content(query: list[Any]) -> bool:
-    """Whether the search program reads message files (a word equal to such a key as an
-    argument counts too, which errs on the side of yes)."""
+CACHED_KEYS = frozenset({b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"})
+"""Content keys a warm `FieldCache` answers without reading files."""
+
+
+def reads_content(query: list[Any], keys: frozenset[bytes] = CONTENT_KEYS) -> bool:
+    """Whether the search program uses one of `keys`: by default, whether it reads message
+    files (a word equal to such a key as an argument counts too, which errs on the side of
+    yes)."""
     for item in query:
         if isinstance(item, list):
-            if reads_content(item):
+            if reads_content(item, keys):
                 return True
-        elif (item if isinstance(item, bytes) else str(item).encode()).upper() in CONTENT_KEYS:
+        elif (item if isinstance(item, bytes) else str(item).encode()).upper() in keys:
             return True
     return False
+
+
+def reads_files(query: list[Any], fields_cached: bool) -> bool:
+    """Whether the search program will read message files, when the fields cache holds
+    (`fields_cached`) or not every message's fields."""
+    return reads_content(query, CONTENT_KEYS - CACHED_KEYS if fields_cached else CONTENT_KEYS)
 
 
 class Compiler:
     """Turns the parsed SEARCH arguments into one predicate."""
 
-    def __init__(self, last_seq: int, last_uid: int) -> None:
+    def __init__(self, last_seq: int, last_uid: int, cache: FieldCache | None = None) -> None:
         self.last_seq = last_seq
         self.last_uid = last_uid
+        self.cache = cache
 
     def compile(self, query: list[Any]) -> Pred:
         items = list(query)
@@ -131,10 +157,10 @@ class Compiler:
         if key in simple:
             return simple[key]
         if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
-            return _header_has(key.decode().lower(), self._arg(items))
+            return self._field(key.decode().lower(), self._arg(items))
         if key == b"HEADER":
             name = self._arg(items).decode("ascii", "replace")
-            return _header_has(name, self._arg(items))
+            return self._field(name.lower(), self._arg(items))
         if key == b"BODY":
             needle = self._arg(items)
 
@@ -205,6 +231,11 @@ class Compiler:
             return lambda seq, msg: seq in seqs
         raise SearchError(f"unsupported search key {key.decode('ascii', 'replace')}")
 
+    def _field(self, name: str, needle: bytes) -> Pred:
+        if self.cache is not None and name in FIELDS:
+            return _cached_field_has(self.cache, FIELDS.index(name), needle)
+        return _header_has(name, needle)
+
     @staticmethod
     def _set(value: bytes, last: int) -> Any:
         try:
@@ -214,11 +245,15 @@ class Compiler:
 
 
 def run_search(
-    query: list[Any], messages: list[tuple[int, MaildirMessage]], last_uid: int
+    query: list[Any],
+    messages: list[tuple[int, MaildirMessage]],
+    last_uid: int,
+    cache: FieldCache | None = None,
 ) -> list[tuple[int, int]]:
-    """(sequence number, UID) of the messages matching `query`."""
+    """(sequence number, UID) of the messages matching `query`; `cache` keeps the header
+    fields read, for the next search."""
     last_seq = messages[-1][0] if messages else 0
-    pred = Compiler(last_seq, last_uid).compile(query)
+    pred = Compiler(last_seq, last_uid, cache).compile(query)
     if not query:
         raise SearchError("empty search")
     out = []
@@ -228,4 +263,6 @@ def run_search(
                 out.append((seq, msg.info.uid))
         except FileNotFoundError:
             continue
+    if cache is not None and messages:
+        cache.prune(messages[0][1].info.folder, (msg.info.id for _, msg in messages))
     return out

@@ -36,7 +36,7 @@ from . import collector
 from .fetch import RangeProducer, format_internaldate
 from .mailbox import MaildirMailbox, parse_internaldate
 from .message import MaildirMessage, body_bytes, filter_headers, headers_bytes, subparts
-from .search import SearchError, reads_content, run_search
+from .search import SearchError, reads_files, run_search
 from .structure import body_structure, envelope
 
 log = Logger()
@@ -327,9 +327,12 @@ class IMAPServer(imap4.IMAP4Server):
             return
         mbox = self.mbox
         last_uid = mbox.uids[-1] if mbox.uids else 0
-        # A search of the listing alone runs with the collector paused (`resumed`); one that
-        # parses message files makes garbage the collector is needed for.
-        pausing = not reads_content(query)
+        # A search that reads no file (the listing, or header fields the cache holds for
+        # every message) runs with the collector paused (`resumed`); one that parses message
+        # files makes garbage the collector is needed for.
+        cache = getattr(self.factory, "field_cache", None)
+        warm = cache is not None and cache.size(mbox.folder.name) >= len(mbox.uids)
+        pausing = not reads_files(query, warm)
         with contextlib.ExitStack() as on_error:
             if pausing:
                 collector.pause()
@@ -347,7 +350,7 @@ class IMAPServer(imap4.IMAP4Server):
                 collector.resume()
             return result
 
-        d = threads.deferToThread(run_search, query, messages, last_uid)
+        d = threads.deferToThread(run_search, query, messages, last_uid, cache)
         del messages  # held by the search alone, and freed when it is done
         d.addBoth(resumed).addCallback(done).addErrback(self._fail(tag))
 
