@@ -32,7 +32,7 @@ _TMP_MAX_AGE = 36 * 3600
 _MTIME_TRUST_SECONDS = 2.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     """What the store knows about one message, without reading its content."""
 
@@ -46,7 +46,7 @@ class MessageInfo:
     folder: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     filename: str
     subdir: str  # "new" or "cur"

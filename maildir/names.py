@@ -7,6 +7,7 @@ module. It must never accept a name that could leave the Maildir root (no "/", N
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -122,8 +123,11 @@ def normalize_flags(flags: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
+@functools.lru_cache(maxsize=1024)
 def info_to_flags(info: str) -> tuple[frozenset[str], str]:
-    """Split a Maildir info ("2,FS") into IMAP system flags and the unknown letters kept."""
+    """Split a Maildir info ("2,FS") into IMAP system flags and the unknown letters kept.
+    Kept per info: the messages of a folder share a few flag sets (a frozenset is some 200
+    octets, 20 MiB over 100,000 messages made one each)."""
     if not info.startswith("2,"):
         return frozenset(), ""
     flags = set()
