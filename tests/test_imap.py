@@ -5,6 +5,7 @@ from __future__ import annotations
 import imaplib
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -53,6 +54,7 @@ class Server:
     def start(self) -> None:
         self.maildir = Maildir(self.root, hostname="testhost")
         factory = make_imap_factory(self.maildir, _auth, **self.kw)
+        self.factory: Any = factory
         self.port = self.in_reactor(
             lambda: reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         )
@@ -279,6 +281,40 @@ def test_a_listing_fetch_goes_in_slices_in_order_and_holds_later_commands(
     done = [line[:1] for line in lines if line[:2] in (b"c ", b"d ")]
     assert done == [b"c", b"d"]  # the NOOP waited for the whole FETCH
     assert lines.index(fetched[-1]) < next(i for i, x in enumerate(lines) if x.startswith(b"c OK"))
+
+
+def test_a_listing_fetch_stops_when_the_client_leaves(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from connector.imap import server as imap_server
+
+    monkeypatch.setattr(imap_server, "SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(imap_server, "SLICE_CHECK", 1)  # a turn per message
+    for _ in range(1000):
+        server.maildir.deliver(SIMPLE)
+    was_enabled = gc.isenabled()
+    gc.enable()
+    try:
+        with socket.create_connection(("127.0.0.1", server.portno), timeout=10) as sock:
+            sock.sendall(b"a LOGIN bob secret\r\nb SELECT INBOX\r\n")
+            data = b""
+            while b"b OK" not in data:
+                data += sock.recv(65536)
+            [session] = server.factory.sessions
+            sock.sendall(b"c UID FETCH 1:* (FLAGS)\r\n")
+            sock.recv(1024)  # the first slice is on its way: leave now
+        # The server notices, stops at its next slice, lets the collector run again, and
+        # arms no idle timer for a connection that is gone.
+        deadline = time.monotonic() + 10
+        while not gc.isenabled() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert gc.isenabled()
+        assert session._TimeoutMixin__timeoutCall is None
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
 
 
 def test_uids_stable_across_restart(server: Server) -> None:

@@ -46,6 +46,8 @@ LISTING_ITEMS = frozenset({"flags", "uid", "internaldate", "rfc822size"})
 """FETCH items the store's listing answers, without reading a message file."""
 SLICE_SECONDS = 0.01
 """How long one reactor turn of such a FETCH may format before other sessions are served."""
+SLICE_CHECK = 256
+"""Every how many messages the clock is looked at."""
 _LITERAL_RE = re.compile(rb"\{([0-9]{1,10})\}")
 
 
@@ -60,6 +62,8 @@ class IMAPServer(imap4.IMAP4Server):
     MAX_LENGTH = 65536
     max_message_size = DEFAULT_MAX_MESSAGE
     idle_poll_seconds = 10.0
+    gone = False
+    """The connection is lost (a FETCH answered in slices stops at the next one)."""
     mbox: MaildirMailbox | None
     account: Any
     portal: Any
@@ -238,6 +242,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.sync_mailbox()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
         self._stop_idle()
         sessions = getattr(self.factory, "sessions", None)
         if sessions is not None:
@@ -403,7 +408,7 @@ class IMAPServer(imap4.IMAP4Server):
                         out.append(b" ")
                     spew(seq, msg, out.append, None)
                 out.append(b")\r\n")
-                if n % 256 == 255 and time.monotonic() >= deadline:
+                if n % SLICE_CHECK == SLICE_CHECK - 1 and time.monotonic() >= deadline:
                     more = True
                     break
             if out:
@@ -413,12 +418,14 @@ class IMAPServer(imap4.IMAP4Server):
         def turn() -> None:
             more = False
             try:
-                more = one_slice()
+                more = not self.gone and one_slice()
             finally:
                 if not more:
                     collector.resume()
             if more:
                 self.callLater(0, turn)
+                return
+            if self.gone:  # the client left in the middle: nothing more to say or time
                 return
             self.setTimeout(self._oldTimeout)
             del self._oldTimeout
