@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,40 @@ def test_alone_the_reactor_syncs_small_batches_itself(
     assert committer.synced_here == 1 and len(syncer.paths) == 1
     assert events == ["work"]  # (the sync is the child's, in another process)
     assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
+    in_reactor(syncer.stop)
+
+
+def test_a_slow_sync_in_the_reactor_sends_the_next_ones_to_the_sync_process(
+    tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge import committer as committing
+
+    spool = Spool(tmp_path)
+    syncer = CountingSyncer(in_reactor.reactor)
+    clock = task.Clock()
+    committer = Committer(spool, in_reactor.reactor, syncer, alone=lambda: True, clock=clock)
+    message = b"Subject: x\r\n\r\nbody\r\n"
+    in_reactor(_commit, spool, committer, message)  # the segment, in the thread
+    real, slow = os.fdatasync, [True]
+
+    def fdatasync(fd: int) -> None:
+        if slow:
+            slow.pop()
+            time.sleep(committing.SLOW_SYNC * 2)  # a disk that stalls, once
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    for _ in range(3):
+        assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
+    # The slow one was still the reactor's; the two after it went to the sync process.
+    assert committer.synced_here == 1 and len(syncer.paths) == 2
+    clock.advance(committing.SLOW_PAUSE - 0.1)
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
+    assert committer.synced_here == 1 and len(syncer.paths) == 3
+    clock.advance(0.2)  # the pause is over
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
+    assert committer.synced_here == 2 and len(syncer.paths) == 3
+    assert len(recoverable(tmp_path)) == 6
     in_reactor(syncer.stop)
 
 
