@@ -11,6 +11,7 @@ unfinished, and never log the AUTH exchange.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class Session(ESMTPClient):
         if self.state != "connecting":  # given up on while the connect was under way
             self._abort()
             return
+        _no_delay(self.transport)
         ESMTPClient.connectionMade(self)
         self.setTimeout(self.response_timeout)
 
@@ -424,3 +426,14 @@ class SessionFactory(protocol.ClientFactory):
             session.ready.errback(Failure(SMTPConnectError(-1, text.encode("utf-8", "replace"))))
             if not session.closed.called:
                 session.closed.callback(None)
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY. The end of the data (`.` and CRLF) is a small write right after the
+    data: with Nagle's algorithm the kernel holds it until the data is acknowledged, and
+    the peer delays its acknowledgement (up to 40 ms on Linux), so every transaction waited
+    about 40 ms for nothing."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        with contextlib.suppress(OSError):
+            set_no_delay(True)

@@ -313,3 +313,21 @@ def test_each_upstream_host_keeps_its_own_tls_mode(in_reactor: Any, tmp_path: Pa
         secured.controller.stop()
     assert outcomes[A].delivered and outcomes[A].host == f"127.0.0.1:{secured.port}"
     assert first.seen == [] and [s.tls for s in second.seen] == [True]
+
+
+def test_the_client_sends_without_nagle(in_reactor: Any, peer: Peer) -> None:
+    """The end of the data is a small write right after the data: held back by Nagle's
+    algorithm until the peer acknowledges, it cost every transaction about 40 ms."""
+    deliverer = SMTPDeliverer(in_reactor.reactor, "edge.test", timeout=10)
+    target = mx_target(peer.port)
+
+    def run() -> defer.Deferred[dict[str, Outcome]]:
+        return defer.ensureDeferred(deliverer.deliver(target, SENDER, [A], BODY))
+
+    assert in_reactor(run)[A].delivered
+    [pool] = deliverer._pools.values()
+    [session] = pool.idle  # kept for the next transaction
+    transport: Any = session.transport
+    sock = transport.getHandle()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    in_reactor(deliverer.close)
