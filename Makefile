@@ -2,7 +2,7 @@
 #   make run    create the virtual environment, install, start the all-in-one (foreground)
 #   make test   install what the tests need and run them all
 # Optional: make lint, make typecheck, make check (all three), make bench (MX benchmark),
-# make bench-imap (IMAP benchmark).
+# make bench-inbound (MX to Maildir), make bench-imap (IMAP benchmark).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck check clean bench bench-imap
+.PHONY: run test lint typecheck check clean bench bench-imap bench-inbound
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ check: lint typecheck test
 bench: $(VENV)/.installed
 	scripts/install-test-deps
 	PYTHONPATH=. $(BIN)/python bench/smtp_bench.py $(ARGS)
+
+# Inbound end to end in the all-in-one, MX to Maildir, next to two sinks (bench/inbound_bench.py).
+bench-inbound: $(VENV)/.installed
+	scripts/install-test-deps
+	PYTHONPATH=. $(BIN)/python bench/inbound_bench.py $(ARGS)
 
 # The IMAP benchmark against Dovecot on one large folder (bench/imap_bench.py). Not a test.
 bench-imap: $(VENV)/.installed

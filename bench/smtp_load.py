@@ -32,14 +32,19 @@ class Throughput:
 
 
 def smtp_source(
-    port: int, sessions: int, messages: int, size: int, timeout: float = 300.0
+    port: int,
+    sessions: int,
+    messages: int,
+    size: int,
+    timeout: float = 300.0,
+    recipient: str = BENCH_RCPT,
 ) -> Throughput:
     """Send `messages` of `size` octets over `sessions` parallel, reused sessions."""
     binary = tool("smtp-source")
     if binary is None:
         raise RuntimeError("smtp-source (Debian package postfix) is not installed")
     cmd = [binary, "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
-    cmd += ["-f", SENDER, "-t", BENCH_RCPT, "-M", "client.bench.test", f"127.0.0.1:{port}"]
+    cmd += ["-f", SENDER, "-t", recipient, "-M", "client.bench.test", f"127.0.0.1:{port}"]
     started = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     elapsed = time.monotonic() - started
@@ -74,7 +79,9 @@ async def _expect(reader: asyncio.StreamReader, code: bytes) -> None:
         raise RuntimeError(f"expected {code.decode()}, got {line[:200]!r}")
 
 
-async def _session(port: int, count: int, body: bytes, out: list[float]) -> None:
+async def _session(
+    port: int, count: int, body: bytes, out: list[float], recipient: str = BENCH_RCPT
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await _expect(reader, b"220")
@@ -84,7 +91,7 @@ async def _session(port: int, count: int, body: bytes, out: list[float]) -> None
             started = time.perf_counter()
             writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
             await _expect(reader, b"250")
-            writer.write(f"RCPT TO:<{BENCH_RCPT}>\r\n".encode())
+            writer.write(f"RCPT TO:<{recipient}>\r\n".encode())
             await _expect(reader, b"250")
             writer.write(b"DATA\r\n")
             await _expect(reader, b"354")
@@ -101,7 +108,9 @@ async def _session(port: int, count: int, body: bytes, out: list[float]) -> None
             pass
 
 
-def latency_run(port: int, sessions: int, messages: int, size: int) -> list[float]:
+def latency_run(
+    port: int, sessions: int, messages: int, size: int, recipient: str = BENCH_RCPT
+) -> list[float]:
     """Transaction latencies (seconds) of `messages` sent over `sessions` concurrent sessions."""
     body = message_body(size)
     per_session = max(1, messages // sessions)
@@ -109,7 +118,7 @@ def latency_run(port: int, sessions: int, messages: int, size: int) -> list[floa
 
     async def run() -> None:
         await asyncio.gather(
-            *(_session(port, per_session, body, latencies) for _ in range(sessions))
+            *(_session(port, per_session, body, latencies, recipient) for _ in range(sessions))
         )
 
     asyncio.run(asyncio.wait_for(run(), timeout=300))
