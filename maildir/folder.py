@@ -249,12 +249,16 @@ class Folder:
             return self._info(msg_id, self._entries[msg_id])
 
     def read(self, msg_id: str) -> bytes:
-        for _attempt in range(2):
-            info = self.get(msg_id)
+        """The message's content. It never changes, so the listing in hand is trusted first
+        (rescanning the directory, O(messages), cost more than the read on a large folder);
+        a file renamed meanwhile by a flag change in another process is found by a rescan."""
+        for attempt in range(2):
+            with self._lock:
+                e = self._entry(msg_id, refresh=attempt > 0)
+                path = self.path / e.subdir / e.filename
             try:
-                return info.path.read_bytes()
+                return path.read_bytes()
             except FileNotFoundError:
-                # Renamed by a flag change in another process: rescan once.
                 with self._lock:
                     self._refresh(force=True)
         raise MessageNotFound(msg_id)

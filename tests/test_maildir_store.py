@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +251,35 @@ def test_uidlist_compacts(md: Maildir) -> None:
     again = Maildir(md.root).folder("INBOX")
     assert [m.uid for m in again.messages()] == [keep.uid] == [301]
     assert again.uidnext() == 302
+
+
+def test_reading_a_known_message_does_not_rescan_the_folder(
+    md: Maildir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    infos = [md.deliver(MSG + b"%d\r\n" % i) for i in range(20)]
+    folder = md.folder("INBOX")
+    folder.messages()  # listed once
+    listed: list[str] = []
+    real = os.listdir
+
+    def listdir(path: Any) -> list[str]:
+        listed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    fresh = md.deliver(MSG + b"new\r\n")  # the directory's mtime moves
+    assert folder.read(fresh.id) == MSG + b"new\r\n"
+    assert folder.read(infos[3].id) == MSG + b"3\r\n"
+    assert listed == []  # content never changes: the listing in hand is enough
+
+
+def test_a_message_renamed_by_another_process_is_still_read(md: Maildir) -> None:
+    info = md.deliver(MSG)
+    folder = md.folder("INBOX")
+    folder.messages()
+    # Another process marks it seen: the file moves to cur/ under a new name.
+    os.rename(info.path, md.root / "cur" / (info.path.name + ":2,S"))
+    assert folder.read(info.id) == MSG
+    os.unlink(md.root / "cur" / (info.path.name + ":2,S"))
+    with pytest.raises(MessageNotFound):
+        folder.read(info.id)
