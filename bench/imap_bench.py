@@ -19,7 +19,6 @@ import imaplib
 import os
 import pwd
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -246,10 +245,6 @@ def serve_tailpost(maildir: str, port: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000, help="messages in the folder")
@@ -258,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.messages < 1 or args.repeat < 1:
         parser.error("--messages and --repeat must be positive")
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    smtp_peers.stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="tailpost-imap-bench-"))
     print(f"work directory {work}", flush=True)
     try:

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,29 +65,8 @@ def all_in_one(workdir: Path, dns_port: int) -> Iterator[AllInOne]:
     data.mkdir()
     config = workdir / "aio.toml"
     config.write_text(AIO_CONFIG.format(dns_port=dns_port))
-    log = open(workdir / "aio.log", "wb")  # noqa: SIM115
-    env = dict(os.environ, PYTHONPATH=str(smtp_peers.REPO))
-    cmd = [smtp_peers.TWISTD, "-n", "--pidfile=", "tailpost", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*cmd, "--data-dir", str(data)], cwd=data, stdout=log, stderr=log, env=env
-    )
-    try:
-        deadline = time.monotonic() + 60
-        port = 0
-        while not port:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the all-in-one did not start; see {workdir / 'aio.log'}")
-            try:
-                info = json.loads((data / "run" / "listening.json").read_text())
-                if info.get("pid") == proc.pid:
-                    port = int(info["listeners"]["mx"].rpartition(":")[2])
-            except (FileNotFoundError, ValueError, KeyError):
-                time.sleep(0.1)
-        smtp_peers.wait_smtp(port, proc)
+    with smtp_peers.run_twistd("tailpost", config, data, workdir / "aio.log") as (proc, port):
         yield AllInOne(port, proc.pid, data / "device" / "Maildir")
-    finally:
-        smtp_peers.stop_process(proc)
-        log.close()
 
 
 def end_to_end(aio: AllInOne, sessions: int, messages: int, size: int) -> tuple[float, float]:
@@ -106,10 +82,6 @@ def end_to_end(aio: AllInOne, sessions: int, messages: int, size: int) -> tuple[
     return messages / (time.monotonic() - started), accepted.rate
 
 
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
@@ -119,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     args = parser.parse_args(argv)
     sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    smtp_peers.stop_on_signals()
     smtp_load.raise_fd_limit(4096)
     rows: list[tuple[str, int, float, float | None, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="tailpost-inbound-") as tmp:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -256,10 +255,6 @@ def workspace(keep: bool) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
@@ -316,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline is not None and not (args.baseline / "edge" / "__init__.py").is_file():
         parser.error(f"--baseline: {args.baseline} is not a tailpost checkout (no edge/)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    # A SIGTERM (a helper stopped, a CI timeout) unwinds like an error, so that every
-    # server started below is stopped by its context manager instead of being left running.
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGHUP, stop_on_signal)
+    smtp_peers.stop_on_signals()
     report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
     failed = 0
     smtp_load.raise_fd_limit(4096)

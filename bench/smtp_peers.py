@@ -285,9 +285,19 @@ def tailpost_edge(
     _seed_store(data)
     config = data / "edge.toml"
     config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port, processes=processes) + extra)
-    log = open(data / "edge.log", "wb")  # noqa: SIM115
+    with run_twistd("tailpost-edge", config, data, data / "edge.log", repo) as (proc, port):
+        yield Peer(f"tailpost edge ({mode}) {label}".rstrip(), port, proc.pid)
+
+
+@contextlib.contextmanager
+def run_twistd(
+    plugin: str, config: Path, data: Path, log_path: Path, repo: Path = REPO
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`twistd -n <plugin>` of the checkout at `repo` on `config` and `data`, once its MX
+    answers: the process and the MX port (from the listeners it writes to run/)."""
+    log = open(log_path, "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [TWISTD, "-n", "--pidfile=", "tailpost-edge", "--config", str(config)]
+    cmd = [TWISTD, "-n", "--pidfile=", plugin, "--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--data-dir", str(data)], cwd=data, stdout=log, stderr=log, env=env
     )
@@ -297,7 +307,7 @@ def tailpost_edge(
         port = 0
         while not port:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the edge did not start; see {data / 'edge.log'}")
+                raise RuntimeError(f"{plugin} did not start; see {log_path}")
             try:
                 info = json.loads(listening.read_text())
                 if info.get("pid") == proc.pid:
@@ -305,10 +315,22 @@ def tailpost_edge(
             except (FileNotFoundError, ValueError, KeyError):
                 time.sleep(0.1)
         wait_smtp(port, proc)
-        yield Peer(f"tailpost edge ({mode}) {label}".rstrip(), port, proc.pid)
+        yield proc, port
     finally:
         stop_process(proc)
         log.close()
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGHUP (a helper stopped, a CI timeout) unwind like an error, so
+    that every server a benchmark started is stopped by its context manager instead of
+    being left running."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,19 @@ def messages_of(maildir: Maildir) -> list[tuple[int, MaildirMessage]]:
     return mbox.fetch(parseIdList(b"1:*"), False)
 
 
+def count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the message files opened from now on."""
+    opened: list[str] = []
+    real_open = MaildirMessage.open
+
+    def counting_open(self: MaildirMessage) -> Any:
+        opened.append(self.info.id)
+        return real_open(self)
+
+    monkeypatch.setattr(MaildirMessage, "open", counting_open)
+    return opened
+
+
 @pytest.fixture
 def maildir(tmp_path: Path) -> Maildir:
     store = Maildir(tmp_path / "mail", hostname="testhost")
@@ -77,14 +90,7 @@ def test_a_cached_search_finds_what_reading_the_files_finds(
 
 def test_a_warm_cache_reads_no_file(maildir: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = FieldCache()
-    opened: list[str] = []
-    real_open = MaildirMessage.open
-
-    def counting_open(self: MaildirMessage) -> Any:
-        opened.append(self.info.id)
-        return real_open(self)
-
-    monkeypatch.setattr(MaildirMessage, "open", counting_open)
+    opened = count_opens(monkeypatch)
     run_search([b"FROM", b"alice"], messages_of(maildir), 4, cache)
     assert len(opened) == 4
     opened.clear()
@@ -124,14 +130,7 @@ def test_sessions_share_the_cache(
         _ok(first.select("INBOX"))
         _ok(second.select("INBOX"))
         assert _ok(first.uid("SEARCH", "FROM", "alice")) == [b"1 4"]
-        opened: list[str] = []
-        real_open = MaildirMessage.open
-
-        def counting_open(self: MaildirMessage) -> Any:
-            opened.append(self.info.id)
-            return real_open(self)
-
-        monkeypatch.setattr(MaildirMessage, "open", counting_open)
+        opened = count_opens(monkeypatch)
         assert _ok(second.uid("SEARCH", "TO", "bob")) == [b"1 2 3"]
         assert opened == []
     finally:

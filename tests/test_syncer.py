@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,21 @@ from edge.syncer import Syncer
 from tests.spoolkit import wait_until
 
 
-def _serve(requests: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, list[int]]:
-    synced: list[int] = []
+def before_fdatasync(monkeypatch: pytest.MonkeyPatch, first: Callable[[int], None]) -> None:
+    """Every `os.fdatasync(fd)` calls `first(fd)` (which may record, wait or raise), then
+    the real one."""
     real = os.fdatasync
 
     def fdatasync(fd: int) -> None:
-        synced.append(fd)
+        first(fd)
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+
+def _serve(requests: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, list[int]]:
+    synced: list[int] = []
+    before_fdatasync(monkeypatch, synced.append)
     req_r, req_w = os.pipe()
     ans_r, ans_w = os.pipe()
     os.write(req_w, requests)
@@ -245,13 +252,7 @@ def test_alone_the_reactor_syncs_small_batches_itself(
     syncer = CountingSyncer(in_reactor.reactor)
     alone = [True]
     events: list[str] = []
-    real = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        events.append("sync")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    before_fdatasync(monkeypatch, lambda fd: events.append("sync"))
 
     def work() -> None:  # the work meant for the time of a sync
         events.append("work")
@@ -294,15 +295,14 @@ def test_a_slow_sync_in_the_reactor_sends_the_next_ones_to_the_sync_process(
     committer = Committer(spool, in_reactor.reactor, syncer, alone=lambda: True, clock=clock)
     message = b"Subject: x\r\n\r\nbody\r\n"
     in_reactor(_commit, spool, committer, message)  # the segment, in the thread
-    real, slow = os.fdatasync, [True]
+    slow = [True]
 
-    def fdatasync(fd: int) -> None:
+    def stall(fd: int) -> None:
         if slow:
             slow.pop()
             time.sleep(committing.SLOW_SYNC * 2)  # a disk that stalls, once
-        real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    before_fdatasync(monkeypatch, stall)
     for _ in range(3):
         assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
     # The slow one was still the reactor's; the two after it went to the sync process.
@@ -324,14 +324,13 @@ def test_a_failed_sync_in_the_reactor_fails_the_batch_and_leaves_nothing(
     committer = Committer(spool, in_reactor.reactor, CountingSyncer(in_reactor.reactor))
     committer.alone = lambda: True
     in_reactor(_commit, spool, committer, b"kept\r\n")
-    real, failures = os.fdatasync, [OSError(errno.EIO, "the disk said no")]
+    failures = [OSError(errno.EIO, "the disk said no")]
 
-    def fdatasync(fd: int) -> None:
+    def fail_once(fd: int) -> None:
         if failures:
             raise failures.pop()
-        real(fd)
 
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    before_fdatasync(monkeypatch, fail_once)
     results = in_reactor(_commit, spool, committer, b"lost\r\n")
     assert [ok for ok, _ in results] == [False] and results[0][1].check(OSError)
     assert committer.synced_here == 1

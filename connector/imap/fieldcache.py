@@ -12,7 +12,7 @@ folder are dropped when the cache of that folder has grown well past the folder.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from .message import MaildirMessage
 
@@ -59,13 +59,21 @@ class FieldCache:
                 known[msg.info.id] = found
         return found
 
-    def prune(self, folder: str, present: Iterable[str]) -> None:
-        """Keep only the messages `present` in `folder`, once the cache holds many more."""
-        ids = set(present)
+    def prune(self, messages: Sequence[tuple[int, MaildirMessage]]) -> None:
+        """Keep only the entries of `messages` (a whole folder, as a search sees it), once
+        the folder's cache holds many more than that: the ids are gathered only then."""
+        if not messages:
+            return
+        folder = messages[0][1].info.folder
         with self._lock:
             known = self._folders.get(folder)
-            if known is not None and len(known) > len(ids) + max(PRUNE_SLACK, len(ids) // 4):
-                self._folders[folder] = {k: v for k, v in known.items() if k in ids}
+            slack = max(PRUNE_SLACK, len(messages) // 4)
+            if known is None or len(known) <= len(messages) + slack:
+                return
+        ids = {msg.info.id for _, msg in messages}
+        with self._lock:
+            known = self._folders.get(folder, {})
+            self._folders[folder] = {k: v for k, v in known.items() if k in ids}
 
     def size(self, folder: str) -> int:
         with self._lock:

@@ -82,34 +82,29 @@ def _flag(flag: str, present: bool = True) -> Pred:
     return lambda seq, msg: (flag in msg.info.flags) == present
 
 
-CONTENT_KEYS = frozenset(
-    {b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT", b"HEADER", b"BODY", b"TEXT"}
-    | {b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
-)
+CACHED_KEYS = frozenset(name.upper().encode() for name in FIELDS)
+"""Search keys a warm `FieldCache` answers without reading files: FROM, TO, CC, BCC, SUBJECT."""
+
+CONTENT_KEYS = CACHED_KEYS | {b"HEADER", b"BODY", b"TEXT", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
 """Search keys that read the message files; the others are answered from the listing."""
-
-
-CACHED_KEYS = frozenset({b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"})
-"""Content keys a warm `FieldCache` answers without reading files."""
-
-
-def reads_content(query: list[Any], keys: frozenset[bytes] = CONTENT_KEYS) -> bool:
-    """Whether the search program uses one of `keys`: by default, whether it reads message
-    files (a word equal to such a key as an argument counts too, which errs on the side of
-    yes)."""
-    for item in query:
-        if isinstance(item, list):
-            if reads_content(item, keys):
-                return True
-        elif (item if isinstance(item, bytes) else str(item).encode()).upper() in keys:
-            return True
-    return False
 
 
 def reads_files(query: list[Any], fields_cached: bool) -> bool:
     """Whether the search program will read message files, when the fields cache holds
-    (`fields_cached`) or not every message's fields."""
-    return reads_content(query, CONTENT_KEYS - CACHED_KEYS if fields_cached else CONTENT_KEYS)
+    (`fields_cached`) or not every message's fields. A word equal to such a key as an
+    argument counts too, which errs on the side of yes."""
+    keys = CONTENT_KEYS - CACHED_KEYS if fields_cached else CONTENT_KEYS
+
+    def uses(items: list[Any]) -> bool:
+        for item in items:
+            if isinstance(item, list):
+                if uses(item):
+                    return True
+            elif (item if isinstance(item, bytes) else str(item).encode()).upper() in keys:
+                return True
+        return False
+
+    return uses(query)
 
 
 class Compiler:
@@ -156,7 +151,7 @@ class Compiler:
         }
         if key in simple:
             return simple[key]
-        if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
+        if key in CACHED_KEYS:
             return self._field(key.decode().lower(), self._arg(items))
         if key == b"HEADER":
             name = self._arg(items).decode("ascii", "replace")
@@ -263,6 +258,6 @@ def run_search(
                 out.append((seq, msg.info.uid))
         except FileNotFoundError:
             continue
-    if cache is not None and messages:
-        cache.prune(messages[0][1].info.folder, (msg.info.id for _, msg in messages))
+    if cache is not None:
+        cache.prune(messages)
     return out

@@ -10,7 +10,6 @@ tagged answers instead of tracebacks. It must never echo an exception to a clien
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -338,12 +337,14 @@ class IMAPServer(imap4.IMAP4Server):
         cache = getattr(self.factory, "field_cache", None)
         warm = cache is not None and cache.size(mbox.folder.name) >= len(mbox.uids)
         pausing = not reads_files(query, warm)
-        with contextlib.ExitStack() as on_error:
-            if pausing:
-                collector.pause()
-                on_error.callback(collector.resume)
+        if pausing:
+            collector.pause()
+        try:
             messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
-            on_error.pop_all()
+        except BaseException:
+            if pausing:
+                collector.resume()
+            raise
 
         def done(found: list[tuple[int, int]]) -> None:
             ids = [u if uid else s for s, u in found]
@@ -387,11 +388,12 @@ class IMAPServer(imap4.IMAP4Server):
         spews = [getattr(self, "spew_" + p.type) for p in query]
         if uid and not any(p.type == "uid" for p in query):
             spews.append(self.spew_uid)
-        with contextlib.ExitStack() as on_error:
-            collector.pause()  # until the last slice is written
-            on_error.callback(collector.resume)
+        collector.pause()  # until the last slice is written
+        try:
             found = iter(self.mbox.fetch(messages, uid=bool(uid)))
-            on_error.pop_all()
+        except BaseException:
+            collector.resume()
+            raise
         self._oldTimeout = self.setTimeout(None)
         if self.blocked is None:
             self.blocked = []
