@@ -103,6 +103,9 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     limits = Limits(
         max_message_size=config.edge.max_message_size + 64 * 1024,
         max_recipients=config.edge.max_recipients,
+        # The edge refuses what would exceed this with its own Received header (see
+        # `edge.smtp.data.is_loop`): with the same limit, the connector never refuses it.
+        max_received_headers=config.edge.max_received_headers,
     )
     smtp_factory = SMTPServerFactory(connector_handler, limits, hostname, reactor)
     service = MultiService()

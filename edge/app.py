@@ -21,7 +21,7 @@ from edge.dns import DNSResolver
 from edge.eventlog import EventRecorder
 from edge.mxbuild import build_mx_factory
 from edge.queueops import QueueControl
-from edge.routing import Router, route_soon
+from edge.routing import Router, recipient_resolver, route_soon
 from edge.service import TCPListener
 from edge.smtp.conncount import SharedCounts
 from edge.smtpclient import DelivererService, SMTPDeliverer
@@ -80,7 +80,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )
     lookups = CachedLookups(store)
-    router = Router(lookups.resolve_recipient, resolver, config.edge.mx_delivery_port)
+    router = Router(recipient_resolver(lookups, config), resolver, config.edge.mx_delivery_port)
     recorder = EventRecorder(DeliveryEvents(store), reactor)
     deliverer = SMTPDeliverer(
         reactor,

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge.smtp.address import validate_address
+from edge.smtp.replies import SMTPReplyError
+
 
 class ConfigError(ValueError):
     """The configuration file is unreadable or holds a bad value."""
@@ -63,6 +66,7 @@ class EdgeConfig:
     control_url: str = ""
     admin_key_file: str = ""
     managed_domain: str = ""
+    postmaster: str = ""
     allow_vanity: bool = False
     edge_mx_target: str = ""
     spf_mechanism: str = ""
@@ -185,6 +189,14 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
         setattr(target, key, value)
 
 
+def _is_address(value: str) -> bool:
+    try:
+        validate_address(value, smtputf8=True)
+    except SMTPReplyError:
+        return False
+    return True
+
+
 def config_to_json(config: Config) -> str:
     """The whole configuration as JSON, for a child process (`config_from_json`)."""
     return json.dumps(asdict(config))
@@ -240,6 +252,13 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         raise ConfigError("edge.mx_processes must be between 1 and 64")
     if config.edge.delivery_connections <= 0:
         raise ConfigError("edge.delivery_connections must be positive")
+    if config.edge.max_received_headers < 1:
+        raise ConfigError("edge.max_received_headers must be at least 1")
+    if config.edge.postmaster and not _is_address(config.edge.postmaster):
+        raise ConfigError(
+            f"edge.postmaster must be an address like ops@example.org, not "
+            f"{config.edge.postmaster!r}"
+        )
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
     return config

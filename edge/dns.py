@@ -180,6 +180,22 @@ class DNSResolver:
     def addresses(self, name: str) -> list[str]:
         return [*self.lookup(name, "A").records, *self.lookup(name, "AAAA").records]
 
+    def host_addresses(self, name: str) -> list[str]:
+        """The IPv4 then IPv6 addresses of a host to connect to (blocking): as `addresses`,
+        except that a temporary failure of one of the two lookups does not hide the other's
+        answer (a broken AAAA server must not keep mail from an IPv4 host); raises
+        DNSTemporaryError only when neither answered. [] for no address or NXDOMAIN."""
+        found: list[str] = []
+        failure: DNSTemporaryError | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                found.extend(self.lookup(name, rdtype).records)
+            except DNSTemporaryError as exc:
+                failure = exc
+        if failure is not None and not found:
+            raise failure
+        return found
+
     def lookup_async(self, name: str, rdtype: str) -> defer.Deferred[Answer]:
         """The same lookup as a Deferred: from the cache at once, else in the thread pool."""
         return self.run_cached(self.lookup, name, rdtype)

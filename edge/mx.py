@@ -16,8 +16,6 @@ inline.
 
 from __future__ import annotations
 
-import email.utils
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,7 @@ from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.checks.pipeline import DataOutcome
-from edge.smtp import replies
+from edge.smtp import replies, trace
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
@@ -41,30 +39,28 @@ Commit = Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
 """Makes one message durable (`edge.committer.Committer.commit`, or the spool's own)."""
 
 
-@functools.lru_cache(maxsize=4)
-def _date(seconds: int) -> str:
-    """The RFC 5322 date of a second (most messages share theirs with the one before)."""
-    return email.utils.formatdate(seconds, localtime=True)
+RECEIVED_HEADERS_ADDED = 1
+"""How many Received headers the MX adds to a message (`received_header`): its hop, which
+loop detection counts (`edge.smtp.data.Limits.own_received`)."""
 
 
 def received_header(session: Session, hostname: str, qid: str, now: float) -> bytes:
-    """The trace header of RFC 5321 §4.4, with the protocol of RFC 3848 and the TLS details."""
+    """The MX's Received header for the session's transaction (`edge.smtp.trace`)."""
     proto = "ESMTP" if session.esmtp else "SMTP"
     if session.tls:
         proto += "S"
     if session.authenticated_as:
         proto += "A"
-    helo = session.helo or "unknown"
-    lines = [
-        f"Received: from {helo} ([{session.peer_host}])",
-        f"\tby {hostname} (tailpost) with {proto} id {qid}",
-    ]
-    if session.tls:
-        lines.append(f"\t(using {session.tls})")
-    if len(session.recipients) == 1:
-        lines.append(f"\tfor <{session.recipients[0].address}>")
-    lines[-1] += f"; {_date(int(now))}"
-    return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
+    return trace.received_header(
+        helo=session.helo,
+        peer_host=session.peer_host,
+        hostname=hostname,
+        protocol=proto,
+        qid=qid,
+        tls=session.tls,
+        recipient=session.recipients[0].address if len(session.recipients) == 1 else None,
+        now=now,
+    )
 
 
 @dataclass

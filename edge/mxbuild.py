@@ -15,7 +15,8 @@ from edge.checks import authserv_id, build_pipeline
 from edge.committer import Committer
 from edge.config import Config
 from edge.dns import DNSResolver
-from edge.mx import MXHandler
+from edge.mx import RECEIVED_HEADERS_ADDED, MXHandler
+from edge.routing import recipient_resolver
 from edge.smtp.conncount import LocalCounts
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
@@ -38,6 +39,7 @@ def smtp_limits(config: Config) -> Limits:
         max_errors=e.max_errors,
         max_header_size=e.max_header_size,
         max_received_headers=e.max_received_headers,
+        own_received=RECEIVED_HEADERS_ADDED,
     )
 
 
@@ -71,7 +73,11 @@ def build_mx_factory(
     reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     # Made once and shared by every session's handler (a bound method is a new object each
     # time it is looked up).
-    resolve, lookup, commit = lookups.resolve_recipient, lookups.cached_or_load, committer.commit
+    resolve, lookup, commit = (
+        recipient_resolver(lookups, config),
+        lookups.cached_or_load,
+        committer.commit,
+    )
     discard = config.edge.accept_mode == "discard"
     authserv = authserv_id(config)
 

@@ -362,7 +362,7 @@ class SMTPDeliverer:
         data: bytes,
         prepare: Callable[[], defer.Deferred[bytes]] | None = None,
     ) -> dict[str, Outcome]:
-        where = f"{host}:{port}"
+        where = target.where(host, port)  # the host name, with the address connected to
         mail_from = quoteaddr(str(Address(sender)))
         encoded = [r.encode("ascii") for r in rcpts]
         for attempt in range(2):

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from connector.receiver import ConnectorHandler
 from edge.smtp.server import Limits, SMTPServerFactory
 from maildir import InvalidName, Maildir, MessageInfo, address_folder
-from tests.test_connector_receiver import PASSWORD, USER, Conn, message, run_sync
+from tests.test_connector_receiver import PASSWORD, USER, Conn, message, run_sync, traced
 from tests.test_localapi import Client, run_now
 from webapi.localapi import LocalAPI
 
@@ -54,8 +54,11 @@ def test_each_recipient_gets_its_own_folder_once(tmp_path: Path) -> None:
     rcpts = ("alerts@example.com", "Ops@Example.com")
     assert conn.transaction(data, rcpts)[-1].startswith("250")
     assert conn.transaction(data, rcpts)[-1].startswith("250")  # redelivered: stored once
-    assert folder_files(device.maildir, "alerts@example_com") == [data]
-    assert folder_files(device.maildir, "ops@example_com") == [data]
+    # Each folder's copy says which address it was delivered for.
+    assert folder_files(device.maildir, "alerts@example_com") == [
+        traced(data, "alerts@example.com")
+    ]
+    assert folder_files(device.maildir, "ops@example_com") == [traced(data, "ops@example.com")]
     assert folder_files(device.maildir, "INBOX") == []
     assert len(device.delivered) == 4  # two folders, each answered twice, stored once
 
@@ -68,7 +71,9 @@ def test_junk_goes_to_junk_once(tmp_path: Path) -> None:
         b"X-Tailpost-Verdict: action=junk; spam=Yes\r\nSubject: spam\r\n\r\nx\r\n"
     )
     conn.transaction(data, ("alerts@example.com", "ops@example.com"))
-    assert folder_files(device.maildir, "Junk") == [data]
+    assert folder_files(device.maildir, "Junk") == [
+        traced(data, "alerts@example.com", "ops@example.com")
+    ]
     assert "alerts@example_com" not in device.maildir.list_folders()
 
 

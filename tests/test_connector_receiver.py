@@ -43,6 +43,12 @@ def message(qid: str | None, body: str = "hello") -> bytes:
     return head + f"Received: by mx.test\r\nSubject: {body}\r\n\r\n{body}\r\n".encode()
 
 
+def traced(data: bytes, *rcpts: str, sender: str = "sender@example.net") -> bytes:
+    """What the connector stores: the envelope's trace fields on top of the data."""
+    top = f"Return-Path: <{sender}>\r\n" + "".join(f"Delivered-To: {r}\r\n" for r in rcpts)
+    return top.encode() + data
+
+
 def inbox_files(maildir: Maildir) -> list[bytes]:
     return sorted(p.read_bytes() for p in (maildir.root / "new").iterdir())
 
@@ -150,11 +156,11 @@ def test_authenticated_message_lands_in_inbox_new_with_exact_bytes(device: Devic
 
     assert line.startswith("250 2.0.0 Stored as ")
     expected = data.replace(b"\r\n..dot", b"\r\n.dot")
-    assert inbox_files(device.maildir) == [expected]
+    assert inbox_files(device.maildir) == [traced(expected, A)]
     [info] = device.delivered
     assert info.folder == "INBOX"
     assert line.endswith(info.id)
-    assert device.maildir.folder("INBOX").read(info.id) == expected
+    assert device.maildir.folder("INBOX").read(info.id) == traced(expected, A)
 
 
 def test_redelivery_of_the_same_queue_id_is_stored_once(device: Device) -> None:
@@ -169,7 +175,7 @@ def test_redelivery_of_the_same_queue_id_is_stored_once(device: Device) -> None:
 
     assert reply1.startswith("250 ") and reply2.startswith("250 ")
     assert reply1 == reply2  # the same stored message
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A, B)]
 
 
 def test_same_connection_redelivery_is_stored_once(device: Device) -> None:
@@ -178,7 +184,7 @@ def test_same_connection_redelivery_is_stored_once(device: Device) -> None:
     data = message("00000000000001DUPE2")
     assert conn.transaction(data)[0].startswith("250 ")
     assert conn.transaction(data)[0].startswith("250 ")
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A)]
 
 
 def test_redelivery_after_a_restart_is_stored_once(tmp_path: Path) -> None:
@@ -190,7 +196,7 @@ def test_redelivery_after_a_restart_is_stored_once(tmp_path: Path) -> None:
     conn = restarted.connect()
     conn.login()
     assert conn.transaction(data)[0].startswith("250 ")
-    assert inbox_files(restarted.maildir) == [data]
+    assert inbox_files(restarted.maildir) == [traced(data, A)]
 
 
 def test_different_queue_id_stores_a_second_message(device: Device) -> None:
@@ -199,7 +205,7 @@ def test_different_queue_id_stores_a_second_message(device: Device) -> None:
     one, two = message("00000000000001AAAA"), message("00000000000001BBBB")
     conn.transaction(one)
     conn.transaction(two)
-    assert inbox_files(device.maildir) == sorted([one, two])
+    assert inbox_files(device.maildir) == sorted([traced(one, A), traced(two, A)])
 
 
 def test_same_queue_id_for_other_recipients_is_another_delivery(device: Device) -> None:
@@ -208,7 +214,7 @@ def test_same_queue_id_for_other_recipients_is_another_delivery(device: Device) 
     data = message("00000000000001CCCC")
     conn.transaction(data, (A,))
     conn.transaction(data, (B,))
-    assert inbox_files(device.maildir) == [data, data]
+    assert inbox_files(device.maildir) == sorted([traced(data, A), traced(data, B)])
 
 
 def test_without_queue_id_nothing_is_deduplicated(device: Device) -> None:
@@ -217,7 +223,7 @@ def test_without_queue_id_nothing_is_deduplicated(device: Device) -> None:
     data = message(None)
     conn.transaction(data)
     conn.transaction(data)
-    assert inbox_files(device.maildir) == [data, data]
+    assert inbox_files(device.maildir) == [traced(data, A)] * 2
 
 
 def test_dedup_key() -> None:
@@ -294,11 +300,11 @@ def test_e2e_delivery_stores_the_exact_message(
 
     assert set(outcomes) == {A, B}
     assert all(o.code == 250 and o.delivered for o in outcomes.values()), outcomes
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A, B)]
 
     again = deliver(in_reactor, target(port), data, [A, B])  # a retry after a lost reply
     assert all(o.delivered for o in again.values())
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A, B)]
 
 
 @pytest.mark.parametrize("shift", [0, 1], ids=["dot-line-starts-a-chunk", "crlf-split"])
@@ -324,7 +330,7 @@ def test_e2e_dot_line_at_a_chunk_boundary_is_stuffed(
     outcomes = deliver(in_reactor, target(port), data, [A])
 
     assert all(o.delivered for o in outcomes.values()), outcomes
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A)]
 
 
 def test_e2e_partly_refused_recipients(in_reactor: Any, listening: tuple[Device, int]) -> None:
@@ -333,7 +339,7 @@ def test_e2e_partly_refused_recipients(in_reactor: Any, listening: tuple[Device,
     outcomes = deliver(in_reactor, target(port), data, [A, "bad address"])
     assert outcomes[A].delivered
     assert outcomes["bad address"].code == 501  # refused at RCPT: the syntax reply
-    assert inbox_files(device.maildir) == [data]
+    assert inbox_files(device.maildir) == [traced(data, A)]
 
 
 def test_e2e_wrong_secret_is_temporary_and_stores_nothing(

@@ -71,6 +71,9 @@ class SenderMX:
     def addresses(self, name: str) -> list[str]:
         return ["192.0.2.25"]
 
+    def host_addresses(self, name: str) -> list[str]:
+        return ["192.0.2.25"]
+
 
 @dataclass
 class Call:

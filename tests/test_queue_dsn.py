@@ -91,6 +91,9 @@ class FakeMX:
     def addresses(self, name: str) -> list[str]:
         return ["192.0.2.25"]
 
+    def host_addresses(self, name: str) -> list[str]:
+        return ["192.0.2.25"]
+
 
 @dataclass
 class Call:
@@ -442,9 +445,10 @@ def test_permanent_refusal_by_the_old_mx_bounces_at_once(tmp_path: Path) -> None
     assert to_old.target == Target(
         kind="upstream",
         key="upstream:route1",
-        hosts=(("mx1.old.test", 25), ("mx2.old.test", 2525)),
+        hosts=(("192.0.2.25", 25), ("192.0.2.25", 2525)),  # resolved by the router
         starttls=True,
         tls_modes=("starttls", "starttls"),  # what the route says, or STARTTLS
+        names=("mx1.old.test", "mx2.old.test"),
     )
     assert to_old.recipients == [B]
     assert to_old.data == BODY  # only the device gets the queue id header
@@ -530,12 +534,15 @@ def test_dns_failure_for_a_dsn_is_retried_not_bounced(tmp_path: Path) -> None:
     h.run_until(SCHEDULE[0] + STEP)
 
     [out] = h.deliverer.to("mx")
-    assert out.target.hosts == (("mx.sender.test", 25),)
+    assert out.target.hosts == (("192.0.2.25", 25),)
+    assert out.target.names == ("mx.sender.test",)
     assert h.spool.queued_ids() == []
 
 
 def test_dsn_goes_to_the_senders_mx_found_by_the_router(tmp_path: Path, dns_server: Any) -> None:
     dns_server.zone.set("sender.test", "MX", [(20, "backup.sender.test"), (10, "mx.sender.test")])
+    dns_server.zone.set("mx.sender.test", "A", ["192.0.2.10"])
+    dns_server.zone.set("backup.sender.test", "A", ["192.0.2.20"])
     resolver = DNSResolver(["127.0.0.1"], port=dns_server.port, timeout=3)
     h = Harness(
         tmp_path,
@@ -552,8 +559,10 @@ def test_dsn_goes_to_the_senders_mx_found_by_the_router(tmp_path: Path, dns_serv
     assert out.target == Target(
         kind="mx",
         key="mx:sender.test",
-        hosts=(("mx.sender.test", 25), ("backup.sender.test", 25)),
+        hosts=(("192.0.2.10", 25), ("192.0.2.20", 25)),
         starttls=True,
+        tls_modes=("starttls", "starttls"),
+        names=("mx.sender.test", "backup.sender.test"),
     )
     assert out.sender == ""
     assert out.recipients == [SENDER]

@@ -54,7 +54,10 @@ def resolver(dns_server: Any) -> DNSResolver:
 
 
 @pytest.fixture
-def world(store: Store, resolver: DNSResolver) -> World:
+def world(store: Store, resolver: DNSResolver, dns_server: Any) -> World:
+    dns_server.zone.set("mx1.old-provider.test", "A", ["192.0.2.1"])
+    dns_server.zone.set("mx2.old-provider.test", "A", ["192.0.2.2"])
+    dns_server.zone.set("mx2.old-provider.test", "AAAA", ["2001:db8::2"])
     laptop = store.create_device(
         "laptop",
         connector_smtp_addr="100.64.0.7:2525",
@@ -93,7 +96,12 @@ def test_other_address_on_a_split_domain_goes_to_the_old_mx(world: World) -> Non
     target = world.router.target("bob@example.com", "inbound")
     assert target.kind == "upstream"
     assert target.key == f"upstream:{route.id}"
-    assert target.hosts == (("mx1.old-provider.test", 25), ("mx2.old-provider.test", 2525))
+    # Each host's addresses (A, then AAAA) through the configured resolver, in order, with
+    # the host's name and TLS mode beside them.
+    assert target.hosts == (("192.0.2.1", 25), ("192.0.2.2", 2525), ("2001:db8::2", 2525))
+    assert target.names == ("mx1.old-provider.test",) + ("mx2.old-provider.test",) * 2
+    assert target.tls_modes == ("starttls", "none", "none")
+    assert target.where("2001:db8::2", 2525) == "mx2.old-provider.test[2001:db8::2]:2525"
     assert target.starttls
     assert target.username is None and target.secret is None and target.device_id is None
     # Same target, so the recipients share one transaction.
@@ -105,7 +113,8 @@ def test_priority_order_of_the_old_mx_hosts_is_kept(world: World) -> None:
     assert route is not None
     world.store.update_route(route.id, authoritative_hosts=list(reversed(OLD_MX)))
     target = world.router.target("bob@example.com", "inbound")
-    assert target.hosts == (("mx2.old-provider.test", 2525), ("mx1.old-provider.test", 25))
+    assert target.names == ("mx2.old-provider.test",) * 2 + ("mx1.old-provider.test",)
+    assert target.hosts == (("192.0.2.2", 2525), ("2001:db8::2", 2525), ("192.0.2.1", 25))
 
 
 def test_unknown_domain_on_inbound_mail_has_no_route(world: World, dns_server: Any) -> None:
@@ -127,12 +136,16 @@ def test_device_without_connector_address_is_a_temporary_no_route(world: World) 
 
 def test_dsn_to_an_outside_sender_goes_to_its_mx(world: World, dns_server: Any) -> None:
     dns_server.zone.set("sender.test", "MX", [(20, "backup.sender.test"), (10, "mx.sender.test")])
+    dns_server.zone.set("mx.sender.test", "A", ["192.0.2.10"])
+    dns_server.zone.set("backup.sender.test", "AAAA", ["2001:db8::20"])
     target = world.router.target("carol@Sender.Test", "dsn")
     assert target == Target(
         kind="mx",
         key="mx:sender.test",
-        hosts=(("mx.sender.test", 25), ("backup.sender.test", 25)),
+        hosts=(("192.0.2.10", 25), ("2001:db8::20", 25)),
         starttls=True,
+        tls_modes=("starttls", "starttls"),
+        names=("mx.sender.test", "backup.sender.test"),
     )
     assert ("sender.test", "MX") in dns_server.zone.queries
 
@@ -141,15 +154,17 @@ def test_mx_port_comes_from_the_router(
     store: Store, resolver: DNSResolver, dns_server: Any
 ) -> None:
     dns_server.zone.set("sender.test", "MX", [(10, "mx.sender.test")])
+    dns_server.zone.set("mx.sender.test", "A", ["192.0.2.10"])
     target = Router(store.resolve_recipient, resolver, mx_port=2526).target("c@sender.test", "dsn")
-    assert target.hosts == (("mx.sender.test", 2526),)
+    assert target.hosts == (("192.0.2.10", 2526),)
 
 
 def test_domain_without_mx_falls_back_to_its_address(world: World, dns_server: Any) -> None:
     dns_server.zone.set("plain.test", "A", ["192.0.2.80"])
     target = world.router.target("carol@plain.test", "outbound")
     assert target.kind == "mx"
-    assert target.hosts == (("plain.test", 25),)
+    assert target.hosts == (("192.0.2.80", 25),)
+    assert target.names == ("plain.test",)
 
 
 def test_domain_without_mx_or_address_has_no_route(world: World, dns_server: Any) -> None:
@@ -296,7 +311,10 @@ def test_byod_address_reaches_the_device_maildir(site: Site) -> None:
 
     _wait_for(lambda: len(_inbox(site.maildir)) == 1)
     [stored] = _inbox(site.maildir)
-    assert stored.startswith(b"X-Tailpost-Queue-ID: ")
+    assert stored.startswith(
+        b"Return-Path: <carol@sender.test>\r\nDelivered-To: alice@example.com\r\n"
+        b"X-Tailpost-Queue-ID: "
+    )
     assert stored.endswith(data)
     assert b"\r\nReceived: from client.sender.test" in stored
     assert site.old_mx.handler.seen == []

@@ -35,12 +35,27 @@ class Limits:
     max_text_line: int = 1000
     max_header_size: int = 1024 * 1024
     max_received_headers: int = 50
+    own_received: int = 0
+    """How many Received headers this hop adds to a message it accepts (the MX: one; the
+    connector, the final delivery: none). Loop detection counts them (`is_loop`)."""
     idle_timeout: float = 300.0
     data_timeout: float = 600.0
     handler_timeout: float = 60.0
     max_errors: int = 20
     max_connections: int = 1000
     max_connections_per_ip: int = 100
+
+
+def is_loop(received: int, limits: Limits) -> bool:
+    """Whether a message with `received` Received headers is refused as a mail loop.
+
+    The one rule of every hop: refused when its Received headers and the ones this hop adds
+    (`limits.own_received`) would be more than the limit. So the MX (which adds one) refuses
+    at `max_received_headers` incoming ones, and a message it accepted reaches the
+    connector (which adds none) with at most `max_received_headers`: the connector, with
+    the same limit, never refuses as a loop what its edge accepted.
+    """
+    return received + limits.own_received > limits.max_received_headers
 
 
 class MessageSink(Protocol):
@@ -162,7 +177,7 @@ class DataReader:
         received = len(_RECEIVED.findall(region))
         if (
             self._header_size + fields > self.limits.max_header_size
-            or self._received + received > self.limits.max_received_headers
+            or is_loop(self._received + received, self.limits)
             or self.size + len(region) > self.limits.max_message_size
         ):
             return pos
@@ -184,7 +199,7 @@ class DataReader:
             self.fail(replies.S552_HEADER_TOO_BIG)
         if line[:9].lower() == b"received:":
             self._received += 1
-            if self._received > self.limits.max_received_headers:
+            if is_loop(self._received, self.limits):
                 self.fail(replies.S554_LOOP)
 
     def _count(self, n: int) -> None:

@@ -31,6 +31,7 @@ from edge.smtp.conncount import LocalCounts
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
+from edge.smtp.trace import helo_ok
 from edge.soon import is_deferred, now, then
 
 log = Logger()
@@ -342,7 +343,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _greeting(self, arg: str, esmtp: bool) -> Reply:
         assert self.session is not None
-        if not arg or " " in arg:
+        if not helo_ok(arg):
             return replies.S501_HELO_ARG
         self.session.helo = arg
         self.session.esmtp = esmtp

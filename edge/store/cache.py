@@ -105,6 +105,12 @@ class CachedLookups:
         )
         return found
 
+    def routed_domain(self, domain: str) -> bool:
+        routed: bool = self._get(
+            ("domain", domain.lower()), lambda: self.store.routed_domain(domain)
+        )
+        return routed
+
     def get_device(self, device_id: str) -> Device | None:
         found: Device | None = self._get(
             ("device", device_id), lambda: self.store.get_device(device_id)

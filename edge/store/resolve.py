@@ -5,11 +5,16 @@ Called by the SMTP server at RCPT TO through ``Store.resolve_recipient``. The ru
 1. an exact managed or BYOD address goes to its device, if that device is authorized (an
    address of a pending or revoked device is refused outright, as is a BYOD address whose
    route is disabled);
-2. else a route for the domain in ``device`` delivery mode whose status is ``active`` or
+2. else a role address (``postmaster@``, RFC 5321 §4.5.1; ``abuse@``, RFC 2142) of a domain
+   with a route that is not disabled goes to the device that owns the domain (the route's
+   connector), if that device is authorized, whatever the route's delivery mode: the
+   domain's owner, not its previous provider, answers for it;
+3. else a route for the domain in ``device`` delivery mode whose status is ``active`` or
    ``ready`` sends every address to the route's connector device (if authorized);
-3. else a ``split`` route (not disabled) with authoritative hosts passes the address on to
+4. else a ``split`` route (not disabled) with authoritative hosts passes the address on to
    those hosts (the domain's previous provider), in priority order;
-4. else nobody takes it (None), and the SMTP server refuses the recipient.
+5. else nobody takes it (None), and the SMTP server refuses the recipient (unless the edge's
+   own postmaster rule takes it: ``edge.routing.RecipientResolver``).
 
 Domains compare case-insensitively and local parts are lower-cased; plus-addresses are not
 stripped. This module must never raise on malformed input, never write to the database, and
@@ -28,6 +33,8 @@ from edge.store.records import RecipientTarget
 from edge.store.validate import split_address
 
 DEVICE_ROUTE_STATUSES = ("active", "ready")
+ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
+"""Local parts every mail domain must accept (RFC 5321 §4.5.1, RFC 2142)."""
 
 
 def _device_target(
@@ -78,6 +85,15 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
 
     if route is None or route.status == "disabled":
         return None
+    if local in ROLE_LOCAL_PARTS and route.connector_id is not None:
+        keeper = session.get(DeviceRow, route.connector_id)
+        found = (
+            None
+            if keeper is None
+            else _device_target(full, keeper, route.id, route.connector_smtp_addr)
+        )
+        if found is not None:
+            return found
     if route.delivery_mode == "device":
         if route.status not in DEVICE_ROUTE_STATUSES or route.connector_id is None:
             return None
@@ -97,3 +113,12 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
             upstream_hosts=copy.deepcopy(list(route.authoritative_hosts)),
         )
     return None
+
+
+def routed_domain(session: Session, domain: object) -> bool:
+    """Whether ``domain`` has a route that is not disabled (the edge receives its mail)."""
+    if not isinstance(domain, str) or not domain or len(domain) > 255:
+        return False
+    name = domain.strip().lower().rstrip(".")
+    route = session.scalars(select(EmailRouteRow).where(EmailRouteRow.domain == name)).first()
+    return route is not None and route.status != "disabled"

@@ -44,6 +44,7 @@ from edge.store.records import (
     SpamRule,
 )
 from edge.store.resolve import resolve_recipient as _resolve
+from edge.store.resolve import routed_domain as _routed_domain
 from edge.store.validate import (
     DEVICE_AUTH_STATUSES,
     check_choice,
@@ -388,3 +389,8 @@ class Store:
         """Where mail for ``address`` goes (see edge.store.resolve); None if nobody takes it."""
         with self._read() as session:
             return _resolve(session, address)
+
+    def routed_domain(self, domain: str) -> bool:
+        """Whether ``domain`` has a route that is not disabled (see edge.store.resolve)."""
+        with self._read() as session:
+            return _routed_domain(session, domain)
