@@ -10,11 +10,12 @@ and reported as such (`Outcome.connected` false): the queue keeps a device's mai
 arrival order only while the device cannot be reached this way.
 
 The paths go out exactly as the MX received them (`<` + path + `>`, UTF-8), never parsed
-again: whatever the MX's parser took, this sends. SMTPUTF8 goes on MAIL FROM when the paths
-or the header section are not ASCII, and when the message came with it and the server
-offers it (RFC 6531); a server without it gets no transaction for a message that needs it,
-and the recipients fail permanently with 553 5.6.7 (section 3.4), unless another host of
-the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME;
+again: whatever the MX's parser took, this sends. A message needs SMTPUTF8 (RFC 6531) when
+its paths are not ASCII, or when it came with SMTPUTF8 and its header section is not ASCII
+(a legacy 8-bit message that came without it goes on as it came); one that came with it
+asks for it wherever offered. A server without it gets no transaction for a message that
+needs it: the recipients fail permanently with 553 5.6.7 (section 3.4), unless another
+host of the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME;
 to one that does not, the data still goes unchanged (converting it would change the
 message, and a server that refuses it says so with a reply that stands).
 Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
