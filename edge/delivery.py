@@ -9,6 +9,18 @@ the sender (never to `<>`, never for spam), and a "delayed" DSN goes out once af
 configured delay. One recipient's failure never holds back another's. Time comes from the
 injected clock; spool, store and DNS calls go through `run_blocking`, never the reactor.
 It never forgets a message while one of its recipients is unfinished.
+
+A target's mail goes in arrival order only while the target cannot be reached (the
+connection failed, timed out or was lost before the transaction, or the host closed it
+with 421): then younger messages wait behind the oldest, and all go, oldest first, once
+one gets through. A message refused for its own reasons (a 4xx at MAIL, RCPT or DATA)
+is retried on its own schedule and holds back nothing.
+
+One message's failure never holds back another. An exception while delivering a message
+that is not a network or infrastructure fault (store, disk, DNS: retried on the schedule)
+is a defect of ours: it is logged with its traceback and the message is held, with the
+reason (`queue list`, `queue show`), for an operator to release once it is fixed; the next
+message goes. A permanent refusal bounces (DSN), as always.
 """
 
 from __future__ import annotations
@@ -19,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet import defer, threads
+from sqlalchemy import exc as sql_errors
+from twisted.internet import defer, error, threads
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,7 +54,38 @@ INTAKE_WAIT = 0.01
 
 
 class Deliverer(Protocol):
-    def deliver(self, target: Target, sender: str, recipients: list[str], data: bytes) -> Any: ...
+    def deliver(
+        self,
+        target: Target,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> Any: ...
+
+
+_FAULTS = (
+    OSError,
+    DNSTemporaryError,
+    error.ConnectError,
+    error.ConnectionClosed,
+    defer.TimeoutError,
+    sql_errors.OperationalError,
+    sql_errors.InterfaceError,
+    sql_errors.DisconnectionError,
+    sql_errors.TimeoutError,
+)
+"""Exceptions that are passing faults of the network or of our infrastructure (store, disk,
+DNS), not of a message: retried on the schedule. Anything else is a defect: held."""
+
+
+def is_passing_fault(exc: BaseException) -> bool:
+    return isinstance(exc, _FAULTS)
+
+
+def defect_reason(exc: BaseException) -> str:
+    return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
 
 
 def _run_in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
@@ -253,11 +297,45 @@ class DeliveryQueue:
         d.addErrback(self._attempt_failed, qid)
         d.addBoth(lambda _: self._running.discard(qid))
 
-    def _attempt_failed(self, failure: Any, qid: str) -> None:
-        """A fault of ours (store, disk) during an attempt: log it and try again later."""
+    def _attempt_failed(self, failure: Failure, qid: str) -> None:
+        """An attempt raised. A passing fault of ours (store, disk): log it and try again
+        later. Anything else is a defect: the message is held with the reason."""
         log.failure("queue: attempt for {qid} failed", failure, qid=qid)
+        if qid not in self.envelopes:
+            return
+        exc = failure.value
+        if exc is None or is_passing_fault(exc):
+            self._retry_later(qid)
+            return
+        d = defer.ensureDeferred(self._hold(qid, defect_reason(exc)))
+        d.addErrback(self._hold_failed, qid)
+
+    def _hold_failed(self, failure: Failure, qid: str) -> None:
+        log.failure("queue: holding {qid} failed; it is tried again later", failure, qid=qid)
         if qid in self.envelopes:
             self._retry_later(qid)
+
+    async def _hold(self, qid: str, reason: str, rcpts: list[str] | None = None) -> None:
+        """Hold `qid` (recording why) after a defect; what waited behind it goes on."""
+        self.unschedule(qid)
+        state = self._state(qid)
+        keys = set(state.waiting_on)
+        self._stop_waiting(qid)
+        if qid not in self.envelopes:
+            return
+        entry = self.spool.entry(qid)
+        if not entry.pending:  # nothing left to deliver: done with it
+            await self.run_blocking(self.spool.remove, qid)
+            self.forget(qid)
+            return
+        await self.run_blocking(self.spool.set_held, qid, True, reason)
+        reply = f"451 {reason}"
+        for rcpt in rcpts if rcpts is not None else entry.pending:
+            state.last_errors[rcpt] = reply
+            self.record_event(qid, rcpt, "deferred", reply)
+        log.warn("queue: {qid} held: {reason}", qid=qid, reason=reason)
+        for key in keys:
+            self._flush_soon(key)
 
     def _retry_later(self, qid: str) -> None:
         state = self._state(qid)
@@ -367,6 +445,9 @@ class DeliveryQueue:
             groups.setdefault(target.key, (target, []))[1].append(rcpt)
         raw = await self.run_blocking(self.spool.read, qid) if groups else b""
         postponed: set[str] = set()
+        answered: set[str] = set()  # targets that answered (or failed us by a defect)
+        defect = ""  # the first defect met, if any: the message is held for it
+        held: list[str] = []
         for target, rcpts in groups.values():
             if not in_order and self._older_waiting(target.key, qid):
                 # Older mail for this target is still waiting: it goes first, this one after.
@@ -381,13 +462,19 @@ class DeliveryQueue:
                 data = QUEUE_ID_HEADER + b": " + qid.encode() + b"\r\n" + raw
             try:
                 outcomes: dict[str, Outcome] = await self.deliverer.deliver(
-                    target, env.sender, rcpts, data
+                    target, env.sender, rcpts, data, smtputf8=env.smtputf8
                 )
-            except Exception as exc:  # a bad target must not stop the queue
+            except Exception as exc:  # one message's failure must not stop the queue
                 log.failure("queue: delivering {qid} failed", qid=qid)
-                outcomes = dict.fromkeys(rcpts, Outcome(451, f"4.3.0 delivery failed: {exc}"))
-            if any(o.delivered for o in outcomes.values()):
-                self._flush_soon(target.key, skip=qid)
+                if not is_passing_fault(exc):
+                    defect = defect or defect_reason(exc)
+                    held.extend(rcpts)
+                    answered.add(target.key)
+                    continue
+                fault = Outcome(451, f"4.4.1 delivery failed: {exc}", connected=False)
+                outcomes = dict.fromkeys(rcpts, fault)
+            if any(o.connected for o in outcomes.values()):
+                answered.add(target.key)  # reachable: what waits for it may go
             for rcpt in rcpts:
                 outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
                 status = RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
@@ -398,12 +485,17 @@ class DeliveryQueue:
                     failed.append(status)
                 else:
                     temporary[rcpt] = status
-                    self._wait(qid, target.key)
+                    if not outcome.connected:
+                        # Not reachable: younger mail for it waits behind this one.
+                        self._wait(qid, target.key)
         for status in failed:
             finals[status.recipient] = f"bounced: {status.reply}"
             self.record_event(qid, status.recipient, "bounced", status.reply)
+        for key in answered:
+            self._flush_soon(key, skip=qid)
         now = self.clock.seconds()
-        expired = bool(temporary) and now - env.received_at >= self.lifetime
+        # Held for a defect: nothing of it expires or is tried again before it is released.
+        expired = bool(temporary) and not defect and now - env.received_at >= self.lifetime
         if expired:
             for status in temporary.values():
                 finals[status.recipient] = f"expired: {status.reply}"
@@ -416,6 +508,10 @@ class DeliveryQueue:
                 log.info("queue: {qid} to {rcpt}: {final}", qid=qid, rcpt=rcpt, final=final)
         if failed:
             await self.report(env, raw, failed, "failed")
+        if defect:
+            self._deferred(qid, state, temporary)
+            await self._hold(qid, defect, held)
+            return
         if temporary:
             self._deferred(qid, state, temporary)
             if not entry.warned and now - env.received_at >= self.delay_warning:

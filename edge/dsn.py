@@ -4,12 +4,18 @@
 `message/delivery-status` part, and the original header section) as bytes with CRLF line
 ends. Whether a DSN may be sent at all (never to the null sender, never for mail judged
 spam) is decided by `dsn_allowed`. Nothing here does I/O.
+
+Mail with a UTF-8 address or UTF-8 header fields gets the international form (RFC 6533):
+`message/global-delivery-status` with `utf-8;` address types for UTF-8 addresses, the
+original header section as `message/global-headers`, octet for octet, and the report's own
+header fields in UTF-8 (it goes out with SMTPUTF8, as any mail with such a path does).
 """
 
 from __future__ import annotations
 
 import email.utils
 import re
+import secrets
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage, Message
@@ -43,10 +49,33 @@ def status_code(reply: str, action: str) -> str:
     return "5.0.0" if action == "failed" else "4.0.0"
 
 
-def _header_section(original: bytes) -> str:
+def _header_bytes(original: bytes) -> bytes:
     end = original.find(b"\r\n\r\n")
-    head = original if end < 0 else original[: end + 2]
-    return head.decode("utf-8", "replace")
+    return original if end < 0 else original[: end + 2]
+
+
+def _address_type(address: str) -> str:
+    return f"rfc822; {address}" if address.isascii() else f"utf-8; {address}"
+
+
+class _Octets:
+    """Parts whose octets go into the report as they are. The `email` generator writes a
+    `message/*` part's text payload only when it is ASCII (and of a `message/*` part it
+    does not know, only the first sub-part): each such part gets a unique ASCII stand-in,
+    replaced by its octets once the report is written."""
+
+    def __init__(self) -> None:
+        self.parts: dict[bytes, bytes] = {}
+
+    def stand_in(self, octets: bytes) -> str:
+        token = f"tailpost-octets-{secrets.token_hex(16)}"
+        self.parts[token.encode()] = octets
+        return token
+
+    def fill(self, written: bytes) -> bytes:
+        for token, octets in self.parts.items():
+            written = written.replace(token, octets, 1)
+        return written
 
 
 def build_dsn(
@@ -62,6 +91,11 @@ def build_dsn(
     """The report for `statuses` of `envelope`'s message; `action` is "failed" or "delayed"."""
     if action not in ("failed", "delayed"):
         raise ValueError(f"unknown DSN action {action!r}")
+    head = _header_bytes(original)
+    utf8_head = not head.isascii()
+    international = utf8_head or not (
+        envelope.sender.isascii() and all(st.recipient.isascii() for st in statuses)
+    )
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     report["To"] = f"<{envelope.sender}>"
@@ -86,7 +120,9 @@ def build_dsn(
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
 
     status = Message()
-    status.set_type("message/delivery-status")
+    status.set_type(
+        "message/global-delivery-status" if international else "message/delivery-status"
+    )
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["X-Tailpost-Queue-ID"] = envelope.qid
@@ -94,7 +130,7 @@ def build_dsn(
     blocks: list[Message | str] = [per_message]
     for st in statuses:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {st.recipient}"
+        block["Final-Recipient"] = _address_type(st.recipient)
         block["Action"] = action
         block["Status"] = status_code(st.reply, action)
         if st.remote:
@@ -104,11 +140,27 @@ def build_dsn(
         if action == "delayed" and retry_until is not None:
             block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)
         blocks.append(block)
-    status.set_payload(blocks)
+    octets = _Octets()
+    if international:
+        fields = b"\r\n".join(
+            b"".join(f"{name}: {value}\r\n".encode() for name, value in block.items())
+            for block in blocks
+            if isinstance(block, Message)
+        )
+        status.set_payload(octets.stand_in(fields))
+        status["Content-Transfer-Encoding"] = "8bit"
+    else:
+        status.set_payload(blocks)
     report.attach(status)
 
     headers = EmailMessage()
-    headers.set_type("text/rfc822-headers")
-    headers.set_payload(_header_section(original))
+    if utf8_head:
+        headers.set_type("message/global-headers")
+        headers.set_payload(octets.stand_in(head))
+        headers["Content-Transfer-Encoding"] = "8bit"
+    else:
+        headers.set_type("text/rfc822-headers")
+        headers.set_payload(head.decode("ascii"))
     report.attach(headers)
-    return report.as_bytes(policy=policy.SMTP)
+    written = report.as_bytes(policy=policy.SMTPUTF8 if international else policy.SMTP)
+    return octets.fill(written)

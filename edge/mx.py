@@ -277,6 +277,7 @@ class MXHandler:
             received_at=now,
             client_ip=session.peer_host,
             helo=session.helo or "",
+            smtputf8="SMTPUTF8" in session.sender.params,
         )
         spooling = Spooling(
             writer,

@@ -67,6 +67,8 @@ def _print_list(items: list[dict[str, Any]], out: TextIO) -> None:
     rows = [header]
     for m in items:
         error = next(iter(m["last_errors"].values()), "") if m["last_errors"] else ""
+        if m.get("held_reason"):
+            error = "held: " + m["held_reason"]
         rows.append(
             (
                 m["id"],
@@ -120,6 +122,8 @@ def _queue(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     else:
         for key in ("id", "state", "sender", "pending", "attempts", "last_errors", "held"):
             out.write(f"{key:12} {body[key]}\n")
+        if body.get("held_reason"):
+            out.write(f"{'held reason':12} {body['held_reason']}\n")
         out.write(f"{'age':12} {_age(body['age_seconds'])}\n")
         when = body["next_attempt_at"]
         nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "-"

@@ -1,7 +1,8 @@
 """Operator actions on the delivery queue: list, show, retry now, hold, release, delete, bounce.
 
 Used by the `/v1/queue` control API (and through it by `tailpost queue`). Every action
-records its effect in the spool before it answers, so it survives a restart; nothing here
+records its effect in the spool before it answers, so it survives a restart (a hold with its
+reason: the operator's, or the defect the queue held the message for); nothing here
 deletes a message without recording an outcome for each of its unfinished recipients.
 """
 
@@ -70,6 +71,7 @@ class QueueControl:
             "devices": dict(state.devices) if state else {},
             "client_ip": env.client_ip,
             "held": entry.held,
+            "held_reason": entry.held_reason,
             "delay_warned": entry.warned,
             "expires_at": env.received_at + q.lifetime,
         }
@@ -106,7 +108,8 @@ class QueueControl:
 
     async def hold(self, qid: str) -> dict[str, Any]:
         self._known(qid)
-        await self.queue.run_blocking(self.queue.spool.set_held, qid, True)
+        spool = self.queue.spool
+        await self.queue.run_blocking(spool.set_held, qid, True, "held by the operator")
         self.queue.unschedule(qid)
         return self.describe(qid)
 

@@ -5,7 +5,19 @@ transaction driven here, and with two corrections made here in one place: the da
 exactly as spooled (Twisted's own per-chunk LF rewriting and dot-stuffing let a dot line at
 a 16 KiB boundary end DATA early), and the outcome is reported per recipient, with a
 refusal at end of DATA applying to every recipient that RCPT had accepted. Hosts are tried
-in order until one answers the transaction. Connection-level failures are always temporary.
+in order until one answers the transaction. Connection-level failures are always temporary,
+and reported as such (`Outcome.connected` false): the queue keeps a device's mail in
+arrival order only while the device cannot be reached this way.
+
+The paths go out exactly as the MX received them (`<` + path + `>`, UTF-8), never parsed
+again: whatever the MX's parser took, this sends. A message needs SMTPUTF8 (RFC 6531) when
+its paths are not ASCII, or when it came with SMTPUTF8 and its header section is not ASCII
+(a legacy 8-bit message that came without it goes on as it came); one that came with it
+asks for it wherever offered. A server without it gets no transaction for a message that
+needs it: the recipients fail permanently with 553 5.6.7 (section 3.4), unless another
+host of the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME;
+to one that does not, the data still goes unchanged (converting it would change the
+message, and a server that refuses it says so with a reply that stands).
 Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
 offered, TLS from the first octet (a split domain's old MX on port 465), or plain SMTP.
 
@@ -48,16 +60,21 @@ from twisted.application.service import Service
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import (
-    Address,
-    SMTPDeliveryError,
-    quoteaddr,
-)
+from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
 from edge.checks.arc import ARCSealer
 from edge.routing import Target
-from edge.smtpsession import QUIT_TIMEOUT, Session, SessionFactory, Transaction
+from edge.smtp import replies
+from edge.smtpsession import (
+    QUIT_TIMEOUT,
+    MailRefused,
+    NeedsSMTPUTF8,
+    Session,
+    SessionDefect,
+    SessionFactory,
+    Transaction,
+)
 from edge.spool import QUEUE_ID_HEADER
 
 log = Logger()
@@ -96,6 +113,35 @@ class Outcome:
 def _addr(value: bytes | str) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return text.strip("<>")
+
+
+def wire_path(address: str) -> bytes:
+    """A path as it goes out: exactly as received, in angle brackets, UTF-8. One that no
+    SMTP command could carry (the MX's parser never takes such a path) raises ValueError."""
+    if any(c in address for c in "<>\r\n\0"):
+        raise ValueError(f"path {address!r} cannot be sent in an SMTP command")
+    return b"<" + address.encode("utf-8") + b">"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a message asks of the server's extensions (`Transaction`'s flags)."""
+
+    utf8_needed: bool
+    utf8_wanted: bool
+    eight_bit: bool
+
+    @classmethod
+    def of(cls, sender: str, recipients: list[str], data: bytes, smtputf8: bool) -> Needs:
+        paths = sender.isascii() and all(r.isascii() for r in recipients)
+        ascii_data = data.isascii()
+        head_end = data.find(b"\r\n\r\n")
+        ascii_head = ascii_data or data[: head_end if head_end >= 0 else len(data)].isascii()
+        return cls(
+            utf8_needed=not paths or (smtputf8 and not ascii_head),
+            utf8_wanted=smtputf8,
+            eight_bit=not ascii_data,
+        )
 
 
 class _Pool:
@@ -310,15 +356,27 @@ class SMTPDeliverer:
         self._pools: dict[PoolKey, _Pool] = {}
 
     async def deliver(
-        self, target: Target, sender: str, recipients: list[str], data: bytes
+        self,
+        target: Target,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
     ) -> dict[str, Outcome]:
+        """Send `data` from `sender` to `recipients`; `smtputf8`: the message came with
+        SMTPUTF8. An outcome per recipient; an exception only for a defect of ours."""
+        paths = (wire_path(sender), [wire_path(r) for r in recipients])
+        needs = Needs.of(sender, recipients, data, smtputf8)
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
         prepare = None
         if self.sealer is not None and target.kind in SEALED_KINDS:
             prepare = _Seal(self, self.sealer, data, stuffed)
         outcomes: dict[str, Outcome] = {}
         for host, port in target.hosts:
-            outcomes = await self._send(target, host, port, sender, recipients, stuffed, prepare)
+            outcomes = await self._send(
+                target, host, port, paths, recipients, stuffed, needs, prepare
+            )
             if any(o.connected for o in outcomes.values()):
                 break  # this host answered the transaction: its word stands
         return outcomes
@@ -357,14 +415,14 @@ class SMTPDeliverer:
         target: Target,
         host: str,
         port: int,
-        sender: str,
+        paths: tuple[bytes, list[bytes]],
         rcpts: list[str],
         data: bytes,
+        needs: Needs,
         prepare: Callable[[], defer.Deferred[bytes]] | None = None,
     ) -> dict[str, Outcome]:
         where = target.where(host, port)  # the host name, with the address connected to
-        mail_from = quoteaddr(str(Address(sender)))
-        encoded = [r.encode("ascii") for r in rcpts]
+        mail_from, encoded = paths
         for attempt in range(2):
             pool = self._pool(target, host, port)
             try:
@@ -374,7 +432,15 @@ class SMTPDeliverer:
             except Exception:
                 return self._failed(Failure(), rcpts, where)
             reused = session.transactions > 0
-            tx = Transaction(mail_from, encoded, data, prepare)
+            tx = Transaction(
+                mail_from,
+                encoded,
+                data,
+                needs.utf8_needed,
+                needs.utf8_wanted,
+                needs.eight_bit,
+                prepare,
+            )
             try:
                 session.send(tx)
                 result = await tx.done
@@ -383,6 +449,8 @@ class SMTPDeliverer:
             if result.error is None:
                 assert result.accepted is not None
                 return self._accepted(result.accepted, where)
+            if isinstance(result.error, SessionDefect):
+                result.error.failure.raiseException()  # a defect of ours, not the host's
             if result.dead and reused and attempt == 0:
                 log.info(
                     "smtp: reused connection to {where} failed ({error}); again on a new one",
@@ -406,9 +474,18 @@ class SMTPDeliverer:
     @staticmethod
     def _failed(failure: Any, recipients: list[str], where: str) -> dict[str, Outcome]:
         err = failure.value
+        if isinstance(err, NeedsSMTPUTF8):
+            reply = replies.S553_NON_ASCII
+            text = f"{reply.enhanced} {where} does not offer SMTPUTF8, which this message needs"
+            # Final, yet not this host's word on the message: another host may take it.
+            return dict.fromkeys(recipients, Outcome(reply.code, text, where, connected=False))
         addresses: Any = getattr(err, "addresses", None)
         code = getattr(err, "code", 0)
-        connected = isinstance(err, SMTPDeliveryError) and bool(addresses)
+        # A refusal at MAIL FROM answers for the message; failing before it (connection,
+        # greeting, TLS, AUTH, a 421) says nothing about the message.
+        connected = isinstance(err, SMTPDeliveryError) and (
+            bool(addresses) or isinstance(err, MailRefused)
+        )
         if not isinstance(code, int) or not 400 <= code < 600 or not connected:
             # Failing before the recipients were even tried (connection, TLS, AUTH) says
             # nothing about the message: always worth another try, maybe at another host.

@@ -5,8 +5,18 @@ drives MAIL/RCPT/DATA itself, one transaction at a time, sending the data exactl
 (already dot-stuffed, CRLF) and collecting one reply per recipient. A transaction may carry
 a `prepare` step that makes the final data once the recipients are accepted, while the DATA
 command is under way (the deliverer's ARC seal), so that an attempt that ends earlier never
-pays for it. `edge.smtpclient` owns the pool of these sessions. A session must never start a transaction while another is
-unfinished, and never log the AUTH exchange.
+pays for it. `edge.smtpclient` owns the pool of these sessions.
+
+The paths go out exactly as given (the deliverer brackets them, as received by the MX). The
+MAIL command carries `SMTPUTF8` when the transaction needs it (RFC 6531: UTF-8 paths or
+header fields) or asks for it and the server offers it, and `BODY=8BITMIME` for 8-bit data
+when the server offers 8BITMIME (RFC 6152). A transaction that needs SMTPUTF8 from a server
+that does not offer it is never started: it ends with `NeedsSMTPUTF8`, the session stays
+usable. An exception raised by this session's own code while it handles a reply ends the
+transaction with `SessionDefect`, never with an error that looks like the network's.
+
+A session must never start a transaction while another is unfinished, and never log the
+AUTH exchange.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, protocol
+from OpenSSL import SSL
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.mail.smtp import (
@@ -31,7 +42,6 @@ from twisted.mail.smtp import (
     SMTPDeliveryError,
     SMTPProtocolError,
     SMTPTimeoutError,
-    quoteaddr,
 )
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
@@ -42,6 +52,27 @@ QUIT_TIMEOUT = 10.0  # the most a polite close waits for the reply to QUIT
 _ANY_REPLY = list(range(1000))
 _OK_REPLY = list(SUCCESS)
 RcptReply = tuple[bytes, int, bytes]
+
+
+class MailRefused(SMTPDeliveryError):
+    """The server refused MAIL FROM (with anything but 421): an answer about this message,
+    not a failure of the connection."""
+
+
+class NeedsSMTPUTF8(SMTPClientError):
+    """The transaction needs SMTPUTF8 and the server does not offer it: nothing was sent."""
+
+
+class SessionDefect(Exception):
+    """This session's own code raised while handling the server: `failure` says what."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"defect in the SMTP session: {failure.getErrorMessage()}")
+        self.failure = failure
+
+
+_NETWORK_ERRORS = (error.ConnectionClosed, error.ConnectError, OSError, SSL.Error)
+"""What a lost connection's reason is when the network (or TLS) ended it, not our code."""
 
 
 @dataclass
@@ -60,9 +91,12 @@ class Result:
 
 @dataclass
 class Transaction:
-    sender: bytes  # MAIL FROM argument, quoted
-    recipients: list[bytes]
+    sender: bytes  # the reverse-path as it goes out, in angle brackets
+    recipients: list[bytes]  # the forward-paths, the same way
     data: bytes  # already dot-stuffed: sent exactly as it is
+    utf8_needed: bool = False  # SMTPUTF8 or nothing: UTF-8 paths or header fields
+    utf8_wanted: bool = False  # SMTPUTF8 where offered: the message came with it
+    eight_bit: bool = False  # the data has octets above 127: BODY=8BITMIME where offered
     # Called (once) when a recipient was accepted and DATA goes out; what it fires with
     # replaces `data`. It must not fail.
     prepare: Callable[[], defer.Deferred[bytes]] | None = None
@@ -116,6 +150,7 @@ class Session(ESMTPClient):
         self.counted = False  # holds one of its pool's connection slots
         self.idle_timer: IDelayedCall | None = None
         self.on_lost: Callable[[Session], None] | None = None
+        self.extensions: frozenset[bytes] = frozenset()  # EHLO keywords, upper case
 
     def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
         # TimeoutMixin's timer, on the injected clock.
@@ -132,6 +167,13 @@ class Session(ESMTPClient):
     def _lose(self) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        """The reply to EHLO (again after STARTTLS): keep its keywords, then Twisted goes on."""
+        self.extensions = frozenset(
+            line.split(None, 1)[0].upper() for line in resp.splitlines()[1:] if line.strip()
+        )
+        ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
     # -- Twisted's handshake ends here -------------------------------------------------------
 
@@ -157,7 +199,11 @@ class Session(ESMTPClient):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         ESMTPClient.connectionLost(self, reason)
         self.lost = True
-        if self.state == "connecting":
+        if self.state == "busy" and not reason.check(*_NETWORK_ERRORS):
+            # Our own code raised while handling the server (the transport logged it and
+            # dropped the connection): the transaction ends with that, not as a lost line.
+            self._broken(SessionDefect(reason))
+        elif self.state == "connecting":
             text = "Unable to connect to SMTP server: " + str(reason.value)
             self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
         elif self.state in ("idle", "busy"):
@@ -210,10 +256,21 @@ class Session(ESMTPClient):
         self._broken(SMTPProtocolError(code, b"RSET refused: " + resp))
 
     def _mail(self) -> None:
-        assert self.tx is not None
+        tx = self.tx
+        assert tx is not None
+        line = b"MAIL FROM:" + tx.sender
+        if tx.utf8_needed or tx.utf8_wanted:
+            if b"SMTPUTF8" in self.extensions:
+                line += b" SMTPUTF8"
+            elif tx.utf8_needed:
+                # RFC 6531 section 3.4: never sent to a server without SMTPUTF8.
+                self._finish(Result(error=NeedsSMTPUTF8(553, b"SMTPUTF8 not offered")))
+                return
+        if tx.eight_bit and b"8BITMIME" in self.extensions:
+            line += b" BODY=8BITMIME"
         # From here until the reply to the end of data, a failure leaves a transaction open.
         self.needs_rset = True
-        self._command(b"MAIL FROM:" + self.tx.sender, [250], self._mail_ok, self._mail_refused)
+        self._command(line, [250], self._mail_ok, self._mail_refused)
 
     def _mail_ok(self, code: int, resp: bytes) -> None:
         self._next_rcpt()
@@ -222,8 +279,8 @@ class Session(ESMTPClient):
         if code == 421:
             self._closing_reply(code, resp)
             return
-        # No recipient was tried: the mapping makes this temporary and lets the next host try.
-        self._finish(Result(error=SMTPDeliveryError(code, resp, None, [])))
+        # The server's word on this message (its sender, its size): it stands.
+        self._finish(Result(error=MailRefused(code, resp, None, [])))
 
     def _next_rcpt(self) -> None:
         tx = self.tx
@@ -231,7 +288,7 @@ class Session(ESMTPClient):
         if tx.pending:
             tx.current = tx.pending.pop(0)
             reply = self._rcpt_reply
-            self._command(b"RCPT TO:" + quoteaddr(tx.current), _ANY_REPLY, reply, reply)
+            self._command(b"RCPT TO:" + tx.current, _ANY_REPLY, reply, reply)
         elif any(code in SUCCESS for _addr, code, _resp in tx.replies):
             if tx.prepare is not None and tx.prepared is None:
                 # Made while the DATA command is under way; waited for before the data goes.

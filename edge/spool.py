@@ -7,7 +7,7 @@ Layout under the spool root:
     queue/<seg>.seg   a segment: committed messages, appended batch after batch to a file
                       made ahead of need at a fixed size (the format: `edge.segments`)
     queue/<seg>.log   append-only state of the segment's messages: recipients finished
-                      (delivered, bounced, deleted), held/released, delay warned
+                      (delivered, bounced, deleted), held (and why)/released, delay warned
 
 Group commit: `commit` may be called from many worker threads at once. The first caller
 becomes the leader and appends every message waiting at that moment to the current segment
@@ -455,10 +455,16 @@ class Spool:
         with self._lock:
             self._entries[qid].outcomes.update(outcomes)
 
-    def set_held(self, qid: str, held: bool) -> None:
-        self._append(qid, [{"q": qid, "held": held}])
+    def set_held(self, qid: str, held: bool, reason: str = "") -> None:
+        """Hold (with the reason why) or release a message. Blocking."""
+        record: dict[str, Any] = {"q": qid, "held": held}
+        if held and reason:
+            record["reason"] = reason
+        self._append(qid, [record])
         with self._lock:
-            self._entries[qid].held = held
+            entry = self._entries[qid]
+            entry.held = held
+            entry.held_reason = reason if held else ""
 
     def set_warned(self, qid: str) -> None:
         self._append(qid, [{"q": qid, "warned": True}])

@@ -43,6 +43,9 @@ class Envelope:
     size: int = 0
     kind: str = "inbound"
     extra: dict[str, Any] = field(default_factory=dict)
+    smtputf8: bool = False
+    """The message came with SMTPUTF8 (RFC 6531): it goes on with it where offered. The
+    paths are kept exactly as received, whatever they hold."""
 
     def to_json(self) -> bytes:
         # The fields by hand: `asdict` copies recursively and costs more than the dump.
@@ -56,6 +59,7 @@ class Envelope:
             "recipients": self.recipients,
             "sender": self.sender,
             "size": self.size,
+            "smtputf8": self.smtputf8,
         }
         return _ENVELOPE_JSON.encode(fields).encode()
 
@@ -75,6 +79,8 @@ class SpoolEntry:
     length: int
     outcomes: dict[str, str] = field(default_factory=dict)
     held: bool = False
+    held_reason: str = ""
+    """Why it is held: the operator's word, or the defect that stopped its delivery."""
     warned: bool = False
 
     @property

@@ -2,7 +2,7 @@
 
 A segment (`<name>.seg`, the format in `edge.segments`; `<name>.batch` from earlier versions)
 holds batches of committed messages; its log (`<name>.log`) holds one JSON line per change:
-a recipient finished, held or released, delay warned. A torn last line of a log is ignored,
+a recipient finished, held (with the reason) or released, delay warned. A torn last line of a log is ignored,
 and a segment is read up to its first batch that is not whole and valid. Nothing here
 writes.
 """
@@ -85,5 +85,6 @@ def _apply_log(path: Path, entries: dict[str, SpoolEntry]) -> None:
             entry.outcomes[record["r"]] = record["o"]
         if "held" in record:
             entry.held = bool(record["held"])
+            entry.held_reason = str(record.get("reason", "")) if entry.held else ""
         if record.get("warned"):
             entry.warned = True

@@ -99,7 +99,13 @@ class FakeDeliverer:
     dsn_calls: list[Call] = field(default_factory=list)
 
     def deliver(
-        self, target: Target, sender: str, recipients: list[str], data: bytes
+        self,
+        target: Target,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
     ) -> defer.Deferred[dict[str, Outcome]]:
         call = Call(target, sender, list(recipients), data, defer.Deferred())
         if target.kind == "mx":
@@ -351,7 +357,9 @@ def test_target_down_for_many_attempts_gets_the_message_once(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("how", ["errback", "raise"])
-def test_deliverer_exception_is_a_temporary_failure(tmp_path: Path, how: str) -> None:
+def test_deliverer_exception_holds_the_message_with_the_reason(tmp_path: Path, how: str) -> None:
+    """An exception of the deliverer that is no network fault is a defect of ours: the
+    message is held with the reason (not retried, not waited behind), until released."""
     attempts: list[int] = []
 
     def script(call: Call) -> Reply:
@@ -366,7 +374,39 @@ def test_deliverer_exception_is_a_temporary_failure(tmp_path: Path, how: str) ->
     env = h.accept([A])
     h.clock.advance(0)
     assert len(attempts) == 1
-    assert h.spool.queued_ids() == [env.qid]
+    entry = h.spool.entry(env.qid)
+    assert entry.held and "RuntimeError: boom" in entry.held_reason
+    assert h.queue.states[env.qid].last_errors[A].startswith("451 4.3.0 held")
+    assert h.queue.states[env.qid].waiting_on == set()
+    [found] = recoverable(tmp_path)  # the hold and its reason survive a restart
+    assert found.held and found.held_reason == entry.held_reason
+    h.clock.advance(10 * SCHEDULE[-1])
+    assert len(attempts) == 1  # held: no attempt
+    assert h.deliverer.dsn_calls == []  # a defect of ours is never a bounce
+    h.spool.set_held(env.qid, False)  # released by the operator
+    h.queue.schedule(env.qid, 0.0)
+    h.clock.advance(0)
+    assert len(attempts) == 2
+    assert h.spool.queued_ids() == []
+
+
+@pytest.mark.parametrize("how", ["errback", "raise"])
+def test_deliverer_network_exception_is_a_temporary_failure(tmp_path: Path, how: str) -> None:
+    attempts: list[int] = []
+
+    def script(call: Call) -> Reply:
+        attempts.append(1)
+        if len(attempts) == 1:
+            if how == "raise":
+                raise ConnectionRefusedError("refused")
+            return ConnectionRefusedError("refused")
+        return dict.fromkeys(call.recipients, Outcome(250, "ok"))
+
+    h = Harness(tmp_path, {A: device(A)}, script)
+    env = h.accept([A])
+    h.clock.advance(0)
+    assert len(attempts) == 1
+    assert h.spool.queued_ids() == [env.qid] and not h.spool.entry(env.qid).held
     h.clock.advance(SCHEDULE[0])
     assert len(attempts) == 2
     assert h.spool.queued_ids() == []

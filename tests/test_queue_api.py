@@ -30,7 +30,9 @@ class Refusing:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def deliver(self, target: Target, sender: str, rcpts: list[str], data: bytes) -> Any:
+    def deliver(
+        self, target: Target, sender: str, rcpts: list[str], data: bytes, *, smtputf8: bool = False
+    ) -> Any:
         self.calls.append(rcpts)
         return defer.succeed(dict.fromkeys(rcpts, Outcome(451, "4.4.1 try later", "mx:25")))
 

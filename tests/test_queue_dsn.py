@@ -129,7 +129,13 @@ class ScriptedDeliverer:
     calls: list[Call] = field(default_factory=list)
 
     async def deliver(
-        self, target: Target, sender: str, recipients: list[str], data: bytes
+        self,
+        target: Target,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
     ) -> dict[str, Outcome]:
         call = Call(self.clock.seconds(), target, sender, list(recipients), data)
         self.calls.append(call)

@@ -294,3 +294,28 @@ def test_starttls_behind_the_proxy_protocol(in_reactor: Any, tmp_path: Path) -> 
         assert server.accepted[0].client_ip == "198.51.100.20"
     finally:
         in_reactor(port.stopListening)
+
+
+@pytest.mark.parametrize("utf8", [True, False])
+def test_the_envelope_records_whether_mail_came_with_smtputf8(
+    in_reactor: Any, tmp_path: Path, utf8: bool
+) -> None:
+    server, port = start_server(in_reactor, tmp_path, tls=False)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        reader = LineReader(sock)
+        assert reader.reply()[0] == 220
+        assert reader.command(b"EHLO client.test\r\n")[0] == 250
+        param = b" SMTPUTF8" if utf8 else b""
+        assert reader.command(b"MAIL FROM:<a@sender.test>" + param + b"\r\n")[0] == 250
+        assert reader.command(b"RCPT TO:<" + KNOWN.encode() + b">\r\n")[0] == 250
+        assert reader.command(b"DATA\r\n")[0] == 354
+        body = "Subject: Grüße\r\n\r\nhi\r\n.\r\n".encode()
+        assert reader.command(body)[0] == 250
+        reader.command(b"QUIT\r\n")
+        sock.close()
+        assert server.accepted[0].smtputf8 is utf8
+        [loaded] = Spool(tmp_path / "spool").load()
+        assert loaded.smtputf8 is utf8  # kept in the spool across a restart
+    finally:
+        in_reactor(port.stopListening)
