@@ -150,6 +150,9 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     if not config.device.edge_url:
         # The device talks to the edge in this process; the real port is set once listening.
         config.device.edge_url = f"http://{config.edge.control_listen}"
+    if not config.edge.postmaster:
+        # The person running the all-in-one is its edge's operator: role mail is theirs.
+        config.edge.postmaster = config.demo.address
     device = build_device(config, reactor, extra_addresses=(config.demo.address,))
     edge = build_edge(config, reactor, tls_files=tls_files)
     bootstrap_demo(edge.store, config, device)

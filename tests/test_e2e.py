@@ -130,6 +130,24 @@ def test_unknown_recipient_is_refused_at_rcpt(allinone: tuple[Process, dict[str,
         assert code == 554  # no valid recipients: DATA never starts
 
 
+def test_role_addresses_reach_the_operator(allinone: tuple[Process, dict[str, str]]) -> None:
+    """In the all-in-one, the demo address is the operator's: the bare postmaster and the
+    demo domain's postmaster@ and abuse@ are delivered to it, each named in Delivered-To."""
+    proc, listeners = allinone
+    host, port = host_port(listeners["mx"])
+    rcpts = ["Postmaster", "postmaster@example.test", "abuse@EXAMPLE.test"]
+    with smtplib.SMTP(host, port) as smtp:
+        smtp.ehlo("sender.test")
+        for n, rcpt in enumerate(rcpts):
+            body = f"Subject: role mail {n}\r\n\r\nfor the operator\r\n".encode()
+            assert smtp.sendmail("jane@sender.test", [rcpt], body) == {}
+    imap = imap_login(proc, listeners)
+    for n, rcpt in enumerate(rcpts):
+        raw = wait_for(lambda n=n: find_by_subject(imap, f"role mail {n}"))
+        assert email.message_from_bytes(raw)["Delivered-To"].lower() == rcpt.lower()
+    imap.logout()
+
+
 def test_bad_input_errors(allinone: tuple[Process, dict[str, str]]) -> None:
     proc, listeners = allinone
     host, port = host_port(listeners["mx"])
