@@ -259,7 +259,9 @@ class Store:
 
         Without ``verified_at`` the route is a claim (see edge.store.claims): it lapses at
         ``claim_expires_at`` (never if None), and claims past their time are dropped first
-        (``now``). ``verified_at`` is for the operator's own routes only."""
+        (``now``). A route made ``ready`` or ``active`` from the start and not as a claim
+        (no ``claim_expires_at``) is the operator's own, vouched for: verified at once. The
+        API never makes one so for a device (webapi.control_ops)."""
         values = _routes.check_fields(
             {
                 "type": type,
@@ -274,6 +276,8 @@ class Store:
         )
         row = _routes.new_row(normalize_domain(domain), route_id, values)
         row.account_id = self._account_for(account_id)
+        if verified_at is None and claim_expires_at is None and row.status in ("ready", "active"):
+            verified_at = now or utcnow()
         row.verified_at = verified_at
         row.claim_expires_at = None if verified_at is not None else claim_expires_at
         with self._write() as session:
