@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
-from twisted.web.server import Site
 
 from connector import credentials
 from connector.events import EventLog, InboundEvents
@@ -25,6 +24,8 @@ from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
 from maildir import Maildir, MessageInfo
 from webapi.device_api import DeviceInfo
+from webapi.httplimits import bounded_site
+from webapi.localapi import MAX_BODY as LOCAL_MAX_BODY
 from webapi.localapi import LocalAPI
 from webapi.passthrough import device_root
 from webapi.spam_api import EdgeJSON, RspamdTrainer
@@ -139,7 +140,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     registration, edge_client = build_registration(config, creds, connector)
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
-    http = TCPListener("http", d.http_listen, Site(root), reactor)
+    http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
     http.setServiceParent(service)
     return Device(

@@ -1,7 +1,9 @@
 """The device side of joining an edge: start a registration, poll it, keep what approval gives.
 
 `Registration.start()` asks the edge to register this device and keeps the registration id
-and poll secret; `status()` polls the edge until an operator approves, then keeps the device
+and poll secret; a device that is linked already is refused (`AlreadyLinked`) unless its
+edge no longer takes its key (revoked), since a fresh registration would throw the working
+link away. `status()` polls the edge until an operator approves, then keeps the device
 key (in `<data_dir>/device/edge-link.json`, mode 0600, next to `credentials.json`) and takes
 the connector credentials the edge will present into the device's credentials, so the
 running connector accepts them at once. This module must never return or log the device
@@ -25,7 +27,13 @@ from connector.edgeclient import EdgeClient, EdgeReply
 from edge.config import Config, ConfigError
 from edge.service import TCPListener
 
-__all__ = ["EdgeLink", "Registration", "RegistrationError", "build_registration"]
+__all__ = [
+    "AlreadyLinked",
+    "EdgeLink",
+    "Registration",
+    "RegistrationError",
+    "build_registration",
+]
 
 
 class RegistrationError(Exception):
@@ -35,6 +43,10 @@ class RegistrationError(Exception):
         super().__init__(f"the edge answered {status}")
         self.status = status
         self.body = body
+
+
+class AlreadyLinked(Exception):
+    """This device is approved and its key still works: there is nothing to start."""
 
 
 @dataclass
@@ -126,7 +138,16 @@ class Registration:
             raise RegistrationError(reply.code, body)
         return body
 
+    async def _linked(self) -> bool:
+        """Whether the kept device key still works at the edge (401/403: it was revoked)."""
+        if self.link.status != "authorized" or not self.link.device_key:
+            return False
+        reply = await self._client().request(b"GET", b"/v1/devices")
+        return reply.code not in (401, 403)
+
     async def _start(self) -> dict[str, Any]:
+        if await self._linked():
+            raise AlreadyLinked(self.link.device_id)
         reply = await self._client().register(self.name, self.hostname, self.connector_addr())
         body = self._json(reply)
         link = EdgeLink(
@@ -143,7 +164,8 @@ class Registration:
         return link.public()
 
     def start(self) -> defer.Deferred[dict[str, Any]]:
-        """A fresh registration; what was kept of an earlier one is replaced."""
+        """A fresh registration; what was kept of an earlier pending, expired or revoked one
+        is replaced. Fails with AlreadyLinked while the device's link works."""
         return defer.ensureDeferred(self._start())
 
     async def _status(self) -> dict[str, Any]:

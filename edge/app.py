@@ -146,6 +146,12 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         lambda: len(queue.envelopes),
         QueueControl(queue),
         recorder,
+        own_listeners=lambda: [
+            config.edge.mx_listen,
+            config.edge.control_listen,
+            mx.address,
+            control.listener.address,
+        ],
     )
     control.listener.setServiceParent(service)
     return Edge(service, store, spool, queue, mx, resolver, control)

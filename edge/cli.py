@@ -33,13 +33,30 @@ def _devices_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
     store = open_store(config.store_url)
     try:
         access = AccessStore(store)
-        codes = {r.device_id: r.code for r in access.registrations() if r.approved_at is None}
+        now = access.now()
+        waiting = [
+            r for r in access.registrations() if r.approved_at is None and r.expires_at > now
+        ]
         devices = store.list_devices()
     finally:
         store.close()
+    codes = {r.device_id: r.code for r in waiting}
+    known = {d.id for d in devices}
     rows = [
         {**d.to_dict(), "account_id": d.account_id, "registration_code": codes.get(d.id)}
         for d in devices
+    ] + [
+        {
+            "id": r.device_id,
+            "name": r.name,
+            "hostname": r.hostname,
+            "auth_status": "pending",
+            "connector_smtp_addr": r.connector_smtp_addr,
+            "account_id": "",
+            "registration_code": r.code,
+        }
+        for r in waiting
+        if r.device_id not in known
     ]
     if args.json:
         json.dump({"devices": rows}, out, indent=2)
@@ -52,7 +69,7 @@ def _devices_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
             r["name"],
             r["auth_status"],
             r["registration_code"] or "-",
-            r["account_id"],
+            r["account_id"] or "-",
             r["connector_smtp_addr"] or "-",
         )
         for r in rows
@@ -87,7 +104,9 @@ def _devices_revoke(args: argparse.Namespace, config: Config, out: TextIO) -> in
 def add_devices(groups: Any) -> None:
     devices = groups.add_parser("devices", help="list, approve and revoke devices")
     commands = devices.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    listing = commands.add_parser("list", help="every device, with pending approval codes")
+    listing = commands.add_parser(
+        "list", help="every device, and the registrations waiting for approval with their codes"
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_devices_list)
     approve = commands.add_parser("approve", help="approve a registering device")

@@ -72,6 +72,15 @@ class EdgeConfig:
     spf_mechanism: str = ""
     registration_ttl: float = 3600.0
     probe_timeout: float = 10.0
+    registration_limit_per_source: int = 5
+    registration_limit_total: int = 100
+    registration_limit_window: float = 3600.0
+    claim_ttl: float = 86400.0
+    claim_limit: int = 20
+    device_networks: list[str] = field(
+        default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.0/8", "::1/128"]
+    )
+    control_max_body: int = 64 * 1024
 
 
 @dataclass
@@ -246,6 +255,25 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             raise ConfigError(
                 f"edge.mx_proxy_trusted: {network!r} is not an IP network like 10.0.0.0/8"
             ) from exc
+    for network in config.edge.device_networks:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network, strict=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"edge.device_networks: {network!r} is not an IP network like 100.64.0.0/10"
+            ) from exc
+    for name in (
+        "registration_limit_per_source",
+        "registration_limit_total",
+        "registration_limit_window",
+        "claim_ttl",
+        "claim_limit",
+        "control_max_body",
+    ):
+        if getattr(config.edge, name) <= 0:
+            raise ConfigError(f"edge.{name} must be positive")
     if config.edge.mx_proxy_timeout <= 0:
         raise ConfigError("edge.mx_proxy_timeout must be positive")
     if not 1 <= config.edge.mx_processes <= 64:

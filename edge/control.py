@@ -245,18 +245,20 @@ class ControlRoot(Resource):
 
 
 class LazySite(Factory):
-    """The `Site` over `root`, made (and `twisted.web.server` loaded) at the first connection."""
+    """The `Site` over `root`, made (and `twisted.web.server` loaded) at the first connection;
+    its requests are refused before their body is read past `max_body` (webapi.httplimits)."""
 
-    def __init__(self, root: IResource, reactor: Any) -> None:
+    def __init__(self, root: IResource, reactor: Any, max_body: int = 64 * 1024) -> None:
         self.root = root
         self.reactor = reactor
+        self.max_body = max_body
         self.site: Site | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self.site is None:
-            from twisted.web.server import Site
+            from webapi.httplimits import bounded_site
 
-            self.site = Site(self.root, reactor=self.reactor)
+            self.site = bounded_site(self.root, self.max_body, reactor=self.reactor)
             self.site.doStart()
         return self.site.buildProtocol(addr)
 
@@ -294,7 +296,10 @@ def build_control(
     queue_size: Any = None,
     queue: QueueControl | None = None,
     events: EventRecorder | None = None,
+    own_listeners: Callable[[], list[str]] | None = None,
 ) -> Control:
+    """The control listener; `own_listeners` names the edge's listening addresses (no
+    device may point its connector at them)."""
     keys = load_admin_keys(admin_key_path(config))
 
     def prepare() -> object:
@@ -304,12 +309,20 @@ def build_control(
         from edge.controlsite import build_root
 
         root, control.api = build_root(
-            config, store, resolver, keys, queue_size, queue, events, base_url=control.base_url
+            config,
+            store,
+            resolver,
+            keys,
+            queue_size,
+            queue,
+            events,
+            base_url=control.base_url,
+            own_listeners=own_listeners,
         )
         return root
 
     root = ControlRoot(OpsReplies(store, queue_size, events), LazyResource(prepare, build))
-    site = LazySite(root, reactor)
+    site = LazySite(root, reactor, config.edge.control_max_body)
     listener = TCPListener("control", config.edge.control_listen, site, reactor)
     control = Control(listener, root)
     return control

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
@@ -91,9 +92,10 @@ def build_root(
     events: EventRecorder | None = None,
     *,
     base_url: str = "",
+    own_listeners: Callable[[], list[str]] | None = None,
 ) -> tuple[IResource, ControlAPI]:
     """The root resource of the control listener, and the `ControlAPI` under `/v1/`."""
-    api = ControlAPI(store, resolver, config, keys, base_url=base_url)
+    api = ControlAPI(store, resolver, config, keys, base_url=base_url, own_listeners=own_listeners)
     ops = OpsEndpoints(store, queue_size, events)
     routes: list[tuple[bytes, IResource]] = []
     if queue is not None:

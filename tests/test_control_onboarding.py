@@ -85,6 +85,7 @@ def test_byod_onboarding_end_to_end(
 ) -> None:
     old, old_port = old_mx
     zone = dns_server.zone
+    zone.ttl = 0  # the edge sees each record as soon as the test publishes it
     zone.set(DOMAIN, "MX", [(10, "localhost")])
     zone.set(DOMAIN, "TXT", ["v=spf1 include:_spf.oldmail.test ~all"])
     zone.set("_spf.oldmail.test", "TXT", ["v=spf1 ip4:192.0.2.0/24 -all"])
@@ -166,6 +167,25 @@ edge_url = "http://{edge_ports["control"]}"
             "/v1/byod-addresses", "POST", {"name": "alice", "domain": DOMAIN}
         )
         assert status == 201 and address["address"] == f"alice@{DOMAIN}", address
+        # Ownership alone does not make the route take mail: it is still pending_dns.
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            send(edge_ports["mx"], f"alice@{DOMAIN}", "too early")
+
+        # Every record published: the edge's next check moves the route to active.
+        published: dict[tuple[str, str], list[Any]] = {}
+        for record in prep["required_dns_records"]:
+            value = (
+                (record["priority"], record["value"]) if record["type"] == "MX" else record["value"]
+            )
+            published.setdefault((record["host"], record["type"]), []).append(value)
+        for (host, rdtype), values in published.items():
+            zone.set(host, rdtype, values)
+        status, verified = local.call(
+            "/v1/custom-domains/verify-ownership", "POST", {"domain": DOMAIN}
+        )
+        assert status == 200, verified
+        status, routes = local.call("/v1/email-routes")
+        assert [r["status"] for r in routes["routes"]] == ["active"], routes
 
         # Mail to the assigned address reaches the device.
         send(edge_ports["mx"], f"alice@{DOMAIN}", "for the device")

@@ -100,6 +100,8 @@ class Client:
 
     def post(self, path: str, body: Any = None, **kwargs: Any) -> Reply:
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        if data is not None:
+            kwargs["extra"] = {"Content-Type": "application/json", **kwargs.get("extra", {})}
         return self.request("POST", path, data=data, **kwargs)
 
     def delete(self, path: str, **kwargs: Any) -> Reply:

@@ -48,7 +48,7 @@ class API:
             self.base + path,
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=15) as response:

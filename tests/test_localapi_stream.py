@@ -319,7 +319,7 @@ def _http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any
         f"http://127.0.0.1:{port}{path}",
         data=data,
         method=method,
-        headers={"Authorization": f"Bearer {TOKEN}"},
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:

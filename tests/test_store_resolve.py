@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from edge.store import Device, Store
 from tests.test_store_support import database_fixture, store_fixture  # noqa: F401
+
+# The ownership proof (or the operator's word) that makes a route its domain's, not a claim.
+PROVEN = datetime(2026, 4, 3, tzinfo=UTC)
 
 OLD_MX = [
     {"host": "mx1.old-provider.com", "port": 25, "tls_mode": "starttls"},
@@ -65,6 +69,7 @@ def test_byod_address_beats_split_upstream(world: World) -> None:
         connector_id=world.laptop.id,
         status="active",
         authoritative_hosts=OLD_MX,
+        verified_at=PROVEN,
     )
     store.add_byod_address("alice", "example.com", world.nas.id)
     target = store.resolve_recipient("alice@Example.COM")
@@ -77,7 +82,12 @@ def test_byod_address_beats_split_upstream(world: World) -> None:
 def test_split_route_sends_other_addresses_upstream(world: World) -> None:
     store = world.store
     route = store.create_route(
-        "example.com", type="byod", connector_id=world.laptop.id, authoritative_hosts=OLD_MX
+        "example.com",
+        type="byod",
+        connector_id=world.laptop.id,
+        authoritative_hosts=OLD_MX,
+        status="active",
+        verified_at=PROVEN,
     )
     target = store.resolve_recipient("Someone.Else@EXAMPLE.com")
     assert target is not None
@@ -89,19 +99,25 @@ def test_split_route_sends_other_addresses_upstream(world: World) -> None:
 
 
 def test_split_route_without_hosts_takes_nothing(world: World) -> None:
-    world.store.create_route("example.com", type="byod", connector_id=world.laptop.id)
+    world.store.create_route(
+        "example.com",
+        type="byod",
+        connector_id=world.laptop.id,
+        status="active",
+        verified_at=PROVEN,
+    )
     assert world.store.resolve_recipient("anyone@example.com") is None
 
 
-@pytest.mark.parametrize("status", ["active", "ready"])
-def test_device_route_takes_every_address(world: World, status: str) -> None:
+def test_device_route_takes_every_address(world: World) -> None:
     store = world.store
     route = store.create_route(
         "home.example",
         type="subdomain",
         connector_id=world.nas.id,
         delivery_mode="device",
-        status=status,
+        status="active",
+        verified_at=PROVEN,
     )
     target = store.resolve_recipient("whoever@home.example")
     assert target is not None and target.kind == "device"
@@ -112,7 +128,7 @@ def test_device_route_takes_every_address(world: World, status: str) -> None:
     assert moved is not None and moved.connector_smtp_addr == "nas-alt.ts.net:2600"
 
 
-@pytest.mark.parametrize("status", ["pending_dns", "disabled"])
+@pytest.mark.parametrize("status", ["pending_dns", "ready", "disabled"])
 def test_device_route_not_live_takes_nothing(world: World, status: str) -> None:
     world.store.create_route(
         "home.example",
@@ -120,14 +136,37 @@ def test_device_route_not_live_takes_nothing(world: World, status: str) -> None:
         connector_id=world.nas.id,
         delivery_mode="device",
         status=status,
+        verified_at=PROVEN,
     )
     assert world.store.resolve_recipient("whoever@home.example") is None
+
+
+@pytest.mark.parametrize("mode", ["device", "split"])
+def test_a_claim_never_takes_mail_even_when_marked_active(world: World, mode: str) -> None:
+    """A route nobody proved the domain for is a claim: no mail, whatever its status says."""
+    store = world.store
+    route = store.create_route(
+        "victim.test",
+        type="byod",
+        connector_id=world.nas.id,
+        delivery_mode=mode,
+        status="active",
+        authoritative_hosts=OLD_MX,
+        claim_expires_at=PROVEN + timedelta(days=1),
+    )
+    assert not route.verified
+    assert store.resolve_recipient("ceo@victim.test") is None
 
 
 def test_disabled_route_refuses_everything(world: World) -> None:
     store = world.store
     route = store.create_route(
-        "example.com", type="byod", connector_id=world.laptop.id, authoritative_hosts=OLD_MX
+        "example.com",
+        type="byod",
+        connector_id=world.laptop.id,
+        authoritative_hosts=OLD_MX,
+        status="active",
+        verified_at=PROVEN,
     )
     store.add_byod_address("alice", "example.com", world.laptop.id)
     store.update_route(route.id, status="disabled")
@@ -140,7 +179,12 @@ def test_unauthorized_device_never_receives(world: World, auth_status: str) -> N
     store = world.store
     store.add_managed_address("alice", world.laptop.id, domain="mail.example.net", namespace=None)
     store.create_route(
-        "example.com", type="byod", connector_id=world.laptop.id, authoritative_hosts=OLD_MX
+        "example.com",
+        type="byod",
+        connector_id=world.laptop.id,
+        authoritative_hosts=OLD_MX,
+        status="active",
+        verified_at=PROVEN,
     )
     store.add_byod_address("bob", "example.com", world.laptop.id)
     store.create_route(
@@ -149,6 +193,7 @@ def test_unauthorized_device_never_receives(world: World, auth_status: str) -> N
         connector_id=world.laptop.id,
         delivery_mode="device",
         status="active",
+        verified_at=PROVEN,
     )
     for address in ("alice@mail.example.net", "bob@example.com", "x@home.example"):
         assert store.resolve_recipient(address) is not None

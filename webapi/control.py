@@ -30,7 +30,7 @@ from edge.config import Config
 from edge.dns import DNSResolver
 from edge.dnsscan import DomainInspector
 from edge.store import Store
-from edge.store.access import AccessStore
+from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore
 from webapi import v1_models as m
 from webapi.control_devices import DeviceOps
@@ -38,6 +38,8 @@ from webapi.control_domains import DomainOps
 from webapi.control_ops import ControlOps, Principal, Settings
 from webapi.errors import APIError, failure_reply, json_reply
 from webapi.idempotency import Idempotency
+from webapi.jsonbody import json_body
+from webapi.netpolicy import ConnectorPolicy, parse_networks
 from webapi.openapi import Registry
 from webapi.v1_operations import OPERATIONS
 
@@ -51,6 +53,12 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def _hash(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
+
+
+def _source(request: IRequest) -> str:
+    """The address a request came from (the peer of its connection)."""
+    peer = request.getClientAddress()
+    return str(getattr(peer, "host", "") or "")
 
 
 def _path_id(value: str, what: str) -> str:
@@ -76,7 +84,8 @@ class ControlAPI:
         run_blocking: Run = deferToThread,
         run_dns: Run | None = None,
         base_url: str = "",
-        max_body: int = 64 * 1024,
+        max_body: int | None = None,
+        own_listeners: Callable[[], list[str]] | None = None,
     ) -> None:
         if not admin_keys or not all(admin_keys):
             raise ValueError("the control API needs at least one non-empty admin key")
@@ -90,7 +99,20 @@ class ControlAPI:
             spf_mechanism=e.spf_mechanism,
             registration_ttl=e.registration_ttl,
             control_url=lambda: (e.control_url or self.base_url).rstrip("/"),
+            claim_ttl=e.claim_ttl,
+            claim_limit=e.claim_limit,
+            registration_limits=RegistrationLimits(
+                e.registration_limit_per_source,
+                e.registration_limit_total,
+                e.registration_limit_window,
+            ),
         )
+        policy = ConnectorPolicy(
+            parse_networks(e.device_networks),
+            own_listeners or self._own_listeners,
+            resolver.addresses,
+        )
+        self._config = config
         inspector = DomainInspector(
             resolver,
             helo_name=config.fqdn,
@@ -98,19 +120,25 @@ class ControlAPI:
             probe_timeout=e.probe_timeout,
         )
         self.access = AccessStore(store, now)
-        self.ops = ControlOps(store, self.access, inspector, settings, now)
+        self.ops = ControlOps(store, self.access, inspector, settings, now, policy)
         self.domains = DomainOps(self.ops)
         self.devices = DeviceOps(self.ops)
         self._run = run_blocking
         self._run_dns = run_dns or resolver.run_async
         self.idempotency = Idempotency(IdempotencyStore(store, now), run_blocking)
-        self._max_body = max_body
+        self._max_body = max_body if max_body is not None else e.control_max_body
         self.registry = Registry("tailpost management API", "1", m.ErrorOut)
         self.registry.add(*OPERATIONS)
 
     def resource(self) -> IResource:
         resource: IResource = self.app.resource()
         return resource
+
+    def _own_listeners(self) -> list[str]:
+        """The edge's listeners as configured, and the control listener's real address."""
+        e = self._config.edge
+        real = self.base_url.partition("://")[2].rstrip("/")
+        return [e.mx_listen, e.control_listen, *([real] if real else [])]
 
     @app.handle_errors(Exception)  # the single place errors become replies
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
@@ -150,26 +178,9 @@ class ControlAPI:
         return d.addCallback(found)
 
     def _body(self, request: IRequest, model: type[M]) -> tuple[M, bytes]:
-        content = request.content
-        raw = b""
-        if content is not None:
-            if content.seek(0, 2) > self._max_body:
-                raise APIError(
-                    413, "payload_too_large", "the request body is too large", "send_less_data"
-                )
-            content.seek(0, 0)
-            raw = content.read()
-        if not raw.strip() and getattr(model, "optional_body", False):
-            raw = b"{}"
-        else:
-            ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-            if ctype != b"application/json":
-                raise APIError(
-                    415,
-                    "unsupported_media_type",
-                    "send the body as application/json",
-                    "set_content_type_json",
-                )
+        _value, raw = json_body(
+            request, self._max_body, optional=getattr(model, "optional_body", False)
+        )
         try:
             return model.model_validate_json(raw), raw
         except ValidationError as exc:
@@ -219,10 +230,12 @@ class ControlAPI:
         return self._principal(request).addCallback(authorized)
 
     def _public(
-        self, request: IRequest, model: type[M], fn: Callable[[M], Any], status: int
+        self, request: IRequest, model: type[M], fn: Callable[..., Any], status: int
     ) -> defer.Deferred[bytes]:
         body, _raw = self._body(request, model)
-        return self._run(fn, body).addCallback(lambda out: json_reply(request, out, status))
+        return self._run(fn, body, _source(request)).addCallback(
+            lambda out: json_reply(request, out, status)
+        )
 
     # -- routes ------------------------------------------------------------------------------
 

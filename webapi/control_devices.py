@@ -1,9 +1,12 @@
 """The device operations of `/v1`: listing, registration and its polling, approval, revoke.
 
 Blocking functions over `edge.store.access.AccessStore`, run in a thread by `webapi.control`.
-A registering device gets a poll secret; once an operator approves it, its poll returns its
-API key and connector credentials. This module must never return a key to anyone but the
-holder of the registration's poll secret, nor let a device key approve or revoke.
+Registration needs no key, so it is limited per source address and in total (429 with
+`Retry-After`) and makes nothing but a pending registration row; a registering device gets
+a poll secret, and once an operator approves it (the device and its account are made then),
+its poll returns its API key and connector credentials. This module must never return a key
+to anyone but the holder of the registration's poll secret, nor let a device key approve or
+revoke.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from edge.store import Conflict, Device, NotFound
-from edge.store.access import PollRefused
+from edge.store.access import PollRefused, RateLimited, Registration
 from webapi import v1_models as m
 from webapi.control_ops import ControlOps, Principal, _err, _not_found, namespace_of
+from webapi.errors import APIError
 
 __all__ = ["DeviceOps"]
 
@@ -30,18 +34,43 @@ class DeviceOps:
     def device_out(self, device: Device, code: str | None = None) -> dict[str, Any]:
         body = device.to_dict()
         body.update(
-            account_id=device.account_id, namespace=namespace_of(device), registration_code=code
+            account_id=device.account_id,
+            namespace=namespace_of(device.name, device.id),
+            registration_code=code,
         )
         return m.DeviceOut.model_validate(body).model_dump(mode="json")
 
+    def pending_out(self, reg: Registration) -> dict[str, Any]:
+        """A registration waiting for approval, shown as the device it will become."""
+        body = {
+            "id": reg.device_id,
+            "account_id": "",
+            "name": reg.name,
+            "hostname": reg.hostname,
+            "auth_status": "pending",
+            "namespace": namespace_of(reg.name, reg.device_id),
+            "connector_smtp_addr": reg.connector_smtp_addr,
+            "connector_username": None,
+            "registration_code": reg.code,
+            "created_at": reg.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "last_seen_at": None,
+        }
+        return m.DeviceOut.model_validate(body).model_dump(mode="json")
+
     def list_devices(self, p: Principal) -> dict[str, Any]:
-        codes: dict[str, str] = {}
-        if p.kind == "admin":
-            codes = {
-                r.device_id: r.code for r in self.access.registrations() if r.approved_at is None
-            }
         devices = self.store.list_devices(self.ops._account(p))
-        return {"devices": [self.device_out(d, codes.get(d.id)) for d in devices]}
+        if p.kind != "admin":
+            return {"devices": [self.device_out(d) for d in devices]}
+        now = self.ops.now()
+        waiting = [
+            r for r in self.access.registrations() if r.approved_at is None and r.expires_at > now
+        ]
+        codes = {r.device_id: r.code for r in waiting}
+        known = {d.id for d in devices}
+        return {
+            "devices": [self.device_out(d, codes.get(d.id)) for d in devices]
+            + [self.pending_out(r) for r in waiting if r.device_id not in known]
+        }
 
     def approve(self, ref: str, req: m.ApproveRequest) -> dict[str, Any]:
         try:
@@ -57,11 +86,27 @@ class DeviceOps:
         except NotFound:
             raise _not_found("device", device_id) from None
 
-    def register(self, req: m.RegisterRequest) -> dict[str, Any]:
+    def register(self, req: m.RegisterRequest, source: str = "") -> dict[str, Any]:
+        stranger = Principal("device")
+        self.ops.check_connector_addr(stranger, req.connector_smtp_addr, "registration")
         try:
             reg, poll = self.access.register(
-                req.name, req.hostname, req.connector_smtp_addr, self.settings.registration_ttl
+                req.name,
+                req.hostname,
+                req.connector_smtp_addr,
+                self.settings.registration_ttl,
+                source,
+                self.settings.registration_limits,
             )
+        except RateLimited as exc:
+            wait = str(int(exc.retry_after + 0.999)).encode("ascii")
+            raise APIError(
+                429,
+                "too_many_registrations",
+                f"too many registrations {exc.scope}; try again later",
+                "retry_after",
+                {b"Retry-After": wait},
+            ) from None
         except ValueError as exc:
             raise _err(400, "validation_failed", str(exc), "fix_request_body") from None
         body = {
@@ -75,7 +120,9 @@ class DeviceOps:
         }
         return m.RegisterOut.model_validate(body).model_dump(mode="json")
 
-    def registration_status(self, req: m.RegistrationStatusRequest) -> dict[str, Any]:
+    def registration_status(
+        self, req: m.RegistrationStatusRequest, _source: str = ""
+    ) -> dict[str, Any]:
         try:
             status, issued = self.access.poll(req.registration_id, req.poll_token)
         except NotFound:
@@ -91,7 +138,7 @@ class DeviceOps:
             body.update(
                 account_id=device.account_id,
                 device_key=issued.key,
-                namespace=namespace_of(device),
+                namespace=namespace_of(device.name, device.id),
                 managed_domain=self.settings.managed_domain,
                 edge_mx_target=self.settings.edge_mx_target,
                 connector={

@@ -1,9 +1,12 @@
 """The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation.
 
 Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM
-key generation, SQL) and is run in a thread by `webapi.control`. A route only ever moves
-forward through its stages here (pending_dns -> ready -> active); a disabled route is left
-alone. This module must never delete or overwrite a route's saved previous MX with nothing.
+key generation, SQL) and is run in a thread by `webapi.control`. The ownership TXT record,
+looked up through the edge's resolver, is the only proof of a domain here: finding it makes
+the caller's claim the domain's route and drops everyone else's (`edge.store.claims`). A
+route only ever moves forward through its stages here (pending_dns -> ready -> active), and
+only once verified; a disabled route is left alone. This module must never delete or
+overwrite a route's saved previous MX with nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +15,18 @@ from typing import Any
 
 from edge.dns import DNSTemporaryError
 from edge.dnsscan import generate_dkim_keys, route_status
-from edge.store import EmailRoute
+from edge.store import Conflict, EmailRoute, NotFound
+from edge.store.access import RouteSetup
 from edge.store.records import isoformat
 from webapi import v1_models as m
-from webapi.control_ops import _STAGE, _STATUS_ORDER, ControlOps, Principal, dns_unavailable
+from webapi.control_ops import (
+    _STAGE,
+    _STATUS_ORDER,
+    ControlOps,
+    Principal,
+    _err,
+    dns_unavailable,
+)
 
 __all__ = ["DomainOps"]
 
@@ -26,6 +37,23 @@ class DomainOps:
         self.store = ops.store
         self.access = ops.access
         self.inspector = ops.inspector
+
+    def _mark(
+        self, p: Principal, route: EmailRoute, *, ownership: bool, prepared: bool = False
+    ) -> RouteSetup:
+        """Record a check; with ownership found, the route wins its domain (409 if another
+        account's route won it first, or this claim was dropped meanwhile)."""
+        try:
+            return self.access.mark_route(
+                route.id, ownership=ownership, prepared=prepared, actor=p.scope
+            )
+        except (Conflict, NotFound):
+            raise _err(
+                409,
+                "domain_taken",
+                f"{route.domain} is verified for another account",
+                "use_another_domain",
+            ) from None
 
     def _ownership(self, route: EmailRoute, status: str) -> dict[str, Any]:
         return {**route.ownership_dns_record(), "status": status}
@@ -61,7 +89,7 @@ class DomainOps:
             owned = self.inspector.txt_has(route.ownership_txt_host, route.ownership_txt_value)
         except DNSTemporaryError as exc:
             raise dns_unavailable(exc) from None
-        setup = self.access.mark_route(route.id, ownership=owned)
+        setup = self._mark(p, route, ownership=owned)
         body = {
             "domain": route.domain,
             "edge_mx_target": edge,
@@ -115,10 +143,10 @@ class DomainOps:
             owned = self.inspector.txt_has(route.ownership_txt_host, route.ownership_txt_value)
         except DNSTemporaryError as exc:
             raise dns_unavailable(exc) from None
-        setup = self.access.mark_route(route.id, ownership=owned)
+        setup = self._mark(p, route, ownership=owned)
         if owned and setup.prepared_at is not None:
             try:
-                self._refresh(route, self.ops._edge_target(None, route))
+                self._refresh(p, route, self.ops._edge_target(None, route))
             except DNSTemporaryError as exc:
                 raise dns_unavailable(exc) from None
         message = (
@@ -178,7 +206,7 @@ class DomainOps:
                     else self.inspector.mx(route.domain)
                 )
                 route = self._save_previous(route, previous, edge)
-            route, records = self._refresh(route, edge, prepared=True)
+            route, records = self._refresh(p, route, edge, prepared=True)
         except DNSTemporaryError as exc:
             raise dns_unavailable(exc) from None
         body = {
@@ -201,7 +229,7 @@ class DomainOps:
         return m.PrepareOut.model_validate(body).model_dump(mode="json")
 
     def _refresh(
-        self, route: EmailRoute, edge: str, prepared: bool = False
+        self, p: Principal, route: EmailRoute, edge: str, prepared: bool = False
     ) -> tuple[EmailRoute, list[dict[str, Any]]]:
         """Check every record live and move the route forward as they appear."""
         keys = [
@@ -215,10 +243,11 @@ class DomainOps:
             self.ops.settings.spf_mechanism,
         )
         owned = any(r["category"] == "ownership" and r["status"] == "ok" for r in records)
-        self.access.mark_route(route.id, ownership=owned, prepared=prepared)
+        self._mark(p, route, ownership=owned, prepared=prepared)
         status = route_status(records)
         current = _STATUS_ORDER.get(route.status)
-        if current is not None and _STATUS_ORDER[status] > current:
+        verified = owned or route.verified
+        if verified and current is not None and _STATUS_ORDER[status] > current:
             route = self.store.update_route(route.id, status=status, setup_stage=_STAGE[status])
         elif current == 0 and route.setup_stage != _STAGE["pending_dns"]:
             route = self.store.update_route(route.id, setup_stage=_STAGE["pending_dns"])

@@ -2,9 +2,12 @@
 
 `ControlOps` methods take the caller (`Principal`) and a validated request model and return
 a JSON-ready dict, or raise `APIError` with the machine code and next action. They scope
-every read and write to the caller's account (the admin key sees all). They are blocking
-(SQL, DNS, key generation) and are run in a thread by `webapi.control`; nothing here may
-run on the reactor thread or build a reply by hand.
+every read and write to the caller's account (the admin key sees all). A device's new route
+is only a claim on its domain until the edge finds the ownership record; a route's status is
+the edge's to set (the admin key may override it, on record), and a device's connector
+address must pass `webapi.netpolicy` (the admin key may override that too, on record). They
+are blocking (SQL, DNS, key generation) and are run in a thread by `webapi.control`; nothing
+here may run on the reactor thread or build a reply by hand.
 """
 
 from __future__ import annotations
@@ -12,20 +15,25 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
+
+from twisted.logger import Logger
 
 from edge.dns import DNSTemporaryError
 from edge.dnsscan import DomainInspector
 from edge.store import Conflict, Device, EmailRoute, Store
-from edge.store.access import AccessStore
+from edge.store.access import AccessStore, RegistrationLimits
+from edge.store.claims import ClaimLimit
 from edge.store.store import DEFAULT_ACCOUNT
 from webapi import v1_models as m
 from webapi.errors import APIError
+from webapi.netpolicy import ConnectorPolicy
 
 __all__ = ["ControlOps", "Principal", "Settings", "namespace_of"]
 
 ADMIN = "admin"
+log = Logger(namespace="tailpost.control")
 _STATUS_ORDER = {"pending_dns": 0, "ready": 1, "active": 2}
 _STAGE = {"pending_dns": "ready_for_dns", "ready": "awaiting_mx", "active": "active"}
 
@@ -55,12 +63,15 @@ class Settings:
     spf_mechanism: str
     registration_ttl: float
     control_url: Callable[[], str]
+    claim_ttl: float = 86400.0
+    claim_limit: int = 20
+    registration_limits: RegistrationLimits = RegistrationLimits()
 
 
-def namespace_of(device: Device) -> str:
-    """The device's part of its managed addresses: a slug of its name and a piece of its id."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-")[:16].strip("-") or "device"
-    return f"{slug}-{device.id[-6:].lower()}"
+def namespace_of(name: str, device_id: str) -> str:
+    """A device's part of its managed addresses: a slug of its name and a piece of its id."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:16].strip("-") or "device"
+    return f"{slug}-{device_id[-6:].lower()}"
 
 
 def _err(status: int, code: str, message: str, action: str) -> APIError:
@@ -71,6 +82,10 @@ def _not_found(what: str, ident: str) -> APIError:
     return _err(
         404, f"{what}_not_found", f"no {what.replace('_', ' ')} {ident!r}", f"verify_{what}_id"
     )
+
+
+def _claim_limit(exc: Conflict) -> APIError:
+    return _err(409, "claim_limit_reached", str(exc), "verify_or_delete_pending_routes")
 
 
 def dns_unavailable(exc: DNSTemporaryError) -> APIError:
@@ -85,12 +100,14 @@ class ControlOps:
         inspector: DomainInspector,
         settings: Settings,
         now: Callable[[], datetime],
+        policy: ConnectorPolicy,
     ) -> None:
         self.store = store
         self.access = access
         self.inspector = inspector
         self.settings = settings
         self.now = now
+        self.policy = policy
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -125,10 +142,28 @@ class ControlOps:
         return route
 
     def route_out(self, route: EmailRoute) -> dict[str, Any]:
-        setup = self.access.route_setup(route.id)
-        body = route.to_dict()
-        body["ownership_verified"] = setup.ownership_verified_at is not None
-        return m.RouteOut.model_validate(body).model_dump(mode="json")
+        return m.RouteOut.model_validate(route.to_dict()).model_dump(mode="json")
+
+    def check_connector_addr(self, p: Principal, addr: str | None, subject: str) -> None:
+        """Refuse a device a connector address outside the device networks (403); the admin
+        key may set one, and that override goes on record."""
+        if not addr:
+            return
+        why = self.policy.refusal(addr)
+        if why is None:
+            return
+        if p.kind != "admin":
+            raise _err(403, "connector_addr_not_allowed", why, "use_the_device_tailnet_address")
+        detail = f"connector address {addr}: {why}"
+        self.store.record_event(ADMIN, "connector_addr_override", subject, detail, self.now())
+        log.info("admin override on {subject}: {detail}", subject=subject, detail=detail)
+
+    def _claim_fields(self, p: Principal) -> dict[str, Any]:
+        return {
+            "claim_expires_at": self.now() + timedelta(seconds=self.settings.claim_ttl),
+            "claim_limit": None if p.kind == "admin" else self.settings.claim_limit,
+            "now": self.now(),
+        }
 
     def _edge_target(self, requested: str | None, route: EmailRoute | None = None) -> str:
         target = (
@@ -142,11 +177,16 @@ class ControlOps:
         """The route for ``domain`` (which ``route_id``, if given, must name), created for the
         caller's account when missing and ``create`` is set."""
         domain = domain.lower().rstrip(".")
-        route = self.store.get_route_by_domain(domain)
-        if route is not None and not p.sees(route.account_id):
-            raise _err(
-                409, "domain_taken", f"{domain} is routed by another account", "use_another_domain"
-            )
+        route = self.store.get_route_by_domain(domain, self._account(p))
+        if route is None and p.kind != "admin":
+            other = self.store.get_route_by_domain(domain)
+            if other is not None and other.verified:
+                raise _err(
+                    409,
+                    "domain_taken",
+                    f"{domain} is routed by another account",
+                    "use_another_domain",
+                )
         if route is not None and route_id is not None and route.id != route_id:
             raise _err(
                 409,
@@ -180,7 +220,10 @@ class ControlOps:
                 route_id=route_id,
                 status="pending_dns",
                 **fields,
+                **self._claim_fields(p),
             )
+        except ClaimLimit as exc:
+            raise _claim_limit(exc) from None
         except Conflict as exc:
             raise _err(409, "domain_taken", str(exc), "use_another_domain") from None
 
@@ -214,7 +257,7 @@ class ControlOps:
                 req.name,
                 device.id,
                 domain=domain,
-                namespace=namespace_of(device),
+                namespace=namespace_of(device.name, device.id),
                 vanity=req.vanity,
             )
         except Conflict:
@@ -241,7 +284,7 @@ class ControlOps:
 
     def create_byod(self, p: Principal, req: m.ByodAddressCreate) -> dict[str, Any]:
         domain = req.domain.lower().rstrip(".")
-        route = self.store.get_route_by_domain(domain)
+        route = self.store.get_route_by_domain(domain, self._account(p))
         if route is None or not p.sees(route.account_id):
             raise _err(
                 409,
@@ -255,7 +298,7 @@ class ControlOps:
                 raise _err(
                     409, "domain_not_prepared", f"{domain} is not prepared yet", "prepare_domain"
                 )
-            if setup.ownership_verified_at is None:
+            if not route.verified:
                 raise _err(
                     409,
                     "domain_ownership_unverified",
@@ -284,9 +327,13 @@ class ControlOps:
         return {"routes": [self.route_out(r) for r in self.store.list_routes(self._account(p))]}
 
     def create_route(self, p: Principal, req: m.RouteCreate) -> dict[str, Any]:
+        """A new route: for a device, a claim on the domain until the ownership TXT record
+        is found (a subdomain of the managed domain is the edge's to give and is verified at
+        once, first come first served, as managed addresses are)."""
         domain = req.domain.lower().rstrip(".")
         managed = self.settings.managed_domain
-        if req.type == "subdomain" and not (managed and domain.endswith("." + managed)):
+        subdomain = req.type == "subdomain"
+        if subdomain and not (managed and domain.endswith("." + managed)):
             raise _err(
                 409,
                 "not_a_managed_subdomain",
@@ -296,6 +343,17 @@ class ControlOps:
         account = p.account_id or DEFAULT_ACCOUNT
         if req.connector_id is not None:
             account = self._device(p, req.connector_id, authorized=False).account_id
+        self.check_connector_addr(p, req.connector_smtp_addr, domain)
+        if self.store.get_route_by_domain(domain, account) is not None:
+            raise _err(
+                409,
+                "domain_taken",
+                f"a route for {domain} already exists",
+                "patch_the_existing_route",
+            )
+        claim = self._claim_fields(p)
+        if subdomain:
+            claim["verified_at"] = self.now()
         try:
             route = self.store.create_route(
                 domain,
@@ -303,24 +361,39 @@ class ControlOps:
                 connector_id=req.connector_id or p.device_id,
                 connector_smtp_addr=req.connector_smtp_addr or "",
                 delivery_mode=req.delivery_mode,
+                status="active" if subdomain else "pending_dns",
+                setup_stage="active" if subdomain else "ready_for_dns",
                 edge_mx_target=self._edge_target(req.edge_mx_target),
                 mail_from_domain=req.mail_from_domain or "",
                 account_id=account,
+                **claim,
             )
+        except ClaimLimit as exc:
+            raise _claim_limit(exc) from None
         except Conflict:
             raise _err(
                 409,
                 "domain_taken",
-                f"a route for {domain} already exists",
-                "patch_the_existing_route",
+                f"{domain} is routed by another account",
+                "use_another_domain",
             ) from None
         except ValueError as exc:
             raise _err(400, "validation_failed", str(exc), "fix_request_body") from None
         return self.route_out(route)
 
     def patch_route(self, p: Principal, route_id: str, req: m.RoutePatch) -> dict[str, Any]:
-        self._route(p, route_id)
+        route = self._route(p, route_id)
         fields = {k: getattr(req, k) for k in req.model_fields_set}
+        for key in ("status", "delivery_mode"):
+            if key in fields and fields[key] is None:
+                raise _err(400, "validation_failed", f"{key} cannot be null", "fix_request_body")
+        if "status" in fields and p.kind != "admin":
+            raise _err(
+                403,
+                "route_status_is_set_by_the_edge",
+                "a route's status follows its DNS records; the edge sets it",
+                "post_custom_domains_verify_ownership",
+            )
         if fields.get("connector_id") is not None:
             self._device(p, fields["connector_id"], authorized=False)
         if "authoritative_hosts" in fields:
@@ -328,13 +401,25 @@ class ControlOps:
         for key in ("connector_smtp_addr", "mail_from_domain", "edge_mx_target"):
             if key in fields and fields[key] is None:
                 fields[key] = ""
-        for key in ("status", "delivery_mode"):
-            if key in fields and fields[key] is None:
-                raise _err(400, "validation_failed", f"{key} cannot be null", "fix_request_body")
+        self.check_connector_addr(p, fields.get("connector_smtp_addr"), route.domain)
         try:
-            return self.route_out(self.store.update_route(route_id, **fields))
+            if "status" in fields:
+                updated = self.store.override_route(
+                    route_id, ADMIN, self.now(), "status set with the admin key", **fields
+                )
+                log.info(
+                    "admin set route {route} of {domain} to {status}",
+                    route=route_id,
+                    domain=route.domain,
+                    status=fields["status"],
+                )
+            else:
+                updated = self.store.update_route(route_id, **fields)
+        except Conflict as exc:
+            raise _err(409, "domain_taken", str(exc), "use_another_domain") from None
         except ValueError as exc:
             raise _err(400, "validation_failed", str(exc), "fix_request_body") from None
+        return self.route_out(updated)
 
     def delete_route(self, p: Principal, route_id: str) -> dict[str, Any]:
         self._route(p, route_id)

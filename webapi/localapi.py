@@ -38,12 +38,13 @@ from webapi.local_openapi import local_document
 from webapi.localmail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
 from webapi.spam_api import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
 
-__all__ = ["LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
+__all__ = ["MAX_BODY", "LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
 
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 API = "/localapi/v0"
 PREFIX = f"{API}/mail"
+MAX_BODY = 1 << 20  # the largest request body the device's HTTP listener reads
 
 
 class _RefConverter(BaseConverter):
@@ -90,7 +91,7 @@ class LocalAPI:
         token: str,
         *,
         base_url: str = "http://127.0.0.1:18080",
-        max_body: int = 1 << 20,
+        max_body: int = MAX_BODY,
         run_blocking: RunBlocking = deferToThread,
         events: InboundEvents | None = None,
         mail_service: MailService | None = None,

@@ -7,15 +7,15 @@ I/O; it only validates and classifies.
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from twisted.web.iweb import IRequest
 
 from maildir import InvalidName, address_folder, validate_folder_name, validate_message_id
 from webapi.errors import APIError, bad_parameter
+from webapi.jsonbody import json_body
 
 __all__ = [
     "AttachmentQuery",
@@ -147,18 +147,11 @@ def parse_query(request: IRequest, model: type[Q]) -> Q:
     return model.model_validate(values)
 
 
-def parse_body(request: IRequest, model: type[Q], *, optional: bool = False) -> Q:
+def parse_body(
+    request: IRequest, model: type[Q], *, optional: bool = False, max_body: int = 1 << 20
+) -> Q:
     """Validate a JSON object body against `model`; an empty body is `{}` when `optional`."""
-    content = request.content
-    raw = content.read() if content is not None else b""
-    if not raw.strip() and optional:
-        return model.model_validate({})
-    try:
-        value: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(
-            400, "invalid_json", "the request body is not valid JSON", "send_a_json_object"
-        ) from None
+    value, _raw = json_body(request, max_body, optional=optional)
     if not isinstance(value, dict):
         raise APIError(400, "invalid_json", "the body must be a JSON object", "send_a_json_object")
     return model.model_validate(value)

@@ -2,8 +2,9 @@
 
 A Klein app over `connector.registration.Registration`, served behind the local API's
 request guard (loopback Host, local token). Start asks the edge to register this device and
-returns the approval URL and code; status polls until the operator approves. This module
-must never return the device key or the poll secret.
+returns the approval URL and code (409 `device_already_linked` while the device's link to
+its edge works: starting again would throw it away); status polls until the operator
+approves. This module must never return the device key or the poll secret.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from connector.edgeclient import EdgeUnavailable
-from connector.registration import Registration, RegistrationError
+from connector.registration import AlreadyLinked, Registration, RegistrationError
 from webapi.errors import APIError, failure_reply, json_reply
 
 __all__ = ["RegistrationAPI"]
@@ -28,6 +29,13 @@ PREFIX = "/localapi/v0/login"
 def edge_error(failure: Failure) -> Failure:
     """Edge trouble as an API error: unreachable (502) or a refusal passed on."""
     error = failure.value
+    if isinstance(error, AlreadyLinked):
+        raise APIError(
+            409,
+            "device_already_linked",
+            "this device is linked to its edge already; its account and key stay as they are",
+            "revoke_the_device_on_the_edge_first",
+        )
     if isinstance(error, EdgeUnavailable):
         raise APIError(502, "edge_unavailable", "the edge did not answer", "retry_later")
     if isinstance(error, RegistrationError):

@@ -256,6 +256,7 @@ class RouteOut(Response):
     fallback_hosts: list[str]
     authoritative_hosts: list[RouteHostOut]
     ownership_verified: bool
+    claim_expires_at: str | None
     created_at: str | None
     updated_at: str | None
 

@@ -91,6 +91,7 @@ OPERATIONS = [
         m.RegisterRequest,
         201,
         public=True,
+        errors=(400, 403, 409, 413, 415, 429),
     ),
     Operation(
         "POST",

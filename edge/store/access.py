@@ -4,8 +4,11 @@ API keys, DKIM keys and route setup progress.
 ``AccessStore`` works on the same engine as ``edge.store.Store``; every method is one short
 transaction and returns frozen records. API keys and poll secrets are random 256-bit tokens
 of which only the SHA-256 is stored; the plain value is returned once, to the one caller that
-asked for it. Time comes from the injected ``now``. This module must never log or keep a
-plain key, never hand out ORM rows, and never do network or DNS work.
+asked for it. A registration is one row until an operator approves it (the device and its
+account are made then), and registrations are counted per source address and in total over
+a window, in the database, so the limit holds across every edge sharing it. Time comes from
+the injected ``now``. This module must never log or keep a plain key, never hand out ORM
+rows, and never do network or DNS work.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select, text
 
+from edge.store import claims
 from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id
 from edge.store.models import (
@@ -25,29 +30,53 @@ from edge.store.models import (
     DeviceKeyRow,
     DeviceRow,
     DkimKeyRow,
+    EmailRouteRow,
     RegistrationRow,
     RouteSetupRow,
     utcnow,
 )
 from edge.store.records import Device
 from edge.store.store import Store
-from edge.store.validate import check_smtp_addr, required_text
+from edge.store.validate import check_smtp_addr, optional_text, required_text
 
 __all__ = [
     "AccessStore",
     "DkimKey",
     "Issued",
     "PollRefused",
+    "RateLimited",
     "Registration",
+    "RegistrationLimits",
     "RouteSetup",
     "hash_secret",
 ]
 
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"
+# Arbitrary constant naming the registration counter among PostgreSQL advisory locks.
+_PG_REGISTRATION_LOCK = 0x7A11_0E61
 
 
 class PollRefused(Exception):
     """A registration was polled with the wrong poll secret."""
+
+
+class RateLimited(Exception):
+    """Too many registrations from one source, or in total, within the window."""
+
+    def __init__(self, scope: str, retry_after: float) -> None:
+        super().__init__(f"too many registrations ({scope}); retry in {retry_after:.0f} s")
+        self.scope = scope
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RegistrationLimits:
+    """How many registrations one source address, and everyone together, may start within
+    ``window`` seconds (approved or not: every one counts until the window has passed)."""
+
+    per_source: int = 5
+    total: int = 100
+    window: float = 3600.0
 
 
 def hash_secret(value: str) -> str:
@@ -74,6 +103,9 @@ class Registration:
     created_at: datetime
     expires_at: datetime
     approved_at: datetime | None
+    name: str = ""
+    hostname: str = ""
+    connector_smtp_addr: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +141,15 @@ class RouteSetup:
 
 def _registration(row: RegistrationRow) -> Registration:
     return Registration(
-        row.id, row.device_id, row.code, row.created_at, row.expires_at, row.approved_at
+        row.id,
+        row.device_id,
+        row.code,
+        row.created_at,
+        row.expires_at,
+        row.approved_at,
+        row.name,
+        row.hostname,
+        row.connector_smtp_addr,
     )
 
 
@@ -123,39 +163,80 @@ class AccessStore:
     # -- registrations -----------------------------------------------------------------------
 
     def register(
-        self, name: str, hostname: str, connector_smtp_addr: str, ttl: float
+        self,
+        name: str,
+        hostname: str,
+        connector_smtp_addr: str,
+        ttl: float,
+        source: str = "",
+        limits: RegistrationLimits | None = None,
     ) -> tuple[Registration, str]:
-        """A pending device in an account of its own, and its registration; returns the
-        registration and the plain poll secret (only its hash is kept)."""
+        """A pending registration (nothing else is made until approval); returns it and the
+        plain poll secret (only its hash is kept). RateLimited past ``limits``."""
         name = required_text("name", name, 64)
+        hostname = (optional_text("hostname", hostname) or "").strip()
         check_smtp_addr(connector_smtp_addr)
-        account = self.store.ensure_account(new_id("acct"), name)
-        device = self.store.create_device(
-            name,
-            account_id=account.id,
-            hostname=hostname,
-            connector_smtp_addr=connector_smtp_addr,
-            auth_status="pending",
-        )
+        limits = limits or RegistrationLimits()
         poll = "tpr_" + secrets.token_urlsafe(32)
         now = self.now()
         for _ in range(5):
             try:
-                with self.store._write() as session:
+                with self.store._write(control=False) as session:
+                    self._count(session, source[:64], limits, now)
                     row = RegistrationRow(
                         id=new_id("reg"),
-                        device_id=device.id,
+                        device_id=new_id("dev"),
                         code=new_code(),
                         poll_hash=hash_secret(poll),
+                        name=name,
+                        hostname=hostname[:255],
+                        connector_smtp_addr=connector_smtp_addr.strip(),
+                        source=source[:64],
                         created_at=now,
                         expires_at=now + timedelta(seconds=ttl),
                     )
                     session.add(row)
                     session.flush()
                     return _registration(row), poll
+            except RateLimited:
+                raise
             except Conflict:
                 continue  # the code was taken: draw another
         raise Conflict("could not allocate an approval code")
+
+    @staticmethod
+    def _count(session: Any, source: str, limits: RegistrationLimits, now: datetime) -> None:
+        """Drop lapsed registrations out of the window, then refuse one past a limit."""
+        if session.get_bind().dialect.name == "postgresql":
+            # Serialise the count and the insert across edges sharing the database.
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_REGISTRATION_LOCK}
+            )
+        since = now - timedelta(seconds=limits.window)
+        session.execute(
+            delete(RegistrationRow)
+            .where(
+                RegistrationRow.approved_at.is_(None),
+                RegistrationRow.expires_at <= now,
+                RegistrationRow.created_at <= since,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        recent = select(func.count(), func.min(RegistrationRow.created_at)).where(
+            RegistrationRow.created_at > since
+        )
+        for scope, query, limit in (
+            (
+                "from this address",
+                recent.where(RegistrationRow.source == source),
+                limits.per_source,
+            ),
+            ("on this edge", recent, limits.total),
+        ):
+            count, oldest = session.execute(query).one()
+            if count >= limit:
+                wait = (oldest + timedelta(seconds=limits.window) - now).total_seconds()
+                raise RateLimited(scope, max(1.0, wait))
 
     def registrations(self) -> list[Registration]:
         with self.store._read() as session:
@@ -176,32 +257,30 @@ class AccessStore:
             return _registration(row) if row is not None else None
 
     def approve(self, ref: str, account_id: str | None = None) -> Device:
-        """Authorize the device of a registration (by code, registration or device id); with
-        ``account_id`` it joins that existing account instead of keeping its own."""
+        """Authorize the device of a registration (by code, registration or device id): the
+        device and, unless it joins the existing ``account_id``, its own account are made
+        now. Approving an approved device again (or one made before registrations held
+        their own data) authorizes it in place."""
         reg = self.find_registration(ref)
         device = self.store.get_device(reg.device_id if reg else ref)
-        if device is None:
+        if device is None and reg is None:
             raise NotFound(f"no registration or device {ref!r}")
-        if device.auth_status == "revoked":
+        if device is not None and device.auth_status == "revoked":
             raise Conflict(f"device {device.id} was revoked; it must register again")
         if reg is not None and reg.approved_at is None and reg.expires_at <= self.now():
             raise Conflict(f"registration {reg.code} has expired; the device must start again")
         with self.store._write() as session:
-            row = session.get(DeviceRow, device.id)
-            if row is None:
-                raise NotFound(f"no device {device.id!r}")
-            if account_id is not None and account_id != row.account_id:
-                if session.get(AccountRow, account_id) is None:
-                    raise NotFound(f"no account {account_id!r}")
-                old = row.account_id
-                row.account_id = account_id
-                session.flush()
-                if not session.scalars(
-                    select(DeviceRow.id).where(DeviceRow.account_id == old)
-                ).first():
-                    orphan = session.get(AccountRow, old)
-                    if orphan is not None:
-                        session.delete(orphan)
+            if account_id is not None and session.get(AccountRow, account_id) is None:
+                raise NotFound(f"no account {account_id!r}")
+            if device is None:
+                assert reg is not None
+                row = self._create_device(session, reg, account_id)
+            else:
+                found = session.get(DeviceRow, device.id)
+                if found is None:
+                    raise NotFound(f"no device {device.id!r}")
+                row = found
+                self._move(session, row, account_id)
             row.auth_status = "authorized"
             if not row.connector_secret:
                 row.connector_username = "edge"
@@ -212,6 +291,39 @@ class AccessStore:
                     reg_row.approved_at = self.now()
             session.flush()
             return Device.from_row(row)
+
+    def _create_device(self, session: Any, reg: Registration, account_id: str | None) -> DeviceRow:
+        now = self.now()
+        if account_id is None:
+            account = AccountRow(id=new_id("acct"), name=reg.name or "device", created_at=now)
+            session.add(account)
+            session.flush()
+            account_id = account.id
+        row = DeviceRow(
+            id=reg.device_id,
+            account_id=account_id,
+            name=reg.name or "device",
+            hostname=reg.hostname,
+            auth_status="pending",
+            connector_smtp_addr=reg.connector_smtp_addr,
+            created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    @staticmethod
+    def _move(session: Any, row: DeviceRow, account_id: str | None) -> None:
+        """Move a device into ``account_id``; its old account goes if it is left empty."""
+        if account_id is None or account_id == row.account_id:
+            return
+        old = row.account_id
+        row.account_id = account_id
+        session.flush()
+        if not session.scalars(select(DeviceRow.id).where(DeviceRow.account_id == old)).first():
+            orphan = session.get(AccountRow, old)
+            if orphan is not None:
+                session.delete(orphan)
 
     def poll(self, registration_id: str, poll_secret: str) -> tuple[str, Issued | None]:
         """The state of a registration for the device holding its poll secret: ``pending``,
@@ -229,6 +341,8 @@ class AccessStore:
                 raise PollRefused("the poll secret does not match")
             reg = _registration(row)
         device = self.store.get_device(reg.device_id)
+        if device is None and reg.approved_at is None:
+            return ("expired" if reg.expires_at <= self.now() else "pending"), None
         if device is None or device.auth_status == "revoked":
             return "revoked", None
         if device.auth_status != "authorized":
@@ -349,11 +463,20 @@ class AccessStore:
             return RouteSetup(route_id, row.ownership_verified_at, row.prepared_at, row.checked_at)
 
     def mark_route(
-        self, route_id: str, *, ownership: bool = False, prepared: bool = False
+        self, route_id: str, *, ownership: bool = False, prepared: bool = False, actor: str = ""
     ) -> RouteSetup:
-        """Record progress (never undone here): a DNS check, ownership proven, preparation."""
+        """Record progress (never undone here): a DNS check, ownership proven, preparation.
+
+        Proven ownership makes the route its domain's verified route and drops every other
+        account's claim on the domain (``edge.store.claims.verify``); Conflict if another
+        account's route for the domain is verified already."""
         now = self.now()
         with self.store._write() as session:
+            if ownership:
+                route = session.get(EmailRouteRow, route_id)
+                if route is None:
+                    raise NotFound(f"no route {route_id!r}")
+                claims.verify(session, route, now, actor or "edge", "ownership TXT record found")
             row = session.get(RouteSetupRow, route_id)
             if row is None:
                 row = RouteSetupRow(route_id=route_id)

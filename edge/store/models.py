@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -127,13 +128,24 @@ class EmailRouteRow(Base):
         CheckConstraint(_in("status", ROUTE_STATUSES), name="status"),
         Index(None, "account_id"),
         Index(None, "connector_id"),
+        Index(None, "domain"),
+        # One route per domain and account; many accounts may claim a domain, but only one
+        # route per domain is ever verified (its owner proved control, or the operator said so).
+        UniqueConstraint("account_id", "domain"),
+        Index(
+            "uq_email_routes_verified_domain",
+            "domain",
+            unique=True,
+            sqlite_where=text("verified_at IS NOT NULL"),
+            postgresql_where=text("verified_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     account_id: Mapped[str] = mapped_column(
         String(64), ForeignKey("accounts.id", ondelete="CASCADE")
     )
-    domain: Mapped[str] = mapped_column(String(253), unique=True)
+    domain: Mapped[str] = mapped_column(String(253))
     type: Mapped[str] = mapped_column(String(16))
     connector_id: Mapped[str | None] = mapped_column(
         String(64), ForeignKey("devices.id", ondelete="SET NULL")
@@ -148,6 +160,10 @@ class EmailRouteRow(Base):
     previous_mx: Mapped[list[Any]] = mapped_column(JSON, default=list)
     fallback_hosts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     authoritative_hosts: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # When the account proved control of the domain (or the operator vouched for it); NULL
+    # while the route is only a claim, which lapses at claim_expires_at.
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -231,15 +247,25 @@ class DeviceKeyRow(Base):
 
 
 class RegistrationRow(Base):
-    """A device's request to join: a short approval code and the hash of its poll secret."""
+    """A device's request to join: a short approval code, the hash of its poll secret and
+    what the device said of itself. Until an operator approves it, nothing else exists: the
+    device (with the id reserved here) and its account are made at approval."""
 
     __tablename__ = "device_registrations"
-    __table_args__ = (Index(None, "device_id"),)
+    __table_args__ = (
+        Index(None, "device_id"),
+        Index(None, "created_at"),
+        Index(None, "source"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(64))
     code: Mapped[str] = mapped_column(String(16), unique=True)
     poll_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(255), default="")
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
+    source: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -312,5 +338,21 @@ class DeliveryEventRow(Base):
     queue_id: Mapped[str] = mapped_column(String(64))
     recipient: Mapped[str] = mapped_column(String(320))
     event: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditEventRow(Base):
+    """One thing done to the control plane that must stay on record: an operator's override
+    (a route status set by hand, a connector address outside the device networks), an
+    ownership proof and the claims it dropped."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index(None, "created_at"), Index(None, "subject"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(320))
     detail: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

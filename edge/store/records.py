@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from edge.store.models import (
     AccountRow,
+    AuditEventRow,
     ByodAddressRow,
     DeviceRow,
     EmailRouteRow,
@@ -191,6 +192,13 @@ class EmailRoute:
     authoritative_hosts: list[dict[str, Any]]
     created_at: datetime
     updated_at: datetime
+    verified_at: datetime | None = None
+    claim_expires_at: datetime | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Whether this is its domain's route (ownership proven or vouched for), not a claim."""
+        return self.verified_at is not None
 
     @classmethod
     def from_row(cls, row: EmailRouteRow, device_smtp_addr: str = "") -> EmailRoute:
@@ -213,6 +221,8 @@ class EmailRoute:
             authoritative_hosts=copy.deepcopy(list(row.authoritative_hosts or [])),
             created_at=row.created_at,
             updated_at=row.updated_at,
+            verified_at=row.verified_at,
+            claim_expires_at=row.claim_expires_at,
         )
 
     @property
@@ -250,6 +260,8 @@ class EmailRoute:
             "previous_mx": copy.deepcopy(self.previous_mx),
             "fallback_hosts": list(self.fallback_hosts),
             "authoritative_hosts": copy.deepcopy(self.authoritative_hosts),
+            "ownership_verified": self.verified,
+            "claim_expires_at": isoformat(self.claim_expires_at),
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
         }
@@ -309,3 +321,29 @@ class RecipientTarget:
     connector_secret: str | None = field(repr=False)
     route_id: str | None
     upstream_hosts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One entry of the control plane's audit log (see edge.store.claims.audit)."""
+
+    id: int
+    actor: str
+    action: str
+    subject: str
+    detail: str
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: AuditEventRow) -> AuditEvent:
+        return cls(row.id, row.actor, row.action, row.subject, row.detail, row.created_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "actor": self.actor,
+            "action": self.action,
+            "subject": self.subject,
+            "detail": self.detail,
+            "created_at": isoformat(self.created_at),
+        }

@@ -4,17 +4,20 @@ Called by the SMTP server at RCPT TO through ``Store.resolve_recipient``. The ru
 
 1. an exact managed or BYOD address goes to its device, if that device is authorized (an
    address of a pending or revoked device is refused outright, as is a BYOD address whose
-   route is disabled);
+   route is not verified and ``active``);
 2. else a role address (``postmaster@``, RFC 5321 §4.5.1; ``abuse@``, RFC 2142) of a domain
-   with a route that is not disabled goes to the device that owns the domain (the route's
+   whose verified route is ``active`` goes to the device that owns the domain (the route's
    connector), if that device is authorized, whatever the route's delivery mode: the
    domain's owner, not its previous provider, answers for it;
-3. else a route for the domain in ``device`` delivery mode whose status is ``active`` or
-   ``ready`` sends every address to the route's connector device (if authorized);
-4. else a ``split`` route (not disabled) with authoritative hosts passes the address on to
-   those hosts (the domain's previous provider), in priority order;
+3. else the domain's verified route, if ``active``: in ``device`` delivery mode it sends
+   every address to the route's connector device (if authorized);
+4. in ``split`` mode with authoritative hosts it passes the address on to those hosts (the
+   domain's previous provider), in priority order;
 5. else nobody takes it (None), and the SMTP server refuses the recipient (unless the edge's
    own postmaster rule takes it: ``edge.routing.RecipientResolver``).
+
+Only a verified route takes mail: a claim (``edge.store.claims``) or a route still in
+``pending_dns`` or ``ready`` never does, whatever its delivery mode.
 
 Domains compare case-insensitively and local parts are lower-cased; plus-addresses are not
 stripped. This module must never raise on malformed input, never write to the database, and
@@ -32,9 +35,13 @@ from edge.store.models import ByodAddressRow, DeviceRow, EmailRouteRow, ManagedA
 from edge.store.records import RecipientTarget
 from edge.store.validate import split_address
 
-DEVICE_ROUTE_STATUSES = ("active", "ready")
 ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
 """Local parts every mail domain must accept (RFC 5321 §4.5.1, RFC 2142)."""
+ROUTE_TAKES_MAIL = "active"
+
+
+def _takes_mail(route: EmailRouteRow | None) -> bool:
+    return route is not None and route.verified_at is not None and route.status == ROUTE_TAKES_MAIL
 
 
 def _device_target(
@@ -62,7 +69,11 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
     local, domain = parts
     full = f"{local}@{domain}"
 
-    route = session.scalars(select(EmailRouteRow).where(EmailRouteRow.domain == domain)).first()
+    route = session.scalars(
+        select(EmailRouteRow).where(
+            EmailRouteRow.domain == domain, EmailRouteRow.verified_at.is_not(None)
+        )
+    ).first()
 
     managed = session.execute(
         select(ManagedAddressRow.id, DeviceRow)
@@ -79,11 +90,11 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
     ).first()
     if byod is not None:
         owner = session.get(EmailRouteRow, byod[0])
-        if owner is None or owner.status == "disabled":
+        if owner is None or not _takes_mail(owner):
             return None
         return _device_target(full, byod[1], owner.id)
 
-    if route is None or route.status == "disabled":
+    if route is None or not _takes_mail(route):
         return None
     if local in ROLE_LOCAL_PARTS and route.connector_id is not None:
         keeper = session.get(DeviceRow, route.connector_id)
@@ -95,7 +106,7 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
         if found is not None:
             return found
     if route.delivery_mode == "device":
-        if route.status not in DEVICE_ROUTE_STATUSES or route.connector_id is None:
+        if route.connector_id is None:
             return None
         device = session.get(DeviceRow, route.connector_id)
         if device is None:
@@ -116,9 +127,14 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
 
 
 def routed_domain(session: Session, domain: object) -> bool:
-    """Whether ``domain`` has a route that is not disabled (the edge receives its mail)."""
+    """Whether ``domain`` has a verified, active route (the edge receives its mail); a claim
+    or a route on its way there does not count."""
     if not isinstance(domain, str) or not domain or len(domain) > 255:
         return False
     name = domain.strip().lower().rstrip(".")
-    route = session.scalars(select(EmailRouteRow).where(EmailRouteRow.domain == name)).first()
-    return route is not None and route.status != "disabled"
+    route = session.scalars(
+        select(EmailRouteRow).where(
+            EmailRouteRow.domain == name, EmailRouteRow.verified_at.is_not(None)
+        )
+    ).first()
+    return _takes_mail(route)

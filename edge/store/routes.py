@@ -2,8 +2,9 @@
 
 A route's ``connector_smtp_addr`` may be left empty: the route then follows its connector
 device's address, and the record shows that effective address. The ownership token is
-generated when not given. The domain and account of a route never change once created. This
-module must never open sessions or commit; the caller owns the transaction.
+generated when not given. The domain and account of a route never change once created; who
+may hold a route for a domain is ``edge.store.claims``'s rule. This module must never open
+sessions or commit; the caller owns the transaction.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from edge.store.claims import check_claim
 from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id, new_token
 from edge.store.models import (
@@ -133,13 +135,12 @@ def _check_connector(session: Session, connector_id: str | None) -> None:
         raise NotFound(f"no device {connector_id!r}")
 
 
-def insert(session: Session, row: EmailRouteRow) -> None:
-    """Add a new route, refusing a taken id or domain and an unknown connector."""
+def insert(session: Session, row: EmailRouteRow, claim_limit: int | None = None) -> None:
+    """Add a new route, refusing a taken id, a domain this account already routes or another
+    account verified, claims past ``claim_limit`` and an unknown connector."""
     if session.get(EmailRouteRow, row.id) is not None:
         raise Conflict(f"route {row.id!r} already exists")
-    taken = select(EmailRouteRow.id).where(EmailRouteRow.domain == row.domain)
-    if session.scalars(taken).first() is not None:
-        raise Conflict(f"a route for {row.domain} already exists")
+    check_claim(session, row, claim_limit)
     _check_connector(session, row.connector_id)
     session.add(row)
     session.flush()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from edge.store import addresses as _addresses
+from edge.store import claims as _claims
 from edge.store import routes as _routes
 from edge.store import spam_rules as _spam
 from edge.store.engine import WRITE_OPTION, make_engine, upgrade_to_head
@@ -27,6 +29,7 @@ from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id
 from edge.store.models import (
     AccountRow,
+    AuditEventRow,
     ByodAddressRow,
     DeviceRow,
     EmailRouteRow,
@@ -36,6 +39,7 @@ from edge.store.models import (
 )
 from edge.store.records import (
     Account,
+    AuditEvent,
     ByodAddress,
     Device,
     EmailRoute,
@@ -245,10 +249,20 @@ class Store:
         edge_mx_target: str = "",
         account_id: str = DEFAULT_ACCOUNT,
         route_id: str | None = None,
+        verified_at: datetime | None = None,
+        claim_expires_at: datetime | None = None,
+        claim_limit: int | None = None,
+        now: datetime | None = None,
         **extra: object,
     ) -> EmailRoute:
         """A new route for ``domain``; ``extra`` may set mail_from_domain, ownership_token
-        (generated if absent), previous_mx, fallback_hosts and authoritative_hosts."""
+        (generated if absent), previous_mx, fallback_hosts and authoritative_hosts.
+
+        Without ``verified_at`` the route is a claim (see edge.store.claims): it lapses at
+        ``claim_expires_at`` (never if None), and claims past their time are dropped first
+        (``now``). A route made ``ready`` or ``active`` from the start and not as a claim
+        (no ``claim_expires_at``) is the operator's own, vouched for: verified at once. The
+        API never makes one so for a device (webapi.control_ops)."""
         values = _routes.check_fields(
             {
                 "type": type,
@@ -263,8 +277,13 @@ class Store:
         )
         row = _routes.new_row(normalize_domain(domain), route_id, values)
         row.account_id = self._account_for(account_id)
+        if verified_at is None and claim_expires_at is None and row.status in ("ready", "active"):
+            verified_at = now or utcnow()
+        row.verified_at = verified_at
+        row.claim_expires_at = None if verified_at is not None else claim_expires_at
         with self._write() as session:
-            _routes.insert(session, row)
+            _claims.purge_expired(session, now or utcnow())
+            _routes.insert(session, row, claim_limit)
             return _routes.record(session, row)
 
     def get_route(self, route_id: str) -> EmailRoute | None:
@@ -274,15 +293,21 @@ class Store:
             row = session.get(EmailRouteRow, route_id)
             return _routes.record(session, row) if row is not None else None
 
-    def get_route_by_domain(self, domain: str) -> EmailRoute | None:
+    def get_route_by_domain(self, domain: str, account_id: str | None = None) -> EmailRoute | None:
+        """With ``account_id``, that account's route (or claim) for ``domain``; without, the
+        domain's verified route, else its oldest claim."""
         try:
             domain = normalize_domain(domain)
         except ValueError:
             return None
+        query = select(EmailRouteRow).where(EmailRouteRow.domain == domain)
+        if account_id is not None:
+            query = query.where(EmailRouteRow.account_id == account_id)
+        query = query.order_by(
+            EmailRouteRow.verified_at.is_(None), EmailRouteRow.created_at, EmailRouteRow.id
+        )
         with self._read() as session:
-            row = session.scalars(
-                select(EmailRouteRow).where(EmailRouteRow.domain == domain)
-            ).first()
+            row = session.scalars(query).first()
             return _routes.record(session, row) if row is not None else None
 
     def list_routes(self, account_id: str | None = None) -> list[EmailRoute]:
@@ -300,6 +325,41 @@ class Store:
                 raise NotFound(f"no route {route_id!r}")
             _routes.apply(session, row, values)
             return _routes.record(session, row)
+
+    def override_route(
+        self, route_id: str, actor: str, now: datetime, why: str, **fields: object
+    ) -> EmailRoute:
+        """An operator's change to a route, put on record in the audit log. Setting the
+        status to ``ready`` or ``active`` vouches for the domain: the route becomes its
+        verified route (other claims are dropped; Conflict if another route is verified)."""
+        values = _routes.check_fields(fields)
+        if not _is_key(route_id):
+            raise NotFound(f"no route {route_id!r}")
+        with self._write() as session:
+            row = session.get(EmailRouteRow, route_id)
+            if row is None:
+                raise NotFound(f"no route {route_id!r}")
+            if values.get("status") in ("ready", "active"):
+                _claims.verify(session, row, now, actor, "status set by the operator")
+            changes = ", ".join(f"{k}={v!r}" for k, v in sorted(values.items()))
+            _claims.audit(session, now, actor, "route_override", row.domain, f"{why}: {changes}")
+            _routes.apply(session, row, values)
+            return _routes.record(session, row)
+
+    def record_event(
+        self, actor: str, action: str, subject: str, detail: str, now: datetime
+    ) -> None:
+        """Put one event in the audit log (edge.store.claims.audit) in its own transaction."""
+        with self._write(control=False) as session:
+            _claims.audit(session, now, actor, action, subject, detail)
+
+    def audit_events(self, subject: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        """The audit log, newest first, optionally for one subject (a domain, a device)."""
+        query = select(AuditEventRow).order_by(AuditEventRow.id.desc()).limit(limit)
+        if subject is not None:
+            query = query.where(AuditEventRow.subject == subject)
+        with self._read() as session:
+            return [AuditEvent.from_row(row) for row in session.scalars(query)]
 
     def delete_route(self, route_id: str) -> bool:
         """Delete a route and the BYOD addresses on it."""
@@ -391,6 +451,6 @@ class Store:
             return _resolve(session, address)
 
     def routed_domain(self, domain: str) -> bool:
-        """Whether ``domain`` has a route that is not disabled (see edge.store.resolve)."""
+        """Whether ``domain`` has a verified, active route (see edge.store.resolve)."""
         with self._read() as session:
             return _routed_domain(session, domain)
