@@ -1,0 +1,146 @@
+"""Answering a FETCH: messages rendered in worker threads a batch at a time, written in order.
+
+A message's response is rendered whole (`render.render`) before any of it is written, so
+a message that cannot be rendered (its file gone, or a failure of ours on odd content)
+is left out and the command ends with a tagged NO; the connection never breaks for it.
+Large literals of files in CRLF form are streamed from the open file with RangeProducer.
+Only rendering blocks, and it runs in a thread: the reactor writes bytes already made.
+This module must never write part of a message's response and then give up on it
+(short of the connection going away).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .fetch import RangeProducer
+from .message import MaildirMessage
+from .render import Piece, Stream, close, render
+
+log = Logger()
+
+BATCH_MESSAGES = 64
+"""Messages rendered by one worker-thread call, at most."""
+BATCH_BYTES = 4 << 20
+"""Bytes of rendered responses (not counting streamed files) held at once, about."""
+
+RunBlocking = Callable[..., "defer.Deferred[Any]"]
+
+
+@dataclass
+class Outcome:
+    """How a FETCH went: how many messages were left out, and why."""
+
+    failed: int = 0
+    """Messages that could not be rendered (logged)."""
+    missing: int = 0
+    """Messages whose file was gone (expunged by another session meanwhile)."""
+    gone: bool = False
+    """The connection went away before the end."""
+
+
+def render_batch(
+    messages: Iterator[tuple[int, MaildirMessage]], query: list[Any], uid: bool
+) -> tuple[list[Piece], Outcome, list[Failure]]:
+    """Render the next messages (in a worker thread) up to the batch limits."""
+    pieces: list[Piece] = []
+    outcome = Outcome()
+    failures: list[Failure] = []
+    size = count = 0
+    for seq, msg in messages:
+        try:
+            rendered = render(seq, msg, query, uid)
+        except FileNotFoundError:
+            outcome.missing += 1
+        except Exception:
+            outcome.failed += 1
+            failures.append(Failure())
+        else:
+            pieces.extend(rendered)
+            size += sum(len(p) for p in rendered if isinstance(p, bytes))
+        count += 1
+        if count >= BATCH_MESSAGES or size >= BATCH_BYTES:
+            break
+    return pieces, outcome, failures
+
+
+class FetchRun:
+    """One FETCH command's responses, from the messages found to the last byte written."""
+
+    def __init__(
+        self,
+        transport: Any,
+        found: list[tuple[int, MaildirMessage]],
+        query: list[Any],
+        uid: bool,
+        gone: Callable[[], bool],
+        run_blocking: RunBlocking = threads.deferToThread,
+    ) -> None:
+        self.transport = transport
+        self.messages = iter(found)  # consumed by the renders: nothing holds a done one
+        self.query = query
+        self.uid = uid
+        self.gone = gone
+        self.run_blocking = run_blocking
+        self.outcome = Outcome()
+        self.pieces: deque[Piece] = deque()
+        self.done: defer.Deferred[Outcome] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[Outcome]:
+        self._render()
+        return self.done
+
+    def _render(self) -> None:
+        if self.gone():
+            self._finish(gone=True)
+            return
+        d = self.run_blocking(render_batch, self.messages, self.query, self.uid)
+        d.addCallbacks(self._rendered, self._broken)
+
+    def _rendered(self, result: tuple[list[Piece], Outcome, list[Failure]]) -> None:
+        pieces, outcome, failures = result
+        for failure in failures:
+            log.failure("FETCH could not render a message", failure)
+        self.outcome.failed += outcome.failed
+        self.outcome.missing += outcome.missing
+        if not pieces and not outcome.failed and not outcome.missing:
+            self._finish()
+            return
+        self.pieces.extend(pieces)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.pieces:
+            if self.gone():
+                self._finish(gone=True)
+                return
+            piece = self.pieces.popleft()
+            if isinstance(piece, Stream):
+                producer = RangeProducer(piece.f, piece.start, piece.length)
+                producer.beginProducing(self.transport).addCallbacks(
+                    lambda _: self._pump(), lambda _: self._finish(gone=True)
+                )
+                return
+            self.transport.write(piece)
+        self._render()
+
+    def _broken(self, failure: Failure) -> None:
+        """A failure outside rendering one message (a bug): nothing of a message is
+        written yet, so the command can still be answered."""
+        log.failure("FETCH failed", failure)
+        self.outcome.failed += 1
+        self._finish()
+
+    def _finish(self, gone: bool = False) -> None:
+        close(list(self.pieces))
+        self.pieces.clear()
+        self.outcome.gone = self.outcome.gone or gone
+        if not self.done.called:
+            self.done.callback(self.outcome)
