@@ -26,7 +26,17 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import Compat32
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "Part", "RawHeaders", "parse", "parse_headers"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "Part",
+    "RawHeaders",
+    "header_end",
+    "header_section",
+    "parse",
+    "parse_headers",
+    "to_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,14 @@ def parse(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Part:
     return _part(data, 0, len(data), 0, budget, "text/plain")
 
 
+def header_section(data: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The message's header section, within the limits on its size and lines."""
+    section = data[: header_end(data, 0, len(data), limits.max_header_bytes)]
+    if section.count(b"\n") > limits.max_header_lines:
+        section = b"\n".join(section.split(b"\n", limits.max_header_lines)[:-1]) + b"\n"
+    return section
+
+
 def header_end(data: bytes, start: int, end: int, limit: int) -> int:
     """Where the body of the part in data[start:end] begins: after its first blank line.
 
@@ -227,7 +245,7 @@ def _param(headers: Message, name: str) -> bytes | None:
 
 
 _TAIL = re.compile(rb"(--)?[ \t]*(?:\r?\n|\Z)")
-_CLOSE_TAIL = re.compile(rb"(--)[ \t]*(?:\r?\n|\Z)")
+_CLOSE_TAIL = re.compile(rb"()[ \t]*(?:\r?\n|\Z)")
 
 
 def _delimiter(
@@ -262,7 +280,7 @@ def _split(data: bytes, part: Part, boundary: bytes, budget: _Budget, default: s
     _at, pos, closing = found
     while not closing:
         if budget.spent:  # the rest of this multipart is one opaque part
-            c = _delimiter(data, line, _CLOSE_TAIL, pos, end, budget)
+            c = _delimiter(data, line + b"--", _CLOSE_TAIL, pos, end, budget)
             stop = _line_start(data, c[0]) if c is not None else end
             if stop > pos:
                 rest = _part(data, pos, stop, part.depth + 1, budget, default)

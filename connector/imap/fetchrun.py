@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .fetch import RangeProducer
 from .message import MaildirMessage
@@ -46,13 +48,23 @@ class Outcome:
     """The connection went away before the end."""
 
 
+@dataclass
+class Batch:
+    """Responses rendered by one worker-thread call."""
+
+    pieces: list[Piece] = field(default_factory=list)
+    outcome: Outcome = field(default_factory=Outcome)
+    failures: list[Failure] = field(default_factory=list)
+    last: bool = True
+    """No message is left after these."""
+
+
 def render_batch(
     messages: Iterator[tuple[int, MaildirMessage]], query: list[Any], uid: bool
-) -> tuple[list[Piece], Outcome, list[Failure]]:
+) -> Batch:
     """Render the next messages (in a worker thread) up to the batch limits."""
-    pieces: list[Piece] = []
-    outcome = Outcome()
-    failures: list[Failure] = []
+    batch = Batch()
+    pieces, outcome, failures = batch.pieces, batch.outcome, batch.failures
     size = count = 0
     for seq, msg in messages:
         try:
@@ -67,12 +79,22 @@ def render_batch(
             size += sum(len(p) for p in rendered if isinstance(p, bytes))
         count += 1
         if count >= BATCH_MESSAGES or size >= BATCH_BYTES:
+            batch.last = False
             break
-    return pieces, outcome, failures
+    return batch
 
 
+@implementer(IPushProducer)
 class FetchRun:
-    """One FETCH command's responses, from the messages found to the last byte written."""
+    """One FETCH command's responses, from the messages found to the last byte written.
+
+    It is the connection's producer while it writes rendered bytes (the next batch is
+    rendered only when the connection has taken the last one), and hands over to a
+    RangeProducer for each streamed literal."""
+
+    paused = False
+    _registered = False
+    _waiting = False
 
     def __init__(
         self,
@@ -90,12 +112,37 @@ class FetchRun:
         self.gone = gone
         self.run_blocking = run_blocking
         self.outcome = Outcome()
+        self.last = False
         self.pieces: deque[Piece] = deque()
         self.done: defer.Deferred[Outcome] = defer.Deferred()
 
     def start(self) -> defer.Deferred[Outcome]:
-        self._render()
+        self._register()
+        if not self.done.called:
+            self._render()
         return self.done
+
+    def _register(self) -> None:
+        if not self._registered:
+            self._registered = True
+            self.transport.registerProducer(self, True)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._waiting:
+            self._waiting = False
+            self._render()
+
+    def stopProducing(self) -> None:
+        self._finish(gone=True)
 
     def _render(self) -> None:
         if self.gone():
@@ -104,16 +151,16 @@ class FetchRun:
         d = self.run_blocking(render_batch, self.messages, self.query, self.uid)
         d.addCallbacks(self._rendered, self._broken)
 
-    def _rendered(self, result: tuple[list[Piece], Outcome, list[Failure]]) -> None:
-        pieces, outcome, failures = result
-        for failure in failures:
-            log.failure("FETCH could not render a message", failure)
-        self.outcome.failed += outcome.failed
-        self.outcome.missing += outcome.missing
-        if not pieces and not outcome.failed and not outcome.missing:
-            self._finish()
+    def _rendered(self, batch: Batch) -> None:
+        if self.done.called:  # the connection went away meanwhile
+            close(batch.pieces)
             return
-        self.pieces.extend(pieces)
+        for failure in batch.failures:
+            log.failure("FETCH could not render a message", failure)
+        self.outcome.failed += batch.outcome.failed
+        self.outcome.missing += batch.outcome.missing
+        self.last = batch.last
+        self.pieces.extend(batch.pieces)
         self._pump()
 
     def _pump(self) -> None:
@@ -123,13 +170,24 @@ class FetchRun:
                 return
             piece = self.pieces.popleft()
             if isinstance(piece, Stream):
+                self._unregister()
                 producer = RangeProducer(piece.f, piece.start, piece.length)
                 producer.beginProducing(self.transport).addCallbacks(
-                    lambda _: self._pump(), lambda _: self._finish(gone=True)
+                    self._streamed, lambda _: self._finish(gone=True)
                 )
                 return
             self.transport.write(piece)
-        self._render()
+        if self.last:
+            self._finish()
+        elif self.paused:
+            self._waiting = True
+        else:
+            self._render()
+
+    def _streamed(self, _: object) -> None:
+        self._register()
+        if not self.done.called:
+            self._pump()
 
     def _broken(self, failure: Failure) -> None:
         """A failure outside rendering one message (a bug): nothing of a message is
@@ -139,6 +197,7 @@ class FetchRun:
         self._finish()
 
     def _finish(self, gone: bool = False) -> None:
+        self._unregister()
         close(list(self.pieces))
         self.pieces.clear()
         self.outcome.gone = self.outcome.gone or gone
