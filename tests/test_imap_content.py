@@ -340,3 +340,23 @@ def test_imaplib_fetch_of_a_literal_size_matches(server: Server) -> None:
         assert data[0][1] == crlf(MESSAGES["lf-only-multipart"])
     finally:
         c.logout()
+
+
+def test_a_long_fetch_reaches_a_slow_reader_whole(server: Server) -> None:
+    """More messages than one rendering batch, each with a large part sent inline and the
+    whole message streamed, to a client with a small receive window: the server pauses
+    and resumes many times, and every byte arrives."""
+    body = b"".join(b"line %06d\r\n" % i for i in range(24_000))  # 288 KB
+    data = b"From: a@example.org\r\nSubject: long\r\n\r\n" + body
+    for _ in range(70):
+        server.maildir.deliver(data)
+    c = RawIMAP(server.portno, rcvbuf=32768)
+    try:
+        c.login()
+        select(c)
+        untagged, done = c.command(b"F", b"FETCH 1:* (BODY.PEEK[1] BODY.PEEK[])")
+        assert done.text.startswith(b"F OK"), done.text
+        assert len(untagged) == 70
+        assert all(line.literals == [body, data] for line in untagged)
+    finally:
+        c.close()

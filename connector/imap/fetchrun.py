@@ -125,6 +125,9 @@ class FetchRun:
     def _register(self) -> None:
         if not self._registered:
             self._registered = True
+            # Newly registered, it is running as far as the connection knows: a pause from
+            # before the streamed literal no longer holds (nothing would lift it).
+            self.paused = False
             self.transport.registerProducer(self, True)
 
     def _unregister(self) -> None:
