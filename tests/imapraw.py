@@ -48,7 +48,7 @@ class RawIMAP:
 
     def until_tagged(self, tag: bytes) -> tuple[list[Line], Line]:
         """The untagged responses, then the tagged one, of the command tagged `tag`."""
-        untagged = []
+        untagged: list[Line] = []
         while True:
             line = self.line()
             if line.text.startswith(tag + b" "):

@@ -315,15 +315,17 @@ def test_an_unreadable_message_is_left_out_with_a_tagged_no(server: Server) -> N
 
 def test_imaplib_reads_the_8bit_answers(server: Server) -> None:
     """What a stock client library does with these answers: every item parses."""
-    for data in MESSAGES.values():
-        server.maildir.deliver(data)
+    for message in MESSAGES.values():
+        server.maildir.deliver(message)
     c = server.client()
     try:
-        typ, count = c.select("INBOX")
+        typ, _ = c.select("INBOX")
         assert typ == "OK"
-        typ, data = c.fetch(f"1:{int(count[0])}", "(ENVELOPE BODYSTRUCTURE RFC822.SIZE)")
+        typ, answers = c.fetch("1:*", "(ENVELOPE BODYSTRUCTURE RFC822.SIZE)")
         assert typ == "OK"
-        assert sum(1 for d in data if isinstance(d, tuple) or b"FETCH" in d) >= len(MESSAGES)
+        heads = [d[0] if isinstance(d, tuple) else d for d in answers]
+        starts = [h for h in heads if isinstance(h, bytes) and re.match(rb"\d+ \(", h)]
+        assert len(starts) == len(MESSAGES)
         assert c.noop()[0] == "OK"
     finally:
         c.logout()
