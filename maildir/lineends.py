@@ -11,7 +11,6 @@ under its name. This module must never change a message file.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import IO
 
@@ -61,20 +60,19 @@ class LineEndCache:
     """A bounded, thread-safe map from a message (its id and file size) to its LineEnds.
 
     Messages keep their id when they move between folders and never change content, so
-    one cache serves a whole Maildir."""
+    one cache serves a whole Maildir. Lookups take no lock (a listing FETCH makes one per
+    message); past its size the oldest entries go first."""
 
     def __init__(self, size: int = DEFAULT_CACHE_SIZE) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[str, int], LineEnds] = OrderedDict()
+        self._items: dict[tuple[str, int], LineEnds] = {}
         self._lock = threading.Lock()
 
     def get(self, msg_id: str, file_size: int) -> LineEnds | None:
-        with self._lock:
-            return self._items.get((msg_id, file_size))
+        return self._items.get((msg_id, file_size))
 
     def put(self, msg_id: str, file_size: int, ends: LineEnds) -> None:
         with self._lock:
             self._items[(msg_id, file_size)] = ends
-            self._items.move_to_end((msg_id, file_size))
             while len(self._items) > self._size:
-                self._items.popitem(last=False)
+                del self._items[next(iter(self._items))]
