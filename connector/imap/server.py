@@ -413,14 +413,24 @@ class IMAPServer(imap4.IMAP4Server):
                 p.type == "flags" for p in query
             ):
                 query = [*query, imap4._FetchParser.Flags()]
-        found = self.mbox.fetch(messages, uid=bool(uid))
-        if all(p.type in LISTING_ITEMS for p in query) and (
-            all(p.type != "rfc822size" for p in query)
-            or all(msg.known_size() is not None for _seq, msg in found)
-        ):
+        listing = all(p.type in LISTING_ITEMS for p in query)
+        if listing:
+            collector.pause()  # until the last slice is written (see `_fetch_listing`)
+        try:
+            found = self.mbox.fetch(messages, uid=bool(uid))
+            if listing and any(p.type == "rfc822size" for p in query):
+                # The served size is known once a message file has been read.
+                listing = all(msg.known_size() is not None for _seq, msg in found)
+                if not listing:
+                    collector.resume()
+        except BaseException:
+            if listing:
+                collector.resume()
+            raise
+        if listing:
             self._fetch_listing(tag, found, query, uid)
-            return
-        self._fetch_rendered(tag, found, query, uid)
+        else:
+            self._fetch_rendered(tag, found, query, uid)
 
     def _fetch_rendered(self, tag: bytes, found: Any, query: Any, uid: int) -> None:
         """Any other FETCH: each message's response rendered in a worker thread
@@ -452,11 +462,11 @@ class IMAPServer(imap4.IMAP4Server):
         """A FETCH of what the store lists (flags, UID, size, date), which a client asks of
         every message when it resyncs: answered in slices of up to `SLICE_SECONDS`, each
         written at once. (Twisted's FETCH takes a reactor turn and a write per message.)
-        Commands that arrive meanwhile wait, as they do for any FETCH."""
+        Commands that arrive meanwhile wait, as they do for any FETCH. The collector is
+        paused by the caller, and resumed here after the last slice."""
         items = list(query)
         if uid and not any(p.type == "uid" for p in items):
             items.append(imap4._FetchParser.UID())
-        collector.pause()  # until the last slice is written
         messages = iter(found)
         del found
         self._oldTimeout = self.setTimeout(None)
