@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import collector
 from .fetch import RangeProducer
 from .message import MaildirMessage
 from .render import Piece, Stream, close, render
@@ -62,7 +63,16 @@ class Batch:
 def render_batch(
     messages: Iterator[tuple[int, MaildirMessage]], query: list[Any], uid: bool
 ) -> Batch:
-    """Render the next messages (in a worker thread) up to the batch limits."""
+    """Render the next messages (in a worker thread) up to the batch limits, with the
+    cyclic collector paused (a message's tree is freed by reference counting; see
+    `collector`)."""
+    with collector.paused():
+        return _render_batch(messages, query, uid)
+
+
+def _render_batch(
+    messages: Iterator[tuple[int, MaildirMessage]], query: list[Any], uid: bool
+) -> Batch:
     batch = Batch()
     pieces, outcome, failures = batch.pieces, batch.outcome, batch.failures
     size = count = 0
