@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory, ServerFactory
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 
 from maildir import Maildir
+from maildir.lineends import LineEndCache
 
 from .auth import make_portal
 from .fieldcache import FieldCache
@@ -34,7 +35,9 @@ class IMAPFactory(ServerFactory):
         max_message_size: int,
     ) -> None:
         self.maildir = maildir
-        self.portal = make_portal(maildir, authenticate)
+        self.line_ends = LineEndCache()
+        """Served sizes of messages, shared by the sessions (see `maildir.lineends`)."""
+        self.portal = make_portal(maildir, authenticate, self.line_ends)
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.sessions: set[IMAPServer] = set()

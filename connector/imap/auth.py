@@ -18,6 +18,7 @@ from twisted.mail.imap4 import IAccount
 from zope.interface import implementer
 
 from maildir import Maildir
+from maildir.lineends import LineEndCache
 
 from .mailbox import MaildirAccount
 
@@ -58,14 +59,19 @@ class CallbackChecker:
 class MaildirRealm:
     """Every authenticated user gets the device's single Maildir."""
 
-    def __init__(self, maildir: Maildir) -> None:
+    def __init__(self, maildir: Maildir, line_ends: LineEndCache | None = None) -> None:
         self.maildir = maildir
+        self.line_ends = line_ends
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         if IAccount not in interfaces:
             raise NotImplementedError("only IAccount avatars are available")
-        return IAccount, MaildirAccount(self.maildir), lambda: None
+        return IAccount, MaildirAccount(self.maildir, self.line_ends), lambda: None
 
 
-def make_portal(maildir: Maildir, authenticate: Callable[[str, str], bool]) -> Portal:
-    return Portal(MaildirRealm(maildir), [CallbackChecker(authenticate)])
+def make_portal(
+    maildir: Maildir,
+    authenticate: Callable[[str, str], bool],
+    line_ends: LineEndCache | None = None,
+) -> Portal:
+    return Portal(MaildirRealm(maildir, line_ends), [CallbackChecker(authenticate)])

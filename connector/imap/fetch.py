@@ -1,7 +1,9 @@
 """Pieces of FETCH responses: INTERNALDATE formatting and streaming file ranges.
 
 RangeProducer announces a literal length taken from the open file (Maildir files are
-never rewritten in place) and must never read outside the requested range.
+never rewritten in place) and must never read outside the requested range. If the
+connection stops it, its Deferred fails with ConnectionDone, so that whoever waits on it
+can let go of what it holds.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from typing import IO, Any
 
 from twisted.internet import defer, interfaces
+from twisted.internet.error import ConnectionDone
 from zope.interface import implementer
 
 _MONTHS = [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun"]
@@ -71,3 +74,4 @@ class RangeProducer:
         if self.f is not None:
             self.f.close()
             self.f = None
+            self.done.errback(ConnectionDone("the connection stopped the literal"))

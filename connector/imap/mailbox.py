@@ -38,6 +38,7 @@ from maildir import (
     MessageInfo,
     MessageNotFound,
 )
+from maildir.lineends import LineEndCache
 
 from .message import MaildirMessage
 
@@ -96,9 +97,12 @@ class MailboxInfo:
 class MaildirMailbox:
     """One session's view of a folder."""
 
-    def __init__(self, folder: Folder, writeable: bool) -> None:
+    def __init__(
+        self, folder: Folder, writeable: bool, line_ends: LineEndCache | None = None
+    ) -> None:
         self.folder = folder
         self.writeable = writeable
+        self.line_ends = line_ends
         self.listeners: list[Any] = []
         current = folder.messages()
         self.uids: list[int] = [m.uid for m in current]
@@ -225,7 +229,12 @@ class MaildirMailbox:
 
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, MaildirMessage]]:
         now = self.current()
-        return [(seq, MaildirMessage(now[u])) for seq, u in self.resolve(messages, uid) if u in now]
+        ends = self.line_ends
+        return [
+            (seq, MaildirMessage(now[u], ends))
+            for seq, u in self.resolve(messages, uid)
+            if u in now
+        ]
 
     def store(
         self, messages: MessageSet, flags: Iterable[str], mode: int, uid: bool
@@ -290,8 +299,9 @@ class MaildirMailbox:
 class MaildirAccount:
     """The single account of the device: every folder of its Maildir."""
 
-    def __init__(self, maildir: Maildir) -> None:
+    def __init__(self, maildir: Maildir, line_ends: LineEndCache | None = None) -> None:
         self.maildir = maildir
+        self.line_ends = line_ends
 
     def _folder(self, name: str) -> Folder | None:
         try:
@@ -301,7 +311,7 @@ class MaildirAccount:
 
     def select(self, name: str, rw: bool = True) -> MaildirMailbox | None:
         folder = self._folder(name)
-        return None if folder is None else MaildirMailbox(folder, bool(rw))
+        return None if folder is None else MaildirMailbox(folder, bool(rw), self.line_ends)
 
     def addMailbox(self, name: str, mbox: Any = None) -> bool:
         raise MailboxException("Not supported")

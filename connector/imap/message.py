@@ -1,92 +1,36 @@
-"""IMAP views of stored messages: IMessage / IMessagePart over Python's `email` package.
+"""IMAP views of stored messages: what a FETCH reads of a message file, in served form.
 
-A MaildirMessage reads only what a request needs: nothing for FLAGS/UID/SIZE, the header
-section for ENVELOPE and header fetches, the whole file only for BODYSTRUCTURE and MIME
-part sections; BODY[] and BODY[TEXT] are streamed from the file. It must never write to
-the message file or trust a client-supplied part number without bounds checks.
+A MaildirMessage reads only what a request needs: nothing for FLAGS/UID/INTERNALDATE,
+the header section for ENVELOPE and header fetches, the whole file for BODYSTRUCTURE,
+MIME part sections and (unless the file is already in CRLF form) BODY[] and BODY[TEXT],
+which are otherwise streamed from the file. Everything it returns is in the form served
+to clients: a file with bare LFs is served with CRLFs, and every offset, size and line
+count here is of that form (`maildir.lineends`). The part structure comes from the
+bounded parser in `maildir.mimetree`. Reading a message may block (file I/O, parsing):
+the server does it in a worker thread. It must never write to the message file or trust
+a client-supplied part number without bounds checks.
 """
 
 from __future__ import annotations
 
 import email.utils
-import io
-import re
-from email import policy
-from email.generator import BytesGenerator
 from email.message import Message
-from email.parser import BytesHeaderParser, BytesParser
-from typing import IO, Any
-
-from twisted.mail.imap4 import IMessage, IMessageFile, IMessagePart
-from zope.interface import implementer
+from typing import IO
 
 from maildir import MessageInfo
+from maildir.lineends import LineEndCache, LineEnds, scan, to_crlf
+from maildir.mimetree import DEFAULT_LIMITS, Limits, Part, header_end, parse, parse_headers
 
 _CHUNK = 65536
 HEADER_LIMIT = 1024 * 1024
-_LONE_LF = re.compile(rb"(?<!\r)\n")
-
-
-def _to_bytes(s: str) -> bytes:
-    return s.encode("ascii", "surrogateescape")
-
-
-def subparts(m: Message) -> list[Message]:
-    """The child parts of a multipart or message/rfc822 part (empty for leaf parts)."""
-    payload = m.get_payload()
-    if not isinstance(payload, list):
-        return []
-    return [p for p in payload if isinstance(p, Message)]
-
-
-def find_header_end(head: bytes) -> int | None:
-    """Return the offset where the body starts (after the blank line), if present."""
-    if head.startswith(b"\r\n"):
-        return 2
-    if head.startswith(b"\n"):
-        return 1
-    best = None
-    for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
-        i = head.find(sep)
-        if i >= 0 and (best is None or i + len(sep) < best):
-            best = i + len(sep)
-    return best
-
-
-def _linesep(raw: bytes) -> str:
-    return "\r\n" if b"\r\n" in raw[:4096] else "\n"
-
-
-def headers_bytes(m: Message, linesep: str) -> bytes:
-    """Serialize a part's header fields as they were parsed, ending with the blank line."""
-    out = [f"{k}: {v}{linesep}" for k, v in m.items()]
-    return _to_bytes("".join(out) + linesep)
-
-
-def body_bytes(m: Message, linesep: str) -> bytes:
-    """The encoded body of a MIME part (what BODY[n] returns)."""
-    if not m.is_multipart():
-        payload = m.get_payload()
-        data = _to_bytes(payload if isinstance(payload, str) else "")
-        if linesep == "\r\n":
-            data = _LONE_LF.sub(b"\r\n", data)
-        return data
-    buf = io.BytesIO()
-    gen = BytesGenerator(buf, mangle_from_=False, policy=policy.compat32.clone(linesep=linesep))
-    gen.flatten(m, linesep=linesep)
-    whole = buf.getvalue()
-    end = find_header_end(whole)
-    return whole[end:] if end is not None else b""
 
 
 def filter_headers(raw: bytes, fields: list[bytes], negate: bool) -> bytes:
     """Subset of a raw header section (HEADER.FIELDS / .NOT), keeping original bytes."""
     wanted = {f.lower() for f in fields}
-    lines = raw.splitlines(keepends=True)
     out: list[bytes] = []
     keep = False
-    eol = b"\r\n" if raw.endswith(b"\r\n") or b"\r\n" in raw else b"\n"
-    for line in lines:
+    for line in raw.splitlines(keepends=True):
         if line in (b"\r\n", b"\n"):
             break
         if line[:1] in (b" ", b"\t"):
@@ -97,118 +41,128 @@ def filter_headers(raw: bytes, fields: list[bytes], negate: bool) -> bytes:
         keep = (name in wanted) != negate
         if keep:
             out.append(line)
-    out.append(eol)
+    out.append(b"\r\n")
     return b"".join(out)
 
 
-@implementer(IMessagePart)
-class MimePart:
-    """A MIME part inside a parsed message tree."""
-
-    def __init__(self, m: Message, linesep: str) -> None:
-        self.m = m
-        self.linesep = linesep
-
-    def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
-        wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
-        out: dict[str, str] = {}
-        for k, v in self.m.items():
-            if not names or ((k.lower() in wanted) != negate):
-                out.setdefault(k.lower(), v)
-        return out
-
-    def getBodyFile(self) -> IO[bytes]:
-        return io.BytesIO(body_bytes(self.m, self.linesep))
-
-    def getSize(self) -> int:
-        return len(body_bytes(self.m, self.linesep))
-
-    def isMultipart(self) -> bool:
-        return self.m.is_multipart()
-
-    def getSubPart(self, part: int) -> MimePart:
-        parts = subparts(self.m)
-        if not 0 <= part < len(parts):
-            raise IndexError(part)
-        return MimePart(parts[part], self.linesep)
-
-
-@implementer(IMessage, IMessageFile)
 class MaildirMessage:
-    """One message of a selected mailbox, as seen by the IMAP server."""
+    """One message of a selected mailbox, as the IMAP server serves it."""
 
-    def __init__(self, info: MessageInfo) -> None:
+    def __init__(
+        self,
+        info: MessageInfo,
+        line_ends: LineEndCache | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self.info = info
+        self._cache = line_ends
+        self._limits = limits
         self._header: bytes | None = None
-        self._body_offset = 0
         self._head_msg: Message | None = None
-        self._tree: Message | None = None
+        self._raw: bytes | None = None
+        self._ends: LineEnds | None = None
+        self._tree: Part | None = None
 
     # -- raw access ------------------------------------------------------------------
 
     def open(self) -> IO[bytes]:
         return open(self.info.path, "rb")
 
-    def header_section(self) -> bytes:
-        """The raw header section including the blank line (read from the file once)."""
-        if self._header is None:
-            data = b""
+    def line_ends(self) -> LineEnds:
+        """Whether the file is in CRLF form, and the size of its served form (reads the
+        file the first time any session asks)."""
+        if self._ends is None:
+            cache, info = self._cache, self.info
+            ends = cache.get(info.id, info.size) if cache is not None else None
+            if ends is None:
+                with self.open() as f:
+                    ends = scan(f)
+                self._remember(ends)
+            self._ends = ends
+        return self._ends
+
+    def known_size(self) -> int | None:
+        """The served size if it is known without reading the file."""
+        if self._ends is not None:
+            return self._ends.size
+        if self._cache is None:
+            return None
+        ends = self._cache.get(self.info.id, self.info.size)
+        return None if ends is None else ends.size
+
+    def _remember(self, ends: LineEnds) -> None:
+        self._ends = ends
+        if self._cache is not None:
+            self._cache.put(self.info.id, self.info.size, ends)
+
+    def size(self) -> int:
+        """RFC822.SIZE: the size of the served form."""
+        return self.line_ends().size
+
+    def raw(self) -> bytes:
+        """The whole message in served (CRLF) form."""
+        if self._raw is None:
             with self.open() as f:
-                while len(data) < HEADER_LIMIT:
-                    chunk = f.read(_CHUNK)
-                    if not chunk:
-                        break
-                    data += chunk
-                    end = find_header_end(data)
-                    if end is not None:
-                        self._header, self._body_offset = data[:end], end
-                        return self._header
-            end = find_header_end(data)
-            if end is None:
-                end = len(data)
-            self._header, self._body_offset = data[:end], end
+                data = f.read()
+            if self._ends is None:
+                self._remember(LineEnds.of(data))
+            self._raw = to_crlf(data)
+        return self._raw
+
+    def header_section(self) -> bytes:
+        """The served header section including the blank line (the whole message when
+        it has none; cut after about `HEADER_LIMIT` bytes)."""
+        if self._header is None:
+            if self._raw is not None:
+                data = self._raw
+                end = header_end(data, 0, len(data), HEADER_LIMIT)
+            else:
+                data = b""
+                with self.open() as f:
+                    while True:
+                        chunk = f.read(_CHUNK)
+                        data += chunk
+                        end = header_end(data, 0, len(data), HEADER_LIMIT)
+                        if not chunk or end < len(data) or len(data) >= HEADER_LIMIT:
+                            break
+            self._header = to_crlf(data[:end])
         return self._header
 
     @property
     def body_offset(self) -> int:
-        self.header_section()
-        return self._body_offset
-
-    @property
-    def linesep(self) -> str:
-        return _linesep(self.header_section())
+        """Where the body begins in the served form."""
+        return len(self.header_section())
 
     def header_message(self) -> Message:
+        """The header fields, values as the message holds them (`mimetree.RawHeaders`)."""
         if self._head_msg is None:
-            self._head_msg = BytesHeaderParser(policy=policy.compat32).parsebytes(
-                self.header_section()
-            )
+            self._head_msg = parse_headers(self.header_section())
         return self._head_msg
 
-    def tree(self) -> Message:
-        """The fully parsed message (loads the whole file; cached)."""
+    def tree(self) -> Part:
+        """The bounded MIME structure of the served form (reads the whole file; cached)."""
         if self._tree is None:
-            with self.open() as f:
-                self._tree = BytesParser(policy=policy.compat32).parse(f)
+            self._tree = parse(self.raw(), self._limits)
         return self._tree
 
-    def resolve(self, path: tuple[int, ...]) -> Message:
-        """Follow an IMAP part path (zero-based indexes) into the parsed tree."""
+    def resolve(self, path: tuple[int, ...]) -> Part:
+        """Follow an IMAP part path (zero-based indexes) into the tree (RFC 3501 6.4.5):
+        the parts of a multipart are numbered from 1; a part that is not multipart has
+        only part 1, itself; within an attached message the numbers are those of the
+        message's own body. IndexError when there is no such part."""
         node = self.tree()
         for i, p in enumerate(path):
-            if node.get_content_type() == "message/rfc822" and i > 0:
-                inner = subparts(node)
-                node = inner[0] if inner else node
-            if node.get_content_maintype() == "multipart" and subparts(node):
-                parts = subparts(node)
-                if not 0 <= p < len(parts):
+            if i > 0 and node.is_message:
+                node = node.children[0]
+            if node.is_multipart:
+                if not 0 <= p < len(node.children):
                     raise IndexError("no such body part")
-                node = parts[p]
+                node = node.children[p]
             elif p != 0:
                 raise IndexError("no such body part")
         return node
 
-    # -- IMessage ---------------------------------------------------------------------
+    # -- listing data -----------------------------------------------------------------
 
     def getUID(self) -> int:
         return self.info.uid
@@ -221,20 +175,3 @@ class MaildirMessage:
 
     def getInternalDate(self) -> str:
         return email.utils.formatdate(self.info.internaldate)
-
-    def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
-        return MimePart(self.header_message(), self.linesep).getHeaders(negate, *names)
-
-    def getBodyFile(self) -> IO[bytes]:
-        f = self.open()
-        f.seek(self.body_offset)
-        return f
-
-    def getSize(self) -> int:
-        return self.info.size
-
-    def isMultipart(self) -> bool:
-        return self.header_message().get_content_maintype() == "multipart"
-
-    def getSubPart(self, part: int) -> MimePart:
-        return MimePart(self.tree(), self.linesep).getSubPart(part)

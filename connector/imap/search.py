@@ -14,8 +14,10 @@ from typing import Any
 
 from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
 
+from maildir.mimetree import header_end
+
 from .fieldcache import FIELDS, FieldCache
-from .message import MaildirMessage
+from .message import HEADER_LIMIT, MaildirMessage
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 
@@ -86,6 +88,7 @@ CACHED_KEYS = frozenset(name.upper().encode() for name in FIELDS)
 """Search keys a warm `FieldCache` answers without reading files: FROM, TO, CC, BCC, SUBJECT."""
 
 CONTENT_KEYS = CACHED_KEYS | {b"HEADER", b"BODY", b"TEXT", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
+CONTENT_KEYS |= {b"LARGER", b"SMALLER"}  # the served size, until known, is read from the file
 """Search keys that read the message files; the others are answered from the listing."""
 
 
@@ -160,8 +163,9 @@ class Compiler:
             needle = self._arg(items)
 
             def body(seq: int, msg: MaildirMessage) -> bool:
-                with msg.getBodyFile() as f:
-                    return _contains(f.read(), needle)
+                with msg.open() as f:
+                    data = f.read()
+                return _contains(data[header_end(data, 0, len(data), HEADER_LIMIT) :], needle)
 
             return body
         if key == b"TEXT":
@@ -178,8 +182,8 @@ class Compiler:
             except ValueError:
                 raise SearchError("bad size") from None
             if key == b"LARGER":
-                return lambda seq, msg: msg.info.size > n
-            return lambda seq, msg: msg.info.size < n
+                return lambda seq, msg: msg.size() > n
+            return lambda seq, msg: msg.size() < n
         if key in (b"BEFORE", b"ON", b"SINCE"):
             day = _date(self._arg(items))
             if key == b"BEFORE":

@@ -5,12 +5,16 @@ never a spin), a cap on APPEND literals (answered before any data is read), RFC 
 responses for failed logins ([AUTHENTICATIONFAILED]), SELECT data clients rely on
 (UIDNEXT, PERMANENTFLAGS, UNSEEN), \\Seen set by non-PEEK body fetches, exact header
 and partial body sections, a working SEARCH, EXPUNGE/EXISTS reporting on NOOP, and
-tagged answers instead of tracebacks. It must never echo an exception to a client.
+tagged answers instead of tracebacks. FETCH is answered by `fetchrun` (messages rendered
+in worker threads, whole, before any of a response is written), not by the base class,
+which drops the connection when a message fails half way. Every failure of a command
+becomes a tagged answer in one place, `answer_failure`; anything unexpected is
+`NO [SERVERBUG]` with the detail in the log. It must never echo an exception to a
+client, nor drop a connection for what a message holds.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import IO, Any
@@ -32,17 +36,14 @@ from twisted.mail.imap4 import (
 from twisted.python.failure import Failure
 
 from . import collector
-from .fetch import RangeProducer, format_internaldate
+from .fetchrun import FetchRun, Outcome
 from .mailbox import MaildirMailbox, parse_internaldate
-from .message import MaildirMessage, body_bytes, filter_headers, headers_bytes, subparts
+from .render import LISTING_ITEMS, listing_item
 from .search import SearchError, reads_files, run_search
-from .structure import body_structure, envelope
 
 log = Logger()
 
 DEFAULT_MAX_MESSAGE = 25 * 1024 * 1024
-LISTING_ITEMS = frozenset({"flags", "uid", "internaldate", "rfc822size"})
-"""FETCH items the store's listing answers, without reading a message file."""
 SLICE_SECONDS = 0.01
 """How long one reactor turn of such a FETCH may format before other sessions are served."""
 SLICE_CHECK = 256
@@ -81,13 +82,24 @@ class IMAPServer(imap4.IMAP4Server):
             for x in spec
         )
 
+    def lineReceived(self, line: bytes) -> None:
+        """The base class's, except that a failure is answered by `answer_failure` (the
+        base class sends the exception's text)."""
+        if self.blocked is not None:
+            self.blocked.append(line)
+            return
+        self.resetTimeout()
+        try:
+            getattr(self, "parse_" + self.parseState)(line)
+        except Exception:
+            self.answer_failure(Failure(), None)
+
     def parse_command(self, line: bytes) -> Any:
         try:
             return super().parse_command(line)
         except Exception:
-            log.failure("IMAP command failed")
             parts = line.split(None, 1)
-            self.sendBadResponse(parts[0] if parts else None, b"Internal server error")
+            self.answer_failure(Failure(), parts[0] if parts else None)
             return None
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -95,7 +107,10 @@ class IMAPServer(imap4.IMAP4Server):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
+    def answer_failure(self, failure: Failure, tag: bytes | None) -> None:
+        """The one place a command's failure becomes its answer: the client's mistakes
+        are BAD, refusals NO with their response code, anything else `NO [SERVERBUG]`
+        with the detail in the log only."""
         if failure.check(TooBig):
             self.sendNegativeResponse(tag, b"[TOOBIG] Message too large")
         elif failure.check(ReadOnlyMailbox):
@@ -106,10 +121,34 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, _safe(failure.value))
         else:
             log.failure("IMAP command failed", failure)
-            self.sendBadResponse(tag, b"Internal server error")
+            if tag is None:
+                self.sendUntaggedResponse(b"BAD Internal server error")
+            else:
+                self.sendNegativeResponse(tag, b"[SERVERBUG] Internal server error")
+
+    def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
+        self.answer_failure(failure, tag)
+
+    # The base class's other failure answers send the exception's text.
+    _IMAP4Server__ebStore = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebExpunge = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebClose = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebCheck = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebAppend = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebSearch = _IMAP4Server__ebDispatch
+    _IMAP4Server__ebCopy = _IMAP4Server__ebDispatch
+    _ebCopySelectedMailbox = _IMAP4Server__ebDispatch
+    _ebAppendGotMailbox = _IMAP4Server__ebDispatch
+    _ebStatusGotMailbox = _IMAP4Server__ebDispatch
+
+    def _IMAP4Server__ebStatus(self, failure: Failure, tag: bytes, box: Any) -> None:
+        self.answer_failure(failure, tag)
+
+    def _ebSelectWork(self, failure: Failure, cmdName: bytes, tag: bytes) -> None:
+        self.answer_failure(failure, tag)
 
     def _fail(self, tag: bytes) -> Any:
-        return lambda failure: self._IMAP4Server__ebDispatch(failure, tag)
+        return lambda failure: self.answer_failure(failure, tag)
 
     # -- literals -----------------------------------------------------------------------
 
@@ -319,9 +358,6 @@ class IMAPServer(imap4.IMAP4Server):
             return
         super().do_STORE(tag, messages, mode, flags, uid)
 
-    def _IMAP4Server__ebStore(self, failure: Failure, tag: bytes) -> None:
-        self._IMAP4Server__ebDispatch(failure, tag)
-
     # -- SEARCH ---------------------------------------------------------------------------
 
     def do_SEARCH(self, tag: bytes, charset: Any, query: Any, uid: int = 0) -> None:
@@ -364,6 +400,9 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_FETCH(self, tag: bytes, messages: Any, query: Any, uid: int = 0) -> None:
         assert self.mbox is not None
+        if not query:
+            self.sendPositiveResponse(tag, b"FETCH completed")
+            return
         marks = any(
             p.type in ("rfc822", "rfc822text")
             or (p.type == "body" and not p.peek and (p.empty or p.header or p.text or p.mime))
@@ -374,26 +413,62 @@ class IMAPServer(imap4.IMAP4Server):
                 p.type == "flags" for p in query
             ):
                 query = [*query, imap4._FetchParser.Flags()]
-        if query and all(p.type in LISTING_ITEMS for p in query):
-            self._fetch_listing(tag, messages, query, uid)
-            return
-        super().do_FETCH(tag, messages, query, uid)
+        listing = all(p.type in LISTING_ITEMS for p in query)
+        if listing:
+            collector.pause()  # until the last slice is written (see `_fetch_listing`)
+        try:
+            found = self.mbox.fetch(messages, uid=bool(uid))
+            if listing and any(p.type == "rfc822size" for p in query):
+                # The served size is known once a message file has been read.
+                listing = all(msg.known_size() is not None for _seq, msg in found)
+                if not listing:
+                    collector.resume()
+        except BaseException:
+            if listing:
+                collector.resume()
+            raise
+        if listing:
+            self._fetch_listing(tag, found, query, uid)
+        else:
+            self._fetch_rendered(tag, found, query, uid)
 
-    def _fetch_listing(self, tag: bytes, messages: Any, query: Any, uid: int) -> None:
+    def _fetch_rendered(self, tag: bytes, found: Any, query: Any, uid: int) -> None:
+        """Any other FETCH: each message's response rendered in a worker thread
+        (`fetchrun`); commands that arrive meanwhile wait, as they do for any FETCH."""
+        self._oldTimeout = self.setTimeout(None)
+        if self.blocked is None:
+            self.blocked = []
+        run = FetchRun(self.transport, found, list(query), bool(uid), lambda: self.gone)
+        del found
+
+        def done(outcome: Outcome) -> None:
+            if self.gone or outcome.gone:
+                return
+            self.setTimeout(self._oldTimeout)
+            del self._oldTimeout
+            if outcome.failed:
+                self.sendNegativeResponse(tag, b"[SERVERBUG] Some messages could not be fetched")
+            elif outcome.missing and not uid:
+                self.sendNegativeResponse(
+                    tag, b"[EXPUNGEISSUED] Some of the requested messages no longer exist"
+                )
+            else:
+                self.sendPositiveResponse(tag, b"FETCH completed")
+            self._unblock()
+
+        run.start().addCallback(done).addErrback(self._fail(tag))
+
+    def _fetch_listing(self, tag: bytes, found: Any, query: Any, uid: int) -> None:
         """A FETCH of what the store lists (flags, UID, size, date), which a client asks of
         every message when it resyncs: answered in slices of up to `SLICE_SECONDS`, each
         written at once. (Twisted's FETCH takes a reactor turn and a write per message.)
-        Commands that arrive meanwhile wait, as they do for any FETCH."""
-        assert self.mbox is not None
-        spews = [getattr(self, "spew_" + p.type) for p in query]
-        if uid and not any(p.type == "uid" for p in query):
-            spews.append(self.spew_uid)
-        collector.pause()  # until the last slice is written
-        try:
-            found = iter(self.mbox.fetch(messages, uid=bool(uid)))
-        except BaseException:
-            collector.resume()
-            raise
+        Commands that arrive meanwhile wait, as they do for any FETCH. The collector is
+        paused by the caller, and resumed here after the last slice."""
+        items = list(query)
+        if uid and not any(p.type == "uid" for p in items):
+            items.append(imap4._FetchParser.UID())
+        messages = iter(found)
+        del found
         self._oldTimeout = self.setTimeout(None)
         if self.blocked is None:
             self.blocked = []
@@ -403,12 +478,9 @@ class IMAPServer(imap4.IMAP4Server):
             out: list[bytes] = []
             deadline = time.monotonic() + SLICE_SECONDS
             more = False
-            for n, (seq, msg) in enumerate(found):
+            for n, (seq, msg) in enumerate(messages):
                 out.append(b"* %d FETCH (" % seq)
-                for i, spew in enumerate(spews):
-                    if i:
-                        out.append(b" ")
-                    spew(seq, msg, out.append, None)
+                out.append(b" ".join(listing_item(p, msg) for p in items))
                 out.append(b")\r\n")
                 if n % SLICE_CHECK == SLICE_CHECK - 1 and time.monotonic() >= deadline:
                     more = True
@@ -435,96 +507,6 @@ class IMAPServer(imap4.IMAP4Server):
             self._unblock()
 
         turn()
-
-    def _IMAP4Server__ebFetch(self, failure: Failure, tag: bytes) -> None:
-        self.setTimeout(self._oldTimeout)
-        del self._oldTimeout
-        self._IMAP4Server__ebDispatch(failure, tag)
-
-    def spew_envelope(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> None:
-        _w(b"ENVELOPE " + collapseNestedLists([envelope(msg.header_message())]))
-
-    def spew_internaldate(
-        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
-    ) -> None:
-        _w(b"INTERNALDATE " + format_internaldate(msg.info.internaldate))
-
-    def spew_rfc822header(
-        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
-    ) -> None:
-        _w(b"RFC822.HEADER " + imap4._literal(msg.header_section()))
-
-    def spew_rfc822text(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> Any:
-        _w(b"RFC822.TEXT ")
-        _f()
-        return RangeProducer(msg.open(), msg.body_offset, None).beginProducing(self.transport)
-
-    def spew_rfc822(self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None) -> Any:
-        _w(b"RFC822 ")
-        _f()
-        return RangeProducer(msg.open(), 0, None).beginProducing(self.transport)
-
-    def spew_bodystructure(
-        self, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
-    ) -> None:
-        tree = msg.tree()
-        _w(b"BODYSTRUCTURE " + collapseNestedLists([body_structure(tree, msg.linesep, True)]))
-
-    def spew_body(
-        self, part: Any, id: int, msg: MaildirMessage, _w: Any = None, _f: Any = None
-    ) -> Any:
-        if not (part.empty or part.header or part.text or part.mime):
-            tree = msg.tree()
-            _w(b"BODY " + collapseNestedLists([body_structure(tree, msg.linesep, False)]))
-            return None
-        begin, length = part.partialBegin, part.partialLength
-        part.partialBegin = None
-        label = part.getBytes()
-        part.partialBegin = begin
-        if begin is not None:
-            label += b"<%d>" % begin
-        path = tuple(part.part or ())
-        if not path and (part.empty or part.text):
-            start = 0 if part.empty else msg.body_offset
-            _w(label + b" ")
-            _f()
-            if begin is not None:
-                start += begin
-            producer = RangeProducer(msg.open(), start, length)
-            if begin is not None and start > os.fstat(producer.f.fileno()).st_size:  # type: ignore[union-attr]
-                producer.remaining = 0
-                producer.head = b"{0}\r\n"
-            return producer.beginProducing(self.transport)
-        data = self._section(msg, path, part)
-        if begin is not None:
-            data = data[begin : begin + length]
-        _w(label + b" " + imap4._literal(data))
-        return None
-
-    def _section(self, msg: MaildirMessage, path: tuple[int, ...], part: Any) -> bytes:
-        sep = msg.linesep
-        if not path:
-            raw = msg.header_section()
-            if part.header.fields:
-                return filter_headers(raw, list(part.header.fields), part.header.negate)
-            return raw
-        try:
-            node = msg.resolve(path)
-        except IndexError:
-            return b""
-        if part.mime:
-            return headers_bytes(node, sep)
-        if part.header or part.text:
-            if node.get_content_type() != "message/rfc822" or not subparts(node):
-                return b""
-            inner = subparts(node)[0]
-            if part.text:
-                return body_bytes(inner, sep)
-            raw = headers_bytes(inner, sep)
-            if part.header.fields:
-                return filter_headers(raw, list(part.header.fields), part.header.negate)
-            return raw
-        return body_bytes(node, sep)
 
 
 def _safe(value: object) -> bytes:

@@ -1,8 +1,12 @@
-"""ENVELOPE and BODY/BODYSTRUCTURE values (RFC 3501 7.4.2) built from `email` messages.
+"""ENVELOPE and BODY/BODYSTRUCTURE values (RFC 3501 7.4.2) of a message's part tree.
 
 The results are nested lists for `twisted.mail.imap4.collapseNestedLists`. Header values
-are passed through as sent (encoded words are not decoded); 8-bit values become literals.
-This module must never raise on a malformed message: odd input degrades to defaults.
+are sent as the message holds them: encoded words are not decoded, and a value with 8-bit
+bytes or control characters is sent as a literal (RFC 3501 allows no such byte in a
+quoted string). Sizes and line counts are of the served bytes the tree was parsed from.
+A part the bounded parser did not look into (`Part.opaque`), or an attached message that
+is itself encoded, is described as application/octet-stream. This module must never
+raise on a malformed message: odd input degrades to defaults.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 import email.utils
 from email.message import Message
 from typing import Any
+from urllib.parse import quote
 
-from .message import body_bytes, subparts
+from maildir.mimetree import Part, to_bytes
+
+_QUOTABLE_MAX = 1000
 
 
 class Literal:
@@ -24,19 +31,22 @@ class Literal:
         return self.data
 
 
-def nstring(value: str | None) -> Any:
-    """IMAP nstring: None -> NIL; unfolded bytes, as a literal when not plain ASCII."""
+def nstring(value: str | bytes | None) -> Any:
+    """IMAP nstring: None -> NIL; unfolded bytes, as a literal when not plain ASCII text."""
     if value is None:
         return None
-    raw = value.encode("ascii", "surrogateescape")
-    raw = raw.replace(b"\r\n", b"").replace(b"\n", b"").replace(b"\r", b"")
-    if any(b > 0x7E or b < 0x20 and b != 0x09 for b in raw):
+    raw = to_bytes(value) if isinstance(value, str) else value
+    raw = raw.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
+    if len(raw) > _QUOTABLE_MAX or any(b > 0x7E or (b < 0x20 and b != 0x09) for b in raw):
         return Literal(raw)
     return raw
 
 
 def _header(m: Message, name: str) -> str | None:
-    v = m.get(name)
+    try:
+        v = m.get(name)
+    except Exception:
+        return None
     return None if v is None else str(v)
 
 
@@ -44,7 +54,11 @@ def _addresses(value: str | None) -> Any:
     if value is None:
         return None
     out = []
-    for name, addr in email.utils.getaddresses([value.replace("\r", "").replace("\n", "")]):
+    try:
+        pairs = email.utils.getaddresses([value.replace("\r", "").replace("\n", "")])
+    except Exception:
+        return None
+    for name, addr in pairs:
         if not addr and not name:
             continue
         mailbox, _, host = addr.rpartition("@") if "@" in addr else (addr, "", "")
@@ -70,26 +84,29 @@ def envelope(m: Message) -> list[Any]:
     ]
 
 
-def _params(m: Message, header: str, skip_first: bool = True) -> Any:
+def _params(m: Message, header: str) -> Any:
+    """The parameters of a Content-Type or Content-Disposition field, as sent; RFC 2231
+    continuations are joined into one `name*` parameter, its value left encoded."""
     try:
         params = m.get_params(header=header) or []
     except Exception:
         return None
     out: list[Any] = []
-    for i, (k, v) in enumerate(params):
-        if i == 0 and skip_first:
-            continue
+    for k, v in params[1:]:
         if isinstance(v, tuple):
-            v = email.utils.collapse_rfc2231_value(v)
-        out.extend([nstring(k), nstring(str(v))])
+            charset, language, text = v
+            encoded = quote(text.encode("latin-1", "replace"), safe="!#$&+-.^_`|~")
+            out.extend([nstring(k + "*"), nstring(f"{charset or ''}'{language or ''}'{encoded}")])
+        else:
+            out.extend([nstring(k), nstring(str(v))])
     return out or None
 
 
 def _disposition(m: Message) -> Any:
-    value = m.get("content-disposition")
+    value = _header(m, "content-disposition")
     if value is None:
         return None
-    kind = str(value).split(";", 1)[0].strip() or "attachment"
+    kind = value.split(";", 1)[0].strip() or "attachment"
     return [nstring(kind), _params(m, "content-disposition")]
 
 
@@ -101,51 +118,52 @@ def _extension(m: Message) -> list[Any]:
     ]
 
 
-def _lines(data: bytes) -> int:
-    n = data.count(b"\n")
-    if data and not data.endswith(b"\n"):
+def _lines(data: bytes, start: int, end: int) -> int:
+    n = data.count(b"\n", start, end)
+    if end > start and data[end - 1] != 0x0A:
         n += 1
     return n
 
 
-def body_structure(
-    m: Message, linesep: str, extended: bool, body: bytes | None = None
-) -> list[Any]:
-    """BODYSTRUCTURE (extended) or BODY of a message or part.
-
-    `body` may be given for the top-level message so its size matches the file exactly.
-    """
-    maintype = m.get_content_maintype()
-    subtype = m.get_content_subtype()
-    children = subparts(m)
-    if maintype == "multipart" and children:
-        result: list[Any] = [body_structure(p, linesep, extended) for p in children]
-        result.append(nstring(subtype))
+def body_structure(part: Part, data: bytes, extended: bool) -> list[Any]:
+    """BODYSTRUCTURE (extended) or BODY of `part`, a part of the tree of `data`."""
+    m = part.headers
+    if part.is_multipart:
+        result: list[Any] = [body_structure(p, data, extended) for p in part.children]
+        result.append(nstring(part.subtype))
         if extended:
             result.append(_params(m, "content-type"))
             result.extend(_extension(m))
         return result
-    if body is None:
-        body = body_bytes(m, linesep)
-    if maintype == "multipart":
+    maintype, subtype = part.maintype, part.subtype
+    message = maintype == "message" and subtype in ("rfc822", "global")
+    if part.opaque or (message and not part.children):
+        maintype, subtype = "application", "octet-stream"
+        params = None
+    elif maintype == "multipart":  # no usable parts: its text is all there is
         maintype, subtype = "text", "plain"
+        params = _params(m, "content-type")
+    elif not part.content_type_given:
+        params = [b"charset", b"us-ascii"] if maintype == "text" else None
+    else:
+        params = _params(m, "content-type")
     cte = _header(m, "content-transfer-encoding")
     result = [
         nstring(maintype),
         nstring(subtype),
-        _params(m, "content-type") if m.get("content-type") else [b"charset", b"us-ascii"],
+        params,
         nstring(_header(m, "content-id")),
         nstring(_header(m, "content-description")),
-        nstring(cte.strip() if cte else "7bit"),
-        len(body),
+        nstring(cte.strip() if cte and cte.strip() else "7bit"),
+        part.end - part.body,
     ]
-    if maintype == "message" and subtype == "rfc822" and children:
-        inner = children[0]
-        result.append(envelope(inner))
-        result.append(body_structure(inner, linesep, extended))
-        result.append(_lines(body))
+    if maintype == "message" and part.children:
+        inner = part.children[0]
+        result.append(envelope(inner.headers))
+        result.append(body_structure(inner, data, extended))
+        result.append(_lines(data, part.body, part.end))
     elif maintype == "text":
-        result.append(_lines(body))
+        result.append(_lines(data, part.body, part.end))
     if extended:
         result.append(nstring(_header(m, "content-md5")))
         result.extend(_extension(m))
