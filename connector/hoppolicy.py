@@ -17,16 +17,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from edge.config import parse_listen
+from edge.config import DeviceConfig, parse_listen
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-__all__ = ["listen_refusal", "parse_networks", "plaintext_allowed"]
+__all__ = ["TAILNET", "listen_refusal", "parse_networks", "plaintext_allowed"]
 
 
 def parse_networks(values: Sequence[str]) -> tuple[IPNetwork, ...]:
     """The networks of `[device] plaintext_networks`; ValueError names a bad one."""
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+TAILNET: tuple[IPNetwork, ...] = parse_networks(DeviceConfig().plaintext_networks)
+"""The default `plaintext_networks`: the tailnet's ranges (WireGuard encrypts them)."""
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from connector.hoppolicy import IPNetwork, plaintext_allowed
+from connector.hoppolicy import TAILNET, IPNetwork, plaintext_allowed
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply
@@ -174,9 +174,10 @@ class ConnectorHandler:
         delivered: Callable[[MessageInfo], None],
         *,
         per_address: bool = False,
-        plaintext_networks: Sequence[IPNetwork] = (),
+        plaintext_networks: Sequence[IPNetwork] = TAILNET,
     ) -> None:
-        """`plaintext_networks`: where a peer may authenticate without TLS (loopback always)."""
+        """`plaintext_networks`: where a peer may authenticate without TLS (loopback always;
+        by default the tailnet's ranges, as `[device] plaintext_networks`)."""
         self.per_address = per_address
         self.plaintext_networks = plaintext_networks
         self.maildir = maildir
