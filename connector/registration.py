@@ -10,8 +10,8 @@ running connector accepts them at once.
 
 The pin of the connector's TLS key (`edge.tls.spki_pin`) goes with the registration, so the
 edge pins it at approval. When the device starts with another key (a new certificate), its
-pin goes to the edge with the device key (`PATCH /v1/devices/{id}`, `sync_pin`; retried by
-`PinSync` until the edge has it), so a new certificate never cuts the mail off for longer
+pin goes to the edge with the device key (`PATCH /v1/devices/{id}/connector`, `sync_pin`;
+retried by `PinSync` until the edge has it), so a new certificate never cuts the mail off for longer
 than that takes. The link file remembers which pin the edge has. This module must never
 return or log the device key or the poll secret: the key never leaves the device daemon.
 """
@@ -243,7 +243,7 @@ class Registration:
         link = self.link
         reply = await self._client().request(
             b"PATCH",
-            f"/v1/devices/{link.device_id}".encode("ascii"),
+            f"/v1/devices/{link.device_id}/connector".encode("ascii"),
             headers={b"Content-Type": b"application/json"},
             body=json.dumps({"connector_tls_pin": self.tls_pin}).encode("ascii"),
         )

@@ -96,6 +96,8 @@ class DeviceConfig:
     mailbox_mode: str = "inbox"
     rspamd_url: str = ""
     rspamd_password: str = ""
+    # The connector's STARTTLS (its own certificate, pinned by the edge) and the peers that
+    # may authenticate without it (loopback always); see docs/configuration.md.
     connector_tls: bool = True
     connector_tls_cert: str = ""
     connector_tls_key: str = ""

@@ -452,3 +452,21 @@ def test_without_a_pin_the_edge_still_uses_starttls_where_offered(
     assert outcome.delivered, outcome
     offered = fake_device.commands[0] == "STARTTLS"
     assert offered == ("STARTTLS" in fake_device.commands)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[device]\nplaintext_networks = ["10.0.0.0/33"]\n', "plaintext_networks"),
+        ("[device]\nplaintext_networks = [7]\n", "plaintext_networks"),
+        ('[device]\nconnector_tls_cert = "/x/cert.pem"\n', "go together"),
+        ('[device]\nconnector_tls = "yes"\n', "connector_tls"),
+    ],
+)
+def test_bad_hop_settings_are_refused(tmp_path: Path, toml: str, message: str) -> None:
+    from edge.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

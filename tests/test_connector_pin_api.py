@@ -1,5 +1,5 @@
 """How the edge learns the pin of a device connector's TLS key: at registration, pinned at
-approval, replaced by the device itself (`PATCH /v1/devices/{id}`) when its key changes.
+approval, replaced by the device itself (`PATCH /v1/devices/{id}/connector`) when its key changes.
 Over real sockets: the edge's `/v1` and the device's registration client."""
 
 from __future__ import annotations
@@ -113,18 +113,26 @@ def test_only_the_device_itself_or_the_admin_changes_its_pin(
     assert key is not None
 
     other = http(
-        f"{edge.url}/v1/devices/{theirs_id}", "PATCH", {"connector_tls_pin": NEW_PIN}, token=key
+        f"{edge.url}/v1/devices/{theirs_id}/connector",
+        "PATCH",
+        {"connector_tls_pin": NEW_PIN},
+        token=key,
     )
     assert other.code == 404 and other.body["code"] == "device_not_found"
-    anonymous = http(f"{edge.url}/v1/devices/{mine_id}", "PATCH", {"connector_tls_pin": NEW_PIN})
+    anonymous = http(
+        f"{edge.url}/v1/devices/{mine_id}/connector", "PATCH", {"connector_tls_pin": NEW_PIN}
+    )
     assert anonymous.code == 401
     for bad in ("", "not a pin", PIN[:-1], PIN + "A", PIN.replace("=", "A"), 7, None):
         refused = http(
-            f"{edge.url}/v1/devices/{mine_id}", "PATCH", {"connector_tls_pin": bad}, token=key
+            f"{edge.url}/v1/devices/{mine_id}/connector",
+            "PATCH",
+            {"connector_tls_pin": bad},
+            token=key,
         )
         assert refused.code == 400 and refused.body["code"] == "validation_failed", bad
     extra = http(
-        f"{edge.url}/v1/devices/{mine_id}",
+        f"{edge.url}/v1/devices/{mine_id}/connector",
         "PATCH",
         {"connector_tls_pin": NEW_PIN, "connector_smtp_addr": "10.0.0.1:25"},
         token=key,
@@ -136,11 +144,17 @@ def test_only_the_device_itself_or_the_admin_changes_its_pin(
     assert stored is not None and stored.connector_tls_pin == PIN
 
     by_admin = http(
-        f"{edge.url}/v1/devices/{theirs_id}", "PATCH", {"connector_tls_pin": NEW_PIN}, token=ADMIN
+        f"{edge.url}/v1/devices/{theirs_id}/connector",
+        "PATCH",
+        {"connector_tls_pin": NEW_PIN},
+        token=ADMIN,
     )
     assert by_admin.code == 200 and by_admin.body["connector_tls_pin"] == NEW_PIN
     missing = http(
-        f"{edge.url}/v1/devices/dev_nobody", "PATCH", {"connector_tls_pin": NEW_PIN}, token=ADMIN
+        f"{edge.url}/v1/devices/dev_nobody/connector",
+        "PATCH",
+        {"connector_tls_pin": NEW_PIN},
+        token=ADMIN,
     )
     assert missing.code == 404
 

@@ -327,7 +327,7 @@ class ControlAPI:
             request, m.RegistrationStatusRequest, self.devices.registration_status, 200
         )
 
-    @app.route("/v1/devices/<ident>", methods=["PATCH"])
+    @app.route("/v1/devices/<ident>/connector", methods=["PATCH"])
     def patch_device(self, request: IRequest, ident: str) -> defer.Deferred[bytes]:
         return self._write(
             request, m.DevicePatch, self.devices.patch_device, _path_id(ident, "device")

@@ -6,10 +6,10 @@ Registration needs no key, so it is limited per source address and in total (429
 `Retry-After`) and makes nothing but a pending registration row; a registering device gets
 a poll secret, and once an operator approves it (the device and its account are made then),
 its poll returns its API key and connector credentials. The pin of the connector's TLS key a
-device sends when it registers is pinned at approval; the device replaces it with its own key
-(`PATCH /v1/devices/{id}`) when its certificate changes. This module must never return a key
-to anyone but the holder of the registration's poll secret, nor let a device key approve or
-revoke.
+device sends when it registers is pinned at approval; the device replaces it with its own
+key (`PATCH /v1/devices/{id}/connector`) when its certificate changes. This module must
+never return a key to anyone but the holder of the registration's poll secret, nor let a
+device key approve or revoke, nor change another device's pin.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ OPERATIONS = [
     ),
     Operation(
         "PATCH",
-        "/v1/devices/{id}",
+        "/v1/devices/{id}/connector",
         "A device sets its connector's TLS key pin (its own device key, or the admin key)",
         m.DeviceOut,
         m.DevicePatch,
