@@ -113,8 +113,10 @@ def test_a_connector_without_tls_listens_only_where_plaintext_is_allowed(
 # -- the connector's SMTP policy, with the peer's address as given ---------------------------
 
 
-def session_from(peer: IPv4Address | IPv6Address) -> tuple[Any, StringTransport, Maildir]:
-    maildir = Maildir(Path(os.environ.get("TMPDIR", "/tmp")) / f"hop-{id(peer)}", hostname="d")
+def session_from(
+    peer: IPv4Address | IPv6Address, root: Path
+) -> tuple[Any, StringTransport, Maildir]:
+    maildir = Maildir(root / "mail", hostname="device.test")
 
     def run(fn: Any, *args: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(fn, *args)
@@ -143,9 +145,9 @@ def say(proto: Any, transport: StringTransport, line: str) -> str:
     [IPv4Address("TCP", "203.0.113.9", 40000), IPv6Address("TCP", "2001:db8::9", 40000)],
 )
 def test_a_peer_outside_the_plaintext_networks_cannot_auth_in_the_clear(
-    peer: IPv4Address | IPv6Address,
+    peer: IPv4Address | IPv6Address, tmp_path: Path
 ) -> None:
-    proto, transport, _maildir = session_from(peer)
+    proto, transport, _maildir = session_from(peer, tmp_path)
     ehlo = say(proto, transport, "EHLO edge.test")
     assert ehlo.startswith("250") and "AUTH" not in ehlo  # RFC 4954 §4: not before STARTTLS
     assert say(proto, transport, f"AUTH PLAIN {plain()}").startswith("538 5.7.11 ")
@@ -163,9 +165,9 @@ def test_a_peer_outside_the_plaintext_networks_cannot_auth_in_the_clear(
     ],
 )
 def test_a_tailnet_or_loopback_peer_may_auth_in_the_clear(
-    peer: IPv4Address | IPv6Address,
+    peer: IPv4Address | IPv6Address, tmp_path: Path
 ) -> None:
-    proto, transport, _maildir = session_from(peer)
+    proto, transport, _maildir = session_from(peer, tmp_path)
     assert "AUTH PLAIN" in say(proto, transport, "EHLO edge.test")
     assert say(proto, transport, f"AUTH PLAIN {plain()}").startswith("235 ")
     assert say(proto, transport, f"MAIL FROM:<{SENDER}>").startswith("250 ")
