@@ -1,7 +1,9 @@
 """`twistd tailpost`: the edge and one device in a single process, on embedded defaults.
 
 The edge still hands every message to the device's connector over a loopback SMTP hop,
-the same code path as two hosts. On first start it makes the data directory, a self-signed
+the same code path as two hosts: STARTTLS to the connector's own certificate, whose pin the
+local device gets at bootstrap as an approval would give it (plaintext AUTH would be allowed
+on loopback, but the real path is the one exercised). On first start it makes the data directory, a self-signed
 certificate, the device's secrets and the demo domain with one address, and prints the
 secrets once.
 """
@@ -43,14 +45,18 @@ def link_local_device(store: Store, device: Device) -> None:
         return
     access = AccessStore(store)
     link = registration.link
-    if link.device_key and access.authenticate(link.device_key) is not None:
-        return
     row = store.get_device(LOCAL_DEVICE_ID)
     assert row is not None
+    if link.device_key and access.authenticate(link.device_key) is not None:
+        if link.connector_tls_pin != (row.connector_tls_pin or ""):
+            link.connector_tls_pin = row.connector_tls_pin or ""  # pinned here, at bootstrap
+            link.save(registration.path)
+        return
     link.device_key = access.issue_key(LOCAL_DEVICE_ID)
     link.status = "authorized"
     link.device_id = LOCAL_DEVICE_ID
     link.account_id = row.account_id
+    link.connector_tls_pin = row.connector_tls_pin or ""
     link.save(registration.path)
 
 
@@ -72,6 +78,8 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
             connector_username=creds.connector_username,
             connector_secret=creds.connector_password,
         )
+    # The connector's key, pinned as at an approval (and again after a new certificate).
+    store.set_connector_tls_pin(LOCAL_DEVICE_ID, device.tls_pin)
     domain = config.demo.domain.lower()
     route = store.get_route_by_domain(domain)
     if route is None:

@@ -1,13 +1,18 @@
 """Assembly of the device: Maildir, connector SMTP listener, IMAP server and local HTTP API.
 
 State is built from the configuration and the credentials file and passed into each part;
-nothing is global. The HTTP API only ever listens on a loopback address.
+nothing is global. The HTTP API only ever listens on a loopback address. The connector
+offers STARTTLS with the device's own certificate (`[device] connector_tls_cert`, or one
+made self-signed on first start in `<data_dir>/device/tls/`, key mode 0600), whose key's pin
+the edge learns at registration; without TLS it refuses to start on an address outside
+loopback and `[device] plaintext_networks` (`connector.hoppolicy`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -15,13 +20,15 @@ from twisted.internet import threads
 
 from connector import credentials
 from connector.events import EventLog, InboundEvents
+from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.receiver import ConnectorHandler
-from connector.registration import Registration, build_registration
+from connector.registration import PinSync, Registration, build_registration
 from edge.config import Config, ConfigError, parse_listen
 from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
+from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
 from webapi.device_api import DeviceInfo
 from webapi.httplimits import bounded_site
@@ -44,6 +51,8 @@ class Device:
     mail: MailService
     link: LinkState
     registration: Registration | None = None
+    tls_pin: str | None = None
+    """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
@@ -61,10 +70,33 @@ def _require_loopback(listen: str, what: str) -> None:
         raise ConfigError(f"{what} must listen on a loopback address, not {host}")
 
 
+def connector_tls(config: Config) -> tuple[Any, str | None]:
+    """The connector's TLS server context and its certificate's pin (None, None without
+    TLS): the configured certificate, or the device's own, made self-signed on first start."""
+    d = config.device
+    if not d.connector_tls:
+        return None, None
+    if d.connector_tls_cert:
+        cert, key = Path(d.connector_tls_cert), Path(d.connector_tls_key)
+    else:
+        tls_dir = config.data_path / "device" / "tls"
+        cert, key = tls_dir / "connector-cert.pem", tls_dir / "connector-key.pem"
+        ensure_self_signed(cert, key, config.fqdn)
+    try:
+        return server_context(cert, key), pin_of_file(cert)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the connector's TLS certificate {cert} is unusable: {exc}") from exc
+
+
 def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] = ()) -> Device:
     d = config.device
     _require_loopback(d.http_listen, "device.http_listen")
     _require_loopback(d.imap_listen, "device.imap_listen")
+    plaintext = parse_networks(d.plaintext_networks)
+    refusal = listen_refusal(d.connector_listen, plaintext, d.connector_tls)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    tls_context, tls_pin = connector_tls(config)
     if d.rspamd_url and not d.rspamd_url.startswith(("http://", "https://")):
         raise ConfigError("device.rspamd_url must start with http:// or https://")
     creds = credentials.ensure(
@@ -99,6 +131,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
             threads.deferToThread,
             delivered,
             per_address=config.device.mailbox_mode == "per_address",
+            plaintext_networks=plaintext,
         )
 
     limits = Limits(
@@ -108,7 +141,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         # `edge.smtp.data.is_loop`): with the same limit, the connector never refuses it.
         max_received_headers=config.edge.max_received_headers,
     )
-    smtp_factory = SMTPServerFactory(connector_handler, limits, hostname, reactor)
+    smtp_factory = SMTPServerFactory(connector_handler, limits, hostname, reactor, tls_context)
     service = MultiService()
     service.setName("device")
     connector = TCPListener("connector", d.connector_listen, smtp_factory, reactor)
@@ -137,12 +170,25 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         clock=reactor,
         on_change=notify_imap,
     )
-    registration, edge_client = build_registration(config, creds, connector)
+    registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
     http.setServiceParent(service)
+    if edge_client is not None:
+        PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
     return Device(
-        service, maildir, creds, connector, imap, http, api, events, mail, link, registration
+        service,
+        maildir,
+        creds,
+        connector,
+        imap,
+        http,
+        api,
+        events,
+        mail,
+        link,
+        registration,
+        tls_pin,
     )

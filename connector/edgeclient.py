@@ -117,9 +117,12 @@ class EdgeClient:
         )
 
     def register(
-        self, name: str, hostname: str, connector_smtp_addr: str
+        self, name: str, hostname: str, connector_smtp_addr: str, tls_pin: str | None = None
     ) -> defer.Deferred[EdgeReply]:
+        """`tls_pin`: the pin of the connector's TLS key, for the edge to pin at approval."""
         body = {"name": name, "hostname": hostname, "connector_smtp_addr": connector_smtp_addr}
+        if tls_pin:
+            body["connector_tls_pin"] = tls_pin
         return defer.ensureDeferred(self._json(b"/v1/devices/register", body))
 
     def registration_status(

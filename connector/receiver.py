@@ -1,7 +1,10 @@
 """The connector's SMTP policy: accept mail only from the authenticated edge, store it once.
 
 The edge authenticates with AUTH PLAIN using the device's connector credentials; without
-them MAIL is refused (530). The message is written into the Maildir (tmp, fsync, rename into
+them MAIL is refused (530). A peer outside loopback and `[device] plaintext_networks` (see
+`connector.hoppolicy`) must issue STARTTLS first: until then AUTH is not offered, AUTH is
+refused with 538 5.7.11 and MAIL with 530 5.7.0, so the password never crosses an
+unprotected network in the clear. The message is written into the Maildir (tmp, fsync, rename into
 new) before the 250. The edge puts its queue id in a first `X-Tailpost-Queue-ID` header; the
 Maildir deduplicates on it (plus the recipients), so a redelivery after a lost reply never
 stores a message twice. Maildir writes run in a thread pool, never in the reactor thread.
@@ -26,11 +29,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
 
+from connector.hoppolicy import TAILNET, IPNetwork, plaintext_allowed
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply
@@ -170,8 +174,12 @@ class ConnectorHandler:
         delivered: Callable[[MessageInfo], None],
         *,
         per_address: bool = False,
+        plaintext_networks: Sequence[IPNetwork] = TAILNET,
     ) -> None:
+        """`plaintext_networks`: where a peer may authenticate without TLS (loopback always;
+        by default the tailnet's ranges, as `[device] plaintext_networks`)."""
         self.per_address = per_address
+        self.plaintext_networks = plaintext_networks
         self.maildir = maildir
         self.username = username
         self.password = password
@@ -179,6 +187,7 @@ class ConnectorHandler:
         self.delivered = delivered
 
     def connect(self, session: Session) -> None:
+        session.auth_needs_tls = not plaintext_allowed(session.peer_host, self.plaintext_networks)
         return None
 
     def authenticate(self, session: Session, username: str, password: str) -> bool:

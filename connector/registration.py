@@ -6,8 +6,14 @@ edge no longer takes its key (revoked), since a fresh registration would throw t
 link away. `status()` polls the edge until an operator approves, then keeps the device
 key (in `<data_dir>/device/edge-link.json`, mode 0600, next to `credentials.json`) and takes
 the connector credentials the edge will present into the device's credentials, so the
-running connector accepts them at once. This module must never return or log the device
-key or the poll secret: the key never leaves the device daemon.
+running connector accepts them at once.
+
+The pin of the connector's TLS key (`edge.tls.spki_pin`) goes with the registration, so the
+edge pins it at approval. When the device starts with another key (a new certificate), its
+pin goes to the edge with the device key (`PATCH /v1/devices/{id}/connector`, `sync_pin`;
+retried by `PinSync` until the edge has it), so a new certificate never cuts the mail off for longer
+than that takes. The link file remembers which pin the edge has. This module must never
+return or log the device key or the poll secret: the key never leaves the device daemon.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from connector.credentials import Credentials
 from connector.edgeclient import EdgeClient, EdgeReply
@@ -30,10 +39,16 @@ from edge.service import TCPListener
 __all__ = [
     "AlreadyLinked",
     "EdgeLink",
+    "PinSync",
     "Registration",
     "RegistrationError",
     "build_registration",
 ]
+
+log = Logger()
+
+PIN_RETRY = 60.0
+"""Seconds between attempts to give the edge a changed pin while it cannot be told."""
 
 
 class RegistrationError(Exception):
@@ -65,6 +80,8 @@ class EdgeLink:
     managed_domain: str = ""
     edge_mx_target: str = ""
     device_key: str = ""
+    connector_tls_pin: str = ""
+    """The pin of the connector's TLS key the edge was given (at registration or since)."""
 
     @classmethod
     def load(cls, path: Path) -> EdgeLink:
@@ -108,7 +125,10 @@ class Registration:
         hostname: str,
         connector_addr: Callable[[], str],
         run_blocking: Callable[..., defer.Deferred[Any]],
+        tls_pin: str | None = None,
     ) -> None:
+        """`tls_pin`: the pin of the connector's TLS key (None: the connector has no TLS)."""
+        self.tls_pin = tls_pin
         self.path = path
         self.creds = creds
         self.client = client
@@ -148,7 +168,9 @@ class Registration:
     async def _start(self) -> dict[str, Any]:
         if await self._linked():
             raise AlreadyLinked(self.link.device_id)
-        reply = await self._client().register(self.name, self.hostname, self.connector_addr())
+        reply = await self._client().register(
+            self.name, self.hostname, self.connector_addr(), self.tls_pin
+        )
         body = self._json(reply)
         link = EdgeLink(
             status="pending",
@@ -158,6 +180,7 @@ class Registration:
             approval_url=str(body["approval_url"]),
             expires_at=str(body.get("expires_at") or ""),
             device_id=str(body["device_id"]),
+            connector_tls_pin=self.tls_pin or "",
         )
         await self.run(link.save, self.path)
         self.link = link
@@ -185,6 +208,7 @@ class Registration:
                 managed_domain=str(body.get("managed_domain") or ""),
                 edge_mx_target=str(body.get("edge_mx_target") or ""),
                 device_key=str(body["device_key"]),
+                connector_tls_pin=link.connector_tls_pin,
             )
             await self.run(self._keep, updated, connector)
             self.link = updated
@@ -205,9 +229,82 @@ class Registration:
         """Where the registration stands; while pending, this asks the edge once."""
         return defer.ensureDeferred(self._status())
 
+    @property
+    def pin_outdated(self) -> bool:
+        """Whether the edge holds another pin than the connector's (or none) for this
+        approved device."""
+        link = self.link
+        linked = link.status == "authorized" and bool(link.device_key and link.device_id)
+        return linked and bool(self.tls_pin) and link.connector_tls_pin != self.tls_pin
+
+    async def _sync_pin(self) -> bool:
+        if not self.pin_outdated:
+            return True
+        link = self.link
+        reply = await self._client().request(
+            b"PATCH",
+            f"/v1/devices/{link.device_id}/connector".encode("ascii"),
+            headers={b"Content-Type": b"application/json"},
+            body=json.dumps({"connector_tls_pin": self.tls_pin}).encode("ascii"),
+        )
+        self._json(reply)  # raises RegistrationError on a refusal
+        link.connector_tls_pin = self.tls_pin or ""
+        await self.run(link.save, self.path)
+        log.info("registration: the edge now pins the connector's new TLS key")
+        return True
+
+    def sync_pin(self) -> defer.Deferred[bool]:
+        """Give the edge the connector's pin if it holds another; True once it has it.
+        Fails with EdgeUnavailable or RegistrationError when the edge did not take it."""
+        return defer.ensureDeferred(self._sync_pin())
+
+
+class PinSync(Service):
+    """On start, and every `PIN_RETRY` seconds until it succeeds: `Registration.sync_pin`."""
+
+    def __init__(self, registration: Registration, clock: IReactorTime) -> None:
+        self.setName("pin-sync")
+        self.registration = registration
+        self.clock = clock
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.registration.pin_outdated:
+            return
+        self._loop = task.LoopingCall(self._attempt)
+        self._loop.clock = self.clock
+        self._loop.start(PIN_RETRY, now=True)
+
+    async def _try(self) -> None:
+        try:
+            await self.registration.sync_pin()
+        except Exception as exc:  # the edge is away or refused: logged, tried again later
+            log.warn(
+                "registration: the edge does not have the connector's new TLS pin yet "
+                "({error}); mail waits on the edge until it does",
+                error=exc,
+            )
+            return
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _attempt(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._try())
+
+    def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
 
 def build_registration(
-    config: Config, creds: Credentials, connector: TCPListener, http: Any = None
+    config: Config,
+    creds: Credentials,
+    connector: TCPListener,
+    http: Any = None,
+    *,
+    tls_pin: str | None = None,
 ) -> tuple[Registration, EdgeClient | None]:
     """The device's registration and edge client, from `[device] edge_url` (none if empty)."""
     holder: list[Registration] = []
@@ -235,6 +332,7 @@ def build_registration(
         hostname=config.fqdn,
         connector_addr=connector_addr,
         run_blocking=deferToThread,
+        tls_pin=tls_pin,
     )
     holder.append(registration)
     return registration, client

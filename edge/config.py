@@ -96,6 +96,14 @@ class DeviceConfig:
     mailbox_mode: str = "inbox"
     rspamd_url: str = ""
     rspamd_password: str = ""
+    # The connector's STARTTLS (its own certificate, pinned by the edge) and the peers that
+    # may authenticate without it (loopback always); see docs/configuration.md.
+    connector_tls: bool = True
+    connector_tls_cert: str = ""
+    connector_tls_key: str = ""
+    plaintext_networks: list[str] = field(
+        default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
+    )
 
 
 @dataclass
@@ -264,6 +272,17 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             raise ConfigError(
                 f"edge.device_networks: {network!r} is not an IP network like 100.64.0.0/10"
             ) from exc
+    for network in config.device.plaintext_networks:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network, strict=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"device.plaintext_networks: {network!r} is not an IP network like 100.64.0.0/10"
+            ) from exc
+    if bool(config.device.connector_tls_cert) != bool(config.device.connector_tls_key):
+        raise ConfigError("device.connector_tls_cert and device.connector_tls_key go together")
     for name in (
         "registration_limit_per_source",
         "registration_limit_total",

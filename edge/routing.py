@@ -75,6 +75,9 @@ class Target:
     names: tuple[str, ...] = ()
     """The host name each of `hosts` (in the same order) was resolved from; none (or "")
     for an address given as such."""
+    tls_pin: str | None = None
+    """For a device: the pin of its connector's TLS key (`edge.tls.spki_pin`). With one,
+    every host must take STARTTLS and present that key before AUTH is sent."""
 
     def tls_for(self, host: str, port: int) -> str:
         for (h, p), mode in zip(self.hosts, self.tls_modes, strict=False):
@@ -166,10 +169,14 @@ def _device_target(found: RecipientTarget, dns: HostAddresses) -> Target:
         username=found.connector_username,
         secret=found.connector_secret,
         device_id=found.device_id,
+        # STARTTLS always: required and pinned with a pin, opportunistic without (a device
+        # that registered before it had one, until it sends it).
+        starttls=True,
+        tls_pin=found.connector_tls_pin,
     )
     if _is_address(host):
         return base
-    expanded, failure = dns.expand([(host, port, "none")])
+    expanded, failure = dns.expand([(host, port, "starttls")])
     if not expanded:
         if failure is not None:
             raise failure
@@ -189,6 +196,7 @@ def replace_hosts(base: Target, expanded: list[tuple[str, int, str, str]]) -> Ta
         device_id=base.device_id,
         tls_modes=tuple(mode for _a, _p, mode, _n in expanded),
         names=tuple(name for _a, _p, _m, name in expanded),
+        tls_pin=base.tls_pin,
     )
 
 
@@ -296,6 +304,7 @@ class RecipientResolver:
             connector_secret=found.connector_secret,
             route_id=found.route_id,
             upstream_hosts=[],
+            connector_tls_pin=found.connector_tls_pin,
         )
 
     def _bare(self, address: str) -> RecipientTarget | None:

@@ -20,6 +20,12 @@ to one that does not, the data still goes unchanged (converting it would change 
 message, and a server that refuses it says so with a reply that stands).
 Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
 offered, TLS from the first octet (a split domain's old MX on port 465), or plain SMTP.
+A device target with a pin (`Target.tls_pin`, learned when the device registered) is
+reached with STARTTLS required and the connector's key checked against the pin during the
+handshake (`edge.tls.PinnedClientTLS`): a connector that does not offer STARTTLS, or
+presents another key, gets no AUTH (its credentials are never sent) and the attempt is a
+temporary failure of the connection, logged as such (the device may be rotating its
+certificate; the mail waits).
 
 With a sealer (`edge.checks.arc.ARCSealer`, `checks.arc_seal`), the edge's ARC set goes on
 top of a message sent to a device or an upstream host (RFC 8617: sealing is the forwarding
@@ -29,8 +35,8 @@ transaction got as far as DATA (recipients accepted): an attempt that fails befo
 RSA signature. It goes under a leading `X-Tailpost-Queue-ID` line, which the connector
 reads first. A seal that fails is logged and the message goes unsealed.
 
-Connections to the same target are reused. Per (host, port, username, secret, TLS mode)
-the deliverer keeps the sessions that finished a transaction and sends the next
+Connections to the same target are reused. Per (host, port, username, secret, TLS mode,
+pin) the deliverer keeps the sessions that finished a transaction and sends the next
 transaction for that key on one of them. At most `max_connections` are open per key (more
 deliveries wait their turn); an idle session is closed after `idle_timeout` seconds, a
 session after `max_transactions` transactions, and one the server closed or that failed is
@@ -60,7 +66,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import SMTPDeliveryError
+from twisted.mail.smtp import SMTPConnectError, SMTPDeliveryError, TLSRequiredError
 from twisted.python.failure import Failure
 
 from edge.checks.arc import ARCSealer
@@ -76,6 +82,7 @@ from edge.smtpsession import (
     Transaction,
 )
 from edge.spool import QUEUE_ID_HEADER
+from edge.tls import PinnedClientTLS
 
 log = Logger()
 
@@ -85,8 +92,8 @@ DEFAULT_MAX_CONNECTIONS = 4
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_TRANSACTIONS = 100
 
-# host, port, username, secret, TLS mode: sessions are never shared across keys.
-PoolKey = tuple[str, int, str | None, str | None, str]
+# host, port, username, secret, TLS mode, pin: sessions are never shared across keys.
+PoolKey = tuple[str, int, str | None, str | None, str, str | None]
 
 SEALED_KINDS = ("device", "upstream")
 """The targets a message goes to with the edge's ARC set: those it forwards inbound mail to."""
@@ -144,6 +151,21 @@ class Needs:
         )
 
 
+def _pin_failure(exc: Exception, pinned: PinnedClientTLS, where: str) -> Exception:
+    """Why a pinned connection failed, said plainly in the log and the outcome's text."""
+    if pinned.mismatch:
+        text = (
+            f"4.7.0 the connector at {where} presented a TLS key with pin {pinned.seen}, "
+            f"not the device's pin {pinned.pin}; credentials not sent, will retry"
+        )
+    elif isinstance(exc, TLSRequiredError):
+        text = f"4.7.0 the connector at {where} does not offer STARTTLS; credentials not sent"
+    else:
+        return exc
+    log.warn("smtp: {text}", text=text)
+    return SMTPConnectError(-1, text.encode("utf-8", "replace"))
+
+
 class _Pool:
     """The sessions of one key: idle ones to reuse, and a bound on how many are open."""
 
@@ -177,15 +199,20 @@ class _Pool:
 
     async def _connect(self) -> Session:
         owner, target = self.owner, self.target
-        host, port, tls = self.key[0], self.key[1], self.key[4]
+        host, port, tls, pin = self.key[0], self.key[1], self.key[4], self.key[5]
+        pinned = PinnedClientTLS(pin) if pin is not None else None
+        context: Any = pinned
+        if context is None and tls == "starttls":
+            context = ssl.CertificateOptions()
         session = Session(
             (target.username or "").encode(),
             (target.secret or "").encode(),
-            ssl.CertificateOptions() if tls == "starttls" else None,
+            context,
             owner.hostname.encode(),
             owner.timeout,
             owner.clock,
             require_auth=target.username is not None,
+            require_tls=pinned is not None,
         )
         session.counted = True
         self.open += 1
@@ -200,6 +227,7 @@ class _Pool:
         try:
             return await session.ready
         except Exception as exc:
+            said = exc if pinned is None else _pin_failure(exc, pinned, target.where(host, port))
             session.close()  # (only does something when this wait was cancelled)
             self._forget(session)
             if self.open == 0 and self.waiters:
@@ -208,11 +236,13 @@ class _Pool:
                 waiters, self.waiters = list(self.waiters), deque()
                 for waiter in waiters:
                     if not waiter.called:
-                        waiter.errback(Failure(exc))
+                        waiter.errback(Failure(said))
                 self._drop_if_unused()
             else:
                 self._wake()
-            raise
+            if said is exc:
+                raise
+            raise said from None
 
     def release(self, session: Session) -> None:
         """A transaction on `session` has ended: keep it for the next one, or close it."""
@@ -401,7 +431,8 @@ class SMTPDeliverer:
 
     @staticmethod
     def _key(target: Target, host: str, port: int) -> PoolKey:
-        return (host.lower(), port, target.username, target.secret, target.tls_for(host, port))
+        tls = target.tls_for(host, port)
+        return (host.lower(), port, target.username, target.secret, tls, target.tls_pin)
 
     def _pool(self, target: Target, host: str, port: int) -> _Pool:
         key = self._key(target, host, port)

@@ -127,11 +127,14 @@ class Session(ESMTPClient):
         timeout: float,
         clock: IReactorTime,
         require_auth: bool,
+        require_tls: bool = False,
     ) -> None:
+        """`require_tls`: STARTTLS (with `context`) or nothing: a server that does not offer
+        it fails the handshake before AUTH (Twisted's `requireTransportSecurity`)."""
         ESMTPClient.__init__(self, secret, context, identity)
         self.heloFallback = False
         self.requireAuthentication = require_auth
-        self.requireTransportSecurity = False
+        self.requireTransportSecurity = require_tls
         for auth in (
             CramMD5ClientAuthenticator(username),
             LOGINAuthenticator(username),

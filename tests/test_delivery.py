@@ -58,6 +58,7 @@ def device_target(device_id: str = "dev1", port: int = 2525) -> Target:
         hosts=((host, port),),
         username=f"edge-{device_id}",
         secret="secret",
+        starttls=True,  # where offered: no pin of the connector's key is known
         device_id=device_id,
     )
 

@@ -84,7 +84,7 @@ def test_assigned_address_goes_to_its_device(world: World) -> None:
             hosts=(("100.64.0.7", 2525),),
             username="edge-laptop",
             secret="laptop-secret",
-            starttls=False,
+            starttls=True,  # where offered: this device sent no pin of its connector's key
             device_id=world.laptop.id,
         )
         assert "laptop-secret" not in repr(target)

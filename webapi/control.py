@@ -327,6 +327,12 @@ class ControlAPI:
             request, m.RegistrationStatusRequest, self.devices.registration_status, 200
         )
 
+    @app.route("/v1/devices/<ident>/connector", methods=["PATCH"])
+    def patch_device(self, request: IRequest, ident: str) -> defer.Deferred[bytes]:
+        return self._write(
+            request, m.DevicePatch, self.devices.patch_device, _path_id(ident, "device")
+        )
+
     @app.route("/v1/devices/<ident>/approve", methods=["POST"])
     def approve(self, request: IRequest, ident: str) -> defer.Deferred[bytes]:
         return self._write(

@@ -1,12 +1,15 @@
-"""The device operations of `/v1`: listing, registration and its polling, approval, revoke.
+"""The device operations of `/v1`: listing, registration and its polling, approval, revoke,
+and a device's own changes (its connector TLS pin).
 
 Blocking functions over `edge.store.access.AccessStore`, run in a thread by `webapi.control`.
 Registration needs no key, so it is limited per source address and in total (429 with
 `Retry-After`) and makes nothing but a pending registration row; a registering device gets
 a poll secret, and once an operator approves it (the device and its account are made then),
-its poll returns its API key and connector credentials. This module must never return a key
-to anyone but the holder of the registration's poll secret, nor let a device key approve or
-revoke.
+its poll returns its API key and connector credentials. The pin of the connector's TLS key a
+device sends when it registers is pinned at approval; the device replaces it with its own
+key (`PATCH /v1/devices/{id}/connector`) when its certificate changes. This module must
+never return a key to anyone but the holder of the registration's poll secret, nor let a
+device key approve or revoke, nor change another device's pin.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class DeviceOps:
             "namespace": namespace_of(reg.name, reg.device_id),
             "connector_smtp_addr": reg.connector_smtp_addr,
             "connector_username": None,
+            "connector_tls_pin": reg.connector_tls_pin,
             "registration_code": reg.code,
             "created_at": reg.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "last_seen_at": None,
@@ -86,6 +90,18 @@ class DeviceOps:
         except NotFound:
             raise _not_found("device", device_id) from None
 
+    def patch_device(self, p: Principal, device_id: str, req: m.DevicePatch) -> dict[str, Any]:
+        """A device's new connector TLS pin. A device key changes only its own device; the
+        admin key any device of the edge."""
+        if p.kind != "admin" and p.device_id != device_id:
+            raise _not_found("device", device_id)
+        try:
+            return self.device_out(
+                self.store.set_connector_tls_pin(device_id, req.connector_tls_pin)
+            )
+        except NotFound:
+            raise _not_found("device", device_id) from None
+
     def register(self, req: m.RegisterRequest, source: str = "") -> dict[str, Any]:
         stranger = Principal("device")
         self.ops.check_connector_addr(stranger, req.connector_smtp_addr, "registration")
@@ -97,6 +113,7 @@ class DeviceOps:
                 self.settings.registration_ttl,
                 source,
                 self.settings.registration_limits,
+                req.connector_tls_pin,
             )
         except RateLimited as exc:
             wait = str(int(exc.retry_after + 0.999)).encode("ascii")

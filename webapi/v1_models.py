@@ -42,6 +42,9 @@ LocalPart = Annotated[str, Field(min_length=1, max_length=64, pattern=LOCAL_PART
 ManagedName = Annotated[str, Field(min_length=1, max_length=40, pattern=LOCAL_PART_PATTERN)]
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 SmtpAddr = Annotated[str, Field(max_length=300, pattern=SMTP_ADDR_PATTERN)]
+# The connector's TLS key pin: base64 of the SHA-256 of its SubjectPublicKeyInfo (RFC 7469).
+TLS_PIN_PATTERN = r"^[A-Za-z0-9+/]{43}=$"
+TlsPin = Annotated[str, Field(min_length=44, max_length=44, pattern=TLS_PIN_PATTERN)]
 Integer = Annotated[int, BeforeValidator(_whole)]
 Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
 RouteType = Literal["byod", "subdomain"]
@@ -165,6 +168,13 @@ class RegisterRequest(Request):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
     hostname: str = Field(default="", max_length=253, pattern=r"^[^\x00-\x1f\x7f]*$")
     connector_smtp_addr: SmtpAddr | Literal[""] = ""
+    connector_tls_pin: TlsPin | None = None
+
+
+class DevicePatch(Request):
+    """What a device may change of itself: the pin of its connector's (new) TLS key."""
+
+    connector_tls_pin: TlsPin
 
 
 class RegistrationStatusRequest(Request):
@@ -362,6 +372,7 @@ class DeviceOut(Response):
     namespace: str
     connector_smtp_addr: str
     connector_username: str | None
+    connector_tls_pin: str | None = None
     registration_code: str | None = None
     created_at: str | None
     last_seen_at: str | None

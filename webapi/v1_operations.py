@@ -102,6 +102,13 @@ OPERATIONS = [
         public=True,
     ),
     Operation(
+        "PATCH",
+        "/v1/devices/{id}/connector",
+        "A device sets its connector's TLS key pin (its own device key, or the admin key)",
+        m.DeviceOut,
+        m.DevicePatch,
+    ),
+    Operation(
         "POST",
         "/v1/devices/{id}/approve",
         "Approve a device (admin key)",

@@ -88,6 +88,11 @@ S503_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 S530_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 S504_AUTH_MECH = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 S535_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+# RFC 3207 §4 and RFC 4954 §6: AUTH (and so mail) only once the session is encrypted.
+S530_STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+S538_ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 S550_NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 S550_BARE_NEWLINE = Reply(550, "5.6.0", "Bare CR or LF in message data is not allowed")
 S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds the limit")

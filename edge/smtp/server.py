@@ -49,6 +49,9 @@ class Session:
     esmtp: bool = False
     tls: str | None = None
     authenticated_as: str | None = None
+    auth_needs_tls: bool = False
+    """Set by the handler (at connect) for a peer that may authenticate only over TLS: AUTH
+    is then neither offered nor taken before STARTTLS (RFC 4954 §4, RFC 3207 §4)."""
     sender: Path | None = None
     recipients: list[Path] = field(default_factory=list)
 
@@ -363,7 +366,8 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         if self.tls_context is not None and self.session.tls is None:
             lines.append("STARTTLS")
         if self.handler.auth_offered and self.session.authenticated_as is None:
-            lines.append("AUTH PLAIN")
+            if self.session.tls is not None or not self.session.auth_needs_tls:
+                lines.append("AUTH PLAIN")
         return Reply(250, "", "\n".join(lines))
 
     def cmd_STARTTLS(self, arg: str) -> Answer:
@@ -391,6 +395,8 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             return replies.S503_BAD_SEQUENCE
         if self.session.authenticated_as is not None or self.session.sender is not None:
             return replies.S503_BAD_SEQUENCE
+        if self.session.tls is None and self.session.auth_needs_tls:
+            return replies.S538_ENCRYPTION_REQUIRED
         mech, _, initial = arg.partition(" ")
         if mech.upper() != "PLAIN":
             return replies.S504_AUTH_MECH
@@ -427,6 +433,8 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         if self.session.helo is None or self.session.sender is not None:
             return replies.S503_BAD_SEQUENCE
         if self.handler.auth_required and self.session.authenticated_as is None:
+            if self.session.tls is None and self.session.auth_needs_tls:
+                return replies.S530_STARTTLS_FIRST
             return replies.S530_AUTH_REQUIRED
         sender = parse_mail_from(arg, max_size=self.limits.max_message_size)
         refusal = self._call(self.handler.mail_from, self.session, sender)

@@ -38,6 +38,7 @@ from edge.store.models import (
 from edge.store.records import Device
 from edge.store.store import Store
 from edge.store.validate import check_smtp_addr, optional_text, required_text
+from edge.tls import is_pin
 
 __all__ = [
     "AccessStore",
@@ -106,6 +107,7 @@ class Registration:
     name: str = ""
     hostname: str = ""
     connector_smtp_addr: str = ""
+    connector_tls_pin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ def _registration(row: RegistrationRow) -> Registration:
         row.name,
         row.hostname,
         row.connector_smtp_addr,
+        row.connector_tls_pin,
     )
 
 
@@ -170,10 +173,14 @@ class AccessStore:
         ttl: float,
         source: str = "",
         limits: RegistrationLimits | None = None,
+        connector_tls_pin: str | None = None,
     ) -> tuple[Registration, str]:
         """A pending registration (nothing else is made until approval); returns it and the
-        plain poll secret (only its hash is kept). RateLimited past ``limits``."""
+        plain poll secret (only its hash is kept). RateLimited past ``limits``.
+        ``connector_tls_pin``: the pin of the device connector's TLS key, pinned at approval."""
         name = required_text("name", name, 64)
+        if connector_tls_pin is not None and not is_pin(connector_tls_pin):
+            raise ValueError("connector_tls_pin must be the base64 SHA-256 of an SPKI")
         hostname = (optional_text("hostname", hostname) or "").strip()
         check_smtp_addr(connector_smtp_addr)
         limits = limits or RegistrationLimits()
@@ -191,6 +198,7 @@ class AccessStore:
                         name=name,
                         hostname=hostname[:255],
                         connector_smtp_addr=connector_smtp_addr.strip(),
+                        connector_tls_pin=connector_tls_pin,
                         source=source[:64],
                         created_at=now,
                         expires_at=now + timedelta(seconds=ttl),
@@ -306,6 +314,7 @@ class AccessStore:
             hostname=reg.hostname,
             auth_status="pending",
             connector_smtp_addr=reg.connector_smtp_addr,
+            connector_tls_pin=reg.connector_tls_pin,
             created_at=now,
         )
         session.add(row)

@@ -115,6 +115,8 @@ class DeviceRow(Base):
     connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
     connector_username: Mapped[str | None] = mapped_column(String(255))
     connector_secret: Mapped[str | None] = mapped_column(String(255))
+    # The connector's TLS key pin (edge.tls.spki_pin): delivery requires STARTTLS to that key.
+    connector_tls_pin: Mapped[str | None] = mapped_column(String(64))
     key_hash: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -265,6 +267,7 @@ class RegistrationRow(Base):
     name: Mapped[str] = mapped_column(String(255), default="")
     hostname: Mapped[str] = mapped_column(String(255), default="")
     connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
+    connector_tls_pin: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

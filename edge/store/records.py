@@ -62,6 +62,8 @@ class Device:
     key_hash: str | None = field(repr=False)
     created_at: datetime
     last_seen_at: datetime | None
+    connector_tls_pin: str | None = None
+    """The pin of the connector's TLS key (`edge.tls.spki_pin`), once the device sent it."""
 
     @classmethod
     def from_row(cls, row: DeviceRow) -> Device:
@@ -77,6 +79,7 @@ class Device:
             key_hash=row.key_hash,
             created_at=row.created_at,
             last_seen_at=row.last_seen_at,
+            connector_tls_pin=row.connector_tls_pin,
         )
 
     @property
@@ -91,6 +94,7 @@ class Device:
             "auth_status": self.auth_status,
             "connector_smtp_addr": self.connector_smtp_addr,
             "connector_username": self.connector_username,
+            "connector_tls_pin": self.connector_tls_pin,
             "created_at": isoformat(self.created_at),
             "last_seen_at": isoformat(self.last_seen_at),
         }
@@ -321,6 +325,8 @@ class RecipientTarget:
     connector_secret: str | None = field(repr=False)
     route_id: str | None
     upstream_hosts: list[dict[str, Any]]
+    connector_tls_pin: str | None = None
+    """For a device: the pin its connector's TLS key must match (None: no pin known)."""
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def _device_target(
         connector_secret=device.connector_secret,
         route_id=route_id,
         upstream_hosts=[],
+        connector_tls_pin=device.connector_tls_pin,
     )
 
 

@@ -60,6 +60,7 @@ from edge.store.validate import (
     optional_text,
     required_text,
 )
+from edge.tls import is_pin
 
 __all__ = ["Conflict", "NotFound", "Store", "open_store"]
 
@@ -214,6 +215,21 @@ class Store:
                 raise NotFound(f"no device {device_id!r}")
             for key, value in values.items():
                 setattr(row, key, value)
+            session.flush()
+            return Device.from_row(row)
+
+    def set_connector_tls_pin(self, device_id: str, pin: str | None) -> Device:
+        """Pin the device's connector TLS key (`edge.tls.spki_pin`; None forgets it): from
+        the next delivery on, the edge sends its credentials only to that key."""
+        if pin is not None and not is_pin(pin):
+            raise ValueError("connector_tls_pin must be the base64 SHA-256 of an SPKI")
+        if not _is_key(device_id):
+            raise NotFound(f"no device {device_id!r}")
+        with self._write() as session:
+            row = session.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFound(f"no device {device_id!r}")
+            row.connector_tls_pin = pin
             session.flush()
             return Device.from_row(row)
 
