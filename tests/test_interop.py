@@ -179,15 +179,23 @@ def test_swaks_over_starttls(allinone: tuple[Process, str, int]) -> None:
     assert b"sent over TLS" in raw
 
 
-def converse(port: int, host: str, script: list[bytes]) -> list[bytes]:
-    """Send each chunk of `script` and collect every reply line the server sends."""
+def converse(port: int, host: str, script: list[tuple[bytes, int]]) -> list[bytes]:
+    """Send each chunk of `script`, each time reading until the server has given that
+    chunk's number of final replies (or 10 s have passed), then half-close and collect
+    whatever else the server sends until it closes: every reply line, in order."""
     sock = socket.create_connection((host, port), timeout=10)
     sock.settimeout(10)
     buffer = b""
+    expected = 1  # the greeting
     try:
-        for chunk in script:
+        for chunk, replies in script:
             sock.sendall(chunk)
-            time.sleep(0.05)
+            expected += replies
+            while len(final_codes(buffer.split(b"\r\n"))) < expected:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buffer += data
         sock.shutdown(socket.SHUT_WR)
         while True:
             data = sock.recv(65536)
@@ -237,10 +245,10 @@ def test_smuggling_never_yields_a_second_message(
         port,
         host,
         [
-            b"EHLO smuggler.test\r\n",
-            b"MAIL FROM:<a@sender.test>\r\n" + rcpt + b"DATA\r\n",
-            smuggled,
-            b"QUIT\r\n",
+            (b"EHLO smuggler.test\r\n", 1),
+            (b"MAIL FROM:<a@sender.test>\r\n" + rcpt + b"DATA\r\n", 3),
+            (smuggled, 1),
+            (b"QUIT\r\n", 1),
         ],
     )
     codes = final_codes(lines)
@@ -252,16 +260,17 @@ def test_smuggling_never_yields_a_second_message(
     # A sentinel sent afterwards arrives; by then neither the smuggled message (nor, for a
     # refused one, the outer) is in the Maildir.
     sentinel = f"interop sentinel {tag}"
-    converse(
+    lines = converse(
         port,
         host,
         [
-            b"EHLO sentinel.test\r\n",
-            b"MAIL FROM:<a@sender.test>\r\n" + rcpt + b"DATA\r\n",
-            f"Subject: {sentinel}\r\n\r\nok\r\n.\r\n".encode(),
-            b"QUIT\r\n",
+            (b"EHLO sentinel.test\r\n", 1),
+            (b"MAIL FROM:<a@sender.test>\r\n" + rcpt + b"DATA\r\n", 3),
+            (f"Subject: {sentinel}\r\n\r\nok\r\n.\r\n".encode(), 1),
+            (b"QUIT\r\n", 1),
         ],
     )
+    assert final_codes(lines) == [220, 250, 250, 250, 354, 250, 221], lines
     wait_for(lambda: with_subject(proc, sentinel) or None, timeout=20)
     time.sleep(0.3)
     assert with_subject(proc, f"smuggled {tag}") == []
