@@ -16,7 +16,9 @@ import pytest
 from twisted.internet import threads
 from twisted.internet.task import Clock
 
+from edge.config import ConfigError, load_config
 from edge.mx import MXHandler
+from edge.mxbuild import smtp_limits
 from edge.smtp.conncount import LocalCounts, SharedCounts, network_of
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
@@ -349,11 +351,60 @@ def test_the_network_limit_holds_over_two_listeners_sharing_counts(in_reactor: A
             ports.append(
                 in_reactor(in_reactor.reactor.listenTCP, 0, factory, interface="127.0.0.1")
             )
-        clients = [Client(ports[i % 2].getHost().port, f"127.0.0.{20 + i}") for i in range(4)]
-        assert [client.reply()[:3] for client in clients] == ["220", "220", "220", "421"]
+        clients, greetings = [], []
+        for i in range(4):  # one after the other: the order the listeners see them in
+            clients.append(Client(ports[i % 2].getHost().port, f"127.0.0.{20 + i}"))
+            greetings.append(clients[-1].reply()[:3])
+        assert greetings == ["220", "220", "220", "421"]
         for client in clients:
             client.close()
     finally:
         for port in ports:
             in_reactor(port.stopListening)
         os.close(edge.fd)
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+def test_the_listener_limits_come_from_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "tailpost.toml"
+    path.write_text(
+        "[edge]\ncommand_timeout = 30\nmin_data_rate = 512\ndata_rate_window = 45\n"
+        "max_connections_per_network = 50\nnetwork_v4_prefix = 28\nnetwork_v6_prefix = 56\n"
+        "reserved_connections = 100\nreserved_per_network = 5\n"
+    )
+    limits = smtp_limits(load_config(path))
+    assert (limits.command_timeout, limits.min_data_rate, limits.data_rate_window) == (
+        30,
+        512,
+        45,
+    )
+    assert (limits.max_connections_per_network, limits.reserved_connections) == (50, 100)
+    assert (limits.network_v4_prefix, limits.network_v6_prefix) == (28, 56)
+    assert limits.reserved_per_network == 5
+    defaults = smtp_limits(load_config(None))
+    assert (defaults.idle_timeout, defaults.command_timeout, defaults.min_data_rate) == (
+        300,
+        60,
+        1024,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[edge]\nreserved_connections = 1000\n",  # all of max_connections
+        "[edge]\ncommand_timeout = 0\n",
+        "[edge]\nmin_data_rate = -1\n",
+        "[edge]\nmax_connections_per_network = 0\n",
+        "[edge]\nnetwork_v4_prefix = 33\n",
+        "[auth]\nfailure_delay = 60\n",  # above failure_delay_max
+        "[auth]\nfailure_forget = 10\n",
+    ],
+)
+def test_bad_listener_limits_are_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "tailpost.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(path)
