@@ -236,6 +236,7 @@ accept_mode = "{mode}"
 mx_processes = {processes}
 max_connections = 5000
 max_connections_per_ip = 5000
+max_connections_per_network = 5000
 retry_schedule = [86400]
 [dns]
 nameservers = ["127.0.0.1"]

@@ -25,6 +25,7 @@ from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
+from edge.auththrottle import AuthThrottle
 from edge.config import Config, ConfigError, parse_listen
 from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
@@ -114,7 +115,20 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         threads.deferToThread,
     )
     link = LinkState(reactor.seconds)
-    imap_factory = make_imap_factory(maildir, creds.check_imap, hostname=hostname)
+    # One throttle for every listener that checks a password: failures from an address (or
+    # for a user) on one slow down all of them.
+    a = config.auth
+    throttle = AuthThrottle(
+        reactor,
+        base_delay=a.failure_delay,
+        max_delay=a.failure_delay_max,
+        forget_after=a.failure_forget,
+        per_connection=a.failures_per_connection,
+        max_keys=a.tracked_keys,
+    )
+    imap_factory = make_imap_factory(
+        maildir, creds.check_imap, hostname=hostname, throttle=throttle
+    )
     notify_imap = imap_factory.notify_changed if isinstance(imap_factory, IMAPFactory) else None
 
     def delivered(info: MessageInfo) -> None:
@@ -141,7 +155,9 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         # `edge.smtp.data.is_loop`): with the same limit, the connector never refuses it.
         max_received_headers=config.edge.max_received_headers,
     )
-    smtp_factory = SMTPServerFactory(connector_handler, limits, hostname, reactor, tls_context)
+    smtp_factory = SMTPServerFactory(
+        connector_handler, limits, hostname, reactor, tls_context, auth_throttle=throttle
+    )
     service = MultiService()
     service.setName("device")
     connector = TCPListener("connector", d.connector_listen, smtp_factory, reactor)

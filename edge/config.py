@@ -43,9 +43,17 @@ class EdgeConfig:
     max_recipients: int = 100
     max_line_length: int = 512
     idle_timeout: float = 300.0
+    command_timeout: float = 60.0
     data_timeout: float = 600.0
+    min_data_rate: int = 1024
+    data_rate_window: float = 60.0
     max_connections: int = 1000
     max_connections_per_ip: int = 100
+    max_connections_per_network: int = 200
+    network_v4_prefix: int = 24
+    network_v6_prefix: int = 64
+    reserved_connections: int = 200
+    reserved_per_network: int = 10
     max_errors: int = 20
     max_header_size: int = 1024 * 1024
     max_received_headers: int = 50
@@ -134,6 +142,18 @@ class ChecksConfig:
 
 
 @dataclass
+class AuthConfig:
+    """The delay on failed logins (`edge.auththrottle`) of every listener that checks a
+    password: the connector's SMTP AUTH, IMAP."""
+
+    failure_delay: float = 2.0
+    failure_delay_max: float = 30.0
+    failure_forget: float = 900.0
+    failures_per_connection: int = 3
+    tracked_keys: int = 10000
+
+
+@dataclass
 class DemoConfig:
     domain: str = "example.test"
     address: str = "demo@example.test"
@@ -147,6 +167,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     @property
@@ -308,4 +329,33 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         )
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
+    _check_listener_limits(config)
     return config
+
+
+def _check_listener_limits(config: Config) -> None:
+    e, a = config.edge, config.auth
+    for name in ("idle_timeout", "command_timeout", "data_timeout", "data_rate_window"):
+        if getattr(e, name) <= 0:
+            raise ConfigError(f"edge.{name} must be positive")
+    if e.min_data_rate < 0:
+        raise ConfigError("edge.min_data_rate must be 0 (no minimum) or positive")
+    for name in ("max_connections", "max_connections_per_ip", "max_connections_per_network"):
+        if getattr(e, name) < 1:
+            raise ConfigError(f"edge.{name} must be at least 1")
+    if not 0 <= e.reserved_connections < e.max_connections:
+        raise ConfigError("edge.reserved_connections must be at least 0 and below max_connections")
+    if e.reserved_per_network < 0:
+        raise ConfigError("edge.reserved_per_network must not be negative")
+    if not 8 <= e.network_v4_prefix <= 32 or not 16 <= e.network_v6_prefix <= 128:
+        raise ConfigError(
+            "edge.network_v4_prefix must be 8 to 32 and edge.network_v6_prefix 16 to 128"
+        )
+    if not 0 < a.failure_delay <= a.failure_delay_max:
+        raise ConfigError("auth.failure_delay must be positive and at most auth.failure_delay_max")
+    if a.failure_forget <= a.failure_delay_max:
+        raise ConfigError("auth.failure_forget must be longer than auth.failure_delay_max")
+    if a.failures_per_connection < 0 or a.tracked_keys < 2:
+        raise ConfigError(
+            "auth.failures_per_connection must not be negative, auth.tracked_keys at least 2"
+        )

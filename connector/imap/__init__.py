@@ -12,10 +12,11 @@ from typing import Any
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 
+from edge.auththrottle import AuthThrottle
 from maildir import Maildir
 from maildir.lineends import LineEndCache
 
-from .auth import make_portal
+from .auth import ClientPortal, make_portal
 from .fieldcache import FieldCache
 from .server import DEFAULT_MAX_MESSAGE, IMAPServer
 
@@ -33,11 +34,13 @@ class IMAPFactory(ServerFactory):
         authenticate: Callable[[str, str], bool],
         hostname: str,
         max_message_size: int,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self.maildir = maildir
         self.line_ends = LineEndCache()
         """Served sizes of messages, shared by the sessions (see `maildir.lineends`)."""
-        self.portal = make_portal(maildir, authenticate, self.line_ends)
+        self.portal = make_portal(maildir, authenticate, self.line_ends, throttle)
+        self.throttle = throttle
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.sessions: set[IMAPServer] = set()
@@ -46,7 +49,7 @@ class IMAPFactory(ServerFactory):
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials})
         p.factory = self
-        p.portal = self.portal
+        p.portal = ClientPortal(self.portal, getattr(addr, "host", "unknown"), self.throttle)
         p.max_message_size = self.max_message_size
         p.IDENT = b"tailpost IMAP4rev1 ready on " + self.hostname.encode("ascii", "replace")
         self.sessions.add(p)
@@ -65,6 +68,8 @@ def make_imap_factory(
     *,
     hostname: str = "localhost",
     max_message_size: int = DEFAULT_MAX_MESSAGE,
+    throttle: AuthThrottle | None = None,
 ) -> Factory:
-    """A factory for IMAP connections to `maildir`, with logins checked by `authenticate`."""
-    return IMAPFactory(maildir, authenticate, hostname, max_message_size)
+    """A factory for IMAP connections to `maildir`, with logins checked by `authenticate`
+    (failures delayed by `throttle`)."""
+    return IMAPFactory(maildir, authenticate, hostname, max_message_size, throttle)

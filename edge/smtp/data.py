@@ -39,11 +39,27 @@ class Limits:
     """How many Received headers this hop adds to a message it accepts (the MX: one; the
     connector, the final delivery: none). Loop detection counts them (`is_loop`)."""
     idle_timeout: float = 300.0
+    """Seconds the server waits for the first byte of the next command."""
+    command_timeout: float = 60.0
+    """Seconds a command line may take from its first byte to its end (not restarted by
+    each byte that arrives)."""
     data_timeout: float = 600.0
+    """Seconds DATA may go without a byte, and the spool commit may take."""
+    min_data_rate: int = 1024
+    """Octets per second DATA must average over each `data_rate_window` (0: no minimum)."""
+    data_rate_window: float = 60.0
     handler_timeout: float = 60.0
     max_errors: int = 20
     max_connections: int = 1000
     max_connections_per_ip: int = 100
+    max_connections_per_network: int = 200
+    """Concurrent connections from one network (`network_v4_prefix`, `network_v6_prefix`)."""
+    network_v4_prefix: int = 24
+    network_v6_prefix: int = 64
+    reserved_connections: int = 200
+    """The last of `max_connections` that only go to clients whose network holds no more
+    than `reserved_per_network` connections: one network never takes them all."""
+    reserved_per_network: int = 10
 
 
 def is_loop(received: int, limits: Limits) -> bool:

@@ -69,6 +69,15 @@ S354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 S421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 S421_IDLE = Reply(421, "4.4.2", "Idle timeout, closing connection")
 S421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+S421_TOO_MANY_FROM_IP = Reply(
+    421, "4.7.0", "Too many connections from your address, try again later"
+)
+S421_TOO_MANY_FROM_NETWORK = Reply(
+    421, "4.7.0", "Too many connections from your network, try again later"
+)
+S421_COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command not completed in time, closing connection")
+S421_DATA_TOO_SLOW = Reply(421, "4.4.2", "Message data too slow, closing connection")
+S421_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 S421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 S451_INTERNAL = Reply(451, "4.3.0", "Temporary internal error, try again later")
 S451_TIMEOUT = Reply(451, "4.4.5", "Timed out processing the request, try again later")

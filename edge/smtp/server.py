@@ -7,6 +7,15 @@ by a `SessionHandler` (policy) passed in by the factory. Every reply comes from
 detail in the log only. It never buffers more than one command line or one text line
 beyond what the handler's sink was given, and it never executes a command that arrived in
 the same read as STARTTLS.
+
+A client cannot hold a session by trickling bytes: the first byte of the next command must
+come within `Limits.idle_timeout`, the whole line within `Limits.command_timeout` of its
+first byte (bytes that arrive do not restart either), and DATA must average
+`Limits.min_data_rate` octets per second over each `Limits.data_rate_window`; otherwise the
+session is closed with 421 4.4.2 and an unfinished message is aborted. No timer runs
+against the client while the server itself is working on a command. The factory admits a
+connection only within the total, per-address and per-network limits (see `admit`), and a
+failed AUTH is answered through the shared `AuthThrottle` when one is given.
 """
 
 from __future__ import annotations
@@ -25,9 +34,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from edge.auththrottle import AuthThrottle
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
-from edge.smtp.conncount import LocalCounts
+from edge.smtp.conncount import LocalCounts, network_of
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
@@ -82,6 +92,11 @@ class SessionHandler(Protocol):
 Answer = Reply | None | defer.Deferred[Any]
 """What a command gives: its reply (None when it has answered itself) now, or later."""
 
+_BUSY, _IDLE, _LINE, _DATA = "busy", "idle", "line", "data"
+"""What the session waits for, which decides its timer (`SMTPServer._arm`): the server's
+own work (no timer), the next command's first byte, the rest of a command line, message
+data."""
+
 
 def _tls_description(transport: Any) -> str | None:
     handle: Any = getattr(transport, "getHandle", lambda: None)()
@@ -126,6 +141,12 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         # cancels it when it is late: reset for each answer, never made per command.
         self._waiting_for: defer.Deferred[Any] | None = None
         self._answer_timer: IDelayedCall | None = None
+        self._phase: str | None = None
+        self._rate_timer: IDelayedCall | None = None
+        self._data_bytes = 0
+        self._auth_failures = 0
+        self.network = ""
+        """The client's network, as the connection limits count it (set by `admit`)."""
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -138,7 +159,6 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             local_host=getattr(host, "host", ""),
             local_port=getattr(host, "port", 0),
         )
-        self.setTimeout(self.limits.idle_timeout)
         self._busy = True
         refusal = self.factory.admit(self)
         if refusal is not None:
@@ -149,6 +169,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         except Exception:
             result = self._funnel(Failure())
         self._run(result, self._greeted)
+        self._arm()
 
     def _greeted(self, refusal: Reply | None) -> None:
         if refusal is not None and refusal.is_error:
@@ -162,6 +183,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
+        self._stop_rate()
         timer, self._answer_timer = self._answer_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -169,14 +191,44 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self.factory.release(self)
 
     def timeoutConnection(self) -> None:
+        late = replies.S421_COMMAND_TIMEOUT if self._phase == _LINE else replies.S421_IDLE
+        log.info("smtp {peer}: {text}", peer=self._peer(), text=late.text)
         self._abort_data()
-        self._send(replies.S421_IDLE)
+        self._send(late)
         self._close()
+
+    def _arm(self) -> None:
+        """Set the session's timer for what it now waits for. A timer runs from the moment
+        its wait begins: bytes that arrive do not restart it (but for DATA's silence bound,
+        restarted by each read; DATA's pace is `_check_rate`'s), a command that completes
+        does."""
+        if self._closed:
+            return
+        if self._busy:
+            phase = _BUSY
+        elif self._data is not None:
+            phase = _DATA
+        elif self._buffer or self._discarding:
+            phase = _LINE
+        else:
+            phase = _IDLE
+        if phase == self._phase:
+            return
+        self._phase = phase
+        if phase == _BUSY:
+            self.setTimeout(None)  # the handler's and the sink's own timeouts bound this
+        elif phase == _IDLE:
+            self.setTimeout(self.limits.idle_timeout)
+        elif phase == _LINE:
+            self.setTimeout(self.limits.command_timeout)
+        else:
+            self.setTimeout(self.limits.data_timeout)
 
     def _close(self) -> None:
         self._closed = True
         self._busy = True
         self.setTimeout(None)
+        self._stop_rate()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -190,7 +242,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.resetTimeout()
+        if self._data is not None:
+            self._data_bytes += len(data)
+            self.resetTimeout()
         self._buffer += data
         self._process()
 
@@ -202,6 +256,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             self._process_buffer()
         finally:
             self._processing = False
+        self._arm()
 
     def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closed:
@@ -247,6 +302,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _execute(self, line: bytes) -> None:
         self._busy = True
+        self._phase = None  # a command completed: the next wait starts afresh
         try:
             result = self._command(line)
         except Exception:
@@ -418,12 +474,29 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             _authzid, username, password = decoded.split("\x00")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return replies.S501_SYNTAX.with_text("Malformed AUTH PLAIN response")
-        ok = self._call(self.handler.authenticate, self.session, username, password)
+        session, throttle = self.session, self.factory.auth_throttle
+        if throttle is None:
+            ok = self._call(self.handler.authenticate, session, username, password)
+        else:
+            ok = throttle.attempt(
+                self.factory.auth_service,
+                session.peer_host,
+                username,
+                lambda: self._call(self.handler.authenticate, session, username, password),
+            )
         return then(ok, self._authenticated, username)
 
-    def _authenticated(self, ok: Any, username: str) -> Reply:
+    def _authenticated(self, ok: Any, username: str) -> Reply | None:
         assert self.session is not None
         if not ok:
+            self._auth_failures += 1
+            throttle = self.factory.auth_throttle
+            limit = throttle.per_connection if throttle is not None else 0
+            if limit and self._auth_failures >= limit and not self._closed:
+                self._send(replies.S535_AUTH_FAILED)
+                self._send(replies.S421_AUTH_FAILURES)
+                self._close()
+                return None
             return replies.S535_AUTH_FAILED
         self.session.authenticated_as = username
         return replies.S235_AUTH_OK
@@ -476,7 +549,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _data_begins(self, sink: MessageSink) -> Reply:
         self._data = DataReader(self.limits, sink)
-        self.setTimeout(self.limits.data_timeout)
+        self._data_bytes = 0
+        if self.limits.min_data_rate > 0:
+            self._rate_timer = self.clock.callLater(self.limits.data_rate_window, self._check_rate)
         return replies.S354_DATA
 
     def cmd_RSET(self, arg: str) -> Reply:
@@ -500,15 +575,42 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     # -- DATA ----------------------------------------------------------------------------
 
+    def _check_rate(self) -> None:
+        """At the end of each window of DATA: close the session if less than the window's
+        share of `min_data_rate` arrived in it."""
+        self._rate_timer = None
+        if self._data is None or self._closed:
+            return
+        window = self.limits.data_rate_window
+        if self._data_bytes < self.limits.min_data_rate * window:
+            log.info(
+                "smtp {peer}: DATA too slow: {n} octets in {window:g} s",
+                peer=self._peer(),
+                n=self._data_bytes,
+                window=window,
+            )
+            self._abort_data()
+            self._send(replies.S421_DATA_TOO_SLOW)
+            self._close()
+            return
+        self._data_bytes = 0
+        self._rate_timer = self.clock.callLater(window, self._check_rate)
+
+    def _stop_rate(self) -> None:
+        timer, self._rate_timer = self._rate_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _abort_data(self) -> None:
+        self._stop_rate()
         reader, self._data = self._data, None
         if reader is not None:
             reader.abort()
 
     def _end_data(self) -> None:
         assert self.session is not None and self._data is not None
+        self._stop_rate()
         reader, self._data = self._data, None
-        self.setTimeout(self.limits.idle_timeout)
         sink = reader.take_sink()
         error = reader.error
         self.session.reset_transaction()
@@ -542,10 +644,15 @@ class SMTPServerFactory(Factory):
         clock: IReactorTime,
         tls_context: Any = None,
         counts: LocalCounts | None = None,
+        auth_throttle: AuthThrottle | None = None,
+        auth_service: str = "smtp",
     ) -> None:
         """`counts` keeps the connections the limits are checked against: this factory's
-        own by default, or shared with the other processes on the MX port."""
+        own by default, or shared with the other processes on the MX port.
+        `auth_throttle` delays failed AUTH answers (logged as `auth_service`)."""
         self.handler_factory = handler_factory
+        self.auth_throttle = auth_throttle
+        self.auth_service = auth_service
         self.limits = limits
         self.hostname = hostname
         self.clock = clock
@@ -561,11 +668,26 @@ class SMTPServerFactory(Factory):
         return proto
 
     def admit(self, proto: SMTPServer) -> Reply | None:
+        """Count the new session: its refusal if it is over a limit (it is counted until
+        it is released all the same). Over the total, over the client address's limit, over
+        its network's limit; and once the total is within `reserved_connections` of its
+        limit, only clients whose network holds at most `reserved_per_network` sessions get
+        in, so that one network filling its share never shuts out the others."""
         assert proto.session is not None
         self.sessions.add(proto)
-        total, of_ip = self.counts.add(proto.session.peer_host)
-        if total > self.limits.max_connections or of_ip > self.limits.max_connections_per_ip:
+        limits, host = self.limits, proto.session.peer_host
+        proto.network = network_of(host, limits.network_v4_prefix, limits.network_v6_prefix)
+        total, of_ip = self.counts.add(host)
+        of_network = self.counts.add_network(proto.network)
+        if total > limits.max_connections:
             return replies.S421_TOO_MANY_CONNECTIONS
+        if of_ip > limits.max_connections_per_ip:
+            return replies.S421_TOO_MANY_FROM_IP
+        if of_network > limits.max_connections_per_network or (
+            total > limits.max_connections - limits.reserved_connections
+            and of_network > limits.reserved_per_network
+        ):
+            return replies.S421_TOO_MANY_FROM_NETWORK
         return None
 
     def alone(self) -> bool:
@@ -579,6 +701,7 @@ class SMTPServerFactory(Factory):
         if proto in self.sessions:
             self.sessions.discard(proto)
             self.counts.remove(proto.session.peer_host if proto.session else "")
+            self.counts.remove_network(proto.network)
 
 
 _COMMANDS: dict[bytes, Callable[[SMTPServer, str], Answer]] = {
