@@ -1,7 +1,9 @@
 """Assembly of the device: Maildir, connector SMTP listener, IMAP server and local HTTP API.
 
 State is built from the configuration and the credentials file and passed into each part;
-nothing is global. The HTTP API only ever listens on a loopback address.
+nothing is global. The HTTP API only ever listens on a loopback address. The data directory,
+`device/` and the Maildir are made 0700 and the credentials and edge link 0600 before
+anything is read or served (an older install's looser modes are narrowed, with a log line).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from connector.mailservice import LinkState, MailService
 from connector.receiver import ConnectorHandler
 from connector.registration import Registration, build_registration
 from edge.config import Config, ConfigError, parse_listen
+from edge.private import private_dir, private_file
 from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
 from maildir import Maildir, MessageInfo
@@ -67,8 +70,13 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     _require_loopback(d.imap_listen, "device.imap_listen")
     if d.rspamd_url and not d.rspamd_url.startswith(("http://", "https://")):
         raise ConfigError("device.rspamd_url must start with http:// or https://")
+    private_dir(config.data_path)
+    device_dir = private_dir(config.data_path / "device")
+    private_file(device_dir / "credentials.json")
+    private_file(device_dir / "edge-link.json")
+    private_dir(config.maildir_path)
     creds = credentials.ensure(
-        config.data_path / "device" / "credentials.json",
+        device_dir / "credentials.json",
         [*d.addresses, *extra_addresses],
         d.connector_username,
         d.connector_password,

@@ -31,6 +31,9 @@ DEFAULT_FOLDERS = ("Sent", "Drafts", "Junk", "Trash")
 
 
 def _make_maildir(path: Path, subfolder: bool) -> None:
+    # Mail is private: the folder and its tmp/new/cur are the owner's alone (0700; mkdir's
+    # mode is filtered by the umask, which only ever takes bits away).
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     for sub in ("tmp", "new", "cur"):
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     if subfolder:

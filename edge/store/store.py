@@ -27,6 +27,7 @@ from edge.store import spam_rules as _spam
 from edge.store.engine import WRITE_OPTION, make_engine, upgrade_to_head
 from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id
+from edge.store.keyring import StoreKeys
 from edge.store.models import (
     AccountRow,
     AuditEventRow,
@@ -71,13 +72,21 @@ def _is_key(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and "\x00" not in value
 
 
-def open_store(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
+def open_store(
+    url: str,
+    *,
+    schema: str | None = None,
+    migrate: bool = True,
+    keys: StoreKeys | None = None,
+) -> Store:
     """Open the database at ``url``, migrate it to head, and return a ``Store`` over it.
 
     ``schema`` (PostgreSQL only) keeps every table in that schema, created if missing.
     ``migrate=False`` when the migrations already ran (edge.store.migrate in a child).
+    ``keys`` encrypt the secrets (``edge.store.keyring``); without them the store refuses
+    to read or write a secret with ``StoreKeyError``, and everything else works.
     """
-    engine = make_engine(url, schema=schema)
+    engine = make_engine(url, schema=schema, keys=keys)
     if not migrate:
         return Store(engine)
     try:
