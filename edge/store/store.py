@@ -12,7 +12,7 @@ reactor thread by being called from it for long work (callers use a thread pool)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -412,9 +412,14 @@ class Store:
         note: str = "",
         source_message_ids: list[str] | None = None,
         account_id: str = DEFAULT_ACCOUNT,
+        edge_names: Iterable[str] = (),
     ) -> SpamRule:
         """Create a rule, or reactivate the existing (kind, value) rule: its action is set,
-        its note replaced when ``note`` is non-empty, and new source message ids appended."""
+        its note replaced when ``note`` is non-empty, and new source message ids appended.
+
+        ``ServedHere`` if it would block a domain the account or the edge serves (the
+        account's and every verified route, ``edge_names`` and the names below them) or
+        one of the account's own addresses (see edge.store.spam_rules)."""
         kind, value, action = _spam.check_rule(kind, value, action)
         if not isinstance(note, str):
             raise ValueError("note must be a string")
@@ -423,6 +428,7 @@ class Store:
         for attempt in range(2):
             try:
                 with self._write() as session:
+                    _spam.refuse_served(session, account_id, kind, value, edge_names)
                     return _spam.upsert(session, account_id, kind, value, action, note, ids)
             except Conflict:
                 if attempt:
