@@ -1,6 +1,8 @@
 """The control-plane store: accounts, devices, addresses, routes and spam rules.
 
-``open_store(url)`` builds an engine, migrates the database to head and returns a ``Store``.
+``open_store(url, keys=...)`` builds an engine with the store key (``edge.store.keyring``:
+the secret columns are encrypted with it), migrates the database to head and returns a
+``Store``.
 Every public method runs in its own short transaction on its own session, so one ``Store`` can
 be shared by threads (the reactor's thread pool, the API, the SMTP server). Methods return
 frozen records (``edge.store.records``), never ORM rows. Invalid values raise ``ValueError``,
