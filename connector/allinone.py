@@ -21,6 +21,7 @@ from connector.app import Device, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
 from edge.dispatch import direct_dispatch
+from edge.private import private_dir
 from edge.service import ReadyReport, freeze_start_up
 from edge.store import Store
 from edge.store.access import AccessStore
@@ -157,12 +158,12 @@ Read it:
 
 
 def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, Device, ReadyReport]:
-    data = config.data_path
-    data.mkdir(parents=True, exist_ok=True)
+    data = private_dir(config.data_path)  # secrets and mail below: the owner's alone
     if config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
     else:
-        tls_files = (data / "tls" / "cert.pem", data / "tls" / "key.pem")
+        tls_dir = private_dir(data / "tls")
+        tls_files = (tls_dir / "cert.pem", tls_dir / "key.pem")
         ensure_self_signed(*tls_files, config.fqdn)
     if not config.device.edge_url:
         # The device talks to the edge in this process; the real port is set once listening.

@@ -5,7 +5,9 @@ nothing is global. The HTTP API only ever listens on a loopback address. The con
 offers STARTTLS with the device's own certificate (`[device] connector_tls_cert`, or one
 made self-signed on first start in `<data_dir>/device/tls/`, key mode 0600), whose key's pin
 the edge learns at registration; without TLS it refuses to start on an address outside
-loopback and `[device] plaintext_networks` (`connector.hoppolicy`).
+loopback and `[device] plaintext_networks` (`connector.hoppolicy`). The data directory,
+`device/` and the Maildir are made 0700 and the credentials and edge link 0600 before
+anything is read or served (an older install's looser modes are narrowed, with a log line).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
 from edge.config import Config, ConfigError, parse_listen
+from edge.private import private_dir, private_file
 from edge.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
 from edge.tls import ensure_self_signed, pin_of_file, server_context
@@ -100,8 +103,13 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
     tls_context, tls_pin = connector_tls(config)
     if d.rspamd_url and not d.rspamd_url.startswith(("http://", "https://")):
         raise ConfigError("device.rspamd_url must start with http:// or https://")
+    private_dir(config.data_path)
+    device_dir = private_dir(config.data_path / "device")
+    private_file(device_dir / "credentials.json")
+    private_file(device_dir / "edge-link.json")
+    private_dir(config.maildir_path)
     creds = credentials.ensure(
-        config.data_path / "device" / "credentials.json",
+        device_dir / "credentials.json",
         [*d.addresses, *extra_addresses],
         d.connector_username,
         d.connector_password,

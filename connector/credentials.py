@@ -44,6 +44,7 @@ class Credentials:
             "imap": self.imap,
         }
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a stale temporary file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as fh:
             json.dump(body, fh, indent=2, sort_keys=True)
             fh.flush()

@@ -287,11 +287,11 @@ def build_acceptor(
     from edge.dns import DNSResolver
     from edge.mxbuild import build_mx_factory
     from edge.service import TCPListener
-    from edge.store import open_store
     from edge.store.cache import CachedLookups
+    from edge.storeopen import open_configured_store
     from edge.tls import server_context
 
-    store = open_store(config.store_url, migrate=False)
+    store = open_configured_store(config, migrate=False, create_key=False)
     spool = Spool(
         config.spool_path, on_commit=hand_over(fd), on_seal=hand_over_seal(fd), index=False
     )

@@ -1,6 +1,9 @@
 """Assembly of the edge: store, spool, delivery queue and the MX listener, as one service.
 
 State is built here from the configuration and passed into each part; nothing is global.
+What holds secrets or mail is made private here before anything is served: the data
+directory and `edge/` 0700, the store (encrypted with its key, `edge.storeopen`), the
+admin key and the TLS private key 0600, the spool 0700.
 """
 
 from __future__ import annotations
@@ -15,21 +18,22 @@ from twisted.internet import defer, threads
 from edge.acceptor import AcceptorPool
 from edge.checks import sealer_for
 from edge.config import Config
-from edge.control import Control, build_control
+from edge.control import Control, admin_key_path, build_control
 from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
 from edge.eventlog import EventRecorder
 from edge.mxbuild import build_mx_factory
+from edge.private import private_file
 from edge.queueops import QueueControl
 from edge.routing import Router, recipient_resolver, route_soon
 from edge.service import TCPListener
 from edge.smtp.conncount import SharedCounts
 from edge.smtpclient import DelivererService, SMTPDeliverer
 from edge.spool import Spool
-from edge.store import Store, open_store
+from edge.store import Store
 from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
-from edge.store.migrate import migrate_in_child
+from edge.storeopen import open_configured_store
 from edge.tls import server_context
 
 
@@ -72,8 +76,8 @@ class Edge:
 
 
 def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
-    migrate_in_child(config.store_url)
-    store = open_store(config.store_url, migrate=False)
+    store = open_configured_store(config)
+    private_file(admin_key_path(config))  # made 0600; an older install's is narrowed
     spool = Spool(config.spool_path)
     hostname = config.fqdn
     resolver = DNSResolver(
@@ -103,6 +107,8 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     )
     if tls_files is None and config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))
+    if tls_files:
+        private_file(tls_files[1])
     tls = server_context(*tls_files) if tls_files else None
     workers = config.edge.mx_processes
     # With acceptors, the connection limits hold over all the processes on the MX port.

@@ -21,8 +21,9 @@ from typing import Any, TextIO
 
 from edge.config import Config, ConfigError, load_config
 from edge.queuecli import add_queue
-from edge.store import Conflict, NotFound, open_store
+from edge.store import Conflict, NotFound
 from edge.store.access import AccessStore
+from edge.storeopen import open_configured_store
 
 __all__ = ["build_parser", "main"]
 
@@ -30,7 +31,7 @@ Handler = Callable[[argparse.Namespace, Config, TextIO], int]
 
 
 def _devices_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
-    store = open_store(config.store_url)
+    store = open_configured_store(config)
     try:
         access = AccessStore(store)
         now = access.now()
@@ -82,7 +83,7 @@ def _devices_list(args: argparse.Namespace, config: Config, out: TextIO) -> int:
 
 
 def _devices_approve(args: argparse.Namespace, config: Config, out: TextIO) -> int:
-    store = open_store(config.store_url)
+    store = open_configured_store(config)
     try:
         device = AccessStore(store).approve(args.code, args.account)
     finally:
@@ -92,7 +93,7 @@ def _devices_approve(args: argparse.Namespace, config: Config, out: TextIO) -> i
 
 
 def _devices_revoke(args: argparse.Namespace, config: Config, out: TextIO) -> int:
-    store = open_store(config.store_url)
+    store = open_configured_store(config)
     try:
         device = AccessStore(store).revoke_device(args.device_id)
     finally:

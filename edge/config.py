@@ -73,6 +73,9 @@ class EdgeConfig:
     control_listen: str = "127.0.0.1:8025"
     control_url: str = ""
     admin_key_file: str = ""
+    # The key file that encrypts the secrets in the store (edge.store.keyring); empty:
+    # <data_dir>/edge/store.key, made on first start. Every edge sharing a database needs it.
+    store_key_file: str = ""
     managed_domain: str = ""
     postmaster: str = ""
     allow_vanity: bool = False
@@ -181,6 +184,14 @@ class Config:
     @property
     def store_url(self) -> str:
         return self.edge.database_url or f"sqlite:///{self.data_path / 'edge' / 'store.db'}"
+
+    @property
+    def store_key_path(self) -> Path:
+        return (
+            Path(self.edge.store_key_file)
+            if self.edge.store_key_file
+            else self.data_path / "edge" / "store.key"
+        )
 
     @property
     def spool_path(self) -> Path:

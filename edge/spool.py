@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from twisted.logger import Logger
 
 from edge import segments
+from edge.private import private_dir
 from edge.segments import Segment
 from edge.spoolitems import QUEUE_ID_HEADER, Envelope, SpoolEntry, SpoolWriter, new_queue_id
 from edge.spoolscan import scan_queue, segment_path, segment_paths
@@ -111,8 +112,9 @@ class Spool:
         self.segment_size = segment_size
         self.tmp = self.root / "tmp"
         self.queue = self.root / "queue"
+        # Mail is private: the spool's directories are the service user's alone (0700).
         for d in (self.root, self.tmp, self.queue):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
         self._lock = threading.Lock()
         self._commit_cv = threading.Condition()
         self._pending: list[_Pending] = []

@@ -33,7 +33,8 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> bool:
     """Create a self-signed certificate for `hostname` unless one exists; True if created."""
     if cert_path.exists() and key_path.exists():
         return False
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.UTC)
@@ -57,6 +58,7 @@ def ensure_self_signed(cert_path: Path, key_path: Path, hostname: str) -> bool:
         serialization.NoEncryption(),
     )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "wb") as fh:
         fh.write(key_pem)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,8 +32,13 @@ DEFAULT_FOLDERS = ("Sent", "Drafts", "Junk", "Trash")
 
 
 def _make_maildir(path: Path, subfolder: bool) -> None:
-    for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Mail is private: the folder and its tmp/new/cur are the owner's alone (0700; mkdir's
+    # mode is filtered by the umask, which only ever takes bits away).
+    # An older install's more open folders are narrowed to that.
+    for directory in (path, path / "tmp", path / "new", path / "cur"):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(directory.stat().st_mode) & 0o077:
+            os.chmod(directory, 0o700)
     if subfolder:
         (path / "maildirfolder").touch(exist_ok=True)
 
@@ -54,9 +60,7 @@ class Maildir:
         self._dedup: dict[str, tuple[str, str]] | None = None  # key -> (folder, id)
         _make_maildir(self.root, subfolder=False)
         for name in DEFAULT_FOLDERS:
-            path = self._path(name)
-            if not _is_maildir(path):
-                _make_maildir(path, subfolder=True)
+            _make_maildir(self._path(name), subfolder=True)  # made, or its modes narrowed
 
     # -- folders --------------------------------------------------------------------
 

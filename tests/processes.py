@@ -172,6 +172,7 @@ def edge_and_device(
 ) -> tuple[Process, Process]:
     """An edge and a device as two processes; the edge's store routes `address` to it."""
     from edge.store import open_store
+    from edge.store.keyring import load_or_create_keys
 
     connector_port = free_port()
     edge = Process(
@@ -198,7 +199,10 @@ connector_password = "s3cret-connector"
 """,
     )
     name, _, domain = address.partition("@")
-    store = open_store(f"sqlite:///{base / 'edge' / 'edge' / 'store.db'}")
+    # As an operator's script would: with the key file the edge reads (made here, first).
+    (base / "edge" / "edge").mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys, _made = load_or_create_keys(base / "edge" / "edge" / "store.key")
+    store = open_store(f"sqlite:///{base / 'edge' / 'edge' / 'store.db'}", keys=keys)
     store.create_device(
         "home",
         device_id="dev_home",

@@ -47,6 +47,7 @@ from edge.dns import DNSResolver
 from edge.smtp.replies import SMTPReplyError
 from edge.store import open_store
 from edge.store.cache import CachedLookups
+from edge.store.keyring import StoreKeys
 
 # -- the pipeline ------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ def test_the_edge_pipeline_answers_at_once_once_its_caches_are_warm(
     zone = dns_server.zone
     zone.set("sender.test", "TXT", ["v=spf1 ip4:192.0.2.1 -all"])
     zone.set("_dmarc.sender.test", "TXT", ["v=DMARC1; p=reject"])
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}", keys=StoreKeys.generate())
     store.ensure_account()
     lookups = CachedLookups(store, ttl=60.0)
     resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=1.0, reactor=reactor)

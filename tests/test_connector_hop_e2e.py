@@ -12,8 +12,9 @@ import smtplib
 from pathlib import Path
 
 from edge.spoolscan import recoverable
-from edge.store import open_store
+from edge.store import Store, open_store
 from edge.store.events import DeliveryEvents
+from edge.store.keyring import load_keys
 from edge.tls import pin_of_file
 from tests.processes import (
     Process,
@@ -34,12 +35,20 @@ def send(listeners: dict[str, str], rcpt: str, subject: str) -> None:
         smtp.sendmail("a@sender.test", [rcpt], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
 
 
+def edge_store(data_dir: Path) -> Store:
+    """The edge's store in `data_dir`, opened with its key, as an operator's script would."""
+    return open_store(
+        f"sqlite:///{data_dir / 'edge' / 'store.db'}",
+        keys=load_keys(data_dir / "edge" / "store.key"),
+    )
+
+
 def connector_pin(data_dir: Path) -> str:
     return pin_of_file(data_dir / "device" / "tls" / "connector-cert.pem")
 
 
 def set_pin(edge: Process, device_id: str, pin: str) -> None:
-    store = open_store(f"sqlite:///{edge.data_dir / 'edge' / 'store.db'}")
+    store = edge_store(edge.data_dir)
     try:
         store.set_connector_tls_pin(device_id, pin)
     finally:
@@ -48,7 +57,7 @@ def set_pin(edge: Process, device_id: str, pin: str) -> None:
 
 def events(edge: Process) -> dict[str, str]:
     """The edge's delivery events for me@home.test: event -> the latest detail."""
-    store = open_store(f"sqlite:///{edge.data_dir / 'edge' / 'store.db'}")
+    store = edge_store(edge.data_dir)
     try:
         found = DeliveryEvents(store).query(recipient="me@home.test")
     finally:
@@ -93,7 +102,7 @@ def test_the_allinone_pins_its_device_and_survives_a_new_certificate(tmp_path: P
         send(listeners, "demo@example.test", "first key")
         wait_for(lambda: new.exists() and len(list(new.iterdir())) == 1)
         proc.stop()
-        store = open_store(f"sqlite:///{proc.data_dir / 'edge' / 'store.db'}")
+        store = edge_store(proc.data_dir)
         device = store.get_device("dev_local")
         store.close()
         assert device is not None and device.connector_tls_pin == first

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from edge.config import Config
 from edge.dns import DNSResolver
 from edge.store import Store, open_store
+from edge.store.keyring import StoreKeys
 from webapi.control import ControlAPI
 
 ADMIN = "admin-test-key"
@@ -145,7 +146,7 @@ def make_config(**edge: Any) -> Config:
 
 @pytest.fixture(name="store")
 def store_fixture(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    opened = open_store(f"sqlite:///{tmp_path / 'store.db'}", keys=StoreKeys.generate())
     yield opened
     opened.close()
 

@@ -26,6 +26,7 @@ from edge.smtpclient import SMTPDeliverer
 from edge.spool import Spool
 from edge.store import Store, open_store
 from edge.store.cache import CachedLookups
+from edge.store.keyring import StoreKeys
 from maildir import Maildir
 from tests.dnsserver import HANG
 from tests.test_smtpclient import OldMX, Peer, start_peer
@@ -35,7 +36,7 @@ USER, PASSWORD = "edge-laptop", "laptop secret"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}")
+    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}", keys=StoreKeys.generate())
     try:
         yield opened
     finally:

@@ -15,6 +15,7 @@ import pytest
 from edge.control import Control, admin_key_path, build_control, load_admin_keys
 from edge.dns import DNSResolver
 from edge.store import open_store
+from edge.store.keyring import StoreKeys
 from tests.test_control_support import ADMIN, make_config
 from tests.test_localapi import MESSAGES, RICH
 from tests.test_localapi_actions import Setup
@@ -30,7 +31,7 @@ from tests.test_registration import (  # noqa: F401
 def control_fixture(tmp_path: Path, in_reactor: Any) -> Iterator[tuple[Control, str]]:
     config = make_config(control_listen="127.0.0.1:0")
     config.data_dir = str(tmp_path)
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}", keys=StoreKeys.generate())
     resolver = DNSResolver(["127.0.0.1"], 1, timeout=1.0, reactor=in_reactor.reactor)
     control = build_control(config, store, resolver, in_reactor.reactor)
     key = load_admin_keys(admin_key_path(config))[0]

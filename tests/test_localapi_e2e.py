@@ -201,3 +201,32 @@ def test_report_spam_moves_to_junk_and_blocks_the_sender(
     time.sleep(0.2)
     with pytest.raises(smtplib.SMTPException):
         send(listeners, SENDER, message("buy again", sender=f"Mallory <{SENDER}>"))
+
+
+def test_report_spam_never_blocks_the_devices_own_domain(
+    aio: tuple[Process, dict[str, str]],
+) -> None:
+    """A message whose unauthenticated From is at the device's own domain: block_domain
+    blocks that address only, and the edge refuses a rule for the domain outright."""
+    proc, listeners = aio
+    api = API(proc, listeners)
+    forger = "ceo@example.test"
+    send(listeners, "x@elsewhere.test", message("wire money", sender=f"CEO <{forger}>"))
+    item = wait_for(lambda: find(api, "wire money"))
+    report = api.json("POST", f"{MAIL}/messages/{item['id']}/report-spam", {"block_domain": True})
+    assert report["blocked"] == {"kind": "sender", "value": forger, "basis": "served_domain"}
+    assert report["rule"]["kind"] == "sender" and report["rule"]["value"] == forger
+    values = [rule["value"] for rule in api.json("GET", f"{MAIL}/spam-rules")["rules"]]
+    assert "example.test" not in values and forger in values
+    # Whatever the client sends, the edge refuses the domain (through the device's /v1).
+    for domain in ("example.test", "tailpost.test", "mx.tailpost.test"):
+        status, _headers, raw = api.call(
+            "POST", "/v1/mail/spam-rules", {"kind": "domain", "value": domain}
+        )
+        assert status == 409 and json.loads(raw)["code"] == "served_domain", (domain, raw)
+    # Mail from the owner's own domain still arrives.
+    assert (
+        send(listeners, "jane@example.test", message("still here", "Jane <jane@example.test>"))
+        == {}
+    )
+    assert wait_for(lambda: find(api, "still here")) is not None

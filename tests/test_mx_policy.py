@@ -18,6 +18,7 @@ from edge.routing import Postmaster, RecipientResolver, Router
 from edge.smtp import replies
 from edge.smtp.data import DataReader, Limits, is_loop
 from edge.store import Store, open_store
+from edge.store.keyring import StoreKeys
 from tests.processes import Process, edge_and_device, host_port, maildir_new, wait_for
 
 LIMIT = 50  # the default [edge] max_received_headers, which both processes use
@@ -153,7 +154,7 @@ def test_a_hop_refuses_what_its_own_received_would_take_past_the_limit(
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}")
+    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}", keys=StoreKeys.generate())
     try:
         yield opened
     finally:

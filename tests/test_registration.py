@@ -25,7 +25,8 @@ from edge.cli import main as cli
 from edge.config import Config
 from edge.controlsite import OpsEndpoints
 from edge.dns import DNSResolver
-from edge.store import Store, open_store
+from edge.store import Store
+from edge.storeopen import open_configured_store
 from tests.test_control_support import ADMIN, make_config
 from webapi.compose import PrefixDispatch
 from webapi.control import ControlAPI
@@ -86,7 +87,7 @@ class DeviceSide:
 def edge_fixture(tmp_path: Path, in_reactor: Any, dns_server: Any) -> Iterator[Edge]:
     config = make_config()
     config.data_dir = str(tmp_path / "edge")
-    store = open_store(config.store_url)
+    store = open_configured_store(config)
     resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=2.0, reactor=in_reactor.reactor)
     api = ControlAPI(store, resolver, config, [ADMIN])
     root = PrefixDispatch([(b"/v1/", api.resource())], OpsEndpoints(store).app.resource())

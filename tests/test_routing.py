@@ -22,6 +22,7 @@ from edge.smtp.server import Limits, SMTPServerFactory
 from edge.smtpclient import SMTPDeliverer
 from edge.spool import Spool
 from edge.store import Device, Store, open_store
+from edge.store.keyring import StoreKeys
 from maildir import Maildir, MessageInfo
 from tests.dnsserver import HANG
 from tests.test_smtpclient import OldMX, Peer, start_peer
@@ -41,7 +42,7 @@ class World:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}")
+    opened = open_store(f"sqlite:///{tmp_path / 'control.db'}", keys=StoreKeys.generate())
     try:
         yield opened
     finally:

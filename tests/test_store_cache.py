@@ -7,6 +7,7 @@ from typing import Any
 
 from edge.store import Store, open_store
 from edge.store.cache import CachedLookups
+from edge.store.keyring import StoreKeys
 
 
 class Counting:
@@ -29,7 +30,7 @@ class Counting:
 
 
 def setup(tmp_path: Path) -> tuple[Store, Counting, CachedLookups, list[float]]:
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}", keys=StoreKeys.generate())
     device = store.create_device("home", device_id="dev_home", connector_smtp_addr="127.0.0.1:2525")
     store.create_route("home.test", type="byod", connector_id=device.id, status="active")
     store.add_byod_address("me", "home.test", device.id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -19,6 +19,7 @@ from sqlalchemy import Engine, make_url
 
 from edge.store import Store, open_store
 from edge.store.engine import make_engine
+from edge.store.keyring import StoreKeys
 
 POSTGRES_URL = os.environ.get(
     "TAILPOST_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
@@ -49,17 +50,19 @@ def drop_schema(schema: str) -> None:
 
 @dataclass(frozen=True)
 class Database:
-    """Where one test's database lives: a URL and, on PostgreSQL, a schema of its own."""
+    """Where one test's database lives: a URL and, on PostgreSQL, a schema of its own, and the
+    store key its secrets are encrypted with."""
 
     backend: str
     url: str
     schema: str | None
+    keys: StoreKeys = field(default_factory=StoreKeys.generate)
 
     def open(self) -> Store:
-        return open_store(self.url, schema=self.schema)
+        return open_store(self.url, schema=self.schema, keys=self.keys)
 
     def engine(self) -> Engine:
-        return make_engine(self.url, schema=self.schema)
+        return make_engine(self.url, schema=self.schema, keys=self.keys)
 
 
 @pytest.fixture(

@@ -101,6 +101,7 @@ class ControlAPI:
             control_url=lambda: (e.control_url or self.base_url).rstrip("/"),
             claim_ttl=e.claim_ttl,
             claim_limit=e.claim_limit,
+            edge_names=(config.fqdn.lower().rstrip("."),),
             registration_limits=RegistrationLimits(
                 e.registration_limit_per_source,
                 e.registration_limit_total,

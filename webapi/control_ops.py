@@ -25,6 +25,7 @@ from edge.dnsscan import DomainInspector
 from edge.store import Conflict, Device, EmailRoute, Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.claims import ClaimLimit
+from edge.store.errors import ServedHere
 from edge.store.store import DEFAULT_ACCOUNT
 from webapi import v1_models as m
 from webapi.errors import APIError
@@ -66,6 +67,8 @@ class Settings:
     claim_ttl: float = 86400.0
     claim_limit: int = 20
     registration_limits: RegistrationLimits = RegistrationLimits()
+    # The edge's own host names (beside the managed domain and MX target): no rule blocks them.
+    edge_names: tuple[str, ...] = ()
 
 
 def namespace_of(name: str, device_id: str) -> str:
@@ -444,7 +447,14 @@ class ControlOps:
                 note=req.note,
                 source_message_ids=list(req.source_message_ids),
                 account_id=account,
+                edge_names=(
+                    self.settings.managed_domain,
+                    self.settings.edge_mx_target,
+                    *self.settings.edge_names,
+                ),
             )
+        except ServedHere as exc:
+            raise _err(409, "served_domain", str(exc), "block_the_sender_address") from None
         except ValueError as exc:
             raise _err(400, "validation_failed", str(exc), "fix_request_body") from None
         status = 200 if (rule.kind, rule.value) in before else 201

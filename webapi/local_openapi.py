@@ -102,11 +102,30 @@ class Done(_Out):
     message: str
 
 
+class Blocked(_Out):
+    """What the block rule of a spam report covers, and why that: `dmarc_pass`,
+    `dkim_aligned` or `spf_aligned` (the From domain, authenticated by the edge),
+    `sender_address` (the address was asked for), `from_unauthenticated` or `served_domain`
+    (the address only: the domain may be forged, or is served here)."""
+
+    kind: Literal["sender", "domain"]
+    value: str
+    basis: Literal[
+        "dmarc_pass",
+        "dkim_aligned",
+        "spf_aligned",
+        "sender_address",
+        "from_unauthenticated",
+        "served_domain",
+    ]
+
+
 class Reported(_Out):
     status: Literal["ok", "partial"]
     id: str
     mailbox: str
     rule: dict[str, Any] | None = None
+    blocked: Blocked | None = None
     trained: bool | None
     warnings: list[str]
 

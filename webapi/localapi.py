@@ -37,6 +37,7 @@ from webapi.events_api import EventStream, event_item, last_event_id
 from webapi.local_openapi import local_document
 from webapi.localmail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
 from webapi.spam_api import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
+from webapi.spamblock import BlockChoice, SenderBlocker
 
 __all__ = ["MAX_BODY", "LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
 
@@ -70,6 +71,14 @@ def _message_ref(ref: str) -> str:
             {b"Allow": b"POST"},
         )
     return m.check_message_ref(ref)
+
+
+def _code(reply: Any) -> str:
+    return str(reply.get("code", "")) if isinstance(reply, dict) else ""
+
+
+def _message(reply: Any) -> str:
+    return str(reply.get("error", ""))[:300] if isinstance(reply, dict) else ""
 
 
 def _index(index: str) -> int:
@@ -121,6 +130,7 @@ class LocalAPI:
         self.device = device if device is not None else DeviceInfo("localhost")
         self.edge = edge
         self.trainer = trainer
+        self.blocker = SenderBlocker(lambda: self.device.addresses)
         self.clock = clock
         self._on_change = on_change
         self._openapi: dict[str, Any] | None = None
@@ -278,9 +288,12 @@ class LocalAPI:
         moved: Resolved = await self._run(self._move, [query.mailbox], ref, kind, JUNK)
         self._changed(query.mailbox, JUNK)
         warnings: list[str] = []
-        rule = await self._block_sender(moved, block_domain, warnings)
+        rule, blocked = await self._block_sender(moved, block_domain, warnings)
         trained = await self._train("spam", moved.data, warnings)
-        return json_reply(request, self._report(moved, warnings, rule=rule, trained=trained))
+        return json_reply(
+            request,
+            self._report(moved, warnings, rule=rule, blocked=blocked, trained=trained),
+        )
 
     @app.route(f"{PREFIX}/messages/<ref:ref>/report-ham", methods=["POST"])
     async def report_ham(self, request: IRequest, ref: str) -> bytes:
@@ -306,24 +319,44 @@ class LocalAPI:
 
     async def _block_sender(
         self, moved: Resolved, block_domain: bool, warnings: list[str]
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+        """Ask the edge for the block rule `webapi.spamblock` chooses: the rule the edge
+        made and what it blocks, or (None, None) with the reason among `warnings`."""
         sender = from_address(moved.data)
         if not sender:
             warnings.append("the message has no From address; no block rule was made")
-            return None
+            return None, None
+        choice = self.blocker.choose(sender, block_domain, moved.data)
+        if choice.reason:
+            warnings.append(choice.reason)
+        if not choice.kind:
+            return None, None
         source = read_header(moved.data, "X-Tailpost-Queue-ID") or moved.info.id
+        status, reply = await self._ask_for_rule(choice, source, warnings)
+        if status == 409 and choice.kind == "domain" and _code(reply) == "served_domain":
+            # The edge serves that domain (another of the account's routes, its managed
+            # domain): the address alone, then.
+            warnings.append(f"the edge refused to block {choice.value}: {_message(reply)}")
+            choice = BlockChoice("sender", sender, "served_domain")
+            status, reply = await self._ask_for_rule(choice, source, warnings)
+        if status not in (200, 201):
+            if status:
+                detail = f": {_message(reply)}" if _message(reply) else ""
+                warnings.append(f"the edge refused the block rule (HTTP {status}){detail}")
+            return None, None
+        self.link.touch()
+        return (reply if isinstance(reply, dict) else None), choice.to_dict()
+
+    async def _ask_for_rule(
+        self, choice: BlockChoice, source: str, warnings: list[str]
+    ) -> tuple[int, Any]:
+        """POST the rule to the edge: (status, reply), or (0, None) with a warning."""
+        body = rule_body(choice.kind, choice.value, source)
         try:
-            status, reply = await edge_call(
-                self.edge, "POST", RULES_PATH, rule_body(sender, block_domain, source)
-            )
+            return await edge_call(self.edge, "POST", RULES_PATH, body)
         except APIError as error:
             warnings.append(f"no block rule was made: {error.message}")
-            return None
-        if status not in (200, 201):
-            warnings.append(f"the edge refused the block rule (HTTP {status})")
-            return None
-        self.link.touch()
-        return reply if isinstance(reply, dict) else None
+            return 0, None
 
     async def _train(self, kind: str, data: bytes, warnings: list[str]) -> bool | None:
         if self.trainer is None:

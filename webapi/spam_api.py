@@ -94,11 +94,13 @@ async def edge_call(
     return status, reply
 
 
-def rule_body(sender: str, block_domain: bool, source_id: str) -> dict[str, Any]:
-    """The `/v1/mail/spam-rules` body blocking `sender` (or its domain)."""
-    value = sender.rpartition("@")[2] if block_domain else sender
+def rule_body(kind: str, value: str, source_id: str) -> dict[str, Any]:
+    """The `/v1/mail/spam-rules` body blocking `value`: a sender address or a domain (which
+    one is `webapi.spamblock`'s choice)."""
+    if kind not in ("sender", "domain"):
+        raise ValueError(f"no such rule kind: {kind!r}")
     return {
-        "kind": "domain" if block_domain else "sender",
+        "kind": kind,
         "value": value,
         "action": "reject",
         "note": "reported as spam on the device",

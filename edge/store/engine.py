@@ -1,7 +1,9 @@
 """Engines and schema migrations for the control-plane database.
 
-``make_engine`` builds a SQLAlchemy engine for a URL: for SQLite it makes the parent
-directory, turns on WAL, foreign keys and a busy timeout, and takes the write lock at the start
+``make_engine`` builds a SQLAlchemy engine for a URL and attaches the store key ring to it
+(``edge.store.keyring``): for SQLite it makes the parent directory (mode 0700) and the
+database file (mode 0600) before SQLite opens it, so the ``-wal``, ``-shm`` and journal files
+SQLite makes take the same mode, narrows those modes on an existing install, turns on WAL, foreign keys and a busy timeout, and takes the write lock at the start
 of write transactions (``BEGIN IMMEDIATE``) so concurrent writers wait instead of failing; for
 PostgreSQL it can pin a schema through ``search_path``. ``alembic_config`` builds the Alembic
 configuration in code (no ini file), pointing at the migrations shipped inside this package,
@@ -18,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import StaticPool
 
+from edge.private import private_dir, private_file
+from edge.store.keyring import StoreKeys, attach
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -32,8 +37,14 @@ _PG_MIGRATION_LOCK = 0x7A11_9057
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-def make_engine(url: str, *, schema: str | None = None) -> Engine:
-    """An engine for ``url``; ``schema`` (PostgreSQL only) is created if missing and used."""
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def make_engine(url: str, *, schema: str | None = None, keys: StoreKeys | None = None) -> Engine:
+    """An engine for ``url``; ``schema`` (PostgreSQL only) is created if missing and used.
+
+    ``keys`` encrypt and decrypt the secret columns; without them the engine can read and
+    write everything else (migrations of an empty database, tools that touch no secret)."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
@@ -43,7 +54,7 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
             raise ValueError("schema is only supported on PostgreSQL")
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_files(Path(database))
         else:
             # One shared connection, so every thread sees the same in-memory database.
             kwargs["poolclass"] = StaticPool
@@ -57,9 +68,22 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
         _create_schema(url, schema)
         connect_args["options"] = f"-csearch_path={schema}"
     engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+    attach(engine.dialect, keys)
     if backend == "sqlite":
         _configure_sqlite(engine)
     return engine
+
+
+def _private_sqlite_files(database: Path) -> None:
+    """The database's directory (0700 when made here) and its file 0600, made so before
+    SQLite opens it.
+
+    SQLite creates the ``-wal``, ``-shm`` and rollback journal files with the mode of the
+    database file, so they follow; those an older version left more open are narrowed."""
+    private_dir(database.parent, narrow=False)
+    private_file(database, create=True)
+    for suffix in SQLITE_SIDE_FILES:
+        private_file(database.with_name(database.name + suffix))
 
 
 def _create_schema(url: str, schema: str) -> None:

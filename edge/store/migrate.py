@@ -1,25 +1,29 @@
-"""`python -m edge.store.migrate URL`: migrate the store at URL to the newest schema.
+"""`python -m edge.store.migrate`: migrate the store to the newest schema.
 
 The edge runs this in a short child process at start (`migrate_in_child`), so that the
-long-running process never loads Alembic. Exit status 0 when the database is at head, 1
-with the reason on standard error otherwise. It never prints the URL's password.
+long-running process never loads Alembic. The store's URL and the path of its key file
+(empty: none) come on standard input, one a line, so neither shows in a process listing; the
+key encrypts the secrets a migration finds in the clear. Exit status 0 when the database is
+at head, 1 with the reason on standard error otherwise. It never prints the URL's password
+or a key.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from sqlalchemy import make_url
 
 from edge.config import ConfigError
 
 
-def migrate_in_child(url: str, timeout: float = 300.0) -> None:
+def migrate_in_child(url: str, key_file: Path | None = None, timeout: float = 300.0) -> None:
     """Run the migrations in a child Python process; raise ConfigError if they fail."""
     done = subprocess.run(
         [sys.executable, "-m", "edge.store.migrate"],
-        input=url,
+        input=f"{url}\n{key_file or ''}\n",
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -32,10 +36,12 @@ def migrate_in_child(url: str, timeout: float = 300.0) -> None:
 
 def main() -> int:
     from edge.store.engine import make_engine, upgrade_to_head
+    from edge.store.keyring import load_keys
 
     url = sys.stdin.readline().strip()
+    key_file = sys.stdin.readline().strip()
     try:
-        engine = make_engine(url)
+        engine = make_engine(url, keys=load_keys(Path(key_file)) if key_file else None)
         try:
             upgrade_to_head(engine)
         finally:

@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from edge.store.keyring import keys_of
 from edge.store.validate import DEVICE_AUTH_STATUSES
 
 NAMING_CONVENTION = {
@@ -86,6 +87,32 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+class EncryptedText(TypeDecorator[str]):
+    """A secret, stored as a Fernet token (``edge.store.keyring``) and read back in the clear.
+
+    The key ring is the one attached to the engine's dialect when the engine was made
+    (``edge.store.engine.make_engine(keys=...)``): SQLAlchemy gives a type only the dialect,
+    and each engine has its own. An engine without keys, or a token the keys do not open,
+    raises ``StoreKeyError`` instead of returning anything. Comparing such a column in SQL
+    is meaningless (every encryption differs), so it is never used in a WHERE clause.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"a secret must be a string, got {type(value).__name__}")
+        return keys_of(dialect).encrypt(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        return keys_of(dialect).decrypt(str(value))
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -114,7 +141,7 @@ class DeviceRow(Base):
     auth_status: Mapped[str] = mapped_column(String(16), default="pending")
     connector_smtp_addr: Mapped[str] = mapped_column(String(300), default="")
     connector_username: Mapped[str | None] = mapped_column(String(255))
-    connector_secret: Mapped[str | None] = mapped_column(String(255))
+    connector_secret: Mapped[str | None] = mapped_column(EncryptedText())
     # The connector's TLS key pin (edge.tls.spki_pin): delivery requires STARTTLS to that key.
     connector_tls_pin: Mapped[str | None] = mapped_column(String(64))
     key_hash: Mapped[str | None] = mapped_column(String(255))
@@ -276,7 +303,8 @@ class RegistrationRow(Base):
 
 class DkimKeyRow(Base):
     """A domain's DKIM key under one selector: private key as PKCS#8 PEM (RSA) or the base64
-    of the 32-byte seed (Ed25519); public key as the base64 of the DNS record's ``p=``."""
+    of the 32-byte seed (Ed25519), encrypted with the store key; public key as the base64 of
+    the DNS record's ``p=``."""
 
     __tablename__ = "dkim_keys"
     __table_args__ = (
@@ -288,7 +316,7 @@ class DkimKeyRow(Base):
     domain: Mapped[str] = mapped_column(String(253))
     selector: Mapped[str] = mapped_column(String(63))
     algorithm: Mapped[str] = mapped_column(String(16))
-    private_key: Mapped[str] = mapped_column(Text)
+    private_key: Mapped[str] = mapped_column(EncryptedText())
     public_key: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

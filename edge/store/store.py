@@ -1,6 +1,8 @@
 """The control-plane store: accounts, devices, addresses, routes and spam rules.
 
-``open_store(url)`` builds an engine, migrates the database to head and returns a ``Store``.
+``open_store(url, keys=...)`` builds an engine with the store key (``edge.store.keyring``:
+the secret columns are encrypted with it), migrates the database to head and returns a
+``Store``.
 Every public method runs in its own short transaction on its own session, so one ``Store`` can
 be shared by threads (the reactor's thread pool, the API, the SMTP server). Methods return
 frozen records (``edge.store.records``), never ORM rows. Invalid values raise ``ValueError``,
@@ -12,7 +14,7 @@ reactor thread by being called from it for long work (callers use a thread pool)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -27,6 +29,7 @@ from edge.store import spam_rules as _spam
 from edge.store.engine import WRITE_OPTION, make_engine, upgrade_to_head
 from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id
+from edge.store.keyring import StoreKeys
 from edge.store.models import (
     AccountRow,
     AuditEventRow,
@@ -72,13 +75,21 @@ def _is_key(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and "\x00" not in value
 
 
-def open_store(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
+def open_store(
+    url: str,
+    *,
+    schema: str | None = None,
+    migrate: bool = True,
+    keys: StoreKeys | None = None,
+) -> Store:
     """Open the database at ``url``, migrate it to head, and return a ``Store`` over it.
 
     ``schema`` (PostgreSQL only) keeps every table in that schema, created if missing.
     ``migrate=False`` when the migrations already ran (edge.store.migrate in a child).
+    ``keys`` encrypt the secrets (``edge.store.keyring``); without them the store refuses
+    to read or write a secret with ``StoreKeyError``, and everything else works.
     """
-    engine = make_engine(url, schema=schema)
+    engine = make_engine(url, schema=schema, keys=keys)
     if not migrate:
         return Store(engine)
     try:
@@ -419,9 +430,14 @@ class Store:
         note: str = "",
         source_message_ids: list[str] | None = None,
         account_id: str = DEFAULT_ACCOUNT,
+        edge_names: Iterable[str] = (),
     ) -> SpamRule:
         """Create a rule, or reactivate the existing (kind, value) rule: its action is set,
-        its note replaced when ``note`` is non-empty, and new source message ids appended."""
+        its note replaced when ``note`` is non-empty, and new source message ids appended.
+
+        ``ServedHere`` if it would block a domain the account or the edge serves (the
+        account's and every verified route, ``edge_names`` and the names below them) or
+        one of the account's own addresses (see edge.store.spam_rules)."""
         kind, value, action = _spam.check_rule(kind, value, action)
         if not isinstance(note, str):
             raise ValueError("note must be a string")
@@ -430,6 +446,7 @@ class Store:
         for attempt in range(2):
             try:
                 with self._write() as session:
+                    _spam.refuse_served(session, account_id, kind, value, edge_names)
                     return _spam.upsert(session, account_id, kind, value, action, note, ids)
             except Conflict:
                 if attempt:

@@ -2,7 +2,7 @@
 
 Revision ID: 0005_connector_tls_pin
 Revises: 0004
-Create Date: 2027-01-10
+Create Date: 2026-12-07
 
 ``devices.connector_tls_pin`` (and, until approval, ``device_registrations.connector_tls_pin``)
 hold the base64 SHA-256 of the connector certificate's SubjectPublicKeyInfo. Null for a
