@@ -126,6 +126,7 @@ _FILE_ENDINGS = frozenset(
     "html htm php asp aspx jsp pdf doc docx xls xlsx ppt pptx txt csv jpg jpeg png gif zip "
     "exe msg eml ics vcf".split()
 )
+_CAMOUFLAGED = "text colour matches the background"
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u034f\u00ad\u180e"))
 
 
@@ -294,7 +295,7 @@ class _Walker(HTMLParser):
         self.counts["remote_content"] += htmlstyle.remote_urls(attrs.get("style", ""))
         entry = _Open(tag, False, painted, parent.hidden, parent.hider)
         if entry.hidden is None:
-            entry.hidden = self._hidden(tag, attrs, decls, painted)
+            entry.hidden = self._hidden(tag, attrs, decls)
             entry.hider = entry if entry.hidden is not None else None
         hidden = entry.hidden
         if tag == "style":
@@ -350,13 +351,16 @@ class _Walker(HTMLParser):
             self.counts["remote_content"] += htmlstyle.remote_urls(data)
             return
         top = self._top()
-        if top.hidden is not None:
+        hider, why = top.hider, top.hidden
+        if why is None and data.strip() and htmlstyle.camouflaged(top.paint):
+            hider, why = top, _CAMOUFLAGED
+        if why is not None:
             chars = len("".join(data.translate(_ZERO_WIDTH).split()))
             if chars:
                 self.hidden_chars += chars
-                if top.hider is not None and not top.hider.counted:
-                    top.hider.counted = True  # one count per hidden element
-                    self.hiding[top.hidden] += 1
+                if hider is not None and not hider.counted:
+                    hider.counted = True  # one count per hidden element
+                    self.hiding[why] += 1
             return
         self.out.append(htmllib.escape(data, quote=False))
         self.text.append(data)
@@ -367,16 +371,14 @@ class _Walker(HTMLParser):
 
     # -- judging ------------------------------------------------------------------------------
 
-    def _hidden(
-        self, tag: str, attrs: Mapping[str, str], decls: Mapping[str, str], painted: Paint
-    ) -> str | None:
+    def _hidden(self, tag: str, attrs: Mapping[str, str], decls: Mapping[str, str]) -> str | None:
         if "hidden" in attrs:
             return "hidden attribute"
         if attrs.get("aria-hidden", "").strip().lower() == "true":
             return "aria-hidden"
         if tag == "input" and attrs.get("type", "").lower() == "hidden":
             return "hidden input"
-        return htmlstyle.hiding(decls, painted)
+        return htmlstyle.hiding(decls)
 
     def _count_active(self, tag: str, attrs: Mapping[str, str]) -> None:
         handlers = sum(1 for name in attrs if name.startswith("on"))

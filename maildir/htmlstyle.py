@@ -24,6 +24,7 @@ __all__ = [
     "MAX_STYLE_CHARS",
     "Paint",
     "StyleSheet",
+    "camouflaged",
     "declarations",
     "hiding",
     "parse_color",
@@ -204,8 +205,8 @@ def paint(parent: Paint, decls: Mapping[str, str], attrs: Mapping[str, str]) -> 
     return Paint(color=color, background=background)
 
 
-def hiding(decls: Mapping[str, str], painted: Paint) -> str | None:
-    """Why an element with these declarations and colours is hidden from a reader, if it is."""
+def hiding(decls: Mapping[str, str]) -> str | None:
+    """Why an element with these declarations is hidden from a reader, if it is."""
     display = decls.get("display", "")
     if display.split(" ")[0] == "none":
         return "display:none"
@@ -242,10 +243,16 @@ def hiding(decls: Mapping[str, str], painted: Paint) -> str | None:
     transform = decls.get("transform", "").replace(" ", "")
     if "scale(0)" in transform or "scale(0," in transform:
         return "scaled to zero"
-    if painted.color is not None and painted.background is not None:
-        if max(abs(a - b) for a, b in zip(painted.color, painted.background, strict=True)) <= _NEAR:
-            return "text colour matches the background"
     return None
+
+
+def camouflaged(painted: Paint) -> bool:
+    """Whether text in these colours is the colour of its background (checked where the
+    text is: a container's own colours say nothing of children that set theirs)."""
+    if painted.color is None or painted.background is None:
+        return False
+    pairs = zip(painted.color, painted.background, strict=True)
+    return max(abs(a - b) for a, b in pairs) <= _NEAR
 
 
 def remote_urls(css: str) -> int:
