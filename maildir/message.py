@@ -4,7 +4,10 @@ Everything here is a pure function of the message bytes. The parts come from the
 parser in `maildir.mimetree` (`email`'s own parser takes seconds on a message of 50,000
 parts and overflows the stack on 1,000 nested ones); `email` objects are then built from
 that tree, so the work per message is bounded by its limits, and a part past them is one
-opaque application/octet-stream attachment. This module must never touch the filesystem
+opaque application/octet-stream attachment. An HTML body is served sanitized
+(`maildir.htmlsafe`: nothing active, no hidden text, remote images blocked), and so is the
+text made from it for a message without a text part and for previews; the body as received
+is kept beside it. This module must never touch the filesystem
 or the network, and must never raise on malformed mail: broken MIME, unknown charsets, bad
 encodings and undecodable headers fall back to replacement decoding. The only exception it
 raises on purpose is `AttachmentNotFound`.
@@ -15,16 +18,16 @@ from __future__ import annotations
 import mimetypes
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email import policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
-from html.parser import HTMLParser
 
-from . import mimetree
+from . import htmlsafe, mimetree
+from .htmlsafe import Finding
 
 __all__ = [
     "AttachmentInfo",
@@ -43,7 +46,6 @@ __all__ = [
 PREVIEW_CHARS = 200
 MAX_FILENAME_CHARS = 150
 _MAX_EXTENSION_CHARS = 20
-_HTML_PREVIEW_INPUT = 256 * 1024  # enough HTML to find a preview; bounds the work per message
 _MAX_HEADER_SECTION = 1 << 20
 _QUEUE_ID_HEADER = "X-Tailpost-Queue-ID"
 
@@ -81,18 +83,21 @@ class AttachmentInfo:
     filename: str  # already sanitised
     content_type: str
     size_bytes: int
+    content_id: str = ""  # without angle brackets; "" when the part has none
 
 
 @dataclass(frozen=True)
 class MessageDetail:
     summary: MessageSummary
     headers: str
-    body_text: str
-    body_html: str
+    body_text: str  # the text part; without one, the visible text of the HTML part
+    body_html: str  # sanitized (`maildir.htmlsafe`)
     in_reply_to: str
     references: list[str]
     attachments: list[AttachmentInfo]
     authentication_results: list[str]  # Authentication-Results values, topmost first
+    body_html_raw: str = ""  # the HTML part as received
+    html_findings: tuple[Finding, ...] = ()  # what sanitizing found and removed
 
 
 # -- text helpers ----------------------------------------------------------------------------
@@ -121,39 +126,8 @@ def _collapse(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self._skip += 1
-        elif tag in ("br", "p", "div", "li", "tr", "td", "h1", "h2", "h3"):
-            self.parts.append(" ")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style", "head", "title") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
-
-
-def _html_to_text(html: str) -> str:
-    parser = _TextExtractor()
-    try:
-        parser.feed(html[:_HTML_PREVIEW_INPUT])
-        parser.close()
-    except Exception:
-        return re.sub(r"<[^>]*>", " ", html[:_HTML_PREVIEW_INPUT])
-    return "".join(parser.parts)
-
-
 def _preview(text: str, html: str) -> str:
-    source = text if text.strip() else _html_to_text(html)
+    source = text if text.strip() else htmlsafe.sanitize(html).text
     return _collapse(source[: PREVIEW_CHARS * 20])[:PREVIEW_CHARS]
 
 
@@ -329,6 +303,14 @@ def _attachment_parts(
     return parts
 
 
+def _content_id(part: Message) -> str:
+    try:
+        value = str(part.get("Content-ID", "") or "")
+    except Exception:
+        return ""
+    return _clean(value).strip().strip("<>").strip()
+
+
 def _attachment_info(index: int, part: Message, content: bytes) -> AttachmentInfo:
     content_type = _content_type(part)
     name = _filename(part)
@@ -338,7 +320,11 @@ def _attachment_info(index: int, part: Message, content: bytes) -> AttachmentInf
         ext = ".eml" if content_type == "message/rfc822" else _MIME.guess_extension(content_type)
         filename = f"attachment-{index + 1}{ext or '.bin'}"
     return AttachmentInfo(
-        index=index, filename=filename, content_type=content_type, size_bytes=len(content)
+        index=index,
+        filename=filename,
+        content_type=content_type,
+        size_bytes=len(content),
+        content_id=_content_id(part),
     )
 
 
@@ -420,25 +406,40 @@ def summarize(data: bytes) -> MessageSummary:
     return _summary(msg, text, html)
 
 
-def parse_detail(data: bytes) -> MessageDetail:
+def parse_detail(
+    data: bytes,
+    *,
+    remote_images: bool = False,
+    attachment_url: Callable[[int], str] | None = None,
+) -> MessageDetail:
+    """The whole message; `body_html` sanitized, remote images kept only if `remote_images`,
+    `cid:` references to attachments pointed at `attachment_url(index)` when given."""
     msg = _parse(data)
     bodies = _bodies(msg)
     body_text = _clean(_part_text(bodies[0]))
-    body_html = _clean(_part_text(bodies[1]))
+    raw_html = _clean(_part_text(bodies[1]))
     attachments = [
         _attachment_info(i, part, _payload_bytes(part))
         for i, part in enumerate(_attachment_parts(msg, bodies))
     ]
+    cid_urls: dict[str, str] = {}
+    if attachment_url is not None:
+        cid_urls = {a.content_id: attachment_url(a.index) for a in attachments if a.content_id}
+    safe = htmlsafe.sanitize(raw_html, remote_images=remote_images, cid_urls=cid_urls)
+    if not body_text.strip() and safe.text:
+        body_text = safe.text
     references = _MSGID.findall(_header(msg, "References"))
     return MessageDetail(
-        summary=_summary(msg, body_text, body_html),
+        summary=_summary(msg, body_text, ""),
         headers=_raw_header_section(data),
         body_text=body_text,
-        body_html=body_html,
+        body_html=safe.html,
         in_reply_to=_header(msg, "In-Reply-To"),
         references=references,
         attachments=attachments,
         authentication_results=_all_headers(msg, "Authentication-Results"),
+        body_html_raw=raw_html,
+        html_findings=safe.findings,
     )
 
 

@@ -60,6 +60,18 @@ class AttachmentItem(_Out):
     risk: dict[str, Any]
 
 
+class RiskFlag(_Out):
+    code: str = Field(
+        description="machine-readable: script, event_handler, javascript_url, data_url, "
+        "embedded_content, form, meta_refresh, base_url, remote_content, tracking_pixel, "
+        "hidden_text, mismatched_link, html_truncated, authentication_failed, spam, junk, "
+        "attachment"
+    )
+    level: Literal["low", "medium", "high"]
+    count: int
+    reason: str
+
+
 class Risk(_Out):
     level: Literal["low", "medium", "high"]
     summary: str
@@ -67,6 +79,9 @@ class Risk(_Out):
     authentication: dict[str, str]
     spam: dict[str, Any] | None = None
     reasons: list[str]
+    flags: list[RiskFlag] = Field(
+        default=[], description="each finding as a code, its level, a count and the reason"
+    )
 
 
 class MessageDetail(_Out):
@@ -82,8 +97,13 @@ class MessageDetail(_Out):
     in_reply_to: str
     references: list[str]
     headers: str
-    body_text: str
-    body_html: str
+    body_text: str = Field(
+        description="the text part; without one, the visible text of the HTML part"
+    )
+    body_html: str = Field(
+        description="sanitized unless html=raw: no scripts, handlers, forms, frames, styles "
+        "or hidden text; remote images blocked unless remote_images=true"
+    )
     attachments: list[AttachmentItem]
     risk: Risk
     flags: list[str]
@@ -189,7 +209,7 @@ LOCAL_OPERATIONS: tuple[tuple[Operation, type[BaseModel] | None], ...] = (
         q.ClientConfigQuery,
     ),
     (Operation("GET", f"{M}/messages", "List messages", MessageList, errors=_ERR), q.ListQuery),
-    (Operation("GET", MSG, "Read a message", MessageDetail, errors=_ERR), q.MessageQuery),
+    (Operation("GET", MSG, "Read a message", MessageDetail, errors=_ERR), q.DetailQuery),
     (Operation("DELETE", MSG, "Move to Trash (from Trash: remove)", Done), q.MessageQuery),
     (
         Operation(

@@ -223,9 +223,12 @@ class LocalAPI:
 
     @app.route(f"{PREFIX}/messages/<ref:ref>", methods=["GET"])
     async def get_message(self, request: IRequest, ref: str) -> bytes:
-        query = m.parse_query(request, m.MessageQuery)
+        query = m.parse_query(request, m.DetailQuery)
         kind = _message_ref(ref)
-        return json_reply(request, await self._run(self.mail.detail, query.mailbox, ref, kind))
+        body = await self._run(
+            self.mail.detail, query.mailbox, ref, kind, query.html, query.remote_images
+        )
+        return json_reply(request, body)
 
     @app.route(f"{PREFIX}/messages/<ref:ref>/attachments/<index>", methods=["GET"])
     async def get_attachment(self, request: IRequest, ref: str, index: str) -> bytes:

@@ -195,11 +195,26 @@ class LocalMail:
                 continue
         raise MessageNotFound(ref)
 
-    def detail(self, mailbox: str, ref: str, kind: str) -> dict[str, Any]:
+    def detail(
+        self,
+        mailbox: str,
+        ref: str,
+        kind: str,
+        html: str = "sanitized",
+        remote_images: bool = False,
+    ) -> dict[str, Any]:
+        """The message; `body_html` sanitized unless `html` is "raw" (as received), remote
+        images in it blocked unless `remote_images`."""
         found = self.resolve(mailbox, ref, kind)
         folder, info = found.folder, found.info
+
+        def attachment_url(index: int) -> str:
+            return self.links.attachment(info.id, folder.name, index, False)
+
         with collector.paused():  # see `parsed`
-            detail = parse_detail(found.data)
+            detail = parse_detail(
+                found.data, remote_images=remote_images, attachment_url=attachment_url
+            )
         summary = detail.summary
         self.cache.put(folder.name, info.id, summary)
         return {
@@ -216,7 +231,7 @@ class LocalMail:
             "references": detail.references,
             "headers": detail.headers,
             "body_text": detail.body_text,
-            "body_html": detail.body_html,
+            "body_html": detail.body_html_raw if html == "raw" else detail.body_html,
             "attachments": [self._attachment_item(folder, info, a) for a in detail.attachments],
             "risk": assess_message(detail, parse_verdict(found.data)),
             "flags": sorted(info.flags),

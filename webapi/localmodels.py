@@ -8,7 +8,7 @@ I/O; it only validates and classifies.
 from __future__ import annotations
 
 import re
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from twisted.web.iweb import IRequest
@@ -20,6 +20,7 @@ from webapi.jsonbody import json_body
 __all__ = [
     "AttachmentQuery",
     "ClientConfigQuery",
+    "DetailQuery",
     "Empty",
     "ListQuery",
     "MarkBody",
@@ -99,6 +100,19 @@ class ListQuery(_Model):
 
 class MessageQuery(_Model):
     mailbox: Mailbox = "INBOX"
+
+
+class DetailQuery(MessageQuery):
+    html: Literal["sanitized", "raw"] = Field(
+        default="sanitized",
+        description="body_html as sanitized (the default: nothing active, no hidden text, "
+        "remote images blocked) or raw (as received, unchecked)",
+    )
+    remote_images: QueryBool = Field(
+        default=False,
+        description="keep remote images in the sanitized body_html (tracking pixels stay "
+        "removed); otherwise their URL is moved to data-blocked-src",
+    )
 
 
 class AttachmentQuery(MessageQuery):

@@ -2,8 +2,12 @@
 
 The edge's verdict (`maildir.verdict`: SPF, DKIM and DMARC results, spam verdict, score and
 symbols), which the device trusts because only its authenticated edge can deliver and the
-edge strips forged verdict headers, plus heuristics on attachment names and types. Without
-a verdict the topmost `Authentication-Results` header is read instead. This module is advice
+edge strips forged verdict headers, plus heuristics on attachment names and types and what
+sanitizing the HTML body found (`maildir.htmlsafe`: active content, remote content and
+tracking pixels, hidden text, links whose text names another site). Without a verdict the
+topmost `Authentication-Results` header is read instead. Every finding is a flag: a
+machine-readable code, a level, a count and a short reason; `reasons` keeps the reasons
+alone. A flag's reason never quotes the message's hidden text. This module is advice
 for the reader; it must never block, change or delete mail, and never claim a message is
 safe (the lowest level is "low").
 """
@@ -14,10 +18,18 @@ import mimetypes
 import re
 from typing import Any
 
+from maildir.htmlsafe import Finding
 from maildir.message import AttachmentInfo, MessageDetail
 from maildir.verdict import Verdict
 
-__all__ = ["EXECUTABLE_EXTENSIONS", "assess_attachment", "assess_message", "authentication"]
+__all__ = [
+    "EXECUTABLE_EXTENSIONS",
+    "HTML_LEVELS",
+    "assess_attachment",
+    "assess_message",
+    "authentication",
+    "html_flags",
+]
 
 EXECUTABLE_EXTENSIONS = frozenset(
     "exe scr com bat cmd pif msi msp msc cpl dll sys drv ocx js jse vbs vbe wsf wsh wsc hta "
@@ -58,9 +70,9 @@ _MIME = mimetypes.MimeTypes(filenames=())
 _COMMENT = re.compile(r"\([^()]*\)")
 _LEVELS = ("low", "medium", "high")
 _SUMMARIES = {
-    "low": "No warning signs were found in the message headers or attachments.",
-    "medium": "Some caution signals were found in the message headers or attachments.",
-    "high": "Strong warning signs were found; do not open the attachments.",
+    "low": "No warning signs were found in the message headers, body or attachments.",
+    "medium": "Some caution signals were found in the message headers, body or attachments.",
+    "high": "Strong warning signs were found; do not open the attachments or follow links.",
 }
 _ATTACHMENT_SUMMARIES = {
     "low": "No warning signs were found for this attachment.",
@@ -68,6 +80,24 @@ _ATTACHMENT_SUMMARIES = {
     "high": "The attachment looks dangerous; do not open it.",
 }
 _FAILED = frozenset({"fail", "softfail", "permerror"})
+# The level each finding of the HTML body raises the message to. Hidden text is how a
+# message speaks to an agent behind its reader's back; active content and disguised links
+# have no place in honest mail; remote content and tracking pixels are common in it.
+HTML_LEVELS = {
+    "hidden_text": "medium",
+    "script": "medium",
+    "event_handler": "medium",
+    "javascript_url": "medium",
+    "data_url": "medium",
+    "embedded_content": "medium",
+    "form": "medium",
+    "meta_refresh": "medium",
+    "base_url": "low",
+    "mismatched_link": "medium",
+    "remote_content": "low",
+    "tracking_pixel": "low",
+    "html_truncated": "low",
+}
 
 
 def _max_level(levels: list[str]) -> str:
@@ -129,15 +159,23 @@ def assess_attachment(info: AttachmentInfo) -> dict[str, Any]:
     return {"level": level, "summary": _ATTACHMENT_SUMMARIES[level], "method": "heuristic"}
 
 
-def _verdict_findings(verdict: Verdict) -> list[tuple[str, str]]:
-    findings: list[tuple[str, str]] = []
+_Flag = tuple[str, str, int, str]  # level, code, count, reason
+
+
+def _verdict_findings(verdict: Verdict) -> list[_Flag]:
+    findings: list[_Flag] = []
     if verdict.spam == "Yes":
         score = f" (score {verdict.score:g})" if verdict.score is not None else ""
-        findings.append(("medium", f"the edge's spam scan says spam{score}"))
+        findings.append(("medium", "spam", 1, f"the edge's spam scan says spam{score}"))
     if verdict.junk:
         reason = f": {verdict.reason}" if verdict.reason else ""
-        findings.append(("medium", f"the edge filed this as junk{reason}"))
+        findings.append(("medium", "junk", 1, f"the edge filed this as junk{reason}"))
     return findings
+
+
+def html_flags(findings: tuple[Finding, ...]) -> list[_Flag]:
+    """The flags of what sanitizing the HTML body found."""
+    return [(HTML_LEVELS.get(f.code, "medium"), f.code, f.count, f.reason) for f in findings]
 
 
 def assess_message(detail: MessageDetail, verdict: Verdict | None = None) -> dict[str, Any]:
@@ -147,17 +185,19 @@ def assess_message(detail: MessageDetail, verdict: Verdict | None = None) -> dic
         auth = verdict.authentication()
     else:
         auth = authentication(detail.authentication_results)
-    findings: list[tuple[str, str]] = []
+    findings: list[_Flag] = []
     for method, result in auth.items():
         if result in _FAILED:
-            findings.append(("medium", f"{method} {result}"))
+            findings.append(("medium", "authentication_failed", 1, f"{method} {result}"))
     if verdict is not None:
         findings.extend(_verdict_findings(verdict))
     for info in detail.attachments:
         findings.extend(
-            (level, f"{info.filename}: {reason}") for level, reason in attachment_reasons(info)
+            (level, "attachment", 1, f"{info.filename}: {reason}")
+            for level, reason in attachment_reasons(info)
         )
-    level = _max_level([level for level, _ in findings])
+    findings.extend(html_flags(detail.html_findings))
+    level = _max_level([flag[0] for flag in findings])
     risk: dict[str, Any] = {
         "level": level,
         "summary": _SUMMARIES[level],
@@ -167,5 +207,9 @@ def assess_message(detail: MessageDetail, verdict: Verdict | None = None) -> dic
     spam = verdict.spam_summary() if verdict is not None else None
     if spam is not None:
         risk["spam"] = spam
-    risk["reasons"] = [reason for _, reason in findings]
+    risk["reasons"] = [flag[3] for flag in findings]
+    risk["flags"] = [
+        {"code": code, "level": lvl, "count": count, "reason": reason}
+        for lvl, code, count, reason in findings
+    ]
     return risk
