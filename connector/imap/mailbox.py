@@ -299,9 +299,13 @@ class MaildirMailbox:
 class MaildirAccount:
     """The single account of the device: every folder of its Maildir."""
 
-    def __init__(self, maildir: Maildir, line_ends: LineEndCache | None = None) -> None:
+    def __init__(
+        self, maildir: Maildir, line_ends: LineEndCache | None = None, user: str = ""
+    ) -> None:
         self.maildir = maildir
         self.line_ends = line_ends
+        self.user = user
+        """The login name this account was opened with (sessions are counted by it)."""
 
     def _folder(self, name: str) -> Folder | None:
         try:
