@@ -78,11 +78,18 @@ def _refuse_failure(failure: Failure) -> Failure:
 
 
 def decode_mailbox(raw: bytes) -> str:
-    """A mailbox name as sent (modified UTF-7, RFC 3501 5.1.3), decoded."""
+    """A mailbox name as sent (modified UTF-7, RFC 3501 5.1.3), decoded. Twisted's codec
+    takes malformed forms (`&Jjo` for `&Jjo-`, `&AGE-` for `a`) and lone surrogates:
+    an ASCII name must be the canonical form of what it decodes to. (8-bit names are
+    taken as UTF-8, as the codec does, for clients that send them so.)"""
     try:
         name: str = raw.decode("imap4-utf-7")
+        name.encode("utf-8")
+        canonical = not raw.isascii() or name.encode("imap4-utf-7") == raw
     except Exception:
-        raise IllegalClientResponse("Invalid mailbox name encoding") from None
+        canonical = False
+    if not canonical:
+        raise IllegalClientResponse("Invalid mailbox name encoding")
     if "\x00" in name:
         raise IllegalClientResponse("Invalid mailbox name")
     return name
