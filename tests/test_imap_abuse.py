@@ -339,3 +339,17 @@ def test_append_with_arguments_after_the_literal_leaves_nothing(server: Server) 
     assert spool_files(server) == []
     assert len(server.maildir.folder("INBOX").messages()) == 1
     hang_up(c)
+
+
+def test_session_limits_in_the_configuration(tmp_path: Path) -> None:
+    from edge.config import ConfigError, load_config
+
+    path = tmp_path / "tailpost.toml"
+    path.write_text("[device]\nimap_max_sessions_per_user = 3\nimap_max_sessions_per_address = 0\n")
+    d = load_config(path).device
+    assert (d.imap_max_sessions_per_user, d.imap_max_sessions_per_address) == (3, 0)
+    assert load_config(None).device.imap_max_sessions_per_user == 20
+    assert load_config(None).device.imap_max_sessions_per_address == 50
+    path.write_text("[device]\nimap_max_sessions_per_user = -1\n")
+    with pytest.raises(ConfigError, match="imap_max_sessions_per_user"):
+        load_config(path)
