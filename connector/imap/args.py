@@ -12,6 +12,7 @@ nor touch the Maildir.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,7 @@ MAX_COMMAND = 65536
 """The most a command may hold with its literals (other than APPEND's message)."""
 
 
+@functools.cache
 def _guarded(parser: Callable[..., Any]) -> Callable[..., Any]:
     """`parser`, with anything it raises on the client's bytes turned into a BAD."""
     if getattr(parser, "_guarded", False):

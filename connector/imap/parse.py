@@ -9,6 +9,7 @@ explicit stack), and nothing here touches a connection, the Maildir or the log.
 
 from __future__ import annotations
 
+import bisect
 import re
 
 from twisted.mail.imap4 import IllegalClientResponse, MessageSet
@@ -59,10 +60,11 @@ def _number(text: bytes) -> int:
 def parse_seqset(text: bytes, last: int | None = None) -> MessageSet:
     """A `sequence-set`: numbers 1..4294967295 or `*`, single or as `a:b`, comma-separated.
     `*` stands for `last` when one is given (else it is left open, as Twisted's parser does).
-    `*:*` is read as `*`."""
+    `*:*` is read as `*`. The ranges are sorted and merged once (Twisted's `MessageSet.add`
+    does it at every range, quadratic in a long set)."""
     if not text:
         raise IllegalClientResponse("Missing message set")
-    result = MessageSet()
+    ranges: list[tuple[int | None, int | None]] = []
     for part in text.split(b","):
         if part == b"*:*":
             part = b"*"
@@ -70,11 +72,36 @@ def parse_seqset(text: bytes, last: int | None = None) -> MessageSet:
         if len(ends) > 2 or not all(ends):
             raise IllegalClientResponse("Bad message set")
         values = [last if e == b"*" else _number(e) for e in ends]
-        if len(values) == 1:
-            result.add(values[0])
-        else:
-            result.add(values[0], values[1])
-    return result
+        low, high = values[0], values[-1]
+        if low is None or (high is not None and low > high):
+            low, high = high, low
+        if low is None:
+            low, high = high, None
+        ranges.append((low, high))
+    return MessageSet(ranges)
+
+
+class Spans:
+    """The numbers of a `MessageSet` once `*` is known (`last`): sorted, disjoint ranges,
+    with membership by binary search."""
+
+    def __init__(self, messages: MessageSet, last: int) -> None:
+        resolved = MessageSet()
+        resolved.ranges = list(messages.ranges)
+        resolved.last = last
+        self.ranges: list[tuple[int, int]] = [(int(lo), int(hi)) for lo, hi in resolved.ranges]
+        self.starts = [lo for lo, _hi in self.ranges]
+
+    def __contains__(self, value: int) -> bool:
+        i = bisect.bisect_right(self.starts, value) - 1
+        return i >= 0 and value <= self.ranges[i][1]
+
+    def select(self, values: list[int]) -> list[int]:
+        """Indexes into the ascending `values` of those in the set, in order."""
+        out: list[int] = []
+        for lo, hi in self.ranges:
+            out.extend(range(bisect.bisect_left(values, lo), bisect.bisect_right(values, hi)))
+        return out
 
 
 def nesting_depth(text: bytes) -> int:

@@ -18,7 +18,7 @@ from maildir.mimetree import header_end
 
 from .fieldcache import FIELDS, FieldCache
 from .message import HEADER_LIMIT, MaildirMessage
-from .parse import parse_seqset
+from .parse import Spans, parse_seqset
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 
@@ -238,10 +238,10 @@ class Compiler:
             b = self._nested(lambda: self._one(items))
             return lambda seq, msg: a(seq, msg) or b(seq, msg)
         if key == b"UID":
-            uids = self._set(self._arg(items), self.last_uid)
+            uids = Spans(self._set(self._arg(items), self.last_uid), self.last_uid or 1)
             return lambda seq, msg: msg.info.uid in uids
         if key[:1].isdigit() or key[:1] == b"*":
-            seqs = self._set(key, self.last_seq)
+            seqs = Spans(self._set(key, self.last_seq), self.last_seq or 1)
             return lambda seq, msg: seq in seqs
         raise SearchError(f"unsupported search key {key.decode('ascii', 'replace')}")
 
