@@ -1,7 +1,9 @@
 """The IMAP4rev1 server protocol: Twisted's IMAP4Server with tailpost's fixes.
 
-Fixes over the base class: strict literal sizes (a negative or malformed `{n}` is BAD,
-never a spin), a cap on APPEND literals (answered before any data is read), RFC 3501
+Fixes over the base class: strict parsing of what the client sends (`args`, `parse`:
+a malformed argument is BAD with a reason, never a spin nor an internal error), a cap on
+APPEND literals (answered before any data is read) and the literal spooled to a file as
+it arrives (`append`), session limits per user and per client address (`limits`), RFC 3501
 responses for failed logins ([AUTHENTICATIONFAILED]), SELECT data clients rely on
 (UIDNEXT, PERMANENTFLAGS, UNSEEN), \\Seen set by non-PEEK body fetches, exact header
 and partial body sections, a working SEARCH, EXPUNGE/EXISTS reporting on NOOP, and
