@@ -135,7 +135,12 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         max_keys=a.tracked_keys,
     )
     imap_factory = make_imap_factory(
-        maildir, creds.check_imap, hostname=hostname, throttle=throttle
+        maildir,
+        creds.check_imap,
+        hostname=hostname,
+        throttle=throttle,
+        max_sessions_per_user=d.imap_max_sessions_per_user,
+        max_sessions_per_address=d.imap_max_sessions_per_address,
     )
     notify_imap = imap_factory.notify_changed if isinstance(imap_factory, IMAPFactory) else None
 

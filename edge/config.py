@@ -98,6 +98,10 @@ class EdgeConfig:
 class DeviceConfig:
     connector_listen: str = "127.0.0.1:2525"
     imap_listen: str = "127.0.0.1:1143"
+    # Concurrent IMAP sessions: past the per-address limit a connection gets `* BYE`, past
+    # the per-user limit a login gets `NO [LIMIT]`; 0 means no limit.
+    imap_max_sessions_per_user: int = 20
+    imap_max_sessions_per_address: int = 50
     http_listen: str = "127.0.0.1:18080"
     maildir: str = ""
     addresses: list[str] = field(default_factory=list)
@@ -362,6 +366,9 @@ def _check_listener_limits(config: Config) -> None:
         raise ConfigError(
             "edge.network_v4_prefix must be 8 to 32 and edge.network_v6_prefix 16 to 128"
         )
+    for name in ("imap_max_sessions_per_user", "imap_max_sessions_per_address"):
+        if getattr(config.device, name) < 0:
+            raise ConfigError(f"device.{name} must be 0 (no limit) or positive")
     if not 0 < a.failure_delay <= a.failure_delay_max:
         raise ConfigError("auth.failure_delay must be positive and at most auth.failure_delay_max")
     if a.failure_forget <= a.failure_delay_max:

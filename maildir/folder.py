@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .durable import fsync_dir
 from .names import (
@@ -90,6 +92,66 @@ def write_message(
         raise
     fsync_dir(dest.parent)
     return dest
+
+
+def deliver_file(
+    folder_path: Path,
+    msg_id: str,
+    src: Path,
+    flags: Iterable[str],
+    internaldate: float | None,
+) -> Path:
+    """Move the finished file `src` (in a tmp/ of the same Maildir) into new/ (or cur/ with
+    flags) under `msg_id`: fsync it, rename it, fsync the dir. Across file systems (a folder
+    mounted elsewhere) it is copied into the folder's tmp/ first. `src` is gone afterwards
+    whether this succeeds or fails."""
+    validate_message_id(msg_id)
+    flagset = normalize_flags(flags)
+    if flagset:
+        dest = folder_path / "cur" / f"{msg_id}:{flags_to_info(flagset)}"
+    else:
+        dest = folder_path / "new" / msg_id
+    moved = src
+    try:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if internaldate is not None:
+            os.utime(src, (internaldate, internaldate))
+        if dest.exists():
+            raise FileExistsError(errno.EEXIST, "message already exists", str(dest))
+        try:
+            os.rename(src, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            with open(src, "rb") as f:
+                moved = folder_path / "tmp" / msg_id
+                _copy_durably(f, moved)
+            if internaldate is not None:
+                os.utime(moved, (internaldate, internaldate))
+            os.rename(moved, dest)
+    except BaseException:
+        for path in {src, moved}:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        raise
+    if moved != src:
+        os.unlink(src)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _copy_durably(f: BinaryIO, path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def clean_tmp(folder_path: Path, now: float | None = None) -> None:
@@ -290,10 +352,22 @@ class Folder:
     ) -> MessageInfo:
         return self._add(self._names.new(), data, flags, internaldate)
 
+    def add_file(
+        self, src: Path, flags: Iterable[str] = (), internaldate: float | None = None
+    ) -> MessageInfo:
+        """Deliver the finished file `src`, written by the caller in a tmp/ of this Maildir
+        (see `Maildir.spool_path`), as a new message; `src` is gone afterwards either way."""
+        msg_id = self._names.new()
+        dest = deliver_file(self.path, msg_id, src, flags, internaldate)
+        return self._added(msg_id, dest)
+
     def _add(
         self, msg_id: str, data: bytes, flags: Iterable[str], internaldate: float | None
     ) -> MessageInfo:
         dest = write_message(self.path, msg_id, data, flags, internaldate)
+        return self._added(msg_id, dest)
+
+    def _added(self, msg_id: str, dest: Path) -> MessageInfo:
         info = self._register(msg_id, dest)
         if self._on_change is not None:
             self._on_change("add", msg_id, self.name)

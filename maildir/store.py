@@ -83,6 +83,12 @@ class Maildir:
                 names.append(name)
         return ["INBOX", *sorted(names)]
 
+    def spool_path(self) -> Path:
+        """A new, unused path in the root's tmp/ for a message being received: the caller
+        creates and writes the file, then hands it to `Folder.add_file` or removes it.
+        (A file left by a crash is removed with the rest of tmp/ after 36 hours.)"""
+        return self.root / "tmp" / self._names.new()
+
     def folder(self, name: str) -> Folder:
         name = validate_folder_name(name)
         with self._lock:

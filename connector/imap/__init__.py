@@ -18,9 +18,10 @@ from maildir.lineends import LineEndCache
 
 from .auth import ClientPortal, make_portal
 from .fieldcache import FieldCache
+from .limits import DEFAULT_PER_ADDRESS, DEFAULT_PER_USER, SessionLimits
 from .server import DEFAULT_MAX_MESSAGE, IMAPServer
 
-__all__ = ["make_imap_factory", "IMAPServer", "IMAPFactory"]
+__all__ = ["make_imap_factory", "IMAPServer", "IMAPFactory", "SessionLimits"]
 
 
 class IMAPFactory(ServerFactory):
@@ -35,8 +36,10 @@ class IMAPFactory(ServerFactory):
         hostname: str,
         max_message_size: int,
         throttle: AuthThrottle | None = None,
+        limits: SessionLimits | None = None,
     ) -> None:
         self.maildir = maildir
+        self.limits = limits if limits is not None else SessionLimits()
         self.line_ends = LineEndCache()
         """Served sizes of messages, shared by the sessions (see `maildir.lineends`)."""
         self.portal = make_portal(maildir, authenticate, self.line_ends, throttle)
@@ -49,7 +52,10 @@ class IMAPFactory(ServerFactory):
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(chal={b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials})
         p.factory = self
-        p.portal = ClientPortal(self.portal, getattr(addr, "host", "unknown"), self.throttle)
+        host = str(getattr(addr, "host", "unknown"))
+        p.portal = ClientPortal(self.portal, host, self.throttle)
+        p.peer_host = host
+        p.limits = self.limits
         p.max_message_size = self.max_message_size
         p.IDENT = b"tailpost IMAP4rev1 ready on " + self.hostname.encode("ascii", "replace")
         self.sessions.add(p)
@@ -69,7 +75,11 @@ def make_imap_factory(
     hostname: str = "localhost",
     max_message_size: int = DEFAULT_MAX_MESSAGE,
     throttle: AuthThrottle | None = None,
+    max_sessions_per_user: int = DEFAULT_PER_USER,
+    max_sessions_per_address: int = DEFAULT_PER_ADDRESS,
 ) -> Factory:
     """A factory for IMAP connections to `maildir`, with logins checked by `authenticate`
-    (failures delayed by `throttle`)."""
-    return IMAPFactory(maildir, authenticate, hostname, max_message_size, throttle)
+    (failures delayed by `throttle`) and concurrent sessions limited per user and per
+    client address (0: no limit)."""
+    limits = SessionLimits(max_sessions_per_user, max_sessions_per_address)
+    return IMAPFactory(maildir, authenticate, hostname, max_message_size, throttle, limits)

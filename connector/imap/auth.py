@@ -150,7 +150,8 @@ class MaildirRealm:
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         if IAccount not in interfaces:
             raise NotImplementedError("only IAccount avatars are available")
-        return IAccount, MaildirAccount(self.maildir, self.line_ends), lambda: None
+        user = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
+        return IAccount, MaildirAccount(self.maildir, self.line_ends, str(user)), lambda: None
 
 
 def make_portal(

@@ -41,6 +41,7 @@ from maildir import (
 from maildir.lineends import LineEndCache
 
 from .message import MaildirMessage
+from .parse import Spans
 
 DELIMITER = "."
 SYSTEM_FLAGS = ["\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"]
@@ -139,12 +140,15 @@ class MaildirMailbox:
         """(sequence number, UID) pairs of the view matching a sequence or UID set."""
         if not self.uids:
             return []
-        wanted = MessageSet()
-        wanted.ranges = list(messages.ranges)
-        wanted.last = self.uids[-1] if uid else len(self.uids)
+        uids = self.uids
         if uid:
-            return [(i, u) for i, u in enumerate(self.uids, 1) if u in wanted]
-        return [(i, u) for i, u in enumerate(self.uids, 1) if i in wanted]
+            wanted = Spans(messages, uids[-1])
+            return [(i + 1, uids[i]) for i in wanted.select(uids)]
+        wanted = Spans(messages, len(uids))
+        out: list[tuple[int, int]] = []
+        for lo, hi in wanted.ranges:
+            out.extend((i, uids[i - 1]) for i in range(max(lo, 1), min(hi, len(uids)) + 1))
+        return out
 
     # -- IMailboxInfo / IMailbox ----------------------------------------------------
 
@@ -299,9 +303,13 @@ class MaildirMailbox:
 class MaildirAccount:
     """The single account of the device: every folder of its Maildir."""
 
-    def __init__(self, maildir: Maildir, line_ends: LineEndCache | None = None) -> None:
+    def __init__(
+        self, maildir: Maildir, line_ends: LineEndCache | None = None, user: str = ""
+    ) -> None:
         self.maildir = maildir
         self.line_ends = line_ends
+        self.user = user
+        """The login name this account was opened with (sessions are counted by it)."""
 
     def _folder(self, name: str) -> Folder | None:
         try:

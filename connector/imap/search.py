@@ -12,16 +12,21 @@ import email.utils
 from collections.abc import Callable
 from typing import Any
 
-from twisted.mail.imap4 import IllegalIdentifierError, parseIdList
+from twisted.mail.imap4 import IllegalClientResponse
 
 from maildir.mimetree import header_end
 
 from .fieldcache import FIELDS, FieldCache
 from .message import HEADER_LIMIT, MaildirMessage
+from .parse import Spans, parse_seqset
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 
 Pred = Callable[[int, MaildirMessage], bool]
+
+MAX_NESTING = 100
+"""How deep NOT, OR and parentheses may nest in a search program (each level is a call
+when the program is compiled and when it runs)."""
 
 
 class SearchError(Exception):
@@ -117,6 +122,7 @@ class Compiler:
         self.last_seq = last_seq
         self.last_uid = last_uid
         self.cache = cache
+        self.depth = 0
 
     def compile(self, query: list[Any]) -> Pred:
         items = list(query)
@@ -124,6 +130,15 @@ class Compiler:
         while items:
             preds.append(self._one(items))
         return lambda seq, msg: all(p(seq, msg) for p in preds)
+
+    def _nested(self, compile_inner: Callable[[], Pred]) -> Pred:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise SearchError("search program nested too deeply")
+        try:
+            return compile_inner()
+        finally:
+            self.depth -= 1
 
     def _arg(self, items: list[Any]) -> bytes:
         if not items or isinstance(items[0], list):
@@ -134,7 +149,7 @@ class Compiler:
     def _one(self, items: list[Any]) -> Pred:
         item = items.pop(0)
         if isinstance(item, list):
-            return self.compile(item)
+            return self._nested(lambda: self.compile(item))
         key = item.upper() if isinstance(item, bytes) else str(item).upper().encode()
         simple: dict[bytes, Pred] = {
             b"ALL": lambda seq, msg: True,
@@ -214,19 +229,19 @@ class Compiler:
         if key == b"NOT":
             if not items:
                 raise SearchError("NOT needs an argument")
-            inner = self._one(items)
+            inner = self._nested(lambda: self._one(items))
             return lambda seq, msg: not inner(seq, msg)
         if key == b"OR":
             if len(items) < 2:
                 raise SearchError("OR needs two arguments")
-            a = self._one(items)
-            b = self._one(items)
+            a = self._nested(lambda: self._one(items))
+            b = self._nested(lambda: self._one(items))
             return lambda seq, msg: a(seq, msg) or b(seq, msg)
         if key == b"UID":
-            uids = self._set(self._arg(items), self.last_uid)
+            uids = Spans(self._set(self._arg(items), self.last_uid), self.last_uid or 1)
             return lambda seq, msg: msg.info.uid in uids
         if key[:1].isdigit() or key[:1] == b"*":
-            seqs = self._set(key, self.last_seq)
+            seqs = Spans(self._set(key, self.last_seq), self.last_seq or 1)
             return lambda seq, msg: seq in seqs
         raise SearchError(f"unsupported search key {key.decode('ascii', 'replace')}")
 
@@ -238,8 +253,8 @@ class Compiler:
     @staticmethod
     def _set(value: bytes, last: int) -> Any:
         try:
-            return parseIdList(value, last or 1)
-        except (IllegalIdentifierError, ValueError):
+            return parse_seqset(value, last or 1)
+        except IllegalClientResponse:
             raise SearchError("bad message set") from None
 
 

@@ -1,7 +1,9 @@
 """The IMAP4rev1 server protocol: Twisted's IMAP4Server with tailpost's fixes.
 
-Fixes over the base class: strict literal sizes (a negative or malformed `{n}` is BAD,
-never a spin), a cap on APPEND literals (answered before any data is read), RFC 3501
+Fixes over the base class: strict parsing of what the client sends (`args`, `parse`:
+a malformed argument is BAD with a reason, never a spin nor an internal error), a cap on
+APPEND literals (answered before any data is read) and the literal spooled to a file as
+it arrives (`append`), session limits per user and per client address (`limits`), RFC 3501
 responses for failed logins ([AUTHENTICATIONFAILED]), SELECT data clients rely on
 (UIDNEXT, PERMANENTFLAGS, UNSEEN), \\Seen set by non-PEEK body fetches, exact header
 and partial body sections, a working SEARCH, EXPUNGE/EXISTS reporting on NOOP, and
@@ -15,12 +17,12 @@ client, nor drop a connection for what a message holds.
 
 from __future__ import annotations
 
-import re
 import time
-from typing import IO, Any
+from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -36,7 +38,10 @@ from twisted.mail.imap4 import (
 from twisted.python.failure import Failure
 
 from . import collector
+from .append import SpooledLiteral
+from .args import StrictParsing
 from .fetchrun import FetchRun, Outcome
+from .limits import SessionLimits
 from .mailbox import MaildirMailbox, parse_internaldate
 from .render import LISTING_ITEMS, listing_item
 from .search import SearchError, reads_files, run_search
@@ -48,18 +53,16 @@ SLICE_SECONDS = 0.01
 """How long one reactor turn of such a FETCH may format before other sessions are served."""
 SLICE_CHECK = 256
 """Every how many messages the clock is looked at."""
-_LITERAL_RE = re.compile(rb"\{([0-9]{1,10})\}")
 
 
 class TooBig(IllegalOperation):
     """A literal larger than the configured limit."""
 
 
-class IMAPServer(imap4.IMAP4Server):
+class IMAPServer(StrictParsing):
     """One IMAP connection."""
 
     IDENT = b"tailpost IMAP4rev1 ready"
-    MAX_LENGTH = 65536
     max_message_size = DEFAULT_MAX_MESSAGE
     idle_poll_seconds = 10.0
     gone = False
@@ -67,20 +70,15 @@ class IMAPServer(imap4.IMAP4Server):
     mbox: MaildirMailbox | None
     account: Any
     portal: Any
+    limits: SessionLimits | None = None
+    peer_host = "unknown"
+    holds_address = False
+    """This connection has a place among its address's (see `limits`)."""
+    user: str | None = None
+    """The user whose place among its sessions this connection has, once logged in."""
     _idle_loop: LoopingCall | None = None
 
     # -- dispatch ---------------------------------------------------------------------
-
-    def lookupCommand(self, cmd: bytes) -> Any:
-        """Use this class's overrides for handlers and argument parsers in the tables."""
-        spec = super().lookupCommand(cmd)
-        if spec is None:
-            return None
-        cls = type(self)
-        return tuple(
-            getattr(cls, x.__name__, x) if callable(x) and hasattr(x, "__name__") else x
-            for x in spec
-        )
 
     def lineReceived(self, line: bytes) -> None:
         """The base class's, except that a failure is answered by `answer_failure` (the
@@ -93,14 +91,6 @@ class IMAPServer(imap4.IMAP4Server):
             getattr(self, "parse_" + self.parseState)(line)
         except Exception:
             self.answer_failure(Failure(), None)
-
-    def parse_command(self, line: bytes) -> Any:
-        try:
-            return super().parse_command(line)
-        except Exception:
-            parts = line.split(None, 1)
-            self.answer_failure(Failure(), parts[0] if parts else None)
-            return None
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(b"* BYE Line too long")
@@ -152,46 +142,29 @@ class IMAPServer(imap4.IMAP4Server):
 
     # -- literals -----------------------------------------------------------------------
 
-    def _literal_size(self, line: bytes) -> int:
-        m = _LITERAL_RE.fullmatch(line.strip())
-        if m is None:
-            raise IllegalClientResponse("Bad literal size")
-        return int(m.group(1))
-
-    def arg_astring(self, line: bytes, final: bool = False) -> Any:
-        stripped = line.strip()
-        if stripped[:1] == b"{":
-            size = self._literal_size(stripped)
-            if final and not size:
-                return (b"", b"")
-            return self._stringLiteral(size)
-        return super().arg_astring(line, final)
-
-    def arg_finalastring(self, line: bytes) -> Any:
-        return self.arg_astring(line, final=True)
-
     def arg_literal(self, line: bytes) -> Any:
+        """APPEND's message: refused before any of it is read when over the limit, else
+        written to a spool file as it arrives (see `append`)."""
         if not line or line[:1] != b"{":
             raise IllegalClientResponse("Missing literal")
         size = self._literal_size(line)
         if size > self.max_message_size:
             raise TooBig("Message too large")
-        return self._fileLiteral(size)
+        d: Deferred[Any] = Deferred()
+        spool = SpooledLiteral(size, d, self.factory.maildir.spool_path())
+        self.parseState = "pending"
+        self._pendingLiteral = spool  # type: ignore[assignment]
+        self.sendContinuationRequest(b"Ready for %d octets of data" % size)
+        self.setRawMode()
+        return d
 
-    def arg_seqset(self, line: bytes) -> Any:
-        """A sequence set; `*:*` (the last message, RFC 3501's `seq-range` allows it) is read
-        as `*`, where the base class refuses it."""
-        head, sep, rest = line.partition(b" ")
-        parts = [b"*" if part == b"*:*" else part for part in head.split(b",")]
-        return super().arg_seqset(b",".join(parts) + sep + rest)
-
-    def arg_fetchatt(self, line: bytes) -> Any:
-        try:
-            return super().arg_fetchatt(line)
-        except IllegalClientResponse:
-            raise
-        except Exception:
-            raise IllegalClientResponse("Bad FETCH attributes") from None
+    def parse_pending(self, line: bytes) -> None:
+        """The base class's; a spooled literal its command did not take (the command
+        failed on its other arguments) is removed."""
+        literal = self._pendingLiteral
+        super().parse_pending(line)
+        if isinstance(literal, SpooledLiteral) and not literal.adopted:
+            literal.discard()
 
     # -- capabilities and login ---------------------------------------------------------
 
@@ -199,6 +172,52 @@ class IMAPServer(imap4.IMAP4Server):
         caps: dict[bytes, Any] = super().capabilities()
         caps[b"APPENDLIMIT"] = [b"%d" % self.max_message_size]
         return caps
+
+    def connectionMade(self) -> None:
+        if self.limits is not None:
+            if not self.limits.open_address(self.peer_host):
+                log.info("IMAP connection from {host} refused: too many", host=self.peer_host)
+                self.sendLine(b"* BYE Too many connections")
+                self.gone = True
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self.holds_address = True
+        super().connectionMade()
+
+    def _IMAP4Server__cbLogin(self, result: Any, tag: bytes) -> None:
+        if self._take_user_place(result, tag):
+            _base_callback("__cbLogin")(self, result, tag)
+
+    def _IMAP4Server__cbAuthResp(self, result: Any, tag: bytes) -> None:
+        if self._take_user_place(result, tag):
+            _base_callback("__cbAuthResp")(self, result, tag)
+
+    def _take_user_place(self, result: Any, tag: bytes) -> bool:
+        """After a successful login: whether the user may have one more session (if not,
+        the login is undone and answered `NO [LIMIT]`)."""
+        _iface, avatar, logout = result
+        user = str(getattr(avatar, "user", ""))
+        if self.gone:
+            logout()
+            return False
+        if self.limits is not None:
+            if not self.limits.open_user(user):
+                logout()
+                log.info("IMAP login of {user} refused: too many sessions", user=user)
+                self.sendNegativeResponse(tag, b"[LIMIT] Too many sessions")
+                return False
+            self.user = user
+        return True
+
+    def _release_places(self) -> None:
+        if self.limits is None:
+            return
+        if self.holds_address:
+            self.holds_address = False
+            self.limits.close_address(self.peer_host)
+        if self.user is not None:
+            self.limits.close_user(self.user)
+            self.user = None
 
     def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
         if failure.check(UnauthorizedLogin):
@@ -282,20 +301,22 @@ class IMAPServer(imap4.IMAP4Server):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         self._stop_idle()
+        self._release_places()
+        if isinstance(self._pendingLiteral, SpooledLiteral):
+            self._pendingLiteral.discard()
         sessions = getattr(self.factory, "sessions", None)
         if sessions is not None:
             sessions.discard(self)
         super().connectionLost(reason)
 
     def _listWork(self, tag: bytes, ref: bytes, mbox: bytes, sub: int, cmdName: bytes) -> None:
-        if mbox == b"" and not sub:
+        if mbox == "" and not sub:
             self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
             self.sendPositiveResponse(tag, b"LIST completed")
             return
         super()._listWork(tag, ref, mbox, sub, cmdName)
 
-    def do_STATUS(self, tag: bytes, mailbox: bytes, names: list[bytes]) -> None:
-        name = imap4._parseMbox(mailbox)
+    def do_STATUS(self, tag: bytes, name: str, names: list[bytes]) -> None:
         mbox = self.account.select(name, 0)
         if mbox is None:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
@@ -310,16 +331,18 @@ class IMAPServer(imap4.IMAP4Server):
     # -- APPEND / COPY / STORE / EXPUNGE ---------------------------------------------------
 
     def do_APPEND(
-        self, tag: bytes, mailbox: bytes, flags: Any, date: Any, message: IO[bytes]
+        self, tag: bytes, mailbox: str, flags: Any, date: Any, message: SpooledLiteral
     ) -> None:
-        name = imap4._parseMbox(mailbox)
-        target = self.account.select(name)
+        """Deliver the spooled message. Until it is adopted here, `parse_pending` removes
+        the spool when this returns or raises."""
+        target = self.account.select(mailbox)
         if target is None:
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
             return
         flag_names = [f.decode("ascii", "replace") for f in flags or []]
-        parse_internaldate(date)  # BAD before doing anything if malformed
-        d = target.addMessage(message, flag_names, date)
+        internaldate = parse_internaldate(date)  # BAD before doing anything if malformed
+        path = message.adopt()
+        d = threads.deferToThread(target.folder.add_file, path, flag_names, internaldate)
 
         def done(info: Any) -> None:
             if self.mbox is not None and self.mbox.folder.path == target.folder.path:
@@ -329,9 +352,8 @@ class IMAPServer(imap4.IMAP4Server):
         d.addCallback(done)
         d.addErrback(self._fail(tag))
 
-    def do_COPY(self, tag: bytes, messages: Any, mailbox: bytes, uid: int = 0) -> None:
+    def do_COPY(self, tag: bytes, messages: Any, name: str, uid: int = 0) -> None:
         assert self.mbox is not None
-        name = imap4._parseMbox(mailbox)
         target = self.account.select(name)
         if target is None:
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
@@ -362,7 +384,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_SEARCH(self, tag: bytes, charset: Any, query: Any, uid: int = 0) -> None:
         assert self.mbox is not None
-        if charset is not None and charset.upper() not in (b"US-ASCII", b"UTF-8"):
+        if charset is not None and charset.strip(b'"').upper() not in (b"US-ASCII", b"UTF-8"):
             self.sendNegativeResponse(tag, b"[BADCHARSET (US-ASCII UTF-8)] Unsupported")
             return
         mbox = self.mbox
@@ -507,6 +529,11 @@ class IMAPServer(imap4.IMAP4Server):
             self._unblock()
 
         turn()
+
+
+def _base_callback(name: str) -> Any:
+    """A name-mangled method of Twisted's IMAP4Server."""
+    return getattr(imap4.IMAP4Server, "_IMAP4Server" + name)
 
 
 def _safe(value: object) -> bytes:
