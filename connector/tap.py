@@ -10,6 +10,8 @@ from twisted.application.service import IService, MultiService
 from connector.app import build_device
 from edge.config import load_config
 from edge.dispatch import direct_dispatch
+from edge.dns import DNSResolver
+from edge.namehosts import use_configured_names
 from edge.service import ReadyReport, freeze_start_up
 from edge.tap import Options as EdgeOptions
 
@@ -22,6 +24,10 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = load_config(options["config"], data_dir=options["data-dir"])
+    resolver = DNSResolver(
+        config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
+    )
+    use_configured_names(reactor, resolver)  # the edge URL, Rspamd: the configured DNS
     device = build_device(config, reactor)
     top: Any = MultiService()
     device.service.setServiceParent(top)

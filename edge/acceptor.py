@@ -286,6 +286,7 @@ def build_acceptor(
     """The acceptor's service: the MX listener over the shared spool and store."""
     from edge.dns import DNSResolver
     from edge.mxbuild import build_mx_factory
+    from edge.namehosts import use_configured_names
     from edge.service import TCPListener
     from edge.store.cache import CachedLookups
     from edge.storeopen import open_configured_store
@@ -298,6 +299,7 @@ def build_acceptor(
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )
+    use_configured_names(reactor, resolver)
     tls = server_context(*tls_files) if tls_files else None
 
     def accepted(envelope: Envelope) -> None:

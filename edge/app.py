@@ -23,6 +23,7 @@ from edge.delivery import DeliveryQueue
 from edge.dns import DNSResolver
 from edge.eventlog import EventRecorder
 from edge.mxbuild import build_mx_factory
+from edge.namehosts import use_configured_names
 from edge.private import private_file
 from edge.queueops import QueueControl
 from edge.routing import Router, recipient_resolver, route_soon
@@ -83,6 +84,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     resolver = DNSResolver(
         config.dns.nameservers or None, config.dns.port, config.dns.timeout, reactor=reactor
     )
+    use_configured_names(reactor, resolver)
     lookups = CachedLookups(store)
     router = Router(recipient_resolver(lookups, config), resolver, config.edge.mx_delivery_port)
     recorder = EventRecorder(DeliveryEvents(store), reactor)
