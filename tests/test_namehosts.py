@@ -16,6 +16,7 @@ from edge.namehosts import use_configured_names
 
 class Hello(protocol.Protocol):
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"hello")
         self.transport.loseConnection()
 
