@@ -80,6 +80,10 @@ _FAULTS = (
 DNS), not of a message: retried on the schedule. Anything else is a defect: held."""
 
 
+PASSING_FAULT_TEXT = "4.4.1 delivery failed for now: a passing fault of the mail system"
+"""The reply recorded for a passing fault met while delivering (its detail goes to the log)."""
+
+
 def is_passing_fault(exc: BaseException) -> bool:
     return isinstance(exc, _FAULTS)
 
@@ -471,7 +475,9 @@ class DeliveryQueue:
                     held.extend(rcpts)
                     answered.add(target.key)
                     continue
-                fault = Outcome(451, f"4.4.1 delivery failed: {exc}", connected=False)
+                # The detail (an exception's text: paths, addresses) is in the log above;
+                # the reply, which the sender may read in a report, names the fault only.
+                fault = Outcome(451, PASSING_FAULT_TEXT, connected=False)
                 outcomes = dict.fromkeys(rcpts, fault)
             if any(o.connected for o in outcomes.values()):
                 answered.add(target.key)  # reachable: what waits for it may go

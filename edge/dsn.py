@@ -25,6 +25,7 @@ from email.mime.text import MIMEText
 from edge.spool import Envelope
 
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,23 @@ class RecipientStatus:
     recipient: str
     reply: str  # e.g. "550 5.1.1 No such user" or "451 4.4.1 connection refused"
     remote: str = ""  # host:port that answered, if any
+
+
+MAX_DIAGNOSTIC = 900
+"""Octets of a host's reply kept in a report's field: the field stays within a line's 998."""
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of at most MAX_DIAGNOSTIC octets: a multi-line SMTP reply (its
+    lines joined with LF, as the client reads them) and any other control character become
+    single spaces. A report's field is one line: a line break in a host's reply would
+    otherwise end the field and start another (a host could write its own `Action:` into
+    the report)."""
+    line = _BREAKS.sub(" ", text).strip()
+    octets = line.encode("utf-8", "replace")
+    if len(octets) <= MAX_DIAGNOSTIC:
+        return line
+    return octets[:MAX_DIAGNOSTIC].decode("utf-8", "ignore")
 
 
 def dsn_allowed(envelope: Envelope) -> bool:
@@ -114,7 +132,7 @@ def build_dsn(
         lines.append("Your message has not been delivered yet. It is still being retried for:")
     lines.append("")
     for st in statuses:
-        lines.append(f"  <{st.recipient}>: {st.reply}")
+        lines.append(f"  <{st.recipient}>: {one_line(st.reply)}")
     if action == "delayed" and retry_until is not None:
         lines += ["", f"It will be retried until {email.utils.formatdate(retry_until, True)}."]
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
@@ -134,8 +152,9 @@ def build_dsn(
         block["Action"] = action
         block["Status"] = status_code(st.reply, action)
         if st.remote:
-            block["Remote-MTA"] = f"dns; {st.remote.rpartition(':')[0] or st.remote}"
-        block["Diagnostic-Code"] = f"smtp; {st.reply}"
+            remote = one_line(st.remote)
+            block["Remote-MTA"] = f"dns; {remote.rpartition(':')[0] or remote}"
+        block["Diagnostic-Code"] = f"smtp; {one_line(st.reply)}"
         block["Last-Attempt-Date"] = email.utils.formatdate(now, localtime=True)
         if action == "delayed" and retry_until is not None:
             block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)

@@ -522,8 +522,14 @@ class SMTPDeliverer:
             # nothing about the message: always worth another try, maybe at another host.
             code = 451
         resp = getattr(err, "resp", b"")
-        text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) and resp else str(err)
-        outcome = Outcome(code, text or type(err).__name__, where, connected)
+        if isinstance(resp, bytes) and resp:
+            text = resp.decode("utf-8", "replace")
+        else:
+            # No reply and no text of the session's: an exception's own words, which a
+            # report to the sender must never carry. They go to the log.
+            log.warn("smtp: delivery to {where} failed: {error!r}", where=where, error=err)
+            text = f"4.4.1 delivery to {where} failed"
+        outcome = Outcome(code, text, where, connected)
         outcomes = dict.fromkeys(recipients, outcome)
         if connected:
             # Recipients refused at RCPT keep their own reply; the others share the

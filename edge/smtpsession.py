@@ -333,7 +333,7 @@ class Session(ESMTPClient):
     def _prepare_failed(self, failure: Failure, tx: Transaction) -> None:
         log.failure("smtp: preparing the data failed", failure)
         if self.tx is tx and self.state == "busy":
-            text = "preparing the data failed: " + str(failure.value)
+            text = "4.3.0 preparing the data failed"  # the detail is in the log above
             self._broken(SMTPClientError(-1, text.encode("utf-8", "replace")), abort=True)
 
     def _send_data(self, code: int, resp: bytes) -> None:

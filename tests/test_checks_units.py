@@ -144,6 +144,45 @@ def test_authserv_id_parsing() -> None:
     assert authserv_id_of("(c (nested)) MX.example.com 1; none") == "mx.example.com"
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "((((((x))))))mx.example.com; spf=pass",  # nested deeper than a few passes undo
+        "(" * 300 + ")" * 300 + " mx.example.com; spf=pass",
+        "(a \\) b (c \\( d)) MX.Example.Com 1; spf=pass",  # quoted pairs in comments
+        '"mx.example.com"; spf=pass',
+        '"mx.example\\.com"; spf=pass',  # a quoted string, its quoted pair undone
+        "\r\n\t(folded)\r\n mx.example.com(trailing comment); spf=pass",
+    ],
+)
+def test_every_spelling_of_the_edges_authserv_id_is_read_as_it(value: str) -> None:
+    """What a reader of the header (here `authres`, where it can parse it) takes for the
+    authserv-id is what the filter takes for it: a forged header cannot hide the edge's
+    id behind deep comments or quoting."""
+    assert authserv_id_of(value) == "mx.example.com"
+    unfolded = value.replace("\r\n", "")
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + unfolded)
+    except authres.AuthResError:
+        return
+    assert parsed.authserv_id.lower() == "mx.example.com"
+
+
+def test_a_forged_header_behind_deep_comments_is_removed() -> None:
+    f = HeaderFilter("mx.tailpost.test")
+    data = (
+        b"Authentication-Results: ((((((((x))))))))\r\n"
+        b"\tmx.tailpost.test; dmarc=pass header.from=bank.test\r\n"
+        b"Subject: hi\r\n\r\nbody\r\n"
+    )
+    assert feed_all(f, data) == b"Subject: hi\r\n\r\nbody\r\n"
+    assert f.removed == [b"Authentication-Results"]
+
+
+def test_an_open_comment_names_no_authserv_id() -> None:
+    assert authserv_id_of("(mx.example.com; spf=pass") == ""
+
+
 def test_from_addresses() -> None:
     assert from_addresses(b"From: A <a@X.test>\r\nTo: b@y\r\n\r\nbody") == (1, ["a@x.test"])
     assert from_addresses(b"From: a@x.test\r\nFrom: b@y.test\r\n\r\n")[0] == 2

@@ -389,6 +389,27 @@ def test_message_deferred_past_its_lifetime_bounces_with_a_dsn(tmp_path: Path) -
     assert len(h.spool.dsns()) == 1
 
 
+def test_a_passing_fault_of_ours_reaches_no_report_as_exception_text(tmp_path: Path) -> None:
+    """A fault of the edge's own (here the disk) met on every attempt until the message
+    expires: the sender's reports name the failure, never the exception's text."""
+
+    def disk_full(call: Call) -> dict[str, Outcome]:
+        raise OSError(28, "No space left on device", "/srv/tailpost/spool/seg-000042")
+
+    h = Harness(tmp_path, {A: device(A)}, {"device": disk_full}, lifetime=DAY, delay_warning=HOUR)
+    env = h.accept([A])
+    h.run_until(DAY + STEP)
+
+    dsns = [dsn for _env, dsn in dsn_of(h, env.qid)]
+    assert len(dsns) == 2  # "delayed", then "failed"
+    for dsn in dsns:
+        text = dsn.decode("utf-8", "replace")
+        for leak in ("Errno", "/srv/", "OSError", "No space left"):
+            assert leak not in text, (leak, text)
+        _msg, _per_message, [block], _headers = parse_dsn(dsn)
+        assert str(block["Diagnostic-Code"]).strip().startswith("smtp; 451 4.4.1 ")
+
+
 def test_expiry_comes_at_the_lifetime_even_between_scheduled_retries(tmp_path: Path) -> None:
     lifetime = 2 * HOUR + 17 * MINUTE  # not on a retry of the schedule
     h = Harness(tmp_path, {A: device(A)}, {"device": refused}, lifetime=lifetime)

@@ -50,6 +50,10 @@ def test_paths_taken_as_received(arg: str, address: str) -> None:
         ('<"a"b"@example.net>', 501, "5.1.7"),
         ("<a b@example.net>", 501, "5.1.7"),
         ("<a@example..net>", 501, "5.1.7"),
+        # A final dot is no part of an RFC 5321 Domain; the next host refuses it.
+        ("<a@example.net.>", 501, "5.1.7"),
+        ("<a@[1.2.3.4].>", 501, "5.1.7"),
+        ("<ü@bücher.example.> SMTPUTF8", 501, "5.1.7"),
         ("<a@-example.net>", 501, "5.1.7"),
         ("<a@[1.2.3.256]>", 501, "5.1.7"),
         ("<a@[1.2.3]>", 501, "5.1.7"),

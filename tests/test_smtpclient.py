@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from edge.routing import Target, routed_target
 from edge.smtpclient import Outcome, SMTPDeliverer
@@ -331,3 +332,13 @@ def test_the_client_sends_without_nagle(in_reactor: Any, peer: Peer) -> None:
     sock = transport.getHandle()
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     in_reactor(deliverer.close)
+
+
+def test_a_failure_without_a_reply_gives_no_exception_text_to_its_outcome() -> None:
+    """An outcome's text can reach the sender in a report: an exception that came with no
+    SMTP reply (a defect in setting up the session, say) is named, never quoted."""
+    err = KeyError("connector secret s3cr3t at /var/lib/tailpost/data")
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@example.test"], "mx.example.test:25")
+    [outcome] = outcomes.values()
+    assert (outcome.code, outcome.final, outcome.connected) == (451, False, False)
+    assert outcome.text == "4.4.1 delivery to mx.example.test:25 failed"

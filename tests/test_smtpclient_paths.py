@@ -5,14 +5,18 @@ loopback; the MX's parser decides what a path is (`edge.smtp.address`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 
 from edge.smtp.address import parse_mail_from, parse_rcpt_to
+from edge.smtp.replies import SMTPReplyError
 from edge.smtpclient import Outcome, SMTPDeliverer
 from tests.test_smtpclient import OldMX, _AnyPortController, mx_target
 
@@ -205,3 +209,77 @@ def test_a_path_no_command_can_carry_raises(in_reactor: Any, peer: Peer) -> None
     with pytest.raises(ValueError, match="cannot be sent"):
         deliver(in_reactor, peer.port, "a@b.test", ["c@d.test>\r\nDATA"], b"x\r\n")
     assert peer.handler.options == []
+
+
+# Pieces of paths from a broad alphabet: atext, specials, quoting and escapes, address
+# literals, dots in every place, U-labels and characters IDNA maps, controls, spaces.
+PIECES = [
+    *"aZ0.-_!#%'*+/=?^`{|}~\"\\@[]:,() \t<>",
+    "..",
+    'x"y',
+    '\\"',
+    "IPv6:",
+    "::1",
+    "1.2.3.4",
+    "xn--",
+    "é",
+    "ß",
+    "日本",
+    "Ａ",
+    "İ",
+    "ǅ",
+    "\U0001f600",
+    "\ufeff",
+    "\u00a0",
+    "\u202e",
+    "\u0085",
+    "\u2028",
+    "\x7f",
+    "\x00",
+    "\x1f",
+]
+part = st.lists(st.sampled_from(PIECES), min_size=1, max_size=10).map("".join)
+candidate = st.one_of(
+    st.builds(lambda local, dom: f"{local}@{dom}", part, part),
+    st.builds(lambda local, dom: f'"{local}"@{dom}', part, part),
+    st.builds(lambda local, dom: f"{local}@[{dom}]", part, part),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
+)
+@given(path=candidate)
+def test_every_path_the_mx_accepts_reaches_a_peer_as_the_same_address(
+    in_reactor: Any, peer: Peer, path: str
+) -> None:
+    """Whatever the MX takes at MAIL or RCPT (with SMTPUTF8), the delivery client sends and
+    a real peer receives as the same address: never accepted and then refused."""
+    try:
+        sender = parse_mail_from(f"FROM:<{path}> SMTPUTF8", max_size=1000).address
+        rcpt = parse_rcpt_to(f"TO:<{path}>", smtputf8=True).address
+    except SMTPReplyError:
+        assume(False)
+        return
+    peer.handler.seen.clear()
+
+    outcomes = deliver(in_reactor, peer.port, sender, [rcpt], ASCII_BODY, smtputf8=True)
+
+    assert outcomes[rcpt].delivered, (path, outcomes)
+    [seen] = peer.handler.seen
+    assert (mailbox(seen.sender), [mailbox(r) for r in seen.recipients]) == (
+        mailbox(path),
+        [mailbox(path)],
+    )
+
+
+def mailbox(address: str) -> tuple[str, str]:
+    """The address as (local part, domain) with any quoting undone: aiosmtpd drops quotes
+    that are not needed (`"a"@b` arrives as `a@b`, the same mailbox)."""
+    local, _, domain = address.rpartition("@")
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local, domain

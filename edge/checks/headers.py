@@ -19,16 +19,42 @@ TAILPOST_PREFIX = b"x-tailpost-"
 _TRUST = re.compile(rb"^[ \t]*(?:authentication-results|x-tailpost-)", re.IGNORECASE | re.MULTILINE)
 """A line that may start a field only the edge may write (then the section is read field by
 field)."""
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
 def authserv_id_of(value: str) -> str:
-    """The authserv-id of an Authentication-Results value (comments and CFWS skipped)."""
-    for _ in range(4):  # nested comments, a few levels deep
-        value = _COMMENT.sub(" ", value)
-    token = value.strip().split(";", 1)[0].strip()
-    token = token.split()[0] if token.split() else ""
-    return token.strip('"').lower()
+    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2), lower-cased:
+    the first token or quoted string (its quoted pairs undone) after any CFWS. Comments
+    nest to any depth and may hold quoted pairs (RFC 5322 §3.2.2), as a reader such as
+    `authres` takes them; one pass over the value, however deep the nesting. A comment
+    left open leaves no authserv-id ("")."""
+    i, n, depth = 0, len(value), 0
+    while i < n:
+        c = value[i]
+        if c == "\\" and depth:
+            i += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth and not c.isspace():
+            break
+        i += 1
+    if i >= n:
+        return ""
+    if value[i] == '"':
+        out: list[str] = []
+        i += 1
+        while i < n and value[i] != '"':
+            if value[i] == "\\":
+                i += 1
+            out.append(value[i : i + 1])
+            i += 1
+        return "".join(out).lower()
+    end = i
+    while end < n and not value[end].isspace() and value[end] not in ';("':
+        end += 1
+    return value[i:end].lower()
 
 
 def _forged(field: bytes, authserv_id: str) -> bool:
