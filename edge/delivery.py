@@ -88,6 +88,12 @@ def is_passing_fault(exc: BaseException) -> bool:
     return isinstance(exc, _FAULTS)
 
 
+HELD_REPLY = "451 4.3.0 held by the mail system for its operator"
+"""The recorded reply of a recipient whose message was held after a defect."""
+DNS_FAILED_REPLY = "451 4.4.3 DNS lookup failed for now"
+"""The recorded reply of a recipient whose route needs DNS that did not answer."""
+
+
 def defect_reason(exc: BaseException) -> str:
     return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
 
@@ -333,7 +339,9 @@ class DeliveryQueue:
             self.forget(qid)
             return
         await self.run_blocking(self.spool.set_held, qid, True, reason)
-        reply = f"451 {reason}"
+        # The reason, with the defect's detail, is for the operator (`queue show`); what a
+        # sender may see in a report later, and the recipient's events, say only this.
+        reply = HELD_REPLY
         for rcpt in rcpts if rcpts is not None else entry.pending:
             state.last_errors[rcpt] = reply
             self.record_event(qid, rcpt, "deferred", reply)
@@ -442,7 +450,11 @@ class DeliveryQueue:
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))
                 continue
             except DNSTemporaryError as exc:
-                temporary[rcpt] = RecipientStatus(rcpt, f"451 4.4.3 DNS lookup failed: {exc}")
+                # The resolver's own words (its servers, its timeouts) go to the log only.
+                log.info(
+                    "queue: {qid} to {rcpt}: DNS lookup failed: {e}", qid=qid, rcpt=rcpt, e=exc
+                )
+                temporary[rcpt] = RecipientStatus(rcpt, DNS_FAILED_REPLY)
                 continue
             if target.device_id:
                 state.devices[rcpt] = target.device_id

@@ -19,8 +19,8 @@ from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
-from edge.delivery import INTAKE_WAIT, DeliveryQueue
-from edge.dns import DNSResolver
+from edge.delivery import DNS_FAILED_REPLY, INTAKE_WAIT, DeliveryQueue
+from edge.dns import DNSResolver, DNSTemporaryError
 from edge.routing import Router, Target
 from edge.smtpclient import Outcome, SMTPDeliverer
 from edge.spool import Envelope, Spool
@@ -737,3 +737,18 @@ def test_many_waiting_messages_share_one_timer_and_keep_their_order(tmp_path: Pa
     order = [c.data.split(b"\r\n", 1)[0] for c in h.deliverer.calls[1:]]
     expected = [b"X-Tailpost-Queue-ID: " + e.qid.encode() for e in first[1:] + later[:-1]]
     assert order == expected
+
+
+def test_a_dns_failure_is_recorded_without_the_resolver_s_words(tmp_path: Path) -> None:
+    """The resolver's text (its servers, its timeouts) goes to the log, never into the
+    recorded reply that a "delayed" or "failed" report quotes to the sender."""
+    h = Harness(tmp_path, {})
+
+    def unreachable(rcpt: str, kind: str) -> Any:
+        raise DNSTemporaryError("All nameservers failed to answer: 10.0.0.53 port 53")
+
+    h.queue.route_soon = unreachable
+    env = h.accept([A])
+    h.clock.advance(0)
+    assert h.queue.states[env.qid].last_errors == {A: DNS_FAILED_REPLY}
+    assert "10.0.0.53" not in DNS_FAILED_REPLY

@@ -307,7 +307,20 @@ def test_detail_text_html_attachments_and_risk(client: Client, mdir: Maildir) ->
     assert exe["filename"] == "invoice.pdf.exe" and exe["risk"]["level"] == "high"
     risk = body["risk"]
     assert risk["level"] == "high" and risk["method"] == "heuristic"
-    assert risk["authentication"] == {"spf": "fail", "dkim": "pass", "dmarc": "pass"}
+    # No verdict of the edge: the message's own Authentication-Results prove nothing.
+    assert risk["authentication"] == {"spf": "none", "dkim": "none", "dmarc": "none"}
+    assert not any("spf fail" in r for r in risk["reasons"])
+
+
+def test_authentication_comes_from_the_edge_verdict_only(client: Client, mdir: Maildir) -> None:
+    forged = b"Authentication-Results: edge.example.net; spf=pass; dkim=pass; dmarc=pass\r\n"
+    info = mdir.deliver(forged + plain("forged results"))
+    risk = client.get(f"{MESSAGES}/{info.id}").json()["risk"]
+    assert risk["authentication"] == {"spf": "none", "dkim": "none", "dmarc": "none"}
+    verdict = b"X-Tailpost-Verdict: action=accept; spf=fail; dkim=pass; dmarc=none\r\n"
+    info = mdir.deliver(verdict + forged + plain("edge results"))
+    risk = client.get(f"{MESSAGES}/{info.id}").json()["risk"]
+    assert risk["authentication"] == {"spf": "fail", "dkim": "pass", "dmarc": "none"}
     assert any("spf fail" in r for r in risk["reasons"])
 
 

@@ -4,8 +4,10 @@ The edge's verdict (`maildir.verdict`: SPF, DKIM and DMARC results, spam verdict
 symbols), which the device trusts because only its authenticated edge can deliver and the
 edge strips forged verdict headers, plus heuristics on attachment names and types and what
 sanitizing the HTML body found (`maildir.htmlsafe`: active content, remote content and
-tracking pixels, hidden text, links whose text names another site). Without a verdict the
-topmost `Authentication-Results` header is read instead. Every finding is a flag: a
+tracking pixels, hidden text, links whose text names another site). A message without the
+edge's verdict (one written into the Maildir by other software, or appended over IMAP) has
+no authentication results the device can trust: any `Authentication-Results` field in it
+was written by someone else, so its results read as "none". Every finding is a flag: a
 machine-readable code, a level, a count and a short reason; `reasons` keeps the reasons
 alone. A flag's reason never quotes the message's hidden text. This module is advice
 for the reader; it must never block, change or delete mail, and never claim a message is
@@ -15,7 +17,6 @@ safe (the lowest level is "low").
 from __future__ import annotations
 
 import mimetypes
-import re
 from typing import Any
 
 from maildir.htmlsafe import Finding
@@ -27,7 +28,6 @@ __all__ = [
     "HTML_LEVELS",
     "assess_attachment",
     "assess_message",
-    "authentication",
     "html_flags",
 ]
 
@@ -67,7 +67,6 @@ _TYPE_ALIASES = {
     "text/comma-separated-values": "text/csv",
 }
 _MIME = mimetypes.MimeTypes(filenames=())
-_COMMENT = re.compile(r"\([^()]*\)")
 _LEVELS = ("low", "medium", "high")
 _SUMMARIES = {
     "low": "No warning signs were found in the message headers, body or attachments.",
@@ -102,25 +101,6 @@ HTML_LEVELS = {
 
 def _max_level(levels: list[str]) -> str:
     return max(levels, key=_LEVELS.index, default="low")
-
-
-def authentication(results: list[str]) -> dict[str, str]:
-    """spf/dkim/dmarc results from the topmost Authentication-Results header, else "none".
-
-    The topmost header is the one the receiving edge added (it removes any incoming header
-    that claims its name), so later ones are not trusted.
-    """
-    found = {"spf": "none", "dkim": "none", "dmarc": "none"}
-    if not results:
-        return found
-    value = results[0]
-    for _ in range(5):
-        value = _COMMENT.sub(" ", value)
-    for method in found:
-        match = re.search(rf"(?:^|[;\s]){method}\s*=\s*([A-Za-z]+)", value, re.IGNORECASE)
-        if match:
-            found[method] = match.group(1).lower()
-    return found
 
 
 def _extensions(filename: str) -> list[str]:
@@ -179,12 +159,11 @@ def html_flags(findings: tuple[Finding, ...]) -> list[_Flag]:
 
 
 def assess_message(detail: MessageDetail, verdict: Verdict | None = None) -> dict[str, Any]:
-    """The message-level risk: the edge's verdict (or Authentication-Results), authentication
+    """The message-level risk: the edge's verdict, authentication
     failures and the worst attachment finding."""
-    if verdict is not None:
-        auth = verdict.authentication()
-    else:
-        auth = authentication(detail.authentication_results)
+    # Without the edge's verdict, nothing says who wrote an Authentication-Results field.
+    unknown = {"spf": "none", "dkim": "none", "dmarc": "none"}
+    auth = verdict.authentication() if verdict is not None else unknown
     findings: list[_Flag] = []
     for method, result in auth.items():
         if result in _FAILED:
