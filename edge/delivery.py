@@ -94,6 +94,27 @@ DNS_FAILED_REPLY = "451 4.4.3 DNS lookup failed for now"
 """The recorded reply of a recipient whose route needs DNS that did not answer."""
 
 
+DEVICE_UNREACHABLE_REPLY = "451 4.4.1 the recipient's device cannot be reached now"
+"""The recorded reply when a device's connector could not be reached: the device's
+address on the private network is the operator's to know, never a sender's."""
+
+
+def _status(rcpt: str, outcome: Outcome, target: Target) -> RecipientStatus:
+    """What is recorded (and may be reported to the sender) of one recipient's attempt.
+    A device is named by no address: its connector's answer is kept (it is tailpost's own),
+    a failure to reach it is said in general terms, and no Remote-MTA is given."""
+    if target.kind != "device":
+        return RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
+    if not outcome.connected and not outcome.final:
+        return RecipientStatus(rcpt, DEVICE_UNREACHABLE_REPLY)
+    text = (
+        outcome.text.replace(outcome.host, "the recipient's device")
+        if outcome.host
+        else outcome.text
+    )
+    return RecipientStatus(rcpt, f"{outcome.code} {text}")
+
+
 def defect_reason(exc: BaseException) -> str:
     return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
 
@@ -495,7 +516,7 @@ class DeliveryQueue:
                 answered.add(target.key)  # reachable: what waits for it may go
             for rcpt in rcpts:
                 outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
-                status = RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
+                status = _status(rcpt, outcome, target)
                 if outcome.delivered:
                     finals[rcpt] = "delivered"
                     self.record_event(qid, rcpt, "delivered", status.reply)
