@@ -100,19 +100,20 @@ address on the private network is the operator's to know, never a sender's."""
 
 
 def _status(rcpt: str, outcome: Outcome, target: Target) -> RecipientStatus:
-    """What is recorded (and may be reported to the sender) of one recipient's attempt.
-    A device is named by no address: its connector's answer is kept (it is tailpost's own),
-    a failure to reach it is said in general terms, and no Remote-MTA is given."""
+    """What is recorded of one recipient's attempt, and what a report to the sender says of
+    it. The operator's record (events, `queue show`) keeps the reply as it was; a report
+    names a device by no address: its connector's answer is kept (it is tailpost's own) with
+    the address replaced, a failure to reach it is said in general terms, and no Remote-MTA
+    is given."""
+    reply = f"{outcome.code} {outcome.text}"
     if target.kind != "device":
-        return RecipientStatus(rcpt, f"{outcome.code} {outcome.text}", outcome.host)
+        return RecipientStatus(rcpt, reply, outcome.host)
     if not outcome.connected and not outcome.final:
-        return RecipientStatus(rcpt, DEVICE_UNREACHABLE_REPLY)
-    text = (
-        outcome.text.replace(outcome.host, "the recipient's device")
-        if outcome.host
-        else outcome.text
-    )
-    return RecipientStatus(rcpt, f"{outcome.code} {text}")
+        return RecipientStatus(rcpt, reply, shown=DEVICE_UNREACHABLE_REPLY)
+    if not outcome.host:
+        return RecipientStatus(rcpt, reply)
+    text = outcome.text.replace(outcome.host, "the recipient's device")
+    return RecipientStatus(rcpt, reply, shown=f"{outcome.code} {text}")
 
 
 def defect_reason(exc: BaseException) -> str:
@@ -130,6 +131,8 @@ class MessageState:
     attempts: int = 0
     next_attempt: float | None = None
     last_errors: dict[str, str] = field(default_factory=dict)
+    last_shown: dict[str, str] = field(default_factory=dict)
+    """What a report to the sender says of a last error, where it differs from it."""
     devices: dict[str, str] = field(default_factory=dict)
     waiting_on: set[str] = field(default_factory=set)
 
@@ -365,6 +368,7 @@ class DeliveryQueue:
         reply = HELD_REPLY
         for rcpt in rcpts if rcpts is not None else entry.pending:
             state.last_errors[rcpt] = reply
+            state.last_shown.pop(rcpt, None)
             self.record_event(qid, rcpt, "deferred", reply)
         log.warn("queue: {qid} held: {reason}", qid=qid, reason=reason)
         for key in keys:
@@ -434,6 +438,7 @@ class DeliveryQueue:
         self, qid: str, state: MessageState, temporary: dict[str, RecipientStatus]
     ) -> None:
         state.last_errors.update({r: s.reply for r, s in temporary.items()})
+        state.last_shown.update({r: s.shown for r, s in temporary.items()})
         for rcpt, status in temporary.items():
             self.record_event(qid, rcpt, "deferred", status.reply)
             self.quiet.say(
@@ -490,7 +495,8 @@ class DeliveryQueue:
                 # Older mail for this target is still waiting: it goes first, this one after.
                 for rcpt in rcpts:
                     reply = state.last_errors.get(rcpt, "451 4.4.1 older mail to it goes first")
-                    temporary[rcpt] = RecipientStatus(rcpt, reply)
+                    shown = state.last_shown.get(rcpt, "")
+                    temporary[rcpt] = RecipientStatus(rcpt, reply, shown=shown)
                 self._wait(qid, target.key)
                 postponed.add(target.key)
                 continue

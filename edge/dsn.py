@@ -33,6 +33,13 @@ class RecipientStatus:
     recipient: str
     reply: str  # e.g. "550 5.1.1 No such user" or "451 4.4.1 connection refused"
     remote: str = ""  # host:port that answered, if any
+    shown: str = ""
+    """What a report to the sender says instead of `reply`, when that must not be shown
+    (it names a device's private address, say); "" for `reply` itself."""
+
+    @property
+    def public(self) -> str:
+        return self.shown or self.reply
 
 
 MAX_DIAGNOSTIC = 900
@@ -132,7 +139,7 @@ def build_dsn(
         lines.append("Your message has not been delivered yet. It is still being retried for:")
     lines.append("")
     for st in statuses:
-        lines.append(f"  <{st.recipient}>: {one_line(st.reply)}")
+        lines.append(f"  <{st.recipient}>: {one_line(st.public)}")
     if action == "delayed" and retry_until is not None:
         lines += ["", f"It will be retried until {email.utils.formatdate(retry_until, True)}."]
     report.attach(MIMEText("\n".join(lines) + "\n", "plain", "utf-8"))
@@ -150,11 +157,11 @@ def build_dsn(
         block = Message()
         block["Final-Recipient"] = _address_type(st.recipient)
         block["Action"] = action
-        block["Status"] = status_code(st.reply, action)
+        block["Status"] = status_code(st.public, action)
         if st.remote:
             remote = one_line(st.remote)
             block["Remote-MTA"] = f"dns; {remote.rpartition(':')[0] or remote}"
-        block["Diagnostic-Code"] = f"smtp; {one_line(st.reply)}"
+        block["Diagnostic-Code"] = f"smtp; {one_line(st.public)}"
         block["Last-Attempt-Date"] = email.utils.formatdate(now, localtime=True)
         if action == "delayed" and retry_until is not None:
             block["Will-Retry-Until"] = email.utils.formatdate(retry_until, localtime=True)
