@@ -26,6 +26,7 @@ from edge.mxbuild import build_mx_factory
 from edge.namehosts import use_configured_names
 from edge.private import private_file
 from edge.queueops import QueueControl
+from edge.routewatch import RouteWatch, build_route_watch
 from edge.routing import Router, recipient_resolver, route_soon
 from edge.service import TCPListener
 from edge.smtp.conncount import SharedCounts
@@ -74,6 +75,7 @@ class Edge:
     mx: TCPListener
     resolver: DNSResolver
     control: Control
+    routewatch: RouteWatch
 
 
 def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
@@ -162,4 +164,6 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         ],
     )
     control.listener.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx, resolver, control)
+    routewatch = build_route_watch(config, store, resolver, reactor)
+    routewatch.setServiceParent(service)
+    return Edge(service, store, spool, queue, mx, resolver, control, routewatch)

@@ -88,6 +88,10 @@ class EdgeConfig:
     registration_limit_window: float = 3600.0
     claim_ttl: float = 86400.0
     claim_limit: int = 20
+    # The edge's own re-check of verified domains on their way to active (edge.routewatch):
+    # every this many seconds (and at start), at most route_recheck_batch routes per pass.
+    route_recheck_interval: float = 300.0
+    route_recheck_batch: int = 50
     device_networks: list[str] = field(
         default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.0/8", "::1/128"]
     )
@@ -329,6 +333,10 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
     ):
         if getattr(config.edge, name) <= 0:
             raise ConfigError(f"edge.{name} must be positive")
+    if not 10.0 <= config.edge.route_recheck_interval <= 86400.0:  # also refuses nan
+        raise ConfigError("edge.route_recheck_interval must be between 10 and 86400 seconds")
+    if not 1 <= config.edge.route_recheck_batch <= 10_000:
+        raise ConfigError("edge.route_recheck_batch must be between 1 and 10000")
     if config.edge.mx_proxy_timeout <= 0:
         raise ConfigError("edge.mx_proxy_timeout must be positive")
     if not 1 <= config.edge.mx_processes <= 64:

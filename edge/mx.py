@@ -1,7 +1,8 @@
 """The MX session policy: which recipients the edge accepts, the checks, and the spooling.
 
 A recipient is accepted only when the store routes it (550 5.1.1 at RCPT otherwise, so the
-edge never accepts mail it would have to bounce). The check pipeline (`edge.checks`) runs
+edge never accepts mail it would have to bounce; 450 4.4.4 while its domain's verified route
+is on its way to active, so senders retry). The check pipeline (`edge.checks`) runs
 at connect, MAIL FROM, RCPT TO and after DATA; its refusals come back as `SMTPReplyError`s
 for the SMTP server's one funnel. While the header section streams in, every incoming
 header that claims the edge's authserv-id and every `X-Tailpost-*` header is dropped. An
@@ -208,12 +209,16 @@ class MXHandler:
         authserv_id: str | None = None,
         lookup: Callable[..., defer.Deferred[Any]] | None = None,
         commit: Commit | None = None,
+        awaiting: Callable[[str], bool] | None = None,
     ) -> None:
-        """`resolve` and `account_of` are blocking store lookups, called through `lookup`
-        (`lookup(fn, *args)`, a Deferred): a cached-or-load runner such as
-        `CachedLookups.cached_or_load`, or by default `run_blocking`."""
+        """`resolve`, `account_of` and `awaiting` are blocking store lookups, called through
+        `lookup` (`lookup(fn, *args)`, a Deferred): a cached-or-load runner such as
+        `CachedLookups.cached_or_load`, or by default `run_blocking`. `awaiting` tells a
+        recipient nobody takes whose refusal is only temporary
+        (`edge.routing.RecipientResolver.awaiting`)."""
         self.discard = discard
         self.resolve = resolve
+        self.awaiting = awaiting
         self.spool = spool
         self.hostname = hostname
         self.clock = clock
@@ -252,12 +257,22 @@ class MXHandler:
 
     def _routed(self, target: RecipientTarget | None, recipient: Path) -> Any:
         if target is None:
-            raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
+            if self.awaiting is None:
+                return self._refuse(False, recipient)
+            return then(self.lookup(self.awaiting, recipient.address), self._refuse, recipient)
         if self.checks is None or self.tx is None:
             return None
         if self.account_of is None:
             return self._check_recipient(None, recipient)
         return then(self.lookup(self.account_of, target), self._check_recipient, recipient)
+
+    @staticmethod
+    def _refuse(awaiting: bool, recipient: Path) -> Any:
+        """550 5.1.1; 450 4.4.4 while the domain's verified route is not active yet."""
+        if awaiting:
+            why = f"the route of {recipient.address} is not active yet"
+            raise SMTPReplyError(replies.S450_ROUTE_NOT_ACTIVE, why)
+        raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
 
     def _check_recipient(self, account: str | None, recipient: Path) -> Any:
         assert self.checks is not None and self.tx is not None

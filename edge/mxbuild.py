@@ -86,6 +86,7 @@ def build_mx_factory(
         lookups.cached_or_load,
         committer.commit,
     )
+    awaiting = resolve.awaiting
     discard = config.edge.accept_mode == "discard"
     authserv = authserv_id(config)
 
@@ -103,6 +104,7 @@ def build_mx_factory(
             authserv_id=authserv,
             lookup=lookup,
             commit=commit,
+            awaiting=awaiting,
         )
 
     smtp = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls, counts)

@@ -260,7 +260,9 @@ class RecipientResolver:
     operator's address goes. The bare `postmaster` (RFC 5321 §4.1.1.3) goes there too, or,
     with no operator address configured, where `postmaster@` of the managed domain or of
     the edge's host name goes. The operator's address must reach a device (an upstream
-    host would be asked for an address of another domain). Anything else is None: 550.
+    host would be asked for an address of another domain). Anything else is None: 550,
+    unless `awaiting` says the recipient is refused only until its domain's verified route
+    becomes active (`edge.store.resolve.awaiting_route`): then the refusal is temporary.
 
     Made only of the store lookups passed in, so `CachedLookups.peek` can run it.
     """
@@ -270,10 +272,20 @@ class RecipientResolver:
         resolve: Callable[[str], RecipientTarget | None],
         routed_domain: Callable[[str], bool] | None = None,
         postmaster: Postmaster | None = None,
+        awaiting: Callable[[str], bool] | None = None,
     ) -> None:
         self.resolve = resolve
         self.routed_domain = routed_domain
         self.postmaster = postmaster or Postmaster()
+        self._awaiting = awaiting
+
+    def awaiting(self, address: str) -> bool:
+        """Whether `address`, which nobody takes now (`self(address)` is None), is refused
+        only until its domain's route becomes active; False without the lookup. Never a
+        reason to accept: only to make the refusal temporary."""
+        if self._awaiting is None or "@" not in address:
+            return False
+        return self._awaiting(address)
 
     def __call__(self, address: str) -> RecipientTarget | None:
         local, at, domain = address.rpartition("@")
@@ -321,7 +333,10 @@ class RecipientResolver:
 def recipient_resolver(lookups: CachedLookups, config: Config) -> RecipientResolver:
     """The one recipient rule of an edge (its MX and its delivery queue), over its cache."""
     return RecipientResolver(
-        lookups.resolve_recipient, lookups.routed_domain, Postmaster.from_config(config)
+        lookups.resolve_recipient,
+        lookups.routed_domain,
+        Postmaster.from_config(config),
+        lookups.awaiting_route,
     )
 
 

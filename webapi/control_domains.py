@@ -4,9 +4,11 @@ Each method is blocking (DNS lookups through the injected resolver, STARTTLS pro
 key generation, SQL) and is run in a thread by `webapi.control`. The ownership TXT record,
 looked up through the edge's resolver, is the only proof of a domain here: finding it makes
 the caller's claim the domain's route and drops everyone else's (`edge.store.claims`). A
-route only ever moves forward through its stages here (pending_dns -> ready -> active), and
-only once verified; a disabled route is left alone. This module must never delete or
-overwrite a route's saved previous MX with nothing.
+route only ever moves forward through its stages (pending_dns -> ready -> active), and only
+once verified; a disabled route is left alone: the check and the move are
+`edge.routecheck.RouteChecker`'s, which the edge's periodic re-check (`edge.routewatch`)
+uses too. This module must never delete or overwrite a route's saved previous MX with
+nothing.
 """
 
 from __future__ import annotations
@@ -14,19 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 from edge.dns import DNSTemporaryError
-from edge.dnsscan import generate_dkim_keys, route_status
+from edge.dnsscan import generate_dkim_keys
+from edge.routecheck import RouteChecker
 from edge.store import Conflict, EmailRoute, NotFound
 from edge.store.access import RouteSetup
 from edge.store.records import isoformat
 from webapi import v1_models as m
-from webapi.control_ops import (
-    _STAGE,
-    _STATUS_ORDER,
-    ControlOps,
-    Principal,
-    _err,
-    dns_unavailable,
-)
+from webapi.control_ops import ControlOps, Principal, _err, dns_unavailable
+from webapi.errors import APIError
 
 __all__ = ["DomainOps"]
 
@@ -37,6 +34,22 @@ class DomainOps:
         self.store = ops.store
         self.access = ops.access
         self.inspector = ops.inspector
+        self.checker = RouteChecker(
+            ops.store,
+            ops.access,
+            ops.inspector,
+            edge_mx_target=ops.settings.edge_mx_target,
+            spf_mechanism=ops.settings.spf_mechanism,
+            now=ops.now,
+        )
+
+    def _taken(self, route: EmailRoute) -> APIError:
+        return _err(
+            409,
+            "domain_taken",
+            f"{route.domain} is verified for another account",
+            "use_another_domain",
+        )
 
     def _mark(
         self, p: Principal, route: EmailRoute, *, ownership: bool, prepared: bool = False
@@ -48,12 +61,7 @@ class DomainOps:
                 route.id, ownership=ownership, prepared=prepared, actor=p.scope
             )
         except (Conflict, NotFound):
-            raise _err(
-                409,
-                "domain_taken",
-                f"{route.domain} is verified for another account",
-                "use_another_domain",
-            ) from None
+            raise self._taken(route) from None
 
     def _ownership(self, route: EmailRoute, status: str) -> dict[str, Any]:
         return {**route.ownership_dns_record(), "status": status}
@@ -232,23 +240,8 @@ class DomainOps:
         self, p: Principal, route: EmailRoute, edge: str, prepared: bool = False
     ) -> tuple[EmailRoute, list[dict[str, Any]]]:
         """Check every record live and move the route forward as they appear."""
-        keys = [
-            (k.selector, k.algorithm, k.public_key) for k in self.access.dkim_keys(route.domain)
-        ]
-        records = self.inspector.records(
-            route.domain,
-            edge,
-            keys,
-            (route.ownership_txt_host, route.ownership_txt_value),
-            self.ops.settings.spf_mechanism,
-        )
-        owned = any(r["category"] == "ownership" and r["status"] == "ok" for r in records)
-        self._mark(p, route, ownership=owned, prepared=prepared)
-        status = route_status(records)
-        current = _STATUS_ORDER.get(route.status)
-        verified = owned or route.verified
-        if verified and current is not None and _STATUS_ORDER[status] > current:
-            route = self.store.update_route(route.id, status=status, setup_stage=_STAGE[status])
-        elif current == 0 and route.setup_stage != _STAGE["pending_dns"]:
-            route = self.store.update_route(route.id, setup_stage=_STAGE["pending_dns"])
-        return route, records
+        try:
+            checked = self.checker.check(route, p.scope, edge=edge, prepared=prepared)
+        except (Conflict, NotFound):
+            raise self._taken(route) from None
+        return checked.route, checked.records

@@ -35,8 +35,6 @@ __all__ = ["ControlOps", "Principal", "Settings", "namespace_of"]
 
 ADMIN = "admin"
 log = Logger(namespace="tailpost.control")
-_STATUS_ORDER = {"pending_dns": 0, "ready": 1, "active": 2}
-_STAGE = {"pending_dns": "ready_for_dns", "ready": "awaiting_mx", "active": "active"}
 
 
 @dataclass(frozen=True)

@@ -267,6 +267,9 @@ class RouteOut(Response):
     authoritative_hosts: list[RouteHostOut]
     ownership_verified: bool
     claim_expires_at: str | None
+    last_checked_at: str | None = Field(
+        description="When the edge last looked up the domain's DNS records (null: never)"
+    )
     created_at: str | None
     updated_at: str | None
 

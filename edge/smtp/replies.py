@@ -86,6 +86,16 @@ S454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 S451_POLICY_TEMP = Reply(451, "4.7.1", "Temporary policy failure, try again later")
 S451_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
 S451_CHECK_TIMEOUT = Reply(451, "4.4.5", "Timed out checking the message, try again later")
+# A recipient of a domain whose owner proved it but whose route the edge has not seen become
+# active yet (its DNS records are still appearing): refused only for now, so senders retry and
+# the mail arrives once the route is active. 450 is RFC 5321's "mailbox unavailable" for a
+# condition that passes. RFC 3463 X.4.4 "Unable to route" names what is missing: the routing
+# information for the next hop, usable for "persistent transient errors". Not X.2.x (it would
+# say the mailbox exists, which nobody knows yet), not X.7.1 (that is about the sender's
+# authorization) and not X.3.0 (nothing failed on the edge).
+S450_ROUTE_NOT_ACTIVE = Reply(
+    450, "4.4.4", "Mail for this domain is not accepted yet, try again later"
+)
 # 5xx
 S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")

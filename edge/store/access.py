@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, text
 
 from edge.store import claims
+from edge.store import routes as _routes
 from edge.store.errors import Conflict, NotFound
 from edge.store.ids import new_id
 from edge.store.models import (
@@ -35,7 +36,7 @@ from edge.store.models import (
     RouteSetupRow,
     utcnow,
 )
-from edge.store.records import Device
+from edge.store.records import Device, EmailRoute
 from edge.store.store import Store
 from edge.store.validate import check_smtp_addr, optional_text, required_text
 from edge.tls import is_pin
@@ -470,6 +471,27 @@ class AccessStore:
             if row is None:
                 return RouteSetup(route_id)
             return RouteSetup(route_id, row.ownership_verified_at, row.prepared_at, row.checked_at)
+
+    def routes_to_check(self, limit: int, checked_before: datetime) -> list[EmailRoute]:
+        """At most ``limit`` routes on their way to ``active``: verified, prepared (their DKIM
+        keys made), in ``pending_dns`` or ``ready``, and not checked since ``checked_before``;
+        the longest unchecked first. Claims and disabled routes are never among them. The
+        records carry the route's own connector address only (not its device's)."""
+        query = (
+            select(EmailRouteRow, RouteSetupRow.checked_at)
+            .join(RouteSetupRow, RouteSetupRow.route_id == EmailRouteRow.id)
+            .where(
+                EmailRouteRow.verified_at.is_not(None),
+                EmailRouteRow.status.in_(_routes.PROGRESS[:-1]),
+                RouteSetupRow.prepared_at.is_not(None),
+                RouteSetupRow.checked_at.is_(None) | (RouteSetupRow.checked_at < checked_before),
+            )
+            .order_by(RouteSetupRow.checked_at.asc().nulls_first(), EmailRouteRow.id)
+            .limit(max(0, limit))
+        )
+        with self.store._read() as session:
+            rows = session.execute(query).all()
+            return [EmailRoute.from_row(row, "", checked) for row, checked in rows]
 
     def mark_route(
         self, route_id: str, *, ownership: bool = False, prepared: bool = False, actor: str = ""

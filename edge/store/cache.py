@@ -105,6 +105,12 @@ class CachedLookups:
         )
         return found
 
+    def awaiting_route(self, address: str) -> bool:
+        awaiting: bool = self._get(
+            ("awaiting", address.lower()), lambda: self.store.awaiting_route(address)
+        )
+        return awaiting
+
     def routed_domain(self, domain: str) -> bool:
         routed: bool = self._get(
             ("domain", domain.lower()), lambda: self.store.routed_domain(domain)

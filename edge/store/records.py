@@ -198,6 +198,8 @@ class EmailRoute:
     updated_at: datetime
     verified_at: datetime | None = None
     claim_expires_at: datetime | None = None
+    last_checked_at: datetime | None = None
+    """When the edge last looked up the route's DNS records (an API call or its re-check)."""
 
     @property
     def verified(self) -> bool:
@@ -205,8 +207,14 @@ class EmailRoute:
         return self.verified_at is not None
 
     @classmethod
-    def from_row(cls, row: EmailRouteRow, device_smtp_addr: str = "") -> EmailRoute:
-        """``device_smtp_addr`` stands in when the route has no address of its own."""
+    def from_row(
+        cls,
+        row: EmailRouteRow,
+        device_smtp_addr: str = "",
+        last_checked_at: datetime | None = None,
+    ) -> EmailRoute:
+        """``device_smtp_addr`` stands in when the route has no address of its own;
+        ``last_checked_at`` is the route setup's ``checked_at``."""
         return cls(
             id=row.id,
             account_id=row.account_id,
@@ -227,6 +235,7 @@ class EmailRoute:
             updated_at=row.updated_at,
             verified_at=row.verified_at,
             claim_expires_at=row.claim_expires_at,
+            last_checked_at=last_checked_at,
         )
 
     @property
@@ -266,6 +275,7 @@ class EmailRoute:
             "authoritative_hosts": copy.deepcopy(self.authoritative_hosts),
             "ownership_verified": self.verified,
             "claim_expires_at": isoformat(self.claim_expires_at),
+            "last_checked_at": isoformat(self.last_checked_at),
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
         }

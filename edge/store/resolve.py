@@ -19,6 +19,13 @@ Called by the SMTP server at RCPT TO through ``Store.resolve_recipient``. The ru
 Only a verified route takes mail: a claim (``edge.store.claims``) or a route still in
 ``pending_dns`` or ``ready`` never does, whatever its delivery mode.
 
+``awaiting_route`` tells the one case apart where a refusal is only for now: the address
+would be taken by the rules above if its domain's verified route, now in ``pending_dns`` or
+``ready``, were ``active`` (its owner proved the domain and the edge is waiting to see its
+DNS records). The MX answers such a recipient with a temporary refusal, so senders retry
+until the edge's re-check (``edge.routewatch``) makes the route active. A claim, a disabled
+route or an address nobody would take never counts.
+
 Domains compare case-insensitively and local parts are lower-cased; plus-addresses are not
 stripped. This module must never raise on malformed input, never write to the database, and
 never do DNS lookups.
@@ -27,6 +34,7 @@ never do DNS lookups.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,10 +46,16 @@ from edge.store.validate import split_address
 ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
 """Local parts every mail domain must accept (RFC 5321 §4.5.1, RFC 2142)."""
 ROUTE_TAKES_MAIL = "active"
+ROUTE_ON_ITS_WAY = frozenset({"pending_dns", "ready"})
+"""States of a verified route that the edge's DNS checks move on to ``active``."""
 
 
 def _takes_mail(route: EmailRouteRow | None) -> bool:
     return route is not None and route.verified_at is not None and route.status == ROUTE_TAKES_MAIL
+
+
+def _on_its_way(route: EmailRouteRow | None) -> bool:
+    return route is not None and route.verified_at is not None and route.status in ROUTE_ON_ITS_WAY
 
 
 def _device_target(
@@ -64,6 +78,21 @@ def _device_target(
 
 def resolve_recipient(session: Session, address: object) -> RecipientTarget | None:
     """The target for ``address`` per the module's rules, or None (see module docstring)."""
+    return _resolve(session, address, _takes_mail)
+
+
+def awaiting_route(session: Session, address: object) -> bool:
+    """Whether ``address``, taken by nobody now, would be taken once its domain's verified
+    route (now ``pending_dns`` or ``ready``) is active (see module docstring)."""
+    if resolve_recipient(session, address) is not None:
+        return False
+    return _resolve(session, address, _on_its_way) is not None
+
+
+def _resolve(
+    session: Session, address: object, takes_mail: Callable[[EmailRouteRow | None], bool]
+) -> RecipientTarget | None:
+    """The module's rules, with ``takes_mail`` saying which routes take mail."""
     parts = split_address(address)
     if parts is None:
         return None
@@ -91,11 +120,11 @@ def resolve_recipient(session: Session, address: object) -> RecipientTarget | No
     ).first()
     if byod is not None:
         owner = session.get(EmailRouteRow, byod[0])
-        if owner is None or not _takes_mail(owner):
+        if owner is None or not takes_mail(owner):
             return None
         return _device_target(full, byod[1], owner.id)
 
-    if route is None or not _takes_mail(route):
+    if route is None or not takes_mail(route):
         return None
     if local in ROLE_LOCAL_PARTS and route.connector_id is not None:
         keeper = session.get(DeviceRow, route.connector_id)

@@ -3,12 +3,14 @@
 A route's ``connector_smtp_addr`` may be left empty: the route then follows its connector
 device's address, and the record shows that effective address. The ownership token is
 generated when not given. The domain and account of a route never change once created; who
-may hold a route for a domain is ``edge.store.claims``'s rule. This module must never open
-sessions or commit; the caller owns the transaction.
+may hold a route for a domain is ``edge.store.claims``'s rule. A verified route's state only
+moves forward along ``PROGRESS`` (``advance``), never back and never out of ``disabled``.
+This module must never open sessions or commit; the caller owns the transaction.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -23,6 +25,7 @@ from edge.store.models import (
     ROUTE_TYPES,
     DeviceRow,
     EmailRouteRow,
+    RouteSetupRow,
     utcnow,
 )
 from edge.store.records import EmailRoute
@@ -33,6 +36,11 @@ from edge.store.validate import (
     check_smtp_addr,
     normalize_domain,
 )
+
+PROGRESS = ("pending_dns", "ready", "active")
+"""The states a verified route moves through as the edge sees its DNS records, in order."""
+STAGE_OF = {"pending_dns": "ready_for_dns", "ready": "awaiting_mx", "active": "active"}
+"""The setup stage shown with each of those states."""
 
 ROUTE_FIELDS = frozenset(
     {
@@ -156,21 +164,47 @@ def apply(session: Session, row: EmailRouteRow, values: dict[str, Any]) -> None:
     session.flush()
 
 
+def advance(row: EmailRouteRow, status: str, now: datetime) -> str | None:
+    """Move ``row`` (read under the write lock) forward to ``status`` if it is a verified route
+    at an earlier state of ``PROGRESS``; returns the state it left, or None if it stays. A
+    route still in ``pending_dns`` gets that state's stage (claims too). Never moves a route
+    back, out of ``disabled``, or a claim."""
+    if status not in PROGRESS:
+        raise ValueError(f"status must be one of {', '.join(PROGRESS)}")
+    if row.status not in PROGRESS:
+        return None
+    if row.verified_at is not None and PROGRESS.index(status) > PROGRESS.index(row.status):
+        old = row.status
+        row.status = status
+        row.setup_stage = STAGE_OF[status]
+        row.updated_at = now
+        return old
+    if row.status == "pending_dns" and row.setup_stage != STAGE_OF["pending_dns"]:
+        row.setup_stage = STAGE_OF["pending_dns"]
+        row.updated_at = now
+    return None
+
+
 def record(session: Session, row: EmailRouteRow) -> EmailRoute:
     """The record for ``row``, with the connector device's address filled in if empty."""
     device_addr = ""
     if not row.connector_smtp_addr and row.connector_id is not None:
         device = session.get(DeviceRow, row.connector_id)
         device_addr = device.connector_smtp_addr if device is not None else ""
-    return EmailRoute.from_row(row, device_addr)
+    setup = session.get(RouteSetupRow, row.id)
+    return EmailRoute.from_row(row, device_addr, setup.checked_at if setup is not None else None)
 
 
 def list_records(session: Session, account_id: str | None) -> list[EmailRoute]:
     query = (
-        select(EmailRouteRow, DeviceRow.connector_smtp_addr)
+        select(EmailRouteRow, DeviceRow.connector_smtp_addr, RouteSetupRow.checked_at)
         .outerjoin(DeviceRow, DeviceRow.id == EmailRouteRow.connector_id)
+        .outerjoin(RouteSetupRow, RouteSetupRow.route_id == EmailRouteRow.id)
         .order_by(EmailRouteRow.created_at, EmailRouteRow.id)
     )
     if account_id is not None:
         query = query.where(EmailRouteRow.account_id == account_id)
-    return [EmailRoute.from_row(row, addr or "") for row, addr in session.execute(query)]
+    return [
+        EmailRoute.from_row(row, addr or "", checked)
+        for row, addr, checked in session.execute(query)
+    ]

@@ -50,6 +50,7 @@ from edge.store.records import (
     RecipientTarget,
     SpamRule,
 )
+from edge.store.resolve import awaiting_route as _awaiting_route
 from edge.store.resolve import resolve_recipient as _resolve
 from edge.store.resolve import routed_domain as _routed_domain
 from edge.store.validate import (
@@ -373,6 +374,27 @@ class Store:
             _routes.apply(session, row, values)
             return _routes.record(session, row)
 
+    def advance_route(
+        self, route_id: str, status: str, *, actor: str, now: datetime
+    ) -> tuple[EmailRoute, bool]:
+        """Move a verified route forward to ``status`` as its DNS records allow (see
+        ``edge.store.routes.advance``); returns the route as it is now and whether this call
+        moved it. The row is read under the write lock (``FOR UPDATE`` on PostgreSQL, the
+        database lock on SQLite), so when several edges check one route at once it moves
+        once, from the state it is really in, and only that move goes on the audit log."""
+        if not _is_key(route_id):
+            raise NotFound(f"no route {route_id!r}")
+        with self._write() as session:
+            row = session.get(EmailRouteRow, route_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no route {route_id!r}")
+            old = _routes.advance(row, status, now)
+            if old is not None:
+                detail = f"route {row.id}: {old} -> {status} (DNS records seen by the edge)"
+                _claims.audit(session, now, actor, "route_status", row.domain, detail)
+            session.flush()
+            return _routes.record(session, row), old is not None
+
     def record_event(
         self, actor: str, action: str, subject: str, detail: str, now: datetime
     ) -> None:
@@ -482,6 +504,12 @@ class Store:
         """Where mail for ``address`` goes (see edge.store.resolve); None if nobody takes it."""
         with self._read() as session:
             return _resolve(session, address)
+
+    def awaiting_route(self, address: str) -> bool:
+        """Whether ``address`` is refused only until its domain's verified route becomes
+        active (see edge.store.resolve): a temporary refusal, not a permanent one."""
+        with self._read() as session:
+            return _awaiting_route(session, address)
 
     def routed_domain(self, domain: str) -> bool:
         """Whether ``domain`` has a verified, active route (see edge.store.resolve)."""
