@@ -29,8 +29,8 @@ from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
 from edge.config import Config, ConfigError, parse_listen
-from edge.private import private_dir, private_file
-from edge.service import TCPListener
+from edge.runtime.private import private_dir, private_file
+from edge.runtime.service import TCPListener
 from edge.smtp.server import Limits, SMTPServerFactory
 from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo

@@ -22,7 +22,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from edge.control import (
+from edge.dns.resolver import DNSResolver
+from edge.runtime.controllistener import (
     Control,
     LazyResource,
     LazySite,
@@ -30,7 +31,6 @@ from edge.control import (
     build_control,
     load_admin_keys,
 )
-from edge.dns import DNSResolver
 from edge.store import Store, open_store
 from tests.test_control_support import make_config
 
@@ -236,7 +236,7 @@ def client():
     loaded.append(sorted(m for m in ("twisted.web.server", "klein") if m in sys.modules))
     url = "http://" + edge.control.listener.address
     loaded.append(urllib.request.urlopen(url + "/health", timeout=30).status)
-    heavy = ("klein", "werkzeug", "pydantic", "webapi.control", "edge.controlsite")
+    heavy = ("klein", "werkzeug", "pydantic", "webapi.control", "edge.runtime.controlsite")
     loaded.append(sorted(m for m in heavy if m in sys.modules))
     urllib.request.urlopen(url + "/v1/openapi.json", timeout=30).read()
     loaded.append(sorted(m for m in heavy if m in sys.modules))
@@ -251,4 +251,10 @@ print(json.dumps(loaded))
     )
     before, status, after_health, after_api = json.loads(done.stdout.strip().splitlines()[-1])
     assert before == [] and status == 200 and after_health == []
-    assert after_api == ["edge.controlsite", "klein", "pydantic", "webapi.control", "werkzeug"]
+    assert after_api == [
+        "edge.runtime.controlsite",
+        "klein",
+        "pydantic",
+        "webapi.control",
+        "werkzeug",
+    ]

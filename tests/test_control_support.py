@@ -15,7 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 
 from edge.config import Config
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from edge.store import Store, open_store
 from edge.store.keyring import StoreKeys
 from webapi.control import ControlAPI

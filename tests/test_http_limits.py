@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from edge.control import Control, admin_key_path, build_control, load_admin_keys
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
+from edge.runtime.controllistener import Control, admin_key_path, build_control, load_admin_keys
 from edge.store import open_store
 from edge.store.keyring import StoreKeys
 from tests.test_control_support import ADMIN, make_config

@@ -27,8 +27,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from edge.config import Config
-from edge.dns import DNSResolver
-from edge.dnsscan import DomainInspector
+from edge.dns.resolver import DNSResolver
+from edge.domains.scan import DomainInspector
 from edge.store import Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore

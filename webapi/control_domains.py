@@ -6,7 +6,7 @@ looked up through the edge's resolver, is the only proof of a domain here: findi
 the caller's claim the domain's route and drops everyone else's (`edge.store.claims`). A
 route only ever moves forward through its stages (pending_dns -> ready -> active), and only
 once verified; a disabled route is left alone: the check and the move are
-`edge.routecheck.RouteChecker`'s, which the edge's periodic re-check (`edge.routewatch`)
+`edge.domains.routecheck.RouteChecker`'s, which the edge's periodic re-check (`edge.domains.routewatch`)
 uses too. This module must never delete or overwrite a route's saved previous MX with
 nothing.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge.dns import DNSTemporaryError
-from edge.dnsscan import generate_dkim_keys
-from edge.routecheck import RouteChecker
+from edge.dns.resolver import DNSTemporaryError
+from edge.domains.routecheck import RouteChecker
+from edge.domains.scan import generate_dkim_keys
 from edge.store import Conflict, EmailRoute, NotFound
 from edge.store.access import RouteSetup
 from edge.store.records import isoformat

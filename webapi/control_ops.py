@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from twisted.logger import Logger
 
-from edge.dns import DNSTemporaryError
-from edge.dnsscan import DomainInspector
+from edge.dns.resolver import DNSTemporaryError
+from edge.domains.scan import DomainInspector
 from edge.store import Conflict, Device, EmailRoute, Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.claims import ClaimLimit

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edge.config import parse_listen
-from edge.dns import DNSTemporaryError
+from edge.dns.resolver import DNSTemporaryError
 
 __all__ = ["ConnectorPolicy", "parse_networks"]
 

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from edge.queueops import STATES, Filters, QueueControl, QueueError
+from edge.delivery.queueops import STATES, Filters, QueueControl, QueueError
 from edge.store.events import DeliveryEvents
 from edge.store.models import DELIVERY_EVENTS
 from webapi.errors import APIError, bad_parameter, failure_reply, json_reply

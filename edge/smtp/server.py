@@ -35,6 +35,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from edge.auththrottle import AuthThrottle
+from edge.runtime.nowlater import is_deferred, now, then
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.conncount import LocalCounts, network_of
@@ -42,7 +43,6 @@ from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
 from edge.smtp.trace import helo_ok
-from edge.soon import is_deferred, now, then
 
 log = Logger()
 
@@ -357,7 +357,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         return self._settle(fn(*args), self.limits.handler_timeout)
 
     def _settle(self, result: Any, timeout: float) -> Any:
-        """A handler's or sink's answer as a value when it has one now (`edge.soon.now`),
+        """A handler's or sink's answer as a value when it has one now (`edge.runtime.nowlater.now`),
         else the Deferred, cancelled (a 451) if it has not fired after `timeout` seconds."""
         result = now(result)
         if is_deferred(result):

@@ -2,7 +2,7 @@
 
 `SpoolWriter` takes one message's data as it is received (in memory up to `SPILL_SIZE`,
 beyond that in `tmp/<qid>.data`); `Envelope` is what the queue needs to deliver it;
-`SpoolEntry` is where a committed message lives in the spool (`edge.spool`) and what is
+`SpoolEntry` is where a committed message lives in the spool (`edge.spool.spool`) and what is
 known of its recipients. Nothing here knows about segments or syncing.
 """
 

@@ -4,7 +4,7 @@ Twisted resolves a host name given to `connectTCP`, an endpoint or an HTTP agent
 system's resolver (`getaddrinfo` in a thread) unless the reactor is given another. The edge
 installs `ConfiguredNameResolver` on its reactor at start, so that every name any part of
 the process connects to (an Rspamd URL, the device's edge URL, a name a delivery target
-still carries) is looked up through `edge.dns.DNSResolver`: the nameservers and port of
+still carries) is looked up through `edge.dns.resolver.DNSResolver`: the nameservers and port of
 `[dns]`, with its cache and timeouts. A name that has no address resolves to nothing (the
 connection fails as for an unknown host); a DNS failure does the same and is logged.
 
@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from edge.dns import DNSResolver, DNSTemporaryError
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
 
 log = Logger()
 

@@ -19,8 +19,8 @@ import urllib.request
 from typing import Any, TextIO
 
 from edge.config import Config
-from edge.control import admin_key_path, load_admin_keys
-from edge.queueops import STATES
+from edge.delivery.queueops import STATES
+from edge.runtime.controllistener import admin_key_path, load_admin_keys
 
 ACTIONS = ("show", "retry", "hold", "release", "delete", "bounce")
 

@@ -3,10 +3,10 @@
     tailpost [--config FILE] [--data-dir DIR] devices list [--json]
     tailpost devices approve CODE [--account ACCOUNT_ID]
     tailpost devices revoke DEVICE_ID
-    tailpost queue list|show|retry|hold|release|delete|bounce ...   (see edge.queuecli)
+    tailpost queue list|show|retry|hold|release|delete|bounce ...   (see edge.delivery.queuecli)
 
 Each command group is a function that adds its argparse subparser and sets a handler
-(`add_devices` here, `add_queue` in edge.queuecli); `_groups` lists them. Handlers get the parsed arguments,
+(`add_devices` here, `add_queue` in edge.delivery.queuecli); `_groups` lists them. Handlers get the parsed arguments,
 the loaded configuration and an output stream, and return the exit status. This module must
 never print a key or secret, and never change anything a command was not asked to change.
 """
@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from edge.config import Config, ConfigError, load_config
-from edge.queuecli import add_queue
+from edge.delivery.queuecli import add_queue
+from edge.runtime.storeopen import open_configured_store
 from edge.store import Conflict, NotFound
 from edge.store.access import AccessStore
-from edge.storeopen import open_configured_store
 
 __all__ = ["build_parser", "main"]
 

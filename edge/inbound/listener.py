@@ -1,6 +1,6 @@
 """The MX listener's factory: the SMTP server, its session policy, the checks and the spool.
 
-Built the same way in the edge process and in each acceptor process (`edge.acceptor`), from
+Built the same way in the edge process and in each acceptor process (`edge.inbound.acceptor`), from
 the parts passed in. Nothing here listens or starts anything.
 """
 
@@ -12,18 +12,18 @@ from typing import Any
 from twisted.internet import threads
 
 from edge.checks import authserv_id, build_pipeline
-from edge.committer import Committer
 from edge.config import Config
-from edge.dns import DNSResolver
-from edge.mx import RECEIVED_HEADERS_ADDED, MXHandler
-from edge.routing import recipient_resolver
+from edge.delivery.routing import recipient_resolver
+from edge.dns.resolver import DNSResolver
+from edge.inbound.policy import RECEIVED_HEADERS_ADDED, MXHandler
 from edge.smtp.conncount import LocalCounts
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits, SMTPServerFactory
-from edge.spool import Envelope, Spool
+from edge.spool.committer import Committer
+from edge.spool.spool import Envelope, Spool
+from edge.spool.syncer import Syncer
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups
-from edge.syncer import Syncer
 
 
 def smtp_limits(config: Config) -> Limits:

@@ -1,7 +1,7 @@
 """The edge's own re-check of domains on their way to active, so no API call is needed.
 
 A verified route moves pending_dns -> ready -> active as the edge sees its DNS records
-(`edge.routecheck`). `RouteWatch`, a service of the edge, looks by itself: at start and
+(`edge.domains.routecheck`). `RouteWatch`, a service of the edge, looks by itself: at start and
 every `[edge] route_recheck_interval` seconds it takes at most `[edge] route_recheck_batch`
 routes that are verified, prepared (their DKIM keys made) and in pending_dns or ready, those
 unchecked for longest first, skipping any checked within the last half interval (by this
@@ -12,7 +12,7 @@ answers its recipients with a temporary refusal (`edge.store.resolve.awaiting_ro
 
 A pass runs in a worker thread (DNS and SQL), never on the reactor thread, and passes never
 overlap. A route whose lookup fails stays as it was; the failure is logged through
-`edge.quieter` (once per domain and hour, then a count), and the route goes after the
+`edge.runtime.logthrottle` (once per domain and hour, then a count), and the route goes after the
 others in the next pass, so domains with broken DNS never crowd out the rest. One route's
 failure never stops the others. Several edges sharing a database may all run this: the store
 moves a route compare-and-set (`Store.advance_route`), so it moves once and is put on the
@@ -36,10 +36,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edge.config import Config
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.dnsscan import DomainInspector
-from edge.quieter import Quieter
-from edge.routecheck import RouteChecker
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.domains.routecheck import RouteChecker
+from edge.domains.scan import DomainInspector
+from edge.runtime.logthrottle import Quieter
 from edge.store import Conflict, NotFound, Store
 from edge.store.access import AccessStore
 

@@ -1,11 +1,11 @@
 """The DNS check of a domain's route and the forward-only move of its state, in one place.
 
-`RouteChecker.check` looks up every record a BYOD domain needs (`edge.dnsscan`: the MX to the
+`RouteChecker.check` looks up every record a BYOD domain needs (`edge.domains.scan`: the MX to the
 edge, SPF, DKIM, DMARC, the ownership TXT), records the check and any ownership found
 (`AccessStore.mark_route`), and moves a verified route forward to the state the records
 allow (`Store.advance_route`: pending_dns -> ready -> active, never back, never out of
 disabled, once even when several edges check at the same time). The `/v1` onboarding calls
-(`webapi.control_domains`) and the edge's own periodic re-check (`edge.routewatch`) both use
+(`webapi.control_domains`) and the edge's own periodic re-check (`edge.domains.routewatch`) both use
 it, so a route moves by one rule whoever looks.
 
 It is blocking (DNS through the injected resolver, SQL): run it in a worker thread, never on
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from edge.dnsscan import DomainInspector, route_status
+from edge.domains.scan import DomainInspector, route_status
 from edge.store import EmailRoute, Store
 from edge.store.access import AccessStore, RouteSetup
 

@@ -7,7 +7,7 @@ and one fdatasync cover many messages, and no pool thread sits blocked waiting f
 which would starve the store lookups and delivery work that share the reactor's pool.
 
 With a `Syncer`, a small batch that fits in the current segment is written from the reactor
-thread into the page cache and made durable by the sync process (`edge.syncer`), so no
+thread into the page cache and made durable by the sync process (`edge.spool.syncer`), so no
 thread has to win the interpreter lock from a busy reactor on the way. When the current segment
 is full, the reactor seals it and goes on in the next one, made ahead. Any other batch (no
 next segment made yet, data spilled to disk, a large one) is written and synced in the
@@ -40,8 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from edge.spool import Envelope, Spool, SpoolWriter, Unsynced
-from edge.syncer import Syncer
+from edge.spool.spool import Envelope, Spool, SpoolWriter, Unsynced
+from edge.spool.syncer import Syncer
 
 log = Logger()
 

@@ -12,7 +12,7 @@ start that turns out not to fit is removed again. This module must never log a k
 from __future__ import annotations
 
 from edge.config import Config, ConfigError
-from edge.private import private_dir, private_file
+from edge.runtime.private import private_dir, private_file
 from edge.store import Store, open_store
 from edge.store.keyring import StoreKeyError, StoreKeys, load_keys, load_or_create_keys
 from edge.store.migrate import migrate_in_child

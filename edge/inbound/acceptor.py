@@ -1,7 +1,7 @@
 """Acceptor processes: more MX listeners on the same port, one per extra CPU.
 
 One Python process runs on one core. With `edge.mx_processes = N`, the edge process starts
-N-1 acceptor processes (`python -m edge.acceptor`). Each binds the MX port with SO_REUSEPORT
+N-1 acceptor processes (`python -m edge.inbound.acceptor`). Each binds the MX port with SO_REUSEPORT
 (the edge's own listener does too), so the kernel spreads connections over all of them, and
 each runs the whole inbound policy: SMTP, checks, store lookups, and the durable spool
 commit, into the edge's spool directory (each into segments of its own). Delivery stays in
@@ -39,10 +39,10 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from twisted.python.failure import Failure
 
 from edge.config import Config, config_from_json, config_to_json
-from edge.dispatch import direct_dispatch
-from edge.service import freeze_start_up
+from edge.runtime.reactordispatch import direct_dispatch
+from edge.runtime.service import freeze_start_up
 from edge.smtp.conncount import SharedCounts
-from edge.spool import Envelope, Spool, SpoolEntry
+from edge.spool.spool import Envelope, Spool, SpoolEntry
 
 log = Logger()
 
@@ -156,7 +156,11 @@ class AcceptorPool(Service):
         if self.counts is not None:
             fds[COUNTS_FD] = self.counts.fd
         self.reactor.spawnProcess(
-            proto, sys.executable, [sys.executable, "-m", "edge.acceptor"], env=env, childFDs=fds
+            proto,
+            sys.executable,
+            [sys.executable, "-m", "edge.inbound.acceptor"],
+            env=env,
+            childFDs=fds,
         )
         transport: Any = proto.transport
         transport.writeToChild(0, json.dumps(payload).encode())
@@ -284,12 +288,12 @@ def build_acceptor(
     counts: SharedCounts | None = None,
 ) -> Any:
     """The acceptor's service: the MX listener over the shared spool and store."""
-    from edge.dns import DNSResolver
-    from edge.mxbuild import build_mx_factory
-    from edge.namehosts import use_configured_names
-    from edge.service import TCPListener
+    from edge.dns.namehosts import use_configured_names
+    from edge.dns.resolver import DNSResolver
+    from edge.inbound.listener import build_mx_factory
+    from edge.runtime.service import TCPListener
+    from edge.runtime.storeopen import open_configured_store
     from edge.store.cache import CachedLookups
-    from edge.storeopen import open_configured_store
     from edge.tls import server_context
 
     store = open_configured_store(config, migrate=False, create_key=False)

@@ -1,6 +1,6 @@
 """Reading a spool directory back: each segment's messages, with what its log says of them.
 
-A segment (`<name>.seg`, the format in `edge.segments`; `<name>.batch` from earlier versions)
+A segment (`<name>.seg`, the format in `edge.spool.segments`; `<name>.batch` from earlier versions)
 holds batches of committed messages; its log (`<name>.log`) holds one JSON line per change:
 a recipient finished, held (with the reason) or released, delay warned. A torn last line of a log is ignored,
 and a segment is read up to its first batch that is not whole and valid. Nothing here
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from edge import segments
-from edge.spoolitems import Envelope, SpoolEntry
+from edge.spool import segments
+from edge.spool.items import Envelope, SpoolEntry
 
 log = Logger()
 

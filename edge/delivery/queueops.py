@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edge.delivery import DeliveryQueue
-from edge.dsn import RecipientStatus
+from edge.delivery.dsn import RecipientStatus
+from edge.delivery.queue import DeliveryQueue
 
 STATES = ("active", "held", "deferred", "queued")
 

@@ -70,9 +70,7 @@ from twisted.mail.smtp import SMTPConnectError, SMTPDeliveryError, TLSRequiredEr
 from twisted.python.failure import Failure
 
 from edge.checks.arc import ARCSealer
-from edge.routing import Target
-from edge.smtp import replies
-from edge.smtpsession import (
+from edge.delivery.clientsession import (
     QUIT_TIMEOUT,
     MailRefused,
     NeedsSMTPUTF8,
@@ -81,7 +79,9 @@ from edge.smtpsession import (
     SessionFactory,
     Transaction,
 )
-from edge.spool import QUEUE_ID_HEADER
+from edge.delivery.routing import Target
+from edge.smtp import replies
+from edge.spool.spool import QUEUE_ID_HEADER
 from edge.tls import PinnedClientTLS
 
 log = Logger()

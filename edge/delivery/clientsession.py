@@ -5,7 +5,7 @@ drives MAIL/RCPT/DATA itself, one transaction at a time, sending the data exactl
 (already dot-stuffed, CRLF) and collecting one reply per recipient. A transaction may carry
 a `prepare` step that makes the final data once the recipients are accepted, while the DATA
 command is under way (the deliverer's ARC seal), so that an attempt that ends earlier never
-pays for it. `edge.smtpclient` owns the pool of these sessions.
+pays for it. `edge.delivery.client` owns the pool of these sessions.
 
 The paths go out exactly as given (the deliverer brackets them, as received by the MX). The
 MAIL command carries `SMTPUTF8` when the transaction needs it (RFC 6531: UTF-8 paths or

@@ -7,7 +7,7 @@ temporary.
 
 Every host name on the way (an MX host, a split domain's old MX, a device connector given
 by name) is resolved here to its IPv4 and IPv6 addresses through the process's one
-configured resolver (`edge.dns.DNSResolver`, with its cache and timeouts), and the delivery
+configured resolver (`edge.dns.resolver.DNSResolver`, with its cache and timeouts), and the delivery
 client connects to those addresses: nothing on the delivery path ever asks the system
 resolver. The Target keeps each address's host name beside it for logs and error texts.
 
@@ -28,7 +28,7 @@ from typing import Any
 from twisted.internet import defer
 
 from edge.config import Config, ConfigError, parse_listen
-from edge.dns import DNSResolver, DNSTemporaryError
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups, NotCached
 from edge.store.resolve import ROLE_LOCAL_PARTS

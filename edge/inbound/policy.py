@@ -26,18 +26,18 @@ from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.checks.pipeline import DataOutcome
+from edge.runtime.nowlater import then
 from edge.smtp import replies, trace
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.server import Session
-from edge.soon import then
-from edge.spool import Envelope, Spool, SpoolWriter
+from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 
 log = Logger()
 
 Commit = Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
-"""Makes one message durable (`edge.committer.Committer.commit`, or the spool's own)."""
+"""Makes one message durable (`edge.spool.committer.Committer.commit`, or the spool's own)."""
 
 
 RECEIVED_HEADERS_ADDED = 1
@@ -215,7 +215,7 @@ class MXHandler:
         `lookup` (`lookup(fn, *args)`, a Deferred): a cached-or-load runner such as
         `CachedLookups.cached_or_load`, or by default `run_blocking`. `awaiting` tells a
         recipient nobody takes whose refusal is only temporary
-        (`edge.routing.RecipientResolver.awaiting`)."""
+        (`edge.delivery.routing.RecipientResolver.awaiting`)."""
         self.discard = discard
         self.resolve = resolve
         self.awaiting = awaiting

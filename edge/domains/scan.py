@@ -1,7 +1,7 @@
 """DNS work of domain onboarding: scanning a domain's mail setup, merging SPF, checking the
 records a user must publish, proving ownership, and making DKIM keys.
 
-Every lookup goes through the injected ``edge.dns.DNSResolver``; the STARTTLS probe of a
+Every lookup goes through the injected ``edge.dns.resolver.DNSResolver``; the STARTTLS probe of a
 domain's old MX hosts connects to addresses that resolver returned. The methods here are
 blocking (DNS, a TCP probe, RSA key generation): callers run them in a thread pool, never on
 the reactor thread. This module must never build its own resolver, write to the store, or
@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from edge.dns import DNSResolver, DNSTemporaryError
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
 
 __all__ = [
     "MAX_SPF_LOOKUPS",

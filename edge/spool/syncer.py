@@ -4,7 +4,7 @@ A thread that calls `fdatasync` for the reactor needs the interpreter lock befor
 and again after it, and while the reactor thread is busy (a loaded MX) each of those waits
 for the interpreter's switch interval: measured, 16 ms for a sync that takes 0.25 ms. So the
 reactor writes a batch into the segment itself (a `pwrite` into the page cache of a file
-made ahead, which changes no metadata) and asks `edge.synchild`, a small process with an
+made ahead, which changes no metadata) and asks `edge.spool.synchild`, a small process with an
 interpreter of its own, to `fdatasync` the file. Its answer arrives on a pipe like any other
 input. `fdatasync` works on the file, whichever descriptor it is called on.
 

@@ -3,7 +3,7 @@
 `build_control` makes the listener from the configuration: the admin key file (created on
 first start with one random key, mode 0600; one key per line, `#` comments allowed) and a
 root resource that answers `GET /health` and `GET /metrics` itself. Every other request goes
-to the full tree of `edge.controlsite` (the `ControlAPI` over the edge's store and resolver,
+to the full tree of `edge.runtime.controlsite` (the `ControlAPI` over the edge's store and resolver,
 the queue API and the operational endpoints as a Klein app), which is imported, in a thread,
 and built on the first request that needs it: an edge that is only monitored never holds the
 web framework and the API models in memory. The listener belongs on the tailnet or an admin
@@ -33,10 +33,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from edge.config import Config, ConfigError
-from edge.dns import DNSResolver
-from edge.eventlog import EventRecorder
-from edge.queueops import QueueControl
-from edge.service import TCPListener
+from edge.delivery.eventlog import EventRecorder
+from edge.delivery.queueops import QueueControl
+from edge.dns.resolver import DNSResolver
+from edge.runtime.service import TCPListener
 from edge.store import Store
 from edge.store.models import DELIVERY_EVENTS
 from webapi.replies import internal_error_reply, json_reply, set_common_headers
@@ -303,10 +303,10 @@ def build_control(
     keys = load_admin_keys(admin_key_path(config))
 
     def prepare() -> object:
-        return importlib.import_module("edge.controlsite")
+        return importlib.import_module("edge.runtime.controlsite")
 
     def build() -> IResource:
-        from edge.controlsite import build_root
+        from edge.runtime.controlsite import build_root
 
         root, control.api = build_root(
             config,

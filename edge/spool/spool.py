@@ -5,7 +5,7 @@ Layout under the spool root:
     tmp/<qid>.data    data being received, beyond 64 KiB (never acknowledged; removed on
                       start); smaller messages wait in memory until committed
     queue/<seg>.seg   a segment: committed messages, appended batch after batch to a file
-                      made ahead of need at a fixed size (the format: `edge.segments`)
+                      made ahead of need at a fixed size (the format: `edge.spool.segments`)
     queue/<seg>.log   append-only state of the segment's messages: recipients finished
                       (delivered, bounced, deleted), held (and why)/released, delay warned
 
@@ -21,9 +21,9 @@ On start, every segment found is sealed (a process appends only to segments it m
 is not in a whole, valid batch is discarded, and every message with an unfinished recipient
 is handed back for delivery. The blocking methods here must run in a thread pool, never in
 the reactor thread; `write_unsynced` and `synced` do not block (a small batch written into
-the page cache of the current segment, made durable by the caller: `edge.committer`).
+the page cache of the current segment, made durable by the caller: `edge.spool.committer`).
 What the spool keeps of each message (`Envelope`, `SpoolEntry`, `SpoolWriter`) is in
-`edge.spoolitems`; reading a spool directory back (segments and logs) is `edge.spoolscan`.
+`edge.spool.items`; reading a spool directory back (segments and logs) is `edge.spool.scan`.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
-from edge import segments
-from edge.private import private_dir
-from edge.segments import Segment
-from edge.spoolitems import QUEUE_ID_HEADER, Envelope, SpoolEntry, SpoolWriter, new_queue_id
-from edge.spoolscan import scan_queue, segment_path, segment_paths
+from edge.runtime.private import private_dir
+from edge.spool import segments
+from edge.spool.items import QUEUE_ID_HEADER, Envelope, SpoolEntry, SpoolWriter, new_queue_id
+from edge.spool.scan import scan_queue, segment_path, segment_paths
+from edge.spool.segments import Segment
 
 __all__ = [
     "INLINE_LIMIT",
@@ -91,7 +91,7 @@ class Spool:
 
     `on_commit`, when given, is called with each batch's segment name and entries once the
     batch is durable and before any of its commits returns; `on_seal` with a segment's name
-    once no more batches will go into it. An acceptor process (`edge.acceptor`) uses them to
+    once no more batches will go into it. An acceptor process (`edge.inbound.acceptor`) uses them to
     hand its batches to the process that delivers them, and keeps no index of its own
     (`index=False`); that process takes them in with `adopt` and `seal`.
     """
@@ -167,7 +167,7 @@ class Spool:
                 self.prepare()
 
     def commit_batch(self, items: list[tuple[SpoolWriter, Envelope]]) -> None:
-        """Make these messages durable as one batch (for `edge.committer`, which gathers
+        """Make these messages durable as one batch (for `edge.spool.committer`, which gathers
         them without a thread waiting per message). Blocking; never alongside `commit`'s
         own batches."""
         batch = _pending(items)
@@ -183,7 +183,7 @@ class Spool:
 
     def write_unsynced(self, items: list[tuple[SpoolWriter, Envelope]]) -> Unsynced | None:
         """Write a small batch into the current segment without waiting for the disk, for a
-        caller that makes the segment durable itself (`edge.syncer`) and then calls
+        caller that makes the segment durable itself (`edge.spool.syncer`) and then calls
         `synced`, or `undo` (blocking) if that failed. Until then no other batch is
         written. None, with nothing done, when the batch must take the blocking way
         (`commit_batch`): no current segment with room, data spilled to disk, or more than

@@ -1,7 +1,7 @@
 """The delivery queue: every spooled message to its targets, retried, bounced or expired.
 
 `DeliveryQueue` owns the schedule of the spool's messages. For each attempt it finds each
-pending recipient's target (`edge.routing.Router`: a device, a route's old MX, an MX),
+pending recipient's target (`edge.delivery.routing.Router`: a device, a route's old MX, an MX),
 groups recipients by target, hands each group to the deliverer, and records final outcomes
 in the spool. Temporary failures are retried on the configured schedule until the
 message's lifetime runs out; permanent failures and expiry bounce with an RFC 3464 DSN to
@@ -37,13 +37,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from edge import soon
-from edge.dns import DNSTemporaryError
-from edge.dsn import RecipientStatus, build_dsn, dsn_allowed
-from edge.quieter import Quieter
-from edge.routing import NoRoute, Target
-from edge.smtpclient import Outcome
-from edge.spool import QUEUE_ID_HEADER, Envelope, Spool
+from edge.delivery.client import Outcome
+from edge.delivery.dsn import RecipientStatus, build_dsn, dsn_allowed
+from edge.delivery.routing import NoRoute, Target
+from edge.dns.resolver import DNSTemporaryError
+from edge.runtime import nowlater as soon
+from edge.runtime.logthrottle import Quieter
+from edge.spool.spool import QUEUE_ID_HEADER, Envelope, Spool
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """The control listener's full resource tree: the `/v1` management API, the queue API behind
 the admin key, and a Klein app with `/health` and `/metrics` that answers every other path.
 
-`edge.control` imports this module, and builds the tree, on the first request that needs more
+`edge.runtime.controllistener` imports this module, and builds the tree, on the first request that needs more
 than `GET /health` or `GET /metrics`: the web framework and the API models are loaded then,
 not when the edge starts. This module must never log a key or run store queries on the reactor
 thread.
@@ -21,10 +21,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
 from edge.config import Config
-from edge.control import OpsReplies
-from edge.dns import DNSResolver
-from edge.eventlog import EventRecorder
-from edge.queueops import QueueControl
+from edge.delivery.eventlog import EventRecorder
+from edge.delivery.queueops import QueueControl
+from edge.dns.resolver import DNSResolver
+from edge.runtime.controllistener import OpsReplies
 from edge.store import Store
 from edge.store.events import DeliveryEvents
 from webapi.compose import PrefixDispatch
