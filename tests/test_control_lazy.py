@@ -236,7 +236,7 @@ def client():
     loaded.append(sorted(m for m in ("twisted.web.server", "klein") if m in sys.modules))
     url = "http://" + edge.control.listener.address
     loaded.append(urllib.request.urlopen(url + "/health", timeout=30).status)
-    heavy = ("klein", "werkzeug", "pydantic", "webapi.control", "edge.runtime.controlsite")
+    heavy = ("klein", "werkzeug", "pydantic", "webapi.v1.app", "edge.runtime.controlsite")
     loaded.append(sorted(m for m in heavy if m in sys.modules))
     urllib.request.urlopen(url + "/v1/openapi.json", timeout=30).read()
     loaded.append(sorted(m for m in heavy if m in sys.modules))
@@ -255,6 +255,6 @@ print(json.dumps(loaded))
         "edge.runtime.controlsite",
         "klein",
         "pydantic",
-        "webapi.control",
+        "webapi.v1.app",
         "werkzeug",
     ]

@@ -17,7 +17,7 @@ from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import NoRoute, Target
 from edge.spool.spool import Envelope, Spool
-from webapi.queue_api import QueueAPI
+from webapi.v1.queue import QueueAPI
 
 
 def sync(fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:

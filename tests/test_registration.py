@@ -29,8 +29,8 @@ from edge.runtime.storeopen import open_configured_store
 from edge.store import Store
 from tests.test_control_support import ADMIN, make_config
 from webapi.compose import PrefixDispatch
-from webapi.control import ControlAPI
-from webapi.passthrough import device_root
+from webapi.local.passthrough import device_root
+from webapi.v1.app import ControlAPI
 
 TOKEN = "tplocal_test-token"
 

@@ -5,7 +5,7 @@ edge, SPF, DKIM, DMARC, the ownership TXT), records the check and any ownership 
 (`AccessStore.mark_route`), and moves a verified route forward to the state the records
 allow (`Store.advance_route`: pending_dns -> ready -> active, never back, never out of
 disabled, once even when several edges check at the same time). The `/v1` onboarding calls
-(`webapi.control_domains`) and the edge's own periodic re-check (`edge.domains.routewatch`) both use
+(`webapi.v1.domains`) and the edge's own periodic re-check (`edge.domains.routewatch`) both use
 it, so a route moves by one rule whoever looks.
 
 It is blocking (DNS through the injected resolver, SQL): run it in a worker thread, never on

@@ -44,7 +44,7 @@ from webapi.replies import internal_error_reply, json_reply, set_common_headers
 if TYPE_CHECKING:
     from twisted.web.server import Site
 
-    from webapi.control import ControlAPI
+    from webapi.v1.app import ControlAPI
 
 __all__ = [
     "Control",

@@ -28,9 +28,9 @@ from edge.runtime.controllistener import OpsReplies
 from edge.store import Store
 from edge.store.events import DeliveryEvents
 from webapi.compose import PrefixDispatch
-from webapi.control import ControlAPI
 from webapi.errors import APIError, error_reply, failure_reply
-from webapi.queue_api import QueueAPI
+from webapi.v1.app import ControlAPI
+from webapi.v1.queue import QueueAPI
 
 __all__ = ["AdminOnly", "OpsEndpoints", "build_root"]
 

@@ -96,7 +96,7 @@ async def edge_call(
 
 def rule_body(kind: str, value: str, source_id: str) -> dict[str, Any]:
     """The `/v1/mail/spam-rules` body blocking `value`: a sender address or a domain (which
-    one is `webapi.spamblock`'s choice)."""
+    one is `webapi.local.spamblock`'s choice)."""
     if kind not in ("sender", "domain"):
         raise ValueError(f"no such rule kind: {kind!r}")
     return {

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from connector.events import InboundEvent, InboundEvents
 from webapi.errors import bad_parameter, set_common_headers
-from webapi.localmail import Links
+from webapi.local.mail import Links
 
 __all__ = ["EventStream", "event_item", "last_event_id"]
 

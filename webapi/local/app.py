@@ -1,7 +1,7 @@
 """The device's loopback HTTP API (`/localapi/v0/...`): its mail, its status, its events.
 
 A Klein app whose state lives on a `LocalAPI` instance; routes are thin: they validate
-(`webapi.localmodels`), run the Maildir work in a thread (`webapi.localmail`), and shape the
+(`webapi.local.models`), run the Maildir work in a thread (`webapi.local.mail`), and shape the
 reply. Every request passes the `RequestGuard` (loopback Host, token) before a route runs;
 every error leaves through `webapi.errors`. Changes made here are announced through
 `on_change` so IMAP clients in IDLE hear of them at once. This module must never build a
@@ -28,16 +28,16 @@ from connector.events import InboundEvents, iso_time
 from connector.mailservice import LinkState, MailService
 from maildir import Maildir, MessageNotFound
 from maildir.message import AttachmentInfo, from_address, read_header
-from webapi import localmodels as m
-from webapi.auth import RequestGuard
-from webapi.device_api import DeviceInfo, autoconfig_xml, client_config, pick_address, status_body
-from webapi.downloads import content_disposition, served_content_type
 from webapi.errors import APIError, failure_reply, json_reply, set_common_headers
-from webapi.events_api import EventStream, event_item, last_event_id
-from webapi.local_openapi import local_document
-from webapi.localmail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
-from webapi.spam_api import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
-from webapi.spamblock import BlockChoice, SenderBlocker
+from webapi.local import models as m
+from webapi.local.auth import RequestGuard
+from webapi.local.device import DeviceInfo, autoconfig_xml, client_config, pick_address, status_body
+from webapi.local.downloads import content_disposition, served_content_type
+from webapi.local.events import EventStream, event_item, last_event_id
+from webapi.local.mail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
+from webapi.local.openapi import local_document
+from webapi.local.spam import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
+from webapi.local.spamblock import BlockChoice, SenderBlocker
 
 __all__ = ["MAX_BODY", "LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
 
@@ -323,7 +323,7 @@ class LocalAPI:
     async def _block_sender(
         self, moved: Resolved, block_domain: bool, warnings: list[str]
     ) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
-        """Ask the edge for the block rule `webapi.spamblock` chooses: the rule the edge
+        """Ask the edge for the block rule `webapi.local.spamblock` chooses: the rule the edge
         made and what it blocks, or (None, None) with the reason among `warnings`."""
         sender = from_address(moved.data)
         if not sender:

@@ -33,8 +33,8 @@ from maildir.message import (
     summarize,
 )
 from maildir.verdict import parse_verdict
-from webapi.localmodels import MAX_LIMIT, QUEUE_ID, ListQuery
-from webapi.risk import assess_attachment, assess_message
+from webapi.local.models import MAX_LIMIT, QUEUE_ID, ListQuery
+from webapi.local.risk import assess_attachment, assess_message
 
 __all__ = ["JUNK", "TRASH", "Links", "LocalMail", "Resolved", "SummaryCache"]
 

@@ -1,7 +1,7 @@
 """The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation.
 
 Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM
-key generation, SQL) and is run in a thread by `webapi.control`. The ownership TXT record,
+key generation, SQL) and is run in a thread by `webapi.v1.app`. The ownership TXT record,
 looked up through the edge's resolver, is the only proof of a domain here: finding it makes
 the caller's claim the domain's route and drops everyone else's (`edge.store.claims`). A
 route only ever moves forward through its stages (pending_dns -> ready -> active), and only
@@ -21,9 +21,9 @@ from edge.domains.scan import generate_dkim_keys
 from edge.store import Conflict, EmailRoute, NotFound
 from edge.store.access import RouteSetup
 from edge.store.records import isoformat
-from webapi import v1_models as m
-from webapi.control_ops import ControlOps, Principal, _err, dns_unavailable
 from webapi.errors import APIError
+from webapi.v1 import models as m
+from webapi.v1.ops import ControlOps, Principal, _err, dns_unavailable
 
 __all__ = ["DomainOps"]
 

@@ -1,13 +1,13 @@
 """The operations of the `/v1` API for its OpenAPI document: method, path, models, status.
 
-`webapi.control` serves exactly these (a test checks its routes against this list). This
+`webapi.v1.app` serves exactly these (a test checks its routes against this list). This
 module must never hold behaviour: it only describes.
 """
 
 from __future__ import annotations
 
-from webapi import v1_models as m
 from webapi.openapi import Operation
+from webapi.v1 import models as m
 
 __all__ = ["OPERATIONS"]
 

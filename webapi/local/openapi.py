@@ -1,7 +1,7 @@
 """The OpenAPI description of the device's `/localapi/v0` API, on the shared generator.
 
-Response models here describe what `webapi.localapi` answers; request and query models come
-from `webapi.localmodels`, so the document and the validation are the same classes. Query
+Response models here describe what `webapi.local.app` answers; request and query models come
+from `webapi.local.models`, so the document and the validation are the same classes. Query
 parameters are added to the generated document from the query models. This module must
 never do I/O or describe an endpoint the local API does not serve.
 """
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from webapi import localmodels as q
+from webapi.local import models as q
 from webapi.openapi import Operation, Registry
 
 __all__ = ["LOCAL_OPERATIONS", "local_document"]

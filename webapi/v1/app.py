@@ -2,7 +2,7 @@
 
 Every request is authenticated (the admin key, or a device key that sees only its own
 account), its JSON body is capped in size and validated by the pydantic models of
-`webapi.v1_models` (unknown fields refused), POST and PATCH honour `Idempotency-Key`, and the
+`webapi.v1.models` (unknown fields refused), POST and PATCH honour `Idempotency-Key`, and the
 work runs in a thread (`run_blocking`, or the resolver's pool for DNS work), never on the
 reactor thread. Errors leave only through `webapi.errors`. The OpenAPI document at
 `/v1/openapi.json` is generated from the same models. This module must never compare keys
@@ -32,16 +32,16 @@ from edge.domains.scan import DomainInspector
 from edge.store import Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore
-from webapi import v1_models as m
-from webapi.control_devices import DeviceOps
-from webapi.control_domains import DomainOps
-from webapi.control_ops import ControlOps, Principal, Settings
 from webapi.errors import APIError, failure_reply, json_reply
-from webapi.idempotency import Idempotency
 from webapi.jsonbody import json_body
-from webapi.netpolicy import ConnectorPolicy, parse_networks
 from webapi.openapi import Registry
-from webapi.v1_operations import OPERATIONS
+from webapi.v1 import models as m
+from webapi.v1.devices import DeviceOps
+from webapi.v1.domains import DomainOps
+from webapi.v1.idempotency import Idempotency
+from webapi.v1.netpolicy import ConnectorPolicy, parse_networks
+from webapi.v1.openapi import OPERATIONS
+from webapi.v1.ops import ControlOps, Principal, Settings
 
 __all__ = ["OPERATIONS", "ControlAPI"]
 

@@ -5,8 +5,8 @@ a JSON-ready dict, or raise `APIError` with the machine code and next action. Th
 every read and write to the caller's account (the admin key sees all). A device's new route
 is only a claim on its domain until the edge finds the ownership record; a route's status is
 the edge's to set (the admin key may override it, on record), and a device's connector
-address must pass `webapi.netpolicy` (the admin key may override that too, on record). They
-are blocking (SQL, DNS, key generation) and are run in a thread by `webapi.control`; nothing
+address must pass `webapi.v1.netpolicy` (the admin key may override that too, on record). They
+are blocking (SQL, DNS, key generation) and are run in a thread by `webapi.v1.app`; nothing
 here may run on the reactor thread or build a reply by hand.
 """
 
@@ -27,9 +27,9 @@ from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.claims import ClaimLimit
 from edge.store.errors import ServedHere
 from edge.store.store import DEFAULT_ACCOUNT
-from webapi import v1_models as m
 from webapi.errors import APIError
-from webapi.netpolicy import ConnectorPolicy
+from webapi.v1 import models as m
+from webapi.v1.netpolicy import ConnectorPolicy
 
 __all__ = ["ControlOps", "Principal", "Settings", "namespace_of"]
 

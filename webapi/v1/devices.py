@@ -1,7 +1,7 @@
 """The device operations of `/v1`: listing, registration and its polling, approval, revoke,
 and a device's own changes (its connector TLS pin).
 
-Blocking functions over `edge.store.access.AccessStore`, run in a thread by `webapi.control`.
+Blocking functions over `edge.store.access.AccessStore`, run in a thread by `webapi.v1.app`.
 Registration needs no key, so it is limited per source address and in total (429 with
 `Retry-After`) and makes nothing but a pending registration row; a registering device gets
 a poll secret, and once an operator approves it (the device and its account are made then),
@@ -18,9 +18,9 @@ from typing import Any
 
 from edge.store import Conflict, Device, NotFound
 from edge.store.access import PollRefused, RateLimited, Registration
-from webapi import v1_models as m
-from webapi.control_ops import ControlOps, Principal, _err, _not_found, namespace_of
 from webapi.errors import APIError
+from webapi.v1 import models as m
+from webapi.v1.ops import ControlOps, Principal, _err, _not_found, namespace_of
 
 __all__ = ["DeviceOps"]
 

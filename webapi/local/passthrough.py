@@ -19,10 +19,10 @@ from twisted.web.resource import IResource
 
 from connector.edgeclient import EdgeClient, EdgeReply, EdgeUnavailable
 from connector.registration import Registration
-from webapi.auth import RequestGuard
 from webapi.compose import PrefixDispatch
 from webapi.errors import APIError, failure_reply, set_common_headers
-from webapi.registration import RegistrationAPI
+from webapi.local.auth import RequestGuard
+from webapi.local.registration import RegistrationAPI
 
 __all__ = ["EdgePassthrough", "device_root"]
 
