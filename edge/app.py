@@ -27,7 +27,7 @@ from edge.dns.resolver import DNSResolver
 from edge.domains.routewatch import RouteWatch, build_route_watch
 from edge.inbound.acceptor import AcceptorPool
 from edge.inbound.listener import build_mx_factory
-from edge.runtime.controllistener import Control, admin_key_path, build_control
+from edge.runtime.adminkeys import admin_key_path
 from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
 from edge.runtime.storeopen import open_configured_store
@@ -37,6 +37,7 @@ from edge.store import Store
 from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
 from edge.tls import server_context
+from webapi.v1.listener import Control, build_control
 
 
 class QueueService(Service):

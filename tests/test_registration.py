@@ -24,13 +24,13 @@ from connector.registration import Registration
 from edge.config import Config
 from edge.dns.resolver import DNSResolver
 from edge.runtime.cli import main as cli
-from edge.runtime.controlsite import OpsEndpoints
 from edge.runtime.storeopen import open_configured_store
 from edge.store import Store
 from tests.test_control_support import ADMIN, make_config
 from webapi.compose import PrefixDispatch
 from webapi.local.passthrough import device_root
 from webapi.v1.app import ControlAPI
+from webapi.v1.site import OpsEndpoints
 
 TOKEN = "tplocal_test-token"
 

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from edge.config import Config
 from edge.delivery.queueops import STATES
-from edge.runtime.controllistener import admin_key_path, load_admin_keys
+from edge.runtime.adminkeys import admin_key_path, load_admin_keys
 
 ACTIONS = ("show", "retry", "hold", "release", "delete", "bounce")
 

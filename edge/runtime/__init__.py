@@ -1,2 +1,2 @@
-"""The edge process's plumbing: listeners, the control listener, the CLI, the store opener,
-file modes, the reactor's dispatch patch, the log throttle and the now-or-later helpers."""
+"""The edge process's plumbing: listeners, the CLI, the store opener, the admin keys, file
+modes, the reactor's dispatch patch, the log throttle and the now-or-later helpers."""

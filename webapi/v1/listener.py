@@ -3,7 +3,7 @@
 `build_control` makes the listener from the configuration: the admin key file (created on
 first start with one random key, mode 0600; one key per line, `#` comments allowed) and a
 root resource that answers `GET /health` and `GET /metrics` itself. Every other request goes
-to the full tree of `edge.runtime.controlsite` (the `ControlAPI` over the edge's store and resolver,
+to the full tree of `webapi.v1.site` (the `ControlAPI` over the edge's store and resolver,
 the queue API and the operational endpoints as a Klein app), which is imported, in a thread,
 and built on the first request that needs it: an edge that is only monitored never holds the
 web framework and the API models in memory. The listener belongs on the tailnet or an admin
@@ -14,12 +14,9 @@ on the reactor thread.
 from __future__ import annotations
 
 import importlib
-import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
@@ -32,10 +29,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from edge.config import Config, ConfigError
+from edge.config import Config
 from edge.delivery.eventlog import EventRecorder
 from edge.delivery.queueops import QueueControl
 from edge.dns.resolver import DNSResolver
+from edge.runtime.adminkeys import admin_key_path, load_admin_keys
 from edge.runtime.service import TCPListener
 from edge.store import Store
 from edge.store.models import DELIVERY_EVENTS
@@ -52,44 +50,12 @@ __all__ = [
     "LazyResource",
     "LazySite",
     "OpsReplies",
-    "admin_key_path",
     "build_control",
-    "load_admin_keys",
 ]
 
 log = Logger(namespace="tailpost.control")
 
 NOT_DONE_YET = 1  # twisted.web.server.NOT_DONE_YET, without loading that module at start
-
-
-def admin_key_path(config: Config) -> Path:
-    return (
-        Path(config.edge.admin_key_file)
-        if config.edge.admin_key_file
-        else config.data_path / "edge" / "admin.key"
-    )
-
-
-def load_admin_keys(path: Path) -> list[str]:
-    """The admin keys in ``path``; a missing file is created with one new key (mode 0600)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = "tpa_" + secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"# admin keys of the control API, one per line\n{key}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the admin key file {path}: {exc.strerror}") from exc
-    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if not keys:
-        raise ConfigError(f"the admin key file {path} holds no key")
-    if any(len(k) < 16 for k in keys):
-        raise ConfigError(f"every key in {path} must be at least 16 characters")
-    return keys
 
 
 class OpsReplies:
@@ -303,10 +269,10 @@ def build_control(
     keys = load_admin_keys(admin_key_path(config))
 
     def prepare() -> object:
-        return importlib.import_module("edge.runtime.controlsite")
+        return importlib.import_module("webapi.v1.site")
 
     def build() -> IResource:
-        from edge.runtime.controlsite import build_root
+        from webapi.v1.site import build_root
 
         root, control.api = build_root(
             config,

@@ -1,9 +1,9 @@
 """The control listener's full resource tree: the `/v1` management API, the queue API behind
 the admin key, and a Klein app with `/health` and `/metrics` that answers every other path.
 
-`edge.runtime.controllistener` imports this module, and builds the tree, on the first request that needs more
-than `GET /health` or `GET /metrics`: the web framework and the API models are loaded then,
-not when the edge starts. This module must never log a key or run store queries on the reactor
+`webapi.v1.listener` imports this module, and builds the tree, on the first request that
+needs more than `GET /health` or `GET /metrics`: the web framework and the API models are
+loaded then, not when the edge starts. This module must never log a key or run store queries on the reactor
 thread.
 """
 
@@ -24,12 +24,12 @@ from edge.config import Config
 from edge.delivery.eventlog import EventRecorder
 from edge.delivery.queueops import QueueControl
 from edge.dns.resolver import DNSResolver
-from edge.runtime.controllistener import OpsReplies
 from edge.store import Store
 from edge.store.events import DeliveryEvents
 from webapi.compose import PrefixDispatch
 from webapi.errors import APIError, error_reply, failure_reply
 from webapi.v1.app import ControlAPI
+from webapi.v1.listener import OpsReplies
 from webapi.v1.queue import QueueAPI
 
 __all__ = ["AdminOnly", "OpsEndpoints", "build_root"]
