@@ -363,7 +363,8 @@ def _serve_protocol_only() -> None:
     from twisted.internet import reactor as default_reactor
 
     from edge.inbound.policy import DiscardSink
-    from edge.smtp.server import Limits, SMTPServerFactory
+    from edge.smtp.factory import SMTPServerFactory
+    from edge.smtp.server import Limits
 
     class AcceptAll:
         auth_offered = False

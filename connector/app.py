@@ -31,7 +31,8 @@ from edge.auththrottle import AuthThrottle
 from edge.config import Config, ConfigError, parse_listen
 from edge.runtime.private import private_dir, private_file
 from edge.runtime.service import TCPListener
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
 from webapi.httplimits import bounded_site

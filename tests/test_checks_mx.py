@@ -19,7 +19,8 @@ from edge.delivery.client import SMTPDeliverer
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSResolver
 from edge.inbound.policy import MXHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget, Store, open_store
 from edge.store.cache import CachedLookups

@@ -21,7 +21,8 @@ from twisted.internet.testing import StringTransport
 from connector.receiver import ConnectorHandler, dedup_key
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.delivery.routing import Target
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from maildir import Maildir, MessageInfo
 
 USER = "edge-dev1"

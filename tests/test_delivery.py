@@ -19,8 +19,9 @@ from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
+from edge.delivery.attempts import DNS_FAILED_REPLY
 from edge.delivery.client import Outcome, SMTPDeliverer
-from edge.delivery.queue import DNS_FAILED_REPLY, INTAKE_WAIT, DeliveryQueue
+from edge.delivery.queue import INTAKE_WAIT, DeliveryQueue
 from edge.delivery.routing import Router, Target
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.spool.scan import recoverable

@@ -22,7 +22,8 @@ from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import NoRoute, Router, route_soon
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.inbound.policy import MXHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.spool.spool import Spool
 from edge.store import Store, open_store
 from edge.store.cache import CachedLookups

@@ -19,8 +19,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from edge.delivery.attempts import DEVICE_UNREACHABLE_REPLY
 from edge.delivery.client import Outcome
-from edge.delivery.queue import DEVICE_UNREACHABLE_REPLY, DeliveryQueue
+from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Router, Target
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.spool.spool import Envelope, Spool, SpoolWriter

@@ -7,8 +7,8 @@ from typing import Any
 
 from twisted.internet import defer
 
+from edge.delivery.attempts import HELD_REPLY
 from edge.delivery.client import Outcome
-from edge.delivery.queue import HELD_REPLY
 from edge.delivery.routing import Target
 from tests.test_queue_api import World
 

@@ -1,4 +1,5 @@
-"""edge.runtime.logthrottle: a reason said once per interval, with the count of the lines held back."""
+"""edge.runtime.logthrottle: a reason said once per interval, with the count of the lines held
+back."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import NoRoute, Router, Target
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.inbound.policy import MXHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.spool.spool import Spool
 from edge.store import Device, Store, open_store
 from edge.store.keyring import StoreKeys

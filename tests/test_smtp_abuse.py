@@ -20,8 +20,9 @@ from edge.config import ConfigError, load_config
 from edge.inbound.listener import smtp_limits
 from edge.inbound.policy import MXHandler
 from edge.smtp.conncount import LocalCounts, SharedCounts, network_of
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.spool.spool import Envelope, Spool
 from tests.test_smtp_server import FakeHandler
 from tests.test_starttls import target

@@ -1,4 +1,5 @@
-"""The sync process (`edge.spool.syncer`, `edge.spool.synchild`) and commits made durable through it."""
+"""The sync process (`edge.spool.syncer`, `edge.spool.synchild`) and commits made durable through
+it."""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 
 from connector.receiver import with_trace, without_return_path
 from edge.inbound.policy import MXHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.smtp.trace import header_text, helo_ok, received_header
 from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget

@@ -28,20 +28,28 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from sqlalchemy import exc as sql_errors
-from twisted.internet import defer, error, threads
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from edge.delivery.attempts import (
+    DNS_FAILED_REPLY,
+    HELD_REPLY,
+    PASSING_FAULT_TEXT,
+    Deliverer,
+    MessageState,
+    defect_reason,
+    is_passing_fault,
+    recipient_status,
+)
 from edge.delivery.client import Outcome
 from edge.delivery.dsn import RecipientStatus, build_dsn, dsn_allowed
 from edge.delivery.routing import NoRoute, Target
 from edge.dns.resolver import DNSTemporaryError
-from edge.runtime import nowlater as soon
+from edge.runtime import nowlater
 from edge.runtime.logthrottle import Quieter
 from edge.spool.spool import QUEUE_ID_HEADER, Envelope, Spool
 
@@ -53,88 +61,8 @@ INTAKE_WAIT = 0.01
 """Seconds at most between the MX's hand-over of a message and its first attempt."""
 
 
-class Deliverer(Protocol):
-    def deliver(
-        self,
-        target: Target,
-        sender: str,
-        recipients: list[str],
-        data: bytes,
-        *,
-        smtputf8: bool = False,
-    ) -> Any: ...
-
-
-_FAULTS = (
-    OSError,
-    DNSTemporaryError,
-    error.ConnectError,
-    error.ConnectionClosed,
-    defer.TimeoutError,
-    sql_errors.OperationalError,
-    sql_errors.InterfaceError,
-    sql_errors.DisconnectionError,
-    sql_errors.TimeoutError,
-)
-"""Exceptions that are passing faults of the network or of our infrastructure (store, disk,
-DNS), not of a message: retried on the schedule. Anything else is a defect: held."""
-
-
-PASSING_FAULT_TEXT = "4.4.1 delivery failed for now: a passing fault of the mail system"
-"""The reply recorded for a passing fault met while delivering (its detail goes to the log)."""
-
-
-def is_passing_fault(exc: BaseException) -> bool:
-    return isinstance(exc, _FAULTS)
-
-
-HELD_REPLY = "451 4.3.0 held by the mail system for its operator"
-"""The recorded reply of a recipient whose message was held after a defect."""
-DNS_FAILED_REPLY = "451 4.4.3 DNS lookup failed for now"
-"""The recorded reply of a recipient whose route needs DNS that did not answer."""
-
-
-DEVICE_UNREACHABLE_REPLY = "451 4.4.1 the recipient's device cannot be reached now"
-"""The recorded reply when a device's connector could not be reached: the device's
-address on the private network is the operator's to know, never a sender's."""
-
-
-def _status(rcpt: str, outcome: Outcome, target: Target) -> RecipientStatus:
-    """What is recorded of one recipient's attempt, and what a report to the sender says of
-    it. The operator's record (events, `queue show`) keeps the reply as it was; a report
-    names a device by no address: its connector's answer is kept (it is tailpost's own) with
-    the address replaced, a failure to reach it is said in general terms, and no Remote-MTA
-    is given."""
-    reply = f"{outcome.code} {outcome.text}"
-    if target.kind != "device":
-        return RecipientStatus(rcpt, reply, outcome.host)
-    if not outcome.connected and not outcome.final:
-        return RecipientStatus(rcpt, reply, shown=DEVICE_UNREACHABLE_REPLY)
-    if not outcome.host:
-        return RecipientStatus(rcpt, reply)
-    text = outcome.text.replace(outcome.host, "the recipient's device")
-    return RecipientStatus(rcpt, reply, shown=f"{outcome.code} {text}")
-
-
-def defect_reason(exc: BaseException) -> str:
-    return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
-
-
 def _run_in_thread(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
     return threads.deferToThread(fn, *args)
-
-
-@dataclass
-class MessageState:
-    """What the queue knows of a message beyond the spool: attempts and last errors."""
-
-    attempts: int = 0
-    next_attempt: float | None = None
-    last_errors: dict[str, str] = field(default_factory=dict)
-    last_shown: dict[str, str] = field(default_factory=dict)
-    """What a report to the sender says of a last error, where it differs from it."""
-    devices: dict[str, str] = field(default_factory=dict)
-    waiting_on: set[str] = field(default_factory=set)
 
 
 class DeliveryQueue:
@@ -415,7 +343,7 @@ class DeliveryQueue:
         temporary: dict[str, RecipientStatus] = {}
         for rcpt in entry.pending:
             try:
-                routes[rcpt] = soon.now(self.route_soon(rcpt, env.kind))
+                routes[rcpt] = nowlater.now(self.route_soon(rcpt, env.kind))
             except Exception as exc:
                 # A NoRoute is kept as a copy without traceback or cause: those hold the
                 # frames up this stack, this one with `routes` among them, and the cycle
@@ -470,7 +398,7 @@ class DeliveryQueue:
                 routed = routes.pop(rcpt) if rcpt in routes else self.route_soon(rcpt, env.kind)
                 if isinstance(routed, BaseException):
                     raise routed
-                target = await routed if soon.is_deferred(routed) else routed
+                target = await routed if nowlater.is_deferred(routed) else routed
             except NoRoute as exc:
                 status = RecipientStatus(rcpt, exc.reply)
                 (temporary.__setitem__(rcpt, status) if exc.temporary else failed.append(status))
@@ -522,7 +450,7 @@ class DeliveryQueue:
                 answered.add(target.key)  # reachable: what waits for it may go
             for rcpt in rcpts:
                 outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
-                status = _status(rcpt, outcome, target)
+                status = recipient_status(rcpt, outcome, target)
                 if outcome.delivered:
                     finals[rcpt] = "delivered"
                     self.record_event(qid, rcpt, "delivered", status.reply)

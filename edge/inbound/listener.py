@@ -17,8 +17,9 @@ from edge.delivery.routing import recipient_resolver
 from edge.dns.resolver import DNSResolver
 from edge.inbound.policy import RECEIVED_HEADERS_ADDED, MXHandler
 from edge.smtp.conncount import LocalCounts
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.spool.committer import Committer
 from edge.spool.spool import Envelope, Spool
 from edge.spool.syncer import Syncer

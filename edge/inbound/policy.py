@@ -30,7 +30,7 @@ from edge.runtime.nowlater import then
 from edge.smtp import replies, trace
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
-from edge.smtp.server import Session
+from edge.smtp.session import Session
 from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 

@@ -5,10 +5,10 @@
     tailpost devices revoke DEVICE_ID
     tailpost queue list|show|retry|hold|release|delete|bounce ...   (see edge.delivery.queuecli)
 
-Each command group is a function that adds its argparse subparser and sets a handler
-(`add_devices` here, `add_queue` in edge.delivery.queuecli); `_groups` lists them. Handlers get the parsed arguments,
-the loaded configuration and an output stream, and return the exit status. This module must
-never print a key or secret, and never change anything a command was not asked to change.
+Each command group is a function that adds its argparse subparser and sets a handler (`add_devices`
+here, `add_queue` in edge.delivery.queuecli); `_groups` lists them. Handlers get the parsed
+arguments, the loaded configuration and an output stream, and return the exit status. This module
+must never print a key or secret, and never change anything a command was not asked to change.
 """
 
 from __future__ import annotations

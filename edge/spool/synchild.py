@@ -1,10 +1,10 @@
 """The spool's sync process: `fdatasync` on request, with an interpreter lock of its own.
 
-`edge.spool.syncer` starts this as `python -S edge/spool/synchild.py` and writes one file path per line
-to its standard input; for each it calls `fdatasync` on that file and answers one line on
-standard output, in order: `0` when the file's data is durable, else the errno. It keeps the
-last file it synced open (the segment being appended to). It uses nothing but `os`, and it
-ends when its standard input does: when the edge stops or dies.
+`edge.spool.syncer` starts this as `python -S edge/spool/synchild.py` and writes one file path per
+line to its standard input; for each it calls `fdatasync` on that file and answers one line on
+standard output, in order: `0` when the file's data is durable, else the errno. It keeps the last
+file it synced open (the segment being appended to). It uses nothing but `os`, and it ends when its
+standard input does: when the edge stops or dies.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation.
 
-Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM
-key generation, SQL) and is run in a thread by `webapi.v1.app`. The ownership TXT record,
-looked up through the edge's resolver, is the only proof of a domain here: finding it makes
-the caller's claim the domain's route and drops everyone else's (`edge.store.claims`). A
-route only ever moves forward through its stages (pending_dns -> ready -> active), and only
-once verified; a disabled route is left alone: the check and the move are
-`edge.domains.routecheck.RouteChecker`'s, which the edge's periodic re-check (`edge.domains.routewatch`)
-uses too. This module must never delete or overwrite a route's saved previous MX with
-nothing.
+Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM key
+generation, SQL) and is run in a thread by `webapi.v1.app`. The ownership TXT record, looked up
+through the edge's resolver, is the only proof of a domain here: finding it makes the caller's claim
+the domain's route and drops everyone else's (`edge.store.claims`). A route only ever moves forward
+through its stages (pending_dns -> ready -> active), and only once verified; a disabled route is
+left alone: the check and the move are `edge.domains.routecheck.RouteChecker`'s, which the edge's
+periodic re-check (`edge.domains.routewatch`) uses too. This module must never delete or overwrite a
+route's saved previous MX with nothing.
 """
 
 from __future__ import annotations

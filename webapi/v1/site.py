@@ -1,10 +1,9 @@
 """The control listener's full resource tree: the `/v1` management API, the queue API behind
 the admin key, and a Klein app with `/health` and `/metrics` that answers every other path.
 
-`webapi.v1.listener` imports this module, and builds the tree, on the first request that
-needs more than `GET /health` or `GET /metrics`: the web framework and the API models are
-loaded then, not when the edge starts. This module must never log a key or run store queries on the reactor
-thread.
+`webapi.v1.listener` imports this module, and builds the tree, on the first request that needs more
+than `GET /health` or `GET /metrics`: the web framework and the API models are loaded then, not when
+the edge starts. This module must never log a key or run store queries on the reactor thread.
 """
 
 from __future__ import annotations
