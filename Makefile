@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make run    create the virtual environment, install, start the all-in-one (foreground)
 #   make test   install what the tests need and run them all
-# Optional: make lint, make typecheck, make check (all three), make bench (MX benchmark),
+# Optional: make lint, make typecheck, make imports (the one-way import contract in
+# .importlinter), make check (all four), make bench (MX benchmark),
 # make bench-inbound (MX to Maildir), make bench-imap (IMAP benchmark).
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck check clean bench bench-imap bench-inbound
+.PHONY: run test lint typecheck imports check clean bench bench-imap bench-inbound
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,11 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy edge connector maildir webapi twistd-plugins/twisted/plugins tests
 
-check: lint typecheck test
+# The import contract (.importlinter): imports go one way, from the assembly down to maildir.
+imports: $(VENV)/.installed
+	$(BIN)/lint-imports
+
+check: lint typecheck imports test
 
 # The MX benchmark (bench/smtp_bench.py; results in docs/benchmarks.md). Not a test.
 bench: $(VENV)/.installed

@@ -41,7 +41,7 @@ from twisted.internet import reactor as default_reactor  # noqa: E402
 from edge.checks import Recipient, build_pipeline  # noqa: E402
 from edge.checks.pipeline import CheckPipeline  # noqa: E402
 from edge.config import Config  # noqa: E402
-from edge.dns import DNSResolver  # noqa: E402
+from edge.dns.resolver import DNSResolver  # noqa: E402
 from edge.store import open_store  # noqa: E402
 from edge.store.cache import CachedLookups  # noqa: E402
 

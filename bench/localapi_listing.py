@@ -23,8 +23,8 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 
 from maildir import Maildir
-from webapi.localapi import LocalAPI
-from webapi.localmail import SummaryCache
+from webapi.local.app import LocalAPI
+from webapi.local.mail import SummaryCache
 
 TOKEN = "bench-token"
 

@@ -362,8 +362,9 @@ def tailpost_protocol_only(workdir: Path) -> Iterator[Peer]:
 def _serve_protocol_only() -> None:
     from twisted.internet import reactor as default_reactor
 
-    from edge.mx import DiscardSink
-    from edge.smtp.server import Limits, SMTPServerFactory
+    from edge.inbound.policy import DiscardSink
+    from edge.smtp.factory import SMTPServerFactory
+    from edge.smtp.server import Limits
 
     class AcceptAll:
         auth_offered = False

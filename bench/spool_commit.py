@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge.spool import Envelope, Spool
+from edge.spool.spool import Envelope, Spool
 
 MESSAGE = b"Subject: spool benchmark\r\n\r\n" + (b"x" * 78 + b"\r\n") * 51  # about 4 KB
 

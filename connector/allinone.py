@@ -20,9 +20,9 @@ from twisted.application.service import IService, MultiService, Service
 from connector.app import Device, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
-from edge.dispatch import direct_dispatch
-from edge.private import private_dir
-from edge.service import ReadyReport, freeze_start_up
+from edge.runtime.private import private_dir
+from edge.runtime.reactordispatch import direct_dispatch
+from edge.runtime.service import ReadyReport, freeze_start_up
 from edge.store import Store
 from edge.store.access import AccessStore
 from edge.tap import Options as EdgeOptions

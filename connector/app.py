@@ -29,17 +29,18 @@ from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
 from edge.config import Config, ConfigError, parse_listen
-from edge.private import private_dir, private_file
-from edge.service import TCPListener
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.runtime.private import private_dir, private_file
+from edge.runtime.service import TCPListener
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
-from webapi.device_api import DeviceInfo
 from webapi.httplimits import bounded_site
-from webapi.localapi import MAX_BODY as LOCAL_MAX_BODY
-from webapi.localapi import LocalAPI
-from webapi.passthrough import device_root
-from webapi.spam_api import EdgeJSON, RspamdTrainer
+from webapi.local.app import MAX_BODY as LOCAL_MAX_BODY
+from webapi.local.app import LocalAPI
+from webapi.local.device import DeviceInfo
+from webapi.local.passthrough import device_root
+from webapi.local.spam import EdgeJSON, RspamdTrainer
 
 
 @dataclass

@@ -38,9 +38,9 @@ from connector.hoppolicy import TAILNET, IPNetwork, plaintext_allowed
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply
-from edge.smtp.server import Session
+from edge.smtp.session import Session
 from edge.smtp.trace import delivered_to, return_path
-from edge.spool import QUEUE_ID_HEADER
+from edge.spool.spool import QUEUE_ID_HEADER
 from maildir import FolderExists, Maildir, MessageInfo, address_folder
 from maildir.verdict import parse_verdict
 

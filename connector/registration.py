@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from connector.credentials import Credentials
 from connector.edgeclient import EdgeClient, EdgeReply
 from edge.config import Config, ConfigError
-from edge.service import TCPListener
+from edge.runtime.service import TCPListener
 
 __all__ = [
     "AlreadyLinked",

@@ -9,10 +9,10 @@ from twisted.application.service import IService, MultiService
 
 from connector.app import build_device
 from edge.config import load_config
-from edge.dispatch import direct_dispatch
-from edge.dns import DNSResolver
-from edge.namehosts import use_configured_names
-from edge.service import ReadyReport, freeze_start_up
+from edge.dns.namehosts import use_configured_names
+from edge.dns.resolver import DNSResolver
+from edge.runtime.reactordispatch import direct_dispatch
+from edge.runtime.service import ReadyReport, freeze_start_up
 from edge.tap import Options as EdgeOptions
 
 

@@ -2,7 +2,7 @@
 
 State is built here from the configuration and passed into each part; nothing is global.
 What holds secrets or mail is made private here before anything is served: the data
-directory and `edge/` 0700, the store (encrypted with its key, `edge.storeopen`), the
+directory and `edge/` 0700, the store (encrypted with its key, `edge.runtime.storeopen`), the
 admin key and the TLS private key 0600, the spool 0700.
 """
 
@@ -15,28 +15,29 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 
-from edge.acceptor import AcceptorPool
 from edge.checks import sealer_for
 from edge.config import Config
-from edge.control import Control, admin_key_path, build_control
-from edge.delivery import DeliveryQueue
-from edge.dns import DNSResolver
-from edge.eventlog import EventRecorder
-from edge.mxbuild import build_mx_factory
-from edge.namehosts import use_configured_names
-from edge.private import private_file
-from edge.queueops import QueueControl
-from edge.routewatch import RouteWatch, build_route_watch
-from edge.routing import Router, recipient_resolver, route_soon
-from edge.service import TCPListener
+from edge.delivery.client import DelivererService, SMTPDeliverer
+from edge.delivery.eventlog import EventRecorder
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.queueops import QueueControl
+from edge.delivery.routing import Router, recipient_resolver, route_soon
+from edge.dns.namehosts import use_configured_names
+from edge.dns.resolver import DNSResolver
+from edge.domains.routewatch import RouteWatch, build_route_watch
+from edge.inbound.acceptor import AcceptorPool
+from edge.inbound.listener import build_mx_factory
+from edge.runtime.adminkeys import admin_key_path
+from edge.runtime.private import private_file
+from edge.runtime.service import TCPListener
+from edge.runtime.storeopen import open_configured_store
 from edge.smtp.conncount import SharedCounts
-from edge.smtpclient import DelivererService, SMTPDeliverer
-from edge.spool import Spool
+from edge.spool.spool import Spool
 from edge.store import Store
 from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
-from edge.storeopen import open_configured_store
 from edge.tls import server_context
+from webapi.v1.listener import Control, build_control
 
 
 class QueueService(Service):

@@ -38,8 +38,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from edge.runtime.nowlater import then
 from edge.smtp.conncount import network_of
-from edge.soon import then
 
 _log = Logger()
 

@@ -88,7 +88,7 @@ class EdgeConfig:
     registration_limit_window: float = 3600.0
     claim_ttl: float = 86400.0
     claim_limit: int = 20
-    # The edge's own re-check of verified domains on their way to active (edge.routewatch):
+    # The edge's own re-check of verified domains on their way to active (edge.domains.routewatch):
     # every this many seconds (and at start), at most route_recheck_batch routes per pass.
     route_recheck_interval: float = 300.0
     route_recheck_batch: int = 50

@@ -9,8 +9,8 @@ from twisted.python import usage
 
 from edge.app import build_edge
 from edge.config import load_config
-from edge.dispatch import direct_dispatch
-from edge.service import ReadyReport, freeze_start_up
+from edge.runtime.reactordispatch import direct_dispatch
+from edge.runtime.service import ReadyReport, freeze_start_up
 
 
 class Options(usage.Options):

@@ -35,11 +35,12 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import nh3
 
 from maildir import htmlstyle
+from maildir.htmllinks import MAX_LINK_TEXT, link_host, link_scheme, same_site, text_domain
 from maildir.htmlstyle import ROOT_PAINT, Paint, StyleSheet
 
 __all__ = [
@@ -53,7 +54,6 @@ MAX_HTML_CHARS = 256 * 1024
 MAX_TAGS = 20_000
 MAX_NESTING = 256
 MAX_DATA_IMAGE = 64 * 1024
-_MAX_LINK_TEXT = 300
 
 # Elements html5ever may build; any other start or end tag is renamed to x-u in step 1.
 _KNOWN = frozenset(
@@ -117,15 +117,6 @@ _BLOCKS = frozenset(
     "x-body".split()
 )
 _DATA_IMAGE = re.compile(r"data:image/(?:png|gif|jpeg|webp)[;,]", re.IGNORECASE)
-_DOMAIN_TEXT = re.compile(
-    r"(?:[a-z][a-z0-9+.-]{0,15}://)?((?:[\w-]{1,63}\.){1,10}[^\W\d_]{2,63})\.?"
-    r"(?::[0-9]{1,5})?(?:[/?#]\S{0,250})?",
-    re.IGNORECASE,
-)
-_FILE_ENDINGS = frozenset(
-    "html htm php asp aspx jsp pdf doc docx xls xlsx ppt pptx txt csv jpg jpeg png gif zip "
-    "exe msg eml ics vcf".split()
-)
 _CAMOUFLAGED = "text colour matches the background"
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u034f\u00ad\u180e"))
 
@@ -219,50 +210,6 @@ class _Open:
     link: int = -1  # index into _Walker.links for an open <a>
 
 
-def _scheme(url: str) -> str:
-    compact = "".join(url.split()).lower()  # browsers ignore whitespace inside schemes
-    head, colon, _rest = compact.partition(":")
-    if compact.startswith("//"):
-        return "//"
-    return head if colon and head.isascii() and head.isalnum() else ""
-
-
-def _host(url: str) -> str:
-    try:
-        host = urlsplit(url.strip()).hostname or ""
-    except ValueError:
-        return ""
-    return _idna(host)
-
-
-def _idna(host: str) -> str:
-    host = host.strip(".").lower()
-    try:
-        host = host.encode("idna").decode("ascii")
-    except (UnicodeError, ValueError):
-        pass
-    return host[4:] if host.startswith("www.") else host
-
-
-def _text_domain(text: str) -> str:
-    text = text.strip()
-    if not text or len(text) > _MAX_LINK_TEXT or "@" in text:
-        return ""
-    match = _DOMAIN_TEXT.fullmatch(text)
-    if match is None:
-        return ""
-    domain = match.group(1)
-    has_scheme = "://" in text[: match.start(1)]
-    if not has_scheme and not domain.lower().startswith("www."):
-        if domain.rsplit(".", 1)[-1].lower() in _FILE_ENDINGS:
-            return ""
-    return _idna(domain)
-
-
-def _same_site(a: str, b: str) -> bool:
-    return a == b or a.endswith("." + b) or b.endswith("." + a)
-
-
 class _Walker(HTMLParser):
     def __init__(self, sheet: StyleSheet, remote_images: bool, cid_urls: Mapping[str, str]) -> None:
         super().__init__(convert_charrefs=True)
@@ -316,7 +263,7 @@ class _Walker(HTMLParser):
         if tag == "a" and hidden is None:
             entry.link = len(self.links)
             self.open_links.append(entry.link)
-            self.links.append([_host(attrs.get("href", ""))])
+            self.links.append([link_host(attrs.get("href", ""))])
         self.stack.append(entry)
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -366,7 +313,7 @@ class _Walker(HTMLParser):
         self.text.append(data)
         if self.open_links:
             parts = self.links[self.open_links[-1]]
-            if len(parts) < 64 and sum(len(p) for p in parts) < _MAX_LINK_TEXT:
+            if len(parts) < 64 and sum(len(p) for p in parts) < MAX_LINK_TEXT:
                 parts.append(data)
 
     # -- judging ------------------------------------------------------------------------------
@@ -387,7 +334,7 @@ class _Walker(HTMLParser):
             value = attrs.get(name)
             if value is None:
                 continue
-            scheme = _scheme(value)
+            scheme = link_scheme(value)
             if scheme in ("javascript", "vbscript", "livescript"):
                 self.counts["javascript_url"] += 1
             elif scheme == "data" and not (tag == "img" and name == "src"):
@@ -399,7 +346,7 @@ class _Walker(HTMLParser):
             self.counts["meta_refresh"] += 1
         elif tag == "base":
             self.counts["base_url"] += 1
-        elif tag == "link" and _scheme(attrs.get("href", "")) in ("http", "https", "//"):
+        elif tag == "link" and link_scheme(attrs.get("href", "")) in ("http", "https", "//"):
             self.counts["remote_content"] += 1
         elif tag in ("embed",):
             self.counts["embedded_content"] += 1
@@ -408,8 +355,8 @@ class _Walker(HTMLParser):
 
     def _check_link(self, parts: list[str]) -> None:
         host, text = parts[0], "".join(parts[1:])
-        shown = _text_domain(text)
-        if host and shown and not _same_site(host, shown):
+        shown = text_domain(text)
+        if host and shown and not same_site(host, shown):
             self.counts["mismatched_link"] += 1
             if len(self.mismatches) < 3:
                 self.mismatches.append((shown, host))
@@ -422,7 +369,7 @@ class _Walker(HTMLParser):
         for name, value in attrs.items():
             if name not in allowed:
                 continue
-            if name == "href" and _scheme(value) not in ("http", "https", "mailto"):
+            if name == "href" and link_scheme(value) not in ("http", "https", "mailto"):
                 continue
             kept.append(f' {name}="{htmllib.escape(value, quote=True)}"')
         self.out.append(f"<{tag}{''.join(kept)}{extra}>")
@@ -430,7 +377,7 @@ class _Walker(HTMLParser):
 
     def _image_counts(self, attrs: Mapping[str, str], hidden: bool) -> str:
         """Counts one image; "remote", "pixel" (a remote tracking pixel) or its scheme."""
-        scheme = _scheme(attrs.get("src", ""))
+        scheme = link_scheme(attrs.get("src", ""))
         if scheme not in ("http", "https", "//"):
             return scheme
         self.counts["remote_content"] += 1
@@ -500,7 +447,7 @@ def _final(html: str) -> str:
     def keep(tag: str, name: str, value: str) -> str | None:
         if name == "src" and value.lower().startswith("data:"):
             return value if _DATA_IMAGE.match(value) else None
-        if name == "href" and _scheme(value) not in ("http", "https", "mailto"):
+        if name == "href" and link_scheme(value) not in ("http", "https", "mailto"):
             return None
         return value
 

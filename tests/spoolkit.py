@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-import edge.segments
-from edge.segments import BLOCK, HEADER
-from edge.spool import Envelope, Spool, SpoolWriter
+import edge.spool.segments
+from edge.spool.segments import BLOCK, HEADER
+from edge.spool.spool import Envelope, Spool, SpoolWriter
 
 
 def commit(
@@ -84,7 +84,7 @@ def batch_start(spool: Spool, env: Envelope) -> int:
 
 
 class _PatchedOS(ModuleType):
-    """`os` as `edge.segments` sees it, with some functions replaced (the rest is the real
+    """`os` as `edge.spool.segments` sees it, with some functions replaced (the rest is the real
     module)."""
 
     def __init__(self, **replaced: Callable[..., Any]) -> None:
@@ -96,11 +96,11 @@ class _PatchedOS(ModuleType):
 
 
 def patch_os(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
-    monkeypatch.setattr(edge.segments, "os", _PatchedOS(**replaced))
+    monkeypatch.setattr(edge.spool.segments, "os", _PatchedOS(**replaced))
 
 
 class Calls:
-    """Counts the calls of the `os` functions `edge.segments` makes, passing them on."""
+    """Counts the calls of the `os` functions `edge.spool.segments` makes, passing them on."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *functions: str) -> None:
         self.counts = dict.fromkeys(functions, 0)

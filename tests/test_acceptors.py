@@ -21,7 +21,7 @@ import pytest
 from twisted.python.failure import Failure
 
 from edge.config import Config, config_from_json, config_to_json
-from edge.spool import Envelope, Spool
+from edge.spool.spool import Envelope, Spool
 from tests.processes import Process, allinone_config, host_port, spool_queue, wait_for
 from tests.test_interop import (
     SMTP_SOURCE,
@@ -44,7 +44,7 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"edge.acceptor" in cmdline:
+        if ppid == pid and b"edge.inbound.acceptor" in cmdline:
             found.append(int(entry))
     return found
 
@@ -215,7 +215,7 @@ def test_a_handed_over_batch_is_delivered_from_the_edges_index(tmp_path: Path) -
     assert acceptor.queued_ids() == []  # the acceptor keeps no index of its own
     [(batch, entries)] = handed
     records = [e.to_record() for e in entries]
-    from edge.spool import SpoolEntry
+    from edge.spool.spool import SpoolEntry
 
     edge.adopt(batch, [SpoolEntry.from_record(r) for r in records])
     assert edge.read(envelope.qid) == b"Subject: y\r\n\r\nbody\r\n"
@@ -235,7 +235,7 @@ def test_the_configuration_reaches_an_acceptor_whole() -> None:
 
 
 def test_batches_taken_in_during_recovery_stay_indexed(tmp_path: Path) -> None:
-    from edge.spool import SpoolEntry
+    from edge.spool.spool import SpoolEntry
 
     old = Spool(tmp_path)
     writer = old.writer()
@@ -276,8 +276,14 @@ def test_the_edge_deletes_an_acceptors_segment_only_once_it_is_sealed(tmp_path: 
     from twisted.internet.error import ProcessTerminated
     from twisted.internet.task import Clock
 
-    from edge.acceptor import NOTIFY_FD, AcceptorPool, _AcceptorProtocol, hand_over, hand_over_seal
-    from edge.segments import BLOCK
+    from edge.inbound.acceptor import (
+        NOTIFY_FD,
+        AcceptorPool,
+        _AcceptorProtocol,
+        hand_over,
+        hand_over_seal,
+    )
+    from edge.spool.segments import BLOCK
 
     read_end, write_end = os.pipe()
     acceptor = Spool(

@@ -8,11 +8,12 @@ import pytest
 from twisted.internet.task import Clock
 
 from connector.receiver import ConnectorHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from maildir import InvalidName, Maildir, MessageInfo, address_folder
 from tests.test_connector_receiver import PASSWORD, USER, Conn, message, run_sync, traced
 from tests.test_localapi import Client, run_now
-from webapi.localapi import LocalAPI
+from webapi.local.app import LocalAPI
 
 
 class PerAddressDevice:

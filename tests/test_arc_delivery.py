@@ -19,10 +19,10 @@ from connector.receiver import dedup_key
 from edge.checks import authresults
 from edge.checks.arc import ARCSealer, verify_chain
 from edge.checks.base import ARCResult, DKIMResult, DMARCResult, SPFResult, Transaction
-from edge.dns import DNSResolver
-from edge.routing import Target
-from edge.smtpclient import Outcome, SMTPDeliverer
-from edge.spool import QUEUE_ID_HEADER
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.routing import Target
+from edge.dns.resolver import DNSResolver
+from edge.spool.spool import QUEUE_ID_HEADER
 from tests.test_checks_dkim import rsa_key
 from tests.test_smtpclient import OldMX, Peer, closed_port, start_peer
 

@@ -22,7 +22,8 @@ from twisted.logger import Logger, formatEventAsClassicLogText
 from connector.imap import make_imap_factory
 from connector.receiver import ConnectorHandler
 from edge.auththrottle import AuthThrottle, failure_line, log_safe
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from maildir import Maildir
 from tests.wire import Client, settle
 

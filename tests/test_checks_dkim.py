@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edge.checks.arc import ARCSealer, dns_record, verify_chain
 from edge.checks.dkim import verify_all
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from tests.dnsserver import HANG
 
 # RFC 8463 Appendix A: the Ed25519 key and the signed example message.

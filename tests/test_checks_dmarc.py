@@ -9,7 +9,7 @@ import pytest
 
 from edge.checks.base import DKIMResult, SPFResult, Transaction
 from edge.checks.dmarc import OrgDomains, RecordError, evaluate, parse_record
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from tests.dnsserver import HANG
 
 ORGS = OrgDomains()

@@ -43,7 +43,7 @@ from edge.checks.headers import (
 )
 from edge.checks.pipeline import CheckPipeline, DataOutcome, StageTimeouts
 from edge.config import Config
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from edge.smtp.replies import SMTPReplyError
 from edge.store import open_store
 from edge.store.cache import CachedLookups

@@ -22,7 +22,7 @@ from edge.checks.base import INLINE_LIMIT
 from edge.checks.dkim import DKIMCheck
 from edge.checks.dmarc import DMARCCheck, OrgDomains
 from edge.checks.spf import SPFCheck, evaluate
-from edge.dns import DNSResolver, NotCached
+from edge.dns.resolver import DNSResolver, NotCached
 from edge.store import open_store
 from edge.store.cache import CachedLookups
 from tests.test_checks_dkim import MESSAGE, rsa_key, sign

@@ -15,12 +15,13 @@ from twisted.internet import defer, threads
 from edge.checks import authserv_id, build_pipeline, sealer_for
 from edge.checks.arc import ARCSealer, dns_record, verify_chain
 from edge.config import Config
-from edge.dns import DNSResolver
-from edge.mx import MXHandler
-from edge.routing import Target
-from edge.smtp.server import Limits, SMTPServerFactory
-from edge.smtpclient import SMTPDeliverer
-from edge.spool import Envelope, Spool
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.routing import Target
+from edge.dns.resolver import DNSResolver
+from edge.inbound.policy import MXHandler
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget, Store, open_store
 from edge.store.cache import CachedLookups
 from maildir.verdict import parse_verdict

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from edge.checks import spf as spf_module
 from edge.checks.base import SPFResult, Transaction
 from edge.checks.spf import KEEP_SECONDS, SPFCheck, evaluate
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from tests.dnsserver import HANG
 
 

@@ -272,7 +272,7 @@ def test_connector_files_junk_into_junk(tmp_path: Path) -> None:
 def test_checks_section_of_the_config_file(tmp_path: Path) -> None:
     from edge.checks.build import build_pipeline, sealer_for
     from edge.config import load_config
-    from edge.dns import DNSResolver
+    from edge.dns.resolver import DNSResolver
 
     resolver = DNSResolver(["127.0.0.1"], 1)
 

@@ -1,4 +1,4 @@
-"""Group commit from the reactor (`edge.committer`): many messages, few batches, no loss."""
+"""Group commit from the reactor (`edge.spool.committer`): many messages, few batches, no loss."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.internet import defer
 
-from edge.committer import Committer
-from edge.segments import BLOCK
-from edge.spool import Envelope, Spool
+from edge.spool.committer import Committer
+from edge.spool.segments import BLOCK
+from edge.spool.spool import Envelope, Spool
 from tests.spoolkit import wait_until
 
 

@@ -11,7 +11,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from edge.smtp.conncount import BUCKETS, LocalCounts, SharedCounts, bucket
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from tests.test_smtp_server import FakeHandler
 
 

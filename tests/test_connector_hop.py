@@ -28,9 +28,11 @@ from connector.app import build_device, connector_tls
 from connector.hoppolicy import TAILNET, listen_refusal, parse_networks, plaintext_allowed
 from connector.receiver import ConnectorHandler
 from edge.config import Config, ConfigError
-from edge.routing import Target, routed_target
-from edge.smtp.server import Limits, Session, SMTPServerFactory
-from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.routing import Target, routed_target
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.smtp.session import Session
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed, is_pin, pin_of_file, server_context
 from maildir import Maildir, MessageInfo

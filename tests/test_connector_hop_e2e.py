@@ -3,7 +3,7 @@ device, a wrong pin deferring the mail (never bouncing it), and the all-in-one's
 pinned at bootstrap, also after its certificate was replaced.
 
 With a pin, the edge can deliver only over STARTTLS to the pinned key (see
-`edge.smtpclient`), so mail that arrives under a pin shows the hop was encrypted."""
+`edge.delivery.client`), so mail that arrives under a pin shows the hop was encrypted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import base64
 import smtplib
 from pathlib import Path
 
-from edge.spoolscan import recoverable
+from edge.spool.scan import recoverable
 from edge.store import Store, open_store
 from edge.store.events import DeliveryEvents
 from edge.store.keyring import load_keys

@@ -19,9 +19,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from connector.receiver import ConnectorHandler, dedup_key
-from edge.routing import Target
-from edge.smtp.server import Limits, SMTPServerFactory
-from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.routing import Target
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from maildir import Maildir, MessageInfo
 
 USER = "edge-dev1"

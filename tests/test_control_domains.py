@@ -8,8 +8,8 @@ from typing import Any
 import dkim
 import pytest
 
-from edge.dns import DNSResolver
-from edge.dnsscan import DomainInspector, merge_spf
+from edge.dns.resolver import DNSResolver
+from edge.domains.scan import DomainInspector, merge_spf
 from tests.dnsserver import HANG
 from tests.test_control_support import (  # noqa: F401
     EDGE,

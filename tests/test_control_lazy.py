@@ -22,17 +22,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from edge.control import (
-    Control,
-    LazyResource,
-    LazySite,
-    admin_key_path,
-    build_control,
-    load_admin_keys,
-)
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
+from edge.runtime.adminkeys import admin_key_path, load_admin_keys
 from edge.store import Store, open_store
 from tests.test_control_support import make_config
+from webapi.v1.listener import Control, LazyResource, LazySite, build_control
 
 
 @dataclass
@@ -236,7 +230,7 @@ def client():
     loaded.append(sorted(m for m in ("twisted.web.server", "klein") if m in sys.modules))
     url = "http://" + edge.control.listener.address
     loaded.append(urllib.request.urlopen(url + "/health", timeout=30).status)
-    heavy = ("klein", "werkzeug", "pydantic", "webapi.control", "edge.controlsite")
+    heavy = ("klein", "werkzeug", "pydantic", "webapi.v1.app", "webapi.v1.site")
     loaded.append(sorted(m for m in heavy if m in sys.modules))
     urllib.request.urlopen(url + "/v1/openapi.json", timeout=30).read()
     loaded.append(sorted(m for m in heavy if m in sys.modules))
@@ -251,4 +245,4 @@ print(json.dumps(loaded))
     )
     before, status, after_health, after_api = json.loads(done.stdout.strip().splitlines()[-1])
     assert before == [] and status == 200 and after_health == []
-    assert after_api == ["edge.controlsite", "klein", "pydantic", "webapi.control", "werkzeug"]
+    assert after_api == ["klein", "pydantic", "webapi.v1.app", "webapi.v1.site", "werkzeug"]

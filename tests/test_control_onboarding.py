@@ -128,7 +128,7 @@ edge_url = "http://{edge_ports["control"]}"
         status, started = local.call("/localapi/v0/login/start", "POST")
         assert status == 201, started
         approve = subprocess.run(
-            [sys.executable, "-m", "edge.cli", "--config", str(edge.config_path),
+            [sys.executable, "-m", "edge.runtime.cli", "--config", str(edge.config_path),
              "--data-dir", str(edge.data_dir), "devices", "approve", started["code"]],
             env=dict(os.environ, PYTHONPATH=str(REPO)),
             capture_output=True,

@@ -15,10 +15,10 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 
 from edge.config import Config
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from edge.store import Store, open_store
 from edge.store.keyring import StoreKeys
-from webapi.control import ControlAPI
+from webapi.v1.app import ControlAPI
 
 ADMIN = "admin-test-key"
 ERROR_KEYS = {"error", "code", "statusCode", "action"}

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from edge.spoolscan import recoverable
+from edge.spool.scan import recoverable
 from tests.processes import Process, edge_and_device, host_port, maildir_new, spool_queue, wait_for
 
 

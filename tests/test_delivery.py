@@ -19,12 +19,13 @@ from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
-from edge.delivery import DNS_FAILED_REPLY, INTAKE_WAIT, DeliveryQueue
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.routing import Router, Target
-from edge.smtpclient import Outcome, SMTPDeliverer
-from edge.spool import Envelope, Spool
-from edge.spoolscan import recoverable
+from edge.delivery.attempts import DNS_FAILED_REPLY
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.queue import INTAKE_WAIT, DeliveryQueue
+from edge.delivery.routing import Router, Target
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.spool.scan import recoverable
+from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
 
 SCHEDULE = [60.0, 300.0, 900.0]

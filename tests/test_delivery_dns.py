@@ -17,13 +17,14 @@ import pytest
 from twisted.internet import defer, threads
 
 from connector.receiver import ConnectorHandler
-from edge.delivery import DeliveryQueue
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.mx import MXHandler
-from edge.routing import NoRoute, Router, route_soon
-from edge.smtp.server import Limits, SMTPServerFactory
-from edge.smtpclient import SMTPDeliverer
-from edge.spool import Spool
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.routing import NoRoute, Router, route_soon
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.inbound.policy import MXHandler
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.spool.spool import Spool
 from edge.store import Store, open_store
 from edge.store.cache import CachedLookups
 from edge.store.keyring import StoreKeys

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from edge.delivery import DeliveryQueue
-from edge.routing import Target
-from edge.smtpclient import SMTPDeliverer
-from edge.spool import Envelope, Spool
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.routing import Target
+from edge.spool.spool import Envelope, Spool
 from tests.processes import wait_for
 from tests.test_smtpclient import OldMX, _AnyPortController
 

@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from edge.dispatch import direct_dispatch
+from edge.runtime.reactordispatch import direct_dispatch
 
 epollreactor = pytest.importorskip("twisted.internet.epollreactor")
 
@@ -67,7 +67,7 @@ def test_ready_descriptors_are_handled_and_a_fault_is_logged(reactor: Any) -> No
         # The faulty reader is closed and its fault logged; the other one is still served.
         assert bad == [b"first", "lost"]
         assert good == [b"second"]
-        assert any(e.get("log_namespace") == "edge.dispatch" for e in events)
+        assert any(e.get("log_namespace") == "edge.runtime.reactordispatch" for e in events)
         pairs[1][1].send(b"third")
         reactor.doIteration(1.0)
         assert good == [b"second", b"third"]

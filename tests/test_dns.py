@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 
-from edge.dns import DNSResolver, DNSTemporaryError, ResultMemo
+from edge.dns.resolver import DNSResolver, DNSTemporaryError, ResultMemo
 from tests.dnsserver import HANG
 
 

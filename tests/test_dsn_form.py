@@ -9,8 +9,8 @@ from email.parser import BytesHeaderParser
 
 import pytest
 
-from edge.dsn import RecipientStatus, build_dsn
-from edge.spool import Envelope
+from edge.delivery.dsn import RecipientStatus, build_dsn
+from edge.spool.spool import Envelope
 
 HOSTILE = [
     # How the client reads a multi-line reply: its lines joined with LF.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import email
 from email import policy
 
-from edge.dsn import RecipientStatus, build_dsn
-from edge.spool import Envelope
+from edge.delivery.dsn import RecipientStatus, build_dsn
+from edge.spool.spool import Envelope
 
 HEAD = "From: Jörg <jörg@bücher.example>\r\nSubject: grüße\r\n".encode()
 ORIGINAL = HEAD + "\r\nder Text, der nie zurückgeht\r\n".encode()

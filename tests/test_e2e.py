@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edge.spoolscan import recoverable
+from edge.spool.scan import recoverable
 from tests.processes import (
     Process,
     allinone_config,

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from connector.events import EventLog, InboundEvents, iso_time
 from connector.mailservice import LinkState, MailService, read_enabled
-from edge.service import TCPListener
+from edge.runtime.service import TCPListener
 from maildir import Maildir
 
 

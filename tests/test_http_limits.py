@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from edge.control import Control, admin_key_path, build_control, load_admin_keys
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
+from edge.runtime.adminkeys import admin_key_path, load_admin_keys
 from edge.store import open_store
 from edge.store.keyring import StoreKeys
 from tests.test_control_support import ADMIN, make_config
@@ -25,6 +25,7 @@ from tests.test_registration import (  # noqa: F401
     edge_fixture,
     http,
 )
+from webapi.v1.listener import Control, build_control
 
 
 @pytest.fixture(name="control")

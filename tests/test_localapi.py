@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.web.server import Site
 
 from maildir import Maildir, MessageInfo
-from webapi.localapi import LocalAPI, content_disposition, served_content_type
+from webapi.local.app import LocalAPI, content_disposition, served_content_type
 
 TOKEN = "local-test-token"
 BASE = "http://127.0.0.1:18080"

@@ -15,8 +15,8 @@ from connector.events import EventLog, InboundEvents
 from connector.mailservice import LinkState, MailService
 from maildir import Maildir, MessageInfo
 from tests.test_localapi import BASE, MESSAGES, RICH, TOKEN, Client, assert_error, plain, run_now
-from webapi.device_api import DeviceInfo
-from webapi.localapi import LocalAPI
+from webapi.local.app import LocalAPI
+from webapi.local.device import DeviceInfo
 
 MAIL = "/localapi/v0/mail"
 SPAM = plain(
@@ -519,7 +519,7 @@ def test_openapi_covers_every_route(s: Setup) -> None:
 
 
 def test_replies_match_the_documented_models(s: Setup) -> None:
-    from webapi import local_openapi as o
+    from webapi.local import openapi as o
 
     info = s.deliver(RICH)
     o.MessageList.model_validate(s.client.get(MESSAGES).json())

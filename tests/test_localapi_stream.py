@@ -21,8 +21,8 @@ from connector.events import EventLog, InboundEvents
 from connector.imap import IMAPFactory, make_imap_factory
 from maildir import Maildir
 from tests.test_localapi import MESSAGES, RICH, TOKEN, plain
-from webapi.localapi import LocalAPI
-from webapi.spam_api import RspamdTrainer
+from webapi.local.app import LocalAPI
+from webapi.local.spam import RspamdTrainer
 
 STREAM = "/localapi/v0/mail/stream"
 
@@ -165,7 +165,7 @@ def test_stream_delivers_events_in_order_with_pings(device: Device) -> None:
 
 def client_event(device: Device, event_id: int) -> dict[str, Any]:
     [event] = [e for e in device.events.log.after(event_id - 1) if e.event_id == event_id]
-    from webapi.events_api import event_item
+    from webapi.local.events import event_item
 
     return event_item(event, device.api.links)
 
@@ -440,7 +440,7 @@ class FakeEdgeApp:
 
 def test_spam_rules_through_the_edge_client(in_reactor: Any, tmp_path: Path) -> None:
     from connector.edgeclient import EdgeClient
-    from webapi.spam_api import EdgeJSON
+    from webapi.local.spam import EdgeJSON
 
     fake = FakeEdgeApp()
     edge_port = in_reactor(

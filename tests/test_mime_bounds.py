@@ -25,7 +25,7 @@ from maildir.message import get_attachment, parse_detail, summarize
 from maildir.mimetree import DEFAULT_LIMITS, Limits, Part, parse
 from tests.imapraw import RawIMAP
 from tests.test_imap import Server
-from webapi.localapi import LocalAPI
+from webapi.local.app import LocalAPI
 
 TOKEN = "local-test-token"
 MESSAGES = "/localapi/v0/mail/messages"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.routing import Postmaster, RecipientResolver, Router
+from edge.delivery.routing import Postmaster, RecipientResolver, Router
 from edge.smtp import replies
 from edge.smtp.data import DataReader, Limits, is_loop
 from edge.store import Store, open_store

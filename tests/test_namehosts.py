@@ -10,8 +10,8 @@ import pytest
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 
-from edge.dns import DNSResolver
-from edge.namehosts import use_configured_names
+from edge.dns.namehosts import use_configured_names
+from edge.dns.resolver import DNSResolver
 
 
 class Hello(protocol.Protocol):

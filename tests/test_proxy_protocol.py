@@ -21,6 +21,7 @@ from edge.app import build_edge
 from edge.config import ConfigError, load_config
 from edge.smtp import replies
 from edge.smtp.address import Path as SMTPPath
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import (
     V2_SIGNATURE,
     ProxyHeaderError,
@@ -30,7 +31,8 @@ from edge.smtp.proxy import (
     trusted_networks,
 )
 from edge.smtp.replies import Reply, SMTPReplyError
-from edge.smtp.server import Limits, Session, SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.smtp.session import Session
 
 
 def v2(

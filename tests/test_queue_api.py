@@ -12,12 +12,12 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from edge.delivery import DeliveryQueue
-from edge.queueops import QueueControl
-from edge.routing import NoRoute, Target
-from edge.smtpclient import Outcome
-from edge.spool import Envelope, Spool
-from webapi.queue_api import QueueAPI
+from edge.delivery.client import Outcome
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.queueops import QueueControl
+from edge.delivery.routing import NoRoute, Target
+from edge.spool.spool import Envelope, Spool
+from webapi.v1.queue import QueueAPI
 
 
 def sync(fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:

@@ -17,7 +17,7 @@ def tailpost(proc: Process, *args: str) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "edge.cli",
+            "edge.runtime.cli",
             "--config",
             str(proc.config_path),
             "--data-dir",

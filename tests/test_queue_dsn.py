@@ -19,11 +19,12 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from edge.delivery import DEVICE_UNREACHABLE_REPLY, DeliveryQueue
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.routing import Router, Target
-from edge.smtpclient import Outcome
-from edge.spool import Envelope, Spool, SpoolWriter
+from edge.delivery.attempts import DEVICE_UNREACHABLE_REPLY
+from edge.delivery.client import Outcome
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.routing import Router, Target
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 
 SCHEDULE = [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]  # the configured default

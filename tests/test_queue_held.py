@@ -7,9 +7,9 @@ from typing import Any
 
 from twisted.internet import defer
 
-from edge.delivery import HELD_REPLY
-from edge.routing import Target
-from edge.smtpclient import Outcome
+from edge.delivery.attempts import HELD_REPLY
+from edge.delivery.client import Outcome
+from edge.delivery.routing import Target
 from tests.test_queue_api import World
 
 

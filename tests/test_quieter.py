@@ -1,4 +1,5 @@
-"""edge.quieter: a reason said once per interval, with the count of the lines held back."""
+"""edge.runtime.logthrottle: a reason said once per interval, with the count of the lines held
+back."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher, formatEvent
 
-from edge.quieter import MAX_REASONS, Quieter
+from edge.runtime.logthrottle import MAX_REASONS, Quieter
 
 
 def _quieter(interval: float = 10.0) -> tuple[Quieter, Clock, list[str]]:

@@ -21,16 +21,16 @@ from twisted.web.server import Site
 from connector import credentials
 from connector.edgeclient import EdgeClient
 from connector.registration import Registration
-from edge.cli import main as cli
 from edge.config import Config
-from edge.controlsite import OpsEndpoints
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
+from edge.runtime.cli import main as cli
+from edge.runtime.storeopen import open_configured_store
 from edge.store import Store
-from edge.storeopen import open_configured_store
 from tests.test_control_support import ADMIN, make_config
 from webapi.compose import PrefixDispatch
-from webapi.control import ControlAPI
-from webapi.passthrough import device_root
+from webapi.local.passthrough import device_root
+from webapi.v1.app import ControlAPI
+from webapi.v1.site import OpsEndpoints
 
 TOKEN = "tplocal_test-token"
 

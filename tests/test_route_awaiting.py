@@ -20,11 +20,11 @@ from twisted.internet.task import Clock
 
 from edge.app import Edge, build_edge
 from edge.config import ConfigError, load_config
-from edge.dns import DNSResolver
-from edge.dnsscan import DomainInspector
-from edge.routecheck import RouteChecker
-from edge.routewatch import RouteWatch, utc_from
-from edge.routing import Postmaster, RecipientResolver
+from edge.delivery.routing import Postmaster, RecipientResolver
+from edge.dns.resolver import DNSResolver
+from edge.domains.routecheck import RouteChecker
+from edge.domains.routewatch import RouteWatch, utc_from
+from edge.domains.scan import DomainInspector
 from edge.store import EmailRoute, Store, open_store
 from edge.store.access import AccessStore
 from edge.store.cache import CachedLookups

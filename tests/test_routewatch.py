@@ -1,4 +1,4 @@
-"""The edge's own re-check of routes on their way to active (`edge.routewatch`), on SQLite
+"""The edge's own re-check of routes on their way to active (`edge.domains.routewatch`), on SQLite
 and PostgreSQL, with DNS from the local DNS server and time from a `Clock`."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher, formatEvent
 
-from edge.dns import DNSResolver
-from edge.dnsscan import DomainInspector
-from edge.routecheck import RouteChecker
-from edge.routewatch import ACTOR, PassReport, RouteWatch, utc_from
+from edge.dns.resolver import DNSResolver
+from edge.domains.routecheck import RouteChecker
+from edge.domains.routewatch import ACTOR, PassReport, RouteWatch, utc_from
+from edge.domains.scan import DomainInspector
 from edge.store import Device, EmailRoute, Store
 from edge.store.access import AccessStore
 from edge.store.records import isoformat

@@ -14,13 +14,14 @@ import pytest
 from twisted.internet import defer, threads
 
 from connector.receiver import ConnectorHandler
-from edge.delivery import DeliveryQueue
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.mx import MXHandler
-from edge.routing import NoRoute, Router, Target
-from edge.smtp.server import Limits, SMTPServerFactory
-from edge.smtpclient import SMTPDeliverer
-from edge.spool import Spool
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.queue import DeliveryQueue
+from edge.delivery.routing import NoRoute, Router, Target
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.inbound.policy import MXHandler
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.spool.spool import Spool
 from edge.store import Device, Store, open_store
 from edge.store.keyring import StoreKeys
 from maildir import Maildir, MessageInfo
@@ -348,7 +349,7 @@ def test_other_address_on_the_split_domain_reaches_the_old_mx(site: Site) -> Non
 def test_route_soon_answers_from_the_cache_and_loads_in_a_thread_otherwise(
     store: Store, world: World, resolver: DNSResolver
 ) -> None:
-    from edge.routing import route_soon
+    from edge.delivery.routing import route_soon
     from edge.store.cache import CachedLookups
 
     lookups = CachedLookups(store)

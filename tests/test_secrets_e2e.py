@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from edge.dnsscan import generate_dkim_keys
+from edge.domains.scan import generate_dkim_keys
 from edge.store import open_store
 from edge.store.access import AccessStore
 from edge.store.keyring import load_keys

@@ -17,12 +17,13 @@ from twisted.internet import threads
 from twisted.internet.task import Clock
 
 from edge.config import ConfigError, load_config
-from edge.mx import MXHandler
-from edge.mxbuild import smtp_limits
+from edge.inbound.listener import smtp_limits
+from edge.inbound.policy import MXHandler
 from edge.smtp.conncount import LocalCounts, SharedCounts, network_of
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
-from edge.smtp.server import Limits, SMTPServerFactory
-from edge.spool import Envelope, Spool
+from edge.smtp.server import Limits
+from edge.spool.spool import Envelope, Spool
 from tests.test_smtp_server import FakeHandler
 from tests.test_starttls import target
 from tests.wire import Client, settle

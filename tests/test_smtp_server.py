@@ -13,8 +13,10 @@ from twisted.internet.testing import StringTransport
 
 from edge.smtp import replies
 from edge.smtp.address import Path
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.replies import Reply, SMTPReplyError
-from edge.smtp.server import Limits, Session, SMTPServerFactory
+from edge.smtp.server import Limits
+from edge.smtp.session import Session
 
 
 class RecordingSink:

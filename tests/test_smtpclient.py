@@ -14,8 +14,8 @@ from aiosmtpd.controller import Controller
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from edge.routing import Target, routed_target
-from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.routing import Target, routed_target
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed
 

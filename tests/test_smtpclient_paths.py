@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 
+from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.smtp.address import parse_mail_from, parse_rcpt_to
 from edge.smtp.replies import SMTPReplyError
-from edge.smtpclient import Outcome, SMTPDeliverer
 from tests.test_smtpclient import OldMX, _AnyPortController, mx_target
 
 ASCII_BODY = b"Subject: plain\r\n\r\nplain\r\n"

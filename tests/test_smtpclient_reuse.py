@@ -19,8 +19,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from twisted.internet import defer, protocol, task
 
-from edge.routing import Target
-from edge.smtpclient import Outcome, SMTPDeliverer
+from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.routing import Target
 from edge.tls import ensure_self_signed
 from tests.test_smtpclient import _AnyPortController
 

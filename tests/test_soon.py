@@ -1,4 +1,4 @@
-"""edge.soon: answers that are already there are used as they are, the rest waits."""
+"""edge.runtime.nowlater: answers that are already there are used as they are, the rest waits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from edge.runtime.nowlater import is_deferred, now, then
 from edge.smtp.replies import S550_NO_SUCH_USER, SMTPReplyError
-from edge.soon import is_deferred, now, then
 
 
 async def _finished() -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.segments import BLOCK, HEADER, read_segment
-from edge.spool import Envelope, Spool, SpoolWriter, new_queue_id
-from edge.spoolscan import recoverable
+from edge.spool.scan import recoverable
+from edge.spool.segments import BLOCK, HEADER, read_segment
+from edge.spool.spool import Envelope, Spool, SpoolWriter, new_queue_id
 from tests.spoolkit import (
     Calls,
     batch_start,

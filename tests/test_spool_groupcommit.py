@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from edge.segments import BLOCK
-from edge.spool import Envelope, Spool, SpoolWriter
+from edge.spool.segments import BLOCK
+from edge.spool.spool import Envelope, Spool, SpoolWriter
 from tests.spoolkit import (
     Calls,
     Committer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.spool import SpoolWriter
+from edge.spool.spool import SpoolWriter
 
 
 class Small(SpoolWriter):

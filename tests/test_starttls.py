@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 from twisted.internet import threads
 
-from edge.mx import MXHandler
+from edge.inbound.policy import MXHandler
 from edge.smtp.address import Path as SMTPPath
+from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.replies import Reply
-from edge.smtp.server import Limits, Session, SMTPServerFactory
-from edge.spool import Envelope, Spool
+from edge.smtp.server import Limits
+from edge.smtp.session import Session
+from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
 from edge.tls import ensure_self_signed, server_context
 

@@ -18,7 +18,7 @@ import pytest
 from alembic import command
 from sqlalchemy import select, text
 
-from edge.dnsscan import generate_dkim_keys
+from edge.domains.scan import generate_dkim_keys
 from edge.store import open_store
 from edge.store.access import AccessStore
 from edge.store.engine import alembic_config, current_revision, make_engine, upgrade_to_head

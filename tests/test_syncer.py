@@ -1,4 +1,5 @@
-"""The sync process (`edge.syncer`, `edge.synchild`) and commits made durable through it."""
+"""The sync process (`edge.spool.syncer`, `edge.spool.synchild`) and commits made durable through
+it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any
 import pytest
 from twisted.internet import defer, task
 
-from edge import synchild
-from edge.committer import Committer
-from edge.segments import BLOCK
-from edge.spool import Envelope, Spool, SpoolWriter
-from edge.spoolscan import recoverable
-from edge.syncer import Syncer
+from edge.spool import synchild
+from edge.spool.committer import Committer
+from edge.spool.scan import recoverable
+from edge.spool.segments import BLOCK
+from edge.spool.spool import Envelope, Spool, SpoolWriter
+from edge.spool.syncer import Syncer
 from tests.spoolkit import wait_until
 
 
@@ -287,7 +288,7 @@ def test_alone_the_reactor_syncs_small_batches_itself(
 def test_a_slow_sync_in_the_reactor_sends_the_next_ones_to_the_sync_process(
     tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge import committer as committing
+    from edge.spool import committer as committing
 
     spool = Spool(tmp_path)
     syncer = CountingSyncer(in_reactor.reactor)
@@ -357,7 +358,7 @@ def test_stop_waits_for_what_the_child_was_asked(tmp_path: Path, in_reactor: Any
 def test_stop_kills_a_child_that_does_not_answer(
     tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("edge.syncer.STOP_WAIT", 0.3)
+    monkeypatch.setattr("edge.spool.syncer.STOP_WAIT", 0.3)
     syncer, seg, pid = _running(tmp_path, in_reactor)
     os.kill(pid, signal.SIGSTOP)  # a child stuck in the kernel, say
     failed: list[str] = []

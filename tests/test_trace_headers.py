@@ -14,10 +14,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from connector.receiver import with_trace, without_return_path
-from edge.mx import MXHandler
-from edge.smtp.server import Limits, SMTPServerFactory
+from edge.inbound.policy import MXHandler
+from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.server import Limits
 from edge.smtp.trace import header_text, helo_ok, received_header
-from edge.spool import Envelope, Spool
+from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
 from tests.test_connector_receiver import Device, inbox_files, message, traced
 

@@ -10,7 +10,7 @@ command pauses the collector and lets it go on when it is done; what it made is 
 then and never reaches the old generation. The collector is one for the whole process, so
 the pauses are counted: it runs again when the last command that paused it is done, and
 only if it ran before the first. The local API's parsing of a message pauses it too
-(`webapi.localmail`).
+(`webapi.local.mail`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The edge's inbound checks: SPF, DKIM, DMARC, ARC, block rules, Rspamd and DNS blocklists.
 
-`build_pipeline` makes the configured `CheckPipeline`; the MX policy (`edge.mx`) runs it at
-each SMTP stage. Checks report findings, configuration decides actions, and one funnel
-turns them into replies. `sealer_for` makes the ARC sealer the deliverer uses on what it
-forwards. Nothing in this package builds a DNS resolver or blocks the reactor thread: CPU
-work on cached data runs inline, anything that may wait runs in a worker pool.
+`build_pipeline` makes the configured `CheckPipeline`; the MX policy (`edge.inbound.policy`) runs it
+at each SMTP stage. Checks report findings, configuration decides actions, and one funnel turns them
+into replies. `sealer_for` makes the ARC sealer the deliverer uses on what it forwards. Nothing in
+this package builds a DNS resolver or blocks the reactor thread: CPU work on cached data runs
+inline, anything that may wait runs in a worker pool.
 """
 
 from edge.checks.actions import ActionPolicy, Decision

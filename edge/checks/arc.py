@@ -9,7 +9,7 @@ thread.
 Sealing adds the edge's own ARC set (ARC-Authentication-Results, ARC-Message-Signature,
 ARC-Seal) over the message with the edge's Authentication-Results on top, so the device and
 its mail clients can check what the edge saw. It is the forwarding hop's act: the deliverer
-seals a message as stored right before sending it to its target (`edge.smtpclient`), in a
+seals a message as stored right before sending it to its target (`edge.delivery.client`), in a
 worker thread (two RSA signatures). The sealing key is an RSA key file; `ensure_key` makes
 one on first start.
 """
@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from edge.checks.base import INLINE_LIMIT, ARCResult, BaseCheck, Finding, Found, Transaction
 from edge.checks.dkim import dnsfunc_for
 from edge.checks.headers import header_section, plain_fields
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import then
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.runtime.nowlater import then
 
 _FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")  # as dkimpy's header parser reads a field
 _ARC_FIELDS = frozenset(dkim.ARC.ARC_HEADERS)

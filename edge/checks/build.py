@@ -28,7 +28,7 @@ from edge.checks.rspamd import RspamdCheck
 from edge.checks.rules import SpamRulesCheck
 from edge.checks.spf import SPFCheck
 from edge.config import Config, ConfigError
-from edge.dns import DNSResolver
+from edge.dns.resolver import DNSResolver
 from edge.store.records import SpamRule
 
 

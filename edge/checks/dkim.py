@@ -18,8 +18,8 @@ import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from edge.checks.base import INLINE_LIMIT, BaseCheck, DKIMResult, Finding, Found, Transaction
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import then
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.runtime.nowlater import then
 
 _WSP = re.compile(rb"\s+")
 _SIG_HEADER = re.compile(rb"^dkim-signature:", re.I)

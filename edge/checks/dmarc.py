@@ -20,8 +20,8 @@ from publicsuffixlist import PublicSuffixList
 
 from edge.checks.base import BaseCheck, DMARCResult, Finding, Found, Transaction
 from edge.checks.headers import domain_of
-from edge.dns import DNSResolver, DNSTemporaryError
-from edge.soon import then
+from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.runtime.nowlater import then
 
 POLICIES = ("none", "quarantine", "reject")
 

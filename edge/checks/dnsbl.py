@@ -13,7 +13,7 @@ import ipaddress
 from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, Finding, Found, Transaction
-from edge.dns import Answer, DNSResolver, DNSTemporaryError
+from edge.dns.resolver import Answer, DNSResolver, DNSTemporaryError
 
 
 def query_name(ip: str, zone: str) -> str | None:

@@ -7,7 +7,7 @@ through the configured `ActionPolicy`; a reject or tempfail becomes an `SMTPRepl
 with a generic text for the client and the reason for the log, which the SMTP server's one
 funnel turns into the reply. After DATA, an accepted message gets the headers to put on
 top of it: the edge's Authentication-Results and the verdict header (the edge's ARC set is
-added when the message is forwarded: `edge.smtpclient`). This module never blocks the
+added when the message is forwarded: `edge.delivery.client`). This module never blocks the
 reactor: the From header is read inline (the header section is bounded), and checks run
 CPU work on cached data inline and anything that may wait on the network, the disk or a big
 body in a worker pool. When every check of a stage answers at once, the stage's `*_now`
@@ -29,8 +29,8 @@ from edge.checks import authresults, verdict
 from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
 from edge.checks.base import Check, Finding, Found, Recipient, Transaction
 from edge.checks.headers import from_addresses
+from edge.runtime.nowlater import is_deferred, now, then
 from edge.smtp.replies import SMTPReplyError
-from edge.soon import is_deferred, now, then
 
 log = Logger()
 

@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from edge.checks.base import BaseCheck, Finding, Found, Recipient, SpamResult, Transaction
 from edge.checks.headers import domain_of
-from edge.soon import then
+from edge.runtime.nowlater import then
 from edge.store.records import SpamRule
 
 _SYMBOLS = {"sender": "TAILPOST_BLOCKED_SENDER", "domain": "TAILPOST_BLOCKED_DOMAIN"}

@@ -24,8 +24,8 @@ from typing import Any
 import spf
 
 from edge.checks.base import BaseCheck, Finding, Found, SPFResult, Transaction
-from edge.dns import DNSResolver, DNSTemporaryError, ResultMemo
-from edge.soon import then
+from edge.dns.resolver import DNSResolver, DNSTemporaryError, ResultMemo
+from edge.runtime.nowlater import then
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 KEEP_SECONDS = 30.0

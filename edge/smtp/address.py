@@ -3,7 +3,7 @@
 Pure functions over strings: they raise SMTPReplyError with the reply that fits (501, 553,
 555) and never touch the network or the store. What they accept is what RFC 5321 (and RFC
 6531 with SMTPUTF8) calls a path, and nothing else: the edge carries every path it accepts
-on exactly as received (`edge.smtpclient` sends it verbatim), so a path that could not go
+on exactly as received (`edge.delivery.client` sends it verbatim), so a path that could not go
 on is refused here, at MAIL or RCPT, never accepted and then stuck. A good path parsed is kept (the last 1024
 of each kind): an MX sees the same senders and recipients over and over, and parsing one
 takes about 8 µs.

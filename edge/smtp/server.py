@@ -8,14 +8,14 @@ detail in the log only. It never buffers more than one command line or one text 
 beyond what the handler's sink was given, and it never executes a command that arrived in
 the same read as STARTTLS.
 
-A client cannot hold a session by trickling bytes: the first byte of the next command must
-come within `Limits.idle_timeout`, the whole line within `Limits.command_timeout` of its
-first byte (bytes that arrive do not restart either), and DATA must average
-`Limits.min_data_rate` octets per second over each `Limits.data_rate_window`; otherwise the
-session is closed with 421 4.4.2 and an unfinished message is aborted. No timer runs
-against the client while the server itself is working on a command. The factory admits a
-connection only within the total, per-address and per-network limits (see `admit`), and a
-failed AUTH is answered through the shared `AuthThrottle` when one is given.
+A client cannot hold a session by trickling bytes: the first byte of the next command must come
+within `Limits.idle_timeout`, the whole line within `Limits.command_timeout` of its first byte
+(bytes that arrive do not restart either), and DATA must average `Limits.min_data_rate` octets per
+second over each `Limits.data_rate_window`; otherwise the session is closed with 421 4.4.2 and an
+unfinished message is aborted. No timer runs against the client while the server itself is working
+on a command. The factory (`edge.smtp.factory`) admits a connection only within the total,
+per-address and per-network limits (see `admit`), and a failed AUTH is answered through the shared
+`AuthThrottle` when one is given.
 """
 
 from __future__ import annotations
@@ -23,70 +23,29 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from edge.auththrottle import AuthThrottle
+from edge.runtime.nowlater import is_deferred, now, then
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
-from edge.smtp.conncount import LocalCounts, network_of
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
-from edge.smtp.trace import helo_ok
-from edge.soon import is_deferred, now, then
+from edge.smtp.session import Session, SessionHandler
+from edge.smtp.trace import helo_ok, tls_description
+
+if TYPE_CHECKING:
+    from edge.smtp.factory import SMTPServerFactory
 
 log = Logger()
-
-
-@dataclass
-class Session:
-    """What the handler may know about the connection and the current transaction."""
-
-    peer_host: str
-    peer_port: int
-    local_host: str
-    local_port: int
-    helo: str | None = None
-    esmtp: bool = False
-    tls: str | None = None
-    authenticated_as: str | None = None
-    auth_needs_tls: bool = False
-    """Set by the handler (at connect) for a peer that may authenticate only over TLS: AUTH
-    is then neither offered nor taken before STARTTLS (RFC 4954 §4, RFC 3207 §4)."""
-    sender: Path | None = None
-    recipients: list[Path] = field(default_factory=list)
-
-    def reset_transaction(self) -> None:
-        self.sender = None
-        self.recipients = []
-
-
-class SessionHandler(Protocol):
-    """Policy for one connection. Methods return a Reply or None (accept), maybe later."""
-
-    auth_offered: bool
-    auth_required: bool
-
-    def connect(self, session: Session) -> Any: ...
-
-    def authenticate(self, session: Session, username: str, password: str) -> Any: ...
-
-    def mail_from(self, session: Session, sender: Path) -> Any: ...
-
-    def rcpt_to(self, session: Session, recipient: Path) -> Any: ...
-
-    def data(self, session: Session) -> Any:
-        """Return the MessageSink for the transaction's data (or raise SMTPReplyError)."""
-        ...
 
 
 Answer = Reply | None | defer.Deferred[Any]
@@ -96,17 +55,6 @@ _BUSY, _IDLE, _LINE, _DATA = "busy", "idle", "line", "data"
 """What the session waits for, which decides its timer (`SMTPServer._arm`): the server's
 own work (no timer), the next command's first byte, the rest of a command line, message
 data."""
-
-
-def _tls_description(transport: Any) -> str | None:
-    handle: Any = getattr(transport, "getHandle", lambda: None)()
-    try:
-        version = handle.get_protocol_version_name()
-        cipher = handle.get_cipher_name()
-        bits = handle.get_cipher_bits()
-    except Exception:
-        return "TLS"
-    return f"{version} with cipher {cipher} ({bits}/{bits} bits)"
 
 
 class SMTPServer(TwistedProtocol, TimeoutMixin):
@@ -357,8 +305,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         return self._settle(fn(*args), self.limits.handler_timeout)
 
     def _settle(self, result: Any, timeout: float) -> Any:
-        """A handler's or sink's answer as a value when it has one now (`edge.soon.now`),
-        else the Deferred, cancelled (a 451) if it has not fired after `timeout` seconds."""
+        """A handler's or sink's answer as a value when it has one now
+        (`edge.runtime.nowlater.now`), else the Deferred, cancelled (a 451) if it has not fired
+        after `timeout` seconds."""
         result = now(result)
         if is_deferred(result):
             self._waiting_for = result
@@ -407,7 +356,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self.session.helo = arg
         self.session.esmtp = esmtp
         if self.session.tls is not None:
-            self.session.tls = _tls_description(self.transport)
+            self.session.tls = tls_description(self.transport)
         self.session.reset_transaction()
         if not esmtp:
             return Reply(250, "", self.hostname)
@@ -631,77 +580,6 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 def _aborting(failure: Failure, sink: MessageSink) -> Failure:
     sink.abort()
     return failure
-
-
-class SMTPServerFactory(Factory):
-    """Makes sessions with a handler per connection and enforces connection limits."""
-
-    def __init__(
-        self,
-        handler_factory: Callable[[], SessionHandler],
-        limits: Limits,
-        hostname: str,
-        clock: IReactorTime,
-        tls_context: Any = None,
-        counts: LocalCounts | None = None,
-        auth_throttle: AuthThrottle | None = None,
-        auth_service: str = "smtp",
-    ) -> None:
-        """`counts` keeps the connections the limits are checked against: this factory's
-        own by default, or shared with the other processes on the MX port.
-        `auth_throttle` delays failed AUTH answers (logged as `auth_service`)."""
-        self.handler_factory = handler_factory
-        self.auth_throttle = auth_throttle
-        self.auth_service = auth_service
-        self.limits = limits
-        self.hostname = hostname
-        self.clock = clock
-        self.tls_context = tls_context
-        self.sessions: set[SMTPServer] = set()
-        self.counts = counts if counts is not None else LocalCounts()
-
-    def buildProtocol(self, addr: Any) -> SMTPServer:  # type: ignore[override]
-        proto = SMTPServer(
-            self.handler_factory(), self.limits, self.hostname, self.clock, self.tls_context
-        )
-        proto.factory = self
-        return proto
-
-    def admit(self, proto: SMTPServer) -> Reply | None:
-        """Count the new session: its refusal if it is over a limit (it is counted until
-        it is released all the same). Over the total, over the client address's limit, over
-        its network's limit; and once the total is within `reserved_connections` of its
-        limit, only clients whose network holds at most `reserved_per_network` sessions get
-        in, so that one network filling its share never shuts out the others."""
-        assert proto.session is not None
-        self.sessions.add(proto)
-        limits, host = self.limits, proto.session.peer_host
-        proto.network = network_of(host, limits.network_v4_prefix, limits.network_v6_prefix)
-        total, of_ip = self.counts.add(host)
-        of_network = self.counts.add_network(proto.network)
-        if total > limits.max_connections:
-            return replies.S421_TOO_MANY_CONNECTIONS
-        if of_ip > limits.max_connections_per_ip:
-            return replies.S421_TOO_MANY_FROM_IP
-        if of_network > limits.max_connections_per_network or (
-            total > limits.max_connections - limits.reserved_connections
-            and of_network > limits.reserved_per_network
-        ):
-            return replies.S421_TOO_MANY_FROM_NETWORK
-        return None
-
-    def alone(self) -> bool:
-        """Whether at most one session is open: then no other client can be waiting on the
-        reactor's next step. (Counting only sessions in a transaction was measured too: on
-        loopback, a session between two transactions sends its next command within
-        microseconds, and two to four sessions lost 6 to 9%.)"""
-        return len(self.sessions) <= 1
-
-    def release(self, proto: SMTPServer) -> None:
-        if proto in self.sessions:
-            self.sessions.discard(proto)
-            self.counts.remove(proto.session.peer_host if proto.session else "")
-            self.counts.remove_network(proto.network)
 
 
 _COMMANDS: dict[bytes, Callable[[SMTPServer, str], Answer]] = {

@@ -1,11 +1,11 @@
 """Trace header fields made from what a peer sent: Received, Return-Path, Delivered-To.
 
 The MX writes `Received:` (RFC 5321 §4.4) from the client's EHLO argument, its address, the
-TLS details and the recipient; the final delivery (the connector) writes `Return-Path:` and
-`Delivered-To:` from the envelope. `helo_ok` is the check of the EHLO/HELO argument. Every
-value that came from a peer goes through `header_text`, so that whatever got past the
-parsers, nothing here ever writes a CR, LF, NUL or other control character into a header:
-no peer can end a field early or start one of its own. Nothing here does I/O.
+TLS details (`tls_description`) and the recipient; the final delivery (the connector) writes
+`Return-Path:` and `Delivered-To:` from the envelope. `helo_ok` is the check of the EHLO/HELO
+argument. Every value that came from a peer goes through `header_text`, so that whatever got
+past the parsers, nothing here ever writes a CR, LF, NUL or other control character into a
+header: no peer can end a field early or start one of its own. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
+from typing import Any
 
 _HELO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 """A host name, leniently: letters, digits, hyphens and underscores in labels of 1 to 63
@@ -103,3 +104,15 @@ def return_path(sender: str) -> bytes:
 def delivered_to(recipient: str) -> bytes:
     """`Delivered-To: recipient`: the address this copy was delivered for."""
     return f"Delivered-To: {header_text(recipient)}\r\n".encode("utf-8", "replace")
+
+
+def tls_description(transport: Any) -> str | None:
+    """The TLS details of a session for its `Received:` field: version and cipher."""
+    handle: Any = getattr(transport, "getHandle", lambda: None)()
+    try:
+        version = handle.get_protocol_version_name()
+        cipher = handle.get_cipher_name()
+        bits = handle.get_cipher_bits()
+    except Exception:
+        return "TLS"
+    return f"{version} with cipher {cipher} ({bits}/{bits} bits)"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import StaticPool
 
-from edge.private import private_dir, private_file
+from edge.runtime.private import private_dir, private_file
 from edge.store.keyring import StoreKeys, attach
 
 if TYPE_CHECKING:

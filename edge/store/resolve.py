@@ -14,7 +14,7 @@ Called by the SMTP server at RCPT TO through ``Store.resolve_recipient``. The ru
 4. in ``split`` mode with authoritative hosts it passes the address on to those hosts (the
    domain's previous provider), in priority order;
 5. else nobody takes it (None), and the SMTP server refuses the recipient (unless the edge's
-   own postmaster rule takes it: ``edge.routing.RecipientResolver``).
+   own postmaster rule takes it: ``edge.delivery.routing.RecipientResolver``).
 
 Only a verified route takes mail: a claim (``edge.store.claims``) or a route still in
 ``pending_dns`` or ``ready`` never does, whatever its delivery mode.
@@ -23,7 +23,7 @@ Only a verified route takes mail: a claim (``edge.store.claims``) or a route sti
 would be taken by the rules above if its domain's verified route, now in ``pending_dns`` or
 ``ready``, were ``active`` (its owner proved the domain and the edge is waiting to see its
 DNS records). The MX answers such a recipient with a temporary refusal, so senders retry
-until the edge's re-check (``edge.routewatch``) makes the route active. A claim, a disabled
+until the edge's re-check (``edge.domains.routewatch``) makes the route active. A claim, a disabled
 route or an address nobody would take never counts.
 
 Domains compare case-insensitively and local parts are lower-cased; plus-addresses are not

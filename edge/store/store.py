@@ -290,7 +290,7 @@ class Store:
         ``claim_expires_at`` (never if None), and claims past their time are dropped first
         (``now``). A route made ``ready`` or ``active`` from the start and not as a claim
         (no ``claim_expires_at``) is the operator's own, vouched for: verified at once. The
-        API never makes one so for a device (webapi.control_ops)."""
+        API never makes one so for a device (webapi.v1.ops)."""
         values = _routes.check_fields(
             {
                 "type": type,

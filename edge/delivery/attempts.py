@@ -1,0 +1,101 @@
+"""What a delivery attempt goes through and what is recorded of it.
+
+The deliverer interface the queue hands each target's recipients to; what the queue keeps of
+a message between attempts; which exceptions are passing faults (retried on the schedule)
+and which are defects (the message is held); the fixed replies recorded for a hold, a DNS
+failure and an unreachable device; and what a report to the sender may say of a recipient.
+A reply recorded here never carries an exception's text or a device's private address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import exc as sql_errors
+from twisted.internet import defer, error
+
+from edge.delivery.client import Outcome
+from edge.delivery.dsn import RecipientStatus
+from edge.delivery.routing import Target
+from edge.dns.resolver import DNSTemporaryError
+
+
+class Deliverer(Protocol):
+    def deliver(
+        self,
+        target: Target,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> Any: ...
+
+
+_FAULTS = (
+    OSError,
+    DNSTemporaryError,
+    error.ConnectError,
+    error.ConnectionClosed,
+    defer.TimeoutError,
+    sql_errors.OperationalError,
+    sql_errors.InterfaceError,
+    sql_errors.DisconnectionError,
+    sql_errors.TimeoutError,
+)
+"""Exceptions that are passing faults of the network or of our infrastructure (store, disk,
+DNS), not of a message: retried on the schedule. Anything else is a defect: held."""
+
+
+PASSING_FAULT_TEXT = "4.4.1 delivery failed for now: a passing fault of the mail system"
+"""The reply recorded for a passing fault met while delivering (its detail goes to the log)."""
+
+
+def is_passing_fault(exc: BaseException) -> bool:
+    return isinstance(exc, _FAULTS)
+
+
+HELD_REPLY = "451 4.3.0 held by the mail system for its operator"
+"""The recorded reply of a recipient whose message was held after a defect."""
+DNS_FAILED_REPLY = "451 4.4.3 DNS lookup failed for now"
+"""The recorded reply of a recipient whose route needs DNS that did not answer."""
+
+
+DEVICE_UNREACHABLE_REPLY = "451 4.4.1 the recipient's device cannot be reached now"
+"""The recorded reply when a device's connector could not be reached: the device's
+address on the private network is the operator's to know, never a sender's."""
+
+
+def recipient_status(rcpt: str, outcome: Outcome, target: Target) -> RecipientStatus:
+    """What is recorded of one recipient's attempt, and what a report to the sender says of
+    it. The operator's record (events, `queue show`) keeps the reply as it was; a report
+    names a device by no address: its connector's answer is kept (it is tailpost's own) with
+    the address replaced, a failure to reach it is said in general terms, and no Remote-MTA
+    is given."""
+    reply = f"{outcome.code} {outcome.text}"
+    if target.kind != "device":
+        return RecipientStatus(rcpt, reply, outcome.host)
+    if not outcome.connected and not outcome.final:
+        return RecipientStatus(rcpt, reply, shown=DEVICE_UNREACHABLE_REPLY)
+    if not outcome.host:
+        return RecipientStatus(rcpt, reply)
+    text = outcome.text.replace(outcome.host, "the recipient's device")
+    return RecipientStatus(rcpt, reply, shown=f"{outcome.code} {text}")
+
+
+def defect_reason(exc: BaseException) -> str:
+    return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
+
+
+@dataclass
+class MessageState:
+    """What the queue knows of a message beyond the spool: attempts and last errors."""
+
+    attempts: int = 0
+    next_attempt: float | None = None
+    last_errors: dict[str, str] = field(default_factory=dict)
+    last_shown: dict[str, str] = field(default_factory=dict)
+    """What a report to the sender says of a last error, where it differs from it."""
+    devices: dict[str, str] = field(default_factory=dict)
+    waiting_on: set[str] = field(default_factory=set)

@@ -1,0 +1,1 @@
+"""The process's one DNS resolver, and host names resolved through it for the reactor."""

@@ -1,0 +1,46 @@
+"""The admin keys of the control API: where their file is, and reading it (made on first use).
+
+One key per line, `#` comments allowed; a missing file is created with one random key, mode
+0600. Used by the control listener to check requests and by `tailpost queue` to make them.
+This module must never log or print a key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from edge.config import Config, ConfigError
+
+__all__ = ["admin_key_path", "load_admin_keys"]
+
+
+def admin_key_path(config: Config) -> Path:
+    return (
+        Path(config.edge.admin_key_file)
+        if config.edge.admin_key_file
+        else config.data_path / "edge" / "admin.key"
+    )
+
+
+def load_admin_keys(path: Path) -> list[str]:
+    """The admin keys in ``path``; a missing file is created with one new key (mode 0600)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = "tpa_" + secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# admin keys of the control API, one per line\n{key}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the admin key file {path}: {exc.strerror}") from exc
+    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise ConfigError(f"the admin key file {path} holds no key")
+    if any(len(k) < 16 for k in keys):
+        raise ConfigError(f"every key in {path} must be at least 16 characters")
+    return keys

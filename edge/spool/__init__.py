@@ -1,0 +1,1 @@
+"""The durable spool: segment files, the group commit, the sync process, reading a spool back."""
