@@ -67,12 +67,12 @@ def events(edge: Process) -> dict[str, str]:
 
 def test_a_wrong_pin_defers_the_mail_until_the_right_one_is_known(tmp_path: Path) -> None:
     edge, device = edge_and_device(tmp_path, retry=0.3)
-    device.start()  # makes the connector's certificate
-    pin = connector_pin(device.data_dir)
-    set_pin(edge, "dev_home", OTHER_PIN)
-    listeners = edge.start()
-    new = maildir_new(device)
     try:
+        device.start()  # makes the connector's certificate
+        pin = connector_pin(device.data_dir)
+        set_pin(edge, "dev_home", OTHER_PIN)
+        listeners = edge.start()
+        new = maildir_new(device)
         send(listeners, "me@home.test", "pinned")
         wait_for(lambda: "presented a TLS key with pin" in edge.log())
         assert pin in edge.log() and OTHER_PIN in edge.log()
