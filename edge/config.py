@@ -55,6 +55,7 @@ class EdgeConfig:
     reserved_connections: int = 200
     reserved_per_network: int = 10
     max_errors: int = 20
+    max_junk_commands: int = 100
     max_header_size: int = 1024 * 1024
     max_received_headers: int = 50
     accept_mode: str = "durable"

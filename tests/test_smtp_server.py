@@ -464,3 +464,19 @@ def test_sink_whose_finish_fails_later_is_aborted_and_tempfails() -> None:
     assert [int(line[:3]) for line in conn.replies()] == [354, 451]
     assert aborted == [True]
     assert "disk full" not in conn.transport.value().decode()
+
+
+def test_commands_that_move_no_mail_cannot_hold_a_session_for_ever() -> None:
+    """NOOP, RSET, VRFY and HELP past the limit close the session; an accepted message
+    starts the count again, so a client sending mail with RSET between messages is fine."""
+    conn = greeted(Limits(max_junk_commands=5))
+    for verb in (b"NOOP", b"RSET", b"VRFY x", b"HELP", b"NOOP"):
+        assert conn.codes(verb + b"\r\n")[0] < 400
+    assert deliver(conn, b"Subject: one\r\n\r\nx\r\n.\r\n")[-1].startswith("250")
+    for _ in range(5):
+        assert conn.codes(b"RSET\r\n") == [250]
+    assert conn.send(b"NOOP\r\n") == [
+        "421 4.7.0 Too many commands without mail, closing connection"
+    ]
+    assert conn.transport.disconnecting
+    assert len(conn.handler.messages) == 1

@@ -46,6 +46,7 @@ def smtp_limits(config: Config) -> Limits:
         reserved_connections=e.reserved_connections,
         reserved_per_network=e.reserved_per_network,
         max_errors=e.max_errors,
+        max_junk_commands=e.max_junk_commands,
         max_header_size=e.max_header_size,
         max_received_headers=e.max_received_headers,
         own_received=RECEIVED_HEADERS_ADDED,

@@ -50,6 +50,9 @@ class Limits:
     data_rate_window: float = 60.0
     handler_timeout: float = 60.0
     max_errors: int = 20
+    max_junk_commands: int = 100
+    """NOOP, RSET, VRFY and HELP commands a session may send since its last accepted
+    message before it is closed with 421 4.7.0."""
     max_connections: int = 1000
     max_connections_per_ip: int = 100
     max_connections_per_network: int = 200

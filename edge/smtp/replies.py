@@ -79,6 +79,7 @@ S421_COMMAND_TIMEOUT = Reply(421, "4.4.2", "Command not completed in time, closi
 S421_DATA_TOO_SLOW = Reply(421, "4.4.2", "Message data too slow, closing connection")
 S421_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
 S421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+S421_TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands without mail, closing connection")
 S451_INTERNAL = Reply(451, "4.3.0", "Temporary internal error, try again later")
 S451_TIMEOUT = Reply(451, "4.4.5", "Timed out processing the request, try again later")
 S452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")

@@ -82,6 +82,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._discarding = False
         self._closed = False
         self._errors = 0
+        self._junk = 0  # NOOP, RSET, VRFY, HELP since the last message accepted
         self._data: DataReader | None = None
         self._auth_pending = False
         self._processing = False
@@ -503,19 +504,30 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
             self._rate_timer = self.clock.callLater(self.limits.data_rate_window, self._check_rate)
         return replies.S354_DATA
 
-    def cmd_RSET(self, arg: str) -> Reply:
+    def _junk_command(self, reply: Reply) -> Reply | None:
+        """`reply` to a command that moves no mail (NOOP, RSET, VRFY, HELP), unless the
+        session has sent more than `max_junk_commands` of them since its last message was
+        accepted: then it is closed, so that such commands cannot hold a slot for ever."""
+        self._junk += 1
+        if self._junk <= self.limits.max_junk_commands:
+            return reply
+        self._send(replies.S421_TOO_MANY_JUNK)
+        self._close()
+        return None
+
+    def cmd_RSET(self, arg: str) -> Reply | None:
         assert self.session is not None
         self.session.reset_transaction()
-        return replies.S250_RESET
+        return self._junk_command(replies.S250_RESET)
 
-    def cmd_NOOP(self, arg: str) -> Reply:
-        return replies.S250_OK
+    def cmd_NOOP(self, arg: str) -> Reply | None:
+        return self._junk_command(replies.S250_OK)
 
-    def cmd_VRFY(self, arg: str) -> Reply:
-        return replies.S252_VRFY if arg else replies.S501_SYNTAX
+    def cmd_VRFY(self, arg: str) -> Reply | None:
+        return self._junk_command(replies.S252_VRFY if arg else replies.S501_SYNTAX)
 
-    def cmd_HELP(self, arg: str) -> Reply:
-        return replies.S211_HELP
+    def cmd_HELP(self, arg: str) -> Reply | None:
+        return self._junk_command(replies.S211_HELP)
 
     def cmd_QUIT(self, arg: str) -> Reply | None:
         self._send(replies.S221_BYE)
@@ -574,7 +586,12 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         else:
             if is_deferred(result):
                 result.addErrback(_aborting, sink)
-        self._run(result)
+        self._run(result, self._message_answered)
+
+    def _message_answered(self, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_error:
+            self._junk = 0  # a message accepted: the session moves mail
+        self._finish_command(reply)
 
 
 def _aborting(failure: Failure, sink: MessageSink) -> Failure:
