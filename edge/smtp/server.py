@@ -37,6 +37,7 @@ from edge.runtime.nowlater import is_deferred, now, then
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.data import DataReader, Limits, MessageSink
+from edge.smtp.rate import DataRate
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.sendnow import send_now
 from edge.smtp.session import Session, SessionHandler
@@ -91,8 +92,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._waiting_for: defer.Deferred[Any] | None = None
         self._answer_timer: IDelayedCall | None = None
         self._phase: str | None = None
-        self._rate_timer: IDelayedCall | None = None
-        self._data_bytes = 0
+        self._rate = DataRate(self.clock, self.limits, self._data_too_slow)
         self._auth_failures = 0
         self.network = ""
         """The client's network, as the connection limits count it (set by `admit`)."""
@@ -132,7 +132,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
-        self._stop_rate()
+        self._rate.stop()
         timer, self._answer_timer = self._answer_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -149,7 +149,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def _arm(self) -> None:
         """Set the session's timer for what it now waits for. A timer runs from the moment
         its wait begins: bytes that arrive do not restart it (but for DATA's silence bound,
-        restarted by each read; DATA's pace is `_check_rate`'s), a command that completes
+        restarted by each read; DATA's pace is `DataRate`'s), a command that completes
         does."""
         if self._closed:
             return
@@ -177,7 +177,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._closed = True
         self._busy = True
         self.setTimeout(None)
-        self._stop_rate()
+        self._rate.stop()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -192,7 +192,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         if self._closed:
             return
         if self._data is not None:
-            self._data_bytes += len(data)
+            self._rate.octets += len(data)
             self.resetTimeout()
         self._buffer += data
         self._process()
@@ -499,9 +499,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _data_begins(self, sink: MessageSink) -> Reply:
         self._data = DataReader(self.limits, sink)
-        self._data_bytes = 0
-        if self.limits.min_data_rate > 0:
-            self._rate_timer = self.clock.callLater(self.limits.data_rate_window, self._check_rate)
+        self._rate.start()
         return replies.S354_DATA
 
     def _junk_command(self, reply: Reply) -> Reply | None:
@@ -536,41 +534,29 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     # -- DATA ----------------------------------------------------------------------------
 
-    def _check_rate(self) -> None:
-        """At the end of each window of DATA: close the session if less than the window's
-        share of `min_data_rate` arrived in it."""
-        self._rate_timer = None
+    def _data_too_slow(self, octets: int) -> None:
+        """DATA brought less than its window's share of `min_data_rate` (`DataRate`)."""
         if self._data is None or self._closed:
             return
-        window = self.limits.data_rate_window
-        if self._data_bytes < self.limits.min_data_rate * window:
-            log.info(
-                "smtp {peer}: DATA too slow: {n} octets in {window:g} s",
-                peer=self._peer(),
-                n=self._data_bytes,
-                window=window,
-            )
-            self._abort_data()
-            self._send(replies.S421_DATA_TOO_SLOW)
-            self._close()
-            return
-        self._data_bytes = 0
-        self._rate_timer = self.clock.callLater(window, self._check_rate)
-
-    def _stop_rate(self) -> None:
-        timer, self._rate_timer = self._rate_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        log.info(
+            "smtp {peer}: DATA too slow: {n} octets in {window:g} s",
+            peer=self._peer(),
+            n=octets,
+            window=self.limits.data_rate_window,
+        )
+        self._abort_data()
+        self._send(replies.S421_DATA_TOO_SLOW)
+        self._close()
 
     def _abort_data(self) -> None:
-        self._stop_rate()
+        self._rate.stop()
         reader, self._data = self._data, None
         if reader is not None:
             reader.abort()
 
     def _end_data(self) -> None:
         assert self.session is not None and self._data is not None
-        self._stop_rate()
+        self._rate.stop()
         reader, self._data = self._data, None
         sink = reader.take_sink()
         error = reader.error
