@@ -267,6 +267,17 @@ def config_from_json(text: str) -> Config:
     return config
 
 
+def _check_networks(key: str, networks: list[str], *, strict: bool = False) -> None:
+    """Each of `networks` must be an IP network (with host bits only when not `strict`)."""
+    for network in networks:
+        try:
+            if not isinstance(network, str):
+                raise TypeError(network)
+            ipaddress.ip_network(network, strict=strict)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: {network!r} is not an IP network like 10.0.0.0/8") from exc
+
+
 def load_config(path: str | Path | None = None, *, data_dir: str | None = None) -> Config:
     """Read `path` (or nothing: the embedded defaults) and apply a `--data-dir` override."""
     config = Config()
@@ -295,33 +306,9 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         raise ConfigError('device.mailbox_mode must be "inbox" or "per_address"')
     if config.edge.accept_mode not in ("durable", "discard"):
         raise ConfigError('edge.accept_mode must be "durable" or "discard"')
-    for network in config.edge.mx_proxy_trusted:
-        try:
-            if not isinstance(network, str):
-                raise TypeError(network)
-            ipaddress.ip_network(network, strict=True)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"edge.mx_proxy_trusted: {network!r} is not an IP network like 10.0.0.0/8"
-            ) from exc
-    for network in config.edge.device_networks:
-        try:
-            if not isinstance(network, str):
-                raise TypeError(network)
-            ipaddress.ip_network(network, strict=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"edge.device_networks: {network!r} is not an IP network like 100.64.0.0/10"
-            ) from exc
-    for network in config.device.plaintext_networks:
-        try:
-            if not isinstance(network, str):
-                raise TypeError(network)
-            ipaddress.ip_network(network, strict=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"device.plaintext_networks: {network!r} is not an IP network like 100.64.0.0/10"
-            ) from exc
+    _check_networks("edge.mx_proxy_trusted", config.edge.mx_proxy_trusted, strict=True)
+    _check_networks("edge.device_networks", config.edge.device_networks)
+    _check_networks("device.plaintext_networks", config.device.plaintext_networks)
     if bool(config.device.connector_tls_cert) != bool(config.device.connector_tls_key):
         raise ConfigError("device.connector_tls_cert and device.connector_tls_key go together")
     for name in (
