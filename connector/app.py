@@ -1,4 +1,5 @@
-"""Assembly of the device: Maildir, connector SMTP listener, IMAP server and local HTTP API.
+"""Assembly of the device: Maildir, connector SMTP listener, IMAP server, local HTTP API, and
+the sending parts (`connector.outbound.build`: queue, relay to the edge, submission listener).
 
 State is built from the configuration and the credentials file and passed into each part;
 nothing is global. The HTTP API only ever listens on a loopback address. The connector
@@ -25,8 +26,7 @@ from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
-from connector.outbound.events import OutboundEventLog, OutboundEvents
-from connector.outbound.queue import OutboundQueue
+from connector.outbound.build import Outbound, build_outbound
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
@@ -60,14 +60,17 @@ class Device:
     registration: Registration | None = None
     tls_pin: str | None = None
     """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
-    outbound: OutboundQueue | None = None
-    """The outbound queue (`OutboundQueue.submit` for the submission listener and the API)."""
-    outbound_events: OutboundEvents | None = None
+    outbound: Outbound | None = None
+    """The sending parts: `outbound.queue.submit` (for the submission listener and the API),
+    `outbound.events`, the relay, the outcome poller, the submission listener."""
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
         self.api.base_url = f"http://{addresses['http']}"
         self.api.device.imap_addr = addresses.get("imap", self.api.device.imap_addr)
+        self.api.device.submission_addr = addresses.get(
+            "submission", self.api.device.submission_addr
+        )
 
 
 def _require_loopback(listen: str, what: str) -> None:
@@ -206,31 +209,34 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         on_change=notify_imap,
     )
     registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
-    outbound_events = OutboundEvents(
-        OutboundEventLog(device_dir / "outbound-events.jsonl", reactor.seconds),
-        threads.deferToThread,
-    )
 
     def stored(info: MessageInfo) -> None:
         if notify_imap is not None:
             notify_imap([info.folder])
 
-    outbound = OutboundQueue(
-        device_dir / "outbound",
+    outbound = build_outbound(
+        config,
+        reactor,
         maildir,
-        outbound_events,
-        clock=reactor,
-        run_blocking=threads.deferToThread,
-        hostname=hostname,
-        per_address=d.mailbox_mode == "per_address",
+        registration,
+        edge_client,
+        check_password=creds.check_imap,
+        throttle=throttle,
+        tls_context=tls_context,
+        plaintext_networks=plaintext,
         on_stored=stored,
-        max_recipients=config.edge.max_recipients,
     )
+    if outbound.submission is not None:
+        mail.listeners.append(outbound.submission)  # listens while mail is enabled
+        device_info.submission_addr = outbound.submission.address
+        device_info.submission_starttls = tls_context is not None
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
-    outbound.setServiceParent(service)
+    outbound.queue.setServiceParent(service)
+    if outbound.poller is not None:
+        outbound.poller.setServiceParent(service)
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
@@ -248,5 +254,4 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         registration,
         tls_pin,
         outbound,
-        outbound_events,
     )

@@ -35,6 +35,7 @@ mx_processes = {mx_processes}
 connector_listen = "127.0.0.1:0"
 imap_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
+submission_listen = "127.0.0.1:0"
 """
     if dns_port is not None:
         config += (
@@ -194,6 +195,7 @@ retry_schedule = [{retry}]
 connector_listen = "127.0.0.1:{connector_port}"
 imap_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
+submission_listen = "127.0.0.1:0"
 connector_username = "edge-1"
 connector_password = "s3cret-connector"
 """,

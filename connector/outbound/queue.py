@@ -428,7 +428,25 @@ class OutboundQueue(Service):
             self.outbox.remove(envelope.id, ".msg")
             if all(s.final for s in states.values()):
                 self.outbox.remove(envelope.id, ".state")
+        self._log_events(envelope, new)
         return notice
+
+    def _log_events(self, envelope: Envelope, new: dict[str, RecipientState]) -> None:
+        """In a worker thread, in order: `relayed` (once), then each recipient `bounced`. A
+        failure to record is logged; the states on disk are what counts."""
+        facts = self._facts(envelope)
+        relayed = [s for s in new.values() if s.status == "relayed"]
+        try:
+            if relayed:
+                qid = relayed[0].queue_id or None
+                self.events.log.append(status="relayed", queue_id=qid, **facts)
+            for rcpt, state in new.items():
+                if state.status == "bounced":
+                    self.events.log.append(
+                        status="bounced", recipient=rcpt, detail=state.detail, **facts
+                    )
+        except Exception:
+            log.failure("outbound {id}: recording its events failed", id=envelope.id)
 
     def _settled(
         self,
@@ -445,21 +463,16 @@ class OutboundQueue(Service):
                 self._queued.remove(envelope.id)
             if not entry.awaiting:
                 self._entries.pop(envelope.id, None)
-        facts = self._facts(envelope)
-        relayed = [r for r, s in new.items() if s.status == "relayed"]
-        if relayed:
-            qid = new[relayed[0]].queue_id
-            log.info("outbound {id}: relayed as {qid}", id=envelope.id, qid=qid)
-            self.events.record(status="relayed", queue_id=qid or None, **facts)
         for rcpt, state in new.items():
-            if state.status == "bounced":
-                log.info(
-                    "outbound {id}: {rcpt} refused: {why}",
-                    id=envelope.id,
-                    rcpt=rcpt,
-                    why=state.detail,
-                )
-                self.events.record(status="bounced", recipient=rcpt, detail=state.detail, **facts)
+            why = state.queue_id if state.status == "relayed" else state.detail
+            log.info(
+                "outbound {id}: {rcpt} {status}: {why}",
+                id=envelope.id,
+                rcpt=rcpt,
+                status=state.status,
+                why=why,
+            )
+        self.events.wake()
         if notice is not None:
             self._tell_stored(notice)
 
@@ -481,6 +494,14 @@ class OutboundQueue(Service):
         self._retry = None
         self._pump()
 
+    def wake(self) -> None:
+        """Try the head of the queue now rather than after its retry delay (the edge's
+        address just became known, say)."""
+        retry, self._retry = self._retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
+        self._pump()
+
     # -- outcomes reported by the edge ----------------------------------------------------
 
     def record_outcome(
@@ -498,28 +519,35 @@ class OutboundQueue(Service):
             return defer.succeed(False)
         states = dict(entry.states)
         states[recipient] = RecipientState(status, current.queue_id, detail)
-        d = self.run(self._save_outcome, entry.envelope, states)
+        d = self.run(self._save_outcome, entry.envelope, states, recipient)
         d.addCallback(self._outcome_saved, entry, states, recipient)
         return d
 
-    def _save_outcome(self, envelope: Envelope, states: dict[str, RecipientState]) -> None:
+    def _save_outcome(
+        self, envelope: Envelope, states: dict[str, RecipientState], recipient: str
+    ) -> None:
+        """In a worker thread: the state (or, all final, its removal), then the event."""
         if all(r in states for r in envelope.recipients) and all(s.final for s in states.values()):
             self.outbox.remove(envelope.id, ".state")
         else:
             self.outbox.write_state(envelope, states)
+        state = states[recipient]
+        try:
+            self.events.log.append(
+                status=state.status,
+                recipient=recipient,
+                queue_id=state.queue_id or None,
+                detail=state.detail or None,
+                **self._facts(envelope),
+            )
+        except Exception:
+            log.failure("outbound {id}: recording its event failed", id=envelope.id)
 
     def _outcome_saved(
         self, _: None, entry: _Entry, states: dict[str, RecipientState], recipient: str
     ) -> bool:
         entry.states = states
-        state = states[recipient]
         if not entry.pending and not entry.awaiting:
             self._entries.pop(entry.envelope.id, None)
-        self.events.record(
-            status=state.status,
-            recipient=recipient,
-            queue_id=state.queue_id or None,
-            detail=state.detail or None,
-            **self._facts(entry.envelope),
-        )
+        self.events.wake()
         return True

@@ -117,6 +117,11 @@ class EdgeRelay:
         self._session_key: tuple[str, int, str, str] | None = None
         self._idle: IDelayedCall | None = None
 
+    def point_at(self, address: str) -> None:
+        """Relay to `address` (host:port) from now on (the all-in-one, once its edge
+        listens); a session kept for another address is not used again."""
+        self.address = lambda: address
+
     def requires_tls(self, host: str) -> bool:
         """Whether the device key may go to `host` only over TLS."""
         return not plaintext_allowed(host, self.plaintext_networks)
@@ -129,8 +134,12 @@ class EdgeRelay:
         if not creds:
             text = "4.7.0 this device is not linked to an edge yet"
             return _everyone(recipients, 451, text, "")
+        address = self.address()
+        if not address:
+            log.info("outbound relay: no edge relay address (yet); the mail waits")
+            return _everyone(recipients, 451, "4.3.5 no edge relay address yet", "")
         try:
-            host, port = parse_listen(self.address())
+            host, port = parse_listen(address)
         except ConfigError as exc:
             log.error("outbound relay: no usable edge relay address: {error}", error=exc)
             return _everyone(recipients, 451, "4.3.5 no edge relay address is configured", "")

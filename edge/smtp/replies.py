@@ -64,6 +64,9 @@ S250_RESET = Reply(250, "2.0.0", "Reset")
 S252_VRFY = Reply(252, "2.5.0", "Cannot verify the user, but will accept mail and attempt delivery")
 # 3xx
 S334_AUTH_CONTINUE = Reply(334, "", "")
+# AUTH LOGIN's two questions, "Username:" and "Password:" in base64.
+S334_LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
+S334_LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
 S354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 # 4xx
 S421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
@@ -134,6 +137,18 @@ S550_SENDER_BLOCKED = Reply(550, "5.7.1", "Sender is blocked by the recipient")
 S550_SPAM = Reply(550, "5.7.1", "Message rejected as spam")
 S554_DNSBL = Reply(554, "5.7.1", "Client host is on a DNS blocklist")
 S550_POLICY = Reply(550, "5.7.1", "Message rejected by policy")
+
+
+# The submission listener (RFC 6409, connector.outbound.submission): a login sends only as its
+# own address, and only clients on this machine may connect.
+S553_SUBMIT_SENDER_NOT_OWNED = Reply(
+    553, "5.7.1", "Sender address not owned by the authenticated user"
+)
+S553_SUBMIT_FROM_NOT_OWNED = Reply(
+    553, "5.7.1", "From header address not owned by the authenticated user"
+)
+S554_SUBMIT_LOCAL_ONLY = Reply(554, "5.7.1", "Submission is open to this machine's clients only")
+S554_SUBMIT_BAD_MESSAGE = Reply(554, "5.6.0", "Message not accepted for submission")
 
 
 def all_replies() -> dict[str, Reply]:
