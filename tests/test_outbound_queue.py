@@ -218,3 +218,14 @@ def test_submit_through_the_thread_pool(tmp_path: Path, in_reactor: Any) -> None
     assert dev.queue_files() == [f"{item.id}.msg"]
     assert len(dev.maildir.folder("Sent").messages()) == 1
     assert [e.status for e in dev.log.recent(5)] == ["submitted"]
+
+
+def test_a_message_id_that_would_add_a_header_is_refused(tmp_path: Path) -> None:
+    dev = Device(tmp_path)
+    with pytest.raises(ValueError, match="one line"):
+        result(
+            dev.queue.submit(
+                ALICE, [BOB], message("x"), source="api", message_id="<a@b>\r\nBcc: x@y.test"
+            )
+        )
+    assert dev.queue_files() == []

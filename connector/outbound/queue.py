@@ -247,6 +247,8 @@ class OutboundQueue(Service):
             rcpts = list(dict.fromkeys(check_path(r, "recipient") for r in recipients))
             if not isinstance(data, bytes) or not data.strip():
                 raise ValueError("the message is empty")
+            if any(c in message_id for c in "\r\n\0"):
+                raise ValueError("the Message-ID must be one line")
         except ValueError:
             return defer.fail()
         item_id = self._ids.new()
@@ -295,7 +297,10 @@ class OutboundQueue(Service):
         except BaseException:
             self.maildir.folder(folder).remove(sent.id)  # not queued: no Sent copy either
             raise
-        self.events.log.append(status="submitted", **self._facts(envelope))
+        try:
+            self.events.log.append(status="submitted", **self._facts(envelope))
+        except Exception:  # the message is queued: failing now would have it sent twice
+            log.failure("outbound {id}: recording its event failed", id=envelope.id)
         return envelope, sent
 
     @staticmethod

@@ -149,37 +149,42 @@ class EdgeRelay:
             mail_from = wire_path(sender)
         except ValueError as exc:
             return _everyone(recipients, 553, f"5.1.3 {exc}", where)
-        try:
-            session = await self._ready(host, port, creds)
-        except Exception as exc:
-            log.warn(
-                "outbound relay: the edge at {where} is not reachable: {error}",
-                where=where,
-                error=_text(getattr(exc, "resp", exc)),
-            )
-            return _everyone(
-                recipients, 451, f"4.4.1 the edge's relay at {where} is not reachable", where
-            )
         head_end = data.find(b"\r\n\r\n")
         needs = Needs.of(sender, recipients, data, smtputf8=not data[: max(head_end, 0)].isascii())
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
-        tx = Transaction(
-            mail_from, paths, stuffed, needs.utf8_needed, needs.utf8_wanted, needs.eight_bit
-        )
         by_path = dict(zip(paths, recipients, strict=True))
-        session.final_reply = b""
-        session.send(tx)
-        result = await tx.done
-        self._keep_or_drop(session)
-        if result.error is None:
-            assert result.accepted is not None
-            match = _QUEUED_AS.search(session.final_reply)
-            outcomes = {
-                by_path.get(addr, _text(addr).strip("<>")): RelayOutcome(code, _text(resp))
-                for addr, code, resp in result.accepted[1]
-            }
-            return RelayResult(outcomes, match.group(1).decode() if match else "", where)
-        return self._failed(result.error, recipients, by_path, where)
+        for attempt in range(2):
+            try:
+                session = await self._ready(host, port, creds, fresh=attempt > 0)
+            except Exception as exc:
+                log.warn(
+                    "outbound relay: the edge at {where} is not reachable: {error}",
+                    where=where,
+                    error=_text(getattr(exc, "resp", exc)),
+                )
+                text = f"4.4.1 the edge's relay at {where} is not reachable"
+                return _everyone(recipients, 451, text, where)
+            reused = session.transactions > 0
+            tx = Transaction(
+                mail_from, paths, stuffed, needs.utf8_needed, needs.utf8_wanted, needs.eight_bit
+            )
+            session.final_reply = b""
+            session.send(tx)
+            result = await tx.done
+            self._keep_or_drop(session)
+            if result.error is None:
+                assert result.accepted is not None
+                match = _QUEUED_AS.search(session.final_reply)
+                outcomes = {
+                    by_path.get(addr, _text(addr).strip("<>")): RelayOutcome(code, _text(resp))
+                    for addr, code, resp in result.accepted[1]
+                }
+                return RelayResult(outcomes, match.group(1).decode() if match else "", where)
+            if result.dead and reused and attempt == 0:
+                # A kept session the edge had closed: the data never went; a new one, once.
+                continue
+            return self._failed(result.error, recipients, by_path, where)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _failed(
@@ -207,13 +212,16 @@ class EdgeRelay:
                 result.outcomes[rcpt] = RelayOutcome(rcpt_code, _text(rcpt_resp))
         return result
 
-    async def _ready(self, host: str, port: int, creds: tuple[str, str]) -> _RelaySession:
+    async def _ready(
+        self, host: str, port: int, creds: tuple[str, str], *, fresh: bool = False
+    ) -> _RelaySession:
+        """A session for this key: the kept one (unless `fresh`), else a new one."""
         key = (host, port, creds[0], creds[1])
         idle, self._idle = self._idle, None
         if idle is not None and idle.active():
             idle.cancel()
         session = self._session
-        if session is not None and session.usable and self._session_key == key:
+        if session is not None and session.usable and self._session_key == key and not fresh:
             return session
         if session is not None:
             session.close(QUIT_TIMEOUT)
