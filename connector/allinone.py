@@ -110,10 +110,10 @@ def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
     """Once listening: the device relays its outbound mail to this process's own edge, at the
     relay listener's real address (the report's "relay"; port 0 allowed), at once."""
     relay = addresses.get("relay")
-    if device.outbound is None or not relay:
+    if device.sending is None or not relay:
         return
-    device.outbound.relay.point_at(relay)
-    device.outbound.queue.wake()
+    device.sending.relay.point_at(relay)
+    device.sending.queue.wake()
 
 
 class LinkDevice(Service):
@@ -183,16 +183,16 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
         # The person running the all-in-one is its edge's operator: role mail is theirs.
         config.edge.postmaster = config.demo.address
     device = build_device(config, reactor, extra_addresses=(config.demo.address,))
-    if device.outbound is not None:
+    if device.sending is not None:
         # Mail waits until the edge's relay listens (`point_device_at_relay`).
-        device.outbound.relay.point_at("")
+        device.sending.relay.point_at("")
     edge = build_edge(config, reactor, tls_files=tls_files)
     bootstrap_demo(edge.store, config, device)
     top = MultiService()
     device.service.setServiceParent(top)
     LinkDevice(edge.store, device).setServiceParent(top)
     edge.service.setServiceParent(top)
-    submission = device.outbound.submission if device.outbound is not None else None
+    submission = device.sending.submission if device.sending is not None else None
     report = ReadyReport(
         data / "run",
         [edge.mx, edge.control.listener, device.connector, device.imap, device.http]

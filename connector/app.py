@@ -27,6 +27,8 @@ from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.outbound.build import Outbound, build_outbound
+from connector.outbound.events import OutboundEvents
+from connector.outbound.queue import OutboundQueue
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
@@ -60,9 +62,12 @@ class Device:
     registration: Registration | None = None
     tls_pin: str | None = None
     """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
-    outbound: Outbound | None = None
-    """The sending parts: `outbound.queue.submit` (for the submission listener and the API),
-    `outbound.events`, the relay, the outcome poller, the submission listener."""
+    outbound: OutboundQueue | None = None
+    """The outbound queue (`OutboundQueue.submit` for the submission listener and the API)."""
+    outbound_events: OutboundEvents | None = None
+    sending: Outbound | None = None
+    """All the sending parts: the queue and its events, the relay to the edge, the outcome
+    poller, the submission listener."""
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
@@ -196,6 +201,29 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         edge_url=d.edge_url,
         imap_password=creds.imap.get,
     )
+    registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
+
+    def stored(info: MessageInfo) -> None:
+        if notify_imap is not None:
+            notify_imap([info.folder])
+
+    sending = build_outbound(
+        config,
+        reactor,
+        maildir,
+        registration,
+        edge_client,
+        check_password=creds.check_imap,
+        throttle=throttle,
+        tls_context=tls_context,
+        plaintext_networks=plaintext,
+        on_stored=stored,
+    )
+    outbound, outbound_events = sending.queue, sending.events
+    if sending.submission is not None:
+        mail.listeners.append(sending.submission)  # listens while mail is enabled
+        device_info.submission_addr = sending.submission.address
+        device_info.submission_starttls = tls_context is not None
     api = LocalAPI(
         maildir,
         creds.local_api_token,
@@ -208,35 +236,13 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         clock=reactor,
         on_change=notify_imap,
     )
-    registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
-
-    def stored(info: MessageInfo) -> None:
-        if notify_imap is not None:
-            notify_imap([info.folder])
-
-    outbound = build_outbound(
-        config,
-        reactor,
-        maildir,
-        registration,
-        edge_client,
-        check_password=creds.check_imap,
-        throttle=throttle,
-        tls_context=tls_context,
-        plaintext_networks=plaintext,
-        on_stored=stored,
-    )
-    if outbound.submission is not None:
-        mail.listeners.append(outbound.submission)  # listens while mail is enabled
-        device_info.submission_addr = outbound.submission.address
-        device_info.submission_starttls = tls_context is not None
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
-    outbound.queue.setServiceParent(service)
-    if outbound.poller is not None:
-        outbound.poller.setServiceParent(service)
+    outbound.setServiceParent(service)
+    if sending.poller is not None:
+        sending.poller.setServiceParent(service)
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
@@ -254,4 +260,6 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         registration,
         tls_pin,
         outbound,
+        outbound_events,
+        sending,
     )

@@ -31,7 +31,7 @@ def makeService(options: Options) -> IService:
     device = build_device(config, reactor)
     top: Any = MultiService()
     device.service.setServiceParent(top)
-    submission = device.outbound.submission if device.outbound is not None else None
+    submission = device.sending.submission if device.sending is not None else None
     report = ReadyReport(
         config.data_path / "run",
         [device.connector, device.imap, device.http]

@@ -361,17 +361,17 @@ def test_the_device_submits_and_relays_once_pointed_at_its_edge(
     from connector.app import build_device
 
     device = in_reactor(build_device, _device_config(tmp_path), in_reactor.reactor)
-    assert device.outbound is not None and device.outbound.submission is not None
-    assert device.outbound.poller is None  # no edge URL: nothing to poll
+    assert device.sending is not None and device.sending.submission is not None
+    assert device.sending.poller is None  # no edge URL: nothing to poll
     assert device.api.device.submission_starttls
     # Linked as an approval (or the all-in-one's bootstrap) leaves it.
     link = device.registration.link
     link.status, link.device_id, link.device_key = "authorized", DEVICE_ID, DEVICE_KEY
-    device.outbound.relay.point_at("")  # as the all-in-one does until its edge listens
+    device.sending.relay.point_at("")  # as the all-in-one does until its edge listens
     in_reactor(device.service.startService)
     edge = EdgeRelayStandIn(tls_dir=tmp_path / "edge-tls")
     try:
-        port = device.outbound.submission.port
+        port = device.sending.submission.port
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
             smtp.starttls(context=_tls())
             smtp.login(ALICE, device.creds.imap[ALICE])
@@ -382,7 +382,7 @@ def test_the_device_submits_and_relays_once_pointed_at_its_edge(
         assert edge.taken == []
         relay_port = in_reactor(edge.listen, in_reactor.reactor)
         in_reactor(point_device_at_relay, device, {"relay": f"127.0.0.1:{relay_port}"})
-        in_reactor(device.outbound.queue.when_drained)
+        in_reactor(device.sending.queue.when_drained)
         (taken,) = edge.taken
         assert taken.tls and b"Subject: assembled" in taken.data
         assert list(queue_dir.glob("*.msg")) == []
