@@ -227,10 +227,43 @@ def test_an_edge_that_refuses_the_key_is_asked_again_later(in_reactor: Any, tmp_
         in_reactor(dev.clock.advance, 5)
         wait_for(lambda: dev.poller.polls == 1 and dev.poller._timer is not None, "a refusal")
         assert dev.poller.after == 0 and dev.outcomes() == []
+        # Refused again: the wait doubles (10 s, then 20 s).
+        in_reactor(dev.clock.advance, 9)
+        assert dev.poller.polls == 1
+        in_reactor(dev.clock.advance, 1)
+        wait_for(lambda: dev.poller.polls == 2 and dev.poller._timer is not None, "again")
+        (timer,) = [c for c in dev.clock.getDelayedCalls() if c.func == dev.poller._tick]
+        assert timer.getTime() - dev.clock.seconds() == 20
         dev.poller.client._key = lambda: DEVICE_KEY
-        in_reactor(dev.clock.advance, 5)
+        in_reactor(dev.clock.advance, 20)
         wait_for(lambda: dev.queue.awaiting() == {}, "the outcome")
         assert dev.outcomes() == [("delivered", BOB, None)]
+        assert dev.poller._failures == 0
+    finally:
+        in_reactor(dev.stop)
+        in_reactor(smtp.stop)
+        in_reactor(http.stopListening)
+
+
+def test_outcomes_are_not_waited_for_forever(in_reactor: Any, tmp_path: Path) -> None:
+    smtp = EdgeRelayStandIn()
+    relay_port = in_reactor(smtp.listen, in_reactor.reactor)
+    edge = EventsResource()
+    http = _serve(in_reactor, edge)
+    dev = in_reactor(Device, tmp_path, in_reactor.reactor, relay_port, http.getHost().port)
+    in_reactor(dev.start)
+    try:
+        item = in_reactor(dev.queue.submit, ALICE, [BOB], message("x"), source="api")
+        in_reactor(dev.queue.when_drained)
+        assert [p.name for p in dev.dir.iterdir()] == [f"{item.id}.state"]
+        in_reactor(dev.clock.advance, 5)  # asked; the edge has nothing yet
+        wait_for(lambda: dev.poller.polls == 1 and dev.poller._timer is not None, "a poll")
+        in_reactor(dev.clock.advance, 7 * 86400)
+        wait_for(lambda: list(dev.dir.iterdir()) == [], "the state forgotten")
+        assert dev.queue.awaiting() == {}
+        polls = dev.poller.polls
+        in_reactor(dev.clock.advance, 60)
+        assert dev.poller.polls == polls
     finally:
         in_reactor(dev.stop)
         in_reactor(smtp.stop)

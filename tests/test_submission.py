@@ -389,3 +389,22 @@ def test_the_device_submits_and_relays_once_pointed_at_its_edge(
     finally:
         in_reactor(device.service.stopService)
         in_reactor(edge.stop)
+
+
+def test_the_all_in_one_reports_submission_and_waits_for_its_relay(
+    tmp_path: Path, in_reactor: Any
+) -> None:
+    from connector.allinone import build_allinone
+    from edge.config import Config
+
+    config = Config(data_dir=str(tmp_path / "aio"), hostname="aio.test")
+    config.edge.mx_listen = config.edge.control_listen = "127.0.0.1:0"
+    for name in ("connector_listen", "imap_listen", "http_listen", "submission_listen"):
+        setattr(config.device, name, "127.0.0.1:0")
+    _top, edge, device, report = in_reactor(build_allinone, config, in_reactor.reactor)
+    try:
+        assert "submission" in [str(listener.name) for listener in report.listeners]
+        assert device.sending is not None
+        assert device.sending.relay.address() == ""  # until its edge's relay listens
+    finally:
+        edge.store.close()

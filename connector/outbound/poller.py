@@ -12,7 +12,8 @@ page again, and an outcome already recorded changes nothing.
 
 No poll is made while nothing waits, nor while the queue is relaying (the message being
 relayed could have events before its queue id is recorded). An edge that cannot be reached
-or answers an error is asked again at the next interval. This module never blocks the
+or answers an error is asked again later, the wait doubling up to `max_interval`. Outcomes
+not known `outcome_wait` seconds (7 days) after submission are no longer waited for. This module never blocks the
 reactor thread and never sends the device key anywhere but the edge (the client's job).
 """
 
@@ -37,6 +38,9 @@ from maildir.durable import fsync_dir
 __all__ = ["EDGE_OUTCOMES", "OutcomePoller"]
 
 log = Logger(namespace="tailpost.outbound.poller")
+
+DEFAULT_OUTCOME_WAIT = 7 * 86400.0
+"""How long outcomes are waited for: past the edge's 5 days of retries, with room to spare."""
 
 EDGE_OUTCOMES = {
     "delivered": "delivered",
@@ -80,7 +84,12 @@ class OutcomePoller(Service):
         run_blocking: Callable[..., Deferred[Any]],
         interval: float = 5.0,
         limit: int = 100,
+        max_interval: float = 300.0,
+        outcome_wait: float = DEFAULT_OUTCOME_WAIT,
     ) -> None:
+        """`interval` seconds between polls, doubled after each failed one up to
+        `max_interval`; outcomes are waited for at most `outcome_wait` seconds after the
+        message was submitted."""
         self.setName("outbound-outcomes")
         self.queue = queue
         self.client = client
@@ -88,12 +97,17 @@ class OutcomePoller(Service):
         self.clock = clock
         self.run = run_blocking
         self.interval = interval
+        self.max_interval = max(interval, max_interval)
         self.limit = limit
+        self.outcome_wait = outcome_wait
+        self._failures = 0
         self.after = read_cursor(cursor_path)
         self.polls = 0
         """Requests made to the edge (for tests and metrics)."""
         self._timer: IDelayedCall | None = None
-        self._polling: Deferred[bool] | None = None
+        self._polling: Deferred[None] | None = None
+        self.last_failed = False
+        """Whether the last poll got no usable answer."""
 
     def startService(self) -> None:
         super().startService()
@@ -111,13 +125,14 @@ class OutcomePoller(Service):
         polling.addBoth(lambda _: done.callback(None))
         return done
 
-    def _schedule(self, delay: float | None = None) -> None:
+    def _schedule(self) -> None:
         if self.running and self._timer is None:
-            wait = self.interval if delay is None else delay
+            wait = min(self.max_interval, self.interval * 2 ** min(self._failures, 30))
             self._timer = self.clock.callLater(wait, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        self.queue.forget_outcomes(self.clock.seconds() - self.outcome_wait)
         if not self.queue.awaiting() or self.queue.relaying:
             self._schedule()
             return
@@ -125,11 +140,16 @@ class OutcomePoller(Service):
         self._polling.addErrback(lambda f: log.failure("polling the edge's outcomes failed", f))
         self._polling.addBoth(self._polled)
 
-    async def _poll_pages(self) -> bool:
-        """Page after page while full pages come (and the service runs)."""
-        while await self.poll() and self.running:
-            pass
-        return True
+    async def _poll_pages(self) -> None:
+        """Page after page while full pages come (and the service runs); a failed poll
+        makes the next wait longer."""
+        self._failures += 1
+        while True:
+            more = await self.poll()
+            if self.last_failed or not more or not self.running:
+                break
+        if not self.last_failed:
+            self._failures = 0
 
     def _polled(self, _: object) -> None:
         self._polling = None
@@ -139,6 +159,7 @@ class OutcomePoller(Service):
         """Ask for one page of events and record the outcomes in it; True if there may be
         more to ask for at once."""
         self.polls += 1
+        self.last_failed = True
         path = f"/v1/outbound/events?after={self.after}&limit={self.limit}".encode("ascii")
         try:
             reply = await self.client.request(b"GET", path)
@@ -158,6 +179,7 @@ class OutcomePoller(Service):
                 path=path.decode(),
             )
             return False
+        self.last_failed = False
         awaited = self.queue.awaiting()
         for event in events:
             if isinstance(event, dict):

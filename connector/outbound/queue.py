@@ -509,6 +509,33 @@ class OutboundQueue(Service):
 
     # -- outcomes reported by the edge ----------------------------------------------------
 
+    def forget_outcomes(self, submitted_before: float) -> Deferred[list[str]]:
+        """Stop waiting for the outcomes of messages relayed and submitted before the time
+        `submitted_before` (their edge has long given up on them, or forgot them): their
+        state files are removed. Fires with their ids."""
+        stale = [
+            entry
+            for entry in self._entries.values()
+            if not entry.pending and entry.envelope.submitted_at < submitted_before
+        ]
+        if not stale:
+            return defer.succeed([])
+        for entry in stale:
+            self._entries.pop(entry.envelope.id, None)
+            log.warn(
+                "outbound {id}: no outcome from the edge for {rcpts}; no longer asked for",
+                id=entry.envelope.id,
+                rcpts=", ".join(entry.awaiting),
+            )
+        ids = [entry.envelope.id for entry in stale]
+
+        def remove() -> list[str]:
+            for item_id in ids:
+                self.outbox.remove(item_id, ".state")
+            return ids
+
+        return self.run(remove)
+
     def record_outcome(
         self, item_id: str, recipient: str, status: str, detail: str = ""
     ) -> Deferred[bool]:
