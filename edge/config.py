@@ -130,6 +130,7 @@ class DeviceConfig:
     edge_relay: str = ""
     relay_retry_initial: float = 5.0
     relay_retry_max: float = 300.0
+    outbound_lifetime: float = 5 * 86400.0
     outcome_poll_interval: float = 5.0
 
 
@@ -309,10 +310,13 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
     ):
         parse_listen(listen)
     d = config.device
-    if not 0 < d.relay_retry_initial <= d.relay_retry_max or d.outcome_poll_interval <= 0:
+    if (
+        not 0 < d.relay_retry_initial <= d.relay_retry_max
+        or min(d.outcome_poll_interval, d.outbound_lifetime) <= 0
+    ):
         raise ConfigError(
-            "device.relay_retry_initial, relay_retry_max and outcome_poll_interval must be "
-            "positive, and relay_retry_initial at most relay_retry_max"
+            "device.relay_retry_initial, relay_retry_max, outcome_poll_interval and "
+            "outbound_lifetime must be positive, and relay_retry_initial at most relay_retry_max"
         )
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")

@@ -8,11 +8,15 @@ certificate when given one, refuses the recipients in `refuse` (550 5.1.1) or an
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
+from twisted.python.failure import Failure
 
 from edge.smtp import replies
 from edge.smtp.address import Path
@@ -111,3 +115,24 @@ class _Policy:
 
     def data(self, session: Session) -> _Sink:
         return _Sink(self.relay, session)
+
+
+def within(in_reactor: Any, fn: Callable[..., Any], *args: Any, limit: float = 30.0) -> Any:
+    """`fn(*args)` run in the reactor thread, its Deferred waited for at most `limit`
+    seconds (a wait that never ends fails the test rather than hanging it)."""
+    done = threading.Event()
+    out: list[Any] = []
+
+    def finished(value: Any) -> None:
+        out.append(value)
+        done.set()
+
+    def run() -> None:
+        defer.maybeDeferred(fn, *args).addBoth(finished)
+
+    in_reactor.reactor.callFromThread(run)
+    assert done.wait(limit), f"{getattr(fn, '__qualname__', fn)} did not finish"
+    value = out[0]
+    if isinstance(value, Failure):
+        value.raiseException()
+    return value

@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from twisted.internet.task import Clock
+from twisted.internet.threads import blockingCallFromThread
 
 from connector.outbound.events import OutboundEventLog, OutboundEvents
 from connector.outbound.outbox import RecipientState
 from connector.outbound.queue import OutboundQueue
 from connector.outbound.relay import EdgeRelay, relay_address
 from maildir import Maildir
-from tests.edgerelay import DEVICE_ID, DEVICE_KEY, EdgeRelayStandIn
+from tests.edgerelay import DEVICE_ID, DEVICE_KEY, EdgeRelayStandIn, within
 
 ALICE = "alice@example.test"
 BOB = "bob@example.net"
@@ -41,7 +42,8 @@ def wait_for(check: Callable[[], bool], what: str, limit: float = 20.0) -> None:
     """Wait until `check()` holds (it runs in the reactor thread); fail after `limit`."""
     end = time.monotonic() + limit
     while time.monotonic() < end:
-        if check():
+        core: Any = reactor
+        if blockingCallFromThread(core, check):
             return
         time.sleep(0.02)
     raise AssertionError(f"never happened: {what}")
@@ -98,7 +100,7 @@ class Device:
 def edge(in_reactor: Any, tmp_path: Path) -> Any:
     stand_in = EdgeRelayStandIn(tls_dir=tmp_path / "edge-tls")
     yield stand_in
-    in_reactor(stand_in.stop)
+    within(in_reactor, stand_in.stop)
 
 
 def start(in_reactor: Any, dev: Device) -> None:
@@ -106,7 +108,7 @@ def start(in_reactor: Any, dev: Device) -> None:
 
 
 def stop(in_reactor: Any, dev: Device) -> None:
-    in_reactor(dev.queue.stopService)
+    within(in_reactor, dev.queue.stopService)
 
 
 def test_relay_address_defaults_to_the_edge_host_on_2526() -> None:
@@ -125,7 +127,7 @@ def test_messages_go_in_order_with_auth_and_starttls_and_leave_the_queue(
         in_reactor(dev.queue.submit, ALICE, [BOB], message(f"m{i}"), source="api") for i in range(3)
     ]
     start(in_reactor, dev)
-    in_reactor(dev.queue.when_drained)
+    within(in_reactor, dev.queue.when_drained)
     try:
         assert [t.data.split(b"Subject: ")[1][:2] for t in edge.taken] == [b"m0", b"m1", b"m2"]
         assert all(t.sender == ALICE and t.recipients == [BOB] for t in edge.taken)
@@ -174,7 +176,7 @@ def test_edge_down_then_up_every_message_goes_once_in_order(
         # Up again.
         in_reactor(edge.listen, in_reactor.reactor, "127.0.0.1", port)
         in_reactor(dev.clock.advance, 10)
-        in_reactor(dev.queue.when_drained)
+        within(in_reactor, dev.queue.when_drained)
         subjects = [t.data.split(b"Subject: ")[1][:2] for t in edge.taken]
         assert subjects == [b"m0", b"m1", b"m2", b"m3"]
         assert dev.queue.queued == []
@@ -197,7 +199,7 @@ def test_a_restart_relays_what_was_queued_in_order(
     assert again.queue.queued == [i.id for i in items]
     start(in_reactor, again)
     try:
-        in_reactor(again.queue.when_drained)
+        within(in_reactor, again.queue.when_drained)
         assert [t.data.split(b"Subject: ")[1][:2] for t in edge.taken] == [b"m0", b"m1", b"m2"]
         assert all(t.recipients == [BOB, CAROL] for t in edge.taken)
     finally:
@@ -220,7 +222,7 @@ def test_a_message_whose_state_says_relayed_is_never_sent_again(
     assert again.queue.queued == [] and again.queue.awaiting() == {"Q77": [(item.id, BOB)]}
     start(in_reactor, again)
     try:
-        in_reactor(again.queue.when_drained)
+        within(in_reactor, again.queue.when_drained)
         assert edge.taken == []
     finally:
         stop(in_reactor, again)
@@ -235,7 +237,7 @@ def test_a_refused_recipient_bounces_with_a_notice_the_others_go(
     start(in_reactor, dev)
     try:
         item = in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
-        in_reactor(dev.queue.when_drained)
+        within(in_reactor, dev.queue.when_drained)
         assert [t.recipients for t in edge.taken] == [[BOB]]  # Carol refused at RCPT
         (notice,) = dev.maildir.folder("INBOX").messages()
         text = dev.maildir.folder("INBOX").read(notice.id)
@@ -261,7 +263,7 @@ def test_every_recipient_refused_removes_the_message(
     start(in_reactor, dev)
     try:
         in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
-        in_reactor(dev.queue.when_drained)
+        within(in_reactor, dev.queue.when_drained)
         assert edge.taken == [] and dev.files() == []
         assert len(dev.maildir.folder("INBOX").messages()) == 1
     finally:
@@ -277,12 +279,12 @@ def test_a_temporary_refusal_waits_and_goes_once_later(
     start(in_reactor, dev)
     try:
         item = in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
-        wait_for(lambda: bool(dev.clock.getDelayedCalls()) and len(edge.taken) == 1, "retry")
+        wait_for(lambda: dev.queue.attempts == 1 and not dev.queue.relaying, "a first attempt")
         assert dev.queue.queued == [item.id]
         assert edge.taken[0].recipients == [BOB]
         edge.later.clear()
         in_reactor(dev.clock.advance, 5)
-        in_reactor(dev.queue.when_drained)
+        within(in_reactor, dev.queue.when_drained)
         # Bob's copy went once; Carol's went on the retry, alone.
         assert [t.recipients for t in edge.taken] == [[BOB], [CAROL]]
         state = json.loads((dev.dir / f"{item.id}.state").read_text())["recipients"]
@@ -344,7 +346,7 @@ def test_outside_loopback_the_key_goes_only_over_tls(in_reactor: Any, tmp_path: 
         assert plain.logins == [] and plain.taken == []  # the key was never sent
     finally:
         stop(in_reactor, dev)
-        in_reactor(plain.stop)
+        within(in_reactor, plain.stop)
     # The same edge address with STARTTLS: relayed, over TLS.
     tls = EdgeRelayStandIn(tls_dir=tmp_path / "tls")
     port = in_reactor(tls.listen, in_reactor.reactor, host)
@@ -352,8 +354,63 @@ def test_outside_loopback_the_key_goes_only_over_tls(in_reactor: Any, tmp_path: 
     start(in_reactor, dev)
     try:
         in_reactor(dev.queue.submit, ALICE, [BOB], message("y"), source="api")
-        in_reactor(dev.queue.when_drained)
+        within(in_reactor, dev.queue.when_drained)
         assert tls.logins == [(DEVICE_ID, True)] and len(tls.taken) == 1
     finally:
         stop(in_reactor, dev)
-        in_reactor(tls.stop)
+        within(in_reactor, tls.stop)
+
+
+DORA = "dora@example.test"
+
+
+def message_from(sender: str, subject: str) -> bytes:
+    return f"From: <{sender}>\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nHi.\r\n".encode()
+
+
+def test_a_refusal_holds_that_senders_mail_only_and_keeps_its_order(
+    in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn
+) -> None:
+    edge.later.add(CAROL)
+    port = in_reactor(edge.listen, in_reactor.reactor)
+    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}")
+    first = in_reactor(dev.queue.submit, ALICE, [CAROL], message_from(ALICE, "a1"), source="api")
+    other = in_reactor(dev.queue.submit, DORA, [BOB], message_from(DORA, "d1"), source="api")
+    second = in_reactor(dev.queue.submit, ALICE, [BOB], message_from(ALICE, "a2"), source="api")
+    start(in_reactor, dev)
+    try:
+        # Alice's first is refused for now: Dora's goes; Alice's second waits behind it.
+        wait_for(lambda: dev.queue.attempts == 2 and not dev.queue.relaying, "Dora's message")
+        assert len(edge.taken) == 1
+        assert b"Subject: d1" in edge.taken[0].data
+        assert dev.queue.queued == [first.id, second.id] and other.id not in dev.queue.queued
+        edge.later.clear()
+        in_reactor(dev.clock.advance, 5)
+        within(in_reactor, dev.queue.when_drained)
+        subjects = [t.data.split(b"Subject: ")[1][:2] for t in edge.taken]
+        assert subjects == [b"d1", b"a1", b"a2"]
+    finally:
+        stop(in_reactor, dev)
+
+
+def test_mail_the_edge_never_takes_bounces_after_its_lifetime(
+    in_reactor: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}")
+    dev.queue.lifetime = 3600.0
+    start(in_reactor, dev)
+    try:
+        item = in_reactor(dev.queue.submit, ALICE, [BOB], message("late"), source="api")
+        wait_for(lambda: bool(dev.clock.getDelayedCalls()), "a retry timer")
+        assert dev.queue.queued == [item.id]
+        in_reactor(dev.clock.advance, 3600)
+        within(in_reactor, dev.queue.when_drained)
+        assert dev.files() == []
+        (notice,) = dev.maildir.folder("INBOX").messages()
+        text = dev.maildir.folder("INBOX").read(notice.id)
+        assert b"Status: 5.4.7" in text and b"not relayed to the edge in 1 hours" in text
+        wait_for(lambda: len(dev.log.recent(10)) == 2, "two events")
+        assert dev.statuses() == [("submitted", None), ("bounced", BOB)]
+    finally:
+        stop(in_reactor, dev)

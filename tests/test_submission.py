@@ -34,7 +34,7 @@ from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits
 from edge.tls import ensure_self_signed, server_context
 from maildir import Maildir
-from tests.edgerelay import DEVICE_ID, DEVICE_KEY, EdgeRelayStandIn
+from tests.edgerelay import DEVICE_ID, DEVICE_KEY, EdgeRelayStandIn, within
 
 ALICE = "alice@example.test"
 ALICE_PW = "alice-imap-password"
@@ -317,15 +317,15 @@ def test_submitted_mail_is_relayed_to_the_edge(in_reactor: Any, tmp_path: Path) 
             smtp.starttls(context=_tls())
             smtp.login(ALICE, ALICE_PW)
             smtp.sendmail(ALICE, [BOB], message(subject="to the edge"))
-        in_reactor(device.queue.when_drained)
+        within(in_reactor, device.queue.when_drained)
         (taken,) = edge.taken
         assert taken.sender == ALICE and taken.recipients == [BOB]
         assert b"Subject: to the edge\r\n" in taken.data
         assert device.queued() == []
     finally:
         in_reactor(port.stopListening)
-        in_reactor(device.queue.stopService)
-        in_reactor(edge.stop)
+        within(in_reactor, device.queue.stopService)
+        within(in_reactor, edge.stop)
 
 
 # -- assembled as the device runs it -----------------------------------------------------------
@@ -382,13 +382,13 @@ def test_the_device_submits_and_relays_once_pointed_at_its_edge(
         assert edge.taken == []
         relay_port = in_reactor(edge.listen, in_reactor.reactor)
         in_reactor(point_device_at_relay, device, {"relay": f"127.0.0.1:{relay_port}"})
-        in_reactor(device.sending.queue.when_drained)
+        within(in_reactor, device.sending.queue.when_drained)
         (taken,) = edge.taken
         assert taken.tls and b"Subject: assembled" in taken.data
         assert list(queue_dir.glob("*.msg")) == []
     finally:
-        in_reactor(device.service.stopService)
-        in_reactor(edge.stop)
+        within(in_reactor, device.service.stopService)
+        within(in_reactor, edge.stop)
 
 
 def test_the_all_in_one_reports_submission_and_waits_for_its_relay(

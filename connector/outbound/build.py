@@ -100,6 +100,7 @@ def build_outbound(
         retry_initial=d.relay_retry_initial,
         retry_max=d.relay_retry_max,
         max_recipients=config.edge.max_recipients,
+        lifetime=d.outbound_lifetime,
     )
     poller = None
     if edge_client is not None:

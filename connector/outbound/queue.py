@@ -12,9 +12,12 @@ crash between the two leaves a Sent copy of a message the client was never told 
 Messages are relayed to the edge one at a time, in the order of their ids (which increase
 with each submission, across restarts), through a `Relay` (`connector.outbound.relay`).
 Per recipient, a 2xx makes it `relayed` with the edge's queue id, a 5xx `bounced` with a
-notice to the sender (`connector.outbound.bounce`), and a 4xx, or no answer at all (the edge
-unreachable), leaves the message at the head of the queue, tried again after a delay that
-doubles from `retry_initial` to `retry_max` seconds. After a relay attempt's answer, the
+notice to the sender (`connector.outbound.bounce`). No answer at all (the edge unreachable)
+stops the whole queue, tried again after a delay that doubles from `retry_initial` to
+`retry_max` seconds; a 4xx from the edge (a rate limit of the sender's address, say) stops
+only the mail of that sender, with the same growing delay, while other senders' mail goes
+on: each sender's mail still goes in its order. A message not relayed `lifetime` seconds (5
+days, as the edge's own queue) after its submission bounces at its next failed attempt. After a relay attempt's answer, the
 recipients' states are written (fsynced) before anything acts on them: only then is the
 message's file removed (once no recipient still waits to be relayed) and the events
 recorded. So a crash after the state is on disk never sends the message again: at start,
@@ -40,9 +43,8 @@ from __future__ import annotations
 import bisect
 import email.utils
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -53,6 +55,7 @@ from twisted.python.failure import Failure
 
 from connector.outbound.bounce import bounce_notice, notice_key
 from connector.outbound.events import OutboundEvents
+from connector.outbound.items import Entry, OutboundItem, Relay, RelayOutcome, RelayResult
 from connector.outbound.message import ItemIds, check_path, complete
 from connector.outbound.outbox import Envelope, Outbox, RecipientState, Stored
 from maildir import FolderExists, Maildir, MessageInfo, address_folder
@@ -72,61 +75,8 @@ log = Logger(namespace="tailpost.outbound")
 
 SENT_FOLDER = "Sent"
 DEFAULT_MAX_RECIPIENTS = 100
-
-
-@dataclass(frozen=True)
-class RelayOutcome:
-    """The edge's answer for one recipient: its reply code and text (enhanced code first)."""
-
-    code: int
-    text: str
-
-
-@dataclass(frozen=True)
-class RelayResult:
-    """One relay attempt: an outcome per recipient, and the edge's queue id on a 250."""
-
-    outcomes: dict[str, RelayOutcome]
-    queue_id: str = ""
-    where: str = ""
-
-
-class Relay(Protocol):
-    """Hands one message to the edge. Never fails: an unreachable edge is a 4xx outcome."""
-
-    def send(self, sender: str, recipients: list[str], data: bytes) -> Deferred[RelayResult]: ...
-
-    def close(self) -> Deferred[None]: ...
-
-
-@dataclass
-class OutboundItem:
-    """One submitted message, as `submit` answers it."""
-
-    id: str
-    message_id: str
-    status: str
-    sender: str
-    recipients: list[str]
-    subject: str = ""
-    source: str = ""
-
-
-@dataclass
-class _Entry:
-    envelope: Envelope
-    states: dict[str, RecipientState] = field(default_factory=dict)
-    has_data: bool = True
-
-    @property
-    def pending(self) -> list[str]:
-        """Recipients not relayed (nor bounced) yet."""
-        return [r for r in self.envelope.recipients if r not in self.states]
-
-    @property
-    def awaiting(self) -> list[str]:
-        """Recipients the edge took whose final outcome is not known yet."""
-        return [r for r, s in self.states.items() if not s.final]
+DEFAULT_LIFETIME = 5 * 86400.0
+"""How long a message may wait for its edge before its recipients bounce (as the edge's)."""
 
 
 class OutboundQueue(Service):
@@ -147,6 +97,7 @@ class OutboundQueue(Service):
         retry_initial: float = 5.0,
         retry_max: float = 300.0,
         max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+        lifetime: float = DEFAULT_LIFETIME,
     ) -> None:
         """`on_stored` is told (in the reactor thread) of each Sent copy and notice stored.
         The directory is read here, once: what it holds is relayed when the service starts."""
@@ -163,7 +114,10 @@ class OutboundQueue(Service):
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.max_recipients = max_recipients
-        self._entries: dict[str, _Entry] = {}
+        self.lifetime = lifetime
+        self._held: dict[str, tuple[float, int]] = {}  # sender -> (until, refusals)
+        self._wake_timer: IDelayedCall | None = None
+        self._entries: dict[str, Entry] = {}
         self._queued: list[str] = []  # ids with recipients to relay, in submission order
         self._busy = False
         self._retry: IDelayedCall | None = None
@@ -182,7 +136,7 @@ class OutboundQueue(Service):
     # -- state -------------------------------------------------------------------------
 
     def _restore(self, item: Stored) -> None:
-        entry = _Entry(item.envelope, item.states, item.has_data)
+        entry = Entry(item.envelope, item.states, item.has_data)
         if entry.has_data and not entry.pending:
             # Relayed (its state is on disk) but its file was not removed yet: removed now,
             # never sent again.
@@ -315,7 +269,7 @@ class OutboundQueue(Service):
 
     def _submitted(self, stored: tuple[Envelope, MessageInfo]) -> OutboundItem:
         envelope, sent = stored
-        self._entries[envelope.id] = _Entry(envelope)
+        self._entries[envelope.id] = Entry(envelope)
         bisect.insort(self._queued, envelope.id)
         self.events.wake()
         self._tell_stored(sent)
@@ -344,9 +298,10 @@ class OutboundQueue(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        retry, self._retry = self._retry, None
-        if retry is not None and retry.active():
-            retry.cancel()
+        for timer in (self._retry, self._wake_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._retry = self._wake_timer = None
         if self.relay is not None:
             return self.relay.close()
         return defer.succeed(None)
@@ -360,23 +315,50 @@ class OutboundQueue(Service):
             for waiter in drained:
                 waiter.callback(None)
             return
-        entry = self._entries[self._queued[0]]
+        now = self.clock.seconds()
+        entry = next(
+            (e for e in map(self._entries.__getitem__, self._queued) if self._until(e) <= now),
+            None,
+        )
+        if entry is None:  # every sender waits after a refusal: wake for the first
+            self._wake_at(min(self._until(self._entries[i]) for i in self._queued))
+            return
         self._busy = True
         d = self.run(self.outbox.read_data, entry.envelope.id)
         d.addCallback(self._send, entry)
         d.addCallback(self._answered, entry)
         d.addErrback(self._attempt_failed, entry)
-        d.addBoth(self._attempt_done)
+        d.addBoth(self._attempt_done, entry)
 
-    def _send(self, data: bytes, entry: _Entry) -> Deferred[Any]:
+    def _until(self, entry: Entry) -> float:
+        """When the edge may be asked again for mail of this entry's sender."""
+        return self._held.get(entry.envelope.sender.lower(), (0.0, 0))[0]
+
+    def _wake_at(self, when: float) -> None:
+        timer = self._wake_timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._wake_timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._woken)
+
+    def _woken(self) -> None:
+        self._wake_timer = None
+        self._pump()
+
+    def _delay(self, failures: int) -> float:
+        return min(self.retry_max, self.retry_initial * 2 ** min(failures, 30))
+
+    def _send(self, data: bytes, entry: Entry) -> Deferred[Any]:
         assert self.relay is not None
         pending = entry.pending
         sending = self.relay.send(entry.envelope.sender, pending, data)
         return sending.addCallback(lambda result: (result, pending, data))
 
-    def _answered(self, answer: tuple[RelayResult, list[str], bytes], entry: _Entry) -> Any:
+    def _answered(self, answer: tuple[RelayResult, list[str], bytes], entry: Entry) -> Any:
         result, pending, data = answer
         self.attempts += 1
+        expired = self.clock.seconds() - entry.envelope.submitted_at >= self.lifetime
         new: dict[str, RecipientState] = {}
         later: list[str] = []
         for rcpt in pending:
@@ -385,6 +367,11 @@ class OutboundQueue(Service):
                 new[rcpt] = RecipientState("relayed", result.queue_id)
             elif outcome.code >= 500:
                 new[rcpt] = RecipientState("bounced", "", f"{outcome.code} {outcome.text}")
+            elif expired:
+                days, hours = self.lifetime / 86400, self.lifetime / 3600
+                span = f"{days:g} days" if days == int(days) else f"{hours:g} hours"
+                why = f"4.4.7 not relayed to the edge in {span} (last: {outcome.text})"
+                new[rcpt] = RecipientState("bounced", "", f"{outcome.code} {why}")
             else:
                 later.append(f"{rcpt}: {outcome.code} {outcome.text}")
         if later:
@@ -393,12 +380,13 @@ class OutboundQueue(Service):
                 id=entry.envelope.id,
                 why="; ".join(later),
             )
+        verdict = "down" if later and not result.connected else "held" if later else "done"
         if not new:
-            return False
+            return verdict
         states = {**entry.states, **new}
         d = self.run(self._settle, entry.envelope, states, new, data, result.where)
         d.addCallback(self._settled, entry, states, new)
-        return d.addCallback(lambda _: not later)
+        return d.addCallback(lambda _: verdict)
 
     def _settle(
         self,
@@ -456,7 +444,7 @@ class OutboundQueue(Service):
     def _settled(
         self,
         notice: MessageInfo | None,
-        entry: _Entry,
+        entry: Entry,
         states: dict[str, RecipientState],
         new: dict[str, RecipientState],
     ) -> None:
@@ -481,18 +469,25 @@ class OutboundQueue(Service):
         if notice is not None:
             self._tell_stored(notice)
 
-    def _attempt_failed(self, failure: Failure, entry: _Entry) -> bool:
+    def _attempt_failed(self, failure: Failure, entry: Entry) -> str:
         log.failure("outbound {id}: relay attempt failed", failure, id=entry.envelope.id)
-        return False
+        return "down"
 
-    def _attempt_done(self, done: Any) -> None:
+    def _attempt_done(self, verdict: Any, entry: Entry) -> None:
+        """After an attempt: "done" (nothing left to try now), "held" (the edge answered
+        4xx: this sender's mail waits, the others' goes on), "down" (no answer: all wait)."""
         self._busy = False
-        if done is True:
+        sender = entry.envelope.sender.lower()
+        if verdict == "done":
             self._failures = 0
+            self._held.pop(sender, None)
+        elif verdict == "held":
+            self._failures = 0
+            refusals = self._held.get(sender, (0.0, 0))[1]
+            self._held[sender] = (self.clock.seconds() + self._delay(refusals), refusals + 1)
         else:
-            delay = min(self.retry_max, self.retry_initial * 2 ** min(self._failures, 30))
+            self._retry = self.clock.callLater(self._delay(self._failures), self._retry_now)
             self._failures += 1
-            self._retry = self.clock.callLater(delay, self._retry_now)
         self._pump()
 
     def _retry_now(self) -> None:
@@ -576,7 +571,7 @@ class OutboundQueue(Service):
             log.failure("outbound {id}: recording its event failed", id=envelope.id)
 
     def _outcome_saved(
-        self, _: None, entry: _Entry, states: dict[str, RecipientState], recipient: str
+        self, _: None, entry: Entry, states: dict[str, RecipientState], recipient: str
     ) -> bool:
         entry.states = states
         if not entry.pending and not entry.awaiting:

@@ -76,9 +76,12 @@ class _RelaySession(Session):
         super()._accepted(code, resp)
 
 
-def _everyone(recipients: list[str], code: int, text: str, where: str) -> RelayResult:
+def _everyone(
+    recipients: list[str], code: int, text: str, where: str, connected: bool = False
+) -> RelayResult:
+    """The same outcome for every recipient (by default: the edge never answered)."""
     outcome = RelayOutcome(code, text)
-    return RelayResult(dict.fromkeys(recipients, outcome), "", where)
+    return RelayResult(dict.fromkeys(recipients, outcome), "", where, connected)
 
 
 def _text(resp: Any) -> str:
@@ -148,7 +151,7 @@ class EdgeRelay:
             paths = [wire_path(r) for r in recipients]
             mail_from = wire_path(sender)
         except ValueError as exc:
-            return _everyone(recipients, 553, f"5.1.3 {exc}", where)
+            return _everyone(recipients, 553, f"5.1.3 {exc}", where, connected=True)
         head_end = data.find(b"\r\n\r\n")
         needs = Needs.of(sender, recipients, data, smtputf8=not data[: max(head_end, 0)].isascii())
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
@@ -192,7 +195,7 @@ class EdgeRelay:
     ) -> RelayResult:
         if isinstance(err, NeedsSMTPUTF8):
             text = f"5.6.7 the edge's relay at {where} does not offer SMTPUTF8"
-            return _everyone(recipients, 553, text, where)
+            return _everyone(recipients, 553, text, where, connected=True)
         code = getattr(err, "code", 0)
         addresses: Any = getattr(err, "addresses", None) or []
         answered = isinstance(err, SMTPDeliveryError) and (
@@ -205,7 +208,7 @@ class EdgeRelay:
                 error=_text(getattr(err, "resp", err)),
             )
             return _everyone(recipients, 451, f"4.4.2 the connection to {where} failed", where)
-        result = _everyone(recipients, code, _text(getattr(err, "resp", b"")), where)
+        result = _everyone(recipients, code, _text(getattr(err, "resp", b"")), where, True)
         for addr, rcpt_code, rcpt_resp in addresses:
             if not 200 <= rcpt_code < 300:
                 rcpt = by_path.get(addr, _text(addr).strip("<>"))
