@@ -72,12 +72,12 @@ from twisted.python.failure import Failure
 from edge.checks.arc import ARCSealer
 from edge.delivery.clientsession import (
     QUIT_TIMEOUT,
+    ClientSession,
+    ClientTransaction,
     MailRefused,
     NeedsSMTPUTF8,
-    Session,
     SessionDefect,
     SessionFactory,
-    Transaction,
 )
 from edge.delivery.routing import Target
 from edge.smtp import replies
@@ -132,7 +132,7 @@ def wire_path(address: str) -> bytes:
 
 @dataclass(frozen=True)
 class Needs:
-    """What a message asks of the server's extensions (`Transaction`'s flags)."""
+    """What a message asks of the server's extensions (`ClientTransaction`'s flags)."""
 
     utf8_needed: bool
     utf8_wanted: bool
@@ -173,11 +173,11 @@ class _Pool:
         self.owner = owner
         self.key = key
         self.target = target
-        self.idle: list[Session] = []  # most recently used last
+        self.idle: list[ClientSession] = []  # most recently used last
         self.open = 0  # sessions holding a slot: connecting, idle or busy
         self.waiters: deque[defer.Deferred[None]] = deque()
 
-    async def acquire(self, fresh: bool) -> Session:
+    async def acquire(self, fresh: bool) -> ClientSession:
         """An idle session (unless `fresh`), a new one, or wait for one to be free."""
         waited = False
         while True:
@@ -197,14 +197,14 @@ class _Pool:
             waited = True
             await waiter
 
-    async def _connect(self) -> Session:
+    async def _connect(self) -> ClientSession:
         owner, target = self.owner, self.target
         host, port, tls, pin = self.key[0], self.key[1], self.key[4], self.key[5]
         pinned = PinnedClientTLS(pin) if pin is not None else None
         context: Any = pinned
         if context is None and tls == "starttls":
             context = ssl.CertificateOptions()
-        session = Session(
+        session = ClientSession(
             (target.username or "").encode(),
             (target.secret or "").encode(),
             context,
@@ -244,7 +244,7 @@ class _Pool:
                 raise
             raise said from None
 
-    def release(self, session: Session) -> None:
+    def release(self, session: ClientSession) -> None:
         """A transaction on `session` has ended: keep it for the next one, or close it."""
         if (
             session.usable
@@ -260,27 +260,27 @@ class _Pool:
             self._discard(session)
         self._wake()
 
-    def _expire(self, session: Session) -> None:
+    def _expire(self, session: ClientSession) -> None:
         session.idle_timer = None
         if session in self.idle:
             self.idle.remove(session)
             self._discard(session)
             self._wake()
 
-    def _lost(self, session: Session) -> None:
+    def _lost(self, session: ClientSession) -> None:
         if session in self.idle:
             self.idle.remove(session)
         if session.counted:
             self._forget(session)
             self._wake()
 
-    def _discard(self, session: Session) -> None:
+    def _discard(self, session: ClientSession) -> None:
         if session in self.idle:
             self.idle.remove(session)
         session.close()
         self._forget(session)
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, session: ClientSession) -> None:
         if session.counted:
             session.counted = False
             self.open -= 1
@@ -463,7 +463,7 @@ class SMTPDeliverer:
             except Exception:
                 return self._failed(Failure(), rcpts, where)
             reused = session.transactions > 0
-            tx = Transaction(
+            tx = ClientTransaction(
                 mail_from,
                 encoded,
                 data,

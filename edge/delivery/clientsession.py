@@ -90,7 +90,7 @@ class Result:
 
 
 @dataclass
-class Transaction:
+class ClientTransaction:
     sender: bytes  # the reverse-path as it goes out, in angle brackets
     recipients: list[bytes]  # the forward-paths, the same way
     data: bytes  # already dot-stuffed: sent exactly as it is
@@ -110,7 +110,7 @@ class Transaction:
     done: defer.Deferred[Result] = field(default_factory=defer.Deferred)
 
 
-class Session(ESMTPClient):
+class ClientSession(ESMTPClient):
     """One SMTP connection: Twisted's handshake once, then our transactions one at a time.
 
     States: connecting -> idle <-> busy, then closing (QUIT sent), broken (failed), closed.
@@ -144,15 +144,15 @@ class Session(ESMTPClient):
         self.response_timeout = timeout
         self.clock = clock
         self.state = "connecting"
-        self.ready: defer.Deferred[Session] = defer.Deferred()
+        self.ready: defer.Deferred[ClientSession] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.lost = False
-        self.tx: Transaction | None = None
+        self.tx: ClientTransaction | None = None
         self.needs_rset = False
         self.transactions = 0
         self.counted = False  # holds one of its pool's connection slots
         self.idle_timer: IDelayedCall | None = None
-        self.on_lost: Callable[[Session], None] | None = None
+        self.on_lost: Callable[[ClientSession], None] | None = None
         self.extensions: frozenset[bytes] = frozenset()  # EHLO keywords, upper case
 
     def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
@@ -225,7 +225,7 @@ class Session(ESMTPClient):
     def usable(self) -> bool:
         return self.state == "idle" and self.tx is None and not self.lost
 
-    def send(self, tx: Transaction) -> None:
+    def send(self, tx: ClientTransaction) -> None:
         """Start `tx` on this idle session; `tx.done` fires with its `Result`."""
         if not self.usable:
             raise RuntimeError(f"SMTP session is {self.state}, not idle")
@@ -324,13 +324,13 @@ class Session(ESMTPClient):
         """421 before the end of data: the server is closing the channel mid-transaction."""
         self._broken(SMTPDeliveryError(code, resp, None, []))
 
-    def _data_prepared(self, data: bytes, tx: Transaction) -> None:
+    def _data_prepared(self, data: bytes, tx: ClientTransaction) -> None:
         tx.data = data
         tx.data_ready = True
         if tx.go_ahead and self.tx is tx and self.state == "busy":
             self._write_data(tx)  # the 354 came first
 
-    def _prepare_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _prepare_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         log.failure("smtp: preparing the data failed", failure)
         if self.tx is tx and self.state == "busy":
             text = "4.3.0 preparing the data failed"  # the detail is in the log above
@@ -346,7 +346,7 @@ class Session(ESMTPClient):
         if tx.data_ready:
             self._write_data(tx)
 
-    def _write_data(self, tx: Transaction) -> None:
+    def _write_data(self, tx: ClientTransaction) -> None:
         sender = FileSender()
         d = sender.beginFileTransfer(io.BytesIO(tx.data), self.transport, self._chunk)
         d.addCallbacks(self._data_written, self._data_failed, (tx,), None, (tx,))
@@ -355,7 +355,7 @@ class Session(ESMTPClient):
         self.resetTimeout()
         return chunk  # exactly as given: stuffed once, by `deliver`
 
-    def _data_written(self, last: bytes | str, tx: Transaction) -> None:
+    def _data_written(self, last: bytes | str, tx: ClientTransaction) -> None:
         if self.tx is not tx or self.state != "busy":
             return
         self._expected = _OK_REPLY
@@ -364,7 +364,7 @@ class Session(ESMTPClient):
         tx.dot_sent = True
         self.sendLine(b"." if last == b"\n" else b"\r\n.")
 
-    def _data_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _data_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         if self.tx is tx and self.state == "busy":
             text = "sending the data failed: " + str(failure.value)
             self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
@@ -467,14 +467,14 @@ class Session(ESMTPClient):
 
 
 class SessionFactory(protocol.ClientFactory):
-    """Connects one `Session`; a failed connect fails its `ready`."""
+    """Connects one `ClientSession`; a failed connect fails its `ready`."""
 
     noisy = False
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: ClientSession) -> None:
         self.session = session
 
-    def buildProtocol(self, addr: Any) -> Session:
+    def buildProtocol(self, addr: Any) -> ClientSession:
         self.session.factory = self
         return self.session
 
