@@ -13,7 +13,6 @@ rows, and never do network or DNS work.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, text
 
+from edge.runtime.adminkeys import hash_secret
 from edge.store import claims
 from edge.store import routes as _routes
 from edge.store.errors import Conflict, NotFound
@@ -79,11 +79,6 @@ class RegistrationLimits:
     per_source: int = 5
     total: int = 100
     window: float = 3600.0
-
-
-def hash_secret(value: str) -> str:
-    """The stored form of a key or poll secret (they are random, so a plain SHA-256 fits)."""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
 def new_code() -> str:
