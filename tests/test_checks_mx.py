@@ -12,6 +12,7 @@ import dkim
 import pytest
 from twisted.internet import defer, threads
 
+from bench.discard_edge import DiscardingMXHandler
 from edge.checks import authserv_id, build_pipeline, sealer_for
 from edge.checks.arc import ARCSealer, dns_record, verify_chain
 from edge.config import Config
@@ -96,15 +97,16 @@ def start_mx(
         dev = lookups.get_device(target.device_id or "")
         return dev.account_id if dev else None
 
+    handler_class = DiscardingMXHandler if discard else MXHandler
+
     def handler() -> MXHandler:
-        return MXHandler(
+        return handler_class(
             lookups.resolve_recipient,
             spool,
             HOST,
             reactor,
             threads.deferToThread,
             accepted.append,
-            discard=discard,
             checks=pipeline,
             account_of=account_of,
             authserv_id=authserv_id(config),
@@ -320,7 +322,7 @@ def test_dnsbl_listed_client_is_refused_at_connect(
         mx.store.close()
 
 
-def test_discard_mode_runs_the_checks_and_keeps_nothing(
+def test_the_benchmarks_discarding_edge_runs_the_checks_and_keeps_nothing(
     in_reactor: Any, dns_server: Any, tmp_path: Path
 ) -> None:
     mx = start_mx(in_reactor, dns_server, tmp_path, discard=True)
