@@ -24,7 +24,7 @@ from edge.delivery.routing import Target
 from edge.dns.resolver import DNSResolver
 from edge.spool.spool import QUEUE_ID_HEADER
 from tests.test_checks_dkim import rsa_key
-from tests.test_smtpclient import OldMX, Peer, closed_port, start_peer
+from tests.test_delivery_client import OldMX, Peer, closed_port, start_peer
 
 HOST = "mx.tailpost.test"
 SENDER = "ann@good.test"

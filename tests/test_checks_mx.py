@@ -28,7 +28,7 @@ from edge.store.cache import CachedLookups
 from maildir.verdict import parse_verdict
 from tests.dnsserver import HANG
 from tests.test_checks_dkim import rsa_key
-from tests.test_smtpclient import OldMX, start_peer
+from tests.test_delivery_client import OldMX, start_peer
 
 HOST = "mx.tailpost.test"
 

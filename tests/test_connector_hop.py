@@ -36,7 +36,7 @@ from edge.smtp.session import Session
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed, is_pin, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
-from tests.test_smtpclient import _AnyPortController
+from tests.test_delivery_client import _AnyPortController
 
 USER = "edge"
 PASSWORD = "connector secret of the device"

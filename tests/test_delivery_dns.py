@@ -30,7 +30,7 @@ from edge.store.cache import CachedLookups
 from edge.store.keyring import StoreKeys
 from maildir import Maildir
 from tests.dnsserver import HANG
-from tests.test_smtpclient import OldMX, Peer, start_peer
+from tests.test_delivery_client import OldMX, Peer, start_peer
 
 USER, PASSWORD = "edge-laptop", "laptop secret"
 

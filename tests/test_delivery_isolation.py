@@ -22,7 +22,7 @@ from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Target
 from edge.spool.spool import Envelope, Spool
 from tests.processes import wait_for
-from tests.test_smtpclient import OldMX, _AnyPortController
+from tests.test_delivery_client import OldMX, _AnyPortController
 
 DEVICE_RCPT = "alice@home.test"
 ORDINARY = 100

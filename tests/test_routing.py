@@ -26,7 +26,7 @@ from edge.store import Device, Store, open_store
 from edge.store.keyring import StoreKeys
 from maildir import Maildir, MessageInfo
 from tests.dnsserver import HANG
-from tests.test_smtpclient import OldMX, Peer, start_peer
+from tests.test_delivery_client import OldMX, Peer, start_peer
 
 OLD_MX = [
     {"host": "mx1.old-provider.test", "port": 25, "tls_mode": "starttls"},

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.smtp.address import parse_mail_from, parse_rcpt_to
 from edge.smtp.replies import SMTPReplyError
-from tests.test_smtpclient import OldMX, _AnyPortController, mx_target
+from tests.test_delivery_client import OldMX, _AnyPortController, mx_target
 
 ASCII_BODY = b"Subject: plain\r\n\r\nplain\r\n"
 

@@ -22,7 +22,7 @@ from twisted.internet import defer, protocol, task
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.delivery.routing import Target
 from edge.tls import ensure_self_signed
-from tests.test_smtpclient import _AnyPortController
+from tests.test_delivery_client import _AnyPortController
 
 SENDER = "carol@sender.test"
 A = "alice@example.com"
