@@ -27,8 +27,8 @@ from edge.store import RecipientTarget, Store, open_store
 from edge.store.cache import CachedLookups
 from maildir.verdict import parse_verdict
 from tests.dnsserver import HANG
+from tests.fakes import DownstreamMX, start_peer
 from tests.test_checks_dkim import rsa_key
-from tests.test_delivery_client import OldMX, start_peer
 
 HOST = "mx.tailpost.test"
 
@@ -154,7 +154,7 @@ def signed(data: bytes, pem: bytes) -> bytes:
 
 def forward(in_reactor: Any, mx: MX, data: bytes) -> bytes:
     """`data` as the edge's deliverer sends it to a device (here an aiosmtpd peer)."""
-    peer = start_peer(OldMX())
+    peer = start_peer(DownstreamMX())
     deliverer = SMTPDeliverer(in_reactor.reactor, HOST, timeout=10, sealer=mx.sealer)
     target = Target("device", "device:d", (("127.0.0.1", peer.port),), device_id="d")
     try:

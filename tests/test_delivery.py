@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
@@ -27,13 +25,19 @@ from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.spool.scan import recoverable
 from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
+from tests.fakes import (
+    Answer,
+    Call,
+    MXResolver,
+    RecordingSpool,
+    Script,
+    ScriptedDeliverer,
+    pending,
+    run_sync,
+)
 
 SCHEDULE = [60.0, 300.0, 900.0]
 BODY = b"Received: from x\r\nSubject: hello\r\n\r\nbody\r\n"
-
-
-def run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args, **kwargs)
 
 
 def device(address: str, device_id: str = "dev1", port: int = 2525) -> RecipientTarget:
@@ -64,80 +68,8 @@ def device_target(device_id: str = "dev1", port: int = 2525) -> Target:
     )
 
 
-class SenderMX:
-    """A resolver for Router: every domain's MX is mx.<domain>."""
-
-    def mx(self, name: str) -> list[tuple[int, str]]:
-        return [(10, f"mx.{name}")]
-
-    def addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-    def host_addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-
-@dataclass
-class Call:
-    target: Target
-    sender: str
-    recipients: list[str]
-    data: bytes
-    result: defer.Deferred[dict[str, Outcome]]
-
-
-Reply = dict[str, Outcome] | BaseException | None
-
-
-@dataclass
-class FakeDeliverer:
-    """Records calls; `script(call)` answers at once, or None leaves the Deferred pending.
-
-    Deliveries to an MX (the DSNs) go to `dsn_calls` and are answered 250.
-    """
-
-    script: Callable[[Call], Reply] = lambda call: None
-    calls: list[Call] = field(default_factory=list)
-    dsn_calls: list[Call] = field(default_factory=list)
-
-    def deliver(
-        self,
-        target: Target,
-        sender: str,
-        recipients: list[str],
-        data: bytes,
-        *,
-        smtputf8: bool = False,
-    ) -> defer.Deferred[dict[str, Outcome]]:
-        call = Call(target, sender, list(recipients), data, defer.Deferred())
-        if target.kind == "mx":
-            self.dsn_calls.append(call)
-            call.result.callback(dict.fromkeys(recipients, Outcome(250, "2.0.0 Ok", "mx:25")))
-            return call.result
-        self.calls.append(call)
-        reply = self.script(call)
-        if isinstance(reply, BaseException):
-            call.result.errback(Failure(reply))
-        elif reply is not None:
-            call.result.callback(reply)
-        return call.result
-
-    def rcpts(self) -> list[list[str]]:
-        return [c.recipients for c in self.calls]
-
-
-def all_(code: int, text: str = "") -> Callable[[Call], Reply]:
+def all_(code: int, text: str = "") -> Script:
     return lambda call: dict.fromkeys(call.recipients, Outcome(code, text or f"{code} reply"))
-
-
-class RecordingSpool(Spool):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.finished_log: list[tuple[str, dict[str, str]]] = []
-
-    def mark_finished(self, qid: str, outcomes: dict[str, str]) -> None:
-        self.finished_log.append((qid, dict(outcomes)))
-        super().mark_finished(qid, outcomes)
 
 
 class Harness:
@@ -145,13 +77,13 @@ class Harness:
         self,
         root: Path,
         targets: dict[str, RecipientTarget],
-        script: Callable[[Call], Reply] = lambda call: None,
+        script: Script = pending,
     ) -> None:
         self.clock = Clock()
         self.spool = RecordingSpool(root)
         self.targets = targets
-        self.deliverer = FakeDeliverer(script)
-        self.router = Router(self.targets.get, cast(DNSResolver, SenderMX()))
+        self.deliverer = ScriptedDeliverer(self.clock, script)
+        self.router = Router(self.targets.get, cast(DNSResolver, MXResolver()))
         self.queue = DeliveryQueue(
             self.spool,
             self.router.target,
@@ -334,7 +266,7 @@ def test_target_down_for_many_attempts_gets_the_message_once(tmp_path: Path) -> 
     up = {"now": False}
     stored: list[bytes] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         if not up["now"]:
             return ConnectionRefusedError("connection refused")
         stored.append(call.data)
@@ -364,7 +296,7 @@ def test_deliverer_exception_holds_the_message_with_the_reason(tmp_path: Path, h
     message is held with the reason (not retried, not waited behind), until released."""
     attempts: list[int] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         attempts.append(1)
         if len(attempts) == 1:
             if how == "raise":
@@ -396,7 +328,7 @@ def test_deliverer_exception_holds_the_message_with_the_reason(tmp_path: Path, h
 def test_deliverer_network_exception_is_a_temporary_failure(tmp_path: Path, how: str) -> None:
     attempts: list[int] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         attempts.append(1)
         if len(attempts) == 1:
             if how == "raise":
@@ -440,7 +372,7 @@ def test_permanent_failure_is_final(tmp_path: Path) -> None:
 
 
 def test_bounce_is_recorded_in_the_log_while_others_are_pending(tmp_path: Path) -> None:
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         return {A: Outcome(552, "5.2.2 mailbox full"), B: Outcome(452, "4.2.2 try later")}
 
     h = Harness(tmp_path, {A: device(A), B: device(B)}, script)
@@ -488,7 +420,7 @@ def test_recipients_on_one_device_go_in_one_transaction(tmp_path: Path) -> None:
 def test_two_devices_one_fails_only_that_one_is_retried(tmp_path: Path) -> None:
     targets = {A: device(A, "d1", 2525), B: device(B, "d2", 2526)}
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         if call.target.device_id == "d1":
             n = sum(1 for c in h.deliverer.calls if c.target.device_id == "d1")
             code = 421 if n == 1 else 250

@@ -22,7 +22,7 @@ from twisted.internet import defer, protocol, task
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.delivery.routing import Target
 from edge.tls import ensure_self_signed
-from tests.test_delivery_client import _AnyPortController
+from tests.fakes import AnyPortController, Peer, start_peer
 
 SENDER = "carol@sender.test"
 A = "alice@example.com"
@@ -155,7 +155,7 @@ class CountingSMTP(SMTP):
             self.event_handler.lost()
 
 
-class CountingController(_AnyPortController):
+class CountingController(AnyPortController):
     def factory(self) -> SMTP:
         return CountingSMTP(self.handler, **self.SMTP_kwargs)
 
@@ -164,37 +164,27 @@ def accept_any(server: Any, session: Any, envelope: Any, mechanism: str, data: A
     return AuthResult(success=True, auth_data=data)
 
 
-@dataclass
-class Peer:
-    handler: CountingMX
-    controller: CountingController
-
-    @property
-    def port(self) -> int:
-        return int(self.controller.port)
-
+class CountingPeer(Peer):
     def close_connection(self, server: Any) -> None:
         """Close `server`'s connection from the peer's loop, after what it is writing now."""
         loop: asyncio.AbstractEventLoop = self.controller.loop
         loop.call_soon(server.transport.close)
 
 
-def start(handler: CountingMX, **kwargs: Any) -> Peer:
-    controller = CountingController(
+def start(handler: CountingMX, **kwargs: Any) -> CountingPeer:
+    started = start_peer(
         handler,
-        hostname="127.0.0.1",
-        port=0,
+        controller=CountingController,
         server_hostname="mx.test",
         authenticator=accept_any,
         auth_require_tls=False,
         **kwargs,
     )
-    controller.start()
-    return Peer(handler, controller)
+    return CountingPeer(started.handler, started.controller)
 
 
 @pytest.fixture
-def peer() -> Iterator[Peer]:
+def peer() -> Iterator[CountingPeer]:
     started = start(CountingMX())
     try:
         yield started
@@ -257,7 +247,9 @@ def delivered(outcomes: dict[str, Outcome]) -> bool:
 # -- reuse -----------------------------------------------------------------------------------
 
 
-def test_messages_one_after_another_share_one_connection(in_reactor: Any, peer: Peer) -> None:
+def test_messages_one_after_another_share_one_connection(
+    in_reactor: Any, peer: CountingPeer
+) -> None:
     deliverer = new_deliverer(in_reactor)
     to = target(peer.port)
 
@@ -270,7 +262,9 @@ def test_messages_one_after_another_share_one_connection(in_reactor: Any, peer: 
     assert deliverer.idle_count(to, "127.0.0.1", peer.port) == 1
 
 
-def test_twenty_messages_at_once_use_at_most_four_connections(in_reactor: Any, peer: Peer) -> None:
+def test_twenty_messages_at_once_use_at_most_four_connections(
+    in_reactor: Any, peer: CountingPeer
+) -> None:
     deliverer = new_deliverer(in_reactor)
     to = target(peer.port)
     jobs = [(to, [f"user{n}@example.com"], body(n)) for n in range(20)]
@@ -287,7 +281,9 @@ def test_twenty_messages_at_once_use_at_most_four_connections(in_reactor: Any, p
     assert all(tx.sender == SENDER for tx in handler.seen)
 
 
-def test_more_deliveries_than_connections_wait_their_turn(in_reactor: Any, peer: Peer) -> None:
+def test_more_deliveries_than_connections_wait_their_turn(
+    in_reactor: Any, peer: CountingPeer
+) -> None:
     deliverer = new_deliverer(in_reactor, max_connections=2)
     to = target(peer.port)
 
@@ -299,7 +295,9 @@ def test_more_deliveries_than_connections_wait_their_turn(in_reactor: Any, peer:
     assert sorted(tx.data for tx in peer.handler.seen) == sorted(body(n) for n in range(12))
 
 
-def test_different_credentials_and_targets_do_not_share(in_reactor: Any, peer: Peer) -> None:
+def test_different_credentials_and_targets_do_not_share(
+    in_reactor: Any, peer: CountingPeer
+) -> None:
     other = start(CountingMX())
     try:
         deliverer = new_deliverer(in_reactor)
@@ -540,7 +538,7 @@ def test_a_silent_host_is_not_waited_on_once_per_delivery(in_reactor: Any) -> No
 
 
 def test_cancelled_deliveries_give_their_place_and_connection_back(
-    in_reactor: Any, peer: Peer
+    in_reactor: Any, peer: CountingPeer
 ) -> None:
     deliverer = new_deliverer(in_reactor, max_connections=1)
     to = target(peer.port)
@@ -579,7 +577,7 @@ def test_cancelled_deliveries_give_their_place_and_connection_back(
 # -- bounds ----------------------------------------------------------------------------------
 
 
-def test_max_transactions_per_connection(in_reactor: Any, peer: Peer) -> None:
+def test_max_transactions_per_connection(in_reactor: Any, peer: CountingPeer) -> None:
     deliverer = new_deliverer(in_reactor, max_transactions=3)
     to = target(peer.port)
 
@@ -592,7 +590,9 @@ def test_max_transactions_per_connection(in_reactor: Any, peer: Peer) -> None:
     wait_for(lambda: peer.handler.quits == 2)  # each full connection said goodbye
 
 
-def test_idle_connections_are_closed_after_the_idle_timeout(in_reactor: Any, peer: Peer) -> None:
+def test_idle_connections_are_closed_after_the_idle_timeout(
+    in_reactor: Any, peer: CountingPeer
+) -> None:
     clock = task.Clock()
     deliverer = new_deliverer(in_reactor, idle_timeout=30.0, clock=clock)
     to = target(peer.port)
@@ -613,7 +613,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(in_reactor: Any, pee
     assert peer.handler.connections == 2
 
 
-def test_close_says_quit_on_every_idle_connection(in_reactor: Any, peer: Peer) -> None:
+def test_close_says_quit_on_every_idle_connection(in_reactor: Any, peer: CountingPeer) -> None:
     other = start(CountingMX())
     try:
         deliverer = new_deliverer(in_reactor)
