@@ -1,4 +1,5 @@
-"""SMTPDeliverer against a real SMTP peer outside tailpost (aiosmtpd) over loopback TCP."""
+"""SMTPDeliverer against a real SMTP peer outside tailpost (aiosmtpd) over loopback TCP, and its
+mapping of Twisted's client results to per-recipient outcomes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
 from edge.delivery.client import Outcome, SMTPDeliverer
@@ -252,3 +254,70 @@ def test_a_failure_without_a_reply_gives_no_exception_text_to_its_outcome() -> N
     [outcome] = outcomes.values()
     assert (outcome.code, outcome.final, outcome.connected) == (451, False, False)
     assert outcome.text == "4.4.1 delivery to mx.example.test:25 failed"
+
+
+# -- SMTPDeliverer's mapping of Twisted's client results ------------------------------------
+
+WHERE = "mx.x.test:25"
+
+
+def test_accepted_result_maps_each_recipient() -> None:
+    outcomes = SMTPDeliverer._accepted(
+        (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")]), WHERE
+    )
+    assert outcomes == {
+        "a@x.test": Outcome(250, "2.1.5 OK", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
+    }
+    assert outcomes["a@x.test"].delivered and outcomes["b@x.test"].final
+    assert all(o.connected for o in outcomes.values())
+
+
+def test_connection_error_is_temporary_for_every_recipient() -> None:
+    outcomes = SMTPDeliverer._failed(
+        Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"], WHERE
+    )
+    assert set(outcomes) == {"a@x.test", "b@x.test"}
+    assert all(o.code == 451 and not o.final for o in outcomes.values())
+    assert all(not o.connected and o.host == WHERE for o in outcomes.values())
+
+
+def test_all_recipients_refused_keeps_their_codes() -> None:
+    err = SMTPDeliveryError(
+        550,
+        b"No recipients accepted",
+        b"",
+        [(b"a@x.test", 550, b"no"), (b"b@x.test", 452, b"full")],
+    )
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    assert outcomes == {
+        "a@x.test": Outcome(550, "no", WHERE),
+        "b@x.test": Outcome(452, "full", WHERE),
+    }
+
+
+@pytest.mark.parametrize("code", [451, 554])
+def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
+    # Twisted's client: RCPT accepted (250) for one, refused for the other, then the
+    # reply to the end of DATA is a refusal.
+    err = SMTPDeliveryError(
+        code,
+        b"end of data refused",
+        b"",
+        [(b"a@x.test", 250, b"2.1.5 OK"), (b"b@x.test", 550, b"5.1.1 unknown")],
+    )
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    assert outcomes == {
+        "a@x.test": Outcome(code, "end of data refused", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
+    }
+    assert not outcomes["a@x.test"].delivered
+
+
+def test_failure_before_the_transaction_is_temporary() -> None:
+    # e.g. AUTH refused (535) with no recipient tried: worth another try, never a bounce.
+    err = SMTPDeliveryError(535, b"5.7.8 bad credentials", b"")
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test"], WHERE)
+    assert outcomes["a@x.test"].code == 451
+    assert not outcomes["a@x.test"].final
+    assert not outcomes["a@x.test"].connected  # the next host may be tried
