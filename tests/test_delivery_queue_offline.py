@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge.delivery.attempts import DNS_FAILED_REPLY
 from edge.dns.resolver import DNSTemporaryError
+from edge.smtp import replies
 from edge.store import RecipientTarget
 from tests.test_delivery_queue import SCHEDULE, SENDER, A, B, Harness, all_, device
 
@@ -114,5 +114,5 @@ def test_a_dns_failure_is_recorded_without_the_resolver_s_words(tmp_path: Path) 
     h.queue.route_soon = unreachable
     env = h.accept([A])
     h.clock.advance(0)
-    assert h.queue.states[env.qid].last_errors == {A: DNS_FAILED_REPLY}
-    assert "10.0.0.53" not in DNS_FAILED_REPLY
+    assert h.queue.states[env.qid].last_errors == {A: replies.D451_DNS_FAILED.status}
+    assert "10.0.0.53" not in replies.D451_DNS_FAILED.status

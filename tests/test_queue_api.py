@@ -16,6 +16,7 @@ from edge.delivery.client import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import NoRoute, Target
+from edge.smtp import replies
 from edge.spool.spool import Envelope, Spool
 from tests.fakes import Answer, Call, ScriptedDeliverer, run_sync
 from webapi.v1.queue import QueueAPI
@@ -31,7 +32,7 @@ def route(rcpt: str, kind: str) -> Target:
         return Target("device", "device:dev_1", (("127.0.0.1", 1),), device_id="dev_1")
     if kind == "dsn":
         return Target("mx", f"mx:{rcpt}", (("127.0.0.1", 1),))
-    raise NoRoute("550 5.1.1 no route")
+    raise NoRoute(replies.D550_NO_ROUTE)
 
 
 class World:

@@ -16,11 +16,11 @@ from typing import Any, cast
 import pytest
 from twisted.internet.task import Clock
 
-from edge.delivery.attempts import DEVICE_UNREACHABLE_REPLY
 from edge.delivery.client import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Router, Target
 from edge.dns.resolver import DNSResolver
+from edge.smtp import replies
 from edge.spool.spool import Envelope
 from edge.store import RecipientTarget
 from tests.fakes import (
@@ -292,7 +292,7 @@ def test_message_deferred_past_its_lifetime_bounces_with_a_dsn(tmp_path: Path) -
         assert re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", block["Status"]), block["Status"]
         assert block["Status"] == "5.4.1"  # the temporary 4.4.1 that ran out of time
         # The device's address on the private network is never shown to a sender.
-        assert block["Diagnostic-Code"] == f"smtp; {DEVICE_UNREACHABLE_REPLY}"
+        assert block["Diagnostic-Code"] == f"smtp; {replies.D451_DEVICE_UNREACHABLE.status}"
         assert block["Remote-MTA"] is None
         assert "100.64.0.7" not in dsn.decode("utf-8", "replace")
     # The original header section comes back, its body does not.

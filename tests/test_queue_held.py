@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.delivery.attempts import HELD_REPLY
 from edge.delivery.client import Outcome
+from edge.smtp import replies
 from tests.fakes import Answer, Call, ScriptedDeliverer
 from tests.test_queue_api import World
 
@@ -29,8 +29,8 @@ def test_a_message_held_for_a_defect_shows_the_reason(tmp_path: Path) -> None:
     assert item["held_reason"].startswith("4.3.0 held after a defect in delivery: KeyError")
     # The defect's detail is the operator's; the recorded reply (what a report would
     # quote to the sender) says only that the mail system holds it.
-    assert item["last_errors"]["me@home.test"] == HELD_REPLY
-    assert "KeyError" not in HELD_REPLY
+    assert item["last_errors"]["me@home.test"] == replies.D451_HELD.status
+    assert "KeyError" not in replies.D451_HELD.status
     assert good.qid not in world.spool.queued_ids()
     code, _ = world.call("POST", f"/{bad.qid}/release")
     code, shown = world.call("GET", f"/{bad.qid}")

@@ -41,10 +41,19 @@ from twisted.mail.smtp import (
     SMTPConnectError,
     SMTPDeliveryError,
     SMTPProtocolError,
-    SMTPTimeoutError,
 )
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+
+from edge.smtp.replies import (
+    D451_CONNECTION_LOST,
+    D451_NO_CONNECTION,
+    D451_NOT_DELIVERED,
+    D451_PREPARE_FAILED,
+    D451_TIMED_OUT,
+    D451_TLS_FAILED,
+    Reply,
+)
 
 log = Logger()
 
@@ -61,6 +70,21 @@ class MailRefused(SMTPDeliveryError):
 
 class NeedsSMTPUTF8(SMTPClientError):
     """The transaction needs SMTPUTF8 and the server does not offer it: nothing was sent."""
+
+
+class LocalFailure(SMTPClientError):
+    """The session failed with no reply of the server's to show: the network, TLS, a
+    timeout, our own side. `reply` (a `D` reply of `edge.smtp.replies`, with `values` for
+    its fields; `where` is the delivery client's) is what the outcome says; `detail` (an
+    exception's text, say) is for the log only."""
+
+    def __init__(
+        self, reply: Reply, detail: str = "", *, fatal: bool = True, **values: str
+    ) -> None:
+        super().__init__(-1, (detail or reply.text).encode("utf-8", "replace"), isFatal=fatal)
+        self.reply = reply
+        self.detail = detail
+        self.values = values
 
 
 class SessionDefect(Exception):
@@ -183,7 +207,9 @@ class ClientSession(ESMTPClient):
     def smtpState_from(self, code: int, resp: bytes) -> None:
         """Called by Twisted's ESMTP client once greeting, EHLO, STARTTLS and AUTH are done."""
         if self.state != "connecting" or self.ready.called:
-            self._broken(SMTPProtocolError(-1, b"handshake ended twice, or was given up on"))
+            self._broken(
+                LocalFailure(D451_NOT_DELIVERED, "handshake ended twice, or was given up on")
+            )
             return
         self.state = "idle"
         self._expect_nothing()
@@ -197,7 +223,7 @@ class ClientSession(ESMTPClient):
         if self.state == "closing":
             self._abort()
             return
-        self._broken(SMTPTimeoutError(-1, b"Timeout waiting for SMTP server response"), abort=True)
+        self._broken(LocalFailure(D451_TIMED_OUT, "no reply in time"), abort=True)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         ESMTPClient.connectionLost(self, reason)
@@ -207,11 +233,11 @@ class ClientSession(ESMTPClient):
             # dropped the connection): the transaction ends with that, not as a lost line.
             self._broken(SessionDefect(reason))
         elif self.state == "connecting":
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_NO_CONNECTION
+            self._broken(LocalFailure(reply, f"unable to connect: {reason.value}"))
         elif self.state in ("idle", "busy"):
-            text = "connection lost: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_CONNECTION_LOST
+            self._broken(LocalFailure(reply, f"connection lost: {reason.value}"))
         self.state = "closed"
         self._cancel_idle_timer()
         if not self.closed.called:
@@ -333,8 +359,8 @@ class ClientSession(ESMTPClient):
     def _prepare_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         log.failure("smtp: preparing the data failed", failure)
         if self.tx is tx and self.state == "busy":
-            text = "4.3.0 preparing the data failed"  # the detail is in the log above
-            self._broken(SMTPClientError(-1, text.encode("utf-8", "replace")), abort=True)
+            # The detail is in the log above.
+            self._broken(LocalFailure(D451_PREPARE_FAILED, fatal=False), abort=True)
 
     def _send_data(self, code: int, resp: bytes) -> None:
         tx = self.tx
@@ -366,8 +392,8 @@ class ClientSession(ESMTPClient):
 
     def _data_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         if self.tx is tx and self.state == "busy":
-            text = "sending the data failed: " + str(failure.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            detail = f"sending the data failed: {failure.value}"
+            self._broken(LocalFailure(D451_CONNECTION_LOST, detail))
 
     def _early_reply(self, code: int, resp: bytes) -> None:
         assert self.tx is not None
@@ -417,7 +443,8 @@ class ClientSession(ESMTPClient):
         if self.state == "idle":
             self._quit(timeout)
         elif self.state in ("connecting", "busy"):
-            self._broken(SMTPClientError(-1, b"connection given up on"), abort=True)
+            failure = LocalFailure(D451_NOT_DELIVERED, "connection given up on", fatal=False)
+            self._broken(failure, abort=True)
 
     def _quit(self, timeout: float | None = None) -> None:
         self.state = "closing"
@@ -482,8 +509,8 @@ class SessionFactory(protocol.ClientFactory):
         session = self.session
         if session.state == "connecting" and not session.ready.called:
             session.state = "closed"
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            session.ready.errback(Failure(SMTPConnectError(-1, text.encode("utf-8", "replace"))))
+            detail = f"unable to connect: {reason.value}"
+            session.ready.errback(Failure(LocalFailure(D451_NO_CONNECTION, detail)))
             if not session.closed.called:
                 session.closed.callback(None)
 
