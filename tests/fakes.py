@@ -183,13 +183,13 @@ def pending(call: Call) -> Answer:
     return None
 
 
-def accepted(call: Call) -> Answer:
+def accepted(call: Call) -> dict[str, Outcome]:
     """What `SMTPDeliverer` reports when the host took every recipient."""
     host = "{}:{}".format(*call.target.hosts[0])
     return dict.fromkeys(call.recipients, Outcome(250, "2.0.0 Ok", host))
 
 
-def refused(call: Call) -> Answer:
+def refused(call: Call) -> dict[str, Outcome]:
     """What `SMTPDeliverer` reports for a host that does not answer."""
     host = "{}:{}".format(*call.target.hosts[0])
     return dict.fromkeys(

@@ -13,7 +13,7 @@ import email
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,8 @@ def report_blocks(data: bytes) -> tuple[str, dict[str, dict[str, str]]]:
     human, status, _headers = list(msg.iter_parts())
     assert isinstance(human, EmailMessage)
     blocks: dict[str, dict[str, str]] = {}
-    for block in status.get_payload()[1:]:  # type: ignore[union-attr]
+    payload: list[Message] = status.get_payload()  # type: ignore[assignment]
+    for block in payload[1:]:
         fields = {k: " ".join(str(v).split()) for k, v in block.items()}
         blocks[fields["Final-Recipient"].rpartition(";")[2].strip()] = fields
     return human.get_content(), blocks

@@ -515,9 +515,9 @@ class SMTPDeliverer:
     def _failed(failure: Any, recipients: list[str], where: str) -> dict[str, Outcome]:
         err = failure.value
         if isinstance(err, NeedsSMTPUTF8):
-            text = replies.D553_NO_SMTPUTF8.format(where=where)
+            reply = replies.D553_NO_SMTPUTF8.format(where=where)
             # Final, yet not this host's word on the message: another host may take it.
-            return dict.fromkeys(recipients, Outcome(text.code, text.detail, where, False))
+            return dict.fromkeys(recipients, Outcome(reply.code, reply.detail, where, False))
         addresses: Any = getattr(err, "addresses", None)
         code = getattr(err, "code", 0)
         # A refusal at MAIL FROM answers for the message; failing before it (connection,
