@@ -36,7 +36,7 @@ from edge.store.models import (
     RouteSetupRow,
     utcnow,
 )
-from edge.store.records import Device, EmailRoute, Record
+from edge.store.records import Device, EmailRoute, StoreRecord
 from edge.store.store import Store
 from edge.store.validate import check_smtp_addr, optional_text, required_text
 from edge.tls import is_pin
@@ -93,7 +93,7 @@ def normalize_code(code: str) -> str:
 
 
 @dataclass(frozen=True)
-class Registration(Record):
+class Registration(StoreRecord):
     id: str
     device_id: str
     code: str
@@ -115,7 +115,7 @@ class Issued:
 
 
 @dataclass(frozen=True)
-class DkimKey(Record):
+class DkimKey(StoreRecord):
     id: str
     domain: str
     selector: str
@@ -130,7 +130,7 @@ class DkimKey(Record):
 
 
 @dataclass(frozen=True)
-class RouteSetup(Record):
+class RouteSetup(StoreRecord):
     route_id: str
     ownership_verified_at: datetime | None = None
     prepared_at: datetime | None = None

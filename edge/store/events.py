@@ -15,12 +15,12 @@ from typing import Any
 from sqlalchemy import select
 
 from edge.store.models import DELIVERY_EVENTS, DeliveryEventRow
-from edge.store.records import Record
+from edge.store.records import StoreRecord
 from edge.store.store import Store
 
 
 @dataclass(frozen=True)
-class DeliveryEvent(Record):
+class DeliveryEvent(StoreRecord):
     TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
     id: int

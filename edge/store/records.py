@@ -3,7 +3,7 @@
 Each record is a frozen dataclass copied out of an ORM row while its session is open, so it
 can cross threads and outlive the session. ``to_dict()`` gives the JSON shape used by the
 ``/v1`` API (timestamps as ISO-8601 UTC with ``Z``). Secrets (a device's connector secret and
-API key hash) are kept out of ``repr`` and ``to_dict``. `Record` does the copying both ways,
+API key hash) are kept out of ``repr`` and ``to_dict``. `StoreRecord` does the copying both ways,
 field for field: ``from_row`` takes each field from the row's attribute of the same name
 (unless given), ``to_dict`` gives the names in ``JSON_FIELDS`` (all fields when empty), in
 that order. This module must never import a session, touch the database, or expose ORM rows.
@@ -37,7 +37,7 @@ def _copied(value: Any) -> Any:
     return copy.deepcopy(value) if isinstance(value, list | dict) else value
 
 
-class Record:
+class StoreRecord:
     """What every record is: a frozen dataclass copied field for field out of an ORM row
     (`from_row`) and into its JSON shape (`to_dict`)."""
 
@@ -67,14 +67,14 @@ class Record:
 
 
 @dataclass(frozen=True)
-class Account(Record):
+class Account(StoreRecord):
     id: str
     name: str
     created_at: datetime
 
 
 @dataclass(frozen=True)
-class Device(Record):
+class Device(StoreRecord):
     JSON_FIELDS = (
         "id",
         "name",
@@ -107,7 +107,7 @@ class Device(Record):
 
 
 @dataclass(frozen=True)
-class ManagedAddress(Record):
+class ManagedAddress(StoreRecord):
     JSON_FIELDS = (
         "id",
         "name",
@@ -131,7 +131,7 @@ class ManagedAddress(Record):
 
 
 @dataclass(frozen=True)
-class ByodAddress(Record):
+class ByodAddress(StoreRecord):
     JSON_FIELDS = (
         "id",
         "name",
@@ -154,7 +154,7 @@ class ByodAddress(Record):
 
 
 @dataclass(frozen=True)
-class EmailRoute(Record):
+class EmailRoute(StoreRecord):
     JSON_FIELDS = (
         "id",
         "domain",
@@ -250,7 +250,7 @@ class EmailRoute(Record):
 
 
 @dataclass(frozen=True)
-class SpamRule(Record):
+class SpamRule(StoreRecord):
     JSON_FIELDS = (
         "id",
         "kind",
@@ -297,7 +297,7 @@ class RecipientTarget:
 
 
 @dataclass(frozen=True)
-class AuditEvent(Record):
+class AuditEvent(StoreRecord):
     """One entry of the control plane's audit log (see edge.store.claims.audit)."""
 
     id: int
