@@ -27,6 +27,7 @@ from edge.dns.resolver import DNSResolver
 from edge.domains.routewatch import RouteWatch, build_route_watch
 from edge.inbound.acceptor import AcceptorPool
 from edge.inbound.listener import build_mx_factory
+from edge.inbound.policy import MXHandler
 from edge.runtime.adminkeys import admin_key_path
 from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
@@ -79,7 +80,14 @@ class Edge:
     routewatch: RouteWatch
 
 
-def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
+def build_edge(
+    config: Config,
+    reactor: Any,
+    tls_files: tuple[Path, Path] | None = None,
+    handler_class: type[MXHandler] = MXHandler,
+) -> Edge:
+    """The edge process's parts. `handler_class` is the MX policy of one connection (in this
+    process; acceptor processes always use `MXHandler`)."""
     store = open_configured_store(config)
     private_file(admin_key_path(config))  # made 0600; an older install's is narrowed
     spool = Spool(config.spool_path)
@@ -128,6 +136,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         tls,
         while_syncing=queue.intake,
         counts=counts,
+        handler_class=handler_class,
     )
     service = MultiService()
     service.setName("edge")

@@ -11,7 +11,6 @@ in a way that leaks timing, store a plain key, or show a client a stack trace.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from twisted.web.resource import IResource
 from edge.config import Config
 from edge.dns.resolver import DNSResolver
 from edge.domains.scan import DomainInspector
+from edge.runtime.adminkeys import hash_secret
 from edge.store import Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore
@@ -49,10 +49,6 @@ M = TypeVar("M", bound=BaseModel)
 Run = Callable[..., "defer.Deferred[Any]"]
 _BEARER = re.compile(rb"[Bb]earer[ \t]+(\S{1,256})[ \t]*")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _hash(value: bytes) -> bytes:
-    return hashlib.sha256(value).digest()
 
 
 def _source(request: IRequest) -> str:
@@ -90,7 +86,7 @@ class ControlAPI:
         if not admin_keys or not all(admin_keys):
             raise ValueError("the control API needs at least one non-empty admin key")
         e = config.edge
-        self._admin = [_hash(k.encode("utf-8")) for k in admin_keys]
+        self._admin = [hash_secret(k) for k in admin_keys]
         self.base_url = base_url or f"http://{e.control_listen}"
         settings = Settings(
             managed_domain=e.managed_domain.lower().rstrip("."),
@@ -164,7 +160,7 @@ class ControlAPI:
                 "use Authorization: Bearer <key>",
                 "use_bearer_token_format",
             )
-        presented = _hash(match.group(1))
+        presented = hash_secret(match.group(1))
         if any(hmac.compare_digest(presented, k) for k in self._admin):
             return defer.succeed(Principal("admin"))
         d = self._run(self.access.authenticate, match.group(1).decode("ascii", "replace"))
