@@ -119,6 +119,8 @@ S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds the limit")
 S552_LINE_TOO_LONG = Reply(552, "5.6.0", "Message line too long")
 S552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section exceeds the limit")
 S553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+# The relay (edge.outbound): a device may send only as an address its account owns.
+S553_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by this device's account")
 S554_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop")
 S554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
 S555_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")

@@ -1,0 +1,1 @@
+"""Outbound mail: the relay listener for devices, DKIM signing."""
