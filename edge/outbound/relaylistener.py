@@ -17,6 +17,7 @@ from edge.auththrottle import AuthThrottle
 from edge.checks import authserv_id
 from edge.config import Config
 from edge.inbound.listener import smtp_limits
+from edge.outbound.dkimsign import DkimSigner
 from edge.outbound.relaypolicy import (
     RECEIVED_HEADERS_ADDED,
     Relay,
@@ -51,7 +52,7 @@ def build_relay_factory(
     (the delivery queue's intake); `signer` signs with the domains' keys in `store` unless
     given; `throttle` is the process's delay on failed logins (one of the relay's own, from
     `[auth]`, unless given)."""
-    outbound = OutboundStore(store)
+    outbound, access = OutboundStore(store), AccessStore(store)
     if throttle is None:
         a = config.auth
         throttle = AuthThrottle(
@@ -67,10 +68,10 @@ def build_relay_factory(
         return threads.deferToThread(spool.commit, writer, envelope)
 
     relay = Relay(
-        authenticate=AccessStore(store).authenticate,
+        authenticate=access.authenticate,
         sender_account=outbound.sender_account,
         record=outbound.record,
-        signer=signer if signer is not None else _Unsigned(),
+        signer=signer if signer is not None else DkimSigner(access),
         spool=spool,
         commit=commit,
         accepted=accepted,
@@ -91,8 +92,3 @@ def build_relay_factory(
         auth_throttle=throttle,
         auth_service=AUTH_SERVICE,
     )
-
-
-class _Unsigned:
-    def sign(self, data: bytes, domain: str) -> bytes:
-        return b""
