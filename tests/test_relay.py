@@ -109,7 +109,9 @@ def site(in_reactor: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     laptop = _device(access, "laptop", "acct_home", "home.test")
     edge.store.add_byod_address("alice", "home.test", laptop.id)
     for key in generate_dkim_keys("202612"):
-        access.add_dkim_key("home.test", key.selector, key.algorithm, key.private_pem, key.public_b64)
+        access.add_dkim_key(
+            "home.test", key.selector, key.algorithm, key.private_pem, key.public_b64
+        )
     stranger = _device(access, "stranger", "acct_other", "other.test")
     edge.store.add_byod_address("carol", "other.test", stranger.id)
     revoked = _device(access, "old", "acct_home2", "old.test")

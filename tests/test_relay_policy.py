@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from edge.config import Config, ConfigError, load_config
+from edge.outbound.dkimsign import DkimSigner
 from edge.outbound.relaylistener import build_relay_factory
 from edge.outbound.relaypolicy import (
     Relay,
@@ -70,7 +71,13 @@ def test_the_default_plaintext_networks_are_loopback_only(host: str, allowed: bo
     assert not plaintext_allowed("127.0.0.1", ())  # the configured list is the whole rule
 
 
-def _session(store: Store, peer: IPv4Address | IPv6Address, tmp_path: Path) -> Any:
+def _session(
+    store: Store,
+    peer: IPv4Address | IPv6Address,
+    tmp_path: Path,
+    commit: Any = None,
+    accepted: Any = None,
+) -> Any:
     def run(fn: Any, *args: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(fn, *args)
 
@@ -79,10 +86,10 @@ def _session(store: Store, peer: IPv4Address | IPv6Address, tmp_path: Path) -> A
         authenticate=AccessStore(store).authenticate,
         sender_account=outbound.sender_account,
         record=outbound.record,
-        signer=_NotUsed(),
+        signer=DkimSigner(AccessStore(store)),
         spool=Spool(tmp_path / "spool"),
-        commit=lambda w, e: defer.succeed(None),
-        accepted=lambda e: None,
+        commit=commit or (lambda w, e: defer.succeed(None)),
+        accepted=accepted or (lambda e: None),
         hostname="edge.test",
         authserv_id="edge.test",
         clock=Clock(),
@@ -95,11 +102,6 @@ def _session(store: Store, peer: IPv4Address | IPv6Address, tmp_path: Path) -> A
     proto.makeConnection(transport)
     transport.clear()
     return proto, transport
-
-
-class _NotUsed:
-    def sign(self, data: bytes, domain: str) -> bytes:
-        raise AssertionError("no message gets this far here")
 
 
 def _say(session: Any, line: str) -> str:
@@ -142,6 +144,43 @@ def test_a_loopback_peer_may_auth_in_the_clear(store: Store, tmp_path: Path) -> 
     assert _say(session, f"AUTH PLAIN {_plain(device_id, key)}").startswith("235 ")
     # Authenticated, but the sender is no address of its account.
     assert _say(session, "MAIL FROM:<a@home.test>").startswith("553 5.7.1 ")
+
+
+def test_the_250_waits_for_the_spool_commit_and_a_failed_commit_is_4xx(
+    store: Store, tmp_path: Path
+) -> None:
+    device_id, key = _device(store)
+    device = store.get_device(device_id)
+    assert device is not None
+    store.create_route("home.test", type="byod", connector_id=device_id, status="active")
+    commits: list[defer.Deferred[None]] = []
+    accepted: list[Any] = []
+
+    def commit(writer: Any, envelope: Any) -> defer.Deferred[None]:
+        commits.append(defer.Deferred())
+        return commits[-1]
+
+    loopback = IPv4Address("TCP", "127.0.0.1", 40000)
+    session = _session(store, loopback, tmp_path, commit, accepted.append)
+    _say(session, "EHLO laptop.test")
+    assert _say(session, f"AUTH PLAIN {_plain(device_id, key)}").startswith("235 ")
+    for outcome in ("fail", "succeed"):
+        assert _say(session, "MAIL FROM:<alice@home.test>").startswith("250 ")
+        assert _say(session, "RCPT TO:<bob@far.test>").startswith("250 ")
+        assert _say(session, "DATA").startswith("354 ")
+        assert _say(session, "Subject: hi\r\n\r\nhello\r\n.") == ""  # waits for the disk
+        if outcome == "fail":
+            session[1].clear()
+            commits[-1].errback(OSError("disk full"))
+            assert session[1].value().startswith(b"451 4.3.0 ") and not accepted
+            continue
+        session[1].clear()
+        commits[-1].callback(None)
+        [envelope] = accepted
+        assert session[1].value() == f"250 2.0.0 Queued as {envelope.qid}\r\n".encode()
+        assert envelope.kind == "outbound" and envelope.sender == "alice@home.test"
+        assert envelope.extra == {"device_id": device_id, "account_id": device.account_id}
+        assert OutboundStore(store).relayed_by(envelope.qid) == device_id
 
 
 def test_starttls_first_with_a_real_client(in_reactor: Any, store: Store, tmp_path: Path) -> None:
