@@ -184,3 +184,9 @@ def test_the_openapi_document_describes_the_query(client: Client) -> None:
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/OutboundEventList"
     )
+
+
+def test_a_bad_query_without_a_key_is_401_first(client: Client) -> None:
+    r = client.get("/v1/outbound/events?limit=0", key=None)
+    assert r.code == 401
+    r.error("auth_missing_header")

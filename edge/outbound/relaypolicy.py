@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from edge.checks import HeaderFilter
 from edge.runtime.nowlater import then
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = Logger()
 
 RECEIVED_HEADERS_ADDED = 1
 """How many Received headers the relay adds (`relay_received`): loop detection counts it."""
@@ -158,8 +161,16 @@ class RelaySink:
         relay.record(env.qid, env.extra["device_id"], env.extra["account_id"], env.sender, at)
 
     def _committed(self, _: object) -> Reply:
-        self.relay.accepted(self.envelope)
-        return replies.S250_QUEUED.with_text(f"Queued as {self.envelope.qid}")
+        env = self.envelope
+        self.relay.accepted(env)
+        log.info(
+            "relay {qid}: device {device} from <{sender}> to {n} recipient(s)",
+            qid=env.qid,
+            device=env.extra["device_id"],
+            sender=env.sender,
+            n=len(env.recipients),
+        )
+        return replies.S250_QUEUED.with_text(f"Queued as {env.qid}")
 
 
 class RelayHandler:

@@ -379,6 +379,8 @@ class ControlAPI:
 
     @app.route("/v1/outbound/events", methods=["GET"])
     def outbound_events(self, request: IRequest) -> defer.Deferred[bytes]:
-        return self._read(
-            request, self.outbound.events, self._query(request, m.OutboundEventsQuery)
-        )
+        def run(p: Principal) -> defer.Deferred[Any]:
+            return self._run(self.outbound.events, p, self._query(request, m.OutboundEventsQuery))
+
+        d = self._principal(request).addCallback(run)
+        return d.addCallback(lambda body: json_reply(request, body))
