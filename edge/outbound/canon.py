@@ -15,7 +15,6 @@ import re
 __all__ = ["crlf", "relaxed_body", "relaxed_field", "split"]
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-_WSP_RUN = re.compile(rb"[ \t]+")
 
 
 def crlf(data: bytes) -> bytes:
@@ -23,6 +22,17 @@ def crlf(data: bytes) -> bytes:
     if data.count(b"\n") == data.count(b"\r\n"):
         return data
     return _BARE_LF.sub(b"\r\n", data)
+
+
+def _squeeze(data: bytes) -> bytes:
+    """Each run of WSP (spaces and tabs) in `data` made one space. Done with `bytes.replace`
+    (each pass halves every run of spaces), which is several times faster than a regular
+    expression on text whose spaces are mostly single already."""
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
 
 
 def split(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -60,14 +70,17 @@ def split(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 def relaxed_field(name: bytes, value: bytes) -> bytes:
     """One header field in relaxed form, CRLF-terminated: name in lower case, the value
     unfolded, each run of WSP one space, none at either end (RFC 6376 §3.4.2)."""
-    unfolded = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    unfolded = _squeeze(value.replace(b"\r\n", b"")).strip(b" ")
     return name.strip(b" \t").lower() + b":" + unfolded + b"\r\n"
 
 
 def relaxed_body(body: bytes) -> bytes:
     """A CRLF body in relaxed form (RFC 6376 §3.4.4): each run of WSP one space, none at the
-    end of a line, no empty lines at the end, and a non-empty body ending in CRLF."""
-    body = _WSP_RUN.sub(b" ", body).replace(b" \r\n", b"\r\n")
+    end of a line, no empty lines at the end, and a non-empty body ending in CRLF. A last
+    line without its CRLF is taken as SMTP sends it, with one."""
+    body = _squeeze(body).replace(b" \r\n", b"\r\n")
+    if body.endswith(b" "):  # a last line without its CRLF is signed as SMTP sends it
+        body = body[:-1]
     core = body.rstrip(b"\r\n")
     tail = body[len(core) :]
     # The tail is CRs and CRLFs only (every LF follows a CR): keep it up to its last lone CR.
@@ -77,6 +90,4 @@ def relaxed_body(body: bytes) -> bytes:
         lone = tail.rfind(b"\r\r")
         if lone >= 0:
             core += tail[: lone + 1]
-    if core.endswith(b" "):
-        core = core[:-1]
     return core + b"\r\n" if core else b""
