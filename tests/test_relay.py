@@ -112,6 +112,21 @@ def site(in_reactor: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         access.add_dkim_key(
             "home.test", key.selector, key.algorithm, key.private_pem, key.public_b64
         )
+    for domain in ("work.test", "broken.test"):  # more domains of the laptop's account
+        edge.store.create_route(
+            domain,
+            type="byod",
+            connector_id=laptop.id,
+            status="active",
+            verified_at=AT,
+            account_id="acct_home",
+        )
+    for key in generate_dkim_keys("202612w"):
+        access.add_dkim_key(
+            "work.test", key.selector, key.algorithm, key.private_pem, key.public_b64
+        )
+    broken = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    access.add_dkim_key("broken.test", "broken", "rsa", broken, "AAAA")
     stranger = _device(access, "stranger", "acct_other", "other.test")
     edge.store.add_byod_address("carol", "other.test", stranger.id)
     revoked = _device(access, "old", "acct_home2", "old.test")
@@ -148,16 +163,21 @@ def _verdicts(access: AccessStore, message: bytes) -> list[bool]:
     """dkimpy's verdict on each DKIM-Signature of `message`, keys from the store."""
 
     def txt(name: bytes, timeout: float = 5) -> bytes | None:
-        selector, _, domain = name.decode().rstrip(".").partition("._domainkey.")
-        for key in access.dkim_keys(domain):
-            if key.selector == selector:
-                return key.dns_value().encode()
-        return None
+        return _txt(access, name)
 
     head = message.split(b"\r\n\r\n", 1)[0]
     count = len(re.findall(rb"(?im)^dkim-signature:", head))
     checker = dkim.DKIM(message)
     return [bool(checker.verify(idx=i, dnsfunc=txt)) for i in range(count)]
+
+
+def _txt(access: AccessStore, name: bytes) -> bytes | None:
+    """The DKIM key record at `name`, from the store."""
+    selector, _, domain = name.decode().rstrip(".").partition("._domainkey.")
+    for key in access.dkim_keys(domain):
+        if key.selector == selector:
+            return key.dns_value().encode()
+    return None
 
 
 def _get(site: Site, path: str, key: str) -> Any:
@@ -254,6 +274,70 @@ def test_a_sender_the_account_does_not_own_is_553(site: Site, sender: str) -> No
         code, text = client.mail(sender)
         assert code == 553 and text.startswith(b"5.7.1 "), (code, text)
         assert client.rcpt("bob@far.test")[0] == 503  # no transaction was started
+
+
+def _head(*fields: bytes, subject: bytes = b"a header test") -> bytes:
+    return b"".join(f + b"\r\n" for f in fields) + b"Subject: " + subject + b"\r\n\r\nHi.\r\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reply"),
+    [
+        # Another account's address, or its domain, though the envelope sender is owned.
+        ((b"From: carol@other.test",), b"550 5.7.1 From header address not owned"),
+        ((b"From: Carol <anyone@other.test>",), b"550 5.7.1 From header address not owned"),
+        ((b'From: "alice@home.test" <carol@other.test>',), b"550 5.7.1 From header address"),
+        ((b"From: alice@sub.home.test",), b"550 5.7.1 From header address not owned"),
+        # Every address of the From field counts.
+        ((b"From: alice@home.test, carol@other.test",), b"550 5.7.1 From header address"),
+        (
+            (b"From: alice@home.test", b"Sender: carol@other.test"),
+            b"550 5.7.1 Sender header address not owned",
+        ),
+        ((), b"550 5.6.0 Message needs one From header"),  # no From
+        ((b"From: alice@home.test <carol@other.test>",), b"550 5.6.0 Message needs one From"),
+        ((b"From: alice@home.test", b"To: bob@far.test", b"From: alice@home.test"), b"550 5.6.0"),
+        ((b"From: alice@home.test", b"Sender: a@home.test, b@home.test"), b"550 5.6.0 "),
+    ],
+)
+def test_from_and_sender_fields_the_account_does_not_own_are_refused(
+    site: Site, fields: tuple[bytes, ...], reply: bytes
+) -> None:
+    with _client(site, site.laptop) as client:
+        assert client.mail("alice@home.test")[0] == 250
+        assert client.rcpt("bob@far.test")[0] == 250
+        code, text = client.data(_head(*fields))
+        assert (f"{code} ".encode() + text).startswith(reply), (code, text)
+        # Refused in the transaction only: the same session relays its own mail.
+        own = _head(b"From: a@home.test")
+        assert client.sendmail("alice@home.test", ["bob@far.test"], own) == {}
+        assert client.noop()[0] == 250
+
+
+def test_the_signature_is_for_the_from_domain_not_the_envelopes(site: Site) -> None:
+    subject = b"signed for the author"
+    message = _head(b"From: Bob <bob@work.test>", b"To: dora@far.test", subject=subject)
+    with _client(site, site.laptop) as client:
+        assert client.sendmail("alice@home.test", ["dora@far.test"], message) == {}
+    _wait_for(lambda: any(subject in s.data for s in site.far_mx.handler.seen))
+    [seen] = [s for s in site.far_mx.handler.seen if subject in s.data]
+    assert seen.sender == "alice@home.test"
+    head = seen.data.split(b"\r\n\r\n", 1)[0]
+    assert re.findall(rb"\bd=([^;]+);", head) == [b"work.test", b"work.test"]
+    assert _verdicts(AccessStore(site.edge.store), seen.data) == [True, True]
+    # What dkimpy reports as the signing domain is the From domain: aligned for DMARC.
+    checker = dkim.DKIM(seen.data)
+    access = AccessStore(site.edge.store)
+    assert checker.verify(dnsfunc=lambda name, timeout=5: _txt(access, name))
+    assert checker.domain == b"work.test"
+
+
+def test_an_unusable_dkim_key_is_a_temporary_failure(site: Site) -> None:
+    with _client(site, site.laptop) as client:
+        assert client.mail("alice@home.test")[0] == 250
+        assert client.rcpt("bob@far.test")[0] == 250
+        code, text = client.data(_head(b"From: erin@broken.test"))
+        assert (code, text[:6]) == (451, b"4.7.5 "), (code, text)
 
 
 def test_the_accounts_domain_and_the_mx_limits_apply(site: Site) -> None:

@@ -29,7 +29,7 @@ from edge.outbound.relaypolicy import (
 )
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits
-from edge.spool.spool import Spool
+from edge.spool.spool import Spool, SpoolWriter
 from edge.store import Store, open_store
 from edge.store.access import AccessStore
 from edge.store.keyring import StoreKeys
@@ -168,7 +168,8 @@ def test_the_250_waits_for_the_spool_commit_and_a_failed_commit_is_4xx(
         assert _say(session, "MAIL FROM:<alice@home.test>").startswith("250 ")
         assert _say(session, "RCPT TO:<bob@far.test>").startswith("250 ")
         assert _say(session, "DATA").startswith("354 ")
-        assert _say(session, "Subject: hi\r\n\r\nhello\r\n.") == ""  # waits for the disk
+        message = "From: alice@home.test\r\nSubject: hi\r\n\r\nhello\r\n."
+        assert _say(session, message) == ""  # waits for the disk
         if outcome == "fail":
             session[1].clear()
             commits[-1].errback(OSError("disk full"))
@@ -181,6 +182,49 @@ def test_the_250_waits_for_the_spool_commit_and_a_failed_commit_is_4xx(
         assert envelope.kind == "outbound" and envelope.sender == "alice@home.test"
         assert envelope.extra == {"device_id": device_id, "account_id": device.account_id}
         assert OutboundStore(store).relayed_by(envelope.qid) == device_id
+
+
+def test_an_unusable_dkim_key_is_451_and_nothing_is_spooled(store: Store, tmp_path: Path) -> None:
+    device_id, key = _device(store)
+    store.create_route("home.test", type="byod", connector_id=device_id, status="active")
+    AccessStore(store).add_dkim_key(
+        "home.test",
+        "broken",
+        "rsa",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+        "AAAA",
+    )
+    commits: list[Any] = []
+    accepted: list[Any] = []
+
+    def commit(writer: Any, envelope: Any) -> defer.Deferred[None]:
+        commits.append(envelope)
+        return defer.succeed(None)
+
+    session = _session(
+        store, IPv4Address("TCP", "127.0.0.1", 40000), tmp_path, commit, accepted.append
+    )
+    _say(session, "EHLO laptop.test")
+    assert _say(session, f"AUTH PLAIN {_plain(device_id, key)}").startswith("235 ")
+    assert _say(session, "MAIL FROM:<alice@home.test>").startswith("250 ")
+    assert _say(session, "RCPT TO:<bob@far.test>").startswith("250 ")
+    assert _say(session, "DATA").startswith("354 ")
+    spool_tmp = tmp_path / "spool" / "tmp"
+    big = "x" * 998 + "\r\n"  # enough lines that the data goes to a file in the spool
+    lines = [big] * (SpoolWriter.SPILL_SIZE // len(big) + 1)
+    _say(session, "From: alice@home.test\r\nSubject: hi\r\n\r\n" + "".join(lines)[:-2])
+    assert list(spool_tmp.iterdir())  # spilled: there is a file to remove
+    assert _say(session, ".") == (
+        "451 4.7.5 Cannot sign the message with the domain's DKIM key, try again later\r\n"
+    )
+    assert commits == [] and accepted == [] and list(spool_tmp.iterdir()) == []
+    # The session goes on; a domain without keys is still relayed (unsigned, as before).
+    store.create_route("work.test", type="byod", connector_id=device_id, status="active")
+    assert _say(session, "MAIL FROM:<alice@home.test>").startswith("250 ")
+    assert _say(session, "RCPT TO:<bob@far.test>").startswith("250 ")
+    assert _say(session, "DATA").startswith("354 ")
+    assert _say(session, "From: bob@work.test\r\n\r\nhi\r\n.").startswith("250 2.0.0 ")
+    assert [e.sender for e in commits] == ["alice@home.test"] and len(accepted) == 1
 
 
 def test_starttls_first_with_a_real_client(in_reactor: Any, store: Store, tmp_path: Path) -> None:

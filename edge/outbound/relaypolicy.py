@@ -14,12 +14,17 @@ At MAIL the sender must be an address the device's account owns
 `553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
 line, header and loop limits as the MX.
 
-At the end of data, in a worker thread: the message (without the `X-Tailpost-*` headers and
-`Authentication-Results` of the edge's authserv-id it may have brought) is DKIM-signed for
-the sender's domain, the edge's `Received:` header naming only the device ("from device
-<id>", never its address) goes on top, and the device is recorded as the message's
-sender; then the message is spooled as `kind = "outbound"` and only after the spool commit
-is `250 2.0.0 Queued as <QID>` sent and the message handed to the delivery queue. Signing
+At the end of data, in a worker thread: the message's From and Sender header fields
+(`edge.outbound.authors`: exactly one From, at most one Sender, each read unambiguously or
+the message is `550 5.6.0`) must name only addresses the same account owns, by the same
+rule as the envelope sender (else `550 5.7.1`). The message (without the `X-Tailpost-*`
+headers and `Authentication-Results` of the edge's authserv-id it may have brought) is
+DKIM-signed for each domain of its From field (d= aligned with From, as DMARC wants), the
+edge's `Received:` header naming only the device ("from device <id>", never its address)
+goes on top, and the device is recorded as the message's sender; then the message is
+spooled as `kind = "outbound"` and only after the spool commit is `250 2.0.0 Queued as
+<QID>` sent and the message handed to the delivery queue. A domain whose active DKIM key
+cannot be used is `451 4.7.5` (logged): mail is never sent unsigned in its place. Signing
 and store work never run on the reactor thread.
 """
 
@@ -37,6 +42,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from edge.checks import HeaderFilter
+from edge.outbound.authors import AuthorError, TooManyFrom, authors
+from edge.outbound.dkimsign import DkimSignError
 from edge.runtime.nowlater import then
 from edge.smtp import replies
 from edge.smtp.address import Path
@@ -126,16 +133,16 @@ class Relay:
 
 
 class RelaySink:
-    """The MessageSink of one relay transaction: filter, then sign, record and spool."""
+    """The MessageSink of one relay transaction: filter, then check the author fields, sign,
+    record and spool."""
 
     def __init__(
-        self, relay: Relay, writer: SpoolWriter, envelope: Envelope, received: bytes, domain: str
+        self, relay: Relay, writer: SpoolWriter, envelope: Envelope, received: bytes
     ) -> None:
         self.relay = relay
         self.writer = writer
         self.envelope = envelope
         self.received = received
-        self.domain = domain
         self.filter = HeaderFilter(relay.authserv_id)
 
     def write(self, chunk: bytes) -> None:
@@ -153,12 +160,48 @@ class RelaySink:
         return d.addCallback(self._committed)
 
     def _prepare(self) -> None:
-        """In a worker thread: sign, put the edge's headers on top, record the device."""
+        """In a worker thread: check the author fields, sign for the From domains, put the
+        edge's headers on top, record the device."""
         relay, env = self.relay, self.envelope
-        signature = relay.signer.sign(self.writer.data(), self.domain)
+        data = self.writer.data()
+        domains = self._from_domains(data)
+        try:
+            signature = b"".join(relay.signer.sign(data, domain) for domain in domains)
+        except DkimSignError as exc:
+            log.error(
+                "relay {qid}: not relayed, DKIM key unusable: {reason}", qid=env.qid, reason=exc
+            )
+            raise SMTPReplyError(replies.S451_DKIM_KEY_UNUSABLE, str(exc)) from None
         self.writer.put_on_top(signature + self.received)
         at = datetime.fromtimestamp(env.received_at, UTC)
         relay.record(env.qid, env.extra["device_id"], env.extra["account_id"], env.sender, at)
+
+    def _from_domains(self, data: bytes) -> list[str]:
+        """The domains of the From addresses, in order, once each, after checking that the
+        envelope's account owns every From and Sender address (blocking)."""
+        env = self.envelope
+        device, account = env.extra["device_id"], env.extra["account_id"]
+        try:
+            found = authors(data)
+        except TooManyFrom as exc:
+            raise SMTPReplyError(replies.S550_TWO_FROM, f"device {device}: {exc}") from None
+        except AuthorError as exc:
+            reply = replies.S550_FROM_INVALID
+            if exc.field == "Sender":
+                reply = replies.S550_SENDER_FIELD_INVALID
+            raise SMTPReplyError(reply, f"device {device}: {exc}") from None
+        checks = [("From", a, replies.S550_FROM_NOT_OWNED) for a in found.from_]
+        if found.sender is not None:
+            checks.append(("Sender", found.sender, replies.S550_SENDER_FIELD_NOT_OWNED))
+        domains: dict[str, None] = {}
+        for field, address, refusal in checks:
+            parts = split_address(address)
+            if parts is None or self.relay.sender_account(device, address) != account:
+                why = f"device {device} may not put {address} in the {field} header"
+                raise SMTPReplyError(refusal, why)
+            if field == "From":
+                domains[parts[1]] = None
+        return list(domains)
 
     def _committed(self, _: object) -> Reply:
         env = self.envelope
@@ -249,6 +292,4 @@ class RelayHandler:
             extra={"device_id": device.id, "account_id": self.account},
             smtputf8="SMTPUTF8" in session.sender.params,
         )
-        parts = split_address(session.sender.address)
-        domain = parts[1] if parts is not None else ""
-        return RelaySink(relay, writer, envelope, received, domain)
+        return RelaySink(relay, writer, envelope, received)
