@@ -233,6 +233,7 @@ hostname = "mx.bench.test"
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
+relay_listen = "127.0.0.1:0"
 mx_processes = {processes}
 max_connections = 5000
 max_connections_per_ip = 5000

@@ -28,6 +28,7 @@ from edge.domains.routewatch import RouteWatch, build_route_watch
 from edge.inbound.acceptor import AcceptorPool
 from edge.inbound.listener import build_mx_factory
 from edge.inbound.policy import MXHandler
+from edge.outbound.relaylistener import build_relay_factory
 from edge.runtime.adminkeys import admin_key_path
 from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
@@ -78,6 +79,8 @@ class Edge:
     resolver: DNSResolver
     control: Control
     routewatch: RouteWatch
+    relay: TCPListener | None = None
+    """The relay for the devices' outbound mail (None: `[edge] relay_listen` is empty)."""
 
 
 def build_edge(
@@ -158,6 +161,11 @@ def build_edge(
             after=queue_service.when_loaded,
             counts=counts,
         ).setServiceParent(service)
+    relay = None
+    if config.edge.relay_listen:
+        relay_factory = build_relay_factory(config, reactor, store, spool, queue.take, tls)
+        relay = TCPListener("relay", config.edge.relay_listen, relay_factory, reactor)
+        relay.setServiceParent(service)
     control = build_control(
         config,
         store,
@@ -171,9 +179,10 @@ def build_edge(
             config.edge.control_listen,
             mx.address,
             control.listener.address,
+            *([config.edge.relay_listen, relay.address] if relay is not None else []),
         ],
     )
     control.listener.setServiceParent(service)
     routewatch = build_route_watch(config, store, resolver, reactor)
     routewatch.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx, resolver, control, routewatch)
+    return Edge(service, store, spool, queue, mx, resolver, control, routewatch, relay)

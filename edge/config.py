@@ -96,6 +96,10 @@ class EdgeConfig:
         default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.0/8", "::1/128"]
     )
     control_max_body: int = 64 * 1024
+    # The relay for the devices' outbound mail (edge.outbound); "" turns it off. AUTH without
+    # TLS only from relay_plaintext_networks.
+    relay_listen: str = "127.0.0.1:2526"
+    relay_plaintext_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
 
 @dataclass
@@ -314,12 +318,15 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         config.device.http_listen,
     ):
         parse_listen(listen)
+    if config.edge.relay_listen:
+        parse_listen(config.edge.relay_listen)
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
     if config.device.mailbox_mode not in ("inbox", "per_address"):
         raise ConfigError('device.mailbox_mode must be "inbox" or "per_address"')
     _check_networks("edge.mx_proxy_trusted", config.edge.mx_proxy_trusted, strict=True)
     _check_networks("edge.device_networks", config.edge.device_networks)
+    _check_networks("edge.relay_plaintext_networks", config.edge.relay_plaintext_networks)
     _check_networks("device.plaintext_networks", config.device.plaintext_networks)
     if bool(config.device.connector_tls_cert) != bool(config.device.connector_tls_key):
         raise ConfigError("device.connector_tls_cert and device.connector_tls_key go together")

@@ -106,6 +106,12 @@ S454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 S451_POLICY_TEMP = Reply(451, "4.7.1", "Temporary policy failure, try again later")
 S451_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
 S451_CHECK_TIMEOUT = Reply(451, "4.4.5", "Timed out checking the message, try again later")
+# The relay (edge.outbound): the sender domain's active DKIM key cannot be used. Mail is never
+# sent unsigned instead; RFC 3463 X.7.5 is "cryptographic failure" (a key not available or
+# not valid), transient because the operator can replace the key.
+S451_DKIM_KEY_UNUSABLE = Reply(
+    451, "4.7.5", "Cannot sign the message with the domain's DKIM key, try again later"
+)
 # A recipient of a domain whose owner proved it but whose route the edge has not seen become
 # active yet (its DNS records are still appearing): refused only for now, so senders retry and
 # the mail arrives once the route is active. 450 is RFC 5321's "mailbox unavailable" for a
@@ -138,6 +144,18 @@ S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds the limit")
 S552_LINE_TOO_LONG = Reply(552, "5.6.0", "Message line too long")
 S552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section exceeds the limit")
 S553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+# The relay (edge.outbound): a device may send only as an address its account owns.
+S553_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by this device's account")
+# ... and so may its From and Sender header fields name only such addresses (DMARC aligns with
+# From; people read it). A From or Sender that cannot be read clearly is a format error.
+S550_FROM_NOT_OWNED = Reply(550, "5.7.1", "From header address not owned by this device's account")
+S550_SENDER_FIELD_NOT_OWNED = Reply(
+    550, "5.7.1", "Sender header address not owned by this device's account"
+)
+S550_FROM_INVALID = Reply(550, "5.6.0", "Message needs one From header of valid addresses")
+S550_SENDER_FIELD_INVALID = Reply(
+    550, "5.6.0", "Message may have one Sender header, of one valid address"
+)
 S554_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop")
 S554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
 S555_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")

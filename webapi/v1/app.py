@@ -40,8 +40,9 @@ from webapi.v1.devices import DeviceOps
 from webapi.v1.domains import DomainOps
 from webapi.v1.idempotency import Idempotency
 from webapi.v1.netpolicy import ConnectorPolicy, parse_networks
-from webapi.v1.openapi import OPERATIONS
+from webapi.v1.openapi import OPERATIONS, with_query_parameters
 from webapi.v1.ops import ControlOps, Principal, Settings
+from webapi.v1.outbound import OutboundOps
 
 __all__ = ["OPERATIONS", "ControlAPI"]
 
@@ -120,6 +121,7 @@ class ControlAPI:
         self.ops = ControlOps(store, self.access, inspector, settings, now, policy)
         self.domains = DomainOps(self.ops)
         self.devices = DeviceOps(self.ops)
+        self.outbound = OutboundOps(store)
         self._run = run_blocking
         self._run_dns = run_dns or resolver.run_async
         self.idempotency = Idempotency(IdempotencyStore(store, now), run_blocking)
@@ -173,6 +175,30 @@ class ControlAPI:
             return Principal("device", device.account_id, device.id)
 
         return d.addCallback(found)
+
+    def _query(self, request: IRequest, model: type[M]) -> M:
+        """The query parameters of `request` validated by `model` (each given once)."""
+        args: dict[str, str] = {}
+        for key, values in (request.args or {}).items():
+            name = key.decode("utf-8", "replace")
+            if len(values) != 1:
+                raise APIError(
+                    400,
+                    "validation_failed",
+                    f"query parameter {name[:64]!r} given more than once",
+                    "fix_query_parameters",
+                )
+            args[name] = values[0].decode("utf-8", "replace")
+        try:
+            return model.model_validate(args)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc'])[:64] or 'query'}: {e['msg']}"
+                for e in exc.errors()[:10]
+            )
+            raise APIError(
+                400, "validation_failed", f"invalid query: {problems}", "fix_query_parameters"
+            ) from None
 
     def _body(self, request: IRequest, model: type[M]) -> tuple[M, bytes]:
         _value, raw = json_body(
@@ -238,7 +264,8 @@ class ControlAPI:
 
     @app.route("/v1/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        return json_reply(request, self.registry.document([self.ops.settings.control_url()]))
+        doc = self.registry.document([self.ops.settings.control_url()])
+        return json_reply(request, with_query_parameters(doc))
 
     @app.route("/v1/managed-addresses", methods=["GET"])
     def list_managed(self, request: IRequest) -> defer.Deferred[bytes]:
@@ -345,3 +372,11 @@ class ControlAPI:
             _path_id(ident, "device"),
             admin=True,
         )
+
+    @app.route("/v1/outbound/events", methods=["GET"])
+    def outbound_events(self, request: IRequest) -> defer.Deferred[bytes]:
+        def run(p: Principal) -> defer.Deferred[Any]:
+            return self._run(self.outbound.events, p, self._query(request, m.OutboundEventsQuery))
+
+        d = self._principal(request).addCallback(run)
+        return d.addCallback(lambda body: json_reply(request, body))
