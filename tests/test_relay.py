@@ -30,7 +30,7 @@ from edge.runtime.adminkeys import admin_key_path, load_admin_keys
 from edge.store.access import AccessStore
 from edge.store.outbound import OutboundStore
 from edge.tls import ensure_self_signed
-from tests.test_smtpclient import OldMX, Peer, start_peer
+from tests.fakes import DownstreamMX, Peer, start_peer
 
 EDGE = "edge.relay.test"
 AT = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
@@ -90,7 +90,7 @@ def site(in_reactor: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
     tmp = tmp_path_factory.mktemp("relay")
     dns = in_reactor(LocalDNSServer, in_reactor.reactor)
-    far_mx = start_peer(OldMX())
+    far_mx = start_peer(DownstreamMX())
     dns.zone.set("far.test", "MX", [(10, "mx.far.test")])
     dns.zone.set("mx.far.test", "A", ["127.0.0.1"])
     tls_files = (tmp / "cert.pem", tmp / "key.pem")
