@@ -19,6 +19,7 @@ from edge.delivery.client import Outcome
 from edge.delivery.dsn import RecipientStatus
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
+from edge.spool.spool import Envelope
 
 
 class Deliverer(Protocol):
@@ -30,7 +31,14 @@ class Deliverer(Protocol):
         data: bytes,
         *,
         smtputf8: bool = False,
+        envid: str = "",
     ) -> Any: ...
+
+
+def dsn_of(envelope: Envelope, target: Target) -> dict[str, str]:
+    """What a delivery asks of the receiver's DSN extension: reports naming the queue id,
+    for a device's outbound mail to an MX (`edge.delivery.bouncematch` matches them back)."""
+    return {"envid": envelope.qid} if envelope.kind == "outbound" and target.kind == "mx" else {}
 
 
 _FAULTS = (

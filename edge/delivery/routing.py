@@ -28,7 +28,9 @@ from typing import Any
 from twisted.internet import defer
 
 from edge.config import Config, ConfigError, parse_listen
+from edge.delivery.mtasts import MTASTS, sts_hosts
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.smtp import replies
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups, NotCached
 from edge.store.resolve import ROLE_LOCAL_PARTS
@@ -78,6 +80,10 @@ class Target:
     tls_pin: str | None = None
     """For a device: the pin of its connector's TLS key (`edge.tls.spki_pin`). With one,
     every host must take STARTTLS and present that key before AUTH is sent."""
+    tls_verify: str = ""
+    """For an MX under an MTA-STS policy (`edge.delivery.mtasts`): "enforce" (STARTTLS and a
+    certificate valid for the host's name, or no delivery) or "testing" (checked, a failure
+    logged and noted, delivered anyway); "" for opportunistic STARTTLS, unchecked."""
 
     def tls_for(self, host: str, port: int) -> str:
         for (h, p), mode in zip(self.hosts, self.tls_modes, strict=False):
@@ -197,6 +203,7 @@ def replace_hosts(base: Target, expanded: list[tuple[str, int, str, str]]) -> Ta
         tls_modes=tuple(mode for _a, _p, mode, _n in expanded),
         names=tuple(name for _a, _p, _m, name in expanded),
         tls_pin=base.tls_pin,
+        tls_verify=base.tls_verify,
     )
 
 
@@ -346,12 +353,15 @@ class Router:
         resolve: Callable[[str], RecipientTarget | None],
         resolver: DNSResolver | None,
         mx_port: int = 25,
+        sts: MTASTS | None = None,
     ) -> None:
         """`resolve` is the recipient rule (a `RecipientResolver`, or the store's own);
-        `resolver` the process's DNS resolver (None: no DNS; addresses only)."""
+        `resolver` the process's DNS resolver (None: no DNS; addresses only); `sts` the
+        MTA-STS policies MX delivery follows (None: opportunistic STARTTLS only)."""
         self.resolve = resolve
         self.resolver = resolver
         self.mx_port = mx_port
+        self.sts = sts
         self.dns = HostAddresses(resolver)
 
     def target(self, recipient: str, kind: str) -> Target:
@@ -377,6 +387,10 @@ class Router:
         implicit = not hosts
         if implicit:
             hosts = [domain]
+        hosts, verify = sts_hosts(self.sts, domain, hosts)
+        if not hosts:
+            no_mx = replies.S451_STS_NO_MX
+            raise NoRoute(f"{no_mx.code} {no_mx.enhanced} {no_mx.text} ({domain})")
         expanded, failure = self.dns.expand([(h, self.mx_port, "starttls") for h in hosts])
         if not expanded:
             if failure is not None:
@@ -385,9 +399,8 @@ class Router:
                 raise NoRoute(f"550 5.1.2 {domain} has no MX and no address")
             # Every MX host is unknown or has no address: unusable MX records (§5.1).
             raise NoRoute(f"550 5.4.4 no MX host of {domain} has an address")
-        return replace_hosts(
-            Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True), expanded
-        )
+        base = Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True, tls_verify=verify)
+        return replace_hosts(base, expanded)
 
 
 def route_soon(

@@ -97,6 +97,19 @@ S451_CHECK_TIMEOUT = Reply(451, "4.4.5", "Timed out checking the message, try ag
 S450_ROUTE_NOT_ACTIVE = Reply(
     450, "4.4.4", "Mail for this domain is not accepted yet, try again later"
 )
+# Outcomes of delivery to a domain's MX hosts (the delivery client's words, recorded for a
+# recipient and shown in a DSN). MTA-STS (RFC 8461) failures are temporary: the mail waits for
+# the receiver to put its TLS right or for a new policy (section 5). RFC 3463 X.7.5
+# "Cryptographic failure" for a certificate that does not verify or a host the policy does
+# not name, X.7.4 "Security features not supported" for STARTTLS not offered.
+S451_STS_NO_MX = Reply(451, "4.7.5", "No MX host of the domain matches its MTA-STS policy")
+S451_STS_NO_STARTTLS = Reply(451, "4.7.4", "STARTTLS not offered, and the MTA-STS policy needs it")
+S451_STS_CERTIFICATE = Reply(
+    451, "4.7.5", "TLS certificate not valid for the MX host, and the MTA-STS policy needs it"
+)
+# RFC 6152 §3: 8-bit data to a server without 8BITMIME is converted or returned. Converting
+# would break the DKIM signature the edge put on the message: it is returned.
+S554_NEEDS_8BITMIME = Reply(554, "5.6.3", "8-bit message data needs 8BITMIME, which is not offered")
 # 5xx
 S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
