@@ -38,7 +38,15 @@ from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
 from edge.store.keyring import StoreKeys
 from maildir import Maildir
-from tests.outbound_peers import LocalCA, PolicyServer, RemoteMX, free_port, start_mx
+from tests.outbound_peers import (
+    LocalCA,
+    PolicyServer,
+    RemoteMX,
+    free_port,
+    smtp_sink,
+    start_mx,
+    tool,
+)
 from tests.outbound_peers import Policy as Served
 from tests.test_smtpclient import OldMX
 
@@ -434,3 +442,52 @@ def test_a_report_naming_the_envelope_id_is_matched_back_to_a_bounce(world: Worl
     wait_for(lambda: len(world.inbox()) == 3)  # the reports reach the device all the same
     bounces = [e for e in world.events if e[2] == "bounced"]
     assert bounces == [(env.qid, "bob@remote.test", "bounced", detail)]
+
+
+SMTP_SINK = tool("smtp-sink")
+needs_smtp_sink = pytest.mark.skipif(
+    SMTP_SINK is None, reason="smtp-sink (Debian package postfix) is not installed"
+)
+
+
+@needs_smtp_sink
+def test_dsn_parameters_go_to_postfix_which_offers_dsn(world: World) -> None:
+    assert SMTP_SINK is not None
+    world.zone.set("mx.sink.test", "A", [HOSTS[6]])
+    world.domain("sink.test", [(10, "mx.sink.test")])
+    with smtp_sink(SMTP_SINK, HOSTS[6], world.port) as sink:
+        env = world.send(["bob@sink.test"])
+        assert world.outcome(env.qid, "bob@sink.test", "delivered", "deferred")[0] == "delivered"
+        wait_for(lambda: len(sink.messages()) == 1)
+        [dump] = sink.messages()
+    head = dump.split(b"\n\n", 1)[0].decode().replace("\r\n", "\n")
+    assert f"X-Mail-Args: <{ALICE}> RET=HDRS ENVID={env.qid}\n" in head, head
+    assert "X-Rcpt-Args: <bob@sink.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@sink.test\n" in head, head
+
+
+@needs_smtp_sink
+def test_8bit_data_to_postfix_without_8bitmime_bounces_with_5_6_3(world: World) -> None:
+    assert SMTP_SINK is not None
+    world.zone.set("mx.sink.test", "A", [HOSTS[6]])
+    world.domain("sink.test", [(10, "mx.sink.test")])
+    data = BODY.replace(b"hello from the device", "Grüße vom Gerät".encode())
+    with smtp_sink(SMTP_SINK, HOSTS[6], world.port, "-8") as sink:  # -8: no 8BITMIME
+        env = world.send(["bob@sink.test"], data)
+        event, detail = world.outcome(env.qid, "bob@sink.test", "bounced", "deferred")
+        assert sink.messages() == []
+    assert event == "bounced" and detail.startswith("554 5.6.3 "), detail
+    [report] = _dsns_in_inbox(world, 1)
+    assert b"Status: 5.6.3" in report
+
+
+@needs_smtp_sink
+def test_a_hard_refusal_by_postfix_bounces_at_once(world: World) -> None:
+    assert SMTP_SINK is not None
+    world.zone.set("mx.sink.test", "A", [HOSTS[6]])
+    world.domain("sink.test", [(10, "mx.sink.test")])
+    refuse = ["-f", "RCPT", "-B", "550 5.1.1 Recipient address rejected"]
+    with smtp_sink(SMTP_SINK, HOSTS[6], world.port, *refuse):
+        env = world.send(["bob@sink.test"])
+        event, detail = world.outcome(env.qid, "bob@sink.test", "bounced", "deferred")
+    assert (event, detail) == ("bounced", "550 5.1.1 Recipient address rejected")
+    assert len(_dsns_in_inbox(world, 1)) == 1
