@@ -23,10 +23,12 @@ from edge.delivery.mtasts import (
 )
 from edge.dns.resolver import DNSResolver
 from tests.dnsserver import HANG
+from tests.outbound_peers import LocalCA, PolicyServer
 from tests.outbound_peers import Policy as Served
-from tests.outbound_peers import PolicyServer, LocalCA
 
-ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mx1.a.test\r\nmx: *.mx.a.test\r\nmax_age: 86400\r\n"
+ENFORCE = (
+    "version: STSv1\r\nmode: enforce\r\nmx: mx1.a.test\r\nmx: *.mx.a.test\r\nmax_age: 86400\r\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -190,9 +192,7 @@ def test_a_certificate_the_ca_did_not_sign_gives_no_policy(
         impostor.stop()
 
 
-def test_a_certificate_for_another_name_gives_no_policy(
-    resolver: DNSResolver, ca: LocalCA
-) -> None:
+def test_a_certificate_for_another_name_gives_no_policy(resolver: DNSResolver, ca: LocalCA) -> None:
     other = PolicyServer(ca.server_context("mta-sts.other.test")).start()
     try:
         other.policies["mta-sts.a.test"] = Served(ENFORCE)

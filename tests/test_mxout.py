@@ -144,9 +144,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def world(
-    in_reactor: Any, tmp_path: Path, store: Store, dns_server: Any
-) -> Iterator[World]:
+def world(in_reactor: Any, tmp_path: Path, store: Store, dns_server: Any) -> Iterator[World]:
     reactor = in_reactor.reactor
     ca = LocalCA(tmp_path)
     web_names = [f"mta-sts.{d}" for d in ("sts.test", "testing.test", "policy.test")]
@@ -227,7 +225,9 @@ def world(
     finally:
         in_reactor(queue.stop)
         in_reactor(deliverer.close)
-        in_reactor(lambda: defer.gatherResults([p.stopListening() for p in (mx_port, connector_port)]))
+        in_reactor(
+            lambda: defer.gatherResults([p.stopListening() for p in (mx_port, connector_port)])
+        )
         for remote in built.remotes:
             remote.controller.stop()
         web.stop()
@@ -462,7 +462,9 @@ def test_dsn_parameters_go_to_postfix_which_offers_dsn(world: World) -> None:
         [dump] = sink.messages()
     head = dump.split(b"\n\n", 1)[0].decode().replace("\r\n", "\n")
     assert f"X-Mail-Args: <{ALICE}> RET=HDRS ENVID={env.qid}\n" in head, head
-    assert "X-Rcpt-Args: <bob@sink.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@sink.test\n" in head, head
+    assert (
+        "X-Rcpt-Args: <bob@sink.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob@sink.test\n" in head
+    ), head
 
 
 @needs_smtp_sink
