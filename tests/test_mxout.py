@@ -264,17 +264,25 @@ def test_enforce_delivers_over_verified_tls(world: World) -> None:
     assert seen.tls and seen.recipients == ["bob@sts.test"] and seen.data == BODY
 
 
-def test_testing_mode_delivers_and_notes_the_failure(world: World) -> None:
-    mx = world.remote("mx1.testing.test", HOSTS[0], tls="self")
+@pytest.mark.parametrize(
+    ("tls", "note"),
+    [
+        ("self", "(MTA-STS testing: certificate not trusted"),
+        ("none", "(MTA-STS testing: no STARTTLS)"),
+    ],
+    ids=["self-signed", "no-starttls"],
+)
+def test_testing_mode_delivers_and_notes_the_failure(world: World, tls: str, note: str) -> None:
+    mx = world.remote("mx1.testing.test", HOSTS[0], tls=tls)
     world.domain("testing.test", [(10, "mx1.testing.test")], policy("testing", "*.testing.test"))
 
     env = world.send(["bob@testing.test"])
 
     event, detail = world.outcome(env.qid, "bob@testing.test", "deferred", "delivered")
     assert event == "delivered", detail
-    assert "MTA-STS testing: certificate not trusted" in detail
+    assert note in detail
     [seen] = mx.handler.seen
-    assert seen.tls
+    assert seen.tls == (tls != "none")
 
 
 def test_enforce_leaves_out_mx_hosts_the_policy_does_not_name(world: World) -> None:

@@ -83,10 +83,14 @@ def _address(value: str | None) -> str:
 def _blocks(part: Message) -> list[Message]:
     """The field blocks of a (global-)delivery-status part: per message, then per recipient."""
     payload = part.get_payload()
-    if isinstance(payload, list):
-        return [b for b in payload if isinstance(b, Message)]
-    raw = part.get_payload(decode=True)
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(payload)
+    if part.get_content_type() == "message/delivery-status" and isinstance(payload, list):
+        return [b for b in payload if isinstance(b, Message)]  # the parser split the blocks
+    if isinstance(payload, list):  # read by the parser as one message: its text again
+        raw = b"".join(m.as_bytes() for m in payload if isinstance(m, Message))
+    else:
+        decoded = part.get_payload(decode=True)
+        raw = decoded if isinstance(decoded, bytes) else b""
+    text = raw.decode("utf-8", "replace")
     chunks = re.split(r"\r?\n[ \t]*\r?\n", text.strip())
     return [email.message_from_string(c.strip() + "\n") for c in chunks if c.strip()]
 

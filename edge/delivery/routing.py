@@ -375,7 +375,9 @@ class Router:
 
     def _mx_target(self, recipient: str) -> Target:
         """RFC 5321 §5.1: the MX hosts by preference, each resolved to its addresses; with
-        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses."""
+        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses. Under an
+        MTA-STS policy in `enforce` mode only the hosts it names, their certificates
+        checked (none named: a temporary failure); in `testing` mode all, checked."""
         assert self.resolver is not None
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         if not domain:
