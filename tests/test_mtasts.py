@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
+from edge.config import ConfigError, load_config
 from edge.delivery.mtasts import (
     MAX_POLICY_SIZE,
     MTASTS,
     Policy,
     PolicyError,
     PolicyFetcher,
+    build_mta_sts,
     parse_policy,
     parse_txt,
 )
@@ -201,3 +203,16 @@ def test_a_certificate_for_another_name_gives_no_policy(resolver: DNSResolver, c
             fetch("a.test")
     finally:
         other.stop()
+
+
+def test_configuration_of_mta_sts_is_checked(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text("[edge]\nmta_sts_port = 70000\n")
+    with pytest.raises(ConfigError, match="mta_sts_port"):
+        load_config(config)
+    config.write_text(f'[edge]\ntls_ca_file = "{tmp_path / "missing.pem"}"\n')
+    with pytest.raises(ConfigError, match="tls_ca_file .* cannot be read"):
+        load_config(config)
+    config.write_text("[edge]\nmta_sts = false\n")
+    loaded = load_config(config)
+    assert build_mta_sts(loaded, DNSResolver(["127.0.0.1"])) is None
