@@ -364,13 +364,23 @@ def test_550_bounces_at_once_and_the_report_goes_to_the_device_not_the_internet(
     assert world.remotes[1].handler.seen == []  # the sender's internet MX never saw it
 
 
-def test_utf8_address_to_a_receiver_without_smtputf8_bounces_with_5_6_7(world: World) -> None:
+@pytest.mark.parametrize(
+    ("rcpt", "data"),
+    [
+        ("jürgen@legacy.test", BODY),
+        ("bob@legacy.test", BODY.replace(b"Subject: outbound", "Subject: Grüße".encode())),
+    ],
+    ids=["utf8-address", "utf8-header"],
+)
+def test_utf8_to_a_receiver_without_smtputf8_bounces_with_5_6_7(
+    world: World, rcpt: str, data: bytes
+) -> None:
     mx = world.remote("mx.legacy.test", HOSTS[0], tls="none", enable_SMTPUTF8=False)
     world.domain("legacy.test", [(10, "mx.legacy.test")])
 
-    env = world.send(["jürgen@legacy.test"])
+    env = world.send([rcpt], data)
 
-    event, detail = world.outcome(env.qid, "jürgen@legacy.test", "bounced", "deferred")
+    event, detail = world.outcome(env.qid, rcpt, "bounced", "deferred")
     assert event == "bounced" and detail.startswith("553 5.6.7 "), detail
     assert mx.handler.seen == []
     [report] = _dsns_in_inbox(world, 1)

@@ -11,9 +11,9 @@ arrival order only while the device cannot be reached this way.
 
 The paths go out exactly as the MX received them (`<` + path + `>`, UTF-8), never parsed
 again: whatever the MX's parser took, this sends. A message needs SMTPUTF8 (RFC 6531) when
-its paths are not ASCII, or when it came with SMTPUTF8 and its header section is not ASCII
-(a legacy 8-bit message that came without it goes on as it came); one that came with it
-asks for it wherever offered. A server without it gets no transaction for a message that
+its paths are not ASCII, or when it came with SMTPUTF8 or goes to an MX and its header
+section is not ASCII (a legacy 8-bit message that came without it goes on as it came to a
+device or an old MX); one that came with it asks for it wherever offered. A server without it gets no transaction for a message that
 needs it: the recipients fail permanently with 553 5.6.7 (section 3.4), unless another
 host of the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME.
 To an MX without it, 8-bit data is not sent: 554 5.6.3, unless another host takes it (RFC
@@ -67,7 +67,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -154,15 +154,27 @@ class Needs:
     """Where the server offers DSN (RFC 3461): the ENVID its reports are to name."""
 
     @classmethod
-    def of(cls, sender: str, recipients: list[str], data: bytes, smtputf8: bool) -> Needs:
+    def of(
+        cls,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        smtputf8: bool,
+        strict: bool = False,
+        envid: str = "",
+    ) -> Needs:
+        """`strict` for an MX: a non-ASCII header section needs SMTPUTF8 whatever the
+        message came with, and 8-bit data needs 8BITMIME."""
         paths = sender.isascii() and all(r.isascii() for r in recipients)
         ascii_data = data.isascii()
         head_end = data.find(b"\r\n\r\n")
         ascii_head = ascii_data or data[: head_end if head_end >= 0 else len(data)].isascii()
         return cls(
-            utf8_needed=not paths or (smtputf8 and not ascii_head),
+            utf8_needed=not paths or ((smtputf8 or strict) and not ascii_head),
             utf8_wanted=smtputf8,
             eight_bit=not ascii_data,
+            strict_8bit=strict,
+            envid=envid,
         )
 
 
@@ -427,8 +439,7 @@ class SMTPDeliverer:
         asked for where DSN is offered. An outcome per recipient; an exception only for a
         defect of ours."""
         paths = (wire_path(sender), [wire_path(r) for r in recipients])
-        needs = Needs.of(sender, recipients, data, smtputf8)
-        needs = replace(needs, strict_8bit=target.kind == "mx", envid=envid)
+        needs = Needs.of(sender, recipients, data, smtputf8, target.kind == "mx", envid)
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
         prepare = None
         if self.sealer is not None and target.kind in SEALED_KINDS:
