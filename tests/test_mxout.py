@@ -252,14 +252,18 @@ def test_enforce_never_delivers_without_verified_tls(world: World, tls: str, cod
     assert env.qid in world.queue.envelopes  # kept, to be tried again
 
 
-def test_enforce_delivers_over_verified_tls(world: World) -> None:
-    mx = world.remote("mx1.sts.test", HOSTS[0], tls="ca")
-    world.domain("sts.test", [(10, "mx1.sts.test")], policy("enforce", "*.sts.test"))
+def test_enforce_delivers_over_verified_tls_to_the_next_host(world: World) -> None:
+    bad = world.remote("mx1.sts.test", HOSTS[0], tls="self")
+    mx = world.remote("mx2.sts.test", HOSTS[1], tls="ca")
+    world.domain(
+        "sts.test", [(10, "mx1.sts.test"), (20, "mx2.sts.test")], policy("enforce", "*.sts.test")
+    )
 
     env = world.send(["bob@sts.test"])
 
     event, detail = world.outcome(env.qid, "bob@sts.test", "deferred", "delivered", "bounced")
     assert event == "delivered", detail
+    assert bad.handler.seen == []
     [seen] = mx.handler.seen
     assert seen.tls and seen.recipients == ["bob@sts.test"] and seen.data == BODY
 
