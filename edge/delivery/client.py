@@ -11,23 +11,21 @@ arrival order only while the device cannot be reached this way.
 
 The paths go out exactly as the MX received them (`<` + path + `>`, UTF-8), never parsed
 again: whatever the MX's parser took, this sends. A message needs SMTPUTF8 (RFC 6531) when
-its paths are not ASCII, or when it came with SMTPUTF8 or goes to an MX and its header
-section is not ASCII (a legacy 8-bit message that came without it goes on as it came to a
-device or an old MX); one that came with it asks for it wherever offered. A server without it gets no transaction for a message that
-needs it: the recipients fail permanently with 553 5.6.7 (section 3.4), unless another
-host of the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME.
-To an MX without it, 8-bit data is not sent: 554 5.6.3, unless another host takes it (RFC
-6152 §3: convert or return; converting would break the message's DKIM signature). To a
-device or an old MX it goes unchanged (a server that refuses it says so). Where the server
-offers DSN (RFC 3461), a delivery with an `envid` asks for failure and delay reports
-(`RET=HDRS ENVID=`, `NOTIFY=FAILURE,DELAY ORCPT=`), so they can be matched back.
+its paths are not ASCII, or when its header section is not ASCII and it came with SMTPUTF8
+or goes to an MX (a legacy 8-bit message goes to a device or an old MX as it came); one that
+came with it asks for it wherever offered. A server without it gets no transaction for a
+message that needs it: 553 5.6.7 (section 3.4), unless another host of the target takes it.
+`BODY=8BITMIME` goes with 8-bit data where offered; to an MX without it the data is not sent
+(554 5.6.3, unless another host takes it: RFC 6152 §3 says convert or return, and converting
+would break the DKIM signature), to a device or an old MX it goes unchanged. Where the server
+offers DSN (RFC 3461), a delivery with an `envid` asks for failure and delay reports under
+it (`RET=HDRS ENVID=`, `NOTIFY=FAILURE,DELAY ORCPT=`), so they can be matched back.
 Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
 offered, TLS from the first octet (a split domain's old MX on port 465), or plain SMTP.
-An MX under an MTA-STS policy (`Target.tls_verify`, `edge.delivery.mtasts`) has its
-certificate checked against the configured CA roots and its host name: in `enforce` mode a
-host without STARTTLS or with a certificate that does not verify gets no transaction (a
-temporary failure, never plain text), in `testing` mode the failure is logged and noted
-after the reply, and the mail goes.
+An MX under an MTA-STS policy (`Target.tls_verify`) has its certificate checked against the
+configured CA roots and its name: in `enforce` mode a host without STARTTLS or with a
+certificate that does not verify gets no transaction (temporary, never plain text); in
+`testing` mode that is logged and noted after the reply, and the mail goes.
 A device target with a pin (`Target.tls_pin`, learned when the device registered) is
 reached with STARTTLS required and the connector's key checked against the pin during the
 handshake (`edge.tls.PinnedClientTLS`): a connector that does not offer STARTTLS, or
