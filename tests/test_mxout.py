@@ -456,12 +456,18 @@ def test_a_report_naming_the_envelope_id_is_matched_back_to_a_bounce(world: Worl
     _to_the_mx(world, "", REPORT.format(envid="0000000000000000000000"))
     _to_the_mx(world, "mailer@remote.test", REPORT.format(envid=env.qid))
     wait_for(lambda: len(world.inbox()) == 2)
+    # Nor does one naming mail the edge delivered to a device (those reports, say): it
+    # never went over the internet.
+    inbound = next(q for q, r, e, _d in world.events if (r, e) == (ALICE, "delivered"))
+    world.in_reactor(world.recorder.flush)
+    _to_the_mx(world, "", REPORT.format(envid=inbound).replace("bob@remote.test", ALICE))
+    wait_for(lambda: len(world.inbox()) == 3)
     # The remote MX's report, from the null sender, under the queue id as envelope id.
     _to_the_mx(world, "", REPORT.format(envid=env.qid))
 
     event, detail = world.outcome(env.qid, "bob@remote.test", "bounced")
     assert detail == "5.2.2 smtp; 552 5.2.2 mailbox full"
-    wait_for(lambda: len(world.inbox()) == 3)  # the reports reach the device all the same
+    wait_for(lambda: len(world.inbox()) == 4)  # the reports reach the device all the same
     bounces = [e for e in world.events if e[2] == "bounced"]
     assert bounces == [(env.qid, "bob@remote.test", "bounced", detail)]
 

@@ -173,19 +173,18 @@ class BounceMatching:
         envid, failed = read_report(data)
         if not failed or not _QUEUE_ID.fullmatch(envid):
             return []
-        known = self.events.query(queue_id=envid, limit=1000)
-        delivered = {e.recipient for e in known if e.event == "delivered"}
-        bounced = {e.recipient for e in known if e.event == "bounced"}
-        found = []
+        found: dict[str, Bounce] = {}
         for recipient, detail in failed:
             lowered = recipient.lower()
-            if lowered not in delivered or lowered in bounced:
+            if lowered in found:
+                continue
+            known = {e.event for e in self.events.query(queue_id=envid, recipient=lowered)}
+            if "delivered" not in known or "bounced" in known:
                 continue
             if self.takes(recipient) is not None:
                 continue  # delivered here, never over the internet: not a report of ours
-            bounced.add(lowered)
-            found.append(Bounce(envid, lowered, detail))
-        return found
+            found[lowered] = Bounce(envid, lowered, detail)
+        return list(found.values())
 
     def _found(self, bounces: list[Bounce]) -> None:
         for bounce in bounces:
