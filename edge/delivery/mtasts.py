@@ -17,6 +17,10 @@ turn with a short timeout, checks the server's certificate against the configure
 `STSv1`, mode `enforce`, `testing` or `none`, `max_age` in seconds, and at least one `mx`
 pattern unless the mode is `none`; a pattern `*.example.com` stands for one label more.
 
+`sts_hosts` applies a policy to a domain's MX hosts for the router; the helpers at the end
+turn a target's `tls_verify` into the delivery client's certificate check
+(`edge.tls.VerifyingClientTLS`) and its failures into outcomes (`S451_STS_*` replies).
+
 It must never follow a redirect, accept a policy over a connection whose certificate did
 not verify, read an unbounded answer, or ask the system resolver for anything.
 """
