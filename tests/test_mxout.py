@@ -38,6 +38,7 @@ from edge.store.cache import CachedLookups
 from edge.store.events import DeliveryEvents
 from edge.store.keyring import StoreKeys
 from maildir import Maildir
+from tests.fakes import DownstreamMX
 from tests.outbound_peers import (
     LocalCA,
     PolicyServer,
@@ -48,7 +49,6 @@ from tests.outbound_peers import (
     tool,
 )
 from tests.outbound_peers import Policy as Served
-from tests.fakes import DownstreamMX
 
 USER, PASSWORD = "edge-laptop", "laptop secret"
 ALICE = "alice@home.test"
