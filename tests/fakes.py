@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from edge.checks.base import BaseCheck, Finding, Recipient, Transaction
-from edge.delivery.client import Outcome
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.spool.spool import Envelope, Spool, SpoolWriter
