@@ -221,6 +221,7 @@ class ScriptedDeliverer:
         data: bytes,
         *,
         smtputf8: bool = False,
+        envid: str = "",
     ) -> defer.Deferred[dict[str, Outcome]]:
         at = self.clock.seconds() if self.clock is not None else 0.0
         call = Call(at, target, sender, list(recipients), data)
