@@ -139,6 +139,7 @@ def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[st
         f"""
 tailpost all-in-one is running; data in {config.data_path}
   MX SMTP (edge, inbound)      {addresses["mx"]}
+  relay SMTP (edge, outbound)  {addresses.get("relay", "off")}
   connector SMTP (device)      {addresses["connector"]}
   IMAP (device)                {addresses["imap"]}
   submission SMTP (device)     {addresses.get("submission", "off")}
@@ -196,7 +197,8 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     report = ReadyReport(
         data / "run",
         [edge.mx, edge.control.listener, device.connector, device.imap, device.http]
-        + ([submission] if submission is not None else []),
+        + ([submission] if submission is not None else [])
+        + ([edge.relay] if edge.relay is not None else []),
     )
     report.ready.append(device.on_ready)
     report.ready.append(lambda addresses: point_device_at_relay(device, addresses))

@@ -17,8 +17,10 @@ from twisted.internet import defer, threads
 
 from edge.checks import sealer_for
 from edge.config import Config
+from edge.delivery.bouncematch import BounceMatching
 from edge.delivery.client import DelivererService, SMTPDeliverer
 from edge.delivery.eventlog import EventRecorder
+from edge.delivery.mtasts import build_mta_sts
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import Router, recipient_resolver, route_soon
@@ -27,6 +29,8 @@ from edge.dns.resolver import DNSResolver
 from edge.domains.routewatch import RouteWatch, build_route_watch
 from edge.inbound.acceptor import AcceptorPool
 from edge.inbound.listener import build_mx_factory
+from edge.inbound.policy import MXHandler
+from edge.outbound.relaylistener import build_relay_factory
 from edge.runtime.adminkeys import admin_key_path
 from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
@@ -77,9 +81,18 @@ class Edge:
     resolver: DNSResolver
     control: Control
     routewatch: RouteWatch
+    relay: TCPListener | None = None
+    """The relay for the devices' outbound mail (None: `[edge] relay_listen` is empty)."""
 
 
-def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
+def build_edge(
+    config: Config,
+    reactor: Any,
+    tls_files: tuple[Path, Path] | None = None,
+    handler_class: type[MXHandler] = MXHandler,
+) -> Edge:
+    """The edge process's parts. `handler_class` is the MX policy of one connection (in this
+    process; acceptor processes always use `MXHandler`)."""
     store = open_configured_store(config)
     private_file(admin_key_path(config))  # made 0600; an older install's is narrowed
     spool = Spool(config.spool_path)
@@ -89,19 +102,26 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     )
     use_configured_names(reactor, resolver)
     lookups = CachedLookups(store)
-    router = Router(recipient_resolver(lookups, config), resolver, config.edge.mx_delivery_port)
-    recorder = EventRecorder(DeliveryEvents(store), reactor)
+    router = Router(
+        recipient_resolver(lookups, config),
+        resolver,
+        config.edge.mx_delivery_port,
+        build_mta_sts(config, resolver),
+    )
+    events = DeliveryEvents(store)
+    recorder = EventRecorder(events, reactor)
     deliverer = SMTPDeliverer(
         reactor,
         hostname,
         config.edge.delivery_timeout,
         max_connections=config.edge.delivery_connections,
         sealer=sealer_for(config),
+        ca_file=config.edge.tls_ca_file,
     )
     queue = DeliveryQueue(
         spool,
         router.target,
-        deliverer,
+        BounceMatching(deliverer, events, recorder.add, threads.deferToThread, router.resolve),
         reactor,
         config.edge.retry_schedule,
         lifetime=config.edge.queue_lifetime,
@@ -128,6 +148,7 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
         tls,
         while_syncing=queue.intake,
         counts=counts,
+        handler_class=handler_class,
     )
     service = MultiService()
     service.setName("edge")
@@ -149,6 +170,11 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             after=queue_service.when_loaded,
             counts=counts,
         ).setServiceParent(service)
+    relay = None
+    if config.edge.relay_listen:
+        relay_factory = build_relay_factory(config, reactor, store, spool, queue.take, tls)
+        relay = TCPListener("relay", config.edge.relay_listen, relay_factory, reactor)
+        relay.setServiceParent(service)
     control = build_control(
         config,
         store,
@@ -162,9 +188,10 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             config.edge.control_listen,
             mx.address,
             control.listener.address,
+            *([config.edge.relay_listen, relay.address] if relay is not None else []),
         ],
     )
     control.listener.setServiceParent(service)
     routewatch = build_route_watch(config, store, resolver, reactor)
     routewatch.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx, resolver, control, routewatch)
+    return Edge(service, store, spool, queue, mx, resolver, control, routewatch, relay)

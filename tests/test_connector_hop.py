@@ -28,7 +28,8 @@ from connector.app import build_device, connector_tls
 from connector.hoppolicy import TAILNET, listen_refusal, parse_networks, plaintext_allowed
 from connector.receiver import ConnectorHandler
 from edge.config import Config, ConfigError
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target, routed_target
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits
@@ -36,7 +37,7 @@ from edge.smtp.session import Session
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed, is_pin, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
-from tests.test_smtpclient import _AnyPortController
+from tests.fakes import AnyPortController
 
 USER = "edge"
 PASSWORD = "connector secret of the device"
@@ -364,7 +365,7 @@ class RecordingSMTP(SMTP):
         await super().smtp_MAIL(arg)
 
 
-class RecordingController(_AnyPortController):
+class RecordingController(AnyPortController):
     def __init__(self, *args: Any, commands: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = commands

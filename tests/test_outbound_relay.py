@@ -409,7 +409,7 @@ def test_mail_the_edge_never_takes_bounces_after_its_lifetime(
         assert dev.files() == []
         (notice,) = dev.maildir.folder("INBOX").messages()
         text = dev.maildir.folder("INBOX").read(notice.id)
-        assert b"Status: 5.4.7" in text and b"not relayed to the edge in 1 hours" in text
+        assert b"Status: 5.4.7" in text and b"554 5.4.7 not relayed to the edge in 1 hours;" in text
         wait_for(lambda: len(dev.log.recent(10)) == 2, "two events")
         assert dev.statuses() == [("submitted", None), ("bounced", BOB)]
     finally:

@@ -58,6 +58,7 @@ from connector.outbound.events import OutboundEvents
 from connector.outbound.items import Entry, OutboundItem, Relay, RelayOutcome, RelayResult
 from connector.outbound.message import ItemIds, check_path, complete
 from connector.outbound.outbox import Envelope, Outbox, RecipientState, Stored
+from edge.smtp import replies
 from maildir import FolderExists, Maildir, MessageInfo, address_folder
 from maildir.message import header_summary
 
@@ -75,6 +76,7 @@ log = Logger(namespace="tailpost.outbound")
 
 SENT_FOLDER = "Sent"
 DEFAULT_MAX_RECIPIENTS = 100
+_NO_REPLY = RelayOutcome(replies.D451_NO_REPLY.code, replies.D451_NO_REPLY.detail)
 DEFAULT_LIFETIME = 5 * 86400.0
 """How long a message may wait for its edge before its recipients bounce (as the edge's)."""
 
@@ -362,7 +364,7 @@ class OutboundQueue(Service):
         new: dict[str, RecipientState] = {}
         later: list[str] = []
         for rcpt in pending:
-            outcome = result.outcomes.get(rcpt) or RelayOutcome(451, "4.3.0 no answer")
+            outcome = result.outcomes.get(rcpt) or _NO_REPLY
             if 200 <= outcome.code < 300:
                 new[rcpt] = RecipientState("relayed", result.queue_id)
             elif outcome.code >= 500:
@@ -370,8 +372,9 @@ class OutboundQueue(Service):
             elif expired:
                 days, hours = self.lifetime / 86400, self.lifetime / 3600
                 span = f"{days:g} days" if days == int(days) else f"{hours:g} hours"
-                why = f"4.4.7 not relayed to the edge in {span} (last: {outcome.text})"
-                new[rcpt] = RecipientState("bounced", "", f"{outcome.code} {why}")
+                last = f"{outcome.code} {outcome.text}"
+                reply = replies.D554_NOT_RELAYED.format(span=span, last=last)
+                new[rcpt] = RecipientState("bounced", "", reply.status)
             else:
                 later.append(f"{rcpt}: {outcome.code} {outcome.text}")
         if later:

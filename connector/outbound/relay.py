@@ -28,7 +28,8 @@ from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import PLAINAuthenticator, SMTPDeliveryError
+from twisted.mail.smtp import PLAINAuthenticator
+from twisted.python.failure import Failure
 
 from connector.hoppolicy import IPNetwork, plaintext_allowed
 from connector.outbound.queue import RelayOutcome, RelayResult
@@ -36,12 +37,13 @@ from edge.config import ConfigError, parse_listen
 from edge.delivery.client import Needs, wire_path
 from edge.delivery.clientsession import (
     QUIT_TIMEOUT,
-    MailRefused,
-    NeedsSMTPUTF8,
-    Session,
+    ClientSession,
+    ClientTransaction,
     SessionFactory,
-    Transaction,
 )
+from edge.delivery.outcomes import Outcome, accepted, failed
+from edge.smtp import replies
+from edge.smtp.replies import Reply
 
 __all__ = ["DEFAULT_RELAY_PORT", "EdgeRelay", "relay_address"]
 
@@ -62,7 +64,7 @@ def relay_address(edge_relay: str, edge_url: str) -> str:
     return f"[{host}]:{DEFAULT_RELAY_PORT}" if ":" in host else f"{host}:{DEFAULT_RELAY_PORT}"
 
 
-class _RelaySession(Session):
+class _RelaySession(ClientSession):
     """A delivery session that authenticates with AUTH PLAIN only and keeps the text of
     the reply to the end of the data (it carries the edge's queue id)."""
 
@@ -77,11 +79,16 @@ class _RelaySession(Session):
 
 
 def _everyone(
-    recipients: list[str], code: int, text: str, where: str, connected: bool = False
+    recipients: list[str], reply: Reply, where: str, connected: bool = False
 ) -> RelayResult:
-    """The same outcome for every recipient (by default: the edge never answered)."""
-    outcome = RelayOutcome(code, text)
+    """The same named reply for every recipient (by default: the edge never answered)."""
+    outcome = RelayOutcome(reply.code, reply.detail)
     return RelayResult(dict.fromkeys(recipients, outcome), "", where, connected)
+
+
+def _result(outcomes: dict[str, Outcome], where: str, queue_id: str = "") -> RelayResult:
+    relay = {rcpt: RelayOutcome(o.code, o.text) for rcpt, o in outcomes.items()}
+    return RelayResult(relay, queue_id, where, any(o.connected for o in outcomes.values()))
 
 
 def _text(resp: Any) -> str:
@@ -135,27 +142,25 @@ class EdgeRelay:
     async def _send(self, sender: str, recipients: list[str], data: bytes) -> RelayResult:
         creds = self.credentials()
         if not creds:
-            text = "4.7.0 this device is not linked to an edge yet"
-            return _everyone(recipients, 451, text, "")
+            return _everyone(recipients, replies.D451_NOT_LINKED, "")
         address = self.address()
         if not address:
             log.info("outbound relay: no edge relay address (yet); the mail waits")
-            return _everyone(recipients, 451, "4.3.5 no edge relay address yet", "")
+            return _everyone(recipients, replies.D451_NO_RELAY_ADDRESS, "")
         try:
             host, port = parse_listen(address)
         except ConfigError as exc:
             log.error("outbound relay: no usable edge relay address: {error}", error=exc)
-            return _everyone(recipients, 451, "4.3.5 no edge relay address is configured", "")
+            return _everyone(recipients, replies.D451_NO_RELAY_ADDRESS, "")
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             paths = [wire_path(r) for r in recipients]
             mail_from = wire_path(sender)
-        except ValueError as exc:
-            return _everyone(recipients, 553, f"5.1.3 {exc}", where, connected=True)
+        except ValueError:
+            return _everyone(recipients, replies.D550_BAD_ADDRESS, where, connected=True)
         head_end = data.find(b"\r\n\r\n")
         needs = Needs.of(sender, recipients, data, smtputf8=not data[: max(head_end, 0)].isascii())
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
-        by_path = dict(zip(paths, recipients, strict=True))
         for attempt in range(2):
             try:
                 session = await self._ready(host, port, creds, fresh=attempt > 0)
@@ -165,10 +170,10 @@ class EdgeRelay:
                     where=where,
                     error=_text(getattr(exc, "resp", exc)),
                 )
-                text = f"4.4.1 the edge's relay at {where} is not reachable"
-                return _everyone(recipients, 451, text, where)
+                reply = replies.D451_NO_CONNECTION.format(where=where)
+                return _everyone(recipients, reply, where)
             reused = session.transactions > 0
-            tx = Transaction(
+            tx = ClientTransaction(
                 mail_from, paths, stuffed, needs.utf8_needed, needs.utf8_wanted, needs.eight_bit
             )
             session.final_reply = b""
@@ -178,42 +183,13 @@ class EdgeRelay:
             if result.error is None:
                 assert result.accepted is not None
                 match = _QUEUED_AS.search(session.final_reply)
-                outcomes = {
-                    by_path.get(addr, _text(addr).strip("<>")): RelayOutcome(code, _text(resp))
-                    for addr, code, resp in result.accepted[1]
-                }
-                return RelayResult(outcomes, match.group(1).decode() if match else "", where)
+                qid = match.group(1).decode() if match else ""
+                return _result(accepted(result.accepted, where), where, qid)
             if result.dead and reused and attempt == 0:
                 # A kept session the edge had closed: the data never went; a new one, once.
                 continue
-            return self._failed(result.error, recipients, by_path, where)
+            return _result(failed(Failure(result.error), recipients, where), where)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _failed(
-        err: Exception, recipients: list[str], by_path: dict[bytes, str], where: str
-    ) -> RelayResult:
-        if isinstance(err, NeedsSMTPUTF8):
-            text = f"5.6.7 the edge's relay at {where} does not offer SMTPUTF8"
-            return _everyone(recipients, 553, text, where, connected=True)
-        code = getattr(err, "code", 0)
-        addresses: Any = getattr(err, "addresses", None) or []
-        answered = isinstance(err, SMTPDeliveryError) and (
-            bool(addresses) or isinstance(err, MailRefused)
-        )
-        if not answered or not isinstance(code, int) or not 400 <= code < 600:
-            log.warn(
-                "outbound relay: sending to {where} failed: {error}",
-                where=where,
-                error=_text(getattr(err, "resp", err)),
-            )
-            return _everyone(recipients, 451, f"4.4.2 the connection to {where} failed", where)
-        result = _everyone(recipients, code, _text(getattr(err, "resp", b"")), where, True)
-        for addr, rcpt_code, rcpt_resp in addresses:
-            if not 200 <= rcpt_code < 300:
-                rcpt = by_path.get(addr, _text(addr).strip("<>"))
-                result.outcomes[rcpt] = RelayOutcome(rcpt_code, _text(rcpt_resp))
-        return result
 
     async def _ready(
         self, host: str, port: int, creds: tuple[str, str], *, fresh: bool = False

@@ -12,7 +12,9 @@ MAIL command carries `SMTPUTF8` when the transaction needs it (RFC 6531: UTF-8 p
 header fields) or asks for it and the server offers it, and `BODY=8BITMIME` for 8-bit data
 when the server offers 8BITMIME (RFC 6152). A transaction that needs SMTPUTF8 from a server
 that does not offer it is never started: it ends with `NeedsSMTPUTF8`, the session stays
-usable. An exception raised by this session's own code while it handles a reply ends the
+usable; so does one whose 8-bit data must have 8BITMIME (`Needs8BitMIME`). With an envelope
+id and a server that offers DSN (RFC 3461), MAIL asks for the headers only in reports, under
+that id, and each RCPT for reports of failure and delay, with the original recipient. An exception raised by this session's own code while it handles a reply ends the
 transaction with `SessionDefect`, never with an error that looks like the network's.
 
 A session must never start a transaction while another is unfinished, and never log the
@@ -41,10 +43,20 @@ from twisted.mail.smtp import (
     SMTPConnectError,
     SMTPDeliveryError,
     SMTPProtocolError,
-    SMTPTimeoutError,
 )
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+
+from edge.smtp.replies import (
+    D451_CONNECTION_LOST,
+    D451_NO_CONNECTION,
+    D451_NOT_DELIVERED,
+    D451_PREPARE_FAILED,
+    D451_TIMED_OUT,
+    D451_TLS_FAILED,
+    Reply,
+)
+from edge.tls import VerifyingClientTLS
 
 log = Logger()
 
@@ -61,6 +73,25 @@ class MailRefused(SMTPDeliveryError):
 
 class NeedsSMTPUTF8(SMTPClientError):
     """The transaction needs SMTPUTF8 and the server does not offer it: nothing was sent."""
+
+
+class LocalFailure(SMTPClientError):
+    """The session failed with no reply of the server's to show: the network, TLS, a
+    timeout, our own side. `reply` (a `D` reply of `edge.smtp.replies`, with `values` for
+    its fields; `where` is the delivery client's) is what the outcome says; `detail` (an
+    exception's text, say) is for the log only."""
+
+    def __init__(
+        self, reply: Reply, detail: str = "", *, fatal: bool = True, **values: str
+    ) -> None:
+        super().__init__(-1, (detail or reply.text).encode("utf-8", "replace"), isFatal=fatal)
+        self.reply = reply
+        self.detail = detail
+        self.values = values
+
+
+class Needs8BitMIME(SMTPClientError):
+    """The transaction's 8-bit data needs 8BITMIME, not offered: nothing was sent."""
 
 
 class SessionDefect(Exception):
@@ -90,7 +121,7 @@ class Result:
 
 
 @dataclass
-class Transaction:
+class ClientTransaction:
     sender: bytes  # the reverse-path as it goes out, in angle brackets
     recipients: list[bytes]  # the forward-paths, the same way
     data: bytes  # already dot-stuffed: sent exactly as it is
@@ -101,6 +132,8 @@ class Transaction:
     # replaces `data`. It must not fail.
     prepare: Callable[[], defer.Deferred[bytes]] | None = None
     prepared: defer.Deferred[bytes] | None = None
+    strict_8bit: bool = False  # 8-bit data: BODY=8BITMIME or nothing (an MX)
+    envid: bytes = b""  # where DSN is offered: RET=HDRS ENVID=, NOTIFY= and ORCPT= per RCPT
     data_ready: bool = True  # False while `prepare` is under way
     go_ahead: bool = False  # the 354 to DATA came
     pending: list[bytes] = field(default_factory=list)
@@ -110,7 +143,7 @@ class Transaction:
     done: defer.Deferred[Result] = field(default_factory=defer.Deferred)
 
 
-class Session(ESMTPClient):
+class ClientSession(ESMTPClient):
     """One SMTP connection: Twisted's handshake once, then our transactions one at a time.
 
     States: connecting -> idle <-> busy, then closing (QUIT sent), broken (failed), closed.
@@ -144,16 +177,17 @@ class Session(ESMTPClient):
         self.response_timeout = timeout
         self.clock = clock
         self.state = "connecting"
-        self.ready: defer.Deferred[Session] = defer.Deferred()
+        self.ready: defer.Deferred[ClientSession] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.lost = False
-        self.tx: Transaction | None = None
+        self.tx: ClientTransaction | None = None
         self.needs_rset = False
         self.transactions = 0
         self.counted = False  # holds one of its pool's connection slots
         self.idle_timer: IDelayedCall | None = None
-        self.on_lost: Callable[[Session], None] | None = None
+        self.on_lost: Callable[[ClientSession], None] | None = None
         self.extensions: frozenset[bytes] = frozenset()  # EHLO keywords, upper case
+        self.checked: VerifyingClientTLS | None = None  # the check of an MTA-STS policy
 
     def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
         # TimeoutMixin's timer, on the injected clock.
@@ -183,7 +217,9 @@ class Session(ESMTPClient):
     def smtpState_from(self, code: int, resp: bytes) -> None:
         """Called by Twisted's ESMTP client once greeting, EHLO, STARTTLS and AUTH are done."""
         if self.state != "connecting" or self.ready.called:
-            self._broken(SMTPProtocolError(-1, b"handshake ended twice, or was given up on"))
+            self._broken(
+                LocalFailure(D451_NOT_DELIVERED, "handshake ended twice, or was given up on")
+            )
             return
         self.state = "idle"
         self._expect_nothing()
@@ -197,7 +233,7 @@ class Session(ESMTPClient):
         if self.state == "closing":
             self._abort()
             return
-        self._broken(SMTPTimeoutError(-1, b"Timeout waiting for SMTP server response"), abort=True)
+        self._broken(LocalFailure(D451_TIMED_OUT, "no reply in time"), abort=True)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         ESMTPClient.connectionLost(self, reason)
@@ -207,11 +243,11 @@ class Session(ESMTPClient):
             # dropped the connection): the transaction ends with that, not as a lost line.
             self._broken(SessionDefect(reason))
         elif self.state == "connecting":
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_NO_CONNECTION
+            self._broken(LocalFailure(reply, f"unable to connect: {reason.value}"))
         elif self.state in ("idle", "busy"):
-            text = "connection lost: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_CONNECTION_LOST
+            self._broken(LocalFailure(reply, f"connection lost: {reason.value}"))
         self.state = "closed"
         self._cancel_idle_timer()
         if not self.closed.called:
@@ -225,7 +261,7 @@ class Session(ESMTPClient):
     def usable(self) -> bool:
         return self.state == "idle" and self.tx is None and not self.lost
 
-    def send(self, tx: Transaction) -> None:
+    def send(self, tx: ClientTransaction) -> None:
         """Start `tx` on this idle session; `tx.done` fires with its `Result`."""
         if not self.usable:
             raise RuntimeError(f"SMTP session is {self.state}, not idle")
@@ -271,6 +307,11 @@ class Session(ESMTPClient):
                 return
         if tx.eight_bit and b"8BITMIME" in self.extensions:
             line += b" BODY=8BITMIME"
+        elif tx.eight_bit and tx.strict_8bit:
+            self._finish(Result(error=Needs8BitMIME(554, b"8BITMIME not offered")))
+            return
+        if tx.envid and b"DSN" in self.extensions:
+            line += b" RET=HDRS ENVID=" + xtext(tx.envid)
         # From here until the reply to the end of data, a failure leaves a transaction open.
         self.needs_rset = True
         self._command(line, [250], self._mail_ok, self._mail_refused)
@@ -291,7 +332,12 @@ class Session(ESMTPClient):
         if tx.pending:
             tx.current = tx.pending.pop(0)
             reply = self._rcpt_reply
-            self._command(b"RCPT TO:" + tx.current, _ANY_REPLY, reply, reply)
+            line = b"RCPT TO:" + tx.current
+            if tx.envid and b"DSN" in self.extensions:
+                line += b" NOTIFY=FAILURE,DELAY"
+                if tx.current.isascii():  # (a UTF-8 ORCPT needs RFC 6533's form)
+                    line += b" ORCPT=rfc822;" + xtext(tx.current[1:-1])
+            self._command(line, _ANY_REPLY, reply, reply)
         elif any(code in SUCCESS for _addr, code, _resp in tx.replies):
             if tx.prepare is not None and tx.prepared is None:
                 # Made while the DATA command is under way; waited for before the data goes.
@@ -324,17 +370,17 @@ class Session(ESMTPClient):
         """421 before the end of data: the server is closing the channel mid-transaction."""
         self._broken(SMTPDeliveryError(code, resp, None, []))
 
-    def _data_prepared(self, data: bytes, tx: Transaction) -> None:
+    def _data_prepared(self, data: bytes, tx: ClientTransaction) -> None:
         tx.data = data
         tx.data_ready = True
         if tx.go_ahead and self.tx is tx and self.state == "busy":
             self._write_data(tx)  # the 354 came first
 
-    def _prepare_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _prepare_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         log.failure("smtp: preparing the data failed", failure)
         if self.tx is tx and self.state == "busy":
-            text = "4.3.0 preparing the data failed"  # the detail is in the log above
-            self._broken(SMTPClientError(-1, text.encode("utf-8", "replace")), abort=True)
+            # The detail is in the log above.
+            self._broken(LocalFailure(D451_PREPARE_FAILED, fatal=False), abort=True)
 
     def _send_data(self, code: int, resp: bytes) -> None:
         tx = self.tx
@@ -346,7 +392,7 @@ class Session(ESMTPClient):
         if tx.data_ready:
             self._write_data(tx)
 
-    def _write_data(self, tx: Transaction) -> None:
+    def _write_data(self, tx: ClientTransaction) -> None:
         sender = FileSender()
         d = sender.beginFileTransfer(io.BytesIO(tx.data), self.transport, self._chunk)
         d.addCallbacks(self._data_written, self._data_failed, (tx,), None, (tx,))
@@ -355,7 +401,7 @@ class Session(ESMTPClient):
         self.resetTimeout()
         return chunk  # exactly as given: stuffed once, by `deliver`
 
-    def _data_written(self, last: bytes | str, tx: Transaction) -> None:
+    def _data_written(self, last: bytes | str, tx: ClientTransaction) -> None:
         if self.tx is not tx or self.state != "busy":
             return
         self._expected = _OK_REPLY
@@ -364,10 +410,10 @@ class Session(ESMTPClient):
         tx.dot_sent = True
         self.sendLine(b"." if last == b"\n" else b"\r\n.")
 
-    def _data_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _data_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         if self.tx is tx and self.state == "busy":
-            text = "sending the data failed: " + str(failure.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            detail = f"sending the data failed: {failure.value}"
+            self._broken(LocalFailure(D451_CONNECTION_LOST, detail))
 
     def _early_reply(self, code: int, resp: bytes) -> None:
         assert self.tx is not None
@@ -417,7 +463,8 @@ class Session(ESMTPClient):
         if self.state == "idle":
             self._quit(timeout)
         elif self.state in ("connecting", "busy"):
-            self._broken(SMTPClientError(-1, b"connection given up on"), abort=True)
+            failure = LocalFailure(D451_NOT_DELIVERED, "connection given up on", fatal=False)
+            self._broken(failure, abort=True)
 
     def _quit(self, timeout: float | None = None) -> None:
         self.state = "closing"
@@ -467,14 +514,14 @@ class Session(ESMTPClient):
 
 
 class SessionFactory(protocol.ClientFactory):
-    """Connects one `Session`; a failed connect fails its `ready`."""
+    """Connects one `ClientSession`; a failed connect fails its `ready`."""
 
     noisy = False
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: ClientSession) -> None:
         self.session = session
 
-    def buildProtocol(self, addr: Any) -> Session:
+    def buildProtocol(self, addr: Any) -> ClientSession:
         self.session.factory = self
         return self.session
 
@@ -482,10 +529,17 @@ class SessionFactory(protocol.ClientFactory):
         session = self.session
         if session.state == "connecting" and not session.ready.called:
             session.state = "closed"
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            session.ready.errback(Failure(SMTPConnectError(-1, text.encode("utf-8", "replace"))))
+            detail = f"unable to connect: {reason.value}"
+            session.ready.errback(Failure(LocalFailure(D451_NO_CONNECTION, detail)))
             if not session.closed.called:
                 session.closed.callback(None)
+
+
+def xtext(value: bytes) -> bytes:
+    """`value` in RFC 3461's xtext: "+", "=" and octets outside "!" to "~" as "+XX"."""
+    return b"".join(
+        bytes([c]) if 33 <= c <= 126 and c not in b"+=" else b"+%02X" % c for c in value
+    )
 
 
 def _no_delay(transport: Any) -> None:

@@ -28,7 +28,10 @@ from typing import Any
 from twisted.internet import defer
 
 from edge.config import Config, ConfigError, parse_listen
+from edge.delivery.mtasts import MTASTS, sts_hosts
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.smtp import replies
+from edge.smtp.replies import Reply
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups, NotCached
 from edge.store.resolve import ROLE_LOCAL_PARTS
@@ -42,18 +45,20 @@ LOOPBACK = ("127.0.0.1", "::1")
 
 
 class NoRoute(Exception):
-    """No way to deliver to this recipient now; `reply` is the SMTP-style reason.
+    """No way to deliver to this recipient now; `named` is why (a `D` reply of
+    `edge.smtp.replies`, filled in), `reply` the same on one line, as it is recorded.
 
-    A reply starting with 4 is temporary (try again later), with 5 permanent (bounce).
+    A 4xx reply is temporary (try again later), a 5xx permanent (bounce).
     """
 
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
+    def __init__(self, named: Reply) -> None:
+        super().__init__(named.status)
+        self.named = named
+        self.reply = named.status
 
     @property
     def temporary(self) -> bool:
-        return self.reply.startswith("4")
+        return 400 <= self.named.code < 500
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class Target:
     tls_pin: str | None = None
     """For a device: the pin of its connector's TLS key (`edge.tls.spki_pin`). With one,
     every host must take STARTTLS and present that key before AUTH is sent."""
+    tls_verify: str = ""
+    """For an MX under an MTA-STS policy (`edge.delivery.mtasts`): "enforce" (STARTTLS and a
+    certificate valid for the host's name, or no delivery) or "testing" (checked, a failure
+    logged and noted, delivered anyway); "" for opportunistic STARTTLS, unchecked."""
 
     def tls_for(self, host: str, port: int) -> str:
         for (h, p), mode in zip(self.hosts, self.tls_modes, strict=False):
@@ -161,7 +170,7 @@ def _device_target(found: RecipientTarget, dns: HostAddresses) -> Target:
     try:
         host, port = parse_listen(found.connector_smtp_addr)
     except ConfigError as exc:
-        raise NoRoute(f"451 4.4.0 device {found.device_id} has no connector address") from exc
+        raise NoRoute(replies.D451_NO_CONNECTOR_ADDRESS.format(device=found.device_id)) from exc
     base = Target(
         kind="device",
         key=f"device:{found.device_id}:{host}:{port}",
@@ -180,7 +189,7 @@ def _device_target(found: RecipientTarget, dns: HostAddresses) -> Target:
     if not expanded:
         if failure is not None:
             raise failure
-        raise NoRoute(f"451 4.4.4 connector host {host} of device {found.device_id} not found")
+        raise NoRoute(replies.D451_CONNECTOR_NOT_FOUND.format(host=host, device=found.device_id))
     return replace_hosts(base, expanded)
 
 
@@ -197,6 +206,7 @@ def replace_hosts(base: Target, expanded: list[tuple[str, int, str, str]]) -> Ta
         tls_modes=tuple(mode for _a, _p, mode, _n in expanded),
         names=tuple(name for _a, _p, _m, name in expanded),
         tls_pin=base.tls_pin,
+        tls_verify=base.tls_verify,
     )
 
 
@@ -206,7 +216,7 @@ def _upstream_target(found: RecipientTarget, dns: HostAddresses) -> Target:
         for item in found.upstream_hosts
     ]
     if not hosts:
-        raise NoRoute("550 5.1.1 no such user here")
+        raise NoRoute(replies.D550_NO_SUCH_USER)
     expanded, failure = dns.expand(hosts)
     if not expanded:
         if failure is not None:
@@ -214,7 +224,7 @@ def _upstream_target(found: RecipientTarget, dns: HostAddresses) -> Target:
         names = ", ".join(name for name, _port, _mode in hosts)
         # The route's own hosts: a mistake of its configuration, which can be put right
         # while the message waits.
-        raise NoRoute(f"451 4.4.4 no address for the old MX host(s) {names}")
+        raise NoRoute(replies.D451_OLD_MX_NO_ADDRESS.format(names=names))
     return replace_hosts(
         Target(
             kind="upstream",
@@ -346,12 +356,15 @@ class Router:
         resolve: Callable[[str], RecipientTarget | None],
         resolver: DNSResolver | None,
         mx_port: int = 25,
+        sts: MTASTS | None = None,
     ) -> None:
         """`resolve` is the recipient rule (a `RecipientResolver`, or the store's own);
-        `resolver` the process's DNS resolver (None: no DNS; addresses only)."""
+        `resolver` the process's DNS resolver (None: no DNS; addresses only); `sts` the
+        MTA-STS policies MX delivery follows (None: opportunistic STARTTLS only)."""
         self.resolve = resolve
         self.resolver = resolver
         self.mx_port = mx_port
+        self.sts = sts
         self.dns = HostAddresses(resolver)
 
     def target(self, recipient: str, kind: str) -> Target:
@@ -360,34 +373,38 @@ class Router:
         if found is not None and found.kind in ("device", "upstream"):
             return routed_target(found, self.resolver)
         if kind == "inbound" or self.resolver is None:
-            raise NoRoute("550 5.1.1 no route to this address")
+            raise NoRoute(replies.D550_NO_ROUTE)
         return self._mx_target(recipient)
 
     def _mx_target(self, recipient: str) -> Target:
         """RFC 5321 §5.1: the MX hosts by preference, each resolved to its addresses; with
-        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses."""
+        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses. Under an
+        MTA-STS policy in `enforce` mode only the hosts it names, their certificates
+        checked (none named: a temporary failure); in `testing` mode all, checked."""
         assert self.resolver is not None
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         if not domain:
-            raise NoRoute("550 5.1.3 bad recipient address")
+            raise NoRoute(replies.D550_BAD_ADDRESS)
         records = self.resolver.mx(domain)
         if any(host in ("", ".") for _pref, host in records):
-            raise NoRoute(f"556 5.1.10 {domain} accepts no mail (null MX)")
+            raise NoRoute(replies.D556_NULL_MX.format(domain=domain))
         hosts = [host for _pref, host in records]
         implicit = not hosts
         if implicit:
             hosts = [domain]
+        hosts, verify = sts_hosts(self.sts, domain, hosts)
+        if not hosts:
+            raise NoRoute(replies.D451_STS_NO_MX.format(domain=domain))
         expanded, failure = self.dns.expand([(h, self.mx_port, "starttls") for h in hosts])
         if not expanded:
             if failure is not None:
                 raise failure
             if implicit:
-                raise NoRoute(f"550 5.1.2 {domain} has no MX and no address")
+                raise NoRoute(replies.D550_NO_MX_NO_ADDRESS.format(domain=domain))
             # Every MX host is unknown or has no address: unusable MX records (§5.1).
-            raise NoRoute(f"550 5.4.4 no MX host of {domain} has an address")
-        return replace_hosts(
-            Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True), expanded
-        )
+            raise NoRoute(replies.D550_NO_MX_ADDRESS.format(domain=domain))
+        base = Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True, tls_verify=verify)
+        return replace_hosts(base, expanded)
 
 
 def route_soon(

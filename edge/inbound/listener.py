@@ -63,11 +63,12 @@ def build_mx_factory(
     tls: Any = None,
     while_syncing: Callable[[], None] | None = None,
     counts: LocalCounts | None = None,
+    handler_class: type[MXHandler] = MXHandler,
 ) -> Any:
     """The protocol factory of the MX listener (behind the PROXY protocol when configured).
     `accepted` takes each committed message; `while_syncing` runs while the spool syncs;
     `counts` are the connections the limits count (shared with the other processes on the
-    MX port, if any)."""
+    MX port, if any); `handler_class` is the policy of one connection."""
     hostname = config.fqdn
     checks = build_pipeline(
         config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
@@ -89,18 +90,16 @@ def build_mx_factory(
         committer.commit,
     )
     awaiting = resolve.awaiting
-    discard = config.edge.accept_mode == "discard"
     authserv = authserv_id(config)
 
     def handler() -> MXHandler:
-        return MXHandler(
+        return handler_class(
             resolve,
             spool,
             hostname,
             reactor,
             threads.deferToThread,
             accepted,
-            discard=discard,
             checks=checks,
             account_of=account_of,
             authserv_id=authserv,
