@@ -32,6 +32,7 @@ __all__ = ["CachedLookups", "NotCached"]
 
 T = TypeVar("T")
 
+
 class CachedLookups:
     def __init__(
         self,
