@@ -32,6 +32,7 @@ from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
 from edge.runtime.storeopen import open_configured_store
 from edge.smtp.conncount import SharedCounts
+from edge.spool.committer import mx_committer
 from edge.spool.spool import Spool
 from edge.store import Store
 from edge.store.cache import CachedLookups
@@ -118,16 +119,10 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     workers = config.edge.mx_processes
     # With acceptors, the connection limits hold over all the processes on the MX port.
     counts = SharedCounts.create(workers) if workers > 1 else None
+    # The spool's one commit entry point for the MX, its durability chosen here, once.
+    committer = mx_committer(spool, reactor, while_syncing=queue.intake)
     factory = build_mx_factory(
-        config,
-        reactor,
-        lookups,
-        spool,
-        resolver,
-        queue.take,
-        tls,
-        while_syncing=queue.intake,
-        counts=counts,
+        config, reactor, lookups, spool, resolver, queue.take, committer.commit, tls, counts=counts
     )
     service = MultiService()
     service.setName("edge")
