@@ -133,10 +133,12 @@ class Spool:
         # The writers made and not closed yet (committed or aborted); weakly, so that one
         # dropped unclosed does not count for ever.
         self._receiving: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
+        self.writers_made = 0
 
     def writer(self) -> SpoolWriter:
         writer = SpoolWriter(self.tmp, new_queue_id(), self._receiving.discard)
         self._receiving.add(writer)
+        self.writers_made += 1
         return writer
 
     def receiving(self) -> int:
