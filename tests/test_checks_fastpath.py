@@ -96,7 +96,7 @@ def pipeline(checks: list[Any], clock: Any = None) -> CheckPipeline:
 MESSAGE = b"From: A <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
 
 
-def test_now_methods_answer_at_once_when_every_check_does() -> None:
+def test_stages_answer_at_once_when_every_check_does() -> None:
     log: list[str] = []
     spf = Finding("spf", "none", "r")
     p = pipeline([Plain("one", log, [spf]), Plain("two", log)])
