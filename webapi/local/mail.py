@@ -7,11 +7,11 @@ their unique name (only flags, which come from the listing), so a summary parsed
 good until the message is gone. A message's parse (up to the limits of
 `maildir.mimetree`: a thousand parts) makes thousands of objects that reference counting
 frees when it is done; the cyclic collector is paused meanwhile (the process's pause,
-`connector.collector`, passed in by its assembly), else they reach its oldest generation and set off a pass over every object of the process,
-which holds the interpreter, the reactor's thread included, for 40 to 130 ms.
-This module must never build a path itself (names go
-through the maildir package) and never delete a message outside Trash: deleting moves to
-Trash first.
+`connector.collector`, passed in by its assembly), else they reach its oldest generation
+and set off a pass over every object of the process, which holds the interpreter, the
+reactor's thread included, for 40 to 130 ms. This module must never build a path itself
+(names go through the maildir package) and never delete a message outside Trash: deleting
+moves to Trash first.
 """
 
 from __future__ import annotations
