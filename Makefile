@@ -3,7 +3,8 @@
 #   make test   install what the tests need and run them all
 # Optional: make lint, make typecheck, make imports (the one-way import contract in
 # .importlinter), make check (all four), make bench (MX benchmark),
-# make bench-inbound (MX to Maildir), make bench-imap (IMAP benchmark).
+# make bench-inbound (MX to Maildir), make bench-imap (IMAP benchmark),
+# make bench-dkim (DKIM signing against dkimpy).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck imports check clean bench bench-imap bench-inbound
+.PHONY: run test lint typecheck imports check clean bench bench-imap bench-inbound bench-dkim
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,10 @@ bench-inbound: $(VENV)/.installed
 bench-imap: $(VENV)/.installed
 	scripts/install-bench-deps
 	PYTHONPATH=. $(BIN)/python bench/imap_bench.py $(ARGS)
+
+# DKIM signing of outbound mail next to dkimpy's dkim.sign, one core (bench/dkim_bench.py).
+bench-dkim: $(VENV)/.installed
+	PYTHONPATH=. $(BIN)/python bench/dkim_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

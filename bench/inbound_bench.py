@@ -33,6 +33,7 @@ hostname = "mx.bench.test"
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
+relay_listen = "127.0.0.1:0"
 [device]
 connector_listen = "127.0.0.1:0"
 imap_listen = "127.0.0.1:0"

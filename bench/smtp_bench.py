@@ -94,14 +94,15 @@ def servers(
                 ),
             )
         ]
+    # The discarding edge is one process (bench/discard_edge.py): left out with acceptors.
+    discarding: list[tuple[str, Callable[[], AbstractContextManager[Any]]]] = [
+        (EDGE_DISCARD, lambda: smtp_peers.tailpost_edge(workdir, "discard", dns_port, extra))
+    ]
     return against + [
         (AIOSMTPD, lambda: smtp_peers.aiosmtpd_sink(workdir)),
         (SMTP_SINK, lambda: smtp_peers.postfix_smtp_sink(workdir)),
         (POSTFIX_QUEUE, lambda: smtp_peers.postfix_queue(workdir)),
-        (
-            EDGE_DISCARD,
-            lambda: smtp_peers.tailpost_edge(workdir, "discard", dns_port, extra, processes),
-        ),
+        *(discarding if processes == 1 else []),
         (
             EDGE_DURABLE,
             lambda: smtp_peers.tailpost_edge(workdir, "durable", dns_port, extra, processes),

@@ -3,7 +3,8 @@
 Peers: an aiosmtpd discard sink, Postfix's `smtp-sink`, a private Postfix instance whose
 smtpd accepts into its own queue (its own config and queue directories under the run's
 temporary directory, messages put on hold so nothing is ever delivered), and the tailpost
-edge (`twistd tailpost-edge`) in discard or durable mode, with a null DNS server so its
+edge, durable (`twistd tailpost-edge`) or discarding (`discard_edge.py`, the checks run
+and the message is dropped), with a null DNS server so its
 checks never query beyond this machine; and, to read the edge's figures against, the edge's
 SMTP protocol layer alone behind a policy that accepts everything. Run as a script
 (`null-dns`, `protocol-only`) it serves one of the last two and prints its port.
@@ -232,7 +233,7 @@ hostname = "mx.bench.test"
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
-accept_mode = "{mode}"
+relay_listen = "127.0.0.1:0"
 mx_processes = {processes}
 max_connections = 5000
 max_connections_per_ip = 5000
@@ -280,25 +281,43 @@ def tailpost_edge(
 ) -> Iterator[Peer]:
     """The edge of the checkout at `repo` (this one by default; with `label`, another one,
     say a `git worktree` of an earlier commit, run on this checkout's virtualenv and named
-    `tailpost edge (<mode>) <label>`). Its store is seeded by this checkout's code."""
+    `tailpost edge (<mode>) <label>`). Its store is seeded by this checkout's code. The mode
+    is "durable" (`twistd tailpost-edge`) or "discard" (`discard_edge.py`: the checks run,
+    then the message is dropped; this checkout only, one process)."""
+    if mode not in ("durable", "discard"):
+        raise ValueError(f"unknown edge mode {mode!r}")
+    if mode == "discard" and (repo != REPO or processes != 1):
+        raise ValueError("the discarding edge runs this checkout's code in one process")
     data = workdir / (f"edge-{mode}-{label}" if label else f"edge-{mode}")
     data.mkdir(parents=True, exist_ok=True)
     _seed_store(data)
     config = data / "edge.toml"
-    config.write_text(EDGE_CONFIG.format(mode=mode, dns_port=dns_port, processes=processes) + extra)
-    with run_twistd("tailpost-edge", config, data, data / "edge.log", repo) as (proc, port):
+    config.write_text(EDGE_CONFIG.format(dns_port=dns_port, processes=processes) + extra)
+    command = [PYTHON, str(Path(__file__).resolve().parent / "discard_edge.py")]
+    launch = command if mode == "discard" else None
+    with run_twistd("tailpost-edge", config, data, data / "edge.log", repo, launch) as (
+        proc,
+        port,
+    ):
         yield Peer(f"tailpost edge ({mode}) {label}".rstrip(), port, proc.pid)
 
 
 @contextlib.contextmanager
 def run_twistd(
-    plugin: str, config: Path, data: Path, log_path: Path, repo: Path = REPO
+    plugin: str,
+    config: Path,
+    data: Path,
+    log_path: Path,
+    repo: Path = REPO,
+    launch: list[str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`twistd -n <plugin>` of the checkout at `repo` on `config` and `data`, once its MX
-    answers: the process and the MX port (from the listeners it writes to run/)."""
+    """`twistd -n <plugin>` of the checkout at `repo` on `config` and `data` (or `launch`,
+    a command taking the same `--config` and `--data-dir`), once its MX answers: the
+    process and the MX port (from the listeners it writes to run/)."""
     log = open(log_path, "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(repo))
-    cmd = [TWISTD, "-n", "--pidfile=", plugin, "--config", str(config)]
+    cmd = launch or [TWISTD, "-n", "--pidfile=", plugin]
+    cmd = [*cmd, "--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--data-dir", str(data)], cwd=data, stdout=log, stderr=log, env=env
     )
@@ -360,9 +379,9 @@ def tailpost_protocol_only(workdir: Path) -> Iterator[Peer]:
 
 
 def _serve_protocol_only() -> None:
+    from discard_edge import DiscardSink
     from twisted.internet import reactor as default_reactor
 
-    from edge.inbound.policy import DiscardSink
     from edge.smtp.factory import SMTPServerFactory
     from edge.smtp.server import Limits
 

@@ -129,6 +129,7 @@ def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[st
         f"""
 tailpost all-in-one is running; data in {config.data_path}
   MX SMTP (edge, inbound)      {addresses["mx"]}
+  relay SMTP (edge, outbound)  {addresses.get("relay", "off")}
   connector SMTP (device)      {addresses["connector"]}
   IMAP (device)                {addresses["imap"]}
   local HTTP API (device)      http://{addresses["http"]}
@@ -180,7 +181,8 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     edge.service.setServiceParent(top)
     report = ReadyReport(
         data / "run",
-        [edge.mx, edge.control.listener, device.connector, device.imap, device.http],
+        [edge.mx, edge.control.listener, device.connector, device.imap, device.http]
+        + ([edge.relay] if edge.relay is not None else []),
     )
     report.ready.append(device.on_ready)
     report.ready.append(edge.control.on_ready)

@@ -27,6 +27,8 @@ from edge.dns.resolver import DNSResolver
 from edge.domains.routewatch import RouteWatch, build_route_watch
 from edge.inbound.acceptor import AcceptorPool
 from edge.inbound.listener import build_mx_factory
+from edge.inbound.policy import MXHandler
+from edge.outbound.relaylistener import build_relay_factory
 from edge.runtime.adminkeys import admin_key_path
 from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
@@ -78,9 +80,18 @@ class Edge:
     resolver: DNSResolver
     control: Control
     routewatch: RouteWatch
+    relay: TCPListener | None = None
+    """The relay for the devices' outbound mail (None: `[edge] relay_listen` is empty)."""
 
 
-def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None = None) -> Edge:
+def build_edge(
+    config: Config,
+    reactor: Any,
+    tls_files: tuple[Path, Path] | None = None,
+    handler_class: type[MXHandler] = MXHandler,
+) -> Edge:
+    """The edge process's parts. `handler_class` is the MX policy of one connection (in this
+    process; acceptor processes always use `MXHandler`)."""
     store = open_configured_store(config)
     private_file(admin_key_path(config))  # made 0600; an older install's is narrowed
     spool = Spool(config.spool_path)
@@ -122,7 +133,16 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
     # The spool's one commit entry point for the MX, its durability chosen here, once.
     committer = mx_committer(spool, reactor, while_syncing=queue.intake)
     factory = build_mx_factory(
-        config, reactor, lookups, spool, resolver, queue.take, committer.commit, tls, counts=counts
+        config,
+        reactor,
+        lookups,
+        spool,
+        resolver,
+        queue.take,
+        committer.commit,
+        tls,
+        counts=counts,
+        handler_class=handler_class,
     )
     service = MultiService()
     service.setName("edge")
@@ -144,6 +164,11 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             after=queue_service.when_loaded,
             counts=counts,
         ).setServiceParent(service)
+    relay = None
+    if config.edge.relay_listen:
+        relay_factory = build_relay_factory(config, reactor, store, spool, queue.take, tls)
+        relay = TCPListener("relay", config.edge.relay_listen, relay_factory, reactor)
+        relay.setServiceParent(service)
     control = build_control(
         config,
         store,
@@ -157,9 +182,10 @@ def build_edge(config: Config, reactor: Any, tls_files: tuple[Path, Path] | None
             config.edge.control_listen,
             mx.address,
             control.listener.address,
+            *([config.edge.relay_listen, relay.address] if relay is not None else []),
         ],
     )
     control.listener.setServiceParent(service)
     routewatch = build_route_watch(config, store, resolver, reactor)
     routewatch.setServiceParent(service)
-    return Edge(service, store, spool, queue, mx, resolver, control, routewatch)
+    return Edge(service, store, spool, queue, mx, resolver, control, routewatch, relay)

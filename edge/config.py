@@ -58,7 +58,6 @@ class EdgeConfig:
     max_junk_commands: int = 100
     max_header_size: int = 1024 * 1024
     max_received_headers: int = 50
-    accept_mode: str = "durable"
     mx_processes: int = 1
     retry_schedule: list[float] = field(
         default_factory=lambda: [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]
@@ -97,6 +96,10 @@ class EdgeConfig:
         default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "127.0.0.0/8", "::1/128"]
     )
     control_max_body: int = 64 * 1024
+    # The relay for the devices' outbound mail (edge.outbound); "" turns it off. AUTH without
+    # TLS only from relay_plaintext_networks.
+    relay_listen: str = "127.0.0.1:2526"
+    relay_plaintext_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
 
 @dataclass
@@ -278,6 +281,20 @@ def _check_networks(key: str, networks: list[str], *, strict: bool = False) -> N
             raise ConfigError(f"{key}: {network!r} is not an IP network like 10.0.0.0/8") from exc
 
 
+def _drop_retired(raw: dict[str, Any]) -> None:
+    """Takes out keys that are no longer settings but that an older file may still hold with
+    the only value they can have now: `edge.accept_mode = "durable"` (every 250 is sent
+    once the message is on disk, always). Any other value is refused."""
+    edge = raw.get("edge")
+    if isinstance(edge, dict) and "accept_mode" in edge:
+        mode = edge.pop("accept_mode")
+        if mode != "durable":
+            raise ConfigError(
+                f"edge.accept_mode = {mode!r} is no longer supported: the edge answers 250 only"
+                ' once the message is on disk; remove the key (or set it to "durable")'
+            )
+
+
 def load_config(path: str | Path | None = None, *, data_dir: str | None = None) -> Config:
     """Read `path` (or nothing: the embedded defaults) and apply a `--data-dir` override."""
     config = Config()
@@ -289,6 +306,7 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+        _drop_retired(raw)
         _apply(config, raw, "")
     if data_dir is not None:
         config.data_dir = data_dir
@@ -300,14 +318,15 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         config.device.http_listen,
     ):
         parse_listen(listen)
+    if config.edge.relay_listen:
+        parse_listen(config.edge.relay_listen)
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
     if config.device.mailbox_mode not in ("inbox", "per_address"):
         raise ConfigError('device.mailbox_mode must be "inbox" or "per_address"')
-    if config.edge.accept_mode not in ("durable", "discard"):
-        raise ConfigError('edge.accept_mode must be "durable" or "discard"')
     _check_networks("edge.mx_proxy_trusted", config.edge.mx_proxy_trusted, strict=True)
     _check_networks("edge.device_networks", config.edge.device_networks)
+    _check_networks("edge.relay_plaintext_networks", config.edge.relay_plaintext_networks)
     _check_networks("device.plaintext_networks", config.device.plaintext_networks)
     if bool(config.device.connector_tls_cert) != bool(config.device.connector_tls_key):
         raise ConfigError("device.connector_tls_cert and device.connector_tls_key go together")

@@ -27,7 +27,8 @@ def makeService(options: Options) -> IService:
     edge = build_edge(config, reactor)
     top: Any = MultiService()
     edge.service.setServiceParent(top)
-    report = ReadyReport(config.data_path / "run", [edge.mx, edge.control.listener])
+    relay = [edge.relay] if edge.relay is not None else []
+    report = ReadyReport(config.data_path / "run", [edge.mx, edge.control.listener, *relay])
     report.ready.append(edge.control.on_ready)
     report.setServiceParent(top)
     direct_dispatch(reactor)

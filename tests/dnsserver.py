@@ -1,14 +1,18 @@
 """A local authoritative DNS server for tests (Twisted Names), serving zones from a dict.
 
 Tests never touch the internet: they start this server on 127.0.0.1 (UDP and TCP on the
-same OS-chosen port) and point a `DNSResolver` at it.
+same OS-chosen port) and point a `DNSResolver` at it. The OS chooses the TCP port; the same
+number may already be taken for UDP, so a pair that cannot be had is given up for a fresh
+one, a few times.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.names import dns, error
 from twisted.names.common import ResolverBase
 from twisted.names.server import DNSServerFactory
@@ -69,15 +73,31 @@ class ZoneResolver(ResolverBase):
         return defer.succeed((answers, [], []))
 
 
+BIND_TRIES = 5
+"""How many TCP/UDP port pairs are tried before the server gives up."""
+
+
 class LocalDNSServer:
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, tries: int = BIND_TRIES) -> None:
         self.zone = ZoneResolver()
         self.factory = DNSServerFactory(authorities=[self.zone])
-        self.tcp = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port: int = self.tcp.getHost().port
-        self.udp = reactor.listenUDP(
-            self.port, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1"
-        )
+        for attempt in range(1, tries + 1):
+            tcp = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+            port: int = tcp.getHost().port
+            try:
+                udp = reactor.listenUDP(
+                    port, dns.DNSDatagramProtocol(self.factory), interface="127.0.0.1"
+                )
+            except CannotListenError as exc:
+                tcp.stopListening()
+                in_use = getattr(exc.socketError, "errno", None) == errno.EADDRINUSE
+                if not in_use or attempt == tries:
+                    raise
+                continue
+            break
+        self.tcp = tcp
+        self.port = port
+        self.udp = udp
 
     def stop(self) -> defer.Deferred[Any]:
         return defer.gatherResults(

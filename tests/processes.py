@@ -29,6 +29,7 @@ hostname = "{hostname}"
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
+relay_listen = "127.0.0.1:0"
 retry_schedule = [{retry}]
 mx_processes = {mx_processes}
 [device]
@@ -183,6 +184,7 @@ hostname = "edge.tailpost.test"
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
+relay_listen = "127.0.0.1:0"
 retry_schedule = [{retry}]
 """,
     )

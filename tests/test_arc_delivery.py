@@ -23,8 +23,8 @@ from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSResolver
 from edge.spool.spool import QUEUE_ID_HEADER
+from tests.fakes import DownstreamMX, Peer, closed_port, start_peer
 from tests.test_checks_dkim import rsa_key
-from tests.test_smtpclient import OldMX, Peer, closed_port, start_peer
 
 HOST = "mx.tailpost.test"
 SENDER = "ann@good.test"
@@ -89,7 +89,7 @@ def resolver(dns_server: Any, key: tuple[bytes, str]) -> DNSResolver:
 
 @pytest.fixture
 def peer() -> Iterator[Peer]:
-    started = start_peer(OldMX())
+    started = start_peer(DownstreamMX())
     try:
         yield started
     finally:
@@ -183,7 +183,7 @@ def test_an_attempt_that_ends_before_data_makes_no_signature(
         assert outcomes[A].code == 451 and not outcomes[A].connected
     else:
         reply = "550 5.1.1 no such user" if why == "refused" else "450 4.2.1 try again later"
-        peer = start_peer(OldMX(refuse={A: reply, B: reply}))
+        peer = start_peer(DownstreamMX(refuse={A: reply, B: reply}))
         try:
             outcomes = deliver(in_reactor, sealer, device_target(peer.port), data, [A, B])
         finally:

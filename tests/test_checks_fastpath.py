@@ -1,6 +1,6 @@
-"""The pipeline's answers at once (`*_now`), and the kept pieces behind them: the From
-scan, the ARC header scan, the Authentication-Results results, actions and organizational
-domains. Each is compared with what the libraries make of the same input."""
+"""The pipeline's answers at once (each stage's `NowOrLater`), and the kept pieces behind
+them: the From scan, the ARC header scan, the Authentication-Results results, actions and
+organizational domains. Each is compared with what the libraries make of the same input."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from edge.checks.actions import ActionPolicy
 from edge.checks.arc import has_arc_headers
 from edge.checks.base import (
     ARCResult,
-    BaseCheck,
     DKIMResult,
     DMARCResult,
     Finding,
@@ -48,39 +47,9 @@ from edge.smtp.replies import SMTPReplyError
 from edge.store import open_store
 from edge.store.cache import CachedLookups
 from edge.store.keyring import StoreKeys
+from tests.fakes import ScriptedCheck, WaitingCheck
 
 # -- the pipeline ------------------------------------------------------------------------
-
-
-class Plain(BaseCheck):
-    """Answers every stage at once with `found`; notes when it ran."""
-
-    def __init__(self, name: str, log: list[str], found: list[Finding] | None = None) -> None:
-        self.name = name
-        self.log = log
-        self.found = found or []
-
-    def mail(self, tx: Transaction) -> Any:
-        self.log.append(self.name)
-        return list(self.found)
-
-    def rcpt(self, tx: Transaction, recipient: Recipient) -> Any:
-        return self.mail(tx)
-
-    def data(self, tx: Transaction, message: bytes) -> Any:
-        return self.mail(tx)
-
-
-class Waits(Plain):
-    """Answers with `answer` (a Deferred, maybe fired already)."""
-
-    def __init__(self, name: str, log: list[str], answer: defer.Deferred[Any]) -> None:
-        super().__init__(name, log)
-        self.answer = answer
-
-    def mail(self, tx: Transaction) -> Any:
-        self.log.append(self.name)
-        return self.answer
 
 
 def pipeline(checks: list[Any], clock: Any = None) -> CheckPipeline:
@@ -99,7 +68,7 @@ MESSAGE = b"From: A <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
 def test_stages_answer_at_once_when_every_check_does() -> None:
     log: list[str] = []
     spf = Finding("spf", "none", "r")
-    p = pipeline([Plain("one", log, [spf]), Plain("two", log)])
+    p = pipeline([ScriptedCheck("one", log, [spf]), ScriptedCheck("two", log)])
     tx = p.transaction("192.0.2.1")
     assert p.connect(tx) is None
     assert p.mail(tx, "h.test", "a@x.test") is None
@@ -119,7 +88,12 @@ def test_stages_answer_at_once_when_every_check_does() -> None:
 
 def test_a_refusal_at_once_is_raised() -> None:
     log: list[str] = []
-    p = pipeline([Plain("one", log, [Finding("rules", "reject", "rule 1")]), Plain("two", log)])
+    p = pipeline(
+        [
+            ScriptedCheck("one", log, [Finding("rules", "reject", "rule 1")]),
+            ScriptedCheck("two", log),
+        ]
+    )
     tx = p.transaction("192.0.2.1")
     with pytest.raises(SMTPReplyError) as info:
         p.mail(tx, "h.test", "a@x.test")
@@ -131,7 +105,13 @@ def test_a_waiting_check_makes_a_deferred_and_the_rest_runs_after_it() -> None:
     log: list[str] = []
     answer: defer.Deferred[Any] = defer.Deferred()
     first, later = Finding("spf", "none"), Finding("dkim", "none")
-    p = pipeline([Plain("one", log, [first]), Waits("wait", log, answer), Plain("two", log)])
+    p = pipeline(
+        [
+            ScriptedCheck("one", log, [first]),
+            WaitingCheck("wait", log, answer),
+            ScriptedCheck("two", log),
+        ]
+    )
     tx = p.transaction("192.0.2.1")
     pending = p.mail(tx, "h.test", "a@x.test")
     assert isinstance(pending, defer.Deferred) and not pending.called
@@ -143,7 +123,12 @@ def test_a_waiting_check_makes_a_deferred_and_the_rest_runs_after_it() -> None:
 
 def test_a_fired_deferred_still_answers_at_once() -> None:
     log: list[str] = []
-    p = pipeline([Waits("done", log, defer.succeed([Finding("spf", "none")])), Plain("two", log)])
+    p = pipeline(
+        [
+            WaitingCheck("done", log, defer.succeed([Finding("spf", "none")])),
+            ScriptedCheck("two", log),
+        ]
+    )
     tx = p.transaction("192.0.2.1")
     assert p.mail(tx, "h.test", "a@x.test") is None
     assert [f.key for f in tx.findings] == ["spf.none"] and log == ["done", "two"]
@@ -151,7 +136,7 @@ def test_a_fired_deferred_still_answers_at_once() -> None:
 
 def test_a_waiting_stage_times_out_into_a_tempfail() -> None:
     clock = task.Clock()
-    p = pipeline([Waits("hang", [], defer.Deferred())], clock)
+    p = pipeline([WaitingCheck("hang", [], defer.Deferred())], clock)
     pending = p.mail(p.transaction("192.0.2.1"), "h.test", "a@x.test")
     assert isinstance(pending, defer.Deferred)
     failures: list[Any] = []
@@ -165,7 +150,7 @@ def test_a_waiting_stage_times_out_into_a_tempfail() -> None:
 
 
 def test_a_failing_check_fails_the_stage() -> None:
-    p = pipeline([Waits("broken", [], defer.fail(ValueError("broken")))])
+    p = pipeline([WaitingCheck("broken", [], defer.fail(ValueError("broken")))])
     tx = p.transaction("192.0.2.1")
     with pytest.raises(ValueError):
         p.data(tx, MESSAGE)
@@ -173,7 +158,7 @@ def test_a_failing_check_fails_the_stage() -> None:
     defer.maybeDeferred(p.data, tx, MESSAGE).addErrback(failures.append)
     assert failures[0].check(ValueError)
     later: defer.Deferred[Any] = defer.Deferred()
-    p = pipeline([Waits("broken later", [], later)])
+    p = pipeline([WaitingCheck("broken later", [], later)])
     pending = p.data(tx, MESSAGE)
     assert isinstance(pending, defer.Deferred)
     pending.addErrback(failures.append)

@@ -12,6 +12,7 @@ import dkim
 import pytest
 from twisted.internet import defer, threads
 
+from bench.discard_edge import DiscardingMXHandler
 from edge.checks import authserv_id, build_pipeline, sealer_for
 from edge.checks.arc import ARCSealer, dns_record, verify_chain
 from edge.config import Config
@@ -26,8 +27,8 @@ from edge.store import RecipientTarget, Store, open_store
 from edge.store.cache import CachedLookups
 from maildir.verdict import parse_verdict
 from tests.dnsserver import HANG
+from tests.fakes import DownstreamMX, start_peer
 from tests.test_checks_dkim import rsa_key
-from tests.test_smtpclient import OldMX, start_peer
 
 HOST = "mx.tailpost.test"
 
@@ -96,15 +97,16 @@ def start_mx(
         dev = lookups.get_device(target.device_id or "")
         return dev.account_id if dev else None
 
+    handler_class = DiscardingMXHandler if discard else MXHandler
+
     def handler() -> MXHandler:
-        return MXHandler(
+        return handler_class(
             lookups.resolve_recipient,
             spool,
             HOST,
             reactor,
             threads.deferToThread,
             accepted.append,
-            discard=discard,
             checks=pipeline,
             account_of=account_of,
             authserv_id=authserv_id(config),
@@ -152,7 +154,7 @@ def signed(data: bytes, pem: bytes) -> bytes:
 
 def forward(in_reactor: Any, mx: MX, data: bytes) -> bytes:
     """`data` as the edge's deliverer sends it to a device (here an aiosmtpd peer)."""
-    peer = start_peer(OldMX())
+    peer = start_peer(DownstreamMX())
     deliverer = SMTPDeliverer(in_reactor.reactor, HOST, timeout=10, sealer=mx.sealer)
     target = Target("device", "device:d", (("127.0.0.1", peer.port),), device_id="d")
     try:
@@ -320,7 +322,7 @@ def test_dnsbl_listed_client_is_refused_at_connect(
         mx.store.close()
 
 
-def test_discard_mode_runs_the_checks_and_keeps_nothing(
+def test_the_benchmarks_discarding_edge_runs_the_checks_and_keeps_nothing(
     in_reactor: Any, dns_server: Any, tmp_path: Path
 ) -> None:
     mx = start_mx(in_reactor, dns_server, tmp_path, discard=True)

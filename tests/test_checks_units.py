@@ -19,7 +19,6 @@ from edge.checks import authresults, verdict
 from edge.checks.actions import ActionPolicy, Decision, all_replies
 from edge.checks.base import (
     ARCResult,
-    BaseCheck,
     DKIMResult,
     DMARCResult,
     Finding,
@@ -33,6 +32,7 @@ from edge.config import ConfigError
 from edge.smtp.replies import SMTPReplyError
 from maildir import Maildir, MessageInfo
 from maildir.verdict import parse_verdict
+from tests.fakes import WaitingCheck
 
 
 def test_reply_classes_agree_with_enhanced_codes() -> None:
@@ -79,17 +79,10 @@ def test_bad_action_configuration(table: dict[str, Any], message: str) -> None:
         ActionPolicy(table)
 
 
-class Hanging(BaseCheck):
-    name = "hang"
-
-    def mail(self, tx: Transaction) -> Any:
-        return defer.Deferred()
-
-
 def test_stage_timeout_is_a_tempfail() -> None:
     clock = task.Clock()
     pipeline = CheckPipeline(
-        [Hanging()],
+        [WaitingCheck("hang", [], defer.Deferred())],
         ActionPolicy(),
         "mx.test",
         clock,

@@ -36,7 +36,7 @@ from edge.smtp.session import Session
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed, is_pin, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
-from tests.test_smtpclient import _AnyPortController
+from tests.fakes import AnyPortController
 
 USER = "edge"
 PASSWORD = "connector secret of the device"
@@ -364,7 +364,7 @@ class RecordingSMTP(SMTP):
         await super().smtp_MAIL(arg)
 
 
-class RecordingController(_AnyPortController):
+class RecordingController(AnyPortController):
     def __init__(self, *args: Any, commands: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = commands

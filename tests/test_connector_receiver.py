@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,12 @@ from edge.delivery.routing import Target
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits
 from maildir import Maildir, MessageInfo
+from tests.fakes import run_sync
 
 USER = "edge-dev1"
 PASSWORD = "correct horse battery staple"
 A = "alice@example.test"
 B = "bob@example.test"
-
-
-def run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args, **kwargs)
 
 
 def plain(username: str, password: str) -> bytes:

@@ -221,7 +221,7 @@ from edge.app import build_edge
 from edge.config import Config
 
 config = Config(data_dir={str(tmp_path)!r})
-config.edge.mx_listen = config.edge.control_listen = "127.0.0.1:0"
+config.edge.mx_listen = config.edge.control_listen = config.edge.relay_listen = "127.0.0.1:0"
 edge = build_edge(config, reactor)
 edge.service.startService()
 loaded = []

@@ -100,6 +100,7 @@ def test_byod_onboarding_end_to_end(
 [edge]
 mx_listen = "127.0.0.1:0"
 control_listen = "127.0.0.1:0"
+relay_listen = "127.0.0.1:0"
 managed_domain = "mail.tailpost.test"
 edge_mx_target = "{EDGE}"
 mx_delivery_port = {old_port}

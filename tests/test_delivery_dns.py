@@ -30,7 +30,7 @@ from edge.store.cache import CachedLookups
 from edge.store.keyring import StoreKeys
 from maildir import Maildir
 from tests.dnsserver import HANG
-from tests.test_smtpclient import OldMX, Peer, start_peer
+from tests.fakes import DownstreamMX, Peer, start_peer
 
 USER, PASSWORD = "edge-laptop", "laptop secret"
 
@@ -72,7 +72,7 @@ def site(
     """The edge's MX and queue (routing through `resolver`), a device connector known only
     by a name in the local DNS, and a split domain whose old MX is known only there too."""
     reactor = in_reactor.reactor
-    old_mx = start_peer(OldMX())
+    old_mx = start_peer(DownstreamMX())
     maildir = Maildir(tmp_path / "laptop-mail", hostname="laptop.test")
     connector = SMTPServerFactory(
         lambda: ConnectorHandler(maildir, USER, PASSWORD, threads.deferToThread, lambda i: None),

@@ -21,14 +21,14 @@ from edge.delivery.client import SMTPDeliverer
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Target
 from edge.spool.spool import Envelope, Spool
+from tests.fakes import DownstreamMX, Peer, start_peer
 from tests.processes import wait_for
-from tests.test_smtpclient import OldMX, _AnyPortController
 
 DEVICE_RCPT = "alice@home.test"
 ORDINARY = 100
 
 
-class Device(OldMX):
+class Device(DownstreamMX):
     """The device's connector as a peer: refuses at end of data what carries `refuse_mark`."""
 
     refuse_mark = b"X-Refuse-Me: yes"
@@ -39,20 +39,8 @@ class Device(OldMX):
         return await super().handle_DATA(server, session, envelope)
 
 
-@dataclass
-class Peer:
-    handler: OldMX
-    controller: _AnyPortController
-
-    @property
-    def port(self) -> int:
-        return int(self.controller.port)
-
-
-def start(handler: OldMX, *, smtputf8: bool) -> Peer:
-    controller = _AnyPortController(handler, hostname="127.0.0.1", port=0, enable_SMTPUTF8=smtputf8)
-    controller.start()
-    return Peer(handler, controller)
+def start(handler: DownstreamMX, *, smtputf8: bool) -> Peer:
+    return start_peer(handler, enable_SMTPUTF8=smtputf8)
 
 
 @dataclass
@@ -84,7 +72,7 @@ class World:
 def world(in_reactor: Any, tmp_path: Path) -> Iterator[World]:
     reactor = in_reactor.reactor
     device = start(Device(), smtputf8=False)  # a peer without SMTPUTF8
-    sender_mx = start(OldMX(), smtputf8=True)
+    sender_mx = start(DownstreamMX(), smtputf8=True)
 
     def route(rcpt: str, kind: str) -> Target:
         if kind == "dsn":

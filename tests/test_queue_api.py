@@ -16,25 +16,15 @@ from edge.delivery.client import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import NoRoute, Target
+from edge.smtp import replies
 from edge.spool.spool import Envelope, Spool
+from tests.fakes import Answer, Call, ScriptedDeliverer, run_sync
 from webapi.v1.queue import QueueAPI
 
 
-def sync(fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args, **kwargs)
-
-
-class Refusing:
-    """A target that is always temporarily unavailable (outside tailpost: a remote MTA)."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def deliver(
-        self, target: Target, sender: str, rcpts: list[str], data: bytes, *, smtputf8: bool = False
-    ) -> Any:
-        self.calls.append(rcpts)
-        return defer.succeed(dict.fromkeys(rcpts, Outcome(451, "4.4.1 try later", "mx:25")))
+def try_later(call: Call) -> Answer:
+    """Every target is temporarily unavailable (outside tailpost: a remote MTA)."""
+    return dict.fromkeys(call.recipients, Outcome(451, "4.4.1 try later", "mx:25"))
 
 
 def route(rcpt: str, kind: str) -> Target:
@@ -42,7 +32,7 @@ def route(rcpt: str, kind: str) -> Target:
         return Target("device", "device:dev_1", (("127.0.0.1", 1),), device_id="dev_1")
     if kind == "dsn":
         return Target("mx", f"mx:{rcpt}", (("127.0.0.1", 1),))
-    raise NoRoute("550 5.1.1 no route")
+    raise NoRoute(replies.D550_NO_ROUTE)
 
 
 class World:
@@ -50,9 +40,9 @@ class World:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         self.spool = Spool(tmp_path / "spool")
-        self.deliverer = Refusing()
+        self.deliverer = ScriptedDeliverer(self.clock, try_later, {"mx": try_later})
         self.queue = DeliveryQueue(
-            self.spool, route, self.deliverer, self.clock, [60.0], run_blocking=sync
+            self.spool, route, self.deliverer, self.clock, [60.0], run_blocking=run_sync
         )
         self.queue.start()
         self.api = StubTreq(QueueAPI(QueueControl(self.queue)).resource())

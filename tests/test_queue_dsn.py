@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import email
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from edge.delivery.attempts import DEVICE_UNREACHABLE_REPLY
 from edge.delivery.client import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Router, Target
-from edge.dns.resolver import DNSResolver, DNSTemporaryError
-from edge.spool.spool import Envelope, Spool, SpoolWriter
+from edge.dns.resolver import DNSResolver
+from edge.smtp import replies
+from edge.spool.spool import Envelope
 from edge.store import RecipientTarget
+from tests.fakes import (
+    Call,
+    MXResolver,
+    RecordingSpool,
+    Script,
+    ScriptedDeliverer,
+    accepted,
+    refused,
+    run_sync,
+)
 
 SCHEDULE = [60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0]  # the configured default
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -44,10 +51,6 @@ BODY = (
 )
 DEVICE_HOST = "100.64.0.7:2525"
 OLD_MX = [{"host": "mx1.old.test", "port": 25}, {"host": "mx2.old.test", "port": 2525}]
-
-
-def run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args, **kwargs)
 
 
 def device(address: str) -> RecipientTarget:
@@ -76,91 +79,6 @@ def upstream(address: str) -> RecipientTarget:
     )
 
 
-class FakeMX:
-    """A resolver for Router: every domain's MX is mx.<domain>, unless it fails for now."""
-
-    def __init__(self) -> None:
-        self.failing = False
-        self.lookups: list[str] = []
-
-    def mx(self, name: str) -> list[tuple[int, str]]:
-        self.lookups.append(name)
-        if self.failing:
-            raise DNSTemporaryError(f"MX {name}: timed out")
-        return [(10, f"mx.{name}")]
-
-    def addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-    def host_addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-
-@dataclass
-class Call:
-    at: float
-    target: Target
-    sender: str
-    recipients: list[str]
-    data: bytes
-
-
-Script = Callable[[Call], dict[str, Outcome]]
-
-
-def refused(call: Call) -> dict[str, Outcome]:
-    """What SMTPDeliverer reports for a host that does not answer."""
-    host = "{}:{}".format(*call.target.hosts[0])
-    return dict.fromkeys(
-        call.recipients, Outcome(451, "4.4.1 connection refused", host, connected=False)
-    )
-
-
-def accepted(call: Call) -> dict[str, Outcome]:
-    host = "{}:{}".format(*call.target.hosts[0])
-    return dict.fromkeys(call.recipients, Outcome(250, "2.0.0 Ok", host))
-
-
-@dataclass
-class ScriptedDeliverer:
-    """Answers each target kind with its script; every call is recorded."""
-
-    clock: Clock
-    scripts: dict[str, Script] = field(default_factory=dict)
-    calls: list[Call] = field(default_factory=list)
-
-    async def deliver(
-        self,
-        target: Target,
-        sender: str,
-        recipients: list[str],
-        data: bytes,
-        *,
-        smtputf8: bool = False,
-    ) -> dict[str, Outcome]:
-        call = Call(self.clock.seconds(), target, sender, list(recipients), data)
-        self.calls.append(call)
-        return self.scripts.get(target.kind, accepted)(call)
-
-    def to(self, kind: str) -> list[Call]:
-        return [c for c in self.calls if c.target.kind == kind]
-
-
-class RecordingSpool(Spool):
-    """Remembers every envelope committed, with its data."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.committed: list[tuple[Envelope, bytes]] = []
-
-    def commit(self, writer: SpoolWriter, envelope: Envelope) -> None:
-        super().commit(writer, envelope)
-        self.committed.append((envelope, self.read(envelope.qid)))
-
-    def dsns(self) -> list[tuple[Envelope, bytes]]:
-        return [(e, d) for e, d in self.committed if e.kind == "dsn"]
-
-
 class Harness:
     def __init__(
         self,
@@ -177,10 +95,10 @@ class Harness:
         self.clock.advance(start_at)
         self.spool = RecordingSpool(root)
         self.targets = targets
-        self.resolver = resolver if resolver is not None else FakeMX()
+        self.resolver = resolver if resolver is not None else MXResolver()
         self.router = Router(self.targets.get, cast(DNSResolver, self.resolver))
         self.routed: list[tuple[str, str]] = []
-        self.deliverer = ScriptedDeliverer(self.clock, dict(scripts or {}))
+        self.deliverer = ScriptedDeliverer(self.clock, accepted, dict(scripts or {}))
         self.events: list[tuple[str, str, str, str]] = []
         self.queue = DeliveryQueue(
             self.spool,
@@ -374,7 +292,7 @@ def test_message_deferred_past_its_lifetime_bounces_with_a_dsn(tmp_path: Path) -
         assert re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", block["Status"]), block["Status"]
         assert block["Status"] == "5.4.1"  # the temporary 4.4.1 that ran out of time
         # The device's address on the private network is never shown to a sender.
-        assert block["Diagnostic-Code"] == f"smtp; {DEVICE_UNREACHABLE_REPLY}"
+        assert block["Diagnostic-Code"] == f"smtp; {replies.D451_DEVICE_UNREACHABLE.status}"
         assert block["Remote-MTA"] is None
         assert "100.64.0.7" not in dsn.decode("utf-8", "replace")
     # The original header section comes back, its body does not.
@@ -545,7 +463,7 @@ def test_a_dsn_that_cannot_be_delivered_is_not_reported_again(tmp_path: Path) ->
 
 
 def test_dns_failure_for_a_dsn_is_retried_not_bounced(tmp_path: Path) -> None:
-    resolver = FakeMX()
+    resolver = MXResolver()
     resolver.failing = True
     h = Harness(
         tmp_path,

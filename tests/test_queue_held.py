@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from twisted.internet import defer
-
-from edge.delivery.attempts import HELD_REPLY
 from edge.delivery.client import Outcome
-from edge.delivery.routing import Target
+from edge.smtp import replies
+from tests.fakes import Answer, Call, ScriptedDeliverer
 from tests.test_queue_api import World
 
 
-class Broken:
-    """A deliverer with a defect for one sender's mail (a bug of ours, not the target's)."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def deliver(
-        self, target: Target, sender: str, rcpts: list[str], data: bytes, *, smtputf8: bool = False
-    ) -> Any:
-        self.calls.append(rcpts)
-        if sender == "bad@outside.test":
-            raise KeyError("a bug")
-        return defer.succeed(dict.fromkeys(rcpts, Outcome(250, "2.0.0 Ok", "dev:25")))
+def broken(call: Call) -> Answer:
+    """A defect for one sender's mail (a bug of ours, not the target's)."""
+    if call.sender == "bad@outside.test":
+        raise KeyError("a bug")
+    return dict.fromkeys(call.recipients, Outcome(250, "2.0.0 Ok", "dev:25"))
 
 
 def test_a_message_held_for_a_defect_shows_the_reason(tmp_path: Path) -> None:
     world = World(tmp_path)
-    world.queue.deliverer = Broken()
+    world.queue.deliverer = ScriptedDeliverer(world.clock, broken)
     bad = world.accept(["me@home.test"], sender="bad@outside.test")
     good = world.accept(["me@home.test"])
     code, body = world.call("GET", "/")
@@ -40,8 +29,8 @@ def test_a_message_held_for_a_defect_shows_the_reason(tmp_path: Path) -> None:
     assert item["held_reason"].startswith("4.3.0 held after a defect in delivery: KeyError")
     # The defect's detail is the operator's; the recorded reply (what a report would
     # quote to the sender) says only that the mail system holds it.
-    assert item["last_errors"]["me@home.test"] == HELD_REPLY
-    assert "KeyError" not in HELD_REPLY
+    assert item["last_errors"]["me@home.test"] == replies.D451_HELD.status
+    assert "KeyError" not in replies.D451_HELD.status
     assert good.qid not in world.spool.queued_ids()
     code, _ = world.call("POST", f"/{bad.qid}/release")
     code, shown = world.call("GET", f"/{bad.qid}")

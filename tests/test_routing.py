@@ -26,7 +26,7 @@ from edge.store import Device, Store, open_store
 from edge.store.keyring import StoreKeys
 from maildir import Maildir, MessageInfo
 from tests.dnsserver import HANG
-from tests.test_smtpclient import OldMX, Peer, start_peer
+from tests.fakes import DownstreamMX, Peer, start_peer
 
 OLD_MX = [
     {"host": "mx1.old-provider.test", "port": 25, "tls_mode": "starttls"},
@@ -220,7 +220,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 @pytest.fixture
 def site(in_reactor: Any, tmp_path: Path, store: Store) -> Iterator[Site]:
     reactor = in_reactor.reactor
-    old_mx = start_peer(OldMX())
+    old_mx = start_peer(DownstreamMX())
     maildir = Maildir(tmp_path / "laptop-mail", hostname="laptop.test")
     delivered: list[MessageInfo] = []
     connector = SMTPServerFactory(

@@ -37,7 +37,7 @@ def test_building_the_edge_does_not_load_alembic(tmp_path: Path) -> None:
         "import sys; from twisted.internet import reactor; from edge.app import build_edge; "
         "from edge.config import Config; "
         f"c = Config(data_dir={str(tmp_path)!r}); c.edge.mx_listen = '127.0.0.1:0'; "
-        "c.edge.control_listen = '127.0.0.1:0'; build_edge(c, reactor); "
+        "c.edge.control_listen = c.edge.relay_listen = '127.0.0.1:0'; build_edge(c, reactor); "
         "print('alembic' in sys.modules)"
     )
     done = subprocess.run(

@@ -3,12 +3,10 @@ writes, and the Return-Path and Delivered-To the connector writes as the final d
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,14 +18,11 @@ from edge.smtp.server import Limits
 from edge.smtp.trace import header_text, helo_ok, received_header
 from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
+from tests.fakes import run_sync
 from tests.test_connector_receiver import Device, inbox_files, message, traced
 
 RCPT = "alice@example.com"
 TARGET = RecipientTarget("device", RCPT, "dev1", "127.0.0.1:2525", "u", "s", None, [])
-
-
-def run_sync(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args)
 
 
 class MX:

@@ -2,9 +2,10 @@
 
 The deliverer interface the queue hands each target's recipients to; what the queue keeps of
 a message between attempts; which exceptions are passing faults (retried on the schedule)
-and which are defects (the message is held); the fixed replies recorded for a hold, a DNS
-failure and an unreachable device; and what a report to the sender may say of a recipient.
-A reply recorded here never carries an exception's text or a device's private address.
+and which are defects (the message is held); and what a report to the sender may say of a
+recipient. The replies recorded for a hold, a DNS failure or an unreachable device are the
+named `D` replies of `edge.smtp.replies`: a reply recorded here never carries an
+exception's text or a device's private address.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from edge.delivery.client import Outcome
 from edge.delivery.dsn import RecipientStatus
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
+from edge.smtp import replies
 
 
 class Deliverer(Protocol):
@@ -48,23 +50,8 @@ _FAULTS = (
 DNS), not of a message: retried on the schedule. Anything else is a defect: held."""
 
 
-PASSING_FAULT_TEXT = "4.4.1 delivery failed for now: a passing fault of the mail system"
-"""The reply recorded for a passing fault met while delivering (its detail goes to the log)."""
-
-
 def is_passing_fault(exc: BaseException) -> bool:
     return isinstance(exc, _FAULTS)
-
-
-HELD_REPLY = "451 4.3.0 held by the mail system for its operator"
-"""The recorded reply of a recipient whose message was held after a defect."""
-DNS_FAILED_REPLY = "451 4.4.3 DNS lookup failed for now"
-"""The recorded reply of a recipient whose route needs DNS that did not answer."""
-
-
-DEVICE_UNREACHABLE_REPLY = "451 4.4.1 the recipient's device cannot be reached now"
-"""The recorded reply when a device's connector could not be reached: the device's
-address on the private network is the operator's to know, never a sender's."""
 
 
 def recipient_status(rcpt: str, outcome: Outcome, target: Target) -> RecipientStatus:
@@ -77,7 +64,7 @@ def recipient_status(rcpt: str, outcome: Outcome, target: Target) -> RecipientSt
     if target.kind != "device":
         return RecipientStatus(rcpt, reply, outcome.host)
     if not outcome.connected and not outcome.final:
-        return RecipientStatus(rcpt, reply, shown=DEVICE_UNREACHABLE_REPLY)
+        return RecipientStatus(rcpt, reply, shown=replies.D451_DEVICE_UNREACHABLE.status)
     if not outcome.host:
         return RecipientStatus(rcpt, reply)
     text = outcome.text.replace(outcome.host, "the recipient's device")
@@ -85,7 +72,10 @@ def recipient_status(rcpt: str, outcome: Outcome, target: Target) -> RecipientSt
 
 
 def defect_reason(exc: BaseException) -> str:
-    return f"4.3.0 held after a defect in delivery: {type(exc).__name__}: {exc}"[:400]
+    """Why a message was held, for the operator only (`queue show`): never recorded as a
+    recipient's reply, nor put in a report."""
+    defect = f"{type(exc).__name__}: {exc}"
+    return replies.D451_HELD_DEFECT.format(defect=defect).detail[:400]
 
 
 @dataclass

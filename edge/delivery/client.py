@@ -62,22 +62,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import SMTPConnectError, SMTPDeliveryError, TLSRequiredError
+from twisted.mail.smtp import (
+    AUTHDeclinedError,
+    SMTPConnectError,
+    SMTPDeliveryError,
+    SMTPProtocolError,
+    SMTPTimeoutError,
+    TLSError,
+    TLSRequiredError,
+)
 from twisted.python.failure import Failure
 
 from edge.checks.arc import ARCSealer
 from edge.delivery.clientsession import (
     QUIT_TIMEOUT,
+    ClientSession,
+    ClientTransaction,
+    LocalFailure,
     MailRefused,
     NeedsSMTPUTF8,
-    Session,
     SessionDefect,
     SessionFactory,
-    Transaction,
 )
 from edge.delivery.routing import Target
 from edge.smtp import replies
@@ -132,7 +142,7 @@ def wire_path(address: str) -> bytes:
 
 @dataclass(frozen=True)
 class Needs:
-    """What a message asks of the server's extensions (`Transaction`'s flags)."""
+    """What a message asks of the server's extensions (`ClientTransaction`'s flags)."""
 
     utf8_needed: bool
     utf8_wanted: bool
@@ -154,16 +164,15 @@ class Needs:
 def _pin_failure(exc: Exception, pinned: PinnedClientTLS, where: str) -> Exception:
     """Why a pinned connection failed, said plainly in the log and the outcome's text."""
     if pinned.mismatch:
-        text = (
-            f"4.7.0 the connector at {where} presented a TLS key with pin {pinned.seen}, "
-            f"not the device's pin {pinned.pin}; credentials not sent, will retry"
+        failure = LocalFailure(
+            replies.D451_PIN_MISMATCH, seen=str(pinned.seen), pin=str(pinned.pin)
         )
     elif isinstance(exc, TLSRequiredError):
-        text = f"4.7.0 the connector at {where} does not offer STARTTLS; credentials not sent"
+        failure = LocalFailure(replies.D451_PIN_NO_STARTTLS)
     else:
         return exc
-    log.warn("smtp: {text}", text=text)
-    return SMTPConnectError(-1, text.encode("utf-8", "replace"))
+    log.warn("smtp: {text}", text=failure.reply.format(where=where, **failure.values).detail)
+    return failure
 
 
 class _Pool:
@@ -173,11 +182,11 @@ class _Pool:
         self.owner = owner
         self.key = key
         self.target = target
-        self.idle: list[Session] = []  # most recently used last
+        self.idle: list[ClientSession] = []  # most recently used last
         self.open = 0  # sessions holding a slot: connecting, idle or busy
         self.waiters: deque[defer.Deferred[None]] = deque()
 
-    async def acquire(self, fresh: bool) -> Session:
+    async def acquire(self, fresh: bool) -> ClientSession:
         """An idle session (unless `fresh`), a new one, or wait for one to be free."""
         waited = False
         while True:
@@ -197,14 +206,14 @@ class _Pool:
             waited = True
             await waiter
 
-    async def _connect(self) -> Session:
+    async def _connect(self) -> ClientSession:
         owner, target = self.owner, self.target
         host, port, tls, pin = self.key[0], self.key[1], self.key[4], self.key[5]
         pinned = PinnedClientTLS(pin) if pin is not None else None
         context: Any = pinned
         if context is None and tls == "starttls":
             context = ssl.CertificateOptions()
-        session = Session(
+        session = ClientSession(
             (target.username or "").encode(),
             (target.secret or "").encode(),
             context,
@@ -244,7 +253,7 @@ class _Pool:
                 raise
             raise said from None
 
-    def release(self, session: Session) -> None:
+    def release(self, session: ClientSession) -> None:
         """A transaction on `session` has ended: keep it for the next one, or close it."""
         if (
             session.usable
@@ -260,27 +269,27 @@ class _Pool:
             self._discard(session)
         self._wake()
 
-    def _expire(self, session: Session) -> None:
+    def _expire(self, session: ClientSession) -> None:
         session.idle_timer = None
         if session in self.idle:
             self.idle.remove(session)
             self._discard(session)
             self._wake()
 
-    def _lost(self, session: Session) -> None:
+    def _lost(self, session: ClientSession) -> None:
         if session in self.idle:
             self.idle.remove(session)
         if session.counted:
             self._forget(session)
             self._wake()
 
-    def _discard(self, session: Session) -> None:
+    def _discard(self, session: ClientSession) -> None:
         if session in self.idle:
             self.idle.remove(session)
         session.close()
         self._forget(session)
 
-    def _forget(self, session: Session) -> None:
+    def _forget(self, session: ClientSession) -> None:
         if session.counted:
             session.counted = False
             self.open -= 1
@@ -463,7 +472,7 @@ class SMTPDeliverer:
             except Exception:
                 return self._failed(Failure(), rcpts, where)
             reused = session.transactions > 0
-            tx = Transaction(
+            tx = ClientTransaction(
                 mail_from,
                 encoded,
                 data,
@@ -506,10 +515,9 @@ class SMTPDeliverer:
     def _failed(failure: Any, recipients: list[str], where: str) -> dict[str, Outcome]:
         err = failure.value
         if isinstance(err, NeedsSMTPUTF8):
-            reply = replies.S553_NON_ASCII
-            text = f"{reply.enhanced} {where} does not offer SMTPUTF8, which this message needs"
+            reply = replies.D553_NO_SMTPUTF8.format(where=where)
             # Final, yet not this host's word on the message: another host may take it.
-            return dict.fromkeys(recipients, Outcome(reply.code, text, where, connected=False))
+            return dict.fromkeys(recipients, Outcome(reply.code, reply.detail, where, False))
         addresses: Any = getattr(err, "addresses", None)
         code = getattr(err, "code", 0)
         # A refusal at MAIL FROM answers for the message; failing before it (connection,
@@ -521,14 +529,14 @@ class SMTPDeliverer:
             # Failing before the recipients were even tried (connection, TLS, AUTH) says
             # nothing about the message: always worth another try, maybe at another host.
             code = 451
-        resp = getattr(err, "resp", b"")
-        if isinstance(resp, bytes) and resp:
-            text = resp.decode("utf-8", "replace")
+        said = _server_said(err)
+        if said is not None:
+            text = said  # the remote server's own reply
         else:
-            # No reply and no text of the session's: an exception's own words, which a
-            # report to the sender must never carry. They go to the log.
+            # No reply of the server's: a named reply. Whatever else there is (an
+            # exception's words, Twisted's) goes to the log, never into a report.
             log.warn("smtp: delivery to {where} failed: {error!r}", where=where, error=err)
-            text = f"4.4.1 delivery to {where} failed"
+            text = _local_reply(err).format(where=where, **getattr(err, "values", {})).detail
         outcome = Outcome(code, text, where, connected)
         outcomes = dict.fromkeys(recipients, outcome)
         if connected:
@@ -539,6 +547,36 @@ class SMTPDeliverer:
                     text = rcpt_resp.decode("utf-8", "replace")
                     outcomes[_addr(addr)] = Outcome(rcpt_code, text, where)
         return outcomes
+
+
+_SERVER_REPLIES = (SMTPDeliveryError, AUTHDeclinedError, SMTPConnectError, SMTPProtocolError)
+"""The errors whose text, with a reply code, is the server's reply (a refusal, a greeting
+that refuses, AUTH declined, a reply out of step)."""
+
+
+def _server_said(err: BaseException) -> str | None:
+    """The server's own reply that `err` carries, if it carries one."""
+    code, resp = getattr(err, "code", -1), getattr(err, "resp", b"")
+    if isinstance(err, LocalFailure) or not isinstance(err, _SERVER_REPLIES):
+        return None
+    if not isinstance(code, int) or not 400 <= code < 600:
+        return None
+    if not isinstance(resp, bytes) or not resp:
+        return None
+    return resp.decode("utf-8", "replace")
+
+
+def _local_reply(err: BaseException) -> replies.Reply:
+    """The named reply of a failure with no reply of the server's to show."""
+    if isinstance(err, LocalFailure):
+        return err.reply
+    if isinstance(err, SMTPTimeoutError):
+        return replies.D451_TIMED_OUT
+    if isinstance(err, TLSRequiredError):
+        return replies.D451_TLS_NOT_OFFERED
+    if isinstance(err, TLSError | SSL.Error):
+        return replies.D451_TLS_FAILED
+    return replies.D451_NOT_DELIVERED
 
 
 class DelivererService(Service):

@@ -41,10 +41,19 @@ from twisted.mail.smtp import (
     SMTPConnectError,
     SMTPDeliveryError,
     SMTPProtocolError,
-    SMTPTimeoutError,
 )
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+
+from edge.smtp.replies import (
+    D451_CONNECTION_LOST,
+    D451_NO_CONNECTION,
+    D451_NOT_DELIVERED,
+    D451_PREPARE_FAILED,
+    D451_TIMED_OUT,
+    D451_TLS_FAILED,
+    Reply,
+)
 
 log = Logger()
 
@@ -61,6 +70,21 @@ class MailRefused(SMTPDeliveryError):
 
 class NeedsSMTPUTF8(SMTPClientError):
     """The transaction needs SMTPUTF8 and the server does not offer it: nothing was sent."""
+
+
+class LocalFailure(SMTPClientError):
+    """The session failed with no reply of the server's to show: the network, TLS, a
+    timeout, our own side. `reply` (a `D` reply of `edge.smtp.replies`, with `values` for
+    its fields; `where` is the delivery client's) is what the outcome says; `detail` (an
+    exception's text, say) is for the log only."""
+
+    def __init__(
+        self, reply: Reply, detail: str = "", *, fatal: bool = True, **values: str
+    ) -> None:
+        super().__init__(-1, (detail or reply.text).encode("utf-8", "replace"), isFatal=fatal)
+        self.reply = reply
+        self.detail = detail
+        self.values = values
 
 
 class SessionDefect(Exception):
@@ -90,7 +114,7 @@ class Result:
 
 
 @dataclass
-class Transaction:
+class ClientTransaction:
     sender: bytes  # the reverse-path as it goes out, in angle brackets
     recipients: list[bytes]  # the forward-paths, the same way
     data: bytes  # already dot-stuffed: sent exactly as it is
@@ -110,7 +134,7 @@ class Transaction:
     done: defer.Deferred[Result] = field(default_factory=defer.Deferred)
 
 
-class Session(ESMTPClient):
+class ClientSession(ESMTPClient):
     """One SMTP connection: Twisted's handshake once, then our transactions one at a time.
 
     States: connecting -> idle <-> busy, then closing (QUIT sent), broken (failed), closed.
@@ -144,15 +168,15 @@ class Session(ESMTPClient):
         self.response_timeout = timeout
         self.clock = clock
         self.state = "connecting"
-        self.ready: defer.Deferred[Session] = defer.Deferred()
+        self.ready: defer.Deferred[ClientSession] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.lost = False
-        self.tx: Transaction | None = None
+        self.tx: ClientTransaction | None = None
         self.needs_rset = False
         self.transactions = 0
         self.counted = False  # holds one of its pool's connection slots
         self.idle_timer: IDelayedCall | None = None
-        self.on_lost: Callable[[Session], None] | None = None
+        self.on_lost: Callable[[ClientSession], None] | None = None
         self.extensions: frozenset[bytes] = frozenset()  # EHLO keywords, upper case
 
     def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
@@ -183,7 +207,9 @@ class Session(ESMTPClient):
     def smtpState_from(self, code: int, resp: bytes) -> None:
         """Called by Twisted's ESMTP client once greeting, EHLO, STARTTLS and AUTH are done."""
         if self.state != "connecting" or self.ready.called:
-            self._broken(SMTPProtocolError(-1, b"handshake ended twice, or was given up on"))
+            self._broken(
+                LocalFailure(D451_NOT_DELIVERED, "handshake ended twice, or was given up on")
+            )
             return
         self.state = "idle"
         self._expect_nothing()
@@ -197,7 +223,7 @@ class Session(ESMTPClient):
         if self.state == "closing":
             self._abort()
             return
-        self._broken(SMTPTimeoutError(-1, b"Timeout waiting for SMTP server response"), abort=True)
+        self._broken(LocalFailure(D451_TIMED_OUT, "no reply in time"), abort=True)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         ESMTPClient.connectionLost(self, reason)
@@ -207,11 +233,11 @@ class Session(ESMTPClient):
             # dropped the connection): the transaction ends with that, not as a lost line.
             self._broken(SessionDefect(reason))
         elif self.state == "connecting":
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_NO_CONNECTION
+            self._broken(LocalFailure(reply, f"unable to connect: {reason.value}"))
         elif self.state in ("idle", "busy"):
-            text = "connection lost: " + str(reason.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            reply = D451_TLS_FAILED if reason.check(SSL.Error) else D451_CONNECTION_LOST
+            self._broken(LocalFailure(reply, f"connection lost: {reason.value}"))
         self.state = "closed"
         self._cancel_idle_timer()
         if not self.closed.called:
@@ -225,7 +251,7 @@ class Session(ESMTPClient):
     def usable(self) -> bool:
         return self.state == "idle" and self.tx is None and not self.lost
 
-    def send(self, tx: Transaction) -> None:
+    def send(self, tx: ClientTransaction) -> None:
         """Start `tx` on this idle session; `tx.done` fires with its `Result`."""
         if not self.usable:
             raise RuntimeError(f"SMTP session is {self.state}, not idle")
@@ -324,17 +350,17 @@ class Session(ESMTPClient):
         """421 before the end of data: the server is closing the channel mid-transaction."""
         self._broken(SMTPDeliveryError(code, resp, None, []))
 
-    def _data_prepared(self, data: bytes, tx: Transaction) -> None:
+    def _data_prepared(self, data: bytes, tx: ClientTransaction) -> None:
         tx.data = data
         tx.data_ready = True
         if tx.go_ahead and self.tx is tx and self.state == "busy":
             self._write_data(tx)  # the 354 came first
 
-    def _prepare_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _prepare_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         log.failure("smtp: preparing the data failed", failure)
         if self.tx is tx and self.state == "busy":
-            text = "4.3.0 preparing the data failed"  # the detail is in the log above
-            self._broken(SMTPClientError(-1, text.encode("utf-8", "replace")), abort=True)
+            # The detail is in the log above.
+            self._broken(LocalFailure(D451_PREPARE_FAILED, fatal=False), abort=True)
 
     def _send_data(self, code: int, resp: bytes) -> None:
         tx = self.tx
@@ -346,7 +372,7 @@ class Session(ESMTPClient):
         if tx.data_ready:
             self._write_data(tx)
 
-    def _write_data(self, tx: Transaction) -> None:
+    def _write_data(self, tx: ClientTransaction) -> None:
         sender = FileSender()
         d = sender.beginFileTransfer(io.BytesIO(tx.data), self.transport, self._chunk)
         d.addCallbacks(self._data_written, self._data_failed, (tx,), None, (tx,))
@@ -355,7 +381,7 @@ class Session(ESMTPClient):
         self.resetTimeout()
         return chunk  # exactly as given: stuffed once, by `deliver`
 
-    def _data_written(self, last: bytes | str, tx: Transaction) -> None:
+    def _data_written(self, last: bytes | str, tx: ClientTransaction) -> None:
         if self.tx is not tx or self.state != "busy":
             return
         self._expected = _OK_REPLY
@@ -364,10 +390,10 @@ class Session(ESMTPClient):
         tx.dot_sent = True
         self.sendLine(b"." if last == b"\n" else b"\r\n.")
 
-    def _data_failed(self, failure: Failure, tx: Transaction) -> None:
+    def _data_failed(self, failure: Failure, tx: ClientTransaction) -> None:
         if self.tx is tx and self.state == "busy":
-            text = "sending the data failed: " + str(failure.value)
-            self._broken(SMTPConnectError(-1, text.encode("utf-8", "replace")))
+            detail = f"sending the data failed: {failure.value}"
+            self._broken(LocalFailure(D451_CONNECTION_LOST, detail))
 
     def _early_reply(self, code: int, resp: bytes) -> None:
         assert self.tx is not None
@@ -417,7 +443,8 @@ class Session(ESMTPClient):
         if self.state == "idle":
             self._quit(timeout)
         elif self.state in ("connecting", "busy"):
-            self._broken(SMTPClientError(-1, b"connection given up on"), abort=True)
+            failure = LocalFailure(D451_NOT_DELIVERED, "connection given up on", fatal=False)
+            self._broken(failure, abort=True)
 
     def _quit(self, timeout: float | None = None) -> None:
         self.state = "closing"
@@ -467,14 +494,14 @@ class Session(ESMTPClient):
 
 
 class SessionFactory(protocol.ClientFactory):
-    """Connects one `Session`; a failed connect fails its `ready`."""
+    """Connects one `ClientSession`; a failed connect fails its `ready`."""
 
     noisy = False
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: ClientSession) -> None:
         self.session = session
 
-    def buildProtocol(self, addr: Any) -> Session:
+    def buildProtocol(self, addr: Any) -> ClientSession:
         self.session.factory = self
         return self.session
 
@@ -482,8 +509,8 @@ class SessionFactory(protocol.ClientFactory):
         session = self.session
         if session.state == "connecting" and not session.ready.called:
             session.state = "closed"
-            text = "Unable to connect to SMTP server: " + str(reason.value)
-            session.ready.errback(Failure(SMTPConnectError(-1, text.encode("utf-8", "replace"))))
+            detail = f"unable to connect: {reason.value}"
+            session.ready.errback(Failure(LocalFailure(D451_NO_CONNECTION, detail)))
             if not session.closed.called:
                 session.closed.callback(None)
 

@@ -36,9 +36,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edge.delivery.attempts import (
-    DNS_FAILED_REPLY,
-    HELD_REPLY,
-    PASSING_FAULT_TEXT,
     Deliverer,
     MessageState,
     defect_reason,
@@ -51,6 +48,7 @@ from edge.delivery.routing import NoRoute, Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.runtime import nowlater
 from edge.runtime.logthrottle import Quieter
+from edge.smtp import replies
 from edge.spool.spool import QUEUE_ID_HEADER, Envelope, Spool
 
 log = Logger()
@@ -296,7 +294,7 @@ class DeliveryQueue:
         await self.run_blocking(self.spool.set_held, qid, True, reason)
         # The reason, with the defect's detail, is for the operator (`queue show`); what a
         # sender may see in a report later, and the recipient's events, say only this.
-        reply = HELD_REPLY
+        reply = replies.D451_HELD.status
         for rcpt in rcpts if rcpts is not None else entry.pending:
             state.last_errors[rcpt] = reply
             state.last_shown.pop(rcpt, None)
@@ -351,7 +349,7 @@ class DeliveryQueue:
                 # A NoRoute is kept as a copy without traceback or cause: those hold the
                 # frames up this stack, this one with `routes` among them, and the cycle
                 # would wait for the cyclic collector (once per message to an absent device).
-                routes[rcpt] = NoRoute(exc.reply) if isinstance(exc, NoRoute) else exc
+                routes[rcpt] = NoRoute(exc.named) if isinstance(exc, NoRoute) else exc
                 if isinstance(exc, NoRoute) and exc.temporary:
                     temporary[rcpt] = RecipientStatus(rcpt, exc.reply)
                     continue
@@ -411,7 +409,7 @@ class DeliveryQueue:
                 log.info(
                     "queue: {qid} to {rcpt}: DNS lookup failed: {e}", qid=qid, rcpt=rcpt, e=exc
                 )
-                temporary[rcpt] = RecipientStatus(rcpt, DNS_FAILED_REPLY)
+                temporary[rcpt] = RecipientStatus(rcpt, replies.D451_DNS_FAILED.status)
                 continue
             if target.device_id:
                 state.devices[rcpt] = target.device_id
@@ -425,7 +423,7 @@ class DeliveryQueue:
             if not in_order and self._older_waiting(target.key, qid):
                 # Older mail for this target is still waiting: it goes first, this one after.
                 for rcpt in rcpts:
-                    reply = state.last_errors.get(rcpt, "451 4.4.1 older mail to it goes first")
+                    reply = state.last_errors.get(rcpt, replies.D451_OLDER_FIRST.status)
                     shown = state.last_shown.get(rcpt, "")
                     temporary[rcpt] = RecipientStatus(rcpt, reply, shown=shown)
                 self._wait(qid, target.key)
@@ -447,12 +445,12 @@ class DeliveryQueue:
                     continue
                 # The detail (an exception's text: paths, addresses) is in the log above;
                 # the reply, which the sender may read in a report, names the fault only.
-                fault = Outcome(451, PASSING_FAULT_TEXT, connected=False)
+                fault = Outcome(451, replies.D451_PASSING_FAULT.detail, connected=False)
                 outcomes = dict.fromkeys(rcpts, fault)
             if any(o.connected for o in outcomes.values()):
                 answered.add(target.key)  # reachable: what waits for it may go
             for rcpt in rcpts:
-                outcome = outcomes.get(rcpt, Outcome(451, "4.3.0 no reply for this recipient"))
+                outcome = outcomes.get(rcpt, Outcome(451, replies.D451_NO_REPLY.detail))
                 status = recipient_status(rcpt, outcome, target)
                 if outcome.delivered:
                     finals[rcpt] = "delivered"

@@ -13,6 +13,7 @@ from typing import Any
 
 from edge.delivery.dsn import RecipientStatus
 from edge.delivery.queue import DeliveryQueue
+from edge.smtp import replies
 
 STATES = ("active", "held", "deferred", "queued")
 
@@ -132,7 +133,7 @@ class QueueControl:
         q = self.queue
         env = q.envelopes[qid]
         pending = q.spool.entry(qid).pending
-        reply = "550 5.0.0 Returned to sender by the mail system's operator"
+        reply = replies.D550_RETURNED.status
         raw = await q.run_blocking(q.spool.read, qid)
         await self._finish(qid, dict.fromkeys(pending, f"bounced: {reply}"), "bounced")
         await q.report(env, raw, [RecipientStatus(r, reply) for r in pending], "failed")

@@ -30,6 +30,8 @@ from twisted.internet import defer
 from edge.config import Config, ConfigError, parse_listen
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.runtime.nowlater import NowOrLater
+from edge.smtp import replies
+from edge.smtp.replies import Reply
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups, NotCached
 from edge.store.resolve import ROLE_LOCAL_PARTS
@@ -43,18 +45,20 @@ LOOPBACK = ("127.0.0.1", "::1")
 
 
 class NoRoute(Exception):
-    """No way to deliver to this recipient now; `reply` is the SMTP-style reason.
+    """No way to deliver to this recipient now; `named` is why (a `D` reply of
+    `edge.smtp.replies`, filled in), `reply` the same on one line, as it is recorded.
 
-    A reply starting with 4 is temporary (try again later), with 5 permanent (bounce).
+    A 4xx reply is temporary (try again later), a 5xx permanent (bounce).
     """
 
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
+    def __init__(self, named: Reply) -> None:
+        super().__init__(named.status)
+        self.named = named
+        self.reply = named.status
 
     @property
     def temporary(self) -> bool:
-        return self.reply.startswith("4")
+        return 400 <= self.named.code < 500
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def _device_target(found: RecipientTarget, dns: HostAddresses) -> Target:
     try:
         host, port = parse_listen(found.connector_smtp_addr)
     except ConfigError as exc:
-        raise NoRoute(f"451 4.4.0 device {found.device_id} has no connector address") from exc
+        raise NoRoute(replies.D451_NO_CONNECTOR_ADDRESS.format(device=found.device_id)) from exc
     base = Target(
         kind="device",
         key=f"device:{found.device_id}:{host}:{port}",
@@ -181,7 +185,7 @@ def _device_target(found: RecipientTarget, dns: HostAddresses) -> Target:
     if not expanded:
         if failure is not None:
             raise failure
-        raise NoRoute(f"451 4.4.4 connector host {host} of device {found.device_id} not found")
+        raise NoRoute(replies.D451_CONNECTOR_NOT_FOUND.format(host=host, device=found.device_id))
     return replace_hosts(base, expanded)
 
 
@@ -207,7 +211,7 @@ def _upstream_target(found: RecipientTarget, dns: HostAddresses) -> Target:
         for item in found.upstream_hosts
     ]
     if not hosts:
-        raise NoRoute("550 5.1.1 no such user here")
+        raise NoRoute(replies.D550_NO_SUCH_USER)
     expanded, failure = dns.expand(hosts)
     if not expanded:
         if failure is not None:
@@ -215,7 +219,7 @@ def _upstream_target(found: RecipientTarget, dns: HostAddresses) -> Target:
         names = ", ".join(name for name, _port, _mode in hosts)
         # The route's own hosts: a mistake of its configuration, which can be put right
         # while the message waits.
-        raise NoRoute(f"451 4.4.4 no address for the old MX host(s) {names}")
+        raise NoRoute(replies.D451_OLD_MX_NO_ADDRESS.format(names=names))
     return replace_hosts(
         Target(
             kind="upstream",
@@ -361,7 +365,7 @@ class Router:
         if found is not None and found.kind in ("device", "upstream"):
             return routed_target(found, self.resolver)
         if kind == "inbound" or self.resolver is None:
-            raise NoRoute("550 5.1.1 no route to this address")
+            raise NoRoute(replies.D550_NO_ROUTE)
         return self._mx_target(recipient)
 
     def _mx_target(self, recipient: str) -> Target:
@@ -370,10 +374,10 @@ class Router:
         assert self.resolver is not None
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         if not domain:
-            raise NoRoute("550 5.1.3 bad recipient address")
+            raise NoRoute(replies.D550_BAD_ADDRESS)
         records = self.resolver.mx(domain)
         if any(host in ("", ".") for _pref, host in records):
-            raise NoRoute(f"556 5.1.10 {domain} accepts no mail (null MX)")
+            raise NoRoute(replies.D556_NULL_MX.format(domain=domain))
         hosts = [host for _pref, host in records]
         implicit = not hosts
         if implicit:
@@ -383,9 +387,9 @@ class Router:
             if failure is not None:
                 raise failure
             if implicit:
-                raise NoRoute(f"550 5.1.2 {domain} has no MX and no address")
+                raise NoRoute(replies.D550_NO_MX_NO_ADDRESS.format(domain=domain))
             # Every MX host is unknown or has no address: unusable MX records (§5.1).
-            raise NoRoute(f"550 5.4.4 no MX host of {domain} has an address")
+            raise NoRoute(replies.D550_NO_MX_ADDRESS.format(domain=domain))
         return replace_hosts(
             Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True), expanded
         )

@@ -61,11 +61,13 @@ def build_mx_factory(
     commit: Commit,
     tls: Any = None,
     counts: LocalCounts | None = None,
+    handler_class: type[MXHandler] = MXHandler,
 ) -> Any:
     """The protocol factory of the MX listener (behind the PROXY protocol when configured).
     `commit` makes a message durable (the spool's committer, `edge.spool.committer`, built
     with the spool); `accepted` takes each committed message; `counts` are the connections
-    the limits count (shared with the other processes on the MX port, if any)."""
+    the limits count (shared with the other processes on the MX port, if any);
+    `handler_class` is the policy of one connection."""
     hostname = config.fqdn
     checks = build_pipeline(
         config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
@@ -79,18 +81,16 @@ def build_mx_factory(
     # time it is looked up).
     resolve, lookup = recipient_resolver(lookups, config), lookups.cached_or_load
     awaiting = resolve.awaiting
-    discard = config.edge.accept_mode == "discard"
     authserv = authserv_id(config)
 
     def handler() -> MXHandler:
-        return MXHandler(
+        return handler_class(
             resolve,
             spool,
             hostname,
             reactor,
             threads.deferToThread,
             accepted,
-            discard=discard,
             checks=checks,
             account_of=account_of,
             authserv_id=authserv,

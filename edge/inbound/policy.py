@@ -151,44 +151,6 @@ class CheckedSink:
         return self.spooling.done()
 
 
-class DiscardSink:
-    """Runs the checks, then answers 250 without keeping anything (accept_mode = "discard").
-
-    For measuring the protocol and policy layers alone; never for a real MX, since the
-    250 it sends is a lie about durability.
-    """
-
-    def __init__(self, checks: CheckPipeline | None = None, tx: Transaction | None = None) -> None:
-        self.checks = checks
-        self.tx = tx
-        self.chunks: list[bytes] = []
-        self.size = 0
-
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.checks is not None:
-            self.chunks.append(chunk)
-
-    def abort(self) -> None:
-        self.chunks = []
-        self.size = 0
-
-    def finish(self) -> NowOrLater[Reply]:
-        """The 250 (or a Deferred of it) once the checks have judged the message."""
-        if self.checks is not None and self.tx is not None:
-            message = b"".join(self.chunks)
-            self.chunks = []
-            return then(self.checks.data(self.tx, message), _discarded)
-        return _DISCARDED
-
-
-_DISCARDED = replies.S250_OK.with_text("Discarded")
-
-
-def _discarded(_: object) -> Reply:
-    return _DISCARDED
-
-
 class MXHandler:
     """Policy of one inbound MX connection."""
 
@@ -204,7 +166,6 @@ class MXHandler:
         run_blocking: Callable[..., defer.Deferred[Any]],
         accepted: Callable[[Envelope], None],
         *,
-        discard: bool = False,
         checks: CheckPipeline | None = None,
         account_of: Callable[[RecipientTarget], str | None] | None = None,
         authserv_id: str | None = None,
@@ -217,7 +178,6 @@ class MXHandler:
         `CachedLookups.cached_or_load`, or by default `run_blocking`. `awaiting` tells a
         recipient nobody takes whose refusal is only temporary
         (`edge.delivery.routing.RecipientResolver.awaiting`)."""
-        self.discard = discard
         self.resolve = resolve
         self.awaiting = awaiting
         self.spool = spool
@@ -279,11 +239,9 @@ class MXHandler:
         assert self.checks is not None and self.tx is not None
         return cast(Refusal, self.checks.rcpt(self.tx, Recipient(recipient.address, account)))
 
-    def data(self, session: Session) -> SpoolSink | CheckedSink | DiscardSink:
+    def data(self, session: Session) -> SpoolSink | CheckedSink:
         assert session.sender is not None
         now = self.clock.seconds()
-        if self.discard:
-            return DiscardSink(self.checks, self.tx)
         writer = self.spool.writer()
         received = received_header(session, self.hostname, writer.qid, now)
         envelope = Envelope(

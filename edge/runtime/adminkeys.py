@@ -2,18 +2,27 @@
 
 One key per line, `#` comments allowed; a missing file is created with one random key, mode
 0600. Used by the control listener to check requests and by `tailpost queue` to make them.
-This module must never log or print a key.
+`hash_secret` is the one hash of keys and secrets (admin keys, device keys, poll secrets):
+they are compared and stored only in that form. This module must never log or print a key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
 
 from edge.config import Config, ConfigError
 
-__all__ = ["admin_key_path", "load_admin_keys"]
+__all__ = ["admin_key_path", "hash_secret", "load_admin_keys"]
+
+
+def hash_secret(value: str | bytes) -> str:
+    """The stored and compared form of a key or secret: SHA-256, in hex (they are random, so
+    a plain hash fits). A str is hashed as UTF-8."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return hashlib.sha256(raw).hexdigest()
 
 
 def admin_key_path(config: Config) -> Path:

@@ -1,7 +1,11 @@
 """The one table of SMTP replies (code, enhanced code, text) and the error that carries one.
 
 Every reply the servers send comes from here, so the wording and codes stay consistent and
-a test can check each reply's class against its enhanced code's class. Nothing here does I/O.
+a test can check each reply's class against its enhanced code's class. So does every reply
+that delivery records of a recipient (the `D` replies: what the queue, routing and the
+delivery client say of an attempt), which a report to the sender may quote: a recorded reply
+is one of these, or a remote server's own reply, never an exception's text. A text's
+`{name}` fields are filled with `format`. Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +22,21 @@ class Reply:
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.enhanced, text)
+
+    def format(self, **values: object) -> Reply:
+        """This reply with its text's `{name}` fields filled in."""
+        return Reply(self.code, self.enhanced, self.text.format(**values))
+
+    @property
+    def detail(self) -> str:
+        """The enhanced code and the text: what a delivery outcome's text holds."""
+        return f"{self.enhanced} {self.text}" if self.enhanced else self.text
+
+    @property
+    def status(self) -> str:
+        """The whole reply on one line ("451 4.4.3 DNS lookup failed for now"): how delivery
+        records it."""
+        return f"{self.code} {self.detail}"
 
     def lines(self) -> list[bytes]:
         """The reply as CRLF-terminated wire lines (multi-line when text has newlines)."""
@@ -87,6 +106,12 @@ S454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 S451_POLICY_TEMP = Reply(451, "4.7.1", "Temporary policy failure, try again later")
 S451_DNS_TEMP = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
 S451_CHECK_TIMEOUT = Reply(451, "4.4.5", "Timed out checking the message, try again later")
+# The relay (edge.outbound): the sender domain's active DKIM key cannot be used. Mail is never
+# sent unsigned instead; RFC 3463 X.7.5 is "cryptographic failure" (a key not available or
+# not valid), transient because the operator can replace the key.
+S451_DKIM_KEY_UNUSABLE = Reply(
+    451, "4.7.5", "Cannot sign the message with the domain's DKIM key, try again later"
+)
 # A recipient of a domain whose owner proved it but whose route the edge has not seen become
 # active yet (its DNS records are still appearing): refused only for now, so senders retry and
 # the mail arrives once the route is active. 450 is RFC 5321's "mailbox unavailable" for a
@@ -119,6 +144,18 @@ S552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds the limit")
 S552_LINE_TOO_LONG = Reply(552, "5.6.0", "Message line too long")
 S552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section exceeds the limit")
 S553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+# The relay (edge.outbound): a device may send only as an address its account owns.
+S553_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by this device's account")
+# ... and so may its From and Sender header fields name only such addresses (DMARC aligns with
+# From; people read it). A From or Sender that cannot be read clearly is a format error.
+S550_FROM_NOT_OWNED = Reply(550, "5.7.1", "From header address not owned by this device's account")
+S550_SENDER_FIELD_NOT_OWNED = Reply(
+    550, "5.7.1", "Sender header address not owned by this device's account"
+)
+S550_FROM_INVALID = Reply(550, "5.6.0", "Message needs one From header of valid addresses")
+S550_SENDER_FIELD_INVALID = Reply(
+    550, "5.6.0", "Message may have one Sender header, of one valid address"
+)
 S554_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop")
 S554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
 S555_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
@@ -136,6 +173,51 @@ S554_DNSBL = Reply(554, "5.7.1", "Client host is on a DNS blocklist")
 S550_POLICY = Reply(550, "5.7.1", "Message rejected by policy")
 
 
+# Delivery: what is recorded of a recipient's attempt, and what a report may quote of it.
+# The queue's own replies.
+D451_PASSING_FAULT = Reply(
+    451, "4.4.1", "delivery failed for now: a passing fault of the mail system"
+)
+D451_HELD = Reply(451, "4.3.0", "held by the mail system for its operator")
+# Why it was held, with the defect: for the operator (`queue show`), never recorded as a reply.
+D451_HELD_DEFECT = Reply(451, "4.3.0", "held after a defect in delivery: {defect}")
+D451_DNS_FAILED = Reply(451, "4.4.3", "DNS lookup failed for now")
+# A device's address on the private network is the operator's to know, never a sender's.
+D451_DEVICE_UNREACHABLE = Reply(451, "4.4.1", "the recipient's device cannot be reached now")
+D451_OLDER_FIRST = Reply(451, "4.4.1", "older mail to it goes first")
+D451_NO_REPLY = Reply(451, "4.3.0", "no reply for this recipient")
+D550_RETURNED = Reply(550, "5.0.0", "Returned to sender by the mail system's operator")
+# Routing (`edge.delivery.routing.NoRoute`).
+D451_NO_CONNECTOR_ADDRESS = Reply(451, "4.4.0", "device {device} has no connector address")
+D451_CONNECTOR_NOT_FOUND = Reply(451, "4.4.4", "connector host {host} of device {device} not found")
+D451_OLD_MX_NO_ADDRESS = Reply(451, "4.4.4", "no address for the old MX host(s) {names}")
+D550_NO_SUCH_USER = Reply(550, "5.1.1", "no such user here")
+D550_NO_ROUTE = Reply(550, "5.1.1", "no route to this address")
+D550_BAD_ADDRESS = Reply(550, "5.1.3", "bad recipient address")
+D556_NULL_MX = Reply(556, "5.1.10", "{domain} accepts no mail (null MX)")
+D550_NO_MX_NO_ADDRESS = Reply(550, "5.1.2", "{domain} has no MX and no address")
+D550_NO_MX_ADDRESS = Reply(550, "5.4.4", "no MX host of {domain} has an address")
+# The delivery client, for a failure with no reply of the server's to quote; `{where}` is
+# the host (and address) it went to.
+D451_NOT_DELIVERED = Reply(451, "4.4.1", "delivery to {where} failed")
+D451_NO_CONNECTION = Reply(451, "4.4.1", "no connection to {where}")
+D451_CONNECTION_LOST = Reply(451, "4.4.2", "the connection to {where} was lost")
+D451_TIMED_OUT = Reply(451, "4.4.2", "{where} did not answer in time")
+D451_TLS_FAILED = Reply(451, "4.7.0", "TLS with {where} failed")
+D451_TLS_NOT_OFFERED = Reply(451, "4.7.0", "{where} does not offer STARTTLS, which is required")
+D451_PREPARE_FAILED = Reply(451, "4.3.0", "preparing the data failed")
+D451_PIN_MISMATCH = Reply(
+    451,
+    "4.7.0",
+    "the connector at {where} presented a TLS key with pin {seen}, not the device's pin"
+    " {pin}; credentials not sent, will retry",
+)
+D451_PIN_NO_STARTTLS = Reply(
+    451, "4.7.0", "the connector at {where} does not offer STARTTLS; credentials not sent"
+)
+D553_NO_SMTPUTF8 = Reply(553, "5.6.7", "{where} does not offer SMTPUTF8, which this message needs")
+
+
 def all_replies() -> dict[str, Reply]:
-    """Every named reply of this module, by name."""
-    return {k: v for k, v in globals().items() if k.startswith("S") and isinstance(v, Reply)}
+    """Every named reply of this module, by name (the servers' and delivery's)."""
+    return {k: v for k, v in globals().items() if k[:1] in "SD" and isinstance(v, Reply)}

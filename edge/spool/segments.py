@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from maildir.durable import fsync_dir
+
 SEGMENT_SIZE = 4 << 20
 """The size a segment is made with (octets)."""
 
@@ -45,14 +47,6 @@ _CHUNK = 1 << 20
 
 Record = tuple[bytes, int, Iterable[bytes | bytearray]]
 """One message to write: its envelope (JSON), its data size and its data, in chunks."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def batch_size(records: Iterable[tuple[bytes, int]]) -> int:

@@ -13,7 +13,6 @@ rows, and never do network or DNS work.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, text
 
+from edge.runtime.adminkeys import hash_secret
 from edge.store import claims
 from edge.store import routes as _routes
 from edge.store.errors import Conflict, NotFound
@@ -36,7 +36,7 @@ from edge.store.models import (
     RouteSetupRow,
     utcnow,
 )
-from edge.store.records import Device, EmailRoute
+from edge.store.records import Device, EmailRoute, StoreRecord
 from edge.store.store import Store
 from edge.store.validate import check_smtp_addr, optional_text, required_text
 from edge.tls import is_pin
@@ -81,11 +81,6 @@ class RegistrationLimits:
     window: float = 3600.0
 
 
-def hash_secret(value: str) -> str:
-    """The stored form of a key or poll secret (they are random, so a plain SHA-256 fits)."""
-    return hashlib.sha256(value.encode("utf-8")).hexdigest()
-
-
 def new_code() -> str:
     """A short approval code a person can read out, e.g. ``K7QX-M2PD``."""
     raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(8))
@@ -98,7 +93,7 @@ def normalize_code(code: str) -> str:
 
 
 @dataclass(frozen=True)
-class Registration:
+class Registration(StoreRecord):
     id: str
     device_id: str
     code: str
@@ -120,7 +115,7 @@ class Issued:
 
 
 @dataclass(frozen=True)
-class DkimKey:
+class DkimKey(StoreRecord):
     id: str
     domain: str
     selector: str
@@ -135,26 +130,11 @@ class DkimKey:
 
 
 @dataclass(frozen=True)
-class RouteSetup:
+class RouteSetup(StoreRecord):
     route_id: str
     ownership_verified_at: datetime | None = None
     prepared_at: datetime | None = None
     checked_at: datetime | None = None
-
-
-def _registration(row: RegistrationRow) -> Registration:
-    return Registration(
-        row.id,
-        row.device_id,
-        row.code,
-        row.created_at,
-        row.expires_at,
-        row.approved_at,
-        row.name,
-        row.hostname,
-        row.connector_smtp_addr,
-        row.connector_tls_pin,
-    )
 
 
 class AccessStore:
@@ -206,7 +186,7 @@ class AccessStore:
                     )
                     session.add(row)
                     session.flush()
-                    return _registration(row), poll
+                    return Registration.from_row(row), poll
             except RateLimited:
                 raise
             except Conflict:
@@ -250,7 +230,7 @@ class AccessStore:
     def registrations(self) -> list[Registration]:
         with self.store._read() as session:
             query = select(RegistrationRow).order_by(RegistrationRow.created_at)
-            return [_registration(row) for row in session.scalars(query)]
+            return [Registration.from_row(row) for row in session.scalars(query)]
 
     def find_registration(self, ref: str) -> Registration | None:
         """A registration by its id, its code (any case, dash optional) or its device id."""
@@ -263,7 +243,7 @@ class AccessStore:
                 | (RegistrationRow.device_id == ref)
             )
             row = session.scalars(query.order_by(RegistrationRow.created_at.desc())).first()
-            return _registration(row) if row is not None else None
+            return Registration.from_row(row) if row is not None else None
 
     def approve(self, ref: str, account_id: str | None = None) -> Device:
         """Authorize the device of a registration (by code, registration or device id): the
@@ -349,7 +329,7 @@ class AccessStore:
                 raise NotFound(f"no registration {registration_id!r}")
             if not secrets.compare_digest(row.poll_hash, hash_secret(poll_secret)):
                 raise PollRefused("the poll secret does not match")
-            reg = _registration(row)
+            reg = Registration.from_row(row)
         device = self.store.get_device(reg.device_id)
         if device is None and reg.approved_at is None:
             return ("expired" if reg.expires_at <= self.now() else "pending"), None
@@ -430,18 +410,7 @@ class AccessStore:
                 .where(DkimKeyRow.domain == domain, DkimKeyRow.active.is_(True))
                 .order_by(DkimKeyRow.algorithm.desc(), DkimKeyRow.selector)
             )
-            return [
-                DkimKey(
-                    r.id,
-                    r.domain,
-                    r.selector,
-                    r.algorithm,
-                    r.public_key,
-                    r.private_key,
-                    r.created_at,
-                )
-                for r in session.scalars(query)
-            ]
+            return [DkimKey.from_row(r) for r in session.scalars(query)]
 
     def add_dkim_key(
         self, domain: str, selector: str, algorithm: str, private_pem: str, public_b64: str
@@ -459,9 +428,7 @@ class AccessStore:
             )
             session.add(row)
             session.flush()
-            return DkimKey(
-                row.id, domain, selector, algorithm, public_b64, private_pem, row.created_at
-            )
+            return DkimKey.from_row(row)
 
     # -- route setup -------------------------------------------------------------------------
 
@@ -470,7 +437,7 @@ class AccessStore:
             row = session.get(RouteSetupRow, route_id)
             if row is None:
                 return RouteSetup(route_id)
-            return RouteSetup(route_id, row.ownership_verified_at, row.prepared_at, row.checked_at)
+            return RouteSetup.from_row(row)
 
     def routes_to_check(self, limit: int, checked_before: datetime) -> list[EmailRoute]:
         """At most ``limit`` routes on their way to ``active``: verified, prepared (their DKIM
@@ -518,4 +485,4 @@ class AccessStore:
             if prepared and row.prepared_at is None:
                 row.prepared_at = now
             session.flush()
-            return RouteSetup(route_id, row.ownership_verified_at, row.prepared_at, row.checked_at)
+            return RouteSetup.from_row(row)

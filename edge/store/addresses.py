@@ -45,7 +45,7 @@ def insert_managed(
     )
     session.add(row)
     session.flush()
-    return ManagedAddress.from_row(row, device.connector_smtp_addr)
+    return ManagedAddress.from_row(row, connector_smtp_addr=device.connector_smtp_addr)
 
 
 def insert_byod(session: Session, local: str, domain: str, device_id: str) -> ByodAddress:
@@ -68,7 +68,7 @@ def insert_byod(session: Session, local: str, domain: str, device_id: str) -> By
     )
     session.add(row)
     session.flush()
-    return ByodAddress.from_row(row, device.connector_smtp_addr)
+    return ByodAddress.from_row(row, connector_smtp_addr=device.connector_smtp_addr)
 
 
 def list_managed(session: Session, account_id: str | None) -> list[ManagedAddress]:
@@ -79,7 +79,10 @@ def list_managed(session: Session, account_id: str | None) -> list[ManagedAddres
     )
     if account_id is not None:
         query = query.where(ManagedAddressRow.account_id == account_id)
-    return [ManagedAddress.from_row(row, smtp) for row, smtp in session.execute(query)]
+    return [
+        ManagedAddress.from_row(row, connector_smtp_addr=smtp)
+        for row, smtp in session.execute(query)
+    ]
 
 
 def list_byod(session: Session, account_id: str | None) -> list[ByodAddress]:
@@ -90,4 +93,6 @@ def list_byod(session: Session, account_id: str | None) -> list[ByodAddress]:
     )
     if account_id is not None:
         query = query.where(ByodAddressRow.account_id == account_id)
-    return [ByodAddress.from_row(row, smtp) for row, smtp in session.execute(query)]
+    return [
+        ByodAddress.from_row(row, connector_smtp_addr=smtp) for row, smtp in session.execute(query)
+    ]

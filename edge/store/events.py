@@ -15,27 +15,20 @@ from typing import Any
 from sqlalchemy import select
 
 from edge.store.models import DELIVERY_EVENTS, DeliveryEventRow
+from edge.store.records import StoreRecord
 from edge.store.store import Store
 
 
 @dataclass(frozen=True)
-class DeliveryEvent:
+class DeliveryEvent(StoreRecord):
+    TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
     id: int
     queue_id: str
     recipient: str
     event: str
     detail: str
     created_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "queue_id": self.queue_id,
-            "recipient": self.recipient,
-            "event": self.event,
-            "detail": self.detail,
-            "created_at": self.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        }
 
 
 _COLUMNS = "queue_id, recipient, event, detail, created_at"
@@ -106,7 +99,4 @@ class DeliveryEvents:
         if event:
             stmt = stmt.where(DeliveryEventRow.event == event)
         with self.store._read() as session:
-            return [
-                DeliveryEvent(r.id, r.queue_id, r.recipient, r.event, r.detail, r.created_at)
-                for r in session.scalars(stmt)
-            ]
+            return [DeliveryEvent.from_row(r) for r in session.scalars(stmt)]

@@ -387,3 +387,17 @@ class AuditEventRow(Base):
     subject: Mapped[str] = mapped_column(String(320))
     detail: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class OutboundMessageRow(Base):
+    """A message a device relayed (`edge.outbound`): which device, under which queue id. Its
+    delivery events are the `delivery_events` rows of that queue id."""
+
+    __tablename__ = "outbound_messages"
+    __table_args__ = (Index(None, "device_id"), Index(None, "account_id"))
+
+    queue_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[str] = mapped_column(String(64))
+    sender: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

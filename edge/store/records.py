@@ -3,54 +3,90 @@
 Each record is a frozen dataclass copied out of an ORM row while its session is open, so it
 can cross threads and outlive the session. ``to_dict()`` gives the JSON shape used by the
 ``/v1`` API (timestamps as ISO-8601 UTC with ``Z``). Secrets (a device's connector secret and
-API key hash) are kept out of ``repr`` and ``to_dict``. This module must never import a
-session, touch the database, or expose ORM rows.
+API key hash) are kept out of ``repr`` and ``to_dict``. `StoreRecord` does the copying both ways,
+field for field: ``from_row`` takes each field from the row's attribute of the same name
+(unless given), ``to_dict`` gives the names in ``JSON_FIELDS`` (all fields when empty), in
+that order. This module must never import a session, touch the database, or expose ORM rows.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
-from edge.store.models import (
-    AccountRow,
-    AuditEventRow,
-    ByodAddressRow,
-    DeviceRow,
-    EmailRouteRow,
-    ManagedAddressRow,
-    SpamRuleRow,
-)
+from edge.store.models import EmailRouteRow, SpamRuleRow
 
 OWNERSHIP_TXT_PREFIX = "_tailpost"
 OWNERSHIP_VALUE_PREFIX = "tailpost-verification="
 
 
-def isoformat(value: datetime | None) -> str | None:
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def isoformat(value: datetime | None, form: str = ISO_SECONDS) -> str | None:
     """``2026-04-03T19:12:24Z`` for an aware datetime (converted to UTC), None for None."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).strftime(form)
+
+
+def _copied(value: Any) -> Any:
+    """A list or dict copied (deep), so that a record shares nothing with a row or a reply."""
+    return copy.deepcopy(value) if isinstance(value, list | dict) else value
+
+
+class StoreRecord:
+    """What every record is: a frozen dataclass copied field for field out of an ORM row
+    (`from_row`) and into its JSON shape (`to_dict`)."""
+
+    JSON_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """The keys of `to_dict`, in order: fields or properties. Empty: every field."""
+    TIME_FORMAT: ClassVar[str] = ISO_SECONDS
+    """How `to_dict` writes a datetime (in UTC)."""
+
+    @classmethod
+    def from_row(cls, row: Any, **given: Any) -> Self:
+        """The record of `row`: each field from the row's attribute of the same name, except
+        those `given`; lists and dicts are copied."""
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        return cls(**{n: given[n] if n in given else _copied(getattr(row, n)) for n in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        names = self.JSON_FIELDS or tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        out: dict[str, Any] = {}
+        for name in names:
+            value = getattr(self, name)
+            out[name] = (
+                isoformat(value, self.TIME_FORMAT)
+                if isinstance(value, datetime)
+                else _copied(value)
+            )
+        return out
 
 
 @dataclass(frozen=True)
-class Account:
+class Account(StoreRecord):
     id: str
     name: str
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: AccountRow) -> Account:
-        return cls(id=row.id, name=row.name, created_at=row.created_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "created_at": isoformat(self.created_at)}
-
 
 @dataclass(frozen=True)
-class Device:
+class Device(StoreRecord):
+    JSON_FIELDS = (
+        "id",
+        "name",
+        "hostname",
+        "auth_status",
+        "connector_smtp_addr",
+        "connector_username",
+        "connector_tls_pin",
+        "created_at",
+        "last_seen_at",
+    )
+
     id: str
     account_id: str
     name: str
@@ -65,43 +101,24 @@ class Device:
     connector_tls_pin: str | None = None
     """The pin of the connector's TLS key (`edge.tls.spki_pin`), once the device sent it."""
 
-    @classmethod
-    def from_row(cls, row: DeviceRow) -> Device:
-        return cls(
-            id=row.id,
-            account_id=row.account_id,
-            name=row.name,
-            hostname=row.hostname,
-            auth_status=row.auth_status,
-            connector_smtp_addr=row.connector_smtp_addr,
-            connector_username=row.connector_username,
-            connector_secret=row.connector_secret,
-            key_hash=row.key_hash,
-            created_at=row.created_at,
-            last_seen_at=row.last_seen_at,
-            connector_tls_pin=row.connector_tls_pin,
-        )
-
     @property
     def authorized(self) -> bool:
         return self.auth_status == "authorized"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "hostname": self.hostname,
-            "auth_status": self.auth_status,
-            "connector_smtp_addr": self.connector_smtp_addr,
-            "connector_username": self.connector_username,
-            "connector_tls_pin": self.connector_tls_pin,
-            "created_at": isoformat(self.created_at),
-            "last_seen_at": isoformat(self.last_seen_at),
-        }
-
 
 @dataclass(frozen=True)
-class ManagedAddress:
+class ManagedAddress(StoreRecord):
+    JSON_FIELDS = (
+        "id",
+        "name",
+        "address",
+        "domain",
+        "device_id",
+        "connector_smtp_addr",
+        "vanity",
+        "created_at",
+    )
+
     id: str
     account_id: str
     name: str
@@ -112,35 +129,19 @@ class ManagedAddress:
     connector_smtp_addr: str
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: ManagedAddressRow, connector_smtp_addr: str) -> ManagedAddress:
-        return cls(
-            id=row.id,
-            account_id=row.account_id,
-            name=row.name,
-            address=row.address,
-            domain=row.domain,
-            device_id=row.device_id,
-            vanity=row.vanity,
-            connector_smtp_addr=connector_smtp_addr,
-            created_at=row.created_at,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "address": self.address,
-            "domain": self.domain,
-            "device_id": self.device_id,
-            "connector_smtp_addr": self.connector_smtp_addr,
-            "vanity": self.vanity,
-            "created_at": isoformat(self.created_at),
-        }
-
 
 @dataclass(frozen=True)
-class ByodAddress:
+class ByodAddress(StoreRecord):
+    JSON_FIELDS = (
+        "id",
+        "name",
+        "address",
+        "domain",
+        "device_id",
+        "connector_smtp_addr",
+        "created_at",
+    )
+
     id: str
     account_id: str
     name: str
@@ -151,34 +152,30 @@ class ByodAddress:
     connector_smtp_addr: str
     created_at: datetime
 
-    @classmethod
-    def from_row(cls, row: ByodAddressRow, connector_smtp_addr: str) -> ByodAddress:
-        return cls(
-            id=row.id,
-            account_id=row.account_id,
-            name=row.name,
-            address=row.address,
-            domain=row.domain,
-            route_id=row.route_id,
-            device_id=row.device_id,
-            connector_smtp_addr=connector_smtp_addr,
-            created_at=row.created_at,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "address": self.address,
-            "domain": self.domain,
-            "device_id": self.device_id,
-            "connector_smtp_addr": self.connector_smtp_addr,
-            "created_at": isoformat(self.created_at),
-        }
-
 
 @dataclass(frozen=True)
-class EmailRoute:
+class EmailRoute(StoreRecord):
+    JSON_FIELDS = (
+        "id",
+        "domain",
+        "type",
+        "status",
+        "setup_stage",
+        "connector_id",
+        "connector_smtp_addr",
+        "delivery_mode",
+        "mail_from_domain",
+        "edge_mx_target",
+        "previous_mx",
+        "fallback_hosts",
+        "authoritative_hosts",
+        "ownership_verified",
+        "claim_expires_at",
+        "last_checked_at",
+        "created_at",
+        "updated_at",
+    )
+
     id: str
     account_id: str
     domain: str
@@ -212,31 +209,24 @@ class EmailRoute:
         row: EmailRouteRow,
         device_smtp_addr: str = "",
         last_checked_at: datetime | None = None,
-    ) -> EmailRoute:
+        **given: Any,
+    ) -> Self:
         """``device_smtp_addr`` stands in when the route has no address of its own;
         ``last_checked_at`` is the route setup's ``checked_at``."""
-        return cls(
-            id=row.id,
-            account_id=row.account_id,
-            domain=row.domain,
-            type=row.type,
-            connector_id=row.connector_id,
+        return super().from_row(
+            row,
             connector_smtp_addr=row.connector_smtp_addr or device_smtp_addr,
-            delivery_mode=row.delivery_mode,
-            status=row.status,
-            setup_stage=row.setup_stage,
-            edge_mx_target=row.edge_mx_target,
-            mail_from_domain=row.mail_from_domain,
-            ownership_token=row.ownership_token,
             previous_mx=copy.deepcopy(list(row.previous_mx or [])),
             fallback_hosts=list(row.fallback_hosts or []),
             authoritative_hosts=copy.deepcopy(list(row.authoritative_hosts or [])),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            verified_at=row.verified_at,
-            claim_expires_at=row.claim_expires_at,
             last_checked_at=last_checked_at,
+            **given,
         )
+
+    @property
+    def ownership_verified(self) -> bool:
+        """`verified`, as the API names it."""
+        return self.verified
 
     @property
     def ownership_txt_host(self) -> str:
@@ -258,31 +248,21 @@ class EmailRoute:
             "required": True,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "domain": self.domain,
-            "type": self.type,
-            "status": self.status,
-            "setup_stage": self.setup_stage,
-            "connector_id": self.connector_id,
-            "connector_smtp_addr": self.connector_smtp_addr,
-            "delivery_mode": self.delivery_mode,
-            "mail_from_domain": self.mail_from_domain,
-            "edge_mx_target": self.edge_mx_target,
-            "previous_mx": copy.deepcopy(self.previous_mx),
-            "fallback_hosts": list(self.fallback_hosts),
-            "authoritative_hosts": copy.deepcopy(self.authoritative_hosts),
-            "ownership_verified": self.verified,
-            "claim_expires_at": isoformat(self.claim_expires_at),
-            "last_checked_at": isoformat(self.last_checked_at),
-            "created_at": isoformat(self.created_at),
-            "updated_at": isoformat(self.updated_at),
-        }
-
 
 @dataclass(frozen=True)
-class SpamRule:
+class SpamRule(StoreRecord):
+    JSON_FIELDS = (
+        "id",
+        "kind",
+        "value",
+        "action",
+        "note",
+        "source_message_ids",
+        "active",
+        "created_at",
+        "updated_at",
+    )
+
     id: str
     account_id: str
     kind: str
@@ -295,32 +275,9 @@ class SpamRule:
     updated_at: datetime
 
     @classmethod
-    def from_row(cls, row: SpamRuleRow) -> SpamRule:
-        return cls(
-            id=row.id,
-            account_id=row.account_id,
-            kind=row.kind,
-            value=row.value,
-            action=row.action,
-            note=row.note,
-            source_message_ids=[str(m) for m in row.source_message_ids or []],
-            active=row.active,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "value": self.value,
-            "action": self.action,
-            "note": self.note,
-            "source_message_ids": list(self.source_message_ids),
-            "active": self.active,
-            "created_at": isoformat(self.created_at),
-            "updated_at": isoformat(self.updated_at),
-        }
+    def from_row(cls, row: SpamRuleRow, **given: Any) -> Self:
+        ids = [str(m) for m in row.source_message_ids or []]
+        return super().from_row(row, **{"source_message_ids": ids, **given})
 
 
 @dataclass(frozen=True)
@@ -340,7 +297,7 @@ class RecipientTarget:
 
 
 @dataclass(frozen=True)
-class AuditEvent:
+class AuditEvent(StoreRecord):
     """One entry of the control plane's audit log (see edge.store.claims.audit)."""
 
     id: int
@@ -349,17 +306,3 @@ class AuditEvent:
     subject: str
     detail: str
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: AuditEventRow) -> AuditEvent:
-        return cls(row.id, row.actor, row.action, row.subject, row.detail, row.created_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "actor": self.actor,
-            "action": self.action,
-            "subject": self.subject,
-            "detail": self.detail,
-            "created_at": isoformat(self.created_at),
-        }

@@ -11,7 +11,6 @@ in a way that leaks timing, store a plain key, or show a client a stack trace.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from twisted.web.resource import IResource
 from edge.config import Config
 from edge.dns.resolver import DNSResolver
 from edge.domains.scan import DomainInspector
+from edge.runtime.adminkeys import hash_secret
 from edge.store import Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore
@@ -40,8 +40,9 @@ from webapi.v1.devices import DeviceOps
 from webapi.v1.domains import DomainOps
 from webapi.v1.idempotency import Idempotency
 from webapi.v1.netpolicy import ConnectorPolicy, parse_networks
-from webapi.v1.openapi import OPERATIONS
+from webapi.v1.openapi import OPERATIONS, with_query_parameters
 from webapi.v1.ops import ControlOps, Principal, Settings
+from webapi.v1.outbound import OutboundOps
 
 __all__ = ["OPERATIONS", "ControlAPI"]
 
@@ -49,10 +50,6 @@ M = TypeVar("M", bound=BaseModel)
 Run = Callable[..., "defer.Deferred[Any]"]
 _BEARER = re.compile(rb"[Bb]earer[ \t]+(\S{1,256})[ \t]*")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _hash(value: bytes) -> bytes:
-    return hashlib.sha256(value).digest()
 
 
 def _source(request: IRequest) -> str:
@@ -90,7 +87,7 @@ class ControlAPI:
         if not admin_keys or not all(admin_keys):
             raise ValueError("the control API needs at least one non-empty admin key")
         e = config.edge
-        self._admin = [_hash(k.encode("utf-8")) for k in admin_keys]
+        self._admin = [hash_secret(k) for k in admin_keys]
         self.base_url = base_url or f"http://{e.control_listen}"
         settings = Settings(
             managed_domain=e.managed_domain.lower().rstrip("."),
@@ -124,6 +121,7 @@ class ControlAPI:
         self.ops = ControlOps(store, self.access, inspector, settings, now, policy)
         self.domains = DomainOps(self.ops)
         self.devices = DeviceOps(self.ops)
+        self.outbound = OutboundOps(store)
         self._run = run_blocking
         self._run_dns = run_dns or resolver.run_async
         self.idempotency = Idempotency(IdempotencyStore(store, now), run_blocking)
@@ -164,7 +162,7 @@ class ControlAPI:
                 "use Authorization: Bearer <key>",
                 "use_bearer_token_format",
             )
-        presented = _hash(match.group(1))
+        presented = hash_secret(match.group(1))
         if any(hmac.compare_digest(presented, k) for k in self._admin):
             return defer.succeed(Principal("admin"))
         d = self._run(self.access.authenticate, match.group(1).decode("ascii", "replace"))
@@ -177,6 +175,30 @@ class ControlAPI:
             return Principal("device", device.account_id, device.id)
 
         return d.addCallback(found)
+
+    def _query(self, request: IRequest, model: type[M]) -> M:
+        """The query parameters of `request` validated by `model` (each given once)."""
+        args: dict[str, str] = {}
+        for key, values in (request.args or {}).items():
+            name = key.decode("utf-8", "replace")
+            if len(values) != 1:
+                raise APIError(
+                    400,
+                    "validation_failed",
+                    f"query parameter {name[:64]!r} given more than once",
+                    "fix_query_parameters",
+                )
+            args[name] = values[0].decode("utf-8", "replace")
+        try:
+            return model.model_validate(args)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc'])[:64] or 'query'}: {e['msg']}"
+                for e in exc.errors()[:10]
+            )
+            raise APIError(
+                400, "validation_failed", f"invalid query: {problems}", "fix_query_parameters"
+            ) from None
 
     def _body(self, request: IRequest, model: type[M]) -> tuple[M, bytes]:
         _value, raw = json_body(
@@ -242,7 +264,8 @@ class ControlAPI:
 
     @app.route("/v1/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        return json_reply(request, self.registry.document([self.ops.settings.control_url()]))
+        doc = self.registry.document([self.ops.settings.control_url()])
+        return json_reply(request, with_query_parameters(doc))
 
     @app.route("/v1/managed-addresses", methods=["GET"])
     def list_managed(self, request: IRequest) -> defer.Deferred[bytes]:
@@ -349,3 +372,11 @@ class ControlAPI:
             _path_id(ident, "device"),
             admin=True,
         )
+
+    @app.route("/v1/outbound/events", methods=["GET"])
+    def outbound_events(self, request: IRequest) -> defer.Deferred[bytes]:
+        def run(p: Principal) -> defer.Deferred[Any]:
+            return self._run(self.outbound.events, p, self._query(request, m.OutboundEventsQuery))
+
+        d = self._principal(request).addCallback(run)
+        return d.addCallback(lambda body: json_reply(request, body))

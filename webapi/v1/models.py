@@ -409,3 +409,29 @@ class RegistrationStatusOut(Response):
     managed_domain: str | None = None
     edge_mx_target: str | None = None
     connector: ConnectorCredentials | None = None
+
+
+# -- outbound mail -----------------------------------------------------------------------------
+
+
+class OutboundEventsQuery(Request):
+    """The query of `GET /v1/outbound/events` (its values arrive as text)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    after: int = Field(default=0, ge=0, le=2**63 - 1)
+    limit: int = Field(default=100, ge=1, le=500)
+
+
+class OutboundEventOut(Response):
+    id: int
+    queue_id: str
+    recipient: str
+    event: Literal["accepted", "delivered", "deferred", "bounced", "expired", "deleted"]
+    detail: str
+    created_at: str
+
+
+class OutboundEventList(Response):
+    events: list[OutboundEventOut]
+    next_after: int

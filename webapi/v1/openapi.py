@@ -6,10 +6,14 @@ module must never hold behaviour: it only describes.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydantic import BaseModel
+
 from webapi.openapi import Operation
 from webapi.v1 import models as m
 
-__all__ = ["OPERATIONS"]
+__all__ = ["OPERATIONS", "QUERIES", "with_query_parameters"]
 
 OPERATIONS = [
     Operation("GET", "/v1/openapi.json", "This document", None, public=True, errors=()),
@@ -118,4 +122,36 @@ OPERATIONS = [
     Operation(
         "POST", "/v1/devices/{id}/revoke", "Revoke a device and its keys (admin key)", m.DeviceOut
     ),
+    Operation(
+        "GET",
+        "/v1/outbound/events",
+        "Delivery events of relayed mail, oldest first (a device key: its own mail only)",
+        m.OutboundEventList,
+        errors=(400, 401, 403),
+    ),
 ]
+
+QUERIES: dict[tuple[str, str], type[BaseModel]] = {
+    ("get", "/v1/outbound/events"): m.OutboundEventsQuery,
+}
+"""The query parameters of the operations that take some, by (method, path)."""
+
+
+def with_query_parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` (the registry's document) with each operation's query parameters (`QUERIES`)."""
+    for (method, path), model in QUERIES.items():
+        item = doc["paths"][path][method]
+        schema = model.model_json_schema()
+        item["parameters"] = [
+            *item.get("parameters", []),
+            *(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {k: v for k, v in prop.items() if k != "title"},
+                }
+                for name, prop in schema.get("properties", {}).items()
+            ),
+        ]
+    return doc

@@ -8,7 +8,6 @@ the edge starts. This module must never log a key or run store queries on the re
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from edge.config import Config
 from edge.delivery.eventlog import EventRecorder
 from edge.delivery.queueops import QueueControl
 from edge.dns.resolver import DNSResolver
+from edge.runtime.adminkeys import hash_secret
 from edge.store import Store
 from edge.store.events import DeliveryEvents
 from webapi.compose import PrefixDispatch
@@ -66,12 +66,12 @@ class AdminOnly(Resource):
     def __init__(self, inner: IResource, keys: list[str]) -> None:
         super().__init__()
         self.inner = inner
-        self.hashes = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.hashes = [hash_secret(k) for k in keys]
 
     def render(self, request: IRequest) -> bytes | int:  # type: ignore[override]
         header = request.getHeader(b"authorization") or b""
         scheme, _, presented = header.partition(b" ")
-        digest = hashlib.sha256(presented.strip()).digest()
+        digest = hash_secret(presented.strip())
         if scheme.lower() != b"bearer" or not any(
             hmac.compare_digest(digest, h) for h in self.hashes
         ):

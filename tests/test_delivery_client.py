@@ -1,23 +1,24 @@
-"""SMTPDeliverer against a real SMTP peer outside tailpost (aiosmtpd) over loopback TCP."""
+"""SMTPDeliverer against a real SMTP peer outside tailpost (aiosmtpd) over loopback TCP, and its
+mapping of Twisted's client results to per-recipient outcomes."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from twisted.internet import defer
+from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.delivery.routing import Target, routed_target
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed
+from tests.fakes import DownstreamMX, Peer, closed_port, mx_target, start_peer
 
 SENDER = "carol@sender.test"
 A = "alice@example.com"
@@ -25,102 +26,13 @@ B = "bob@example.com"
 BODY = b"From: carol@sender.test\r\nTo: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
-@dataclass
-class Seen:
-    """One transaction as the peer saw it."""
-
-    sender: str
-    recipients: list[str]
-    data: bytes
-    tls: bool
-
-
-@dataclass
-class OldMX:
-    """An aiosmtpd handler: refuses some recipients at RCPT, answers DATA as told."""
-
-    refuse: dict[str, str] = field(default_factory=dict)
-    data_reply: str = "250 2.0.0 Message accepted for delivery"
-    seen: list[Seen] = field(default_factory=list)
-    port: int = 0
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
-    ) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        data = envelope.original_content
-        assert isinstance(data, bytes)
-        # STARTTLS sets the session's `ssl`; TLS from the first octet shows on the transport.
-        tls = session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None
-        self.seen.append(Seen(envelope.mail_from, list(envelope.rcpt_tos), data, tls))
-        return self.data_reply
-
-
-class _AnyPortController(Controller):
-    """aiosmtpd's Controller on an OS-chosen port (it needs the port to check readiness)."""
-
-    def _trigger_server(self) -> None:
-        server: Any = self.server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@dataclass
-class Peer:
-    handler: OldMX
-    controller: Controller
-
-    @property
-    def port(self) -> int:
-        return int(self.controller.port)
-
-
-def start_peer(
-    handler: OldMX, tls_context: ssl.SSLContext | None = None, *, implicit: bool = False
-) -> Peer:
-    """A peer on a free port: STARTTLS offered with `tls_context`, or (`implicit`) TLS
-    from the first octet with it, as on port 465."""
-    kwargs: dict[str, Any] = {}
-    if tls_context is not None and implicit:
-        kwargs.update(ssl_context=tls_context)
-    elif tls_context is not None:
-        kwargs.update(tls_context=tls_context, require_starttls=False)
-    controller = _AnyPortController(
-        handler, hostname="127.0.0.1", port=0, server_hostname="old-mx.test", **kwargs
-    )
-    controller.start()
-    handler.port = int(controller.port)
-    return Peer(handler, controller)
-
-
 @pytest.fixture
 def peer() -> Iterator[Peer]:
-    started = start_peer(OldMX())
+    started = start_peer(DownstreamMX())
     try:
         yield started
     finally:
         started.controller.stop()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def mx_target(*ports: int, starttls: bool = True) -> Target:
-    return Target(
-        kind="mx",
-        key="mx:example.com",
-        hosts=tuple(("127.0.0.1", p) for p in ports),
-        starttls=starttls,
-    )
 
 
 def deliver(in_reactor: Any, target: Target, data: bytes, rcpts: list[str]) -> dict[str, Outcome]:
@@ -190,7 +102,7 @@ def test_no_host_answering_is_temporary_and_not_connected(in_reactor: Any) -> No
 
 
 def test_550_at_rcpt_is_final_for_that_recipient_only(in_reactor: Any) -> None:
-    handler = OldMX(refuse={B: "550 5.1.1 <bob@example.com>: no such user"})
+    handler = DownstreamMX(refuse={B: "550 5.1.1 <bob@example.com>: no such user"})
     peer = start_peer(handler)
     try:
         outcomes = deliver(in_reactor, mx_target(peer.port), BODY, [A, B])
@@ -208,8 +120,8 @@ def test_550_at_rcpt_is_final_for_that_recipient_only(in_reactor: Any) -> None:
 @pytest.mark.parametrize("refuse_b", [False, True])
 def test_4xx_at_end_of_data_is_temporary_for_all(in_reactor: Any, refuse_b: bool) -> None:
     refuse = {B: "550 5.1.1 no such user"} if refuse_b else {}
-    handler = OldMX(refuse=refuse, data_reply="451 4.3.0 queue file write error")
-    second = start_peer(OldMX())
+    handler = DownstreamMX(refuse=refuse, data_reply="451 4.3.0 queue file write error")
+    second = start_peer(DownstreamMX())
     peer = start_peer(handler)
     try:
         outcomes = deliver(in_reactor, mx_target(peer.port, second.port), BODY, [A, B])
@@ -232,7 +144,7 @@ def test_starttls_is_used_when_the_server_offers_it(in_reactor: Any, tmp_path: P
     ensure_self_signed(cert, key, "old-mx.test")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    handler = OldMX()
+    handler = DownstreamMX()
     peer = start_peer(handler, context)
     try:
         outcomes = deliver(in_reactor, mx_target(peer.port), BODY, [A])
@@ -271,7 +183,7 @@ def upstream(*hosts: tuple[int, str]) -> Target:
 def test_an_upstream_host_in_tls_mode_gets_tls_from_the_first_octet(
     in_reactor: Any, tmp_path: Path
 ) -> None:
-    handler = OldMX()
+    handler = DownstreamMX()
     peer = start_peer(handler, server_context(tmp_path), implicit=True)
     try:
         outcomes = deliver(in_reactor, upstream((peer.port, "tls")), BODY, [A])
@@ -285,7 +197,7 @@ def test_an_upstream_host_in_tls_mode_gets_tls_from_the_first_octet(
 def test_an_upstream_host_in_none_mode_gets_no_starttls_even_if_offered(
     in_reactor: Any, tmp_path: Path
 ) -> None:
-    handler = OldMX()
+    handler = DownstreamMX()
     peer = start_peer(handler, server_context(tmp_path))
     try:
         plain = deliver(in_reactor, upstream((peer.port, "none")), BODY, [A])
@@ -299,7 +211,7 @@ def test_an_upstream_host_in_none_mode_gets_no_starttls_even_if_offered(
 def test_each_upstream_host_keeps_its_own_tls_mode(in_reactor: Any, tmp_path: Path) -> None:
     # The first host speaks plain SMTP but is listed with "tls": the handshake fails (a
     # temporary failure of that host), and the second, with STARTTLS, takes the message.
-    first, second = OldMX(), OldMX()
+    first, second = DownstreamMX(), DownstreamMX()
     plain = start_peer(first)
     secured = start_peer(second, server_context(tmp_path))
     try:
@@ -342,3 +254,70 @@ def test_a_failure_without_a_reply_gives_no_exception_text_to_its_outcome() -> N
     [outcome] = outcomes.values()
     assert (outcome.code, outcome.final, outcome.connected) == (451, False, False)
     assert outcome.text == "4.4.1 delivery to mx.example.test:25 failed"
+
+
+# -- SMTPDeliverer's mapping of Twisted's client results ------------------------------------
+
+WHERE = "mx.x.test:25"
+
+
+def test_accepted_result_maps_each_recipient() -> None:
+    outcomes = SMTPDeliverer._accepted(
+        (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")]), WHERE
+    )
+    assert outcomes == {
+        "a@x.test": Outcome(250, "2.1.5 OK", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
+    }
+    assert outcomes["a@x.test"].delivered and outcomes["b@x.test"].final
+    assert all(o.connected for o in outcomes.values())
+
+
+def test_connection_error_is_temporary_for_every_recipient() -> None:
+    outcomes = SMTPDeliverer._failed(
+        Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"], WHERE
+    )
+    assert set(outcomes) == {"a@x.test", "b@x.test"}
+    assert all(o.code == 451 and not o.final for o in outcomes.values())
+    assert all(not o.connected and o.host == WHERE for o in outcomes.values())
+
+
+def test_all_recipients_refused_keeps_their_codes() -> None:
+    err = SMTPDeliveryError(
+        550,
+        b"No recipients accepted",
+        b"",
+        [(b"a@x.test", 550, b"no"), (b"b@x.test", 452, b"full")],
+    )
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    assert outcomes == {
+        "a@x.test": Outcome(550, "no", WHERE),
+        "b@x.test": Outcome(452, "full", WHERE),
+    }
+
+
+@pytest.mark.parametrize("code", [451, 554])
+def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
+    # Twisted's client: RCPT accepted (250) for one, refused for the other, then the
+    # reply to the end of DATA is a refusal.
+    err = SMTPDeliveryError(
+        code,
+        b"end of data refused",
+        b"",
+        [(b"a@x.test", 250, b"2.1.5 OK"), (b"b@x.test", 550, b"5.1.1 unknown")],
+    )
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    assert outcomes == {
+        "a@x.test": Outcome(code, "end of data refused", WHERE),
+        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
+    }
+    assert not outcomes["a@x.test"].delivered
+
+
+def test_failure_before_the_transaction_is_temporary() -> None:
+    # e.g. AUTH refused (535) with no recipient tried: worth another try, never a bounce.
+    err = SMTPDeliveryError(535, b"5.7.8 bad credentials", b"")
+    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test"], WHERE)
+    assert outcomes["a@x.test"].code == 451
+    assert not outcomes["a@x.test"].final
+    assert not outcomes["a@x.test"].connected  # the next host may be tried

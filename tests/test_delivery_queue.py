@@ -8,32 +8,33 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.mail.smtp import SMTPDeliveryError
-from twisted.python.failure import Failure
 
-from edge.delivery.attempts import DNS_FAILED_REPLY
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import Outcome
 from edge.delivery.queue import INTAKE_WAIT, DeliveryQueue
 from edge.delivery.routing import Router, Target
-from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.dns.resolver import DNSResolver
 from edge.spool.scan import recoverable
 from edge.spool.spool import Envelope, Spool
 from edge.store import RecipientTarget
+from tests.fakes import (
+    Answer,
+    Call,
+    MXResolver,
+    RecordingSpool,
+    Script,
+    ScriptedDeliverer,
+    pending,
+    run_sync,
+)
 
 SCHEDULE = [60.0, 300.0, 900.0]
 BODY = b"Received: from x\r\nSubject: hello\r\n\r\nbody\r\n"
-
-
-def run_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    return defer.maybeDeferred(fn, *args, **kwargs)
 
 
 def device(address: str, device_id: str = "dev1", port: int = 2525) -> RecipientTarget:
@@ -64,80 +65,8 @@ def device_target(device_id: str = "dev1", port: int = 2525) -> Target:
     )
 
 
-class SenderMX:
-    """A resolver for Router: every domain's MX is mx.<domain>."""
-
-    def mx(self, name: str) -> list[tuple[int, str]]:
-        return [(10, f"mx.{name}")]
-
-    def addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-    def host_addresses(self, name: str) -> list[str]:
-        return ["192.0.2.25"]
-
-
-@dataclass
-class Call:
-    target: Target
-    sender: str
-    recipients: list[str]
-    data: bytes
-    result: defer.Deferred[dict[str, Outcome]]
-
-
-Reply = dict[str, Outcome] | BaseException | None
-
-
-@dataclass
-class FakeDeliverer:
-    """Records calls; `script(call)` answers at once, or None leaves the Deferred pending.
-
-    Deliveries to an MX (the DSNs) go to `dsn_calls` and are answered 250.
-    """
-
-    script: Callable[[Call], Reply] = lambda call: None
-    calls: list[Call] = field(default_factory=list)
-    dsn_calls: list[Call] = field(default_factory=list)
-
-    def deliver(
-        self,
-        target: Target,
-        sender: str,
-        recipients: list[str],
-        data: bytes,
-        *,
-        smtputf8: bool = False,
-    ) -> defer.Deferred[dict[str, Outcome]]:
-        call = Call(target, sender, list(recipients), data, defer.Deferred())
-        if target.kind == "mx":
-            self.dsn_calls.append(call)
-            call.result.callback(dict.fromkeys(recipients, Outcome(250, "2.0.0 Ok", "mx:25")))
-            return call.result
-        self.calls.append(call)
-        reply = self.script(call)
-        if isinstance(reply, BaseException):
-            call.result.errback(Failure(reply))
-        elif reply is not None:
-            call.result.callback(reply)
-        return call.result
-
-    def rcpts(self) -> list[list[str]]:
-        return [c.recipients for c in self.calls]
-
-
-def all_(code: int, text: str = "") -> Callable[[Call], Reply]:
+def all_(code: int, text: str = "") -> Script:
     return lambda call: dict.fromkeys(call.recipients, Outcome(code, text or f"{code} reply"))
-
-
-class RecordingSpool(Spool):
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.finished_log: list[tuple[str, dict[str, str]]] = []
-
-    def mark_finished(self, qid: str, outcomes: dict[str, str]) -> None:
-        self.finished_log.append((qid, dict(outcomes)))
-        super().mark_finished(qid, outcomes)
 
 
 class Harness:
@@ -145,13 +74,13 @@ class Harness:
         self,
         root: Path,
         targets: dict[str, RecipientTarget],
-        script: Callable[[Call], Reply] = lambda call: None,
+        script: Script = pending,
     ) -> None:
         self.clock = Clock()
         self.spool = RecordingSpool(root)
         self.targets = targets
-        self.deliverer = FakeDeliverer(script)
-        self.router = Router(self.targets.get, cast(DNSResolver, SenderMX()))
+        self.deliverer = ScriptedDeliverer(self.clock, script)
+        self.router = Router(self.targets.get, cast(DNSResolver, MXResolver()))
         self.queue = DeliveryQueue(
             self.spool,
             self.router.target,
@@ -334,7 +263,7 @@ def test_target_down_for_many_attempts_gets_the_message_once(tmp_path: Path) -> 
     up = {"now": False}
     stored: list[bytes] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         if not up["now"]:
             return ConnectionRefusedError("connection refused")
         stored.append(call.data)
@@ -364,7 +293,7 @@ def test_deliverer_exception_holds_the_message_with_the_reason(tmp_path: Path, h
     message is held with the reason (not retried, not waited behind), until released."""
     attempts: list[int] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         attempts.append(1)
         if len(attempts) == 1:
             if how == "raise":
@@ -396,7 +325,7 @@ def test_deliverer_exception_holds_the_message_with_the_reason(tmp_path: Path, h
 def test_deliverer_network_exception_is_a_temporary_failure(tmp_path: Path, how: str) -> None:
     attempts: list[int] = []
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         attempts.append(1)
         if len(attempts) == 1:
             if how == "raise":
@@ -440,7 +369,7 @@ def test_permanent_failure_is_final(tmp_path: Path) -> None:
 
 
 def test_bounce_is_recorded_in_the_log_while_others_are_pending(tmp_path: Path) -> None:
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         return {A: Outcome(552, "5.2.2 mailbox full"), B: Outcome(452, "4.2.2 try later")}
 
     h = Harness(tmp_path, {A: device(A), B: device(B)}, script)
@@ -488,7 +417,7 @@ def test_recipients_on_one_device_go_in_one_transaction(tmp_path: Path) -> None:
 def test_two_devices_one_fails_only_that_one_is_retried(tmp_path: Path) -> None:
     targets = {A: device(A, "d1", 2525), B: device(B, "d2", 2526)}
 
-    def script(call: Call) -> Reply:
+    def script(call: Call) -> Answer:
         if call.target.device_id == "d1":
             n = sum(1 for c in h.deliverer.calls if c.target.device_id == "d1")
             code = 421 if n == 1 else 250
@@ -581,175 +510,3 @@ def test_store_error_during_an_attempt_is_retried(tmp_path: Path) -> None:
 
     assert len(h.deliverer.calls) == 1
     assert env.qid not in h.spool.queued_ids()
-
-
-# -- SMTPDeliverer's mapping of Twisted's client results ------------------------------------
-
-WHERE = "mx.x.test:25"
-
-
-def test_accepted_result_maps_each_recipient() -> None:
-    outcomes = SMTPDeliverer._accepted(
-        (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")]), WHERE
-    )
-    assert outcomes == {
-        "a@x.test": Outcome(250, "2.1.5 OK", WHERE),
-        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
-    }
-    assert outcomes["a@x.test"].delivered and outcomes["b@x.test"].final
-    assert all(o.connected for o in outcomes.values())
-
-
-def test_connection_error_is_temporary_for_every_recipient() -> None:
-    outcomes = SMTPDeliverer._failed(
-        Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"], WHERE
-    )
-    assert set(outcomes) == {"a@x.test", "b@x.test"}
-    assert all(o.code == 451 and not o.final for o in outcomes.values())
-    assert all(not o.connected and o.host == WHERE for o in outcomes.values())
-
-
-def test_all_recipients_refused_keeps_their_codes() -> None:
-    err = SMTPDeliveryError(
-        550,
-        b"No recipients accepted",
-        b"",
-        [(b"a@x.test", 550, b"no"), (b"b@x.test", 452, b"full")],
-    )
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
-    assert outcomes == {
-        "a@x.test": Outcome(550, "no", WHERE),
-        "b@x.test": Outcome(452, "full", WHERE),
-    }
-
-
-@pytest.mark.parametrize("code", [451, 554])
-def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
-    # Twisted's client: RCPT accepted (250) for one, refused for the other, then the
-    # reply to the end of DATA is a refusal.
-    err = SMTPDeliveryError(
-        code,
-        b"end of data refused",
-        b"",
-        [(b"a@x.test", 250, b"2.1.5 OK"), (b"b@x.test", 550, b"5.1.1 unknown")],
-    )
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
-    assert outcomes == {
-        "a@x.test": Outcome(code, "end of data refused", WHERE),
-        "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
-    }
-    assert not outcomes["a@x.test"].delivered
-
-
-def test_failure_before_the_transaction_is_temporary() -> None:
-    # e.g. AUTH refused (535) with no recipient tried: worth another try, never a bounce.
-    err = SMTPDeliveryError(535, b"5.7.8 bad credentials", b"")
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test"], WHERE)
-    assert outcomes["a@x.test"].code == 451
-    assert not outcomes["a@x.test"].final
-    assert not outcomes["a@x.test"].connected  # the next host may be tried
-
-
-def offline(address: str) -> RecipientTarget:
-    """A device that has not told the edge where to reach it."""
-    found = device(address)
-    return RecipientTarget(**{**found.__dict__, "connector_smtp_addr": ""})
-
-
-def test_each_recipient_is_routed_once_per_attempt(tmp_path: Path) -> None:
-    h = Harness(tmp_path, {A: device(A), B: offline(B)}, all_(250))
-    asked: list[str] = []
-    route_soon = h.queue.route_soon
-
-    def counting(rcpt: str, kind: str) -> Any:
-        asked.append(rcpt)
-        return route_soon(rcpt, kind)
-
-    h.queue.route_soon = counting
-    env = h.accept([B, A])  # B's route is known unusable at once; A's is not
-    h.clock.advance(0)
-    assert sorted(asked) == [A, B]
-    [call] = h.deliverer.calls
-    assert call.recipients == [A]
-    assert h.queue.states[env.qid].last_errors[B].startswith("451 4.4.0")
-
-
-def test_mail_for_an_offline_device_is_deferred_at_once_then_delivered(tmp_path: Path) -> None:
-    events: list[tuple[str, str, str, str]] = []
-    h = Harness(tmp_path, {A: offline(A)}, all_(250, "2.0.0 Ok"))
-    h.queue.on_event = lambda *e: events.append(e)
-    attempts: list[str] = []
-    full_attempt = h.queue._attempt
-
-    def counted(qid: str, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(qid)
-        return full_attempt(qid, *args, **kwargs)
-
-    h.queue._attempt = counted  # type: ignore[method-assign]
-    env = h.accept([A])
-    h.clock.advance(0)
-    assert attempts == []  # decided at once, without the attempt's coroutine
-    assert h.deliverer.calls == [] and not h.queue.is_running(env.qid)
-    assert [e[2] for e in events] == ["accepted", "deferred"]
-    assert events[-1][3].startswith("451 4.4.0 device dev1 has no connector address")
-    state = h.queue.states[env.qid]
-    assert state.attempts == 1 and state.next_attempt == SCHEDULE[0]
-    assert state.last_errors[A].startswith("451 4.4.0")
-    h.clock.advance(SCHEDULE[0])  # still offline: deferred again, on the schedule
-    assert h.queue.states[env.qid].attempts == 2 and h.deliverer.calls == []
-    h.targets[A] = device(A)  # it came back
-    h.clock.advance(SCHEDULE[1])
-    assert h.deliverer.rcpts() == [[A]] and attempts == [env.qid]
-    assert h.spool.queued_ids() == []
-
-
-def test_an_offline_device_still_gets_the_delayed_report(tmp_path: Path) -> None:
-    h = Harness(tmp_path, {A: offline(A)})
-    h.queue.delay_warning = 100.0
-    env = h.accept([A])
-    h.clock.advance(0)
-    assert h.dsns_to(SENDER) == []
-    h.clock.advance(SCHEDULE[0] + SCHEDULE[1])  # the second retry is past the warning delay
-    (dsn,) = h.dsns_to(SENDER)
-    assert b"delayed" in dsn.data.lower()
-    assert h.spool.entry(env.qid).warned
-
-
-def test_many_waiting_messages_share_one_timer_and_keep_their_order(tmp_path: Path) -> None:
-    h = Harness(tmp_path, {A: offline(A), B: offline(B)}, all_(250, "2.0.0 Ok"))
-    first = [h.accept([A]) for _ in range(30)]
-    h.clock.advance(5)  # (the first attempts run at t=5)
-    later = [h.accept([B]) for _ in range(20)]
-    h.clock.advance(0)
-    # 50 messages wait for their retries; the reactor holds one timer for all of them.
-    timers = [c for c in h.clock.getDelayedCalls() if getattr(c, "func", None) == h.queue._ring]
-    assert len(timers) == 1 and timers[0].getTime() == 5 + SCHEDULE[0]
-    h.queue.unschedule(first[0].qid)
-    h.queue.schedule(later[-1].qid, 1.0)  # moved earlier than everything else
-    ring = [c for c in h.clock.getDelayedCalls() if getattr(c, "func", None) == h.queue._ring]
-    assert [c.getTime() for c in ring] == [6.0]
-    h.targets[A], h.targets[B] = device(A), device(B)
-    h.clock.advance(1)
-    assert h.deliverer.rcpts() == [[B]]
-    h.clock.advance(SCHEDULE[0])
-    # The rest, oldest first; the unscheduled one waits until something schedules it.
-    assert len(h.deliverer.calls) == 49
-    assert h.spool.queued_ids() == [first[0].qid]
-    order = [c.data.split(b"\r\n", 1)[0] for c in h.deliverer.calls[1:]]
-    expected = [b"X-Tailpost-Queue-ID: " + e.qid.encode() for e in first[1:] + later[:-1]]
-    assert order == expected
-
-
-def test_a_dns_failure_is_recorded_without_the_resolver_s_words(tmp_path: Path) -> None:
-    """The resolver's text (its servers, its timeouts) goes to the log, never into the
-    recorded reply that a "delayed" or "failed" report quotes to the sender."""
-    h = Harness(tmp_path, {})
-
-    def unreachable(rcpt: str, kind: str) -> Any:
-        raise DNSTemporaryError("All nameservers failed to answer: 10.0.0.53 port 53")
-
-    h.queue.route_soon = unreachable
-    env = h.accept([A])
-    h.clock.advance(0)
-    assert h.queue.states[env.qid].last_errors == {A: DNS_FAILED_REPLY}
-    assert "10.0.0.53" not in DNS_FAILED_REPLY

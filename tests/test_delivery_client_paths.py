@@ -18,13 +18,13 @@ from twisted.internet import defer
 from edge.delivery.client import Outcome, SMTPDeliverer
 from edge.smtp.address import parse_mail_from, parse_rcpt_to
 from edge.smtp.replies import SMTPReplyError
-from tests.test_smtpclient import OldMX, _AnyPortController, mx_target
+from tests.fakes import DownstreamMX, Peer, mx_target, start_peer
 
 ASCII_BODY = b"Subject: plain\r\n\r\nplain\r\n"
 
 
 @dataclass
-class Recorder(OldMX):
+class Recorder(DownstreamMX):
     """Also keeps each transaction's MAIL parameters; refuses MAIL as told."""
 
     mail_reply: str = ""
@@ -41,20 +41,8 @@ class Recorder(OldMX):
         return "250 2.1.0 OK"
 
 
-@dataclass
-class Peer:
-    handler: Recorder
-    controller: _AnyPortController
-
-    @property
-    def port(self) -> int:
-        return int(self.controller.port)
-
-
 def start(handler: Recorder, *, smtputf8: bool = True) -> Peer:
-    controller = _AnyPortController(handler, hostname="127.0.0.1", port=0, enable_SMTPUTF8=smtputf8)
-    controller.start()
-    return Peer(handler, controller)
+    return start_peer(handler, enable_SMTPUTF8=smtputf8)
 
 
 @pytest.fixture

@@ -1,0 +1,94 @@
+"""The relay listener's factory: the SMTP server with the relay's session policy.
+
+Built by the edge process (`edge.app.build_edge`) from the parts passed in: the store, the
+spool, the delivery queue's intake, the edge's TLS context, the signer and the process's
+`AuthThrottle`. Same limits as the MX (`edge.inbound.listener.smtp_limits`). Nothing here
+listens or starts anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import threads
+
+from edge.auththrottle import AuthThrottle
+from edge.checks import authserv_id
+from edge.config import Config
+from edge.inbound.listener import smtp_limits
+from edge.outbound.dkimsign import DkimSigner
+from edge.outbound.relaypolicy import (
+    RECEIVED_HEADERS_ADDED,
+    Relay,
+    RelayHandler,
+    Signer,
+    parse_networks,
+)
+from edge.smtp.factory import SMTPServerFactory
+from edge.spool.spool import Envelope, Spool, SpoolWriter
+from edge.store import Store
+from edge.store.access import AccessStore
+from edge.store.outbound import OutboundStore
+
+__all__ = ["AUTH_SERVICE", "build_relay_factory"]
+
+AUTH_SERVICE = "relay"
+"""The service named in the log line of a failed AUTH (`edge.auththrottle`)."""
+
+
+def build_relay_factory(
+    config: Config,
+    reactor: Any,
+    store: Store,
+    spool: Spool,
+    accepted: Callable[[Envelope], None],
+    tls: Any = None,
+    *,
+    signer: Signer | None = None,
+    throttle: AuthThrottle | None = None,
+) -> SMTPServerFactory:
+    """The protocol factory of the relay listener. `accepted` takes each committed message
+    (the delivery queue's intake); `signer` signs with the domains' keys in `store` unless
+    given; `throttle` is the process's delay on failed logins (one of the relay's own, from
+    `[auth]`, unless given)."""
+    outbound, access = OutboundStore(store), AccessStore(store)
+    if throttle is None:
+        a = config.auth
+        throttle = AuthThrottle(
+            reactor,
+            base_delay=a.failure_delay,
+            max_delay=a.failure_delay_max,
+            forget_after=a.failure_forget,
+            per_connection=a.failures_per_connection,
+            max_keys=a.tracked_keys,
+        )
+
+    def commit(writer: SpoolWriter, envelope: Envelope) -> Any:
+        return threads.deferToThread(spool.commit, writer, envelope)
+
+    relay = Relay(
+        authenticate=access.authenticate,
+        sender_account=outbound.sender_account,
+        record=outbound.record,
+        signer=signer if signer is not None else DkimSigner(access),
+        spool=spool,
+        commit=commit,
+        accepted=accepted,
+        hostname=config.fqdn,
+        authserv_id=authserv_id(config),
+        clock=reactor,
+        run_blocking=threads.deferToThread,
+        plaintext_networks=parse_networks(config.edge.relay_plaintext_networks),
+    )
+    limits = smtp_limits(config)
+    limits.own_received = RECEIVED_HEADERS_ADDED
+    return SMTPServerFactory(
+        lambda: RelayHandler(relay),
+        limits,
+        config.fqdn,
+        reactor,
+        tls,
+        auth_throttle=throttle,
+        auth_service=AUTH_SERVICE,
+    )

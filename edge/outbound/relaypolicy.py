@@ -1,0 +1,298 @@
+"""The relay's session policy: devices submit their outbound mail; the edge signs and queues it.
+
+A device authenticates with AUTH (PLAIN, and whatever other mechanism the SMTP server
+offers) as its device id, with its device key as the password: the key must be a live key
+of an authorized device (`edge.store.access.AccessStore.authenticate`) whose id is the user
+name. A failure goes through the server's shared `AuthThrottle`. Only a peer inside
+`[edge] relay_plaintext_networks` may authenticate without TLS; every other peer is offered
+AUTH only after STARTTLS (AUTH before it: 538 5.7.11, MAIL: 530 5.7.0). MAIL without AUTH
+is 530 5.7.0.
+
+At MAIL the sender must be an address the device's account owns
+(`edge.store.outbound.OutboundStore.sender_account`), checked again for every transaction
+(a device revoked meanwhile is refused); the null sender and everyone else's addresses are
+`553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
+line, header and loop limits as the MX.
+
+At the end of data, in a worker thread: the message's From and Sender header fields
+(`edge.outbound.authors`: exactly one From, at most one Sender, each read unambiguously or
+the message is `550 5.6.0`) must name only addresses the same account owns, by the same
+rule as the envelope sender (else `550 5.7.1`). The message (without the `X-Tailpost-*`
+headers and `Authentication-Results` of the edge's authserv-id it may have brought) is
+DKIM-signed for each domain of its From field (d= aligned with From, as DMARC wants), the
+edge's `Received:` header naming only the device ("from device <id>", never its address)
+goes on top, and the device is recorded as the message's sender; then the message is
+spooled as `kind = "outbound"` and only after the spool commit is `250 2.0.0 Queued as
+<QID>` sent and the message handed to the delivery queue. A domain whose active DKIM key
+cannot be used is `451 4.7.5` (logged): mail is never sent unsigned in its place. Signing
+and store work never run on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hmac
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from edge.checks import HeaderFilter
+from edge.outbound.authors import AuthorError, TooManyFrom, authors
+from edge.outbound.dkimsign import DkimSignError
+from edge.runtime.nowlater import then
+from edge.smtp import replies
+from edge.smtp.address import Path
+from edge.smtp.replies import Reply, SMTPReplyError
+from edge.smtp.session import Refusal, Session
+from edge.smtp.trace import header_text
+from edge.spool.spool import Envelope, Spool, SpoolWriter
+from edge.store import Device
+from edge.store.validate import split_address
+
+__all__ = [
+    "IPNetwork",
+    "Relay",
+    "RelayHandler",
+    "Signer",
+    "parse_networks",
+    "plaintext_allowed",
+    "relay_received",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+log = Logger()
+
+RECEIVED_HEADERS_ADDED = 1
+"""How many Received headers the relay adds (`relay_received`): loop detection counts it."""
+
+
+class Signer(Protocol):
+    """Makes the DKIM-Signature field(s) of a message for a domain (`edge.outbound.dkimsign`):
+    CRLF-terminated, to put on top of it; b"" when the domain has no active key. Blocking."""
+
+    def sign(self, data: bytes, domain: str) -> bytes: ...
+
+
+def parse_networks(values: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """The networks of `[edge] relay_plaintext_networks`; ValueError names a bad one."""
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def plaintext_allowed(host: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether a peer at `host` may authenticate without TLS: inside one of `networks` (an
+    IPv4-mapped IPv6 address counts as its IPv4 address). A name or garbage never is."""
+    try:
+        address = ipaddress.ip_address(host.strip().strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def relay_received(
+    device_id: str, hostname: str, protocol: str, qid: str, tls: str | None, now: float
+) -> bytes:
+    """The relay's trace header (RFC 5321 §4.4): the device by its id only, never its
+    address or EHLO name; the protocol of RFC 3848 and the TLS details."""
+    lines = [
+        f"Received: from device {header_text(device_id)}",
+        f"\tby {header_text(hostname)} (tailpost) with {protocol} id {header_text(qid)}",
+    ]
+    if tls:
+        lines.append(f"\t(using {header_text(tls)})")
+    lines[-1] += f"; {email.utils.formatdate(int(now), localtime=True)}"
+    return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
+
+
+@dataclass
+class Relay:
+    """What every relay session shares: the store lookups, the signer, the spool."""
+
+    authenticate: Callable[[str], Device | None]
+    """A device key's authorized device, or None (blocking)."""
+    sender_account: Callable[[str, str], str | None]
+    """The device's account if it owns the address, else None (blocking)."""
+    record: Callable[[str, str, str, str, datetime], None]
+    """Remember (queue id, device id, account id, sender, when) (blocking)."""
+    signer: Signer
+    spool: Spool
+    commit: Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
+    accepted: Callable[[Envelope], None]
+    hostname: str
+    authserv_id: str
+    clock: Any
+    run_blocking: Callable[..., defer.Deferred[Any]]
+    plaintext_networks: Sequence[IPNetwork] = ()
+
+
+class RelaySink:
+    """The MessageSink of one relay transaction: filter, then check the author fields, sign,
+    record and spool."""
+
+    def __init__(
+        self, relay: Relay, writer: SpoolWriter, envelope: Envelope, received: bytes
+    ) -> None:
+        self.relay = relay
+        self.writer = writer
+        self.envelope = envelope
+        self.received = received
+        self.filter = HeaderFilter(relay.authserv_id)
+
+    def write(self, chunk: bytes) -> None:
+        for line in self.filter.feed(chunk):
+            self.writer.write(line)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def finish(self) -> defer.Deferred[Reply]:
+        for line in self.filter.finish():
+            self.writer.write(line)
+        d = self.relay.run_blocking(self._prepare)
+        d.addCallback(lambda _: self.relay.commit(self.writer, self.envelope))
+        return d.addCallback(self._committed)
+
+    def _prepare(self) -> None:
+        """In a worker thread: check the author fields, sign for the From domains, put the
+        edge's headers on top, record the device."""
+        relay, env = self.relay, self.envelope
+        data = self.writer.data()
+        domains = self._from_domains(data)
+        try:
+            signature = b"".join(relay.signer.sign(data, domain) for domain in domains)
+        except DkimSignError as exc:
+            log.error(
+                "relay {qid}: not relayed, DKIM key unusable: {reason}", qid=env.qid, reason=exc
+            )
+            raise SMTPReplyError(replies.S451_DKIM_KEY_UNUSABLE, str(exc)) from None
+        self.writer.put_on_top(signature + self.received)
+        at = datetime.fromtimestamp(env.received_at, UTC)
+        relay.record(env.qid, env.extra["device_id"], env.extra["account_id"], env.sender, at)
+
+    def _from_domains(self, data: bytes) -> list[str]:
+        """The domains of the From addresses, in order, once each, after checking that the
+        envelope's account owns every From and Sender address (blocking)."""
+        env = self.envelope
+        device, account = env.extra["device_id"], env.extra["account_id"]
+        try:
+            found = authors(data)
+        except TooManyFrom as exc:
+            raise SMTPReplyError(replies.S550_TWO_FROM, f"device {device}: {exc}") from None
+        except AuthorError as exc:
+            reply = replies.S550_FROM_INVALID
+            if exc.field == "Sender":
+                reply = replies.S550_SENDER_FIELD_INVALID
+            raise SMTPReplyError(reply, f"device {device}: {exc}") from None
+        checks = [("From", a, replies.S550_FROM_NOT_OWNED) for a in found.from_]
+        if found.sender is not None:
+            checks.append(("Sender", found.sender, replies.S550_SENDER_FIELD_NOT_OWNED))
+        domains: dict[str, None] = {}
+        for field, address, refusal in checks:
+            parts = split_address(address)
+            if parts is None or self.relay.sender_account(device, address) != account:
+                why = f"device {device} may not put {address} in the {field} header"
+                raise SMTPReplyError(refusal, why)
+            if field == "From":
+                domains[parts[1]] = None
+        return list(domains)
+
+    def _committed(self, _: object) -> Reply:
+        env = self.envelope
+        self.relay.accepted(env)
+        log.info(
+            "relay {qid}: device {device} from <{sender}> to {n} recipient(s)",
+            qid=env.qid,
+            device=env.extra["device_id"],
+            sender=env.sender,
+            n=len(env.recipients),
+        )
+        return replies.S250_QUEUED.with_text(f"Queued as {env.qid}")
+
+
+class RelayHandler:
+    """Policy of one connection from a device."""
+
+    auth_offered = True
+    auth_required = True
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.device: Device | None = None
+        self.account: str | None = None
+        """The account that owns the current transaction's sender."""
+
+    def connect(self, session: Session) -> None:
+        session.auth_needs_tls = not plaintext_allowed(
+            session.peer_host, self.relay.plaintext_networks
+        )
+
+    def authenticate(self, session: Session, username: str, password: str) -> defer.Deferred[bool]:
+        """True (now or later) when `password` is the live key of the authorized device
+        whose id is `username`."""
+        self.device = None
+        d = self.relay.run_blocking(self.relay.authenticate, password)
+        return d.addCallback(self._authenticated, username)
+
+    def _authenticated(self, device: Device | None, username: str) -> bool:
+        if device is None or not hmac.compare_digest(device.id.encode(), username.encode()):
+            return False
+        self.device = device
+        return True
+
+    def _device(self, session: Session) -> Device:
+        device = self.device
+        if device is None or session.authenticated_as != device.id:
+            raise SMTPReplyError(replies.S530_AUTH_REQUIRED, "no device authenticated")
+        return device
+
+    def mail_from(self, session: Session, sender: Path) -> Refusal:
+        """None once the device's account is found to own the sender (later: a Deferred);
+        553 5.7.1 otherwise."""
+        device = self._device(session)
+        self.account = None
+        if not sender.address:
+            raise SMTPReplyError(
+                replies.S553_SENDER_NOT_OWNED, f"device {device.id}: the null sender"
+            )
+        found: defer.Deferred[str | None] = self.relay.run_blocking(
+            self.relay.sender_account, device.id, sender.address
+        )
+        return then(found, self._owned, device, sender)
+
+    def _owned(self, account: str | None, device: Device, sender: Path) -> Reply | None:
+        if account is None:
+            why = f"device {device.id} may not send as {sender.address}"
+            raise SMTPReplyError(replies.S553_SENDER_NOT_OWNED, why)
+        self.account = account
+        return None
+
+    def rcpt_to(self, session: Session, recipient: Path) -> None:
+        self._device(session)
+
+    def data(self, session: Session) -> RelaySink:
+        device = self._device(session)
+        assert session.sender is not None and self.account is not None
+        relay = self.relay
+        now = relay.clock.seconds()
+        writer = relay.spool.writer()
+        protocol = ("ESMTP" if session.esmtp else "SMTP") + ("SA" if session.tls else "A")
+        received = relay_received(device.id, relay.hostname, protocol, writer.qid, session.tls, now)
+        envelope = Envelope(
+            qid=writer.qid,
+            sender=session.sender.address,
+            recipients=list(dict.fromkeys(r.address for r in session.recipients)),
+            received_at=now,
+            client_ip=session.peer_host,
+            helo=session.helo or "",
+            kind="outbound",
+            extra={"device_id": device.id, "account_id": self.account},
+            smtputf8="SMTPUTF8" in session.sender.params,
+        )
+        return RelaySink(relay, writer, envelope, received)
