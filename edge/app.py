@@ -17,8 +17,10 @@ from twisted.internet import defer, threads
 
 from edge.checks import sealer_for
 from edge.config import Config
+from edge.delivery.bouncematch import BounceMatching
 from edge.delivery.client import DelivererService, SMTPDeliverer
 from edge.delivery.eventlog import EventRecorder
+from edge.delivery.mtasts import build_mta_sts
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import Router, recipient_resolver, route_soon
@@ -101,19 +103,26 @@ def build_edge(
     )
     use_configured_names(reactor, resolver)
     lookups = CachedLookups(store)
-    router = Router(recipient_resolver(lookups, config), resolver, config.edge.mx_delivery_port)
-    recorder = EventRecorder(DeliveryEvents(store), reactor)
+    router = Router(
+        recipient_resolver(lookups, config),
+        resolver,
+        config.edge.mx_delivery_port,
+        build_mta_sts(config, resolver),
+    )
+    events = DeliveryEvents(store)
+    recorder = EventRecorder(events, reactor)
     deliverer = SMTPDeliverer(
         reactor,
         hostname,
         config.edge.delivery_timeout,
         max_connections=config.edge.delivery_connections,
         sealer=sealer_for(config),
+        ca_file=config.edge.tls_ca_file,
     )
     queue = DeliveryQueue(
         spool,
         router.target,
-        deliverer,
+        BounceMatching(deliverer, events, recorder.add, threads.deferToThread, router.resolve),
         reactor,
         config.edge.retry_schedule,
         lifetime=config.edge.queue_lifetime,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -67,6 +68,12 @@ class EdgeConfig:
     queue_lifetime: float = 5 * 86400.0
     delay_warning: float = 4 * 3600.0
     mx_delivery_port: int = 25
+    # MTA-STS (RFC 8461) on delivery to a domain's MX hosts, its policies fetched over HTTPS
+    # on mta_sts_port; MX and policy certificates are checked against tls_ca_file (PEM), or
+    # the system's CA roots when it is empty.
+    mta_sts: bool = True
+    mta_sts_port: int = 443
+    tls_ca_file: str = ""
     mx_proxy_protocol: bool = False
     mx_proxy_trusted: list[str] = field(default_factory=lambda: ["127.0.0.1/32"])
     mx_proxy_timeout: float = 10.0
@@ -357,6 +364,10 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
             f"edge.postmaster must be an address like ops@example.org, not "
             f"{config.edge.postmaster!r}"
         )
+    if not 1 <= config.edge.mta_sts_port <= 65535:
+        raise ConfigError("edge.mta_sts_port must be a port number, 1 to 65535")
+    if config.edge.tls_ca_file and not os.access(config.edge.tls_ca_file, os.R_OK):
+        raise ConfigError(f"edge.tls_ca_file {config.edge.tls_ca_file!r} cannot be read")
     if not config.edge.retry_schedule:
         raise ConfigError("edge.retry_schedule must not be empty")
     _check_listener_limits(config)

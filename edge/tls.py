@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
@@ -131,3 +133,55 @@ class PinnedClientTLS:
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         return SSL.Connection(context, None)
+
+
+# -- the MX hop's certificate check (MTA-STS) ---------------------------------------------------
+
+_VERIFY_ERRORS = {
+    10: "the certificate has expired",
+    18: "the certificate is self-signed",
+    19: "a self-signed certificate is in the chain",
+    20: "the issuer is not a trusted CA",
+    21: "the issuer is not a trusted CA",
+}
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifyingClientTLS:
+    """A client TLS context that checks the server's certificate: its chain against the CA
+    roots (`ca_file`, or the system's when empty) and its names against `hostname` (RFC 6125,
+    with `service_identity`), sending `hostname` as SNI.
+
+    `strict`: a certificate that does not verify fails the handshake (MTA-STS `enforce`);
+    otherwise the handshake goes on and `problem` says what was wrong (`testing`). One per
+    connection: `problem` is the first thing found wrong with this peer's certificate."""
+
+    def __init__(self, hostname: str, ca_file: str = "", *, strict: bool = True) -> None:
+        self.hostname = hostname.lower().rstrip(".")
+        self.ca_file = ca_file
+        self.strict = strict
+        self.problem = ""
+
+    def _verify(self, conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        if not ok and not self.problem:
+            why = _VERIFY_ERRORS.get(errno, f"verification error {errno}")
+            self.problem = f"certificate not trusted: {why} (depth {depth})"
+        if depth == 0 and not self.problem:
+            try:
+                verify_certificate_hostname(cert.to_cryptography(), self.hostname)
+            except (VerificationError, CertificateError, ValueError):
+                self.problem = f"certificate not valid for {self.hostname}"
+        return not (self.strict and self.problem)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        if self.ca_file:
+            context.load_verify_locations(self.ca_file)
+        else:
+            context.set_default_verify_paths()
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        connection = SSL.Connection(context, None)
+        connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection

@@ -28,7 +28,8 @@ def _record(rdtype: str, value: Any, ttl: int) -> Any:
         return dns.Record_AAAA(value, ttl=ttl)
     if rdtype == "MX":
         pref, host = value
-        return dns.Record_MX(pref, host.encode(), ttl=ttl)
+        # "." is the root name, encoded empty (a null MX, RFC 7505).
+        return dns.Record_MX(pref, host.rstrip(".").encode(), ttl=ttl)
     if rdtype == "TXT":
         data = value.encode() if isinstance(value, str) else value
         chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]

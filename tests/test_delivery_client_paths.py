@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -59,11 +59,12 @@ def deliver(
     rcpts: list[str],
     data: bytes,
     smtputf8: bool = False,
+    kind: str = "mx",
 ) -> dict[str, Outcome]:
     deliverer = SMTPDeliverer(in_reactor.reactor, "edge.test", timeout=10)
 
     def run() -> defer.Deferred[dict[str, Outcome]]:
-        target = mx_target(port)
+        target = replace(mx_target(port), kind=kind)
         return defer.ensureDeferred(
             deliverer.deliver(target, sender, rcpts, data, smtputf8=smtputf8)
         )
@@ -119,13 +120,18 @@ def test_utf8_header_fields_of_a_smtputf8_message_need_it(in_reactor: Any) -> No
     without = start(Recorder(), smtputf8=False)
     try:
         outcomes = deliver(in_reactor, without.port, "a@b.test", ["c@d.test"], data, True)
-        # A legacy 8-bit message (not sent with SMTPUTF8) goes on as it came.
-        legacy = deliver(in_reactor, without.port, "a@b.test", ["c@d.test"], data, False)
+        # A legacy 8-bit message (not sent with SMTPUTF8) goes on as it came, to an old MX;
+        # to an MX (outbound mail) its UTF-8 header section needs SMTPUTF8 all the same.
+        legacy = deliver(
+            in_reactor, without.port, "a@b.test", ["c@d.test"], data, False, "upstream"
+        )
+        outbound = deliver(in_reactor, without.port, "a@b.test", ["c@d.test"], data, False)
     finally:
         without.controller.stop()
     assert outcomes["c@d.test"].code == 553 and outcomes["c@d.test"].final
     assert outcomes["c@d.test"].text.startswith("5.6.7 ")
     assert legacy["c@d.test"].delivered
+    assert outbound["c@d.test"].code == 553 and outbound["c@d.test"].text.startswith("5.6.7 ")
     assert [s.data for s in without.handler.seen] == [data]
     assert without.handler.options == [["BODY=8BITMIME"]]  # only the legacy one was sent
 

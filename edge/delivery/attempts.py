@@ -21,6 +21,7 @@ from edge.delivery.dsn import RecipientStatus
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.smtp import replies
+from edge.spool.spool import Envelope
 
 
 class Deliverer(Protocol):
@@ -32,7 +33,14 @@ class Deliverer(Protocol):
         data: bytes,
         *,
         smtputf8: bool = False,
+        envid: str = "",
     ) -> Any: ...
+
+
+def dsn_of(envelope: Envelope, target: Target) -> dict[str, str]:
+    """What a delivery asks of the receiver's DSN extension: reports naming the queue id,
+    for a device's outbound mail to an MX (`edge.delivery.bouncematch` matches them back)."""
+    return {"envid": envelope.qid} if envelope.kind == "outbound" and target.kind == "mx" else {}
 
 
 _FAULTS = (

@@ -11,15 +11,21 @@ arrival order only while the device cannot be reached this way.
 
 The paths go out exactly as the MX received them (`<` + path + `>`, UTF-8), never parsed
 again: whatever the MX's parser took, this sends. A message needs SMTPUTF8 (RFC 6531) when
-its paths are not ASCII, or when it came with SMTPUTF8 and its header section is not ASCII
-(a legacy 8-bit message that came without it goes on as it came); one that came with it
-asks for it wherever offered. A server without it gets no transaction for a message that
-needs it: the recipients fail permanently with 553 5.6.7 (section 3.4), unless another
-host of the target takes it. `BODY=8BITMIME` goes with 8-bit data where the server offers 8BITMIME;
-to one that does not, the data still goes unchanged (converting it would change the
-message, and a server that refuses it says so with a reply that stands).
+its paths are not ASCII, or when its header section is not ASCII and it came with SMTPUTF8
+or goes to an MX (a legacy 8-bit message goes to a device or an old MX as it came); one that
+came with it asks for it wherever offered. A server without it gets no transaction for a
+message that needs it: 553 5.6.7 (section 3.4), unless another host of the target takes it.
+`BODY=8BITMIME` goes with 8-bit data where offered; to an MX without it the data is not sent
+(554 5.6.3, unless another host takes it: RFC 6152 §3 says convert or return, and converting
+would break the DKIM signature), to a device or an old MX it goes unchanged. Where the server
+offers DSN (RFC 3461), a delivery with an `envid` asks for failure and delay reports under
+it (`RET=HDRS ENVID=`, `NOTIFY=FAILURE,DELAY ORCPT=`), so they can be matched back.
 Each host is reached in its target's TLS mode for it (`Target.tls_for`): STARTTLS when
 offered, TLS from the first octet (a split domain's old MX on port 465), or plain SMTP.
+An MX under an MTA-STS policy (`Target.tls_verify`) has its certificate checked against the
+configured CA roots and its name: in `enforce` mode a host without STARTTLS or with a
+certificate that does not verify gets no transaction (temporary, never plain text); in
+`testing` mode that is logged and noted after the reply, and the mail goes.
 A device target with a pin (`Target.tls_pin`, learned when the device registered) is
 reached with STARTTLS required and the connector's key checked against the pin during the
 handshake (`edge.tls.PinnedClientTLS`): a connector that does not offer STARTTLS, or
@@ -85,10 +91,12 @@ from edge.delivery.clientsession import (
     ClientTransaction,
     LocalFailure,
     MailRefused,
+    Needs8BitMIME,
     NeedsSMTPUTF8,
     SessionDefect,
     SessionFactory,
 )
+from edge.delivery.mtasts import checked_tls, sts_failure, tls_note, tls_noted
 from edge.delivery.routing import Target
 from edge.smtp import replies
 from edge.spool.spool import QUEUE_ID_HEADER
@@ -102,8 +110,9 @@ DEFAULT_MAX_CONNECTIONS = 4
 DEFAULT_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_TRANSACTIONS = 100
 
-# host, port, username, secret, TLS mode, pin: sessions are never shared across keys.
-PoolKey = tuple[str, int, str | None, str | None, str, str | None]
+# host, port, username, secret, TLS mode, pin, certificate check ("" or "mode:name"):
+# sessions are never shared across keys.
+PoolKey = tuple[str, int, str | None, str | None, str, str | None, str]
 
 SEALED_KINDS = ("device", "upstream")
 """The targets a message goes to with the edge's ARC set: those it forwards inbound mail to."""
@@ -147,17 +156,33 @@ class Needs:
     utf8_needed: bool
     utf8_wanted: bool
     eight_bit: bool
+    strict_8bit: bool = False
+    """8BITMIME or nothing for 8-bit data: set for an MX (`Target.kind` "mx")."""
+    envid: str = ""
+    """Where the server offers DSN (RFC 3461): the ENVID its reports are to name."""
 
     @classmethod
-    def of(cls, sender: str, recipients: list[str], data: bytes, smtputf8: bool) -> Needs:
+    def of(
+        cls,
+        sender: str,
+        recipients: list[str],
+        data: bytes,
+        smtputf8: bool,
+        strict: bool = False,
+        envid: str = "",
+    ) -> Needs:
+        """`strict` for an MX: a non-ASCII header section needs SMTPUTF8 whatever the
+        message came with, and 8-bit data needs 8BITMIME."""
         paths = sender.isascii() and all(r.isascii() for r in recipients)
         ascii_data = data.isascii()
         head_end = data.find(b"\r\n\r\n")
         ascii_head = ascii_data or data[: head_end if head_end >= 0 else len(data)].isascii()
         return cls(
-            utf8_needed=not paths or (smtputf8 and not ascii_head),
+            utf8_needed=not paths or ((smtputf8 or strict) and not ascii_head),
             utf8_wanted=smtputf8,
             eight_bit=not ascii_data,
+            strict_8bit=strict,
+            envid=envid,
         )
 
 
@@ -211,6 +236,9 @@ class _Pool:
         host, port, tls, pin = self.key[0], self.key[1], self.key[4], self.key[5]
         pinned = PinnedClientTLS(pin) if pin is not None else None
         context: Any = pinned
+        checked = checked_tls(self.key[6], owner.ca_file)
+        if checked is not None and tls == "starttls":
+            context = checked
         if context is None and tls == "starttls":
             context = ssl.CertificateOptions()
         session = ClientSession(
@@ -221,8 +249,9 @@ class _Pool:
             owner.timeout,
             owner.clock,
             require_auth=target.username is not None,
-            require_tls=pinned is not None,
+            require_tls=pinned is not None or (checked is not None and checked.strict),
         )
+        session.checked = checked
         session.counted = True
         self.open += 1
         session.on_lost = self._lost
@@ -234,9 +263,13 @@ class _Pool:
             tcp: IReactorTCP = owner.reactor
             tcp.connectTCP(host, port, SessionFactory(session), timeout=owner.timeout)
         try:
-            return await session.ready
+            ready = await session.ready
+            tls_noted(ready, target.where(host, port))
+            return ready
         except Exception as exc:
             said = exc if pinned is None else _pin_failure(exc, pinned, target.where(host, port))
+            if checked is not None and checked.strict:
+                said = sts_failure(exc, checked, target.where(host, port))
             session.close()  # (only does something when this wait was cancelled)
             self._forget(session)
             if self.open == 0 and self.waiters:
@@ -379,7 +412,10 @@ class SMTPDeliverer:
         clock: IReactorTime | None = None,
         sealer: ARCSealer | None = None,
         run_blocking: Callable[..., defer.Deferred[Any]] = threads.deferToThread,
+        ca_file: str = "",
     ) -> None:
+        """`ca_file`: the CA roots MX certificates are checked against under MTA-STS (PEM;
+        "" for the system's)."""
         if max_connections < 1 or max_transactions < 1:
             raise ValueError("max_connections and max_transactions must be at least 1")
         self.reactor = reactor
@@ -391,6 +427,7 @@ class SMTPDeliverer:
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.sealer = sealer
         self.run_blocking = run_blocking  # for the ARC seal (CPU-heavy)
+        self.ca_file = ca_file
         self.closing = False
         self._pools: dict[PoolKey, _Pool] = {}
 
@@ -402,11 +439,14 @@ class SMTPDeliverer:
         data: bytes,
         *,
         smtputf8: bool = False,
+        envid: str = "",
     ) -> dict[str, Outcome]:
         """Send `data` from `sender` to `recipients`; `smtputf8`: the message came with
-        SMTPUTF8. An outcome per recipient; an exception only for a defect of ours."""
+        SMTPUTF8; `envid`: the envelope id that reports of the receiver (RFC 3461) name,
+        asked for where DSN is offered. An outcome per recipient; an exception only for a
+        defect of ours."""
         paths = (wire_path(sender), [wire_path(r) for r in recipients])
-        needs = Needs.of(sender, recipients, data, smtputf8)
+        needs = Needs.of(sender, recipients, data, smtputf8, target.kind == "mx", envid)
         stuffed = _DOT_AT_LINE_START.sub(b"..", data)
         prepare = None
         if self.sealer is not None and target.kind in SEALED_KINDS:
@@ -441,7 +481,8 @@ class SMTPDeliverer:
     @staticmethod
     def _key(target: Target, host: str, port: int) -> PoolKey:
         tls = target.tls_for(host, port)
-        return (host.lower(), port, target.username, target.secret, tls, target.tls_pin)
+        checked = f"{target.tls_verify}:{target.name_of(host, port)}" if target.tls_verify else ""
+        return (host.lower(), port, target.username, target.secret, tls, target.tls_pin, checked)
 
     def _pool(self, target: Target, host: str, port: int) -> _Pool:
         key = self._key(target, host, port)
@@ -480,6 +521,8 @@ class SMTPDeliverer:
                 needs.utf8_wanted,
                 needs.eight_bit,
                 prepare,
+                strict_8bit=needs.strict_8bit,
+                envid=needs.envid.encode("ascii", "replace"),
             )
             try:
                 session.send(tx)
@@ -488,7 +531,7 @@ class SMTPDeliverer:
                 pool.release(session)
             if result.error is None:
                 assert result.accepted is not None
-                return self._accepted(result.accepted, where)
+                return self._accepted(result.accepted, where, tls_note(session))
             if isinstance(result.error, SessionDefect):
                 result.error.failure.raiseException()  # a defect of ours, not the host's
             if result.dead and reused and attempt == 0:
@@ -503,19 +546,22 @@ class SMTPDeliverer:
 
     @staticmethod
     def _accepted(
-        result: tuple[int, list[tuple[bytes, int, bytes]]], where: str
+        result: tuple[int, list[tuple[bytes, int, bytes]]], where: str, note: str = ""
     ) -> dict[str, Outcome]:
         _num_ok, addresses = result
         return {
-            _addr(addr): Outcome(code, resp.decode("utf-8", "replace"), where)
+            _addr(addr): Outcome(code, resp.decode("utf-8", "replace") + note, where)
             for addr, code, resp in addresses
         }
 
     @staticmethod
     def _failed(failure: Any, recipients: list[str], where: str) -> dict[str, Outcome]:
         err = failure.value
-        if isinstance(err, NeedsSMTPUTF8):
-            reply = replies.D553_NO_SMTPUTF8.format(where=where)
+        if isinstance(err, (NeedsSMTPUTF8, Needs8BitMIME)):
+            if isinstance(err, Needs8BitMIME):
+                reply = replies.D554_NO_8BITMIME.format(where=where)
+            else:
+                reply = replies.D553_NO_SMTPUTF8.format(where=where)
             # Final, yet not this host's word on the message: another host may take it.
             return dict.fromkeys(recipients, Outcome(reply.code, reply.detail, where, False))
         addresses: Any = getattr(err, "addresses", None)

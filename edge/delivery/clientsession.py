@@ -12,7 +12,9 @@ MAIL command carries `SMTPUTF8` when the transaction needs it (RFC 6531: UTF-8 p
 header fields) or asks for it and the server offers it, and `BODY=8BITMIME` for 8-bit data
 when the server offers 8BITMIME (RFC 6152). A transaction that needs SMTPUTF8 from a server
 that does not offer it is never started: it ends with `NeedsSMTPUTF8`, the session stays
-usable. An exception raised by this session's own code while it handles a reply ends the
+usable; so does one whose 8-bit data must have 8BITMIME (`Needs8BitMIME`). With an envelope
+id and a server that offers DSN (RFC 3461), MAIL asks for the headers only in reports, under
+that id, and each RCPT for reports of failure and delay, with the original recipient. An exception raised by this session's own code while it handles a reply ends the
 transaction with `SessionDefect`, never with an error that looks like the network's.
 
 A session must never start a transaction while another is unfinished, and never log the
@@ -54,6 +56,7 @@ from edge.smtp.replies import (
     D451_TLS_FAILED,
     Reply,
 )
+from edge.tls import VerifyingClientTLS
 
 log = Logger()
 
@@ -85,6 +88,10 @@ class LocalFailure(SMTPClientError):
         self.reply = reply
         self.detail = detail
         self.values = values
+
+
+class Needs8BitMIME(SMTPClientError):
+    """The transaction's 8-bit data needs 8BITMIME, not offered: nothing was sent."""
 
 
 class SessionDefect(Exception):
@@ -125,6 +132,8 @@ class ClientTransaction:
     # replaces `data`. It must not fail.
     prepare: Callable[[], defer.Deferred[bytes]] | None = None
     prepared: defer.Deferred[bytes] | None = None
+    strict_8bit: bool = False  # 8-bit data: BODY=8BITMIME or nothing (an MX)
+    envid: bytes = b""  # where DSN is offered: RET=HDRS ENVID=, NOTIFY= and ORCPT= per RCPT
     data_ready: bool = True  # False while `prepare` is under way
     go_ahead: bool = False  # the 354 to DATA came
     pending: list[bytes] = field(default_factory=list)
@@ -178,6 +187,7 @@ class ClientSession(ESMTPClient):
         self.idle_timer: IDelayedCall | None = None
         self.on_lost: Callable[[ClientSession], None] | None = None
         self.extensions: frozenset[bytes] = frozenset()  # EHLO keywords, upper case
+        self.checked: VerifyingClientTLS | None = None  # the check of an MTA-STS policy
 
     def callLater(self, period: float, func: Callable[[], Any]) -> IDelayedCall:
         # TimeoutMixin's timer, on the injected clock.
@@ -297,6 +307,11 @@ class ClientSession(ESMTPClient):
                 return
         if tx.eight_bit and b"8BITMIME" in self.extensions:
             line += b" BODY=8BITMIME"
+        elif tx.eight_bit and tx.strict_8bit:
+            self._finish(Result(error=Needs8BitMIME(554, b"8BITMIME not offered")))
+            return
+        if tx.envid and b"DSN" in self.extensions:
+            line += b" RET=HDRS ENVID=" + xtext(tx.envid)
         # From here until the reply to the end of data, a failure leaves a transaction open.
         self.needs_rset = True
         self._command(line, [250], self._mail_ok, self._mail_refused)
@@ -317,7 +332,12 @@ class ClientSession(ESMTPClient):
         if tx.pending:
             tx.current = tx.pending.pop(0)
             reply = self._rcpt_reply
-            self._command(b"RCPT TO:" + tx.current, _ANY_REPLY, reply, reply)
+            line = b"RCPT TO:" + tx.current
+            if tx.envid and b"DSN" in self.extensions:
+                line += b" NOTIFY=FAILURE,DELAY"
+                if tx.current.isascii():  # (a UTF-8 ORCPT needs RFC 6533's form)
+                    line += b" ORCPT=rfc822;" + xtext(tx.current[1:-1])
+            self._command(line, _ANY_REPLY, reply, reply)
         elif any(code in SUCCESS for _addr, code, _resp in tx.replies):
             if tx.prepare is not None and tx.prepared is None:
                 # Made while the DATA command is under way; waited for before the data goes.
@@ -513,6 +533,13 @@ class SessionFactory(protocol.ClientFactory):
             session.ready.errback(Failure(LocalFailure(D451_NO_CONNECTION, detail)))
             if not session.closed.called:
                 session.closed.callback(None)
+
+
+def xtext(value: bytes) -> bytes:
+    """`value` in RFC 3461's xtext: "+", "=" and octets outside "!" to "~" as "+XX"."""
+    return b"".join(
+        bytes([c]) if 33 <= c <= 126 and c not in b"+=" else b"+%02X" % c for c in value
+    )
 
 
 def _no_delay(transport: Any) -> None:

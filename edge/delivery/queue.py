@@ -39,6 +39,7 @@ from edge.delivery.attempts import (
     Deliverer,
     MessageState,
     defect_reason,
+    dsn_of,
     is_passing_fault,
     recipient_status,
 )
@@ -434,7 +435,7 @@ class DeliveryQueue:
                 data = QUEUE_ID_HEADER + b": " + qid.encode() + b"\r\n" + raw
             try:
                 outcomes: dict[str, Outcome] = await self.deliverer.deliver(
-                    target, env.sender, rcpts, data, smtputf8=env.smtputf8
+                    target, env.sender, rcpts, data, smtputf8=env.smtputf8, **dsn_of(env, target)
                 )
             except Exception as exc:  # one message's failure must not stop the queue
                 log.failure("queue: delivering {qid} failed", qid=qid)

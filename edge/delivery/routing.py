@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet import defer
 
 from edge.config import Config, ConfigError, parse_listen
+from edge.delivery.mtasts import MTASTS, sts_hosts
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
 from edge.runtime.nowlater import NowOrLater
 from edge.smtp import replies
@@ -83,6 +84,10 @@ class Target:
     tls_pin: str | None = None
     """For a device: the pin of its connector's TLS key (`edge.tls.spki_pin`). With one,
     every host must take STARTTLS and present that key before AUTH is sent."""
+    tls_verify: str = ""
+    """For an MX under an MTA-STS policy (`edge.delivery.mtasts`): "enforce" (STARTTLS and a
+    certificate valid for the host's name, or no delivery) or "testing" (checked, a failure
+    logged and noted, delivered anyway); "" for opportunistic STARTTLS, unchecked."""
 
     def tls_for(self, host: str, port: int) -> str:
         for (h, p), mode in zip(self.hosts, self.tls_modes, strict=False):
@@ -202,6 +207,7 @@ def replace_hosts(base: Target, expanded: list[tuple[str, int, str, str]]) -> Ta
         tls_modes=tuple(mode for _a, _p, mode, _n in expanded),
         names=tuple(name for _a, _p, _m, name in expanded),
         tls_pin=base.tls_pin,
+        tls_verify=base.tls_verify,
     )
 
 
@@ -351,12 +357,15 @@ class Router:
         resolve: Callable[[str], RecipientTarget | None],
         resolver: DNSResolver | None,
         mx_port: int = 25,
+        sts: MTASTS | None = None,
     ) -> None:
         """`resolve` is the recipient rule (a `RecipientResolver`, or the store's own);
-        `resolver` the process's DNS resolver (None: no DNS; addresses only)."""
+        `resolver` the process's DNS resolver (None: no DNS; addresses only); `sts` the
+        MTA-STS policies MX delivery follows (None: opportunistic STARTTLS only)."""
         self.resolve = resolve
         self.resolver = resolver
         self.mx_port = mx_port
+        self.sts = sts
         self.dns = HostAddresses(resolver)
 
     def target(self, recipient: str, kind: str) -> Target:
@@ -370,7 +379,9 @@ class Router:
 
     def _mx_target(self, recipient: str) -> Target:
         """RFC 5321 §5.1: the MX hosts by preference, each resolved to its addresses; with
-        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses."""
+        no MX, the domain itself (its A/AAAA: the implicit MX); a null MX refuses. Under an
+        MTA-STS policy in `enforce` mode only the hosts it names, their certificates
+        checked (none named: a temporary failure); in `testing` mode all, checked."""
         assert self.resolver is not None
         domain = recipient.rpartition("@")[2].lower().rstrip(".")
         if not domain:
@@ -382,6 +393,9 @@ class Router:
         implicit = not hosts
         if implicit:
             hosts = [domain]
+        hosts, verify = sts_hosts(self.sts, domain, hosts)
+        if not hosts:
+            raise NoRoute(replies.D451_STS_NO_MX.format(domain=domain))
         expanded, failure = self.dns.expand([(h, self.mx_port, "starttls") for h in hosts])
         if not expanded:
             if failure is not None:
@@ -390,9 +404,8 @@ class Router:
                 raise NoRoute(replies.D550_NO_MX_NO_ADDRESS.format(domain=domain))
             # Every MX host is unknown or has no address: unusable MX records (§5.1).
             raise NoRoute(replies.D550_NO_MX_ADDRESS.format(domain=domain))
-        return replace_hosts(
-            Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True), expanded
-        )
+        base = Target(kind="mx", key=f"mx:{domain}", hosts=(), starttls=True, tls_verify=verify)
+        return replace_hosts(base, expanded)
 
 
 def route_soon(

@@ -122,6 +122,20 @@ S451_DKIM_KEY_UNUSABLE = Reply(
 S450_ROUTE_NOT_ACTIVE = Reply(
     450, "4.4.4", "Mail for this domain is not accepted yet, try again later"
 )
+# Outcomes of delivery to a domain's MX hosts (the delivery client's words, recorded for a
+# recipient and shown in a DSN). MTA-STS (RFC 8461) failures are temporary: the mail waits for
+# the receiver to put its TLS right or for a new policy (section 5). RFC 3463 X.7.5
+# "Cryptographic failure" for a certificate that does not verify or a host the policy does
+# not name, X.7.4 "Security features not supported" for STARTTLS not offered.
+D451_STS_NO_MX = Reply(451, "4.7.5", "no MX host of {domain} matches its MTA-STS policy")
+D451_STS_NO_STARTTLS = Reply(
+    451, "4.7.4", "{where} does not offer STARTTLS, which the MTA-STS policy needs"
+)
+D451_STS_CERTIFICATE = Reply(
+    451, "4.7.5", "the TLS certificate of {where} is not valid for it, as the MTA-STS policy needs"
+)
+# RFC 6152 §3: 8-bit data to a server without 8BITMIME is converted or returned. Converting
+# would break the DKIM signature the edge put on the message: it is returned.
 # 5xx
 S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
@@ -216,6 +230,7 @@ D451_PIN_NO_STARTTLS = Reply(
     451, "4.7.0", "the connector at {where} does not offer STARTTLS; credentials not sent"
 )
 D553_NO_SMTPUTF8 = Reply(553, "5.6.7", "{where} does not offer SMTPUTF8, which this message needs")
+D554_NO_8BITMIME = Reply(554, "5.6.3", "{where} does not offer 8BITMIME, which this message needs")
 
 
 def all_replies() -> dict[str, Reply]:
