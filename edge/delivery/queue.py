@@ -54,8 +54,7 @@ from edge.spool.spool import QUEUE_ID_HEADER, Envelope, Spool
 
 log = Logger()
 
-Routes = dict[str, nowlater.NowOrLater[Target] | Exception]
-"""Routes asked for, by recipient: each a Target, a Deferred of one, or what routing raised."""
+Routes = dict[str, nowlater.NowOrLater[Target] | Exception]  # by recipient; or what it raised
 
 DEFAULT_LIFETIME = 5 * 86400.0
 DEFAULT_DELAY_WARNING = 4 * 3600.0
