@@ -94,9 +94,23 @@ class CachedLoad:
         """`fn`'s value at once when the cache answers all its lookups (an error of that run
         is raised here), else the Deferred of the loader's run. Nested in another run, `fn`
         just runs: the outer run decides."""
-        if getattr(self._local, "cache_only", False):
+        local = self._local
+        if getattr(local, "cache_only", False):
             return fn(*args, **kwargs)
-        result, _expires = self.inline(fn, args, kwargs)
-        if result is MISSED:
+        # `inline`, written out: this runs for every cached lookup of every message.
+        local.cache_only = True
+        local.missed = False
+        local.expires = math.inf
+        try:
+            result = fn(*args, **kwargs)
+        except NotCached:
+            local.missed = True
+        except Exception:
+            if not local.missed:
+                raise
+        finally:
+            local.cache_only = False
+        if local.missed:
+            local.missed = False
             return self.load(fn, *args, **kwargs)
         return result
