@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from edge.checks.base import BaseCheck, Finding, Recipient, Transaction
-from edge.delivery.client import Outcome
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.spool.spool import Envelope, Spool, SpoolWriter
@@ -221,6 +221,7 @@ class ScriptedDeliverer:
         data: bytes,
         *,
         smtputf8: bool = False,
+        envid: str = "",
     ) -> defer.Deferred[dict[str, Outcome]]:
         at = self.clock.seconds() if self.clock is not None else 0.0
         call = Call(at, target, sender, list(recipients), data)

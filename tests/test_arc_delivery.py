@@ -19,7 +19,8 @@ from connector.receiver import dedup_key
 from edge.checks import authresults
 from edge.checks.arc import ARCSealer, verify_chain
 from edge.checks.base import ARCResult, DKIMResult, DMARCResult, SPFResult, Transaction
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSResolver
 from edge.spool.spool import QUEUE_ID_HEADER

@@ -28,7 +28,8 @@ from connector.app import build_device, connector_tls
 from connector.hoppolicy import TAILNET, listen_refusal, parse_networks, plaintext_allowed
 from connector.receiver import ConnectorHandler
 from edge.config import Config, ConfigError
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target, routed_target
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits

@@ -19,7 +19,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from connector.receiver import ConnectorHandler, dedup_key
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.server import Limits

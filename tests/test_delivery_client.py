@@ -14,7 +14,10 @@ from twisted.internet import defer
 from twisted.mail.smtp import SMTPDeliveryError
 from twisted.python.failure import Failure
 
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
+from edge.delivery.outcomes import accepted as outcomes_accepted
+from edge.delivery.outcomes import failed as outcomes_failed
 from edge.delivery.routing import Target, routed_target
 from edge.store.records import RecipientTarget
 from edge.tls import ensure_self_signed
@@ -250,7 +253,7 @@ def test_a_failure_without_a_reply_gives_no_exception_text_to_its_outcome() -> N
     """An outcome's text can reach the sender in a report: an exception that came with no
     SMTP reply (a defect in setting up the session, say) is named, never quoted."""
     err = KeyError("connector secret s3cr3t at /var/lib/tailpost/data")
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@example.test"], "mx.example.test:25")
+    outcomes = outcomes_failed(Failure(err), ["a@example.test"], "mx.example.test:25")
     [outcome] = outcomes.values()
     assert (outcome.code, outcome.final, outcome.connected) == (451, False, False)
     assert outcome.text == "4.4.1 delivery to mx.example.test:25 failed"
@@ -262,7 +265,7 @@ WHERE = "mx.x.test:25"
 
 
 def test_accepted_result_maps_each_recipient() -> None:
-    outcomes = SMTPDeliverer._accepted(
+    outcomes = outcomes_accepted(
         (1, [(b"a@x.test", 250, b"2.1.5 OK"), (b"<b@x.test>", 550, b"5.1.1 unknown")]), WHERE
     )
     assert outcomes == {
@@ -274,7 +277,7 @@ def test_accepted_result_maps_each_recipient() -> None:
 
 
 def test_connection_error_is_temporary_for_every_recipient() -> None:
-    outcomes = SMTPDeliverer._failed(
+    outcomes = outcomes_failed(
         Failure(ConnectionRefusedError("refused")), ["a@x.test", "b@x.test"], WHERE
     )
     assert set(outcomes) == {"a@x.test", "b@x.test"}
@@ -289,7 +292,7 @@ def test_all_recipients_refused_keeps_their_codes() -> None:
         b"",
         [(b"a@x.test", 550, b"no"), (b"b@x.test", 452, b"full")],
     )
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    outcomes = outcomes_failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
     assert outcomes == {
         "a@x.test": Outcome(550, "no", WHERE),
         "b@x.test": Outcome(452, "full", WHERE),
@@ -306,7 +309,7 @@ def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
         b"",
         [(b"a@x.test", 250, b"2.1.5 OK"), (b"b@x.test", 550, b"5.1.1 unknown")],
     )
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
+    outcomes = outcomes_failed(Failure(err), ["a@x.test", "b@x.test"], WHERE)
     assert outcomes == {
         "a@x.test": Outcome(code, "end of data refused", WHERE),
         "b@x.test": Outcome(550, "5.1.1 unknown", WHERE),
@@ -317,7 +320,7 @@ def test_failure_at_end_of_data_is_not_delivered(code: int) -> None:
 def test_failure_before_the_transaction_is_temporary() -> None:
     # e.g. AUTH refused (535) with no recipient tried: worth another try, never a bounce.
     err = SMTPDeliveryError(535, b"5.7.8 bad credentials", b"")
-    outcomes = SMTPDeliverer._failed(Failure(err), ["a@x.test"], WHERE)
+    outcomes = outcomes_failed(Failure(err), ["a@x.test"], WHERE)
     assert outcomes["a@x.test"].code == 451
     assert not outcomes["a@x.test"].final
     assert not outcomes["a@x.test"].connected  # the next host may be tried

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.smtp.address import parse_mail_from, parse_rcpt_to
 from edge.smtp.replies import SMTPReplyError
 from tests.fakes import DownstreamMX, Peer, mx_target, start_peer

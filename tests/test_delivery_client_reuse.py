@@ -19,7 +19,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from twisted.internet import defer, task
 
-from edge.delivery.client import Outcome, SMTPDeliverer
+from edge.delivery.client import SMTPDeliverer
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.tls import ensure_self_signed
 from tests.fakes import AnyPortController, Peer, start_peer

@@ -12,7 +12,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from edge.delivery.client import Outcome
+from edge.delivery.outcomes import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.queueops import QueueControl
 from edge.delivery.routing import NoRoute, Target

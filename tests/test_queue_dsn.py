@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 from twisted.internet.task import Clock
 
-from edge.delivery.client import Outcome
+from edge.delivery.outcomes import Outcome
 from edge.delivery.queue import DeliveryQueue
 from edge.delivery.routing import Router, Target
 from edge.dns.resolver import DNSResolver

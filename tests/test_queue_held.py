@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.delivery.client import Outcome
+from edge.delivery.outcomes import Outcome
 from edge.smtp import replies
 from tests.fakes import Answer, Call, ScriptedDeliverer
 from tests.test_queue_api import World

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 from sqlalchemy import exc as sql_errors
 from twisted.internet import defer, error
 
-from edge.delivery.client import Outcome
 from edge.delivery.dsn import RecipientStatus
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.smtp import replies

@@ -68,18 +68,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.mail.smtp import (
-    AUTHDeclinedError,
-    SMTPConnectError,
-    SMTPDeliveryError,
-    SMTPProtocolError,
-    SMTPTimeoutError,
-    TLSError,
     TLSRequiredError,
 )
 from twisted.python.failure import Failure
@@ -90,13 +83,11 @@ from edge.delivery.clientsession import (
     ClientSession,
     ClientTransaction,
     LocalFailure,
-    MailRefused,
-    Needs8BitMIME,
-    NeedsSMTPUTF8,
     SessionDefect,
     SessionFactory,
 )
 from edge.delivery.mtasts import checked_tls, sts_failure, tls_note, tls_noted
+from edge.delivery.outcomes import Outcome, accepted, failed
 from edge.delivery.routing import Target
 from edge.smtp import replies
 from edge.spool.spool import QUEUE_ID_HEADER
@@ -116,29 +107,6 @@ PoolKey = tuple[str, int, str | None, str | None, str, str | None, str]
 
 SEALED_KINDS = ("device", "upstream")
 """The targets a message goes to with the edge's ARC set: those it forwards inbound mail to."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one recipient in one attempt."""
-
-    code: int
-    text: str
-    host: str = ""
-    connected: bool = True
-
-    @property
-    def final(self) -> bool:
-        return self.code < 400 or self.code >= 500
-
-    @property
-    def delivered(self) -> bool:
-        return 200 <= self.code < 300
-
-
-def _addr(value: bytes | str) -> str:
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text.strip("<>")
 
 
 def wire_path(address: str) -> bytes:
@@ -511,7 +479,7 @@ class SMTPDeliverer:
             except defer.CancelledError:
                 raise
             except Exception:
-                return self._failed(Failure(), rcpts, where)
+                return failed(Failure(), rcpts, where)
             reused = session.transactions > 0
             tx = ClientTransaction(
                 mail_from,
@@ -531,7 +499,7 @@ class SMTPDeliverer:
                 pool.release(session)
             if result.error is None:
                 assert result.accepted is not None
-                return self._accepted(result.accepted, where, tls_note(session))
+                return accepted(result.accepted, where, tls_note(session))
             if isinstance(result.error, SessionDefect):
                 result.error.failure.raiseException()  # a defect of ours, not the host's
             if result.dead and reused and attempt == 0:
@@ -541,88 +509,8 @@ class SMTPDeliverer:
                     error=result.error,
                 )
                 continue
-            return self._failed(Failure(result.error), rcpts, where)
+            return failed(Failure(result.error), rcpts, where)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _accepted(
-        result: tuple[int, list[tuple[bytes, int, bytes]]], where: str, note: str = ""
-    ) -> dict[str, Outcome]:
-        _num_ok, addresses = result
-        return {
-            _addr(addr): Outcome(code, resp.decode("utf-8", "replace") + note, where)
-            for addr, code, resp in addresses
-        }
-
-    @staticmethod
-    def _failed(failure: Any, recipients: list[str], where: str) -> dict[str, Outcome]:
-        err = failure.value
-        if isinstance(err, (NeedsSMTPUTF8, Needs8BitMIME)):
-            if isinstance(err, Needs8BitMIME):
-                reply = replies.D554_NO_8BITMIME.format(where=where)
-            else:
-                reply = replies.D553_NO_SMTPUTF8.format(where=where)
-            # Final, yet not this host's word on the message: another host may take it.
-            return dict.fromkeys(recipients, Outcome(reply.code, reply.detail, where, False))
-        addresses: Any = getattr(err, "addresses", None)
-        code = getattr(err, "code", 0)
-        # A refusal at MAIL FROM answers for the message; failing before it (connection,
-        # greeting, TLS, AUTH, a 421) says nothing about the message.
-        connected = isinstance(err, SMTPDeliveryError) and (
-            bool(addresses) or isinstance(err, MailRefused)
-        )
-        if not isinstance(code, int) or not 400 <= code < 600 or not connected:
-            # Failing before the recipients were even tried (connection, TLS, AUTH) says
-            # nothing about the message: always worth another try, maybe at another host.
-            code = 451
-        said = _server_said(err)
-        if said is not None:
-            text = said  # the remote server's own reply
-        else:
-            # No reply of the server's: a named reply. Whatever else there is (an
-            # exception's words, Twisted's) goes to the log, never into a report.
-            log.warn("smtp: delivery to {where} failed: {error!r}", where=where, error=err)
-            text = _local_reply(err).format(where=where, **getattr(err, "values", {})).detail
-        outcome = Outcome(code, text, where, connected)
-        outcomes = dict.fromkeys(recipients, outcome)
-        if connected:
-            # Recipients refused at RCPT keep their own reply; the others share the
-            # transaction's final reply (a refusal at end of DATA).
-            for addr, rcpt_code, rcpt_resp in addresses:
-                if not 200 <= rcpt_code < 300:
-                    text = rcpt_resp.decode("utf-8", "replace")
-                    outcomes[_addr(addr)] = Outcome(rcpt_code, text, where)
-        return outcomes
-
-
-_SERVER_REPLIES = (SMTPDeliveryError, AUTHDeclinedError, SMTPConnectError, SMTPProtocolError)
-"""The errors whose text, with a reply code, is the server's reply (a refusal, a greeting
-that refuses, AUTH declined, a reply out of step)."""
-
-
-def _server_said(err: BaseException) -> str | None:
-    """The server's own reply that `err` carries, if it carries one."""
-    code, resp = getattr(err, "code", -1), getattr(err, "resp", b"")
-    if isinstance(err, LocalFailure) or not isinstance(err, _SERVER_REPLIES):
-        return None
-    if not isinstance(code, int) or not 400 <= code < 600:
-        return None
-    if not isinstance(resp, bytes) or not resp:
-        return None
-    return resp.decode("utf-8", "replace")
-
-
-def _local_reply(err: BaseException) -> replies.Reply:
-    """The named reply of a failure with no reply of the server's to show."""
-    if isinstance(err, LocalFailure):
-        return err.reply
-    if isinstance(err, SMTPTimeoutError):
-        return replies.D451_TIMED_OUT
-    if isinstance(err, TLSRequiredError):
-        return replies.D451_TLS_NOT_OFFERED
-    if isinstance(err, TLSError | SSL.Error):
-        return replies.D451_TLS_FAILED
-    return replies.D451_NOT_DELIVERED
 
 
 class DelivererService(Service):

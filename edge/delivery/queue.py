@@ -43,8 +43,8 @@ from edge.delivery.attempts import (
     is_passing_fault,
     recipient_status,
 )
-from edge.delivery.client import Outcome
 from edge.delivery.dsn import RecipientStatus, build_dsn, dsn_allowed
+from edge.delivery.outcomes import Outcome
 from edge.delivery.routing import NoRoute, Target
 from edge.dns.resolver import DNSTemporaryError
 from edge.runtime import nowlater
