@@ -172,7 +172,7 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     if not config.edge.postmaster:
         # The person running the all-in-one is its edge's operator: role mail is theirs.
         config.edge.postmaster = config.demo.address
-    device = build_device(config, reactor, extra_addresses=(config.demo.address,))
+    device = build_device(config, reactor, extra_addresses=(config.demo.address,), with_mx=True)
     edge = build_edge(config, reactor, tls_files=tls_files)
     bootstrap_demo(edge.store, config, device)
     top = MultiService()
