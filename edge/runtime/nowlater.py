@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from types import CoroutineType
-from typing import Any, TypeAlias, TypeVar, TypeVarTuple
+from typing import Any, TypeAlias, TypeVar, TypeVarTuple, overload
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -39,6 +39,12 @@ def is_deferred(value: object) -> TypeIs[defer.Deferred[Any]]:
     return known
 
 
+@overload
+def now(result: defer.Deferred[T]) -> NowOrLater[T]: ...
+@overload
+def now(result: Coroutine[Any, Any, T]) -> NowOrLater[T]: ...
+@overload
+def now(result: NowOrLater[T]) -> NowOrLater[T]: ...
 def now(result: NowOrLater[T] | Coroutine[Any, Any, T]) -> NowOrLater[T]:
     """`result` itself, the value of a fired Deferred (its failure is raised here), or a
     Deferred still pending. A coroutine runs until it first waits."""
