@@ -5,9 +5,9 @@ Builds the edge's real check pipeline (`build_pipeline`, with a `DNSResolver`, a
 query NXDOMAIN with an SOA (so SPF and DMARC are none and the answers are cached), warms the
 caches, then runs transactions of MAIL, RCPT and DATA on a 4 KB message like smtp-source's,
 several per connection, inside the running reactor, and prints the CPU time of the thread in
-microseconds per message and per stage. `--api coroutine` calls the pipeline's coroutine
-methods as the MX handler did (MAIL through `ensureDeferred`); `--api now` calls the `*_now`
-methods. `--senders N` cycles through N senders of the same domain (envelope and From), so
+microseconds per message and per stage. `--api coroutine` wraps each stage's answer in a
+coroutine and a Deferred, as an awaiting caller would; `--api now` takes the stage methods'
+answers as they are (`NowOrLater`). `--senders N` cycles through N senders of the same domain (envelope and From), so
 what is kept per sender (SPF results, From addresses) is found again only every N messages.
 Everything stays on this machine; the DNS server is a thread of this process.
 
@@ -120,25 +120,25 @@ async def run(
             t0 = clock()
             tx = pipeline.transaction(CLIENT_IP)
             if fast:
-                await _wait(pipeline.connect_now(tx))
+                await _wait(pipeline.connect(tx))
             else:
-                await pipeline.connect(tx)
+                await defer.ensureDeferred(_wait(pipeline.connect(tx)))
             totals["connect"] += clock() - t0
         t0 = clock()
         if fast:
-            await _wait(pipeline.mail_now(tx, HELO, sender))
+            await _wait(pipeline.mail(tx, HELO, sender))
         else:
-            await defer.ensureDeferred(pipeline.mail(tx, HELO, sender))
+            await defer.ensureDeferred(_wait(pipeline.mail(tx, HELO, sender)))
         t1 = clock()
         if fast:
-            await _wait(pipeline.rcpt_now(tx, Recipient(RCPT, None)))
+            await _wait(pipeline.rcpt(tx, Recipient(RCPT, None)))
         else:
-            await pipeline.rcpt(tx, Recipient(RCPT, None))
+            await defer.ensureDeferred(_wait(pipeline.rcpt(tx, Recipient(RCPT, None))))
         t2 = clock()
         if fast:
-            outcome = await _wait(pipeline.data_now(tx, body))
+            outcome = await _wait(pipeline.data(tx, body))
         else:
-            outcome = await pipeline.data(tx, body)
+            outcome = await defer.ensureDeferred(_wait(pipeline.data(tx, body)))
         t3 = clock()
         assert outcome.decision.action == "accept", outcome
         totals["mail"] += t1 - t0

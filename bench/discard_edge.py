@@ -22,7 +22,7 @@ if __name__ == "__main__":
 
 from edge.checks import CheckPipeline, Transaction
 from edge.inbound.policy import MXHandler
-from edge.runtime.nowlater import then
+from edge.runtime.nowlater import NowOrLater, then
 from edge.smtp import replies
 from edge.smtp.replies import Reply
 
@@ -48,12 +48,12 @@ class DiscardSink:
         self.chunks = []
         self.size = 0
 
-    def finish(self) -> Any:
+    def finish(self) -> NowOrLater[Reply]:
         """The 250 (or a Deferred of it) once the checks have judged the message."""
         if self.checks is not None and self.tx is not None:
             message = b"".join(self.chunks)
             self.chunks = []
-            return then(self.checks.data_now(self.tx, message), _discarded)
+            return then(self.checks.data(self.tx, message), _discarded)
         return DISCARDED
 
 

@@ -183,7 +183,7 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
     if not config.edge.postmaster:
         # The person running the all-in-one is its edge's operator: role mail is theirs.
         config.edge.postmaster = config.demo.address
-    device = build_device(config, reactor, extra_addresses=(config.demo.address,))
+    device = build_device(config, reactor, extra_addresses=(config.demo.address,), with_mx=True)
     if device.sending is not None:
         # Mail waits until the edge's relay listens (`point_device_at_relay`).
         device.sending.relay.point_at("")

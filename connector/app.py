@@ -22,6 +22,7 @@ from twisted.application.service import MultiService
 from twisted.internet import threads
 
 from connector import credentials
+from connector.collector import for_process
 from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
@@ -106,8 +107,14 @@ def connector_tls(config: Config) -> tuple[Any, str | None]:
         raise ConfigError(f"the connector's TLS certificate {cert} is unusable: {exc}") from exc
 
 
-def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] = ()) -> Device:
+def build_device(
+    config: Config, reactor: Any, extra_addresses: tuple[str, ...] = (), *, with_mx: bool = False
+) -> Device:
+    """The device's services. `with_mx`: the edge's MX runs in this process too (the
+    all-in-one), which decides the collector pause of its IMAP server and local API
+    (`connector.collector.for_process`)."""
     d = config.device
+    pause = for_process(with_mx)
     _require_loopback(d.http_listen, "device.http_listen")
     _require_loopback(d.imap_listen, "device.imap_listen")
     plaintext = parse_networks(d.plaintext_networks)
@@ -155,6 +162,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         throttle=throttle,
         max_sessions_per_user=d.imap_max_sessions_per_user,
         max_sessions_per_address=d.imap_max_sessions_per_address,
+        pause=pause,
     )
     notify_imap = imap_factory.notify_changed if isinstance(imap_factory, IMAPFactory) else None
 
@@ -235,6 +243,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         trainer=RspamdTrainer(d.rspamd_url, d.rspamd_password) if d.rspamd_url else None,
         clock=reactor,
         on_change=notify_imap,
+        pause=pause,
     )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)

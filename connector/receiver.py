@@ -132,7 +132,11 @@ class MaildirSink:
     def abort(self) -> None:
         self.chunks = []
 
-    async def finish(self) -> Reply:
+    def finish(self) -> defer.Deferred[Reply]:
+        """The 250 once every copy is stored (a Deferred of it)."""
+        return defer.ensureDeferred(self._store())
+
+    async def _store(self) -> Reply:
         data = b"".join(self.chunks)
         self.chunks = []
         if not self.per_address:

@@ -36,6 +36,7 @@ from edge.runtime.private import private_file
 from edge.runtime.service import TCPListener
 from edge.runtime.storeopen import open_configured_store
 from edge.smtp.conncount import SharedCounts
+from edge.spool.committer import mx_committer
 from edge.spool.spool import Spool
 from edge.store import Store
 from edge.store.cache import CachedLookups
@@ -138,6 +139,8 @@ def build_edge(
     workers = config.edge.mx_processes
     # With acceptors, the connection limits hold over all the processes on the MX port.
     counts = SharedCounts.create(workers) if workers > 1 else None
+    # The spool's one commit entry point for the MX, its durability chosen here, once.
+    committer = mx_committer(spool, reactor, while_syncing=queue.intake)
     factory = build_mx_factory(
         config,
         reactor,
@@ -145,8 +148,8 @@ def build_edge(
         spool,
         resolver,
         queue.take,
+        committer.commit,
         tls,
-        while_syncing=queue.intake,
         counts=counts,
         handler_class=handler_class,
     )

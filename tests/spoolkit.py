@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import edge.spool.segments
+import maildir.durable
 from edge.spool.segments import BLOCK, HEADER
 from edge.spool.spool import Envelope, Spool, SpoolWriter
 
@@ -96,11 +97,14 @@ class _PatchedOS(ModuleType):
 
 
 def patch_os(monkeypatch: pytest.MonkeyPatch, **replaced: Callable[..., Any]) -> None:
-    monkeypatch.setattr(edge.spool.segments, "os", _PatchedOS(**replaced))
+    patched = _PatchedOS(**replaced)
+    monkeypatch.setattr(edge.spool.segments, "os", patched)
+    monkeypatch.setattr(maildir.durable, "os", patched)  # the segment directory's fsync
 
 
 class Calls:
-    """Counts the calls of the `os` functions `edge.spool.segments` makes, passing them on."""
+    """Counts the calls of the `os` functions the spool's segments make (their directory's
+    fsync included), passing them on."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *functions: str) -> None:
         self.counts = dict.fromkeys(functions, 0)

@@ -1,6 +1,6 @@
-"""The pipeline's answers at once (`*_now`), and the kept pieces behind them: the From
-scan, the ARC header scan, the Authentication-Results results, actions and organizational
-domains. Each is compared with what the libraries make of the same input."""
+"""The pipeline's answers at once (each stage's `NowOrLater`), and the kept pieces behind
+them: the From scan, the ARC header scan, the Authentication-Results results, actions and
+organizational domains. Each is compared with what the libraries make of the same input."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from edge.checks.headers import (
 from edge.checks.pipeline import CheckPipeline, DataOutcome, StageTimeouts
 from edge.config import Config
 from edge.dns.resolver import DNSResolver
+from edge.runtime.nowlater import is_deferred
 from edge.smtp.replies import SMTPReplyError
 from edge.store import open_store
 from edge.store.cache import CachedLookups
@@ -65,24 +66,24 @@ def pipeline(checks: list[Any], clock: Any = None) -> CheckPipeline:
 MESSAGE = b"From: A <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"
 
 
-def test_now_methods_answer_at_once_when_every_check_does() -> None:
+def test_stages_answer_at_once_when_every_check_does() -> None:
     log: list[str] = []
     spf = Finding("spf", "none", "r")
     p = pipeline([ScriptedCheck("one", log, [spf]), ScriptedCheck("two", log)])
     tx = p.transaction("192.0.2.1")
-    assert p.connect_now(tx) is None
-    assert p.mail_now(tx, "h.test", "a@x.test") is None
-    assert p.rcpt_now(tx, Recipient("b@y.test")) is None
-    outcome = p.data_now(tx, MESSAGE)
+    assert p.connect(tx) is None
+    assert p.mail(tx, "h.test", "a@x.test") is None
+    assert p.rcpt(tx, Recipient("b@y.test")) is None
+    outcome = p.data(tx, MESSAGE)
     assert isinstance(outcome, DataOutcome) and outcome.decision.action == "accept"
     assert log == ["one", "two"] * 3
     assert tx.findings == [spf, spf] and tx.header_from == ["a@x.test"]
     assert outcome.headers.startswith(b"Authentication-Results: mx.test;\r\n\tnone\r\n")
-    # The coroutine methods say the same.
+    # Through a Deferred, the same.
     tx2 = p.transaction("192.0.2.1")
-    d = defer.ensureDeferred(p.mail(tx2, "h.test", "a@x.test"))
+    d = defer.maybeDeferred(p.mail, tx2, "h.test", "a@x.test")
     assert d.called and d.result is None
-    judged = defer.ensureDeferred(p.data(tx2, MESSAGE))
+    judged = defer.maybeDeferred(p.data, tx2, MESSAGE)
     assert judged.called and judged.result == outcome
 
 
@@ -96,7 +97,7 @@ def test_a_refusal_at_once_is_raised() -> None:
     )
     tx = p.transaction("192.0.2.1")
     with pytest.raises(SMTPReplyError) as info:
-        p.mail_now(tx, "h.test", "a@x.test")
+        p.mail(tx, "h.test", "a@x.test")
     assert (info.value.reply.code, info.value.reply.enhanced) == (550, "5.7.1")
     assert log == ["one", "two"] and tx.findings == []
 
@@ -113,7 +114,7 @@ def test_a_waiting_check_makes_a_deferred_and_the_rest_runs_after_it() -> None:
         ]
     )
     tx = p.transaction("192.0.2.1")
-    pending = p.mail_now(tx, "h.test", "a@x.test")
+    pending = p.mail(tx, "h.test", "a@x.test")
     assert isinstance(pending, defer.Deferred) and not pending.called
     assert log == ["one", "wait"]
     answer.callback([later])
@@ -130,14 +131,14 @@ def test_a_fired_deferred_still_answers_at_once() -> None:
         ]
     )
     tx = p.transaction("192.0.2.1")
-    assert p.mail_now(tx, "h.test", "a@x.test") is None
+    assert p.mail(tx, "h.test", "a@x.test") is None
     assert [f.key for f in tx.findings] == ["spf.none"] and log == ["done", "two"]
 
 
 def test_a_waiting_stage_times_out_into_a_tempfail() -> None:
     clock = task.Clock()
     p = pipeline([WaitingCheck("hang", [], defer.Deferred())], clock)
-    pending = p.mail_now(p.transaction("192.0.2.1"), "h.test", "a@x.test")
+    pending = p.mail(p.transaction("192.0.2.1"), "h.test", "a@x.test")
     assert isinstance(pending, defer.Deferred)
     failures: list[Any] = []
     pending.addErrback(failures.append)
@@ -153,13 +154,13 @@ def test_a_failing_check_fails_the_stage() -> None:
     p = pipeline([WaitingCheck("broken", [], defer.fail(ValueError("broken")))])
     tx = p.transaction("192.0.2.1")
     with pytest.raises(ValueError):
-        p.data_now(tx, MESSAGE)
+        p.data(tx, MESSAGE)
     failures: list[Any] = []
-    defer.ensureDeferred(p.data(tx, MESSAGE)).addErrback(failures.append)
+    defer.maybeDeferred(p.data, tx, MESSAGE).addErrback(failures.append)
     assert failures[0].check(ValueError)
     later: defer.Deferred[Any] = defer.Deferred()
     p = pipeline([WaitingCheck("broken later", [], later)])
-    pending = p.data_now(tx, MESSAGE)
+    pending = p.data(tx, MESSAGE)
     assert isinstance(pending, defer.Deferred)
     pending.addErrback(failures.append)
     later.errback(ValueError("broken"))
@@ -185,20 +186,21 @@ def test_the_edge_pipeline_answers_at_once_once_its_caches_are_warm(
     def coroutines() -> Any:
         async def run() -> DataOutcome:
             tx = p.transaction("192.0.2.1")
-            await p.connect(tx)
-            await p.mail(tx, "client.test", "a@sender.test")
-            await p.rcpt(tx, Recipient("b@inbound.test"))
-            return await p.data(tx, message)
+            await defer.maybeDeferred(p.connect, tx)
+            await defer.maybeDeferred(p.mail, tx, "client.test", "a@sender.test")
+            await defer.maybeDeferred(p.rcpt, tx, Recipient("b@inbound.test"))
+            outcome = p.data(tx, message)
+            return await outcome if is_deferred(outcome) else outcome
 
         return defer.ensureDeferred(run())
 
     def at_once() -> list[Any]:
         tx = p.transaction("192.0.2.1")
         return [
-            p.connect_now(tx),
-            p.mail_now(tx, "client.test", "a@sender.test"),
-            p.rcpt_now(tx, Recipient("b@inbound.test")),
-            p.data_now(tx, message),
+            p.connect(tx),
+            p.mail(tx, "client.test", "a@sender.test"),
+            p.rcpt(tx, Recipient("b@inbound.test")),
+            p.data(tx, message),
         ]
 
     cold = in_reactor(coroutines)  # fills the caches (DNS, store, kept results)

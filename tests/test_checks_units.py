@@ -88,7 +88,7 @@ def test_stage_timeout_is_a_tempfail() -> None:
         clock,
         timeouts=StageTimeouts(mail=5.0),
     )
-    d = defer.ensureDeferred(pipeline.mail(Transaction("192.0.2.1"), "h.test", "a@b.test"))
+    d = defer.maybeDeferred(pipeline.mail, Transaction("192.0.2.1"), "h.test", "a@b.test")
     failures: list[Any] = []
     d.addErrback(failures.append)
     clock.advance(4.9)

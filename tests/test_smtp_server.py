@@ -316,23 +316,6 @@ def test_too_many_connections_per_ip_get_421() -> None:
     assert seen == [b"220", b"220", b"421"]
 
 
-def test_alone_while_at_most_one_session_is_open() -> None:
-    clock = Clock()
-    handler = FakeHandler()
-    factory = SMTPServerFactory(lambda: handler, Limits(), "mx.test", clock)
-    assert factory.alone()
-    sessions = []
-    for port in (1, 2):
-        proto = factory.buildProtocol(None)
-        proto.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", port)))
-        proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
-        sessions.append(proto)
-        assert factory.alone() == (port == 1)
-    sessions[1].dataReceived(b"QUIT\r\n")
-    sessions[1].connectionLost()
-    assert factory.alone()
-
-
 def test_auth_plain_required_when_handler_requires_it() -> None:
     handler = FakeHandler()
     handler.auth_offered = True

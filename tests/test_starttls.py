@@ -20,6 +20,7 @@ import pytest
 from twisted.internet import threads
 
 from edge.inbound.policy import MXHandler
+from edge.runtime.nowlater import NowOrLater
 from edge.smtp.address import Path as SMTPPath
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
@@ -55,13 +56,13 @@ class RecordingMXHandler(MXHandler):
         super().__init__(*args, **kwargs)
         self.calls = calls
 
-    def mail_from(self, session: Session, sender: SMTPPath) -> None:
+    def mail_from(self, session: Session, sender: SMTPPath) -> NowOrLater[Reply | None]:
         self.calls.append(f"MAIL {sender.address}")
         return super().mail_from(session, sender)
 
-    async def rcpt_to(self, session: Session, recipient: SMTPPath) -> Reply | None:
+    def rcpt_to(self, session: Session, recipient: SMTPPath) -> NowOrLater[Reply | None]:
         self.calls.append(f"RCPT {recipient.address}")
-        return await super().rcpt_to(session, recipient)
+        return super().rcpt_to(session, recipient)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from twisted.internet import defer, task
 
 from edge.spool import synchild
 from edge.spool.committer import Committer
+from edge.spool.durability import QUIET_BATCHES, SyncHereWhenQuiet
 from edge.spool.scan import recoverable
 from edge.spool.segments import BLOCK
 from edge.spool.spool import Envelope, Spool, SpoolWriter
@@ -246,21 +247,30 @@ def test_work_while_syncing_runs_once_per_batch_and_its_faults_stay_its_own(
     in_reactor(syncer.stop)
 
 
-def test_alone_the_reactor_syncs_small_batches_itself(
+def _quiet(in_reactor: Any, spool: Spool, committer: Committer, data: bytes) -> None:
+    """Commit lone messages, one after the other, until the next one finds the spool quiet:
+    the first makes the segment (in the thread), the others go through the sync process."""
+    for _ in range(QUIET_BATCHES - 1):
+        assert all(ok for ok, _ in in_reactor(_commit, spool, committer, data))
+
+
+def test_while_the_spool_is_quiet_the_reactor_syncs_small_batches_itself(
     tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool(tmp_path)
     syncer = CountingSyncer(in_reactor.reactor)
-    alone = [True]
     events: list[str] = []
     before_fdatasync(monkeypatch, lambda fd: events.append("sync"))
 
     def work() -> None:  # the work meant for the time of a sync
         events.append("work")
 
-    committer = Committer(spool, in_reactor.reactor, syncer, work, alone=lambda: alone[0])
+    durability = SyncHereWhenQuiet(spool, in_reactor.reactor, syncer)
+    committer = Committer(spool, in_reactor.reactor, while_syncing=work, durability=durability)
     message = b"Subject: x\r\n\r\nbody\r\n"
-    in_reactor(_commit, spool, committer, message)  # the first makes the segment, in the thread
+    _quiet(in_reactor, spool, committer, message)
+    before = len(syncer.paths)
+    assert durability.synced_here == 0 and before == QUIET_BATCHES - 2
     writer = spool.writer()
     writer.write(message)
     events.clear()
@@ -272,16 +282,32 @@ def test_alone_the_reactor_syncs_small_batches_itself(
     # Durable before `commit` returned: no sync process asked, no turn of the reactor; the
     # work meant for a sync's time is left for the next turn, once.
     assert in_reactor(commit) == (True, ["sync"])
-    assert committer.synced_here == 1 and syncer.paths == []
+    assert durability.synced_here == 1 and len(syncer.paths) == before
     in_reactor(lambda: task.deferLater(in_reactor.reactor, 0, lambda: None))
     assert events == ["sync", "work"]
-    assert len(recoverable(tmp_path)) == 2
-    alone[0] = False  # another session is open: the sync process again
+    assert len(recoverable(tmp_path)) == QUIET_BATCHES
+    other = spool.writer()  # another message is being received: the sync process again
     events.clear()
     assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
-    assert committer.synced_here == 1 and len(syncer.paths) == 1
+    assert durability.synced_here == 1 and len(syncer.paths) == before + 1
     assert events == ["work"]  # (the sync is the child's, in another process)
-    assert [spool.read(q) for q in spool.queued_ids()] == [message] * 3
+    other.abort()  # quiet again, once it has been so for long enough
+    _quiet(in_reactor, spool, committer, message)
+    assert durability.synced_here == 1 and len(syncer.paths) == before + QUIET_BATCHES
+    assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
+    assert durability.synced_here == 2 and len(syncer.paths) == before + QUIET_BATCHES
+
+    def two_at_once() -> defer.Deferred[Any]:
+        writers = [spool.writer(), spool.writer()]
+        for w in writers:
+            w.write(message)
+        envelopes = [Envelope(w.qid, "a@b.test", ["c@d.test"], 1) for w in writers]
+        waits = [committer.commit(w, e) for w, e in zip(writers, envelopes, strict=True)]
+        return defer.DeferredList(waits, consumeErrors=True)
+
+    assert all(ok for ok, _ in in_reactor(two_at_once))  # two received at once: not quiet
+    assert durability.synced_here == 2 and len(syncer.paths) == before + QUIET_BATCHES + 2
+    assert [spool.read(q) for q in spool.queued_ids()] == [message] * (2 * QUIET_BATCHES + 3)
     in_reactor(syncer.stop)
 
 
@@ -293,9 +319,11 @@ def test_a_slow_sync_in_the_reactor_sends_the_next_ones_to_the_sync_process(
     spool = Spool(tmp_path)
     syncer = CountingSyncer(in_reactor.reactor)
     clock = task.Clock()
-    committer = Committer(spool, in_reactor.reactor, syncer, alone=lambda: True, clock=clock)
+    durability = SyncHereWhenQuiet(spool, in_reactor.reactor, syncer, clock=clock)
+    committer = Committer(spool, in_reactor.reactor, durability=durability)
     message = b"Subject: x\r\n\r\nbody\r\n"
-    in_reactor(_commit, spool, committer, message)  # the segment, in the thread
+    _quiet(in_reactor, spool, committer, message)
+    before = len(syncer.paths)
     slow = [True]
 
     def stall(fd: int) -> None:
@@ -307,14 +335,14 @@ def test_a_slow_sync_in_the_reactor_sends_the_next_ones_to_the_sync_process(
     for _ in range(3):
         assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
     # The slow one was still the reactor's; the two after it went to the sync process.
-    assert committer.synced_here == 1 and len(syncer.paths) == 2
+    assert durability.synced_here == 1 and len(syncer.paths) == before + 2
     clock.advance(committing.SLOW_PAUSE - 0.1)
     assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
-    assert committer.synced_here == 1 and len(syncer.paths) == 3
+    assert durability.synced_here == 1 and len(syncer.paths) == before + 3
     clock.advance(0.2)  # the pause is over
     assert all(ok for ok, _ in in_reactor(_commit, spool, committer, message))
-    assert committer.synced_here == 2 and len(syncer.paths) == 3
-    assert len(recoverable(tmp_path)) == 6
+    assert durability.synced_here == 2 and len(syncer.paths) == before + 3
+    assert len(recoverable(tmp_path)) == QUIET_BATCHES + 4
     in_reactor(syncer.stop)
 
 
@@ -322,9 +350,9 @@ def test_a_failed_sync_in_the_reactor_fails_the_batch_and_leaves_nothing(
     tmp_path: Path, in_reactor: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spool = Spool(tmp_path)
-    committer = Committer(spool, in_reactor.reactor, CountingSyncer(in_reactor.reactor))
-    committer.alone = lambda: True
-    in_reactor(_commit, spool, committer, b"kept\r\n")
+    durability = SyncHereWhenQuiet(spool, in_reactor.reactor, CountingSyncer(in_reactor.reactor))
+    committer = Committer(spool, in_reactor.reactor, durability=durability)
+    _quiet(in_reactor, spool, committer, b"kept\r\n")
     failures = [OSError(errno.EIO, "the disk said no")]
 
     def fail_once(fd: int) -> None:
@@ -334,11 +362,12 @@ def test_a_failed_sync_in_the_reactor_fails_the_batch_and_leaves_nothing(
     before_fdatasync(monkeypatch, fail_once)
     results = in_reactor(_commit, spool, committer, b"lost\r\n")
     assert [ok for ok, _ in results] == [False] and results[0][1].check(OSError)
-    assert committer.synced_here == 1
-    assert [spool.read(e.envelope.qid) for e in recoverable(tmp_path)] == [b"kept\r\n"]
+    assert durability.synced_here == 1
+    kept = [spool.read(e.envelope.qid) for e in recoverable(tmp_path)]
+    assert kept == [b"kept\r\n"] * (QUIET_BATCHES - 1)
     assert all(ok for ok, _ in in_reactor(_commit, spool, committer, b"later\r\n"))
     assert len({e.batch for e in recoverable(tmp_path)}) == 2  # the failed segment is done
-    assert len(spool.queued_ids()) == 2
+    assert len(spool.queued_ids()) == QUIET_BATCHES
 
 
 def test_stop_waits_for_what_the_child_was_asked(tmp_path: Path, in_reactor: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 
+from connector.collector import WHOLE, CollectorPause
 from edge.auththrottle import AuthThrottle
 from maildir import Maildir
 from maildir.lineends import LineEndCache
@@ -37,8 +38,11 @@ class IMAPFactory(ServerFactory):
         max_message_size: int,
         throttle: AuthThrottle | None = None,
         limits: SessionLimits | None = None,
+        pause: CollectorPause = WHOLE,
     ) -> None:
         self.maildir = maildir
+        self.pause = pause
+        """Held by a command over a whole folder (`connector.collector`)."""
         self.limits = limits if limits is not None else SessionLimits()
         self.line_ends = LineEndCache()
         """Served sizes of messages, shared by the sessions (see `maildir.lineends`)."""
@@ -77,9 +81,11 @@ def make_imap_factory(
     throttle: AuthThrottle | None = None,
     max_sessions_per_user: int = DEFAULT_PER_USER,
     max_sessions_per_address: int = DEFAULT_PER_ADDRESS,
+    pause: CollectorPause = WHOLE,
 ) -> Factory:
     """A factory for IMAP connections to `maildir`, with logins checked by `authenticate`
     (failures delayed by `throttle`) and concurrent sessions limited per user and per
-    client address (0: no limit)."""
+    client address (0: no limit). `pause` is the process's collector pause
+    (`connector.collector.for_process`)."""
     limits = SessionLimits(max_sessions_per_user, max_sessions_per_address)
-    return IMAPFactory(maildir, authenticate, hostname, max_message_size, throttle, limits)
+    return IMAPFactory(maildir, authenticate, hostname, max_message_size, throttle, limits, pause)

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import collector
+from connector.collector import WHOLE, CollectorPause
+
 from .fetch import RangeProducer
 from .message import MaildirMessage
 from .render import Piece, Stream, close, render
@@ -61,12 +62,15 @@ class Batch:
 
 
 def render_batch(
-    messages: Iterator[tuple[int, MaildirMessage]], query: list[Any], uid: bool
+    messages: Iterator[tuple[int, MaildirMessage]],
+    query: list[Any],
+    uid: bool,
+    pause: CollectorPause = WHOLE,
 ) -> Batch:
     """Render the next messages (in a worker thread) up to the batch limits, with the
     cyclic collector paused (a message's tree is freed by reference counting; see
-    `collector`)."""
-    with collector.paused():
+    `connector.collector`)."""
+    with pause:
         return _render_batch(messages, query, uid)
 
 
@@ -114,8 +118,10 @@ class FetchRun:
         uid: bool,
         gone: Callable[[], bool],
         run_blocking: RunBlocking = threads.deferToThread,
+        pause: CollectorPause = WHOLE,
     ) -> None:
         self.transport = transport
+        self.pause = pause
         self.messages = iter(found)  # consumed by the renders: nothing holds a done one
         self.query = query
         self.uid = uid
@@ -161,7 +167,7 @@ class FetchRun:
         if self.gone():
             self._finish(gone=True)
             return
-        d = self.run_blocking(render_batch, self.messages, self.query, self.uid)
+        d = self.run_blocking(render_batch, self.messages, self.query, self.uid, self.pause)
         d.addCallbacks(self._rendered, self._broken)
 
     def _rendered(self, batch: Batch) -> None:

@@ -37,7 +37,8 @@ from twisted.mail.imap4 import (
 )
 from twisted.python.failure import Failure
 
-from . import collector
+from connector.collector import NO_PAUSE, WHOLE, CollectorPause
+
 from .append import SpooledLiteral
 from .args import StrictParsing
 from .fetchrun import FetchRun, Outcome
@@ -390,33 +391,28 @@ class IMAPServer(StrictParsing):
         mbox = self.mbox
         last_uid = mbox.uids[-1] if mbox.uids else 0
         # A search that reads no file (the listing, or header fields the cache holds for
-        # every message) runs with the collector paused (`resumed`); one that parses message
-        # files makes garbage the collector is needed for.
+        # every message) runs with the collector paused until it is done; one that parses
+        # message files makes garbage the collector is needed for.
         cache = getattr(self.factory, "field_cache", None)
         warm = cache is not None and cache.size(mbox.folder.name) >= len(mbox.uids)
-        pausing = not reads_files(query, warm)
-        if pausing:
-            collector.pause()
-        try:
-            messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
-        except BaseException:
-            if pausing:
-                collector.resume()
-            raise
+        pause = NO_PAUSE if reads_files(query, warm) else self._collector_pause()
 
         def done(found: list[tuple[int, int]]) -> None:
             ids = [u if uid else s for s, u in found]
             self.sendUntaggedResponse(b" ".join([b"SEARCH", *(b"%d" % i for i in ids)]))
             self.sendPositiveResponse(tag, b"SEARCH completed")
 
-        def resumed(result: Any) -> Any:
-            if pausing:
-                collector.resume()
-            return result
+        with pause:
+            messages = mbox.fetch(imap4.parseIdList(b"1:*"), False)
+            d = pause.until(threads.deferToThread(run_search, query, messages, last_uid, cache))
+            del messages  # held by the search alone, and freed when it is done
+        d.addCallback(done).addErrback(self._fail(tag))
 
-        d = threads.deferToThread(run_search, query, messages, last_uid, cache)
-        del messages  # held by the search alone, and freed when it is done
-        d.addBoth(resumed).addCallback(done).addErrback(self._fail(tag))
+    def _collector_pause(self) -> CollectorPause:
+        """The process's collector pause (`connector.collector`), held by a command over a
+        whole folder."""
+        pause: CollectorPause = getattr(self.factory, "pause", WHOLE)
+        return pause
 
     # -- FETCH ----------------------------------------------------------------------------
 
@@ -436,23 +432,16 @@ class IMAPServer(StrictParsing):
             ):
                 query = [*query, imap4._FetchParser.Flags()]
         listing = all(p.type in LISTING_ITEMS for p in query)
-        if listing:
-            collector.pause()  # until the last slice is written (see `_fetch_listing`)
-        try:
+        pause = self._collector_pause() if listing else NO_PAUSE
+        with pause:  # and, for a listing, until its last slice is written
             found = self.mbox.fetch(messages, uid=bool(uid))
             if listing and any(p.type == "rfc822size" for p in query):
                 # The served size is known once a message file has been read.
                 listing = all(msg.known_size() is not None for _seq, msg in found)
-                if not listing:
-                    collector.resume()
-        except BaseException:
             if listing:
-                collector.resume()
-            raise
-        if listing:
-            self._fetch_listing(tag, found, query, uid)
-        else:
-            self._fetch_rendered(tag, found, query, uid)
+                pause.until(self._fetch_listing(tag, found, query, uid))
+                return
+        self._fetch_rendered(tag, found, query, uid)
 
     def _fetch_rendered(self, tag: bytes, found: Any, query: Any, uid: int) -> None:
         """Any other FETCH: each message's response rendered in a worker thread
@@ -460,7 +449,14 @@ class IMAPServer(StrictParsing):
         self._oldTimeout = self.setTimeout(None)
         if self.blocked is None:
             self.blocked = []
-        run = FetchRun(self.transport, found, list(query), bool(uid), lambda: self.gone)
+        run = FetchRun(
+            self.transport,
+            found,
+            list(query),
+            bool(uid),
+            lambda: self.gone,
+            pause=self._collector_pause(),
+        )
         del found
 
         def done(outcome: Outcome) -> None:
@@ -480,12 +476,13 @@ class IMAPServer(StrictParsing):
 
         run.start().addCallback(done).addErrback(self._fail(tag))
 
-    def _fetch_listing(self, tag: bytes, found: Any, query: Any, uid: int) -> None:
+    def _fetch_listing(self, tag: bytes, found: Any, query: Any, uid: int) -> Deferred[None]:
         """A FETCH of what the store lists (flags, UID, size, date), which a client asks of
         every message when it resyncs: answered in slices of up to `SLICE_SECONDS`, each
         written at once. (Twisted's FETCH takes a reactor turn and a write per message.)
-        Commands that arrive meanwhile wait, as they do for any FETCH. The collector is
-        paused by the caller, and resumed here after the last slice."""
+        Commands that arrive meanwhile wait, as they do for any FETCH. The Deferred fires
+        once the last slice is written (or the client has gone)."""
+        written: Deferred[None] = Deferred()
         items = list(query)
         if uid and not any(p.type == "uid" for p in items):
             items.append(imap4._FetchParser.UID())
@@ -517,7 +514,7 @@ class IMAPServer(StrictParsing):
                 more = not self.gone and one_slice()
             finally:
                 if not more:
-                    collector.resume()
+                    written.callback(None)
             if more:
                 self.callLater(0, turn)
                 return
@@ -529,6 +526,7 @@ class IMAPServer(StrictParsing):
             self._unblock()
 
         turn()
+        return written
 
 
 def _base_callback(name: str) -> Any:

@@ -22,6 +22,9 @@ from email import policy
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
 from connector.hoppolicy import plaintext_allowed
 from connector.outbound.queue import OutboundQueue
 from edge.smtp import replies
@@ -62,7 +65,11 @@ class SubmissionSink:
     def abort(self) -> None:
         self.chunks = []
 
-    async def finish(self) -> Reply:
+    def finish(self) -> Deferred[Reply]:
+        """The 250 once the message is queued (a Deferred of it)."""
+        return defer.ensureDeferred(self._queue())
+
+    async def _queue(self) -> Reply:
         data = b"".join(self.chunks)
         self.chunks = []
         found = from_addresses(data)

@@ -12,7 +12,7 @@ worker pool. Nothing here waits on the network in the reactor thread.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -25,7 +25,7 @@ _WSP = re.compile(rb"\s+")
 _SIG_HEADER = re.compile(rb"^dkim-signature:", re.I)
 
 
-def dnsfunc_for(resolver: DNSResolver) -> Any:
+def dnsfunc_for(resolver: DNSResolver) -> Callable[..., bytes | None]:
     """dkimpy's `dnsfunc(name, timeout)`: the first TXT record of `name`, or None.
 
     A temporary DNS failure propagates as DNSTemporaryError (dkimpy would turn its own

@@ -10,9 +10,9 @@ top of it: the edge's Authentication-Results and the verdict header (the edge's 
 added when the message is forwarded: `edge.delivery.client`). This module never blocks the
 reactor: the From header is read inline (the header section is bounded), and checks run
 CPU work on cached data inline and anything that may wait on the network, the disk or a big
-body in a worker pool. When every check of a stage answers at once, the stage's `*_now`
-method (`connect_now`, `mail_now`, `rcpt_now`, `data_now`) answers at once too, with no
-coroutine or Deferred; the coroutine methods are the same stages for awaiting callers.
+body in a worker pool. Each stage is one method (`connect`, `mail`, `rcpt`, `data`) that
+answers `NowOrLater` (`edge.runtime.nowlater`): when every check of the stage answers at
+once, so does the stage, with no coroutine or Deferred made.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from edge.checks import authresults, verdict
 from edge.checks.actions import TIMEOUT_REPLY, ActionPolicy, Decision
 from edge.checks.base import Check, Finding, Found, Recipient, Transaction
 from edge.checks.headers import from_addresses
-from edge.runtime.nowlater import is_deferred, now, then
+from edge.runtime.nowlater import NowOrLater, now, then
 from edge.smtp.replies import SMTPReplyError
 
 log = Logger()
 
 STAGES = ("connect", "mail", "rcpt", "data")
-Stage = list[Finding] | defer.Deferred[list[Finding]]
+Stage = NowOrLater[list[Finding]]
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,11 @@ class CheckPipeline:
     def transaction(self, client_ip: str) -> Transaction:
         return Transaction(client_ip=client_ip)
 
-    # Each stage has a coroutine method and a `*_now` method. The `*_now` methods answer at
-    # once when every check does (a check's findings are a list, not an awaitable): they
-    # return the stage's value (None, or the `DataOutcome`) or raise SMTPReplyError, with
-    # no coroutine or Deferred made; when a check has to wait they return a Deferred of the
-    # same, which fails with SMTPReplyError when the checks refuse or time out (an error
-    # that is already there when the stage returns is raised).
+    # Each stage answers at once when every check does (a check's findings are a list, not
+    # an awaitable): it returns the stage's value (None, or the `DataOutcome`) or raises
+    # SMTPReplyError, with no coroutine or Deferred made; when a check has to wait it
+    # returns a Deferred of the same, which fails with SMTPReplyError when the checks refuse
+    # or time out (an error that is already there when the stage returns is raised).
 
     def _run(self, stage: str, run: Callable[[Check], Found]) -> Stage:
         found: list[Finding] = []
@@ -113,8 +112,7 @@ class CheckPipeline:
         if not d.called:
             d.addTimeout(getattr(self.timeouts, stage), self.clock)
         d.addErrback(_timed_out, stage)
-        found_now: Stage = now(d)
-        return found_now
+        return now(d)
 
     def _enforce(self, stage: str, tx: Transaction, findings: list[Finding]) -> Decision:
         decision = self.policy.decide(findings)
@@ -123,48 +121,36 @@ class CheckPipeline:
             raise SMTPReplyError(reply, f"{stage} from {tx.client_ip}: {decision.reason}")
         return decision
 
-    def connect_now(self, tx: Transaction) -> defer.Deferred[None] | None:
-        done: defer.Deferred[None] | None = then(
-            self._run("connect", lambda c: c.connect(tx)), self._connected, tx
-        )
-        return done
+    def connect(self, tx: Transaction) -> NowOrLater[None]:
+        return then(self._run("connect", lambda c: c.connect(tx)), self._connected, tx)
 
     def _connected(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("connect", tx, findings)
         tx.connect_findings = findings
 
-    def mail_now(self, tx: Transaction, helo: str, sender: str) -> defer.Deferred[None] | None:
+    def mail(self, tx: Transaction, helo: str, sender: str) -> NowOrLater[None]:
         tx.reset()
         tx.helo = helo
         tx.mail_from = sender
-        done: defer.Deferred[None] | None = then(
-            self._run("mail", lambda c: c.mail(tx)), self._mailed, tx
-        )
-        return done
+        return then(self._run("mail", lambda c: c.mail(tx)), self._mailed, tx)
 
     def _mailed(self, findings: list[Finding], tx: Transaction) -> None:
         self._enforce("mail", tx, findings)
         tx.findings.extend(findings)
 
-    def rcpt_now(self, tx: Transaction, recipient: Recipient) -> defer.Deferred[None] | None:
-        done: defer.Deferred[None] | None = then(
+    def rcpt(self, tx: Transaction, recipient: Recipient) -> NowOrLater[None]:
+        return then(
             self._run("rcpt", lambda c: c.rcpt(tx, recipient)), self._recipient, tx, recipient
         )
-        return done
 
     def _recipient(self, findings: list[Finding], tx: Transaction, recipient: Recipient) -> None:
         self._enforce("rcpt", tx, findings)
         tx.recipients.append(recipient)
 
-    def data_now(
-        self, tx: Transaction, message: bytes
-    ) -> DataOutcome | defer.Deferred[DataOutcome]:
+    def data(self, tx: Transaction, message: bytes) -> NowOrLater[DataOutcome]:
         """Judge the whole message; SMTPReplyError (raised, or the Deferred's) refuses it."""
         tx.from_count, tx.header_from = from_addresses(message)
-        judged: DataOutcome | defer.Deferred[DataOutcome] = then(
-            self._run("data", lambda c: c.data(tx, message)), self._judged, tx
-        )
-        return judged
+        return then(self._run("data", lambda c: c.data(tx, message)), self._judged, tx)
 
     def _judged(self, findings: list[Finding], tx: Transaction) -> DataOutcome:
         everything = [*tx.connect_findings, *tx.findings, *findings]
@@ -180,28 +166,6 @@ class CheckPipeline:
                 reason=decision.reason,
             )
         return DataOutcome(decision, headers)
-
-    async def connect(self, tx: Transaction) -> None:
-        done = self.connect_now(tx)
-        if done is not None:
-            await done
-
-    async def mail(self, tx: Transaction, helo: str, sender: str) -> None:
-        done = self.mail_now(tx, helo, sender)
-        if done is not None:
-            await done
-
-    async def rcpt(self, tx: Transaction, recipient: Recipient) -> None:
-        done = self.rcpt_now(tx, recipient)
-        if done is not None:
-            await done
-
-    async def data(self, tx: Transaction, message: bytes) -> DataOutcome:
-        """Judge the whole message; raise SMTPReplyError to refuse it."""
-        outcome = self.data_now(tx, message)
-        if is_deferred(outcome):
-            return await outcome
-        return outcome
 
 
 def _timed_out(failure: Failure, stage: str) -> Failure:

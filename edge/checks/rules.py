@@ -54,7 +54,8 @@ class SpamRulesCheck(BaseCheck):
         self.run_blocking = run_blocking
 
     def mail(self, tx: Transaction) -> Found:
-        return then(self.run_blocking(self.list_rules), _loaded, tx)
+        rules: defer.Deferred[list[SpamRule]] = self.run_blocking(self.list_rules)
+        return then(rules, _loaded, tx)
 
     def rcpt(self, tx: Transaction, recipient: Recipient) -> list[Finding]:
         hits = [r for r in tx.state.get("rules.sender", []) if r.account_id == recipient.account_id]

@@ -54,6 +54,8 @@ from edge.spool.spool import QUEUE_ID_HEADER, Envelope, Spool
 
 log = Logger()
 
+Routes = dict[str, nowlater.NowOrLater[Target] | Exception]  # by recipient; or what it raised
+
 DEFAULT_LIFETIME = 5 * 86400.0
 DEFAULT_DELAY_WARNING = 4 * 3600.0
 INTAKE_WAIT = 0.01
@@ -78,7 +80,7 @@ class DeliveryQueue:
         hostname: str = "localhost",
         run_blocking: Callable[..., defer.Deferred[Any]] = _run_in_thread,
         on_event: Callable[[str, str, str, str], None] | None = None,
-        route_soon: Callable[[str, str], Target | defer.Deferred[Target]] | None = None,
+        route_soon: Callable[[str, str], nowlater.NowOrLater[Target]] | None = None,
     ) -> None:
         """`route` is blocking (it may query the store and DNS); `route_soon`, when given,
         answers the same at once when its caches can (a Target, or NoRoute raised), and as a
@@ -325,7 +327,7 @@ class DeliveryQueue:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    def _deferred_at_once(self, qid: str) -> dict[str, Any] | None:
+    def _deferred_at_once(self, qid: str) -> Routes | None:
         """An attempt decided without waiting: when every pending recipient's route is known
         at once to be unusable for now (a device that is offline, say) and no report is due,
         the message is deferred here as `_attempt` would defer it, without a coroutine (the
@@ -333,7 +335,7 @@ class DeliveryQueue:
         nothing is done, and the answer is the routes asked for so far, for `_attempt` to
         use (each a Target, a Deferred of one, or what routing raised): nothing is routed
         twice."""
-        routes: dict[str, Any] = {}
+        routes: Routes = {}
         env = self.envelopes[qid]
         entry = self.spool.entry(qid)
         age = self.clock.seconds() - env.received_at
@@ -377,7 +379,7 @@ class DeliveryQueue:
             )
 
     async def _attempt(
-        self, qid: str, in_order: bool = False, routes: dict[str, Any] | None = None
+        self, qid: str, in_order: bool = False, routes: Routes | None = None
     ) -> None:
         """One delivery attempt; `routes` are routes already asked for (`_deferred_at_once`)."""
         routes = routes or {}

@@ -30,6 +30,7 @@ from twisted.internet import defer
 from edge.config import Config, ConfigError, parse_listen
 from edge.delivery.mtasts import MTASTS, sts_hosts
 from edge.dns.resolver import DNSResolver, DNSTemporaryError
+from edge.runtime.nowlater import NowOrLater
 from edge.smtp import replies
 from edge.smtp.replies import Reply
 from edge.store import RecipientTarget
@@ -411,12 +412,12 @@ def route_soon(
     router: Router,
     lookups: CachedLookups,
     run_blocking: Callable[..., defer.Deferred[Any]],
-) -> Callable[[str, str], Target | defer.Deferred[Target]]:
+) -> Callable[[str, str], NowOrLater[Target]]:
     """`router.target`, now or later: answered at once from the store cache for a device or
     upstream recipient whose hosts are addresses (no DNS involved; a NoRoute is raised
     here), and as a Deferred of a worker thread's answer otherwise (DNS, or a store miss)."""
 
-    def soon(recipient: str, kind: str) -> Target | defer.Deferred[Target]:
+    def soon(recipient: str, kind: str) -> NowOrLater[Target]:
         try:
             found = lookups.peek(router.resolve, recipient)
         except NotCached:

@@ -5,8 +5,9 @@ a `DNSResolver` passed in at construction; nothing builds its own resolver. Answ
 cached for their TTL. The `lookup` family is blocking (dkimpy and pyspf call their DNS
 functions synchronously). `run_cached` runs such DNS-bound work in the calling (reactor)
 thread when every lookup it makes is answered from the cache, and again in the resolver's
-own bounded thread pool (`run_async`) as soon as one would need the network; so CPU work on
-cached data runs inline, and nothing that may wait on the network ever blocks the reactor.
+own bounded thread pool (`run_async`) as soon as one would need the network
+(`edge.runtime.cachedload`, the runner the store's cache shares); so CPU work on cached data
+runs inline, and nothing that may wait on the network ever blocks the reactor.
 `lookup_async` is the same for one lookup. `run_cached_now` answers without a Deferred when
 the cache answers, and `ResultMemo` keeps the results of such work for as long as the
 answers they were computed from.
@@ -15,7 +16,6 @@ answers they were computed from.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -31,20 +31,16 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from edge.runtime.cachedload import MISSED, CachedLoad, NotCached
+from edge.runtime.nowlater import NowOrLater
+
+__all__ = ["Answer", "DNSResolver", "DNSTemporaryError", "NotCached", "ResultMemo"]
+
 T = TypeVar("T")
-_MISSED: Any = object()  # `_inline`'s answer when a lookup would have needed the network
 
 
 class DNSTemporaryError(Exception):
     """A lookup that may succeed later: timeout, SERVFAIL, no nameserver answering."""
-
-
-class NotCached(Exception):
-    """A lookup under `run_cached` that the cache cannot answer (it would need the network).
-
-    Internal: `run_cached` catches it and runs the work again in the worker pool. It is
-    also noticed when the code in between swallows it (pyspf has bare `except:` clauses).
-    """
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,8 @@ class DNSResolver:
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._max_threads = max_threads
-        self._local = threading.local()  # .cache_only / .missed / .expires, for run_cached
+        # `run_cached`'s runner: misses go to `run_async` (as it is when they do).
+        self.cached = CachedLoad(lambda fn, *args, **kw: self.run_async(fn, *args, **kw))
         self.generation = 0  # bumped by clear_cache: results computed before are stale
 
     def lookup(self, name: str, rdtype: str) -> Answer:
@@ -118,14 +115,12 @@ class DNSResolver:
         now = self.clock()
         with self._lock:
             hit = self._cache.get(key)
-        local = self._local
+        cached = self.cached
         if hit is not None and hit[0] > now:
-            if getattr(local, "cache_only", False) and hit[0] < local.expires:
-                local.expires = hit[0]  # the earliest expiry of what the inline run used
+            cached.hit(hit[0])  # the earliest expiry of what an inline run used
             return hit[1]
-        if getattr(local, "cache_only", False):
-            local.missed = True
-            raise NotCached(f"{rdtype} {key[0]}")
+        if cached.cache_only:
+            cached.miss(f"{rdtype} {key[0]}")
         answer = self._query(key[0], rdtype)
         ttl = min(max(answer.ttl, self.min_ttl), self.max_ttl)
         if ttl > 0:
@@ -211,44 +206,10 @@ class DNSResolver:
         """
         return defer.maybeDeferred(self.run_cached_now, fn, *args, **kwargs)
 
-    def run_cached_now(
-        self, fn: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T | defer.Deferred[T]:
+    def run_cached_now(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> NowOrLater[T]:
         """`run_cached` without a Deferred when the cache answers: `fn`'s value at once (an
         error of the inline run is raised here), else the Deferred of the worker pool's run."""
-        if getattr(self._local, "cache_only", False):  # nested: the outer call decides
-            return fn(*args, **kwargs)
-        result, _expires = self._inline(fn, args, kwargs)
-        if result is _MISSED:
-            return self.run_async(fn, *args, **kwargs)
-        out: T = result
-        return out
-
-    def _inline(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, float]:
-        """`fn` in cache-only mode in this thread: its value and when the first of the cached
-        answers it used expires (infinity if it used none), or `_MISSED` when one of its
-        lookups would have needed the network. Errors of `fn` are raised, unless a lookup
-        missed before them (the pool run will tell)."""
-        local = self._local
-        local.cache_only = True
-        local.missed = False
-        local.expires = math.inf
-        try:
-            result = fn(*args, **kwargs)
-        except NotCached:
-            local.missed = True
-        except Exception:
-            if not local.missed:
-                raise
-        finally:
-            local.cache_only = False
-        if local.missed:
-            local.missed = False
-            return _MISSED, 0.0
-        expires: float = local.expires
-        return result, expires
+        return self.cached.run(fn, *args, **kwargs)
 
     def run_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         """Run DNS-bound work (e.g. an SPF evaluation) in the resolver's thread pool."""
@@ -296,9 +257,7 @@ class ResultMemo:
         self.keep = keep
         self._entries: OrderedDict[Hashable, tuple[float, int, Any]] = OrderedDict()
 
-    def run(
-        self, key: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T | defer.Deferred[T]:
+    def run(self, key: Hashable, fn: Callable[..., T], *args: Any, **kwargs: Any) -> NowOrLater[T]:
         resolver = self.resolver
         now = resolver.clock()
         generation = resolver.generation
@@ -309,11 +268,12 @@ class ResultMemo:
                 kept: T = hit[2]
                 return kept
             del entries[key]
-        if getattr(resolver._local, "cache_only", False):  # inside run_cached: no keeping
+        cached = resolver.cached
+        if cached.cache_only:  # inside run_cached: no keeping
             return fn(*args, **kwargs)
-        result, expires = resolver._inline(fn, args, kwargs)
-        if result is _MISSED:
-            return resolver.run_async(fn, *args, **kwargs)
+        result, expires = cached.inline(fn, args, kwargs)
+        if result is MISSED:
+            return cached.load(fn, *args, **kwargs)
         until = min(expires, now + self.max_age)
         if until > now and (self.keep is None or self.keep(result)):
             if len(entries) >= self.max_entries:

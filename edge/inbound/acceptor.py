@@ -293,6 +293,7 @@ def build_acceptor(
     from edge.inbound.listener import build_mx_factory
     from edge.runtime.service import TCPListener
     from edge.runtime.storeopen import open_configured_store
+    from edge.spool.committer import mx_committer
     from edge.store.cache import CachedLookups
     from edge.tls import server_context
 
@@ -309,8 +310,9 @@ def build_acceptor(
     def accepted(envelope: Envelope) -> None:
         """Delivery belongs to the edge process, which has the batch already."""
 
+    commit = mx_committer(spool, reactor).commit  # the spool's durability, chosen once
     factory = build_mx_factory(
-        config, reactor, CachedLookups(store), spool, resolver, accepted, tls, counts=counts
+        config, reactor, CachedLookups(store), spool, resolver, accepted, commit, tls, counts=counts
     )
     return TCPListener("mx", listen, factory, reactor, reuse_port=True)
 

@@ -15,14 +15,12 @@ from edge.checks import authserv_id, build_pipeline
 from edge.config import Config
 from edge.delivery.routing import recipient_resolver
 from edge.dns.resolver import DNSResolver
-from edge.inbound.policy import RECEIVED_HEADERS_ADDED, MXHandler
+from edge.inbound.policy import RECEIVED_HEADERS_ADDED, Commit, MXHandler
 from edge.smtp.conncount import LocalCounts
 from edge.smtp.factory import SMTPServerFactory
 from edge.smtp.proxy import ProxyProtocolFactory, trusted_networks
 from edge.smtp.server import Limits
-from edge.spool.committer import Committer
 from edge.spool.spool import Envelope, Spool
-from edge.spool.syncer import Syncer
 from edge.store import RecipientTarget
 from edge.store.cache import CachedLookups
 
@@ -60,15 +58,16 @@ def build_mx_factory(
     spool: Spool,
     resolver: DNSResolver,
     accepted: Callable[[Envelope], None],
+    commit: Commit,
     tls: Any = None,
-    while_syncing: Callable[[], None] | None = None,
     counts: LocalCounts | None = None,
     handler_class: type[MXHandler] = MXHandler,
 ) -> Any:
     """The protocol factory of the MX listener (behind the PROXY protocol when configured).
-    `accepted` takes each committed message; `while_syncing` runs while the spool syncs;
-    `counts` are the connections the limits count (shared with the other processes on the
-    MX port, if any); `handler_class` is the policy of one connection."""
+    `commit` makes a message durable (the spool's committer, `edge.spool.committer`, built
+    with the spool); `accepted` takes each committed message; `counts` are the connections
+    the limits count (shared with the other processes on the MX port, if any);
+    `handler_class` is the policy of one connection."""
     hostname = config.fqdn
     checks = build_pipeline(
         config, resolver, reactor, lookups.list_spam_rules, lookups.cached_or_load
@@ -78,17 +77,9 @@ def build_mx_factory(
         device = lookups.get_device(target.device_id) if target.device_id else None
         return device.account_id if device is not None else None
 
-    committer = Committer(spool, reactor, Syncer(reactor), while_syncing)
-    # Once the listener, the committer and the sync process have stopped (the sync process
-    # is waited for during shutdown): seal the current segment, remove the one made ahead.
-    reactor.addSystemEventTrigger("after", "shutdown", spool.close)
     # Made once and shared by every session's handler (a bound method is a new object each
     # time it is looked up).
-    resolve, lookup, commit = (
-        recipient_resolver(lookups, config),
-        lookups.cached_or_load,
-        committer.commit,
-    )
+    resolve, lookup = recipient_resolver(lookups, config), lookups.cached_or_load
     awaiting = resolve.awaiting
     authserv = authserv_id(config)
 
@@ -108,9 +99,7 @@ def build_mx_factory(
             awaiting=awaiting,
         )
 
-    smtp = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls, counts)
-    committer.alone = smtp.alone
-    factory: Any = smtp
+    factory: Any = SMTPServerFactory(handler, smtp_limits(config), hostname, reactor, tls, counts)
     if config.edge.mx_proxy_protocol:
         trusted = trusted_networks(config.edge.mx_proxy_trusted)
         factory = ProxyProtocolFactory(factory, trusted, reactor, config.edge.mx_proxy_timeout)

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from edge.checks import CheckPipeline, HeaderFilter, Recipient, Transaction
 from edge.checks.pipeline import DataOutcome
-from edge.runtime.nowlater import then
+from edge.runtime.nowlater import NowOrLater, then
 from edge.smtp import replies, trace
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
-from edge.smtp.session import Session
+from edge.smtp.session import Refusal, Session
 from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import RecipientTarget
 
@@ -132,19 +132,20 @@ class CheckedSink:
     def abort(self) -> None:
         self.writer.abort()
 
-    def finish(self) -> Any:
+    def finish(self) -> NowOrLater[Reply]:
         """The 250 once the message is judged and durable (a Deferred of it), or the
         refusal raised (or as the Deferred's failure)."""
         for line in self.filter.finish():
             self.writer.write(line)
         if not self.writer.spilled:
             return self._judge(self.writer.data())
-        return then(self.run_blocking(self.writer.data), self._judge)
+        data: defer.Deferred[bytes] = self.run_blocking(self.writer.data)
+        return then(data, self._judge)
 
-    def _judge(self, message: bytes) -> Any:
-        return then(self.checks.data_now(self.tx, message), self._store)
+    def _judge(self, message: bytes) -> NowOrLater[Reply]:
+        return then(self.checks.data(self.tx, message), self._store)
 
-    def _store(self, outcome: DataOutcome) -> Any:
+    def _store(self, outcome: DataOutcome) -> defer.Deferred[Reply]:
         self.spooling.envelope.extra["verdict"] = outcome.decision.action
         self.writer.put_on_top(outcome.headers + self.received)
         return self.spooling.done()
@@ -168,7 +169,7 @@ class MXHandler:
         checks: CheckPipeline | None = None,
         account_of: Callable[[RecipientTarget], str | None] | None = None,
         authserv_id: str | None = None,
-        lookup: Callable[..., defer.Deferred[Any]] | None = None,
+        lookup: Callable[..., NowOrLater[Any]] | None = None,
         commit: Commit | None = None,
         awaiting: Callable[[str], bool] | None = None,
     ) -> None:
@@ -191,31 +192,31 @@ class MXHandler:
         self.authserv_id = (authserv_id or (checks.authserv_id if checks else hostname)).lower()
         self.tx: Transaction | None = None
 
-    def connect(self, session: Session) -> Any:
+    def connect(self, session: Session) -> Refusal:
         """None, or a Deferred of it; a refusal is raised (or fails the Deferred) as an
         SMTPReplyError, and the server closes the connection after sending it."""
         if self.checks is None:
             return None
         self.tx = self.checks.transaction(session.peer_host)
-        return self.checks.connect_now(self.tx)
+        return cast(Refusal, self.checks.connect(self.tx))
 
     def authenticate(self, session: Session, username: str, password: str) -> bool:
         return False
 
-    def mail_from(self, session: Session, sender: Path) -> Any:
+    def mail_from(self, session: Session, sender: Path) -> Refusal:
         """None, or a Deferred that fails with SMTPReplyError when the checks refuse."""
         if self.checks is None:
             return None
         if self.tx is None:
             self.tx = self.checks.transaction(session.peer_host)
-        return self.checks.mail_now(self.tx, session.helo or "", sender.address)
+        return cast(Refusal, self.checks.mail(self.tx, session.helo or "", sender.address))
 
-    def rcpt_to(self, session: Session, recipient: Path) -> Any:
+    def rcpt_to(self, session: Session, recipient: Path) -> Refusal:
         """None, or a Deferred of it; refusals are raised (or fail the Deferred) as
         SMTPReplyError. A recipient whose route is cached is answered at once."""
         return then(self.lookup(self.resolve, recipient.address), self._routed, recipient)
 
-    def _routed(self, target: RecipientTarget | None, recipient: Path) -> Any:
+    def _routed(self, target: RecipientTarget | None, recipient: Path) -> Refusal:
         if target is None:
             if self.awaiting is None:
                 return self._refuse(False, recipient)
@@ -227,16 +228,16 @@ class MXHandler:
         return then(self.lookup(self.account_of, target), self._check_recipient, recipient)
 
     @staticmethod
-    def _refuse(awaiting: bool, recipient: Path) -> Any:
+    def _refuse(awaiting: bool, recipient: Path) -> NoReturn:
         """550 5.1.1; 450 4.4.4 while the domain's verified route is not active yet."""
         if awaiting:
             why = f"the route of {recipient.address} is not active yet"
             raise SMTPReplyError(replies.S450_ROUTE_NOT_ACTIVE, why)
         raise SMTPReplyError(replies.S550_NO_SUCH_USER, f"no route for {recipient.address}")
 
-    def _check_recipient(self, account: str | None, recipient: Path) -> Any:
+    def _check_recipient(self, account: str | None, recipient: Path) -> Refusal:
         assert self.checks is not None and self.tx is not None
-        return self.checks.rcpt_now(self.tx, Recipient(recipient.address, account))
+        return cast(Refusal, self.checks.rcpt(self.tx, Recipient(recipient.address, account)))
 
     def data(self, session: Session) -> SpoolSink | CheckedSink:
         assert session.sender is not None

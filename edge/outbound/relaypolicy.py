@@ -48,7 +48,7 @@ from edge.runtime.nowlater import then
 from edge.smtp import replies
 from edge.smtp.address import Path
 from edge.smtp.replies import Reply, SMTPReplyError
-from edge.smtp.session import Session
+from edge.smtp.session import Refusal, Session
 from edge.smtp.trace import header_text
 from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import Device
@@ -233,7 +233,7 @@ class RelayHandler:
             session.peer_host, self.relay.plaintext_networks
         )
 
-    def authenticate(self, session: Session, username: str, password: str) -> Any:
+    def authenticate(self, session: Session, username: str, password: str) -> defer.Deferred[bool]:
         """True (now or later) when `password` is the live key of the authorized device
         whose id is `username`."""
         self.device = None
@@ -252,7 +252,7 @@ class RelayHandler:
             raise SMTPReplyError(replies.S530_AUTH_REQUIRED, "no device authenticated")
         return device
 
-    def mail_from(self, session: Session, sender: Path) -> Any:
+    def mail_from(self, session: Session, sender: Path) -> Refusal:
         """None once the device's account is found to own the sender (later: a Deferred);
         553 5.7.1 otherwise."""
         device = self._device(session)
@@ -261,14 +261,17 @@ class RelayHandler:
             raise SMTPReplyError(
                 replies.S553_SENDER_NOT_OWNED, f"device {device.id}: the null sender"
             )
-        found = self.relay.run_blocking(self.relay.sender_account, device.id, sender.address)
+        found: defer.Deferred[str | None] = self.relay.run_blocking(
+            self.relay.sender_account, device.id, sender.address
+        )
         return then(found, self._owned, device, sender)
 
-    def _owned(self, account: str | None, device: Device, sender: Path) -> None:
+    def _owned(self, account: str | None, device: Device, sender: Path) -> Reply | None:
         if account is None:
             why = f"device {device.id} may not send as {sender.address}"
             raise SMTPReplyError(replies.S553_SENDER_NOT_OWNED, why)
         self.account = account
+        return None
 
     def rcpt_to(self, session: Session, recipient: Path) -> None:
         self._device(session)

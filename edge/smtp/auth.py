@@ -124,13 +124,15 @@ class AuthExchange:
     def _check(self, username: str, password: str) -> Any:
         server = self.server
         session, throttle = server.session, server.factory.auth_throttle
+        assert session is not None
         authenticate = server.handler.authenticate
+        ok: Any
         if throttle is None:
             ok = server._call(authenticate, session, username, password)
         else:
             ok = throttle.attempt(
                 server.factory.auth_service,
-                session.peer_host if session else "unknown",
+                session.peer_host,
                 username,
                 lambda: server._call(authenticate, session, username, password),
             )

@@ -11,12 +11,12 @@ than one text line of input, and never decides anything but these wire-level rul
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.logger import Logger
 
+from edge.runtime.nowlater import NowOrLater
 from edge.smtp import replies
 from edge.smtp.replies import Reply
 
@@ -82,7 +82,7 @@ class MessageSink(Protocol):
 
     def write(self, chunk: bytes) -> None: ...
 
-    def finish(self) -> Awaitable[Reply] | Reply: ...
+    def finish(self) -> NowOrLater[Reply]: ...
 
     def abort(self) -> None: ...
 

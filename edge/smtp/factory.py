@@ -83,13 +83,6 @@ class SMTPServerFactory(Factory):
             return replies.S421_TOO_MANY_FROM_NETWORK
         return None
 
-    def alone(self) -> bool:
-        """Whether at most one session is open: then no other client can be waiting on the
-        reactor's next step. (Counting only sessions in a transaction was measured too: on
-        loopback, a session between two transactions sends its next command within
-        microseconds, and two to four sessions lost 6 to 9%.)"""
-        return len(self.sessions) <= 1
-
     def release(self, proto: SMTPServer) -> None:
         if proto in self.sessions:
             self.sessions.discard(proto)

@@ -22,7 +22,7 @@ given.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from edge.runtime.nowlater import is_deferred, now, then
+from edge.runtime.nowlater import NowOrLater, is_deferred, now, then
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
 from edge.smtp.auth import AuthExchange
@@ -47,10 +47,12 @@ if TYPE_CHECKING:
     from edge.smtp.factory import SMTPServerFactory
 
 log = Logger()
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
-
-Answer = Reply | None | defer.Deferred[Any]
+Answer = NowOrLater[Reply | None]
 """What a command gives: its reply (None when it has answered itself) now, or later."""
+Answered = Answer | NowOrLater[Reply]  # (what `_run` takes: a sink's answer too)
 
 _BUSY, _IDLE, _LINE, _DATA = "busy", "idle", "line", "data"
 """What the session waits for, which decides its timer (`SMTPServer._arm`): the server's
@@ -233,7 +235,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
                 continue
             self._execute(line)
 
-    def _run(self, result: Answer, finish: Callable[[Reply | None], None] | None = None) -> None:
+    def _run(self, result: Answered, finish: Callable[[Reply | None], None] | None = None) -> None:
         """Finish one command (by default; or the greeting) with its answer: now, or once
         its Deferred fires. While it waits, later pipelined input stays in the buffer."""
         self._busy = True
@@ -298,13 +300,13 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
     def _peer(self) -> str:
         return self.session.peer_host if self.session else "?"
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[[*Ts], NowOrLater[T]], *args: *Ts) -> NowOrLater[T]:
         """`fn(*args)` of the handler: its value when it has one now (an exception it raised,
         or a fired Deferred's failure, is raised here), else a Deferred under the handler
         timeout."""
         return self._settle(fn(*args), self.limits.handler_timeout)
 
-    def _settle(self, result: Any, timeout: float) -> Any:
+    def _settle(self, result: NowOrLater[T], timeout: float) -> NowOrLater[T]:
         """A handler's or sink's answer as a value when it has one now
         (`edge.runtime.nowlater.now`), else the Deferred, cancelled (a 451) if it has not fired
         after `timeout` seconds."""

@@ -10,11 +10,18 @@ it and sets only `auth_needs_tls`. This module must never hold protocol logic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
+from edge.runtime.nowlater import NowOrLater
 from edge.smtp.address import Path
+from edge.smtp.data import MessageSink
+from edge.smtp.replies import Reply
 
-__all__ = ["Session", "SessionHandler"]
+__all__ = ["Refusal", "Session", "SessionHandler"]
+
+Refusal = NowOrLater[Reply | None]
+"""A handler's answer: the Reply to refuse with, or None to accept, now or later (a refusal
+may also be raised, or fail the Deferred, as an SMTPReplyError)."""
 
 
 @dataclass
@@ -41,19 +48,22 @@ class Session:
 
 
 class SessionHandler(Protocol):
-    """Policy for one connection. Methods return a Reply or None (accept), maybe later."""
+    """Policy for one connection. Methods return a Reply or None (accept), maybe later; a
+    refusal may also be raised (or fail the Deferred) as an SMTPReplyError."""
 
     auth_offered: bool
     auth_required: bool
 
-    def connect(self, session: Session) -> Any: ...
+    def connect(self, session: Session) -> Refusal: ...
 
-    def authenticate(self, session: Session, username: str, password: str) -> Any: ...
+    def authenticate(self, session: Session, username: str, password: str) -> NowOrLater[bool]:
+        """Whether the credentials are good."""
+        ...
 
-    def mail_from(self, session: Session, sender: Path) -> Any: ...
+    def mail_from(self, session: Session, sender: Path) -> Refusal: ...
 
-    def rcpt_to(self, session: Session, recipient: Path) -> Any: ...
+    def rcpt_to(self, session: Session, recipient: Path) -> Refusal: ...
 
-    def data(self, session: Session) -> Any:
+    def data(self, session: Session) -> NowOrLater[MessageSink]:
         """Return the MessageSink for the transaction's data (or raise SMTPReplyError)."""
         ...

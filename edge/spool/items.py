@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -117,9 +117,13 @@ class SpoolWriter:
 
     SPILL_SIZE = 64 * 1024
 
-    def __init__(self, tmp: Path, qid: str) -> None:
+    def __init__(
+        self, tmp: Path, qid: str, on_close: Callable[[SpoolWriter], None] | None = None
+    ) -> None:
+        """`on_close` is called once, at the first `close` (or `abort`)."""
         self.tmp = tmp
         self.qid = qid
+        self._on_close = on_close
         self.size = 0
         self._top = b""
         self._memory: bytearray | None = bytearray()
@@ -164,6 +168,9 @@ class SpoolWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        closed, self._on_close = self._on_close, None
+        if closed is not None:
+            closed(self)
 
     def chunks(self) -> Iterator[bytes | bytearray]:
         """The message (after `close`): what went on top, then the data, in pieces of at

@@ -21,7 +21,7 @@ On start, every segment found is sealed (a process appends only to segments it m
 is not in a whole, valid batch is discarded, and every message with an unfinished recipient
 is handed back for delivery. The blocking methods here must run in a thread pool, never in
 the reactor thread; `write_unsynced` and `synced` do not block (a small batch written into
-the page cache of the current segment, made durable by the caller: `edge.spool.committer`).
+the page cache of the current segment, made durable by the caller: `edge.spool.durability`).
 What the spool keeps of each message (`Envelope`, `SpoolEntry`, `SpoolWriter`) is in
 `edge.spool.items`; reading a spool directory back (segments and logs) is `edge.spool.scan`.
 """
@@ -33,6 +33,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,9 +130,20 @@ class Spool:
         self._live: dict[str, set[str]] = {}
         self.batches_written = 0
         self.messages_committed = 0
+        # The writers made and not closed yet (committed or aborted); weakly, so that one
+        # dropped unclosed does not count for ever.
+        self._receiving: weakref.WeakSet[SpoolWriter] = weakref.WeakSet()
+        self.writers_made = 0
 
     def writer(self) -> SpoolWriter:
-        return SpoolWriter(self.tmp, new_queue_id())
+        writer = SpoolWriter(self.tmp, new_queue_id(), self._receiving.discard)
+        self._receiving.add(writer)
+        self.writers_made += 1
+        return writer
+
+    def receiving(self) -> int:
+        """How many messages are being received: writers made, neither committed nor aborted."""
+        return len(self._receiving)
 
     # -- committing ------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ It never caches an exception.
 The lookups block on a miss (they query the store), so from the reactor thread go through
 `cached_or_load(fn, *args)`: `fn`, made of this cache's lookups, runs at once in the
 calling thread when every lookup it makes is answered by a fresh entry (`peek`), and in a
-worker thread (`run_blocking`), where misses load from the store, otherwise.
+worker thread (`run_blocking`), where misses load from the store, otherwise: the runner of
+`edge.runtime.cachedload`, which the DNS resolver's cache shares.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
 
+from edge.runtime.cachedload import MISSED, CachedLoad, NotCached
+from edge.runtime.nowlater import is_deferred
 from edge.store.records import Device, RecipientTarget, SpamRule
 from edge.store.store import Store
 
+__all__ = ["CachedLookups", "NotCached"]
 
-class NotCached(Exception):
-    """A lookup under `peek` that would have to query the store."""
+T = TypeVar("T")
 
 
 class CachedLookups:
@@ -45,41 +48,34 @@ class CachedLookups:
         self._lock = threading.Lock()
         self._entries: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self._generation = store.generation
-        self._local = threading.local()  # .cache_only / .missed of `peek`, per thread
+        # Misses load in a worker thread, through `run_blocking` as it is when they do.
+        self.cached = CachedLoad(lambda fn, *args: self.run_blocking(fn, *args))
 
-    def peek(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def peek(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` with this cache's lookups answered from fresh entries only.
 
         Never blocks: a lookup that would query the store raises NotCached (also when `fn`
-        swallowed it). `fn` must consist of this cache's lookups (anything else it does
-        runs here, in the calling thread).
+        swallowed it, or failed after it). `fn` must consist of this cache's lookups
+        (anything else it does runs here, in the calling thread).
         """
-        local = self._local
-        if getattr(local, "cache_only", False):
+        cached = self.cached
+        if cached.cache_only:
             return fn(*args)
-        local.cache_only = True
-        local.missed = False
-        try:
-            value = fn(*args)
-        finally:
-            local.cache_only = False
-        if local.missed:
+        value, _expires = cached.inline(fn, args, {})
+        if value is MISSED:
             raise NotCached(getattr(fn, "__name__", repr(fn)))
         return value
 
-    def cached_or_load(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    def cached_or_load(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """`fn(*args)` (made of this cache's lookups) as a Deferred: fired at once when the
         cache answers it, else run in a worker thread, loading what is missing."""
         try:
-            return defer.succeed(self.peek(fn, *args))
-        except NotCached:
-            return self.run_blocking(fn, *args)
+            value = self.cached.run(fn, *args)
         except Exception:
-            if getattr(self._local, "missed", False):
-                return self.run_blocking(fn, *args)
             return defer.fail()
+        return value if is_deferred(value) else defer.succeed(value)
 
-    def _get(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+    def _get(self, key: tuple[Any, ...], load: Callable[[], T]) -> T:
         now = self.clock()
         with self._lock:
             if self._generation != self.store.generation:
@@ -87,12 +83,12 @@ class CachedLookups:
                 self._generation = self.store.generation
             hit = self._entries.get(key)
             if hit is not None and hit[0] > now:
-                return hit[1]
+                found: T = hit[1]
+                return found
             generation = self._generation
-        local = self._local
-        if getattr(local, "cache_only", False):
-            local.missed = True
-            raise NotCached(repr(key))
+        cached = self.cached
+        if cached.cache_only:
+            cached.miss(repr(key))
         value = load()
         with self._lock:
             if generation == self.store.generation:  # nothing changed while we loaded

@@ -24,6 +24,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.routing import BaseConverter
 
+from connector.collector import WHOLE, CollectorPause
 from connector.events import InboundEvents, iso_time
 from connector.mailservice import LinkState, MailService
 from maildir import Maildir, MessageNotFound
@@ -111,7 +112,9 @@ class LocalAPI:
         clock: IReactorTime | None = None,
         on_change: Callable[[Sequence[str]], None] | None = None,
         cache: SummaryCache | None = None,
+        pause: CollectorPause = WHOLE,
     ) -> None:
+        """`pause` is the process's collector pause (`connector.collector.for_process`)."""
         if not token:
             raise ValueError("the local API needs a non-empty token")
         if clock is None:
@@ -123,7 +126,7 @@ class LocalAPI:
         self._max_body = max_body
         self._run = run_blocking
         self.links = Links(base_url)
-        self.mail = LocalMail(maildir, self.links, cache)
+        self.mail = LocalMail(maildir, self.links, cache, pause)
         self.events = events
         self.mail_service = mail_service
         self.link = link if link is not None else LinkState(clock.seconds)

@@ -6,12 +6,12 @@ keeps a bounded per-message summary cache: Maildir messages never change content
 their unique name (only flags, which come from the listing), so a summary parsed once is
 good until the message is gone. A message's parse (up to the limits of
 `maildir.mimetree`: a thousand parts) makes thousands of objects that reference counting
-frees when it is done; the cyclic collector is paused meanwhile (`connector.imap.collector`),
-else they reach its oldest generation and set off a pass over every object of the process,
-which holds the interpreter, the reactor's thread included, for 40 to 130 ms.
-This module must never build a path itself (names go
-through the maildir package) and never delete a message outside Trash: deleting moves to
-Trash first.
+frees when it is done; the cyclic collector is paused meanwhile (the process's pause,
+`connector.collector`, passed in by its assembly), else they reach its oldest generation
+and set off a pass over every object of the process, which holds the interpreter, the
+reactor's thread included, for 40 to 130 ms. This module must never build a path itself
+(names go through the maildir package) and never delete a message outside Trash: deleting
+moves to Trash first.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from connector.imap import collector
+from connector.collector import WHOLE, CollectorPause
 from maildir import Folder, FolderNotFound, Maildir, MessageInfo, MessageNotFound
 from maildir.message import (
     AttachmentInfo,
@@ -107,10 +107,17 @@ class Resolved:
 class LocalMail:
     """Blocking operations on the device's Maildir for the API (run them in a thread)."""
 
-    def __init__(self, maildir: Maildir, links: Links, cache: SummaryCache | None = None) -> None:
+    def __init__(
+        self,
+        maildir: Maildir,
+        links: Links,
+        cache: SummaryCache | None = None,
+        pause: CollectorPause = WHOLE,
+    ) -> None:
         self.maildir = maildir
         self.links = links
         self.cache = cache if cache is not None else SummaryCache()
+        self.pause = pause
 
     # -- summaries ---------------------------------------------------------------------------
 
@@ -122,7 +129,7 @@ class LocalMail:
             data = folder.read(info.id)
         except MessageNotFound:  # removed since it was listed
             return None
-        with collector.paused():  # see `parsed`
+        with self.pause:  # see the module's docstring
             summary = summarize(data)
         self.cache.put(folder.name, info.id, summary)
         return summary
@@ -211,7 +218,7 @@ class LocalMail:
         def attachment_url(index: int) -> str:
             return self.links.attachment(info.id, folder.name, index, False)
 
-        with collector.paused():  # see `parsed`
+        with self.pause:  # see the module's docstring
             detail = parse_detail(
                 found.data, remote_images=remote_images, attachment_url=attachment_url
             )
@@ -256,7 +263,7 @@ class LocalMail:
         self, mailbox: str, ref: str, kind: str, index: int
     ) -> tuple[AttachmentInfo, bytes]:
         data = self.resolve(mailbox, ref, kind).data
-        with collector.paused():  # see `parsed`
+        with self.pause:  # see the module's docstring
             return get_attachment(data, index)
 
     # -- changes -----------------------------------------------------------------------------
