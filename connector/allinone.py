@@ -106,6 +106,16 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
     link_local_device(store, device)
 
 
+def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
+    """Once listening: the device relays its outbound mail to this process's own edge, at the
+    relay listener's real address (the report's "relay"; port 0 allowed), at once."""
+    relay = addresses.get("relay")
+    if device.sending is None or not relay:
+        return
+    device.sending.relay.point_at(relay)
+    device.sending.queue.wake()
+
+
 class LinkDevice(Service):
     """Started after the device listens: points the store's device row at the real port."""
 
@@ -132,6 +142,7 @@ tailpost all-in-one is running; data in {config.data_path}
   relay SMTP (edge, outbound)  {addresses.get("relay", "off")}
   connector SMTP (device)      {addresses["connector"]}
   IMAP (device)                {addresses["imap"]}
+  submission SMTP (device)     {addresses.get("submission", "off")}
   local HTTP API (device)      http://{addresses["http"]}
 
 Send a test message to {demo}:
@@ -173,18 +184,24 @@ def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, De
         # The person running the all-in-one is its edge's operator: role mail is theirs.
         config.edge.postmaster = config.demo.address
     device = build_device(config, reactor, extra_addresses=(config.demo.address,), with_mx=True)
+    if device.sending is not None:
+        # Mail waits until the edge's relay listens (`point_device_at_relay`).
+        device.sending.relay.point_at("")
     edge = build_edge(config, reactor, tls_files=tls_files)
     bootstrap_demo(edge.store, config, device)
     top = MultiService()
     device.service.setServiceParent(top)
     LinkDevice(edge.store, device).setServiceParent(top)
     edge.service.setServiceParent(top)
+    submission = device.sending.submission if device.sending is not None else None
     report = ReadyReport(
         data / "run",
         [edge.mx, edge.control.listener, device.connector, device.imap, device.http]
+        + ([submission] if submission is not None else [])
         + ([edge.relay] if edge.relay is not None else []),
     )
     report.ready.append(device.on_ready)
+    report.ready.append(lambda addresses: point_device_at_relay(device, addresses))
     report.ready.append(edge.control.on_ready)
 
     def point_device_at_edge(addresses: dict[str, str]) -> None:

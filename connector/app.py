@@ -1,4 +1,5 @@
-"""Assembly of the device: Maildir, connector SMTP listener, IMAP server and local HTTP API.
+"""Assembly of the device: Maildir, connector SMTP listener, IMAP server, local HTTP API, and
+the sending parts (`connector.outbound.build`: queue, relay to the edge, submission listener).
 
 State is built from the configuration and the credentials file and passed into each part;
 nothing is global. The HTTP API only ever listens on a loopback address. The connector
@@ -26,6 +27,9 @@ from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
+from connector.outbound.build import Outbound, build_outbound
+from connector.outbound.events import OutboundEvents
+from connector.outbound.queue import OutboundQueue
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
@@ -59,11 +63,20 @@ class Device:
     registration: Registration | None = None
     tls_pin: str | None = None
     """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
+    outbound: OutboundQueue | None = None
+    """The outbound queue (`OutboundQueue.submit` for the submission listener and the API)."""
+    outbound_events: OutboundEvents | None = None
+    sending: Outbound | None = None
+    """All the sending parts: the queue and its events, the relay to the edge, the outcome
+    poller, the submission listener."""
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
         self.api.base_url = f"http://{addresses['http']}"
         self.api.device.imap_addr = addresses.get("imap", self.api.device.imap_addr)
+        self.api.device.submission_addr = addresses.get(
+            "submission", self.api.device.submission_addr
+        )
 
 
 def _require_loopback(listen: str, what: str) -> None:
@@ -196,6 +209,29 @@ def build_device(
         edge_url=d.edge_url,
         imap_password=creds.imap.get,
     )
+    registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
+
+    def stored(info: MessageInfo) -> None:
+        if notify_imap is not None:
+            notify_imap([info.folder])
+
+    sending = build_outbound(
+        config,
+        reactor,
+        maildir,
+        registration,
+        edge_client,
+        check_password=creds.check_imap,
+        throttle=throttle,
+        tls_context=tls_context,
+        plaintext_networks=plaintext,
+        on_stored=stored,
+    )
+    outbound, outbound_events = sending.queue, sending.events
+    if sending.submission is not None:
+        mail.listeners.append(sending.submission)  # listens while mail is enabled
+        device_info.submission_addr = sending.submission.address
+        device_info.submission_starttls = tls_context is not None
     api = LocalAPI(
         maildir,
         creds.local_api_token,
@@ -209,11 +245,13 @@ def build_device(
         on_change=notify_imap,
         pause=pause,
     )
-    registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
+    outbound.setServiceParent(service)
+    if sending.poller is not None:
+        sending.poller.setServiceParent(service)
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
@@ -230,4 +268,7 @@ def build_device(
         link,
         registration,
         tls_pin,
+        outbound,
+        outbound_events,
+        sending,
     )

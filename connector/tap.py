@@ -31,7 +31,12 @@ def makeService(options: Options) -> IService:
     device = build_device(config, reactor)
     top: Any = MultiService()
     device.service.setServiceParent(top)
-    report = ReadyReport(config.data_path / "run", [device.connector, device.imap, device.http])
+    submission = device.sending.submission if device.sending is not None else None
+    report = ReadyReport(
+        config.data_path / "run",
+        [device.connector, device.imap, device.http]
+        + ([submission] if submission is not None else []),
+    )
     report.ready.append(device.on_ready)
 
     def banner(addresses: dict[str, str]) -> None:

@@ -36,6 +36,7 @@ mx_processes = {mx_processes}
 connector_listen = "127.0.0.1:0"
 imap_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
+submission_listen = "127.0.0.1:0"
 """
     if dns_port is not None:
         config += (
@@ -196,6 +197,7 @@ retry_schedule = [{retry}]
 connector_listen = "127.0.0.1:{connector_port}"
 imap_listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
+submission_listen = "127.0.0.1:0"
 connector_username = "edge-1"
 connector_password = "s3cret-connector"
 """,

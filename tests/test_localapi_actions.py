@@ -353,7 +353,17 @@ def test_client_config(s: Setup) -> None:
         "username": "alice@example.com",
         "password": "imap-pw",
     }
-    assert body["smtp"]["port"] == 1587
+    assert body["smtp"] == {
+        "host": "127.0.0.1",
+        "port": 1587,
+        "security": "none",
+        "auth_method": "password",
+        "auth_mechanisms": ["PLAIN", "LOGIN"],
+        "username": "alice@example.com",
+        "password": "imap-pw",
+    }
+    s.device.submission_starttls = True
+    assert s.client.get(f"{MAIL}/client-config").json()["smtp"]["security"] == "starttls"
     assert body["identity"] == {"email": "alice@example.com", "display_name": ""}
     assert body["autoconfig_url"] == f"{BASE}/localapi/v0/mail/autoconfig.xml"
     same = s.client.get(f"{MAIL}/client-config?address=ALICE@example.com").json()
@@ -391,6 +401,15 @@ def test_autoconfig_xml(s: Setup) -> None:
     assert incoming.findtext("username") == "%EMAILADDRESS%"
     outgoing = provider.find("outgoingServer")
     assert outgoing is not None and outgoing.findtext("port") == "1587"
+    assert outgoing.get("type") == "smtp" and outgoing.findtext("socketType") == "plain"
+    s.device.submission_starttls = True
+    root = ET.fromstring(s.client.get(f"{MAIL}/autoconfig.xml?emailaddress=alice@example.com").body)
+    outgoing = root.find("emailProvider/outgoingServer")
+    assert outgoing is not None
+    assert outgoing.findtext("socketType") == "STARTTLS"
+    assert outgoing.findtext("username") == "%EMAILADDRESS%"
+    assert outgoing.findtext("authentication") == "password-cleartext"
+    assert outgoing.findtext("hostname") == "127.0.0.1"
     assert b"imap-pw" not in reply.body
     assert_error(
         s.client.get(f"{MAIL}/autoconfig.xml?address=x@y.example"), 404, "address_not_assigned"

@@ -83,6 +83,9 @@ S250_RESET = Reply(250, "2.0.0", "Reset")
 S252_VRFY = Reply(252, "2.5.0", "Cannot verify the user, but will accept mail and attempt delivery")
 # 3xx
 S334_AUTH_CONTINUE = Reply(334, "", "")
+# AUTH LOGIN's two questions, "Username:" and "Password:" in base64.
+S334_LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")
+S334_LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")
 S354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 # 4xx
 S421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
@@ -187,6 +190,17 @@ S554_DNSBL = Reply(554, "5.7.1", "Client host is on a DNS blocklist")
 S550_POLICY = Reply(550, "5.7.1", "Message rejected by policy")
 
 
+# The submission listener (RFC 6409, connector.outbound.submission): a login sends only as its
+# own address, and only clients on this machine may connect.
+S553_SUBMIT_SENDER_NOT_OWNED = Reply(
+    553, "5.7.1", "Sender address not owned by the authenticated user"
+)
+S553_SUBMIT_FROM_NOT_OWNED = Reply(
+    553, "5.7.1", "From header address not owned by the authenticated user"
+)
+S554_SUBMIT_LOCAL_ONLY = Reply(554, "5.7.1", "Submission is open to this machine's clients only")
+S554_SUBMIT_BAD_MESSAGE = Reply(554, "5.6.0", "Message not accepted for submission")
+
 # Delivery: what is recorded of a recipient's attempt, and what a report may quote of it.
 # The queue's own replies.
 D451_PASSING_FAULT = Reply(
@@ -231,6 +245,10 @@ D451_PIN_NO_STARTTLS = Reply(
 )
 D553_NO_SMTPUTF8 = Reply(553, "5.6.7", "{where} does not offer SMTPUTF8, which this message needs")
 D554_NO_8BITMIME = Reply(554, "5.6.3", "{where} does not offer 8BITMIME, which this message needs")
+# The device's relay to its edge (connector.outbound), as its outbound queue records them.
+D451_NOT_LINKED = Reply(451, "4.7.0", "this device is not linked to an edge yet")
+D451_NO_RELAY_ADDRESS = Reply(451, "4.3.5", "no address of the edge's relay is known yet")
+D554_NOT_RELAYED = Reply(554, "5.4.7", "not relayed to the edge in {span}; last: {last}")
 
 
 def all_replies() -> dict[str, Reply]:

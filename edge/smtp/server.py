@@ -1,4 +1,4 @@
-"""The SMTP server protocol (RFC 5321, with STARTTLS, AUTH PLAIN, PIPELINING, SIZE).
+"""The SMTP server protocol (RFC 5321, with STARTTLS, AUTH, PIPELINING, SIZE).
 
 This module parses the wire and keeps the session state machine; what to accept is decided
 by a `SessionHandler` (policy) passed in by the factory. Every reply comes from
@@ -14,14 +14,13 @@ within `Limits.idle_timeout`, the whole line within `Limits.command_timeout` of 
 second over each `Limits.data_rate_window`; otherwise the session is closed with 421 4.4.2 and an
 unfinished message is aborted. No timer runs against the client while the server itself is working
 on a command. The factory (`edge.smtp.factory`) admits a connection only within the total,
-per-address and per-network limits (see `admit`), and a failed AUTH is answered through the shared
-`AuthThrottle` when one is given.
+per-address and per-network limits (see `admit`). AUTH (PLAIN, and LOGIN where the policy offers
+it) is `edge.smtp.auth`; a failed AUTH is answered through the shared `AuthThrottle` when one is
+given.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
@@ -36,6 +35,7 @@ from twisted.python.failure import Failure
 from edge.runtime.nowlater import NowOrLater, is_deferred, now, then
 from edge.smtp import replies
 from edge.smtp.address import Path, parse_mail_from, parse_rcpt_to
+from edge.smtp.auth import AuthExchange
 from edge.smtp.data import DataReader, Limits, MessageSink
 from edge.smtp.rate import DataRate
 from edge.smtp.replies import Reply, SMTPReplyError
@@ -87,7 +87,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._errors = 0
         self._junk = 0  # NOOP, RSET, VRFY, HELP since the last message accepted
         self._data: DataReader | None = None
-        self._auth_pending = False
+        self._auth = AuthExchange(self)
         self._processing = False
         # The answer this session waits for (there is at most one) and the one timer that
         # cancels it when it is late: reset for each answer, never made per command.
@@ -95,7 +95,6 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         self._answer_timer: IDelayedCall | None = None
         self._phase: str | None = None
         self._rate = DataRate(self.clock, self.limits, self._data_too_slow)
-        self._auth_failures = 0
         self.network = ""
         """The client's network, as the connection limits count it (set by `admit`)."""
 
@@ -330,8 +329,8 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
 
     def _command(self, line: bytes) -> Answer:
         assert self.session is not None
-        if self._auth_pending:
-            return self._auth_continue(line)
+        if self._auth.pending is not None:
+            return self._auth.continue_(line)
         verb, _, rest = line.partition(b" ")
         method = _COMMANDS.get(verb.upper())
         if method is None:
@@ -373,9 +372,9 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         ]
         if self.tls_context is not None and self.session.tls is None:
             lines.append("STARTTLS")
-        if self.handler.auth_offered and self.session.authenticated_as is None:
-            if self.session.tls is not None or not self.session.auth_needs_tls:
-                lines.append("AUTH PLAIN")
+        auth = self._auth.advertised()
+        if auth is not None:
+            lines.append(auth)
         return Reply(250, "", "\n".join(lines))
 
     def cmd_STARTTLS(self, arg: str) -> Answer:
@@ -398,60 +397,7 @@ class SMTPServer(TwistedProtocol, TimeoutMixin):
         return None
 
     def cmd_AUTH(self, arg: str) -> Answer:
-        assert self.session is not None
-        if not self.handler.auth_offered or self.session.helo is None:
-            return replies.S503_BAD_SEQUENCE
-        if self.session.authenticated_as is not None or self.session.sender is not None:
-            return replies.S503_BAD_SEQUENCE
-        if self.session.tls is None and self.session.auth_needs_tls:
-            return replies.S538_ENCRYPTION_REQUIRED
-        mech, _, initial = arg.partition(" ")
-        if mech.upper() != "PLAIN":
-            return replies.S504_AUTH_MECH
-        if not initial:
-            self._auth_pending = True
-            return replies.S334_AUTH_CONTINUE
-        return self._auth_plain(initial.strip())
-
-    def _auth_continue(self, line: bytes) -> Answer:
-        self._auth_pending = False
-        if line.strip() == b"*":
-            return replies.S501_SYNTAX.with_text("Authentication cancelled")
-        return self._auth_plain(line.decode("ascii", "replace").strip())
-
-    def _auth_plain(self, encoded: str) -> Answer:
-        assert self.session is not None
-        try:
-            decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
-            _authzid, username, password = decoded.split("\x00")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            return replies.S501_SYNTAX.with_text("Malformed AUTH PLAIN response")
-        session, throttle = self.session, self.factory.auth_throttle
-        if throttle is None:
-            ok = self._call(self.handler.authenticate, session, username, password)
-        else:
-            ok = throttle.attempt(
-                self.factory.auth_service,
-                session.peer_host,
-                username,
-                lambda: self._call(self.handler.authenticate, session, username, password),
-            )
-        return then(ok, self._authenticated, username)
-
-    def _authenticated(self, ok: bool, username: str) -> Reply | None:
-        assert self.session is not None
-        if not ok:
-            self._auth_failures += 1
-            throttle = self.factory.auth_throttle
-            limit = throttle.per_connection if throttle is not None else 0
-            if limit and self._auth_failures >= limit and not self._closed:
-                self._send(replies.S535_AUTH_FAILED)
-                self._send(replies.S421_AUTH_FAILURES)
-                self._close()
-                return None
-            return replies.S535_AUTH_FAILED
-        self.session.authenticated_as = username
-        return replies.S235_AUTH_OK
+        return self._auth.start(arg)
 
     def cmd_MAIL(self, arg: str) -> Answer:
         assert self.session is not None

@@ -34,6 +34,7 @@ class DeviceInfo:
     addresses: list[str] = field(default_factory=list)
     imap_addr: str = ""
     submission_addr: str = ""  # "" when this device has no submission listener
+    submission_starttls: bool = False  # the submission listener offers STARTTLS
     maildir_root: str = ""
     edge_url: str = ""
     imap_password: Callable[[str], str | None] = lambda _address: None
@@ -101,8 +102,9 @@ def client_config(info: DeviceInfo, address: str, api_base: str) -> dict[str, An
         smtp = {
             "host": smtp_host,
             "port": smtp_port,
-            "security": "none",
+            "security": "starttls" if info.submission_starttls else "none",
             "auth_method": "password",
+            "auth_mechanisms": ["PLAIN", "LOGIN"],
             "username": address,
             "password": info.imap_password(address) or "",
         }
@@ -124,12 +126,14 @@ def client_config(info: DeviceInfo, address: str, api_base: str) -> dict[str, An
     }
 
 
-def _server(parent: ET.Element, tag: str, kind: str, address: str) -> None:
+def _server(
+    parent: ET.Element, tag: str, kind: str, address: str, socket_type: str = "plain"
+) -> None:
     host, port = _split(address)
     server = ET.SubElement(parent, tag, type=kind)
     ET.SubElement(server, "hostname").text = host
     ET.SubElement(server, "port").text = str(port)
-    ET.SubElement(server, "socketType").text = "plain"
+    ET.SubElement(server, "socketType").text = socket_type
     ET.SubElement(server, "authentication").text = "password-cleartext"
     ET.SubElement(server, "username").text = "%EMAILADDRESS%"
 
@@ -147,6 +151,7 @@ def autoconfig_xml(info: DeviceInfo, address: str | None) -> bytes:
     ET.SubElement(provider, "displayShortName").text = "tailpost"
     _server(provider, "incomingServer", "imap", info.imap_addr)
     if info.submission_addr:
-        _server(provider, "outgoingServer", "smtp", info.submission_addr)
+        socket_type = "STARTTLS" if info.submission_starttls else "plain"
+        _server(provider, "outgoingServer", "smtp", info.submission_addr, socket_type)
     body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return body
