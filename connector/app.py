@@ -25,6 +25,8 @@ from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
+from connector.outbound.events import OutboundEventLog, OutboundEvents
+from connector.outbound.queue import OutboundQueue
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
@@ -58,6 +60,9 @@ class Device:
     registration: Registration | None = None
     tls_pin: str | None = None
     """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
+    outbound: OutboundQueue | None = None
+    """The outbound queue (`OutboundQueue.submit` for the submission listener and the API)."""
+    outbound_events: OutboundEvents | None = None
 
     def on_ready(self, addresses: dict[str, str]) -> None:
         """Once listening: the API's links use the real HTTP address (port 0 allowed)."""
@@ -201,10 +206,31 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         on_change=notify_imap,
     )
     registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
+    outbound_events = OutboundEvents(
+        OutboundEventLog(device_dir / "outbound-events.jsonl", reactor.seconds),
+        threads.deferToThread,
+    )
+
+    def stored(info: MessageInfo) -> None:
+        if notify_imap is not None:
+            notify_imap([info.folder])
+
+    outbound = OutboundQueue(
+        device_dir / "outbound",
+        maildir,
+        outbound_events,
+        clock=reactor,
+        run_blocking=threads.deferToThread,
+        hostname=hostname,
+        per_address=d.mailbox_mode == "per_address",
+        on_stored=stored,
+        max_recipients=config.edge.max_recipients,
+    )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
+    outbound.setServiceParent(service)
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
@@ -221,4 +247,6 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         link,
         registration,
         tls_pin,
+        outbound,
+        outbound_events,
     )
