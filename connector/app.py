@@ -23,6 +23,7 @@ from twisted.internet import threads
 from connector import credentials
 from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
+from connector.idempotency import DeviceKeys
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.outbound.events import OutboundEventLog, OutboundEvents
@@ -38,8 +39,7 @@ from edge.smtp.server import Limits
 from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
 from webapi.httplimits import bounded_site
-from webapi.local.app import MAX_BODY as LOCAL_MAX_BODY
-from webapi.local.app import LocalAPI
+from webapi.local.app import SEND_MAX_BODY, LocalAPI
 from webapi.local.device import DeviceInfo
 from webapi.local.passthrough import device_root
 from webapi.local.spam import EdgeJSON, RspamdTrainer
@@ -192,18 +192,7 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         maildir_root=str(maildir.root),
         edge_url=d.edge_url,
         imap_password=creds.imap.get,
-    )
-    api = LocalAPI(
-        maildir,
-        creds.local_api_token,
-        base_url=f"http://{host}:{port}",
-        events=events,
-        mail_service=mail,
-        link=link,
-        device=device_info,
-        trainer=RspamdTrainer(d.rspamd_url, d.rspamd_password) if d.rspamd_url else None,
-        clock=reactor,
-        on_change=notify_imap,
+        default_address=next(iter([*d.addresses, *extra_addresses]), "").lower(),
     )
     registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
     outbound_events = OutboundEvents(
@@ -226,9 +215,24 @@ def build_device(config: Config, reactor: Any, extra_addresses: tuple[str, ...] 
         on_stored=stored,
         max_recipients=config.edge.max_recipients,
     )
+    api = LocalAPI(
+        maildir,
+        creds.local_api_token,
+        base_url=f"http://{host}:{port}",
+        events=events,
+        mail_service=mail,
+        link=link,
+        device=device_info,
+        trainer=RspamdTrainer(d.rspamd_url, d.rspamd_password) if d.rspamd_url else None,
+        clock=reactor,
+        on_change=notify_imap,
+        outbound_queue=outbound,
+        send_keys=DeviceKeys(device_dir / "idempotency.sqlite3", reactor.seconds),
+        outbound_events=outbound_events,
+    )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
-    http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
+    http = TCPListener("http", d.http_listen, bounded_site(root, SEND_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
     outbound.setServiceParent(service)
     http.setServiceParent(service)

@@ -47,6 +47,7 @@ MAX_RECIPIENTS = 100
 MAX_REFERENCES = 20
 
 _REGISTRY = HeaderRegistry()
+_SEVEN_BIT = policy.SMTP.clone(cte_type="7bit")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MSGID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")
 _CONTENT_TYPE = re.compile(
@@ -121,7 +122,10 @@ def parse_addresses(name: str, value: str | list[str]) -> list[Address]:
     for item in items:
         if _CONTROL.search(item):
             raise ComposeError("invalid_address", f"{name}: control characters in {item!r}")
-        header = _REGISTRY("To", item)
+        try:
+            header = _REGISTRY("To", item)
+        except Exception:  # the standard parser fails on some inputs ("a@") with IndexError
+            raise ComposeError("invalid_address", f"{name}: not an address: {item!r}") from None
         defects = [d for d in header.defects if type(d).__name__ != "NonASCIILocalPartDefect"]
         if defects or any(g.display_name is not None for g in header.groups):
             raise ComposeError("invalid_address", f"{name}: not a list of addresses: {item!r}")
@@ -207,7 +211,9 @@ def compose(draft: Draft, *, now: float, message_id: str = "") -> Composed:
         raise ComposeError("attachments_too_large", "the attachments exceed 25 MiB together")
     visible = [draft.sender, *draft.to, *draft.cc]
     utf8 = not all(a.addr_spec.isascii() for a in visible)
-    chosen = policy.SMTPUTF8 if utf8 else policy.SMTP
+    # Without UTF-8 addresses the message is 7-bit throughout (quoted-printable or base64
+    # bodies), so no hop needs 8BITMIME; with them, SMTPUTF8 implies it (RFC 6531).
+    chosen = policy.SMTPUTF8 if utf8 else _SEVEN_BIT
     msg = EmailMessage(policy=chosen)
     msg_id = message_id or new_message_id(draft.sender.addr_spec)
     subject = _header_text("subject", draft.subject)

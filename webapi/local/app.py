@@ -62,7 +62,7 @@ RunBlocking = Callable[..., "Deferred[Any]"]
 
 API = "/localapi/v0"
 PREFIX = f"{API}/mail"
-MAX_BODY = 1 << 20  # the largest request body the device's HTTP listener reads
+MAX_BODY = 1 << 20  # the largest request body of a route but send and reply (SEND_MAX_BODY)
 
 
 class _RefConverter(BaseConverter):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Sequence
 from email.headerregistry import Address
 from typing import IO, Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from connector.outbound.compose import (
@@ -48,6 +50,7 @@ SEND_MAX_BODY = 40 * 1024 * 1024
 SCOPE = "localapi"
 SOURCE = "localapi"
 _WHITESPACE = b" \t\r\n"
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 
 
 class Submitter(Protocol):
@@ -99,6 +102,8 @@ def _attachments(items: Sequence[m.AttachmentIn]) -> list[Attachment]:
         if (len(encoded) // 4) * 3 > MAX_ATTACHMENT_BYTES + 3:
             raise _from_compose(ComposeError("attachments_too_large", "over 25 MiB"))
         try:
+            if len(encoded) % 4 or not _BASE64.fullmatch(encoded):
+                raise ValueError("not base64")
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise _invalid(
@@ -195,7 +200,11 @@ class Sending:
                 body["proxy_message_id"] = item_id
             return 200, body
 
-        return d.addCallback(answer)
+        def refused(failure: Failure) -> Failure:
+            failure.trap(ValueError)  # the queue's own checks of the envelope
+            raise _invalid("invalid_message", f"the queue refused the message: {failure.value}")
+
+        return d.addCallbacks(answer, refused)
 
     # -- building the message (worker thread) ------------------------------------------------
 
