@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
-from email.headerregistry import Address, HeaderRegistry
+from email.errors import NonASCIILocalPartDefect
+from email.headerregistry import Address, AddressHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
@@ -113,6 +114,12 @@ class ReplyPlan:
     references: list[str]
 
 
+def _address_header(name: str, value: str) -> AddressHeader:
+    header = _REGISTRY(name, value)
+    assert isinstance(header, AddressHeader)
+    return header
+
+
 def parse_addresses(name: str, value: str | list[str]) -> list[Address]:
     """The mailboxes in `value` (one string of comma-separated mailboxes, or a list of
     them), each `addr@domain` or `Name <addr@domain>`; UTF-8 addresses (RFC 6531) are
@@ -123,10 +130,14 @@ def parse_addresses(name: str, value: str | list[str]) -> list[Address]:
         if _CONTROL.search(item):
             raise ComposeError("invalid_address", f"{name}: control characters in {item!r}")
         try:
-            header = _REGISTRY("To", item)
+            header = _address_header("To", item)
         except Exception:  # the standard parser fails on some inputs ("a@") with IndexError
             raise ComposeError("invalid_address", f"{name}: not an address: {item!r}") from None
-        defects = [d for d in header.defects if type(d).__name__ != "NonASCIILocalPartDefect"]
+        defects = [
+            d
+            for d in getattr(header, "defects", ())
+            if not isinstance(d, NonASCIILocalPartDefect)  # RFC 6531 allows it
+        ]
         if defects or any(g.display_name is not None for g in header.groups):
             raise ComposeError("invalid_address", f"{name}: not a list of addresses: {item!r}")
         for address in header.addresses:
@@ -271,7 +282,7 @@ def _header_addresses(data: bytes, name: str) -> list[Address]:
     if not raw:
         return found
     try:
-        header = _REGISTRY(name, raw)
+        header = _address_header(name, raw)
     except Exception:  # a received header may be anything: such a header gives nothing
         return found
     for address in header.addresses:

@@ -130,6 +130,7 @@ class RecentQuery(_Model):
     limit: QueryInt = Field(default=20, ge=1)  # capped at MAX_RECENT
     after: QueryInt | None = Field(
         default=None,
+        ge=0,
         description="only events with a larger event_id, oldest first (without it: the "
         "newest events, newest first)",
     )
@@ -165,7 +166,7 @@ class AttachmentIn(_Model):
 
 Recipients = Annotated[
     Annotated[str, Field(max_length=20_000)]
-    | Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=100)],
+    | Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=100)],
     Field(
         description="one address (`a@example.net` or `Name <a@example.net>`), several "
         "separated by commas, or a list of them",
@@ -190,7 +191,14 @@ class SendBody(_Compose):
         max_length=1000,
         description="one of the device's addresses; without it, the device's default",
     )
-    to: Recipients
+    to: Annotated[
+        Annotated[str, Field(min_length=3, max_length=20_000)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=1000)]],
+            Field(min_length=1, max_length=100),
+        ],
+        Field(description="at least one address; the forms as for cc"),
+    ]
     cc: Recipients = []
     bcc: Recipients = Field(default=[], description="in the envelope only, never a header")
     subject: str = Field(default="", max_length=998)
