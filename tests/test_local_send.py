@@ -286,8 +286,8 @@ def test_several_addresses_without_default_need_from(tmp_path: Path) -> None:
     ("body", "code"),
     [
         ({"to": BOB}, "body_required"),
-        ({"to": [], "body_text": "x"}, "recipients_required"),
-        ({"to": "", "body_text": "x"}, "recipients_required"),
+        ({"to": [], "body_text": "x"}, "invalid_parameter"),
+        ({"to": "", "body_text": "x"}, "invalid_parameter"),
         ({"to": "not an address", "body_text": "x"}, "invalid_address"),
         ({"to": "a@b@c.example", "body_text": "x"}, "invalid_address"),
         ({"to": f"{BOB}, garbage", "body_text": "x"}, "invalid_address"),
@@ -416,3 +416,14 @@ def test_disabled_api_without_queue(tmp_path: Path) -> None:
     assert_error(client.get("/localapi/v0/mail/outbound/recent"), 501, "not_supported")
     with pytest.raises(ValueError):
         LocalAPI(api.mail.maildir, TOKEN, outbound_queue=object())  # type: ignore[arg-type]
+
+
+def test_no_sending_while_mail_is_disabled(s: Setup) -> None:
+    from connector.mailservice import MailService
+
+    service = MailService(s.root / "mail-state.json", [], run_now)
+    s.api.mail_service = service
+    assert s.client.post("/localapi/v0/mail/disable").code == 200
+    assert_error(s.send({"to": BOB, "body_text": "x"}), 409, "mail_disabled")
+    assert s.client.post("/localapi/v0/mail/enable").code == 200
+    assert s.send({"to": BOB, "body_text": "x"}).code == 200

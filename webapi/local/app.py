@@ -3,8 +3,9 @@
 A Klein app whose state lives on a `LocalAPI` instance; routes are thin: they validate
 (`webapi.local.models`), run the Maildir work in a thread (`webapi.local.mail`), and shape the
 reply. Sending and replying are `webapi.local.sending`'s; the inbound and outbound event logs
-are served by the same code (`webapi.local.events`). Every request passes the `RequestGuard` (loopback Host, token) before a route runs;
-every error leaves through `webapi.errors`. Changes made here are announced through
+are served by the same code (`webapi.local.events`). Every request passes the `RequestGuard`
+(loopback Host, token, body size) before a route runs; every error leaves through
+`webapi.errors`. Changes made here are announced through
 `on_change` so IMAP clients in IDLE hear of them at once. This module must never build a
 path itself, run Maildir work on the reactor thread, or serve an attachment with a type a
 browser would execute.
