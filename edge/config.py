@@ -124,6 +124,13 @@ class DeviceConfig:
     plaintext_networks: list[str] = field(
         default_factory=lambda: ["100.64.0.0/10", "fd7a:115c:a1e0::/48"]
     )
+    # Sending: the submission listener for local clients (loopback only; "" for none) and
+    # the edge's relay listener ("" = the host of edge_url, port 2526).
+    submission_listen: str = "127.0.0.1:1587"
+    edge_relay: str = ""
+    relay_retry_initial: float = 5.0
+    relay_retry_max: float = 300.0
+    outcome_poll_interval: float = 5.0
 
 
 @dataclass
@@ -298,8 +305,15 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         config.device.connector_listen,
         config.device.imap_listen,
         config.device.http_listen,
+        *[a for a in (config.device.submission_listen, config.device.edge_relay) if a],
     ):
         parse_listen(listen)
+    d = config.device
+    if not 0 < d.relay_retry_initial <= d.relay_retry_max or d.outcome_poll_interval <= 0:
+        raise ConfigError(
+            "device.relay_retry_initial, relay_retry_max and outcome_poll_interval must be "
+            "positive, and relay_retry_initial at most relay_retry_max"
+        )
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
     if config.device.mailbox_mode not in ("inbox", "per_address"):

@@ -200,6 +200,11 @@ class OutboundQueue(Service):
         """The ids still to be relayed, in the order they go."""
         return list(self._queued)
 
+    @property
+    def relaying(self) -> bool:
+        """Whether a relay attempt is under way (its outcome not yet written)."""
+        return self._busy
+
     def awaiting(self) -> dict[str, list[tuple[str, str]]]:
         """The edge's queue ids of relayed messages with recipients whose outcome is not known
         yet: queue id -> (message id, recipient) pairs."""
