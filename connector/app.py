@@ -25,6 +25,7 @@ from connector import credentials
 from connector.collector import for_process
 from connector.events import EventLog, InboundEvents
 from connector.hoppolicy import listen_refusal, parse_networks
+from connector.idempotency import DeviceKeys
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.outbound.build import Outbound, build_outbound
@@ -41,8 +42,7 @@ from edge.smtp.server import Limits
 from edge.tls import ensure_self_signed, pin_of_file, server_context
 from maildir import Maildir, MessageInfo
 from webapi.httplimits import bounded_site
-from webapi.local.app import MAX_BODY as LOCAL_MAX_BODY
-from webapi.local.app import LocalAPI
+from webapi.local.app import SEND_MAX_BODY, LocalAPI
 from webapi.local.device import DeviceInfo
 from webapi.local.passthrough import device_root
 from webapi.local.spam import EdgeJSON, RspamdTrainer
@@ -208,6 +208,7 @@ def build_device(
         maildir_root=str(maildir.root),
         edge_url=d.edge_url,
         imap_password=creds.imap.get,
+        default_address=next(iter([*d.addresses, *extra_addresses]), "").lower(),
     )
     registration, edge_client = build_registration(config, creds, connector, tls_pin=tls_pin)
 
@@ -244,10 +245,13 @@ def build_device(
         clock=reactor,
         on_change=notify_imap,
         pause=pause,
+        outbound_queue=outbound,
+        send_keys=DeviceKeys(device_dir / "idempotency.sqlite3", reactor.seconds),
+        outbound_events=outbound_events,
     )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
-    http = TCPListener("http", d.http_listen, bounded_site(root, LOCAL_MAX_BODY), reactor)
+    http = TCPListener("http", d.http_listen, bounded_site(root, SEND_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
     outbound.setServiceParent(service)
     if sending.poller is not None:

@@ -42,13 +42,19 @@ class API:
         self.base = f"http://{listeners['http']}"
         self.token = creds(proc)["local_api_token"]
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], bytes]:
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.base + path,
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                **(headers or {}),
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=15) as response:

@@ -18,7 +18,7 @@ from twisted.web.iweb import IRequest
 
 from webapi.errors import APIError
 
-__all__ = ["MAX_DEPTH", "json_body", "too_large"]
+__all__ = ["MAX_DEPTH", "json_body", "parse_json", "require_json", "too_large"]
 
 MAX_DEPTH = 32
 
@@ -50,6 +50,34 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def require_json(request: IRequest) -> None:
+    """415 unless the request says its body is `application/json`."""
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if ctype != b"application/json":
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            "send the body as application/json",
+            "set_content_type_json",
+        )
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of a body's bytes (blocking work for a large body: run it in a
+    worker thread); 400 for anything that is not JSON within `MAX_DEPTH`."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _invalid("is not UTF-8") from None
+    except RecursionError:
+        raise _invalid(f"nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError:
+        raise _invalid("is not valid JSON") from None
+    if _depth(value) > MAX_DEPTH:
+        raise _invalid(f"nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
 def json_body(request: IRequest, max_body: int, *, optional: bool = False) -> tuple[Any, bytes]:
     """The parsed body and its bytes; an empty body is `{}` when `optional`."""
     content = request.content
@@ -61,22 +89,5 @@ def json_body(request: IRequest, max_body: int, *, optional: bool = False) -> tu
         raw = content.read(max_body + 1)
     if not raw.strip() and optional:
         return {}, b"{}"
-    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-    if ctype != b"application/json":
-        raise APIError(
-            415,
-            "unsupported_media_type",
-            "send the body as application/json",
-            "set_content_type_json",
-        )
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _invalid("is not UTF-8") from None
-    except RecursionError:
-        raise _invalid(f"nests deeper than {MAX_DEPTH} levels") from None
-    except ValueError:
-        raise _invalid("is not valid JSON") from None
-    if _depth(value) > MAX_DEPTH:
-        raise _invalid(f"nests deeper than {MAX_DEPTH} levels")
-    return value, raw
+    require_json(request)
+    return parse_json(raw), raw

@@ -28,6 +28,7 @@ _ERROR_TEXT = {
     409: "Conflicts with the current state (the `action` says what to do first)",
     413: "The request body is too large",
     415: "The request body is not JSON",
+    422: "Well-formed but cannot be done as asked (the `code` says why)",
     429: "Too many requests; the `Retry-After` header says when to try again",
     503: "A dependency (DNS) is temporarily unavailable; retry later",
 }

@@ -3,7 +3,7 @@
 A caller's key is claimed before its request runs (so a concurrent retry is told the first
 is still in progress), then the reply is stored with it; keys older than the TTL are
 forgotten. Time comes from the injected ``now``. This module must never decide HTTP
-semantics (``webapi.v1.idempotency`` does) and never hand out ORM rows.
+semantics (``webapi.idempotency`` does) and never hand out ORM rows.
 """
 
 from __future__ import annotations

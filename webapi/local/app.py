@@ -2,8 +2,10 @@
 
 A Klein app whose state lives on a `LocalAPI` instance; routes are thin: they validate
 (`webapi.local.models`), run the Maildir work in a thread (`webapi.local.mail`), and shape the
-reply. Every request passes the `RequestGuard` (loopback Host, token) before a route runs;
-every error leaves through `webapi.errors`. Changes made here are announced through
+reply. Sending and replying are `webapi.local.sending`'s; the inbound and outbound event logs
+are served by the same code (`webapi.local.events`). Every request passes the `RequestGuard`
+(loopback Host, token, body size) before a route runs; every error leaves through
+`webapi.errors`. Changes made here are announced through
 `on_change` so IMAP clients in IDLE hear of them at once. This module must never build a
 path itself, run Maildir work on the reactor thread, or serve an attachment with a type a
 browser would execute.
@@ -30,23 +32,39 @@ from connector.mailservice import LinkState, MailService
 from maildir import Maildir, MessageNotFound
 from maildir.message import AttachmentInfo, from_address, read_header
 from webapi.errors import APIError, failure_reply, json_reply, set_common_headers
+from webapi.idempotency import KeyStore
 from webapi.local import models as m
 from webapi.local.auth import RequestGuard
 from webapi.local.device import DeviceInfo, autoconfig_xml, client_config, pick_address, status_body
 from webapi.local.downloads import content_disposition, served_content_type
-from webapi.local.events import EventStream, event_item, last_event_id
+from webapi.local.events import (
+    EventSource,
+    EventStream,
+    event_item,
+    last_event_id,
+    outbound_item,
+    recent_items,
+)
 from webapi.local.mail import INBOX, JUNK, Links, LocalMail, Resolved, SummaryCache
 from webapi.local.openapi import local_document
+from webapi.local.sending import SEND_MAX_BODY, Sending, Submitter
 from webapi.local.spam import RULES_PATH, EdgeRequester, RspamdTrainer, edge_call, rule_body
 from webapi.local.spamblock import BlockChoice, SenderBlocker
 
-__all__ = ["MAX_BODY", "LocalAPI", "RunBlocking", "content_disposition", "served_content_type"]
+__all__ = [
+    "MAX_BODY",
+    "SEND_MAX_BODY",
+    "LocalAPI",
+    "RunBlocking",
+    "content_disposition",
+    "served_content_type",
+]
 
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 API = "/localapi/v0"
 PREFIX = f"{API}/mail"
-MAX_BODY = 1 << 20  # the largest request body the device's HTTP listener reads
+MAX_BODY = 1 << 20  # the largest request body of a route but send and reply (SEND_MAX_BODY)
 
 
 class _RefConverter(BaseConverter):
@@ -72,6 +90,15 @@ def _message_ref(ref: str) -> str:
             {b"Allow": b"POST"},
         )
     return m.check_message_ref(ref)
+
+
+def _sends(path: bytes) -> int | None:
+    """The larger body cap of the send and reply paths (attachments); None elsewhere."""
+    if path == f"{PREFIX}/send".encode() or (
+        path.startswith(f"{PREFIX}/messages/".encode()) and path.endswith(b"/reply")
+    ):
+        return SEND_MAX_BODY
+    return None
 
 
 def _code(reply: Any) -> str:
@@ -113,6 +140,9 @@ class LocalAPI:
         on_change: Callable[[Sequence[str]], None] | None = None,
         cache: SummaryCache | None = None,
         pause: CollectorPause = WHOLE,
+        outbound_queue: Submitter | None = None,
+        send_keys: KeyStore | None = None,
+        outbound_events: EventSource | None = None,
     ) -> None:
         """`pause` is the process's collector pause (`connector.collector.for_process`)."""
         if not token:
@@ -137,6 +167,26 @@ class LocalAPI:
         self.clock = clock
         self._on_change = on_change
         self._openapi: dict[str, Any] | None = None
+        self.outbound_events = outbound_events
+        self.sending: Sending | None = None
+        if outbound_queue is not None:
+            if send_keys is None:
+                raise ValueError("sending needs a store for Idempotency-Key")
+            self.sending = Sending(
+                outbound_queue,
+                send_keys,
+                self.mail,
+                addresses=lambda: self.device.addresses,
+                default_address=self._default_address,
+                now=clock.seconds,
+                run_blocking=run_blocking,
+            )
+
+    def _default_address(self) -> str:
+        """The sender when a request names none: the configured default, else the only one."""
+        if self.device.default_address:
+            return self.device.default_address
+        return self.device.addresses[0] if len(self.device.addresses) == 1 else ""
 
     @property
     def base_url(self) -> str:
@@ -149,7 +199,7 @@ class LocalAPI:
     def resource(self) -> IResource:
         """The resource to serve: the app behind the request guard."""
         inner: IResource = self.app.resource()
-        return RequestGuard(inner, self._token, self._max_body)
+        return RequestGuard(inner, self._token, self._max_body, _sends)
 
     @app.handle_errors(Exception)  # the single place errors become replies
     def _errors(self, request: IRequest, failure: Failure) -> bytes:
@@ -406,11 +456,52 @@ class LocalAPI:
     @app.route(f"{PREFIX}/recent", methods=["GET"])
     def recent(self, request: IRequest) -> bytes:
         query = m.parse_query(request, m.RecentQuery)
-        events = self._events().log.recent(min(query.limit, m.MAX_RECENT))
-        return json_reply(request, {"events": [event_item(e, self.links) for e in events]})
+        limit = min(query.limit, m.MAX_RECENT)
+        items = recent_items(self._events(), limit, query.after, self._inbound_item)
+        return json_reply(request, {"events": items})
+
+    def _inbound_item(self, event: Any) -> dict[str, Any]:
+        return event_item(event, self.links)
 
     @app.route(f"{PREFIX}/stream", methods=["GET"])
     def stream(self, request: IRequest) -> IResource:
         query = m.parse_query(request, m.StreamQuery)
         resume = last_event_id(request, query.last_event_id)
-        return EventStream(self._events(), self.links, self.clock, resume)
+        return EventStream(self._events(), self._inbound_item, self.clock, resume)
+
+    def _outbound(self) -> EventSource:
+        if self.outbound_events is None:
+            raise APIError(501, "not_supported", "this API has no outbound event log", "none")
+        return self.outbound_events
+
+    @app.route(f"{PREFIX}/outbound/recent", methods=["GET"])
+    def outbound_recent(self, request: IRequest) -> bytes:
+        query = m.parse_query(request, m.RecentQuery)
+        limit = min(query.limit, m.MAX_RECENT)
+        items = recent_items(self._outbound(), limit, query.after, outbound_item)
+        return json_reply(request, {"events": items})
+
+    @app.route(f"{PREFIX}/outbound/stream", methods=["GET"])
+    def outbound_stream(self, request: IRequest) -> IResource:
+        query = m.parse_query(request, m.StreamQuery)
+        resume = last_event_id(request, query.last_event_id)
+        return EventStream(self._outbound(), outbound_item, self.clock, resume)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _sending(self) -> Sending:
+        if self.sending is None:
+            raise APIError(501, "not_supported", "this API cannot send mail", "none")
+        self._require_enabled()
+        return self.sending
+
+    @app.route(f"{PREFIX}/send", methods=["POST"])
+    def send(self, request: IRequest) -> Deferred[bytes]:
+        m.parse_query(request, m.Empty)
+        return self._sending().send(request)
+
+    @app.route(f"{PREFIX}/messages/<ref:ref>/reply", methods=["POST"])
+    def reply(self, request: IRequest, ref: str) -> Deferred[bytes]:
+        query = m.parse_query(request, m.MessageQuery)
+        kind = m.check_message_ref(ref)
+        return self._sending().reply(request, query.mailbox, ref, kind)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.iweb import IRequest
@@ -71,13 +72,25 @@ class RequestGuard(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, token: bytes, max_body: int) -> None:
+    def __init__(
+        self,
+        inner: IResource,
+        token: bytes,
+        max_body: int,
+        larger: Callable[[bytes], int | None] | None = None,
+    ) -> None:
+        """`larger(path)` may name a larger cap for some paths (None: `max_body`)."""
         super().__init__()
         if not token:
             raise ValueError("an empty API token would let anyone in")
         self._inner = inner
         self._token = token
         self._max_body = max_body
+        self._larger = larger
+
+    def _limit(self, path: bytes) -> int:
+        larger = self._larger(path) if self._larger is not None else None
+        return larger if larger is not None else self._max_body
 
     def _screen(self, request: IRequest) -> None:
         check_host(request)
@@ -92,7 +105,7 @@ class RequestGuard(Resource):
         if content is not None:
             size = content.seek(0, 2)
             content.seek(0, 0)
-            if size > self._max_body:
+            if size > self._limit(request.path):
                 raise APIError(
                     413, "payload_too_large", "the request body is too large", "send_less_data"
                 )

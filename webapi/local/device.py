@@ -32,6 +32,7 @@ class DeviceInfo:
     hostname: str
     device_id: str = ""
     addresses: list[str] = field(default_factory=list)
+    default_address: str = ""  # the sender when a send names none ("": the only address)
     imap_addr: str = ""
     submission_addr: str = ""  # "" when this device has no submission listener
     submission_starttls: bool = False  # the submission listener offers STARTTLS

@@ -1,6 +1,9 @@
-"""Inbound mail events for API clients: `recent` items and the server-sent events stream.
+"""Mail events for API clients: `recent` items and the server-sent events stream.
 
-Each stream connection keeps the id of the last event it sent; when the event bus wakes it,
+The same code serves the inbound log (`connector.events`: `/mail/recent`, `/mail/stream`)
+and the outbound one (`connector.outbound.events`: `/mail/outbound/recent`, `/stream`):
+anything shaped like `EventSource` (a log with increasing event ids plus a wake-up bus)
+and a function that renders one event as clients see it. Each stream connection keeps the id of the last event it sent; when the event bus wakes it,
 it asks the log for everything after that id, so events arrive in order, once, with no
 gaps, including after a reconnect with `Last-Event-ID`. A `: ping` comment every 15 seconds
 keeps proxies and clients from timing out. This module must never block the reactor thread
@@ -11,22 +14,65 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from connector.events import InboundEvent, InboundEvents
+from connector.events import InboundEvent
 from webapi.errors import bad_parameter, set_common_headers
 from webapi.local.mail import Links
 
-__all__ = ["EventStream", "event_item", "last_event_id"]
+__all__ = [
+    "EventSource",
+    "EventStream",
+    "event_item",
+    "last_event_id",
+    "outbound_item",
+    "recent_items",
+]
 
 PING_SECONDS = 15.0
 _EVENT_ID = re.compile(rb"[0-9]{1,18}")
+
+
+class LoggedEvent(Protocol):
+    @property
+    def event_id(self) -> int: ...
+
+
+class EventLogView(Protocol):
+    """What the API reads of an event log (`connector.events.EventLog` and the like)."""
+
+    @property
+    def last_id(self) -> int: ...
+    def recent(self, limit: int) -> Sequence[Any]: ...
+    def after(self, last_id: int) -> Sequence[Any]: ...
+    def oldest_id(self) -> int | None: ...
+
+
+class EventSource(Protocol):
+    """An event log and its bus: `subscribe(wake)` calls `wake()` after new events."""
+
+    @property
+    def log(self) -> EventLogView: ...
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]: ...
+
+
+Render = Callable[[Any], dict[str, Any]]
+
+
+def recent_items(
+    source: EventSource, limit: int, after: int | None, render: Render
+) -> list[dict[str, Any]]:
+    """The newest `limit` events, newest first; with `after`, the first `limit` events
+    with a larger id, oldest first (a cursor to poll with)."""
+    if after is None:
+        return [render(e) for e in source.log.recent(limit)]
+    return [render(e) for e in list(source.log.after(after))[:limit]]
 
 
 def event_item(event: InboundEvent, links: Links) -> dict[str, Any]:
@@ -40,6 +86,14 @@ def event_item(event: InboundEvent, links: Links) -> dict[str, Any]:
         delete_url=links.message(msg, mailbox),
         mark_url=links.message(msg, mailbox, "/mark"),
     )
+    return body
+
+
+def outbound_item(event: Any) -> dict[str, Any]:
+    """An outbound event as clients see it (`sender` named `from`, as inbound)."""
+    body: dict[str, Any] = event.to_dict()
+    if "sender" in body:
+        body["from"] = body.pop("sender")
     return body
 
 
@@ -62,8 +116,8 @@ class _Connection:
     def __init__(
         self,
         request: IRequest,
-        events: InboundEvents,
-        render: Callable[[InboundEvent], dict[str, Any]],
+        events: EventSource,
+        render: Render,
         clock: IReactorTime,
         ping_seconds: float,
         last_id: int,
@@ -121,15 +175,15 @@ class EventStream(Resource):
 
     def __init__(
         self,
-        events: InboundEvents,
-        links: Links,
+        events: EventSource,
+        render: Render,
         clock: IReactorTime,
         last_id: int | None,
         ping_seconds: float = PING_SECONDS,
     ) -> None:
         super().__init__()
         self.events = events
-        self.links = links
+        self.item = render
         self.clock = clock
         self.last_id = last_id
         self.ping_seconds = ping_seconds
@@ -144,7 +198,7 @@ class EventStream(Resource):
         connection = _Connection(
             request,
             self.events,
-            lambda event: event_item(event, self.links),
+            self.item,
             self.clock,
             self.ping_seconds,
             start_after,

@@ -18,6 +18,7 @@ from webapi.errors import APIError, bad_parameter
 from webapi.jsonbody import json_body
 
 __all__ = [
+    "AttachmentIn",
     "AttachmentQuery",
     "ClientConfigQuery",
     "DetailQuery",
@@ -26,6 +27,8 @@ __all__ = [
     "MarkBody",
     "MessageQuery",
     "RecentQuery",
+    "ReplyBody",
+    "SendBody",
     "SpamBody",
     "SpamQuery",
     "StreamQuery",
@@ -125,6 +128,12 @@ class SpamQuery(MessageQuery):
 
 class RecentQuery(_Model):
     limit: QueryInt = Field(default=20, ge=1)  # capped at MAX_RECENT
+    after: QueryInt | None = Field(
+        default=None,
+        ge=0,
+        description="only events with a larger event_id, oldest first (without it: the "
+        "newest events, newest first)",
+    )
 
 
 class StreamQuery(_Model):
@@ -144,6 +153,67 @@ class MarkBody(_Model):
 class SpamBody(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     block_domain: bool = False
+
+
+class AttachmentIn(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    filename: str = Field(min_length=1, max_length=255)
+    content_type: str = Field(
+        default="application/octet-stream", max_length=255, description="type/subtype"
+    )
+    content_base64: str = Field(description="the content, base64 (RFC 4648)")
+
+
+Recipients = Annotated[
+    Annotated[str, Field(max_length=20_000)]
+    | Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(max_length=100)],
+    Field(
+        description="one address (`a@example.net` or `Name <a@example.net>`), several "
+        "separated by commas, or a list of them",
+    ),
+]
+
+
+class _Compose(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    body_text: str | None = Field(default=None, description="give this, body_html or both")
+    body_html: str | None = None
+    attachments: list[AttachmentIn] = Field(
+        default=[], max_length=100, description="at most 25 MiB together, decoded"
+    )
+
+
+class SendBody(_Compose):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        max_length=1000,
+        description="one of the device's addresses; without it, the device's default",
+    )
+    to: Annotated[
+        Annotated[str, Field(min_length=3, max_length=20_000)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=1000)]],
+            Field(min_length=1, max_length=100),
+        ],
+        Field(description="at least one address; the forms as for cc"),
+    ]
+    cc: Recipients = []
+    bcc: Recipients = Field(default=[], description="in the envelope only, never a header")
+    subject: str = Field(default="", max_length=998)
+    in_reply_to: str | None = Field(default=None, max_length=998, description="<id@domain>")
+    references: (
+        Annotated[str, Field(max_length=20_000)]
+        | Annotated[list[Annotated[str, Field(max_length=998)]], Field(max_length=100)]
+        | None
+    ) = Field(default=None, description="Message-IDs, a list or space-separated")
+
+
+class ReplyBody(_Compose):
+    reply_all: bool = Field(
+        default=False, description="also the original To and Cc (less the device's own)"
+    )
 
 
 def parse_query(request: IRequest, model: type[Q]) -> Q:

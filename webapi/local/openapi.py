@@ -171,6 +171,32 @@ class EventList(_Out):
     events: list[Event]
 
 
+class OutboundEvent(_Out):
+    event_id: int
+    direction: Literal["outbound"]
+    proxy_message_id: str = Field(description="the outbound queue's id of the message")
+    internet_message_id: str
+    subject: str
+    recipients: list[str]
+    status: Literal["submitted", "relayed", "delivered", "deferred", "bounced"]
+    created_at: str
+    recipient: str | None = Field(default=None, description="the recipient this step is for")
+    queue_id: str | None = Field(default=None, description="the edge's queue id")
+    detail: str | None = None
+
+
+class OutboundEventList(_Out):
+    events: list[OutboundEvent]
+
+
+class Sent(_Out):
+    status: Literal["ok"]
+    message_id: str = Field(description="the Message-ID header of the queued message")
+    proxy_message_id: str | None = Field(
+        default=None, description="the outbound queue's id (as in the outbound events)"
+    )
+
+
 class Status(_Out):
     device: dict[str, str]
     connector: dict[str, str | None]
@@ -196,6 +222,7 @@ class RuleList(_Out):
 M = "/localapi/v0/mail"
 MSG = f"{M}/messages/{_ID}"
 _ERR = (400, 401, 403, 404)
+_SEND_ERR = (400, 401, 403, 409, 413, 415, 422)
 LOCAL_OPERATIONS: tuple[tuple[Operation, type[BaseModel] | None], ...] = (
     (Operation("GET", "/localapi/v0/status", "Device, edge link and mail service", Status), None),
     (Operation("POST", f"{M}/enable", "Start the mail services", Done, errors=(401, 403)), None),
@@ -229,7 +256,30 @@ LOCAL_OPERATIONS: tuple[tuple[Operation, type[BaseModel] | None], ...] = (
     (Operation("POST", f"{MSG}/report-ham", "Back to INBOX, train", Reported), q.MessageQuery),
     (Operation("GET", f"{M}/spam-rules", "Block rules at the edge", RuleList), None),
     (Operation("DELETE", f"{M}/spam-rules/{_ID}", "Delete a block rule at the edge", Done), None),
+    (
+        Operation("POST", f"{M}/send", "Send a message", Sent, q.SendBody, errors=_SEND_ERR),
+        q.Empty,
+    ),
+    (
+        Operation(
+            "POST",
+            f"{MSG}/reply",
+            "Reply to a message",
+            Sent,
+            q.ReplyBody,
+            errors=_SEND_ERR + (404,),
+        ),
+        q.MessageQuery,
+    ),
     (Operation("GET", f"{M}/recent", "Recent inbound events", EventList), q.RecentQuery),
+    (
+        Operation("GET", f"{M}/outbound/recent", "Recent outbound events", OutboundEventList),
+        q.RecentQuery,
+    ),
+    (
+        Operation("GET", f"{M}/outbound/stream", "Outbound events as server-sent events", None),
+        q.StreamQuery,
+    ),
     (
         Operation("GET", f"{M}/stream", "Inbound events as server-sent events", None),
         q.StreamQuery,
@@ -246,6 +296,16 @@ _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
         "description": "Maildir id (mailbox_id); a queue id or a <Message-ID> also resolve",
     },
     "index": {"type": "string", "pattern": "^[0-9]{1,4}$"},
+}
+
+
+_IDEMPOTENCY_KEY: dict[str, Any] = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "a retry with the same key and body gets the first reply and sends "
+    "nothing; the same key with another body is refused (409)",
+    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
 }
 
 
@@ -273,6 +333,10 @@ def local_document(servers: list[str] | None = None) -> dict[str, Any]:
             for param in operation.get("parameters", []):
                 if param["in"] == "path" and path.startswith(f"{M}/messages/"):
                     param["schema"] = _PATH_SCHEMAS[param["name"]]
-    stream = doc["paths"][f"{M}/stream"]["get"]["responses"]["200"]
-    stream["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    for path in (f"{M}/stream", f"{M}/outbound/stream"):
+        stream = doc["paths"][path]["get"]["responses"]["200"]
+        stream["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    for path in (f"{M}/send", f"{MSG}/reply"):
+        item = doc["paths"][path]["post"]
+        item["parameters"] = [*item.get("parameters", []), _IDEMPOTENCY_KEY]
     return doc

@@ -33,12 +33,12 @@ from edge.store import Store
 from edge.store.access import AccessStore, RegistrationLimits
 from edge.store.idempotency import IdempotencyStore
 from webapi.errors import APIError, failure_reply, json_reply
+from webapi.idempotency import Idempotency
 from webapi.jsonbody import json_body
 from webapi.openapi import Registry
 from webapi.v1 import models as m
 from webapi.v1.devices import DeviceOps
 from webapi.v1.domains import DomainOps
-from webapi.v1.idempotency import Idempotency
 from webapi.v1.netpolicy import ConnectorPolicy, parse_networks
 from webapi.v1.openapi import OPERATIONS, with_query_parameters
 from webapi.v1.ops import ControlOps, Principal, Settings

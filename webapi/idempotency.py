@@ -1,5 +1,9 @@
 """`Idempotency-Key` for POST and PATCH: a retried request gets the first reply again.
 
+Shared by the edge's `/v1` API (keys in its control-plane store) and the device's loopback
+API (keys in a small SQLite file of the device): each passes its store, anything with the
+three methods of `KeyStore`.
+
 A key is claimed per caller before the request runs; the reply (any status below 500) is
 remembered with it for the TTL (24 hours by default) and replayed, with an
 `Idempotent-Replayed: true` header, when the same caller sends the same key with the same
@@ -15,16 +19,15 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from edge.store.idempotency import IdempotencyStore
 from webapi.errors import APIError, json_reply
 
-__all__ = ["HEADER", "Idempotency"]
+__all__ = ["HEADER", "Idempotency", "KeyStore", "body_digest"]
 
 HEADER = b"Idempotency-Key"
 _KEY = re.compile(rb"[\x21-\x7e]{1,255}")
@@ -33,10 +36,39 @@ DAY = 24 * 3600.0
 Produce = Callable[[], "defer.Deferred[tuple[int, Any]]"]
 
 
+class Claimed(Protocol):
+    """What claiming a key found: `state` is new, replay, mismatch or in_progress."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def body(self) -> str: ...
+
+
+class KeyStore(Protocol):
+    """Where keys and their replies are kept (`edge.store.idempotency.IdempotencyStore`,
+    `connector.idempotency.DeviceKeys`); blocking, called through `run_blocking`."""
+
+    def claim_idempotency_key(
+        self, scope: str, key: str, method: str, path: str, body_hash: str, ttl: float
+    ) -> Claimed: ...
+
+    def finish_idempotency_key(self, scope: str, key: str, status: int, body: str) -> None: ...
+
+    def release_idempotency_key(self, scope: str, key: str) -> None: ...
+
+
+def body_digest(body: bytes) -> str:
+    """What a request body is compared by (hash large bodies in a worker thread)."""
+    return hashlib.sha256(body).hexdigest()
+
+
 class Idempotency:
     def __init__(
         self,
-        store: IdempotencyStore,
+        store: KeyStore,
         run_blocking: Callable[..., defer.Deferred[Any]],
         ttl: float = DAY,
     ) -> None:
@@ -63,12 +95,19 @@ class Idempotency:
         self, request: IRequest, scope: str, body: bytes, produce: Produce
     ) -> defer.Deferred[bytes]:
         """Reply to `request` with `produce()` once per key (see the module docstring)."""
+        if self.key_of(request) is None:
+            return produce().addCallback(lambda result: json_reply(request, result[1], result[0]))
+        return self.handle_digest(request, scope, body_digest(body), produce)
+
+    def handle_digest(
+        self, request: IRequest, scope: str, digest: str, produce: Produce
+    ) -> defer.Deferred[bytes]:
+        """`handle` for a body already hashed with `body_digest`."""
         key = self.key_of(request)
         if key is None:
             return produce().addCallback(lambda result: json_reply(request, result[1], result[0]))
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("utf-8", "replace")[:512]
-        digest = hashlib.sha256(body).hexdigest()
         d = self.run(self.store.claim_idempotency_key, scope, key, method, path, digest, self.ttl)
 
         def claimed(reply: Any) -> Any:
