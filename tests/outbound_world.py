@@ -127,8 +127,11 @@ class World:
         verifies against the records in the test's DNS server."""
         signer = dkim.DKIM(data)
         algorithms = []
-        count = sum(1 for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-                    if line.lower().startswith(b"dkim-signature:"))
+        count = sum(
+            1
+            for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            if line.lower().startswith(b"dkim-signature:")
+        )
         for idx in range(count):
             assert signer.verify(idx=idx, dnsfunc=self.dkim_dns), f"signature {idx} fails"
             fields = signer.signature_fields
@@ -162,9 +165,7 @@ class World:
     def credentials(self) -> dict[str, Any]:
         return json.loads((self.device.data_dir / "device" / "credentials.json").read_text())  # type: ignore[no-any-return]
 
-    def api(
-        self, method: str, path: str, body: Any = None
-    ) -> tuple[int, Any]:
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             f"http://{self.listeners['http']}/localapi/v0{path}",
@@ -224,10 +225,12 @@ def make_world(
     relay_retry: tuple[float, float] = (0.2, 0.5),
     edge_relay: str | None = None,
     sts_domains: tuple[str, ...] = (),
+    edge_extra: str = "",
 ) -> World:
     """Everything made and configured, nothing of tailpost started (`start_edge`,
     `start_device`). `edge_relay`: the device's relay address (default: the edge's);
-    `sts_domains`: the domains whose MTA-STS policies the HTTPS server has a certificate for."""
+    `sts_domains`: the domains whose MTA-STS policies the HTTPS server has a certificate for;
+    `edge_extra`: more lines of the edge's `[edge]` table."""
     dns_server: LocalDNSServer = in_reactor(LocalDNSServer, in_reactor.reactor)
     ca = LocalCA(base)
     names = [f"mta-sts.{d}" for d in sts_domains] or ["mta-sts.invalid"]
@@ -283,6 +286,7 @@ mx_delivery_port = {mx_port}
 mta_sts_port = {web.port}
 tls_ca_file = "{ca.ca_file}"
 delivery_timeout = 10.0
+{edge_extra}
 [checks]
 enabled = false
 {dns}""",
@@ -319,6 +323,15 @@ outcome_poll_interval = 0.2
     link_file.write_text(json.dumps(link))
     link_file.chmod(0o600)
     return World(
-        base, in_reactor, dns_server, ca, web, mx_port, edge, device, device_key,
-        relay_port, control_port,
+        base,
+        in_reactor,
+        dns_server,
+        ca,
+        web,
+        mx_port,
+        edge,
+        device,
+        device_key,
+        relay_port,
+        control_port,
     )

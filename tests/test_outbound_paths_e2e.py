@@ -46,8 +46,11 @@ def world(in_reactor: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         w.domain("far.test", [(10, "mx.far.test")])
         w.remote("bad.sts.test", HOSTS[1], tls="self")
         w.remote("good.sts.test", HOSTS[2])
-        w.domain("sts.test", [(10, "bad.sts.test"), (20, "good.sts.test")],
-                 sts_policy("enforce", "*.sts.test"))
+        w.domain(
+            "sts.test",
+            [(10, "bad.sts.test"), (20, "good.sts.test")],
+            sts_policy("enforce", "*.sts.test"),
+        )
         w.domain("onlybad.test", [(10, "bad.sts.test")], sts_policy("enforce", "*.sts.test"))
         w.start_edge()
         w.start_device()
@@ -61,7 +64,11 @@ def _delivered(world: World, item: str, recipient: str) -> None:
         lambda: ("delivered", recipient) in world.statuses(item),
         lambda: f"{item} delivered to {recipient}: {world.statuses(item)}",
     )
-    assert world.statuses(item) == [("submitted", None), ("relayed", None), ("delivered", recipient)]
+    assert world.statuses(item) == [
+        ("submitted", None),
+        ("relayed", None),
+        ("delivered", recipient),
+    ]
 
 
 def _arrived(mx: DownstreamMX, message_id: str) -> bytes:
@@ -104,13 +111,32 @@ def test_submission_with_swaks_arrives_signed_twice(world: World) -> None:
     password = world.credentials()["imap"][ALICE]
     done = subprocess.run(
         [
-            str(tool("swaks")), "--server", host, "--port", port, "--tls",
-            "--auth", "PLAIN", "--auth-user", ALICE, "--auth-password", password,
-            "--from", ALICE, "--to", "bob@far.test",
-            "--header", "Subject: by swaks", "--header", "Message-Id: <swaks-1@home.test>",
-            "--body", "Sent with swaks.",
+            str(tool("swaks")),
+            "--server",
+            host,
+            "--port",
+            port,
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            ALICE,
+            "--auth-password",
+            password,
+            "--from",
+            ALICE,
+            "--to",
+            "bob@far.test",
+            "--header",
+            "Subject: by swaks",
+            "--header",
+            "Message-Id: <swaks-1@home.test>",
+            "--body",
+            "Sent with swaks.",
         ],
-        capture_output=True, timeout=60, check=False,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stdout.decode()[-2000:]
     data = _arrived(FAR, "<swaks-1@home.test>")
@@ -195,16 +221,18 @@ def test_a_550_bounces_with_a_dsn_in_the_inbox(world: World) -> None:
         lambda: ("bounced", "nobody@far.test") in world.statuses(item),
         lambda: f"bounced: {world.statuses(item)}",
     )
-    (bounced,) = [e for e in world.outbound_events() if e["proxy_message_id"] == item
-                  and e["status"] == "bounced"]
+    (bounced,) = [
+        e
+        for e in world.outbound_events()
+        if e["proxy_message_id"] == item and e["status"] == "bounced"
+    ]
     assert bounced["detail"].startswith("550 5.1.1")
 
     def dsn() -> list[dict[str, Any]]:
         status, body = world.api("GET", "/mail/messages?mailbox=INBOX&limit=100")
         assert status == 200
         return [
-            m for m in body["messages"]
-            if m["subject"] == "Undelivered Mail Returned to Sender"
+            m for m in body["messages"] if m["subject"] == "Undelivered Mail Returned to Sender"
         ]
 
     (notice,) = wait_until(dsn, "the DSN in the INBOX")
