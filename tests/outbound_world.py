@@ -266,8 +266,9 @@ def make_world(
             "home.test", key.selector, key.algorithm, key.private_pem, key.public_b64
         )
     # The DKIM records as the edge publishes them (POST /v1/custom-domains/prepare).
-    for key in access.dkim_keys("home.test"):
-        dns_server.zone.set(f"{key.selector}._domainkey.home.test", "TXT", [key.dns_value()])
+    for published in access.dkim_keys("home.test"):
+        name = f"{published.selector}._domainkey.home.test"
+        dns_server.zone.set(name, "TXT", [published.dns_value()])
     device_key = access.issue_key(DEVICE_ID)
     store.close()
 

@@ -210,6 +210,12 @@ def test_mta_sts_enforce_never_delivers_to_a_host_with_a_bad_certificate(world: 
         lambda: ("deferred", "erin@onlybad.test") in world.statuses(item),
         lambda: f"deferred: {world.statuses(item)}",
     )
+    deferred = next(
+        e
+        for e in world.outbound_events()
+        if e["proxy_message_id"] == item and e["status"] == "deferred"
+    )
+    assert deferred["detail"].startswith("451 4.7.5 the TLS certificate of bad.sts.test")
     assert bad.seen == []  # never a message over the unverified certificate
     assert stuck["message_id"] not in message_ids(good.seen)
 
