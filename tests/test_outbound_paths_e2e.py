@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import DownstreamMX
-from tests.outbound_peers import Sink, smtp_sink, tool
+from tests.outbound_peers import Sink, postfix_mx, postfix_unavailable, smtp_sink, tool
 from tests.outbound_world import (
     ALICE,
     HOSTS,
@@ -189,6 +189,23 @@ def test_postfix_smtp_sink_takes_the_signed_mail(world: World) -> None:
         (dump,) = wait_until(dumped, "the message in smtp-sink's dump")
         _delivered(world, sent["proxy_message_id"], "carol@sink.test")
     assert sorted(world.verify_dkim(_crlf(dump))) == [b"ed25519-sha256", b"rsa-sha256"]
+
+
+def test_postfix_smtpd_takes_the_signed_mail(world: World) -> None:
+    reason = postfix_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    world.dns.zone.set("postfix.test", "MX", [(10, "mx.postfix.test")])
+    world.dns.zone.set("mx.postfix.test", "A", [HOSTS[4]])
+    with postfix_mx(HOSTS[4], world.mx_port) as postfix:
+        sent = _send(world, "frank@postfix.test", "to postfix smtpd")
+
+        def held() -> list[bytes]:
+            return [m for m in postfix.messages() if sent["message_id"].encode() in m]
+
+        (message,) = wait_until(held, "the message in Postfix's hold queue")
+        _delivered(world, sent["proxy_message_id"], "frank@postfix.test")
+    assert sorted(world.verify_dkim(message)) == [b"ed25519-sha256", b"rsa-sha256"]
 
 
 def _crlf(dump: bytes) -> bytes:
