@@ -1,4 +1,5 @@
-"""The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation.
+"""The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation, and the
+DKIM records of a domain.
 
 Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM key
 generation, SQL) and is run in a thread by `webapi.v1.app`. The ownership TXT record, looked up
