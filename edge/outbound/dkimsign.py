@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -90,7 +90,7 @@ class _Loaded:
     key_id: str
     selector: str
     algorithm: str  # "rsa" | "ed25519"
-    private: _PrivateKey
+    private: _PrivateKey = field(repr=False)
 
 
 def _load(key: DkimKey) -> _Loaded:
@@ -170,10 +170,8 @@ class DkimSigner:
         if cached is not None and cached[0] > now:
             return cached[1]
         previous = {(k.selector, k.key_id): k for k in cached[1]} if cached else {}
-        loaded = tuple(
-            previous.get((key.selector, key.id)) or _load(key)
-            for key in self.access.dkim_keys(domain)
-        )
+        active = sorted(self.access.dkim_keys(domain), key=lambda k: (k.algorithm != "rsa",))
+        loaded = tuple(previous.get((key.selector, key.id)) or _load(key) for key in active)
         with self._lock:
             if len(self._cache) >= self.max_domains:
                 for name in [n for n, (until, _) in self._cache.items() if until <= now]:
