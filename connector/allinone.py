@@ -5,7 +5,8 @@ the same code path as two hosts: STARTTLS to the connector's own certificate, wh
 local device gets at bootstrap as an approval would give it (plaintext AUTH would be allowed
 on loopback, but the real path is the one exercised). On first start it makes the data directory, a self-signed
 certificate, the device's secrets and the demo domain with one address, and prints the
-secrets once.
+secrets once. The demo domain gets DKIM keys (RSA-2048 and Ed25519) on first start too;
+`tailpost dkim show <domain>` prints the records to publish.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.application.service import IService, MultiService, Service
 from connector.app import Device, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
+from edge.outbound.dkimkeys import ensure_dkim_keys
 from edge.runtime.private import private_dir
 from edge.runtime.reactordispatch import direct_dispatch
 from edge.runtime.service import ReadyReport, freeze_start_up
@@ -62,7 +64,8 @@ def link_local_device(store: Store, device: Device) -> None:
 
 
 def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
-    """Make sure the local device and the demo address exist in the edge's store."""
+    """Make sure the local device, the demo address and the demo domain's DKIM keys exist in
+    the edge's store."""
     store.ensure_account()
     creds = device.creds
     if store.get_device(LOCAL_DEVICE_ID) is None:
@@ -99,6 +102,8 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
         store.override_route(
             route.id, "operator", datetime.now(UTC), "the all-in-one's demo domain", status="active"
         )
+    # Outbound mail of the demo domain is DKIM-signed: RSA-2048 and Ed25519 keys, made once.
+    ensure_dkim_keys(AccessStore(store), domain)
     name, _, addr_domain = config.demo.address.lower().partition("@")
     known = {a.address for a in store.list_byod_addresses()}
     if config.demo.address.lower() not in known:
@@ -152,6 +157,9 @@ Send a test message to {demo}:
 Read it:
   IMAP  host {imap_host}  port {imap_port}  user {demo}  (password in {creds.path})
   curl -s -H "Authorization: Bearer $(python3 -c "import json; print(json.load(open('{creds.path}'))['local_api_token'])")" http://{addresses["http"]}/localapi/v0/mail/messages
+
+DKIM records to publish for {config.demo.domain}:
+  tailpost --data-dir {config.data_path} dkim show {config.demo.domain}
 """
     )
     fresh = [c for c in creds.created if c.startswith("imap:") or c == "local_api_token"]
