@@ -139,6 +139,7 @@ def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[st
     demo = config.demo.address
     mx_host, _, mx_port = addresses["mx"].rpartition(":")
     imap_host, _, imap_port = addresses["imap"].rpartition(":")
+    sub_host, _, sub_port = addresses.get("submission", "127.0.0.1:1587").rpartition(":")
     creds = device.creds
     out.write(
         f"""
@@ -153,6 +154,9 @@ tailpost all-in-one is running; data in {config.data_path}
 Send a test message to {demo}:
   swaks --server {mx_host} --port {mx_port} --from you@example.net --to {demo}
   python3 -c "import smtplib; smtplib.SMTP('{mx_host}', {mx_port}).sendmail('you@example.net', ['{demo}'], b'Subject: hello\\r\\n\\r\\nHello from tailpost.\\r\\n')"
+
+Send from the device (submission; the password is the address's IMAP password):
+  swaks --server {sub_host} --port {sub_port} --tls --auth PLAIN --auth-user {demo} --auth-password PASSWORD --from {demo} --to {demo}
 
 Read it:
   IMAP  host {imap_host}  port {imap_port}  user {demo}  (password in {creds.path})
