@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from twisted.application.service import IService, MultiService, Service
 
-from connector.app import Device, build_device
+from connector.app import DeviceParts, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
 from edge.outbound.dkimkeys import ensure_dkim_keys
@@ -37,7 +37,7 @@ class Options(EdgeOptions):
     pass
 
 
-def link_local_device(store: Store, device: Device) -> None:
+def link_local_device(store: Store, device: DeviceParts) -> None:
     """Give the local device a key of its own for the edge, as an approval would.
 
     The device then reaches the in-process edge's `/v1` exactly as a remote device does
@@ -63,7 +63,7 @@ def link_local_device(store: Store, device: Device) -> None:
     link.save(registration.path)
 
 
-def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
+def bootstrap_demo(store: Store, config: Config, device: DeviceParts) -> None:
     """Make sure the local device, the demo address and the demo domain's DKIM keys exist in
     the edge's store."""
     store.ensure_account()
@@ -111,7 +111,7 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
     link_local_device(store, device)
 
 
-def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
+def point_device_at_relay(device: DeviceParts, addresses: dict[str, str]) -> None:
     """Once listening: the device relays its outbound mail to this process's own edge, at the
     relay listener's real address (the report's "relay"; port 0 allowed), at once."""
     relay = addresses.get("relay")
@@ -124,7 +124,7 @@ def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
 class LinkDevice(Service):
     """Started after the device listens: points the store's device row at the real port."""
 
-    def __init__(self, store: Store, device: Device) -> None:
+    def __init__(self, store: Store, device: DeviceParts) -> None:
         self.setName("link-device")
         self.store = store
         self.device = device
@@ -135,7 +135,9 @@ class LinkDevice(Service):
         self.store.update_device(LOCAL_DEVICE_ID, connector_smtp_addr=addr)
 
 
-def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[str, str]) -> None:
+def print_banner(
+    out: TextIO, config: Config, device: DeviceParts, addresses: dict[str, str]
+) -> None:
     demo = config.demo.address
     mx_host, _, mx_port = addresses["mx"].rpartition(":")
     imap_host, _, imap_port = addresses["imap"].rpartition(":")
@@ -181,7 +183,9 @@ DKIM records to publish for {config.demo.domain}:
     out.flush()
 
 
-def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, Device, ReadyReport]:
+def build_allinone(
+    config: Config, reactor: Any
+) -> tuple[MultiService, Edge, DeviceParts, ReadyReport]:
     data = private_dir(config.data_path)  # secrets and mail below: the owner's alone
     if config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))

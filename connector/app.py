@@ -49,7 +49,7 @@ from webapi.local.spam import EdgeJSON, RspamdTrainer
 
 
 @dataclass
-class Device:
+class DeviceParts:
     service: MultiService
     maildir: Maildir
     creds: credentials.Credentials
@@ -109,7 +109,7 @@ def connector_tls(config: Config) -> tuple[Any, str | None]:
 
 def build_device(
     config: Config, reactor: Any, extra_addresses: tuple[str, ...] = (), *, with_mx: bool = False
-) -> Device:
+) -> DeviceParts:
     """The device's services. `with_mx`: the edge's MX runs in this process too (the
     all-in-one), which decides the collector pause of its IMAP server and local API
     (`connector.collector.for_process`)."""
@@ -259,7 +259,7 @@ def build_device(
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
-    return Device(
+    return DeviceParts(
         service,
         maildir,
         creds,

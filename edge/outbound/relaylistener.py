@@ -20,7 +20,7 @@ from edge.inbound.listener import smtp_limits
 from edge.outbound.dkimsign import DkimSigner
 from edge.outbound.relaypolicy import (
     RECEIVED_HEADERS_ADDED,
-    Relay,
+    RelayContext,
     RelayHandler,
     Signer,
     parse_networks,
@@ -67,7 +67,7 @@ def build_relay_factory(
     def commit(writer: SpoolWriter, envelope: Envelope) -> Any:
         return threads.deferToThread(spool.commit, writer, envelope)
 
-    relay = Relay(
+    relay = RelayContext(
         authenticate=access.authenticate,
         sender_account=outbound.sender_account,
         record=outbound.record,
