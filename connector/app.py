@@ -248,6 +248,7 @@ def build_device(
         outbound_queue=outbound,
         send_keys=DeviceKeys(device_dir / "idempotency.sqlite3", reactor.seconds),
         outbound_events=outbound_events,
+        max_message_size=config.device.max_send_size,
     )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
