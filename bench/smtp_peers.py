@@ -176,6 +176,17 @@ def _postfix(binary: str, confdir: Path, action: str) -> None:
 @contextlib.contextmanager
 def postfix_queue(workdir: Path) -> Iterator[Peer]:
     """A private Postfix instance: its smtpd on a high port, accepting into its own queue."""
+    with private_postfix(workdir, "postfix", POSTFIX_MAIN, POSTFIX_MASTER) as port_pid:
+        yield Peer("postfix smtpd -> queue", *port_pid)
+
+
+@contextlib.contextmanager
+def private_postfix(
+    workdir: Path, name: str, main_cf: str, master_cf: str
+) -> Iterator[tuple[int, int | None]]:
+    """A private Postfix instance in `workdir/name` (its own config and queue directories),
+    from `main_cf` (formatted with root, daemons, commands) and `master_cf` (formatted with
+    port, the smtpd's): its smtpd's port and its master's pid, once it greets."""
     binary = tool("postfix")
     if binary is None:
         raise PeerUnavailable("postfix is not installed")
@@ -184,7 +195,7 @@ def postfix_queue(workdir: Path) -> Iterator[Peer]:
     daemons = Path("/usr/lib/postfix/sbin")
     if not (daemons / "smtpd").exists():
         raise PeerUnavailable(f"no Postfix daemons in {daemons}")
-    root = workdir / "postfix"
+    root = workdir / name
     confdir = root / "conf"
     for d in (confdir, root / "queue", root / "data"):
         d.mkdir(parents=True, exist_ok=True)
@@ -193,16 +204,14 @@ def postfix_queue(workdir: Path) -> Iterator[Peer]:
         d.chmod(0o755)  # the postfix user must reach its queue directory
     port = free_port()
     commands = str(Path(binary).parent)
-    (confdir / "main.cf").write_text(
-        POSTFIX_MAIN.format(root=root, daemons=daemons, commands=commands)
-    )
-    (confdir / "master.cf").write_text(POSTFIX_MASTER.format(port=port))
+    (confdir / "main.cf").write_text(main_cf.format(root=root, daemons=daemons, commands=commands))
+    (confdir / "master.cf").write_text(master_cf.format(port=port))
     _postfix(binary, confdir, "start")
     try:
         wait_smtp(port, None)
         pid_file = root / "queue" / "pid" / "master.pid"
         pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-        yield Peer("postfix smtpd -> queue", port, pid)
+        yield port, pid
     finally:
         try:
             _postfix(binary, confdir, "stop")
