@@ -4,7 +4,7 @@
 # Optional: make lint, make typecheck, make imports (the one-way import contract in
 # .importlinter), make check (all four), make bench (MX benchmark),
 # make bench-inbound (MX to Maildir), make bench-imap (IMAP benchmark),
-# make bench-dkim (DKIM signing against dkimpy).
+# make bench-dkim (DKIM signing against dkimpy), make bench-outbound (relay to an MX).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,8 @@ BIN    := $(VENV)/bin
 SOURCES := $(shell find edge connector maildir webapi twistd-plugins -name '*.py' -o -name '*.mako') setup.cfg pyproject.toml
 ARGS   ?=
 
-.PHONY: run test lint typecheck imports check clean bench bench-imap bench-inbound bench-dkim
+.PHONY: run test lint typecheck imports check clean bench bench-imap bench-inbound bench-dkim \
+	bench-outbound
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,12 @@ bench-imap: $(VENV)/.installed
 # DKIM signing of outbound mail next to dkimpy's dkim.sign, one core (bench/dkim_bench.py).
 bench-dkim: $(VENV)/.installed
 	PYTHONPATH=. $(BIN)/python bench/dkim_bench.py $(ARGS)
+
+# Outbound end to end: the edge's relay, DKIM signing, queue, to an MX (smtp-sink), next to a
+# private Postfix relaying the same load (bench/outbound_bench.py). Not a test.
+bench-outbound: $(VENV)/.installed
+	scripts/install-test-deps
+	PYTHONPATH=. $(BIN)/python bench/outbound_bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

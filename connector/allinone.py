@@ -5,7 +5,8 @@ the same code path as two hosts: STARTTLS to the connector's own certificate, wh
 local device gets at bootstrap as an approval would give it (plaintext AUTH would be allowed
 on loopback, but the real path is the one exercised). On first start it makes the data directory, a self-signed
 certificate, the device's secrets and the demo domain with one address, and prints the
-secrets once.
+secrets once. The demo domain gets DKIM keys (RSA-2048 and Ed25519) on first start too;
+`tailpost dkim show <domain>` prints the records to publish.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any, TextIO
 
 from twisted.application.service import IService, MultiService, Service
 
-from connector.app import Device, build_device
+from connector.app import DeviceParts, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config, load_config
+from edge.outbound.dkimkeys import ensure_dkim_keys
 from edge.runtime.private import private_dir
 from edge.runtime.reactordispatch import direct_dispatch
 from edge.runtime.service import ReadyReport, freeze_start_up
@@ -35,7 +37,7 @@ class Options(EdgeOptions):
     pass
 
 
-def link_local_device(store: Store, device: Device) -> None:
+def link_local_device(store: Store, device: DeviceParts) -> None:
     """Give the local device a key of its own for the edge, as an approval would.
 
     The device then reaches the in-process edge's `/v1` exactly as a remote device does
@@ -61,8 +63,9 @@ def link_local_device(store: Store, device: Device) -> None:
     link.save(registration.path)
 
 
-def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
-    """Make sure the local device and the demo address exist in the edge's store."""
+def bootstrap_demo(store: Store, config: Config, device: DeviceParts) -> None:
+    """Make sure the local device, the demo address and the demo domain's DKIM keys exist in
+    the edge's store."""
     store.ensure_account()
     creds = device.creds
     if store.get_device(LOCAL_DEVICE_ID) is None:
@@ -99,6 +102,8 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
         store.override_route(
             route.id, "operator", datetime.now(UTC), "the all-in-one's demo domain", status="active"
         )
+    # Outbound mail of the demo domain is DKIM-signed: RSA-2048 and Ed25519 keys, made once.
+    ensure_dkim_keys(AccessStore(store), domain)
     name, _, addr_domain = config.demo.address.lower().partition("@")
     known = {a.address for a in store.list_byod_addresses()}
     if config.demo.address.lower() not in known:
@@ -106,7 +111,7 @@ def bootstrap_demo(store: Store, config: Config, device: Device) -> None:
     link_local_device(store, device)
 
 
-def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
+def point_device_at_relay(device: DeviceParts, addresses: dict[str, str]) -> None:
     """Once listening: the device relays its outbound mail to this process's own edge, at the
     relay listener's real address (the report's "relay"; port 0 allowed), at once."""
     relay = addresses.get("relay")
@@ -119,7 +124,7 @@ def point_device_at_relay(device: Device, addresses: dict[str, str]) -> None:
 class LinkDevice(Service):
     """Started after the device listens: points the store's device row at the real port."""
 
-    def __init__(self, store: Store, device: Device) -> None:
+    def __init__(self, store: Store, device: DeviceParts) -> None:
         self.setName("link-device")
         self.store = store
         self.device = device
@@ -130,10 +135,13 @@ class LinkDevice(Service):
         self.store.update_device(LOCAL_DEVICE_ID, connector_smtp_addr=addr)
 
 
-def print_banner(out: TextIO, config: Config, device: Device, addresses: dict[str, str]) -> None:
+def print_banner(
+    out: TextIO, config: Config, device: DeviceParts, addresses: dict[str, str]
+) -> None:
     demo = config.demo.address
     mx_host, _, mx_port = addresses["mx"].rpartition(":")
     imap_host, _, imap_port = addresses["imap"].rpartition(":")
+    sub_host, _, sub_port = addresses.get("submission", "127.0.0.1:1587").rpartition(":")
     creds = device.creds
     out.write(
         f"""
@@ -149,9 +157,15 @@ Send a test message to {demo}:
   swaks --server {mx_host} --port {mx_port} --from you@example.net --to {demo}
   python3 -c "import smtplib; smtplib.SMTP('{mx_host}', {mx_port}).sendmail('you@example.net', ['{demo}'], b'Subject: hello\\r\\n\\r\\nHello from tailpost.\\r\\n')"
 
+Send from the device (submission; the password is the address's IMAP password):
+  swaks --server {sub_host} --port {sub_port} --tls --auth PLAIN --auth-user {demo} --auth-password PASSWORD --from {demo} --to {demo}
+
 Read it:
   IMAP  host {imap_host}  port {imap_port}  user {demo}  (password in {creds.path})
   curl -s -H "Authorization: Bearer $(python3 -c "import json; print(json.load(open('{creds.path}'))['local_api_token'])")" http://{addresses["http"]}/localapi/v0/mail/messages
+
+DKIM records to publish for {config.demo.domain}:
+  tailpost --data-dir {config.data_path} dkim show {config.demo.domain}
 """
     )
     fresh = [c for c in creds.created if c.startswith("imap:") or c == "local_api_token"]
@@ -169,7 +183,9 @@ Read it:
     out.flush()
 
 
-def build_allinone(config: Config, reactor: Any) -> tuple[MultiService, Edge, Device, ReadyReport]:
+def build_allinone(
+    config: Config, reactor: Any
+) -> tuple[MultiService, Edge, DeviceParts, ReadyReport]:
     data = private_dir(config.data_path)  # secrets and mail below: the owner's alone
     if config.edge.tls_cert:
         tls_files = (Path(config.edge.tls_cert), Path(config.edge.tls_key))

@@ -49,7 +49,7 @@ from webapi.local.spam import EdgeJSON, RspamdTrainer
 
 
 @dataclass
-class Device:
+class DeviceParts:
     service: MultiService
     maildir: Maildir
     creds: credentials.Credentials
@@ -109,7 +109,7 @@ def connector_tls(config: Config) -> tuple[Any, str | None]:
 
 def build_device(
     config: Config, reactor: Any, extra_addresses: tuple[str, ...] = (), *, with_mx: bool = False
-) -> Device:
+) -> DeviceParts:
     """The device's services. `with_mx`: the edge's MX runs in this process too (the
     all-in-one), which decides the collector pause of its IMAP server and local API
     (`connector.collector.for_process`)."""
@@ -248,6 +248,7 @@ def build_device(
         outbound_queue=outbound,
         send_keys=DeviceKeys(device_dir / "idempotency.sqlite3", reactor.seconds),
         outbound_events=outbound_events,
+        max_message_size=config.device.max_send_size,
     )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
@@ -259,7 +260,7 @@ def build_device(
     http.setServiceParent(service)
     if edge_client is not None:
         PinSync(registration, reactor).setServiceParent(service)  # a new certificate's pin
-    return Device(
+    return DeviceParts(
         service,
         maildir,
         creds,

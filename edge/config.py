@@ -107,6 +107,9 @@ class EdgeConfig:
     # TLS only from relay_plaintext_networks.
     relay_listen: str = "127.0.0.1:2526"
     relay_plaintext_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # The largest message the relay takes from a device: 25 MiB of attachments are about
+    # 34 MiB once base64-encoded, so more than the MX takes from the internet.
+    relay_max_message_size: int = 36 * 1024 * 1024
 
 
 @dataclass
@@ -137,6 +140,9 @@ class DeviceConfig:
     # Sending: the submission listener for local clients (loopback only; "" for none) and
     # the edge's relay listener ("" = the host of edge_url, port 2526).
     submission_listen: str = "127.0.0.1:1587"
+    # The largest message the submission listener and the local API's send take (it should
+    # not exceed the edge's relay_max_message_size).
+    max_send_size: int = 36 * 1024 * 1024
     edge_relay: str = ""
     relay_retry_initial: float = 5.0
     relay_retry_max: float = 300.0
@@ -347,6 +353,8 @@ def load_config(path: str | Path | None = None, *, data_dir: str | None = None) 
         )
     if config.edge.max_message_size <= 0 or config.edge.max_recipients <= 0:
         raise ConfigError("edge.max_message_size and edge.max_recipients must be positive")
+    if config.edge.relay_max_message_size <= 0 or config.device.max_send_size <= 0:
+        raise ConfigError("edge.relay_max_message_size and device.max_send_size must be positive")
     if config.device.mailbox_mode not in ("inbox", "per_address"):
         raise ConfigError('device.mailbox_mode must be "inbox" or "per_address"')
     _check_networks("edge.mx_proxy_trusted", config.edge.mx_proxy_trusted, strict=True)

@@ -5,7 +5,7 @@ and `data:` links, forms, frames, objects, embeds, `<meta>` refresh, `<base>`, s
 without the text a person would not see (hidden by CSS, the `hidden` attribute,
 `aria-hidden`, a colour matching the background, off-screen), with remote images blocked
 unless asked for (their URL kept in `data-blocked-src`), `cid:` images pointed at the
-attachment URLs given; the visible text; and `Finding`s, codes with counts and reasons, for
+attachment URLs given; the visible text; and `HTMLFinding`s, codes with counts and reasons, for
 what was removed. Hidden text is the prompt-injection vector: it never reaches the output.
 
 How, in three steps:
@@ -45,7 +45,7 @@ from maildir.htmlstyle import ROOT_PAINT, Paint, StyleSheet
 
 __all__ = [
     "MAX_HTML_CHARS",
-    "Finding",
+    "HTMLFinding",
     "SafeHtml",
     "sanitize",
 ]
@@ -122,7 +122,7 @@ _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u034f\u00ad
 
 
 @dataclass(frozen=True)
-class Finding:
+class HTMLFinding:
     """What the HTML had: a machine-readable code, how many, and a short reason."""
 
     code: str
@@ -134,7 +134,7 @@ class Finding:
 class SafeHtml:
     html: str
     text: str  # the visible text, blocks on their own lines
-    findings: tuple[Finding, ...]
+    findings: tuple[HTMLFinding, ...]
 
 
 # -- step 1: bounds and renaming ---------------------------------------------------------------
@@ -486,19 +486,19 @@ _REASONS = {
 }
 
 
-def _findings(walker: _Walker, prepared: _Prepared) -> tuple[Finding, ...]:
+def _findings(walker: _Walker, prepared: _Prepared) -> tuple[HTMLFinding, ...]:
     counts = walker.counts
     counts["script"] += prepared.tags["script"]
     counts["embedded_content"] += sum(prepared.tags[t] for t in _EMBEDDED if t != "embed")
-    found: list[Finding] = []
+    found: list[HTMLFinding] = []
     for code, template in _REASONS.items():
         if counts[code]:
-            found.append(Finding(code, counts[code], template.format(n=counts[code])))
+            found.append(HTMLFinding(code, counts[code], template.format(n=counts[code])))
     if walker.hidden_chars:
         elements = max(1, sum(walker.hiding.values()))
         how = ", ".join(sorted(walker.hiding)) or "hidden"
         found.append(
-            Finding(
+            HTMLFinding(
                 "hidden_text",
                 elements,
                 f"{elements} hidden element(s) with {walker.hidden_chars} characters of text "
@@ -508,7 +508,7 @@ def _findings(walker: _Walker, prepared: _Prepared) -> tuple[Finding, ...]:
     if counts["mismatched_link"]:
         shown, host = walker.mismatches[0]
         found.append(
-            Finding(
+            HTMLFinding(
                 "mismatched_link",
                 counts["mismatched_link"],
                 f"{counts['mismatched_link']} link(s) whose text names another site than "
@@ -517,7 +517,7 @@ def _findings(walker: _Walker, prepared: _Prepared) -> tuple[Finding, ...]:
         )
     if prepared.truncated:
         found.append(
-            Finding(
+            HTMLFinding(
                 "html_truncated",
                 1,
                 "the HTML is too large or too deeply nested to be checked whole; only its "

@@ -27,7 +27,7 @@ from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 from . import htmlsafe, mimetree
-from .htmlsafe import Finding
+from .htmlsafe import HTMLFinding
 
 __all__ = [
     "AttachmentInfo",
@@ -97,7 +97,7 @@ class MessageDetail:
     attachments: list[AttachmentInfo]
     authentication_results: list[str]  # Authentication-Results values, topmost first
     body_html_raw: str = ""  # the HTML part as received
-    html_findings: tuple[Finding, ...] = ()  # what sanitizing found and removed
+    html_findings: tuple[HTMLFinding, ...] = ()  # what sanitizing found and removed
 
 
 # -- text helpers ----------------------------------------------------------------------------

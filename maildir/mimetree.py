@@ -5,7 +5,7 @@ both take a message's parts from here. `email`'s own parser has no limits: a mes
 50,000 parts takes it seconds, and 1,000 nested multiparts overflow the stack. Here the
 boundaries are found by regular-expression scans over the bytes (C speed, no per-line
 Python work), and `email` only ever sees bounded pieces: one part's header section at a
-time. Past `Limits.max_depth` levels of nesting, `max_parts` parts or `max_header_lines`
+time. Past `MIMELimits.max_depth` levels of nesting, `max_parts` parts or `max_header_lines`
 header lines, whatever is left of a part is one opaque part, not looked into (its own
 header is still read). So the Python work per message is bounded by the limits, and the
 rest is a few linear scans of the bytes.
@@ -28,7 +28,7 @@ from email.policy import Compat32
 
 __all__ = [
     "DEFAULT_LIMITS",
-    "Limits",
+    "MIMELimits",
     "Part",
     "RawHeaders",
     "header_end",
@@ -40,7 +40,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Limits:
+class MIMELimits:
     """How much of a message's structure is looked into."""
 
     max_depth: int = 30
@@ -56,7 +56,7 @@ class Limits:
     no more delimiters are looked for (the part being read runs to its parent's end)."""
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = MIMELimits()
 
 
 class RawHeaders(Compat32):
@@ -125,7 +125,7 @@ class Part:
 
 
 class _Budget:
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: MIMELimits) -> None:
         self.limits = limits
         self.parts = limits.max_parts
         self.lines = limits.max_header_lines
@@ -141,13 +141,13 @@ _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _CTYPE = re.compile(r"\s*([!#-'*+.0-9A-Z^-~-]+)/([!#-'*+.0-9A-Z^-~-]+)\s*(?:;|$)", re.I | re.S)
 
 
-def parse(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Part:
+def parse(data: bytes, limits: MIMELimits = DEFAULT_LIMITS) -> Part:
     """The part tree of a whole message."""
     budget = _Budget(limits)
     return _part(data, 0, len(data), 0, budget, "text/plain")
 
 
-def header_section(data: bytes, limits: Limits = DEFAULT_LIMITS) -> bytes:
+def header_section(data: bytes, limits: MIMELimits = DEFAULT_LIMITS) -> bytes:
     """The message's header section, within the limits on its size and lines."""
     section = data[: header_end(data, 0, len(data), limits.max_header_bytes)]
     if section.count(b"\n") > limits.max_header_lines:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -332,7 +333,7 @@ def test_openapi_document_matches_the_routes(client: Client) -> None:
     documented = {(method.upper(), path) for path, item in doc["paths"].items() for method in item}
     served = set()
     for rule in client.api.app.url_map.iter_rules():
-        path = rule.rule.replace("<ident>", "{id}")
+        path = re.sub(r"<(\w+)>", r"{\1}", rule.rule.replace("<ident>", "{id}"))
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):
                 served.add((method, path))

@@ -225,6 +225,38 @@ def test_dkim_keys_sign_and_verify(client: Client, dns_server: Any) -> None:
     assert load_pem_private_key(rsa.private_key.encode(), None).key_size == 2048  # type: ignore[union-attr]
 
 
+def test_dkim_records_endpoint(client: Client, dns_server: Any) -> None:
+    zone(dns_server)
+    _device, key = client.device("owner")
+    _other, other_key = client.device("other")
+    path = f"/v1/custom-domains/{DOMAIN}/dkim"
+    client.get(path, key=key).error("domain_not_found")  # no route yet
+    prep = client.post("/v1/custom-domains/prepare", {"domain": DOMAIN}, key=key).json()
+    mine = client.get(path, key=key)
+    assert mine.code == 200, mine.body
+    body = mine.json()
+    assert body["domain"] == DOMAIN and body["route_id"] == prep["route_id"]
+    records = body["dkim_keys"]
+    assert [r["algorithm"] for r in records] == ["rsa", "ed25519"]
+    # The same keys prepare listed, as TXT records cut into 255-octet strings.
+    assert [(r["host"], r["value"]) for r in records] == [
+        (k["host"], k["value"]) for k in prep["dkim_keys"]
+    ]
+    for r in records:
+        assert r["type"] == "TXT" and "".join(r["txt_strings"]) == r["value"]
+        assert all(len(x) <= 255 for x in r["txt_strings"])
+        assert r["zone_line"].startswith(f'{r["host"]}. IN TXT "v=DKIM1; k={r["algorithm"]}; p=')
+    assert len(records[0]["txt_strings"]) == 2  # RSA-2048: one string is not enough
+    assert "PRIVATE" not in mine.body.decode() and "private" not in mine.body.decode()
+    # The admin sees it; another account, a bad key, a bad domain do not.
+    assert client.get(path).json() == body
+    assert client.get(f"/v1/custom-domains/{DOMAIN.upper()}./dkim").json() == body
+    client.get(path, key=other_key).error("domain_not_found")
+    client.get(path, key="not-a-key").error("auth_invalid_key")
+    client.get(path, key=None).error("auth_missing_header")
+    client.get("/v1/custom-domains/not_a_domain/dkim").error("domain_not_found")
+
+
 # -- SPF merging -----------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
-"""DKIM signing of outbound mail (edge.outbound.dkimsign): dkimpy verifies every signature,
-for RSA and Ed25519, on awkward messages; oversigning stops added headers; the key cache
-follows the store after its TTL; the canonicalization matches dkimpy's."""
+"""DKIM signing of outbound mail (edge.outbound.dkimsign): dkimpy, and the edge's own inbound
+check over a local DNS zone, verify every signature, RSA and Ed25519, on awkward messages;
+oversigning stops added headers; the key cache follows the store after its TTL; the
+canonicalization matches dkimpy's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
@@ -15,8 +17,11 @@ from dkim.canonicalization import Relaxed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge.checks.dkim import verify_all
+from edge.dns.resolver import DNSResolver
 from edge.domains.scan import generate_dkim_keys
 from edge.outbound.canon import crlf, relaxed_body, relaxed_field, split
+from edge.outbound.dkimkeys import dkim_records
 from edge.outbound.dkimsign import DkimSigner, DkimSignError
 from edge.store import Store, open_store
 from edge.store.access import AccessStore
@@ -111,6 +116,21 @@ def test_both_signatures_verify(access: AccessStore, name: str) -> None:
         assert verified(access, header + message) == [True, True]
 
 
+def test_the_edges_own_check_passes_them_over_dns(access: AccessStore, dns_server: Any) -> None:
+    """Published in a DNS zone (the RSA record as two strings), the inbound DKIM check of the
+    edge, through its resolver, passes both signatures."""
+    for record in dkim_records(DOMAIN, access.dkim_keys(DOMAIN)):
+        dns_server.zone.set(record.host, "TXT", [record.value])
+    resolver = DNSResolver(["127.0.0.1"], dns_server.port, timeout=2.0)
+    message = MESSAGES["8-bit UTF-8"]
+    signed = DkimSigner(access).sign(message, DOMAIN) + message
+    results = verify_all(resolver, signed, from_count=1)
+    assert [(r.result, r.domain, r.algorithm) for r in results] == [
+        ("pass", DOMAIN, "rsa-sha256"),
+        ("pass", DOMAIN, "ed25519-sha256"),
+    ]
+
+
 def test_signatures_break_when_the_body_changes(access: AccessStore) -> None:
     message = MESSAGES["plain"]
     header = DkimSigner(access).sign(message, DOMAIN)
@@ -199,6 +219,10 @@ def test_unusable_key_is_an_error(store: Store) -> None:
     access.add_dkim_key("short.example", "s1", "ed25519", "c2hvcnQ=", "AAAA")
     with pytest.raises(DkimSignError, match="cannot be loaded"):
         DkimSigner(access).sign(MESSAGES["plain"], "short.example")
+    good = next(k for k in generate_dkim_keys("3") if k.algorithm == "ed25519")
+    access.add_dkim_key("selector.example", "s 1", "ed25519", good.private_pem, good.public_b64)
+    with pytest.raises(DkimSignError, match="the selector is not a DNS name"):
+        DkimSigner(access).sign(MESSAGES["plain"], "selector.example")
 
 
 def test_threads_share_one_signer(access: AccessStore) -> None:

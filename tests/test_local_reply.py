@@ -247,7 +247,7 @@ def test_outbound_recent(s: Setup) -> None:
     assert [e["subject"] for e in after] == ["n1"]
     from webapi.local import openapi as o
 
-    o.OutboundEventList.model_validate(s.client.get(f"{OUT}/recent").json())
+    o.OutboundEventListBody.model_validate(s.client.get(f"{OUT}/recent").json())
     o.Sent.model_validate(sent[0])
     for bad in ("limit=0", "limit=x", "after=-1", "nope=1"):
         assert_error(s.client.get(f"{OUT}/recent?{bad}"), 400, "invalid_parameter")

@@ -427,3 +427,25 @@ def test_no_sending_while_mail_is_disabled(s: Setup) -> None:
     assert_error(s.send({"to": BOB, "body_text": "x"}), 409, "mail_disabled")
     assert s.client.post("/localapi/v0/mail/enable").code == 200
     assert s.send({"to": BOB, "body_text": "x"}).code == 200
+
+
+def test_a_message_over_the_send_size_is_413_and_not_queued(tmp_path: Path) -> None:
+    """Attachments within their 25 MiB still make a message too large for a device whose
+    `max_send_size` is smaller (base64 grows them by a third): refused, never queued."""
+    s = Setup(tmp_path)
+    assert s.api.sending is not None
+    s.api.sending.max_message = 4 * MIB
+    content = b"z" * (3 * MIB + MIB // 2)  # 3.5 MiB: about 4.7 MiB encoded
+    body = {
+        "to": BOB,
+        "body_text": "x",
+        "attachments": [{"filename": "z", "content_base64": b64(content)}],
+    }
+    assert_error(s.send(body), 413, "message_too_large")
+    assert s.queued() == []
+    small = {
+        "to": BOB,
+        "body_text": "x",
+        "attachments": [{"filename": "z", "content_base64": b64(content[: 2 * MIB])}],
+    }
+    assert s.send(small).code == 200

@@ -542,7 +542,7 @@ def test_replies_match_the_documented_models(s: Setup) -> None:
 
     info = s.deliver(RICH)
     o.MessageList.model_validate(s.client.get(MESSAGES).json())
-    o.MessageDetail.model_validate(s.client.get(f"{MESSAGES}/{info.id}").json())
+    o.MessageDetailBody.model_validate(s.client.get(f"{MESSAGES}/{info.id}").json())
     o.EventList.model_validate(s.client.get(f"{MAIL}/recent").json())
     o.Status.model_validate(s.client.get("/localapi/v0/status").json())
     o.ClientConfig.model_validate(s.client.get(f"{MAIL}/client-config").json())

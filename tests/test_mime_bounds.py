@@ -22,7 +22,7 @@ from twisted.web.server import Site
 
 from maildir import Maildir
 from maildir.message import get_attachment, parse_detail, summarize
-from maildir.mimetree import DEFAULT_LIMITS, Limits, Part, parse
+from maildir.mimetree import DEFAULT_LIMITS, MIMELimits, Part, parse
 from tests.imapraw import RawIMAP
 from tests.test_imap import Server
 from webapi.local.app import LocalAPI
@@ -121,7 +121,7 @@ def test_lines_that_only_look_like_delimiters_are_bounded() -> None:
     data = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n" + body + b"--b--\r\n"
     assert len(parse(data).children) == 1
     # With fewer steps than such lines, the part runs to the end instead: still answered.
-    few = parse(data, Limits(max_false_delimiters=10))
+    few = parse(data, MIMELimits(max_false_delimiters=10))
     assert len(few.children) == 1 and few.children[0].end == len(data)
 
 
@@ -136,7 +136,7 @@ def test_header_lines_are_bounded() -> None:
         )
         + b"--b--\r\n"
     )
-    tree = parse(data, Limits(max_header_lines=200))
+    tree = parse(data, MIMELimits(max_header_lines=200))
     parts = list(walk(tree))
     assert any(p.opaque for p in parts)
     assert len(parts) < 10 * 2 + 1

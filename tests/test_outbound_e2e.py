@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from connector.app import Device, build_device
+from connector.app import DeviceParts, build_device
 from edge.app import Edge, build_edge
 from edge.config import Config
 from edge.domains.scan import generate_dkim_keys
@@ -36,7 +36,7 @@ AT = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 class World:
     edge: Edge
     far_mx: Peer
-    device: Device
+    device: DeviceParts
     password: str
 
     @property

@@ -21,7 +21,7 @@ from edge.config import Config, ConfigError, load_config
 from edge.outbound.dkimsign import DkimSigner
 from edge.outbound.relaylistener import build_relay_factory
 from edge.outbound.relaypolicy import (
-    Relay,
+    RelayContext,
     RelayHandler,
     parse_networks,
     plaintext_allowed,
@@ -83,7 +83,7 @@ def _session(
         return defer.maybeDeferred(fn, *args)
 
     outbound = OutboundStore(store)
-    relay = Relay(
+    relay = RelayContext(
         authenticate=AccessStore(store).authenticate,
         sender_account=outbound.sender_account,
         record=outbound.record,

@@ -76,16 +76,21 @@ def test_a_copied_store_reveals_no_secret(aio: Process, tmp_path: Path) -> None:
     password = json.loads((data / "device" / "credentials.json").read_text())["connector"][
         "password"
     ]
-    # A DKIM key, added as the control API's prepare step does, by an operator's script.
+    # The demo domain's DKIM keys, made at the first start, and one more pair added as the
+    # control API's prepare step does, by an operator's script.
     store = open_store(
         f"sqlite:///{data / 'edge' / 'store.db'}", keys=load_keys(data / "edge" / "store.key")
     )
     try:
-        dkim = generate_dkim_keys("202701")
-        for key in dkim:
-            AccessStore(store).add_dkim_key(
-                "example.test", key.selector, key.algorithm, key.private_pem, key.public_b64
+        access = AccessStore(store)
+        made = access.dkim_keys("example.test")
+        assert [k.algorithm for k in made] == ["rsa", "ed25519"]
+        added = generate_dkim_keys("202701")
+        for key in added:
+            access.add_dkim_key(
+                "other.test", key.selector, key.algorithm, key.private_pem, key.public_b64
             )
+        private = [k.private_key for k in made] + [k.private_pem for k in added]
         device = store.get_device("dev_local")
         assert device is not None and device.connector_secret == password  # readable with key
     finally:
@@ -93,9 +98,9 @@ def test_a_copied_store_reveals_no_secret(aio: Process, tmp_path: Path) -> None:
     for name in ("store.db", "store.db-wal", "store.db-shm"):
         shutil.copy(data / "edge" / name, tmp_path / name)
     secrets = [password.encode()]
-    for key in dkim:
-        body = [ln for ln in key.private_pem.splitlines() if ln and not ln.startswith("-----")]
-        secrets += [ln.encode() for ln in body] or [key.private_pem.encode()]
+    for pem in private:
+        body = [ln for ln in pem.splitlines() if ln and not ln.startswith("-----")]
+        secrets += [ln.encode() for ln in body] or [pem.encode()]
     raw = b"".join((tmp_path / n).read_bytes() for n in ("store.db", "store.db-wal"))
     for secret in secrets:
         assert secret not in raw
@@ -109,7 +114,7 @@ def test_a_copied_store_reveals_no_secret(aio: Process, tmp_path: Path) -> None:
                 assert not any(s.decode() in text for s in secrets), table
                 seen += 1
     assert seen and "dkim_keys" in tables
-    assert db.execute("SELECT count(*) FROM dkim_keys").fetchone()[0] == len(dkim)
+    assert db.execute("SELECT count(*) FROM dkim_keys").fetchone()[0] == len(private)
 
 
 def test_mail_reaches_the_device_with_the_decrypted_connector_secret(aio: Process) -> None:

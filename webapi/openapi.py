@@ -19,6 +19,10 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 __all__ = ["Operation", "Registry"]
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
+_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "domain": {"type": "string", "minLength": 1, "maxLength": 253},
+}
 _ERROR_TEXT = {
     400: "The request is malformed or a field is invalid",
     401: "No valid key was presented",
@@ -91,7 +95,7 @@ class Registry:
                     "name": name,
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+                    "schema": dict(_PARAM_SCHEMAS.get(name, _ID_SCHEMA)),
                 }
                 for name in _PARAM.findall(op.path)
             ]

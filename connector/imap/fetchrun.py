@@ -39,7 +39,7 @@ RunBlocking = Callable[..., "defer.Deferred[Any]"]
 
 
 @dataclass
-class Outcome:
+class FetchOutcome:
     """How a FETCH went: how many messages were left out, and why."""
 
     failed: int = 0
@@ -55,7 +55,7 @@ class Batch:
     """Responses rendered by one worker-thread call."""
 
     pieces: list[Piece] = field(default_factory=list)
-    outcome: Outcome = field(default_factory=Outcome)
+    outcome: FetchOutcome = field(default_factory=FetchOutcome)
     failures: list[Failure] = field(default_factory=list)
     last: bool = True
     """No message is left after these."""
@@ -127,12 +127,12 @@ class FetchRun:
         self.uid = uid
         self.gone = gone
         self.run_blocking = run_blocking
-        self.outcome = Outcome()
+        self.outcome = FetchOutcome()
         self.last = False
         self.pieces: deque[Piece] = deque()
-        self.done: defer.Deferred[Outcome] = defer.Deferred()
+        self.done: defer.Deferred[FetchOutcome] = defer.Deferred()
 
-    def start(self) -> defer.Deferred[Outcome]:
+    def start(self) -> defer.Deferred[FetchOutcome]:
         self._register()
         if not self.done.called:
             self._render()

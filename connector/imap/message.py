@@ -19,7 +19,7 @@ from typing import IO
 
 from maildir import MessageInfo
 from maildir.lineends import LineEndCache, LineEnds, scan, to_crlf
-from maildir.mimetree import DEFAULT_LIMITS, Limits, Part, header_end, parse, parse_headers
+from maildir.mimetree import DEFAULT_LIMITS, MIMELimits, Part, header_end, parse, parse_headers
 
 _CHUNK = 65536
 HEADER_LIMIT = 1024 * 1024
@@ -52,7 +52,7 @@ class MaildirMessage:
         self,
         info: MessageInfo,
         line_ends: LineEndCache | None = None,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: MIMELimits = DEFAULT_LIMITS,
     ) -> None:
         self.info = info
         self._cache = line_ends

@@ -41,7 +41,7 @@ from connector.collector import NO_PAUSE, WHOLE, CollectorPause
 
 from .append import SpooledLiteral
 from .args import StrictParsing
-from .fetchrun import FetchRun, Outcome
+from .fetchrun import FetchOutcome, FetchRun
 from .limits import SessionLimits
 from .mailbox import MaildirMailbox, parse_internaldate
 from .render import LISTING_ITEMS, listing_item
@@ -459,7 +459,7 @@ class IMAPServer(StrictParsing):
         )
         del found
 
-        def done(outcome: Outcome) -> None:
+        def done(outcome: FetchOutcome) -> None:
             if self.gone or outcome.gone:
                 return
             self.setTimeout(self._oldTimeout)

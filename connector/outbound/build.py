@@ -115,7 +115,9 @@ def build_outbound(
     submission = None
     if d.submission_listen:
         # The MX's limits; this hop adds no Received field of its own.
-        limits = dataclasses.replace(smtp_limits(config), own_received=0)
+        limits = dataclasses.replace(
+            smtp_limits(config), own_received=0, max_message_size=config.device.max_send_size
+        )
         factory = SMTPServerFactory(
             lambda: SubmissionHandler(check_password, queue),
             limits,

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from connector.outbound.outbox import Envelope, RecipientState
+from connector.outbound.outbox import OutboxEnvelope, RecipientState
 
 __all__ = ["Entry", "OutboundItem", "Relay", "RelayOutcome", "RelayResult"]
 
@@ -60,7 +60,7 @@ class OutboundItem:
 
 @dataclass
 class Entry:
-    envelope: Envelope
+    envelope: OutboxEnvelope
     states: dict[str, RecipientState] = field(default_factory=dict)
     has_data: bool = True
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from maildir.durable import fsync_dir
 
-__all__ = ["ITEM_ID", "Envelope", "Outbox", "RecipientState", "Stored"]
+__all__ = ["ITEM_ID", "Outbox", "OutboxEnvelope", "RecipientState", "Stored"]
 
 ITEM_ID = re.compile(r"out_[0-9A-HJKMNP-TV-Z]{26}")
 """An outbound message's id: `out_` and 26 Crockford base-32 digits, increasing."""
@@ -34,7 +34,7 @@ FINAL = frozenset({"delivered", "bounced"})
 
 
 @dataclass
-class Envelope:
+class OutboxEnvelope:
     """What the queue knows of a message besides its data."""
 
     id: str
@@ -58,7 +58,7 @@ class Envelope:
         return json.dumps(fields, ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Envelope:
+    def from_json(cls, raw: bytes) -> OutboxEnvelope:
         fields = json.loads(raw)
         envelope = cls(**{k: fields[k] for k in cls.__dataclass_fields__ if k in fields})
         if not ITEM_ID.fullmatch(str(envelope.id)) or not isinstance(envelope.recipients, list):
@@ -82,7 +82,7 @@ class Stored:
     """One message as loaded at start: its envelope, its recipients' states, and whether
     its data is still queued (some recipient not relayed yet)."""
 
-    envelope: Envelope
+    envelope: OutboxEnvelope
     states: dict[str, RecipientState] = field(default_factory=dict)
     has_data: bool = True
 
@@ -120,7 +120,7 @@ class Outbox:
             raise ValueError(f"invalid outbound id {item_id!r}")
         return self.queue / f"{item_id}{suffix}"
 
-    def write_message(self, envelope: Envelope, data: bytes) -> None:
+    def write_message(self, envelope: OutboxEnvelope, data: bytes) -> None:
         """The envelope and the data in `<id>.msg`, durably (file and directory fsynced)."""
         dest = self._path(envelope.id, ".msg")
         _write_durably(self.tmp / f"{envelope.id}.msg", dest, [envelope.to_json(), b"\n", data])
@@ -129,7 +129,7 @@ class Outbox:
         raw = self._path(item_id, ".msg").read_bytes()
         return raw[raw.index(b"\n") + 1 :]
 
-    def write_state(self, envelope: Envelope, states: dict[str, RecipientState]) -> None:
+    def write_state(self, envelope: OutboxEnvelope, states: dict[str, RecipientState]) -> None:
         """The recipients' states (with the envelope, which outlives `<id>.msg`), durably."""
         body = {
             rcpt: {"status": s.status, "queue_id": s.queue_id, "detail": s.detail}
@@ -163,7 +163,7 @@ class Outbox:
                 continue
             try:
                 with open(self.queue / name, "rb") as fh:
-                    envelope = Envelope.from_json(fh.readline())
+                    envelope = OutboxEnvelope.from_json(fh.readline())
                 if envelope.id != item_id:
                     raise ValueError("envelope of another message")
             except (OSError, ValueError, TypeError, KeyError):
@@ -185,7 +185,7 @@ class Outbox:
             stored.states = states
         return [found[k] for k in sorted(found)], bad
 
-    def _read_state(self, item_id: str) -> tuple[dict[str, RecipientState], Envelope]:
+    def _read_state(self, item_id: str) -> tuple[dict[str, RecipientState], OutboxEnvelope]:
         raw: Any = json.loads(self._path(item_id, ".state").read_bytes())
         states = {
             str(rcpt): RecipientState(
@@ -193,7 +193,7 @@ class Outbox:
             )
             for rcpt, s in raw["recipients"].items()
         }
-        envelope = Envelope.from_json(json.dumps(raw["envelope"]).encode())
+        envelope = OutboxEnvelope.from_json(json.dumps(raw["envelope"]).encode())
         if envelope.id != item_id:
             raise ValueError("state of another message")
         return states, envelope

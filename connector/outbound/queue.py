@@ -58,7 +58,7 @@ from connector.outbound.bounce import bounce_notice, notice_key
 from connector.outbound.events import OutboundEvents
 from connector.outbound.items import Entry, OutboundItem, Relay, RelayOutcome, RelayResult
 from connector.outbound.message import ItemIds, check_path, complete
-from connector.outbound.outbox import Envelope, Outbox, RecipientState, Stored
+from connector.outbound.outbox import Outbox, OutboxEnvelope, RecipientState, Stored
 from edge.smtp import replies
 from maildir import FolderExists, Maildir, MessageInfo, address_folder
 from maildir.message import header_summary
@@ -211,7 +211,7 @@ class OutboundQueue(Service):
         item_id = self._ids.new()
         now = self.clock.seconds()
         wanted_id = message_id or f"<{item_id.lower()}@{self.hostname}>"
-        envelope = Envelope(item_id, sender, rcpts, source, wanted_id, subject, now)
+        envelope = OutboxEnvelope(item_id, sender, rcpts, source, wanted_id, subject, now)
         date = email.utils.formatdate(now, localtime=True)
         d = self.run(self._store, envelope, data, date)
         d.addCallback(self._submitted)
@@ -241,7 +241,9 @@ class OutboundQueue(Service):
         except FolderExists:
             pass
 
-    def _store(self, envelope: Envelope, data: bytes, date: str) -> tuple[Envelope, MessageInfo]:
+    def _store(
+        self, envelope: OutboxEnvelope, data: bytes, date: str
+    ) -> tuple[OutboxEnvelope, MessageInfo]:
         """In a worker thread: the Sent copy, then the queue file, then the event."""
         data, envelope.message_id = complete(data, envelope.message_id, date)
         if not envelope.subject:
@@ -261,7 +263,7 @@ class OutboundQueue(Service):
         return envelope, sent
 
     @staticmethod
-    def _facts(envelope: Envelope) -> dict[str, Any]:
+    def _facts(envelope: OutboxEnvelope) -> dict[str, Any]:
         return {
             "proxy_message_id": envelope.id,
             "internet_message_id": envelope.message_id,
@@ -270,7 +272,7 @@ class OutboundQueue(Service):
             "recipients": list(envelope.recipients),
         }
 
-    def _submitted(self, stored: tuple[Envelope, MessageInfo]) -> OutboundItem:
+    def _submitted(self, stored: tuple[OutboxEnvelope, MessageInfo]) -> OutboundItem:
         envelope, sent = stored
         self._entries[envelope.id] = Entry(envelope)
         bisect.insort(self._queued, envelope.id)
@@ -394,7 +396,7 @@ class OutboundQueue(Service):
 
     def _settle(
         self,
-        envelope: Envelope,
+        envelope: OutboxEnvelope,
         states: dict[str, RecipientState],
         new: dict[str, RecipientState],
         data: bytes,
@@ -428,7 +430,7 @@ class OutboundQueue(Service):
         self._log_events(envelope, new)
         return notice
 
-    def _log_events(self, envelope: Envelope, new: dict[str, RecipientState]) -> None:
+    def _log_events(self, envelope: OutboxEnvelope, new: dict[str, RecipientState]) -> None:
         """In a worker thread, in order: `relayed` (once), then each recipient `bounced`. A
         failure to record is logged; the states on disk are what counts."""
         facts = self._facts(envelope)
@@ -555,7 +557,7 @@ class OutboundQueue(Service):
         return d
 
     def _save_outcome(
-        self, envelope: Envelope, states: dict[str, RecipientState], recipient: str
+        self, envelope: OutboxEnvelope, states: dict[str, RecipientState], recipient: str
     ) -> None:
         """In a worker thread: the state (or, all final, its removal), then the event."""
         if all(r in states for r in envelope.recipients) and all(s.final for s in states.values()):

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -71,6 +72,8 @@ PROTECTED: frozenset[str] = frozenset({"from", "to", "cc", "subject", "date", "r
 
 _OVERSIGNED_BYTES = tuple((name, name.encode("ascii")) for name in OVERSIGNED)
 _LINE = 78
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _MIN_RSA_BITS = 1024
 _PKCS1 = padding.PKCS1v15()
 _SHA256 = Prehashed(hashes.SHA256())
@@ -87,12 +90,14 @@ class _Loaded:
     key_id: str
     selector: str
     algorithm: str  # "rsa" | "ed25519"
-    private: _PrivateKey
+    private: _PrivateKey = field(repr=False)
 
 
 def _load(key: DkimKey) -> _Loaded:
     """The signing object of a stored key (RSA: PKCS#8 PEM; Ed25519: base64 of the seed)."""
     where = f"DKIM key {key.selector!r} of {key.domain}"
+    if not _SELECTOR.fullmatch(key.selector):
+        raise DkimSignError(f"{where}: the selector is not a DNS name")
     text = key.private_key.strip()
     try:
         if key.algorithm == "rsa":
@@ -157,7 +162,7 @@ class DkimSigner:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, tuple[_Loaded, ...]]] = {}
 
-    def keys(self, domain: str) -> tuple[_Loaded, ...]:
+    def _keys(self, domain: str) -> tuple[_Loaded, ...]:
         """The loaded active keys of `domain` (normalized), from the cache while it is fresh."""
         now = self.clock()
         with self._lock:
@@ -165,10 +170,8 @@ class DkimSigner:
         if cached is not None and cached[0] > now:
             return cached[1]
         previous = {(k.selector, k.key_id): k for k in cached[1]} if cached else {}
-        loaded = tuple(
-            previous.get((key.selector, key.id)) or _load(key)
-            for key in self.access.dkim_keys(domain)
-        )
+        active = sorted(self.access.dkim_keys(domain), key=lambda k: (k.algorithm != "rsa",))
+        loaded = tuple(previous.get((key.selector, key.id)) or _load(key) for key in active)
         with self._lock:
             if len(self._cache) >= self.max_domains:
                 for name in [n for n, (until, _) in self._cache.items() if until <= now]:
@@ -192,7 +195,7 @@ class DkimSigner:
         for `domain` with each of its active keys; b"" when it has none. ValueError for a
         malformed domain, DkimSignError for an active key that cannot be used."""
         domain = normalize_domain(domain)
-        keys = self.keys(domain)
+        keys = self._keys(domain)
         if not keys:
             return b""
         fields, body = split(crlf(data))

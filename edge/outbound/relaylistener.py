@@ -2,7 +2,8 @@
 
 Built by the edge process (`edge.app.build_edge`) from the parts passed in: the store, the
 spool, the delivery queue's intake, the edge's TLS context, the signer and the process's
-`AuthThrottle`. Same limits as the MX (`edge.inbound.listener.smtp_limits`). Nothing here
+`AuthThrottle`. Same limits as the MX (`edge.inbound.listener.smtp_limits`) but for the message size
+(`relay_max_message_size`: a device's attachments are base64-encoded). Nothing here
 listens or starts anything.
 """
 
@@ -20,7 +21,7 @@ from edge.inbound.listener import smtp_limits
 from edge.outbound.dkimsign import DkimSigner
 from edge.outbound.relaypolicy import (
     RECEIVED_HEADERS_ADDED,
-    Relay,
+    RelayContext,
     RelayHandler,
     Signer,
     parse_networks,
@@ -67,7 +68,7 @@ def build_relay_factory(
     def commit(writer: SpoolWriter, envelope: Envelope) -> Any:
         return threads.deferToThread(spool.commit, writer, envelope)
 
-    relay = Relay(
+    relay = RelayContext(
         authenticate=access.authenticate,
         sender_account=outbound.sender_account,
         record=outbound.record,
@@ -85,6 +86,7 @@ def build_relay_factory(
     )
     limits = smtp_limits(config)
     limits.own_received = RECEIVED_HEADERS_ADDED
+    limits.max_message_size = config.edge.relay_max_message_size
     return SMTPServerFactory(
         lambda: RelayHandler(relay),
         limits,

@@ -63,7 +63,7 @@ from edge.store.validate import split_address
 
 __all__ = [
     "IPNetwork",
-    "Relay",
+    "RelayContext",
     "RelayHandler",
     "Signer",
     "parse_networks",
@@ -119,7 +119,7 @@ def relay_received(
 
 
 @dataclass
-class Relay:
+class RelayContext:
     """What every relay session shares: the store lookups, the signer, the spool."""
 
     authenticate: Callable[[str], Device | None]
@@ -149,7 +149,7 @@ class RelaySink:
     record and spool."""
 
     def __init__(
-        self, relay: Relay, writer: SpoolWriter, envelope: Envelope, received: bytes
+        self, relay: RelayContext, writer: SpoolWriter, envelope: Envelope, received: bytes
     ) -> None:
         self.relay = relay
         self.writer = writer
@@ -287,7 +287,7 @@ class RelayHandler:
     auth_offered = True
     auth_required = True
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: RelayContext) -> None:
         self.relay = relay
         self.device: Device | None = None
         self.account: str | None = None

@@ -4,6 +4,7 @@
     tailpost devices approve CODE [--account ACCOUNT_ID]
     tailpost devices revoke DEVICE_ID
     tailpost queue list|show|retry|hold|release|delete|bounce ...   (see edge.delivery.queuecli)
+    tailpost dkim show DOMAIN [--json]
 
 Each command group is a function that adds its argparse subparser and sets a handler (`add_devices`
 here, `add_queue` in edge.delivery.queuecli); `_groups` lists them. Handlers get the parsed
@@ -21,9 +22,11 @@ from typing import Any, TextIO
 
 from edge.config import Config, ConfigError, load_config
 from edge.delivery.queuecli import add_queue
+from edge.outbound.dkimkeys import dkim_records
 from edge.runtime.storeopen import open_configured_store
 from edge.store import Conflict, NotFound
 from edge.store.access import AccessStore
+from edge.store.validate import normalize_domain
 
 __all__ = ["build_parser", "main"]
 
@@ -119,8 +122,37 @@ def add_devices(groups: Any) -> None:
     revoke.set_defaults(handler=_devices_revoke)
 
 
+def _dkim_show(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    domain = normalize_domain(args.domain)  # ValueError: "invalid domain"
+    store = open_configured_store(config)
+    try:
+        records = dkim_records(domain, AccessStore(store).dkim_keys(domain))
+    finally:
+        store.close()
+    if not records:
+        raise NotFound(f"no active DKIM key for {domain}")
+    if args.json:
+        json.dump({"records": [r.to_dict() for r in records]}, out, indent=2)
+        out.write("\n")
+        return 0
+    for record in records:
+        out.write(record.zone_line() + "\n")
+    return 0
+
+
+def add_dkim(groups: Any) -> None:
+    dkim = groups.add_parser("dkim", help="the DKIM keys outbound mail is signed with")
+    commands = dkim.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    show = commands.add_parser(
+        "show", help="the DNS records to publish for a domain's active DKIM keys"
+    )
+    show.add_argument("domain")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=_dkim_show)
+
+
 def _groups() -> list[Callable[[Any], None]]:
-    return [add_devices, add_queue]
+    return [add_devices, add_queue, add_dkim]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,8 +47,8 @@ __all__ = [
     "Issued",
     "PollRefused",
     "RateLimited",
-    "Registration",
     "RegistrationLimits",
+    "RegistrationRecord",
     "RouteSetup",
     "hash_secret",
 ]
@@ -93,7 +93,7 @@ def normalize_code(code: str) -> str:
 
 
 @dataclass(frozen=True)
-class Registration(StoreRecord):
+class RegistrationRecord(StoreRecord):
     id: str
     device_id: str
     code: str
@@ -155,7 +155,7 @@ class AccessStore:
         source: str = "",
         limits: RegistrationLimits | None = None,
         connector_tls_pin: str | None = None,
-    ) -> tuple[Registration, str]:
+    ) -> tuple[RegistrationRecord, str]:
         """A pending registration (nothing else is made until approval); returns it and the
         plain poll secret (only its hash is kept). RateLimited past ``limits``.
         ``connector_tls_pin``: the pin of the device connector's TLS key, pinned at approval."""
@@ -186,7 +186,7 @@ class AccessStore:
                     )
                     session.add(row)
                     session.flush()
-                    return Registration.from_row(row), poll
+                    return RegistrationRecord.from_row(row), poll
             except RateLimited:
                 raise
             except Conflict:
@@ -227,12 +227,12 @@ class AccessStore:
                 wait = (oldest + timedelta(seconds=limits.window) - now).total_seconds()
                 raise RateLimited(scope, max(1.0, wait))
 
-    def registrations(self) -> list[Registration]:
+    def registrations(self) -> list[RegistrationRecord]:
         with self.store._read() as session:
             query = select(RegistrationRow).order_by(RegistrationRow.created_at)
-            return [Registration.from_row(row) for row in session.scalars(query)]
+            return [RegistrationRecord.from_row(row) for row in session.scalars(query)]
 
-    def find_registration(self, ref: str) -> Registration | None:
+    def find_registration(self, ref: str) -> RegistrationRecord | None:
         """A registration by its id, its code (any case, dash optional) or its device id."""
         if not isinstance(ref, str) or not 0 < len(ref) <= 64:
             return None
@@ -243,7 +243,7 @@ class AccessStore:
                 | (RegistrationRow.device_id == ref)
             )
             row = session.scalars(query.order_by(RegistrationRow.created_at.desc())).first()
-            return Registration.from_row(row) if row is not None else None
+            return RegistrationRecord.from_row(row) if row is not None else None
 
     def approve(self, ref: str, account_id: str | None = None) -> Device:
         """Authorize the device of a registration (by code, registration or device id): the
@@ -281,7 +281,9 @@ class AccessStore:
             session.flush()
             return Device.from_row(row)
 
-    def _create_device(self, session: Any, reg: Registration, account_id: str | None) -> DeviceRow:
+    def _create_device(
+        self, session: Any, reg: RegistrationRecord, account_id: str | None
+    ) -> DeviceRow:
         now = self.now()
         if account_id is None:
             account = AccountRow(id=new_id("acct"), name=reg.name or "device", created_at=now)
@@ -329,7 +331,7 @@ class AccessStore:
                 raise NotFound(f"no registration {registration_id!r}")
             if not secrets.compare_digest(row.poll_hash, hash_secret(poll_secret)):
                 raise PollRefused("the poll secret does not match")
-            reg = Registration.from_row(row)
+            reg = RegistrationRecord.from_row(row)
         device = self.store.get_device(reg.device_id)
         if device is None and reg.approved_at is None:
             return ("expired" if reg.expires_at <= self.now() else "pending"), None

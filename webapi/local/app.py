@@ -143,6 +143,7 @@ class LocalAPI:
         outbound_queue: Submitter | None = None,
         send_keys: KeyStore | None = None,
         outbound_events: EventSource | None = None,
+        max_message_size: int = 36 * 1024 * 1024,
     ) -> None:
         """`pause` is the process's collector pause (`connector.collector.for_process`)."""
         if not token:
@@ -180,6 +181,7 @@ class LocalAPI:
                 default_address=self._default_address,
                 now=clock.seconds,
                 run_blocking=run_blocking,
+                max_message=max_message_size,
             )
 
     def _default_address(self) -> str:

@@ -110,7 +110,7 @@ def last_event_id(request: IRequest, from_query: int | None) -> int | None:
     return from_query
 
 
-class _Connection:
+class _EventStream:
     """One open stream."""
 
     def __init__(
@@ -195,7 +195,7 @@ class EventStream(Resource):
         request.setHeader(b"X-Accel-Buffering", b"no")
         resuming = self.last_id is not None
         start_after = self.last_id if self.last_id is not None else self.events.log.last_id
-        connection = _Connection(
+        connection = _EventStream(
             request,
             self.events,
             self.item,

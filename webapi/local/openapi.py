@@ -84,7 +84,7 @@ class Risk(_Out):
     )
 
 
-class MessageDetail(_Out):
+class MessageDetailBody(_Out):
     id: str
     proxy_message_id: str
     mailbox: str
@@ -171,7 +171,7 @@ class EventList(_Out):
     events: list[Event]
 
 
-class OutboundEvent(_Out):
+class OutboundEventBody(_Out):
     event_id: int
     direction: Literal["outbound"]
     proxy_message_id: str = Field(description="the outbound queue's id of the message")
@@ -185,8 +185,8 @@ class OutboundEvent(_Out):
     detail: str | None = None
 
 
-class OutboundEventList(_Out):
-    events: list[OutboundEvent]
+class OutboundEventListBody(_Out):
+    events: list[OutboundEventBody]
 
 
 class Sent(_Out):
@@ -236,7 +236,7 @@ LOCAL_OPERATIONS: tuple[tuple[Operation, type[BaseModel] | None], ...] = (
         q.ClientConfigQuery,
     ),
     (Operation("GET", f"{M}/messages", "List messages", MessageList, errors=_ERR), q.ListQuery),
-    (Operation("GET", MSG, "Read a message", MessageDetail, errors=_ERR), q.DetailQuery),
+    (Operation("GET", MSG, "Read a message", MessageDetailBody, errors=_ERR), q.DetailQuery),
     (Operation("DELETE", MSG, "Move to Trash (from Trash: remove)", Done), q.MessageQuery),
     (
         Operation(
@@ -273,7 +273,7 @@ LOCAL_OPERATIONS: tuple[tuple[Operation, type[BaseModel] | None], ...] = (
     ),
     (Operation("GET", f"{M}/recent", "Recent inbound events", EventList), q.RecentQuery),
     (
-        Operation("GET", f"{M}/outbound/recent", "Recent outbound events", OutboundEventList),
+        Operation("GET", f"{M}/outbound/recent", "Recent outbound events", OutboundEventListBody),
         q.RecentQuery,
     ),
     (

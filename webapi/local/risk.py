@@ -19,7 +19,7 @@ from __future__ import annotations
 import mimetypes
 from typing import Any
 
-from maildir.htmlsafe import Finding
+from maildir.htmlsafe import HTMLFinding
 from maildir.message import AttachmentInfo, MessageDetail
 from maildir.verdict import Verdict
 
@@ -153,7 +153,7 @@ def _verdict_findings(verdict: Verdict) -> list[_Flag]:
     return findings
 
 
-def html_flags(findings: tuple[Finding, ...]) -> list[_Flag]:
+def html_flags(findings: tuple[HTMLFinding, ...]) -> list[_Flag]:
     """The flags of what sanitizing the HTML body found."""
     return [(HTML_LEVELS.get(f.code, "medium"), f.code, f.count, f.reason) for f in findings]
 

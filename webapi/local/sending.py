@@ -146,8 +146,12 @@ class Sending:
         now: Callable[[], float],
         run_blocking: Callable[..., Deferred[Any]],
         max_body: int = SEND_MAX_BODY,
+        max_message: int = 36 * 1024 * 1024,
     ) -> None:
+        """`max_message`: the largest message the device sends (`[device] max_send_size`,
+        within what its edge's relay takes); a larger one is refused here, not queued."""
         self.queue = queue
+        self.max_message = max_message
         self.idempotency = Idempotency(keys, run_blocking)
         self.mail = mail
         self._addresses = addresses
@@ -183,6 +187,15 @@ class Sending:
         return read.addCallback(run)
 
     def _submit(self, composed: Composed) -> Deferred[tuple[int, Any]]:
+        if len(composed.data) > self.max_message:
+            # Attachments grow by a third in base64: 25 MiB of them do not fit a 25 MiB limit.
+            raise APIError(
+                413,
+                "message_too_large",
+                f"the message is {len(composed.data)} octets once encoded, over the "
+                f"{self.max_message} this device sends",
+                "send_smaller_attachments",
+            )
         d = self.queue.submit(
             composed.sender,
             composed.recipients,

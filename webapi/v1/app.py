@@ -325,6 +325,10 @@ class ControlAPI:
     def prepare(self, request: IRequest) -> defer.Deferred[bytes]:
         return self._write(request, m.PrepareRequest, self.domains.prepare, dns=True)
 
+    @app.route("/v1/custom-domains/<domain>/dkim", methods=["GET"])
+    def dkim_records(self, request: IRequest, domain: str) -> defer.Deferred[bytes]:
+        return self._read(request, self.domains.dkim, domain)
+
     @app.route("/v1/mail/spam-rules", methods=["GET"])
     def list_rules(self, request: IRequest) -> defer.Deferred[bytes]:
         return self._read(request, self.ops.list_rules)

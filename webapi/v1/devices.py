@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge.store import Conflict, Device, NotFound
-from edge.store.access import PollRefused, RateLimited, Registration
+from edge.store.access import PollRefused, RateLimited, RegistrationRecord
 from webapi.errors import APIError
 from webapi.v1 import models as m
 from webapi.v1.ops import ControlOps, Principal, _err, _not_found, namespace_of
@@ -43,7 +43,7 @@ class DeviceOps:
         )
         return m.DeviceOut.model_validate(body).model_dump(mode="json")
 
-    def pending_out(self, reg: Registration) -> dict[str, Any]:
+    def pending_out(self, reg: RegistrationRecord) -> dict[str, Any]:
         """A registration waiting for approval, shown as the device it will become."""
         body = {
             "id": reg.device_id,

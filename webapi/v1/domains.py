@@ -1,4 +1,5 @@
-"""The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation.
+"""The BYOD onboarding operations of `/v1`: DNS scan, fallback, ownership, preparation, and the
+DKIM records of a domain.
 
 Each method is blocking (DNS lookups through the injected resolver, STARTTLS probes, DKIM key
 generation, SQL) and is run in a thread by `webapi.v1.app`. The ownership TXT record, looked up
@@ -16,10 +17,11 @@ from typing import Any
 
 from edge.dns.resolver import DNSTemporaryError
 from edge.domains.routecheck import RouteChecker
-from edge.domains.scan import generate_dkim_keys
+from edge.outbound.dkimkeys import dkim_records, ensure_dkim_keys
 from edge.store import Conflict, EmailRoute, NotFound
 from edge.store.access import RouteSetup
 from edge.store.records import isoformat
+from edge.store.validate import normalize_domain
 from webapi.errors import APIError
 from webapi.v1 import models as m
 from webapi.v1.ops import ControlOps, Principal, _err, dns_unavailable
@@ -194,14 +196,7 @@ class DomainOps:
             changes["edge_mx_target"] = edge
         if changes:
             route = self.store.update_route(route.id, **changes)
-        keys = self.access.dkim_keys(route.domain)
-        if not keys:
-            stamp = self.ops.now().strftime("%Y%m")
-            for key in generate_dkim_keys(stamp):
-                self.access.add_dkim_key(
-                    route.domain, key.selector, key.algorithm, key.private_pem, key.public_b64
-                )
-            keys = self.access.dkim_keys(route.domain)
+        keys, _made = ensure_dkim_keys(self.access, route.domain, self.ops.now)
         try:
             if not route.previous_mx:
                 previous = (
@@ -234,6 +229,26 @@ class DomainOps:
             "required_dns_records": records,
         }
         return m.PrepareOut.model_validate(body).model_dump(mode="json")
+
+    # -- DKIM records --------------------------------------------------------------------------
+
+    def dkim(self, p: Principal, domain: str) -> dict[str, Any]:
+        """The TXT records of the domain's active DKIM keys, for the admin or for a device of
+        the account whose route (or claim) the domain is; 404 for anyone else."""
+        try:
+            domain = normalize_domain(domain)
+        except ValueError:
+            raise _err(404, "domain_not_found", f"no domain {domain!r}", "verify_domain") from None
+        route = self.store.get_route_by_domain(domain, self.ops._account(p))
+        if route is None:
+            raise _err(404, "domain_not_found", f"{domain} has no route of yours", "scan_domain")
+        records = dkim_records(domain, self.access.dkim_keys(domain))
+        body = {
+            "domain": domain,
+            "route_id": route.id,
+            "dkim_keys": [r.to_dict() for r in records],
+        }
+        return m.DkimRecordsOut.model_validate(body).model_dump(mode="json")
 
     def _refresh(
         self, p: Principal, route: EmailRoute, edge: str, prepared: bool = False

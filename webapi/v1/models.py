@@ -340,6 +340,24 @@ class DkimKeyOut(Response):
     value: str
 
 
+class DkimRecordOut(Response):
+    selector: str
+    algorithm: Literal["rsa", "ed25519"]
+    host: str
+    type: Literal["TXT"]
+    value: str
+    txt_strings: list[str] = Field(
+        description="the value in character-strings of at most 255 octets"
+    )
+    zone_line: str
+
+
+class DkimRecordsOut(Response):
+    domain: str
+    route_id: str
+    dkim_keys: list[DkimRecordOut]
+
+
 class PrepareOut(Response):
     status: Literal["ok"]
     domain: str

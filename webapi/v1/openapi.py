@@ -75,6 +75,13 @@ OPERATIONS = [
         m.PrepareRequest,
         errors=(400, 401, 403, 404, 409, 413, 415, 503),
     ),
+    Operation(
+        "GET",
+        "/v1/custom-domains/{domain}/dkim",
+        "The DNS records of the domain's active DKIM keys",
+        m.DkimRecordsOut,
+        errors=(401, 403, 404),
+    ),
     Operation("GET", "/v1/mail/spam-rules", "List spam block rules", m.SpamRuleList),
     Operation(
         "POST",
