@@ -1,8 +1,9 @@
 """The outbound path with real processes, for end-to-end tests: an edge (`twistd
 tailpost-edge`) and a linked device (`twistd tailpost-device`), a local DNS server with the
 remote domains' MX and `_mta-sts` records and the sender domain's DKIM records as the edge
-publishes them, a test CA, the HTTPS server of MTA-STS policies, and remote MX hosts on
-127.0.0.x (aiosmtpd, or Postfix's `smtp-sink`) on the one port the edge delivers to.
+publishes them (GET /v1/custom-domains/{domain}/dkim), a test CA, the HTTPS server of
+MTA-STS policies, and remote MX hosts on 127.0.0.x (`tests.outbound_peers`: aiosmtpd,
+Postfix's `smtp-sink` or its smtpd) on the one port the edge delivers to.
 
 The edge's store is seeded before it starts, as an operator's approval leaves it: an account
 owning `home.test` (a verified route and the address alice@home.test), a device of that
@@ -90,6 +91,7 @@ class World:
     edge_listeners: dict[str, str] = field(default_factory=dict)
     listeners: dict[str, str] = field(default_factory=dict)
     remotes: list[RemoteMX] = field(default_factory=list)
+    dkim_published: bool = False
 
     # -- the remote side ----------------------------------------------------------------------
 
@@ -143,6 +145,23 @@ class World:
 
     def start_edge(self) -> None:
         self.edge_listeners = self.edge.start()
+        if not self.dkim_published:
+            self.publish_dkim()
+
+    def publish_dkim(self) -> None:
+        """Put the sender domain's DKIM records into the test's DNS as the edge publishes
+        them (GET /v1/custom-domains/home.test/dkim, asked with the device's key)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.control_port}/v1/custom-domains/home.test/dkim",
+            headers={"Authorization": f"Bearer {self.device_key}"},
+        )
+        with urllib.request.urlopen(request, timeout=15) as response:
+            records = json.loads(response.read())["dkim_keys"]
+        assert sorted(r["algorithm"] for r in records) == ["ed25519", "rsa"], records
+        for record in records:
+            assert "".join(record["txt_strings"]) == record["value"]
+            self.dns.zone.set(record["host"], "TXT", [record["value"]])
+        self.dkim_published = True
 
     def start_device(self) -> None:
         self.listeners = self.device.start()
@@ -265,10 +284,6 @@ def make_world(
         access.add_dkim_key(
             "home.test", key.selector, key.algorithm, key.private_pem, key.public_b64
         )
-    # The DKIM records as the edge publishes them (POST /v1/custom-domains/prepare).
-    for published in access.dkim_keys("home.test"):
-        name = f"{published.selector}._domainkey.home.test"
-        dns_server.zone.set(name, "TXT", [published.dns_value()])
     device_key = access.issue_key(DEVICE_ID)
     store.close()
 
