@@ -5,7 +5,8 @@ The CA is made in the test with `cryptography`; the edge is told to trust it thr
 configuration (`[edge] tls_ca_file`), as an operator would for a private CA. Remote MX hosts
 are aiosmtpd servers (with STARTTLS and a certificate of the CA, with a self-signed one, or
 without STARTTLS) or Postfix's `smtp-sink`, each on its own loopback address (127.0.0.x) and
-the one port the edge delivers to MX hosts on (`[edge] mx_delivery_port`).
+the one port the edge delivers to MX hosts on (`[edge] mx_delivery_port`); or Postfix's own
+smtpd, in a private instance that holds what it accepts in its own queue.
 """
 
 from __future__ import annotations
@@ -238,3 +239,129 @@ def smtp_sink(binary: str, address: str, port: int, *args: str) -> Iterator[Sink
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(dumps, ignore_errors=True)
+
+
+POSTFIX_MX_MAIN = """\
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+daemon_directory = {daemons}
+command_directory = {commands}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix-mx.test
+mydestination =
+relay_domains =
+local_recipient_maps =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_recipient_restrictions = permit_mynetworks, reject
+# Every accepted message is held: stored in this instance's queue, never delivered.
+smtpd_data_restrictions = check_client_access static:HOLD
+smtpd_peername_lookup = no
+biff = no
+maillog_file = {root}/postfix.log
+maillog_file_prefixes = {root}
+"""
+
+POSTFIX_MX_MASTER = """\
+{address}:{port} inet n - n - - smtpd
+cleanup   unix n - n - 0 cleanup
+rewrite   unix - - n - - trivial-rewrite
+proxymap  unix - - n - - proxymap
+anvil     unix - - n - 1 anvil
+qmgr      unix n - n 300 1 qmgr
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+@dataclass
+class PostfixMX:
+    """A private Postfix instance whose smtpd is a remote MX host; what it accepted is held
+    in its own queue (`messages` reads it back with `postcat`)."""
+
+    root: Path
+    postcat: str
+
+    def messages(self) -> list[bytes]:
+        held = self.root / "queue" / "hold"
+        found = []
+        for path in sorted(p for p in held.rglob("*") if p.is_file()):
+            out = subprocess.run(
+                [self.postcat, "-c", str(self.root / "conf"), "-bh", str(path)],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            if out.returncode == 0:
+                found.append(out.stdout.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        return found
+
+
+def postfix_unavailable() -> str | None:
+    """Why a private Postfix instance cannot run here, or None."""
+    if tool("postfix") is None or tool("postcat") is None:
+        return "Postfix is not installed (make test installs it)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance needs root to start its master"
+    if not Path("/usr/lib/postfix/sbin/smtpd").exists():
+        return "no Postfix daemons in /usr/lib/postfix/sbin"
+    return None
+
+
+@contextlib.contextmanager
+def postfix_mx(address: str, port: int) -> Iterator[PostfixMX]:
+    """Postfix's smtpd at address:port (see `postfix_unavailable` first), in a private
+    instance in a directory of its own that the postfix user can reach, stopped and removed
+    on leaving."""
+    binary, postcat = tool("postfix"), tool("postcat")
+    assert binary is not None and postcat is not None
+    workdir = Path(tempfile.mkdtemp(prefix="tailpost-postfix-"))
+    root = workdir / "postfix"
+    confdir = root / "conf"
+    for d in (confdir, root / "queue", root / "data"):
+        d.mkdir(parents=True, exist_ok=True)
+    shutil.chown(root / "data", user="postfix")
+    for d in (workdir, root):
+        d.chmod(0o755)  # the postfix user must reach its queue directory
+    (confdir / "main.cf").write_text(
+        POSTFIX_MX_MAIN.format(
+            root=root,
+            daemons="/usr/lib/postfix/sbin",
+            commands=str(Path(binary).parent),
+        )
+    )
+    (confdir / "master.cf").write_text(POSTFIX_MX_MASTER.format(address=address, port=port))
+
+    def postfix(action: str) -> None:
+        done = subprocess.run(
+            [binary, "-c", str(confdir), action], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix {action} failed: {done.stdout}{done.stderr}")
+
+    postfix("start")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection((address, port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Postfix's smtpd did not start") from None
+                time.sleep(0.05)
+        yield PostfixMX(root, postcat)
+    finally:
+        try:
+            postfix("stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            postfix("abort")
+        shutil.rmtree(workdir, ignore_errors=True)

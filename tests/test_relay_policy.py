@@ -77,6 +77,7 @@ def _session(
     tmp_path: Path,
     commit: Any = None,
     accepted: Any = None,
+    clock: Clock | None = None,
 ) -> Any:
     def run(fn: Any, *args: Any) -> defer.Deferred[Any]:
         return defer.maybeDeferred(fn, *args)
@@ -92,9 +93,11 @@ def _session(
         accepted=accepted or (lambda e: None),
         hostname="edge.test",
         authserv_id="edge.test",
-        clock=Clock(),
+        clock=clock or Clock(),
         run_blocking=run,
         plaintext_networks=LOOPBACK,
+        relayed_before=outbound.relayed_before,
+        remember_key=outbound.remember_key,
     )
     factory = SMTPServerFactory(lambda: RelayHandler(relay), Limits(), "edge.test", Clock())
     proto = factory.buildProtocol(None)

@@ -42,7 +42,7 @@ TABLES = {
 def test_migrations_ship_inside_the_package() -> None:
     assert (MIGRATIONS_DIR / "env.py").is_file()
     assert (MIGRATIONS_DIR / "script.py.mako").is_file()
-    assert head_revision() == "0007"
+    assert head_revision() == "0008"
 
 
 def test_empty_database_is_migrated_to_head(database: Database) -> None:

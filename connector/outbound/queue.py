@@ -23,12 +23,13 @@ message's file removed (once no recipient still waits to be relayed) and the eve
 recorded. So a crash after the state is on disk never sends the message again: at start,
 a message whose recipients all have a state is not relayed, and its file is removed then.
 
-The window that remains: between the edge committing the message (it sends its 250 only
-after its spool's fsync) and this queue's state write being on disk. A crash of the device
-in it, or a connection lost after the end of the data was sent but before the 250 was
-read, leaves the message queued as not relayed, and it is relayed again at start or at the
-next attempt: the edge then holds it twice. Only a deduplication by the edge (on this
-queue's id) could close it; the window is one round trip plus one fsync.
+Between the edge committing the message (it sends its 250 only after its spool's fsync)
+and this queue's state write being on disk, a crash of the device, or a connection lost
+after the end of the data was sent but before the 250 was read, leaves the message queued
+as not relayed, and it is relayed again at start or at the next attempt, byte for byte the
+same. The edge's relay recognises such a resend (`edge.outbound.resend`: same Message-ID,
+envelope and content, within 7 days) and answers with the first queue id without spooling
+it again, so the message is delivered once.
 
 Recipients `relayed` (or `deferred`) wait for their outcome; `record_outcome` (called by
 `connector.outbound.poller` with what the edge reports) moves them to `delivered`,

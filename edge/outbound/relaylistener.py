@@ -81,6 +81,8 @@ def build_relay_factory(
         clock=reactor,
         run_blocking=threads.deferToThread,
         plaintext_networks=parse_networks(config.edge.relay_plaintext_networks),
+        relayed_before=outbound.relayed_before,
+        remember_key=outbound.remember_key,
     )
     limits = smtp_limits(config)
     limits.own_received = RECEIVED_HEADERS_ADDED

@@ -26,6 +26,12 @@ spooled as `kind = "outbound"` and only after the spool commit is `250 2.0.0 Que
 <QID>` sent and the message handed to the delivery queue. A domain whose active DKIM key
 cannot be used is `451 4.7.5` (logged): mail is never sent unsigned in its place. Signing
 and store work never run on the reactor thread.
+
+A device's resend of a message it relayed within `edge.outbound.resend.RESEND_WINDOW` (the
+same Message-ID, envelope and content: a device that crashed after the 250, or lost the
+connection before reading it) is answered with the first message's `250 2.0.0 Queued as
+<QID>` and spools nothing (logged). The message's resend key is stored only after the spool
+commit, so a resend is never taken for a message that did not reach the spool.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from twisted.logger import Logger
 from edge.checks import HeaderFilter
 from edge.outbound.authors import AuthorError, TooManyFrom, authors
 from edge.outbound.dkimsign import DkimSignError
+from edge.outbound.resend import RESEND_WINDOW, message_id, message_key
 from edge.runtime.nowlater import then
 from edge.smtp import replies
 from edge.smtp.address import Path
@@ -130,6 +137,11 @@ class RelayContext:
     clock: Any
     run_blocking: Callable[..., defer.Deferred[Any]]
     plaintext_networks: Sequence[IPNetwork] = ()
+    relayed_before: Callable[[str, str, datetime], str | None] | None = None
+    """The queue id of a message of the device with this resend key relayed since the
+    time, or None (blocking); None: resends are not recognised."""
+    remember_key: Callable[[str, str], None] | None = None
+    """Store the resend key of a spooled queue id (blocking)."""
 
 
 class RelaySink:
@@ -144,6 +156,9 @@ class RelaySink:
         self.envelope = envelope
         self.received = received
         self.filter = HeaderFilter(relay.authserv_id)
+        self.key: str | None = None
+        """The message's resend key, stored once it is spooled."""
+        self.message_id = ""
 
     def write(self, chunk: bytes) -> None:
         for line in self.filter.feed(chunk):
@@ -156,14 +171,63 @@ class RelaySink:
         for line in self.filter.finish():
             self.writer.write(line)
         d = self.relay.run_blocking(self._prepare)
-        d.addCallback(lambda _: self.relay.commit(self.writer, self.envelope))
-        return d.addCallback(self._committed)
+        return d.addCallback(self._spool_unless_resent)
 
-    def _prepare(self) -> None:
-        """In a worker thread: check the author fields, sign for the From domains, put the
-        edge's headers on top, record the device."""
+    def _spool_unless_resent(self, first: str | None) -> defer.Deferred[Reply] | Reply:
+        if first is not None:
+            self.writer.abort()
+            env = self.envelope
+            log.info(
+                "relay {qid}: device {device} sent message {mid} again (queued as {first}"
+                " before); not spooled again",
+                qid=env.qid,
+                device=env.extra["device_id"],
+                mid=self.message_id,
+                first=first,
+            )
+            return replies.S250_QUEUED.with_text(f"Queued as {first}")
+        d = self.relay.commit(self.writer, self.envelope)
+        return d.addCallback(self._remember).addCallback(self._committed)
+
+    def _remember(self, _: object) -> defer.Deferred[None] | None:
+        """After the commit: store the resend key (a failure is logged; the mail is spooled
+        and is answered 250 all the same)."""
+        key, remember = self.key, self.relay.remember_key
+        if not key or remember is None:
+            return None
+        d: defer.Deferred[None] = self.relay.run_blocking(remember, self.envelope.qid, key)
+
+        def failed(failure: Any) -> None:
+            log.failure("relay {qid}: resend key not stored", failure, qid=self.envelope.qid)
+
+        return d.addErrback(failed)
+
+    def _resent(self, data: bytes) -> str | None:
+        """The queue id this device's same message had within the window, or None (then
+        `key` is the message's resend key, if it has one)."""
+        relay, env = self.relay, self.envelope
+        if relay.relayed_before is None:
+            return None
+        key = message_key(data, env.sender, env.recipients)
+        if key is None:
+            return None
+        since = datetime.fromtimestamp(relay.clock.seconds() - RESEND_WINDOW, UTC)
+        first = relay.relayed_before(env.extra["device_id"], key, since)
+        if first is None:
+            self.key = key
+        else:
+            self.message_id = message_id(data) or ""
+        return first
+
+    def _prepare(self) -> str | None:
+        """In a worker thread: the first queue id of a resend, or (not a resend) check the
+        author fields, sign for the From domains, put the edge's headers on top, record the
+        device, and None."""
         relay, env = self.relay, self.envelope
         data = self.writer.data()
+        first = self._resent(data)
+        if first is not None:
+            return first
         domains = self._from_domains(data)
         try:
             signature = b"".join(relay.signer.sign(data, domain) for domain in domains)
@@ -175,6 +239,7 @@ class RelaySink:
         self.writer.put_on_top(signature + self.received)
         at = datetime.fromtimestamp(env.received_at, UTC)
         relay.record(env.qid, env.extra["device_id"], env.extra["account_id"], env.sender, at)
+        return None
 
     def _from_domains(self, data: bytes) -> list[str]:
         """The domains of the From addresses, in order, once each, after checking that the

@@ -391,13 +391,19 @@ class AuditEventRow(Base):
 
 class OutboundMessageRow(Base):
     """A message a device relayed (`edge.outbound`): which device, under which queue id. Its
-    delivery events are the `delivery_events` rows of that queue id."""
+    delivery events are the `delivery_events` rows of that queue id. `message_key`
+    (`edge.outbound.resend`) is set once the message is spooled: a resend is recognised by it."""
 
     __tablename__ = "outbound_messages"
-    __table_args__ = (Index(None, "device_id"), Index(None, "account_id"))
+    __table_args__ = (
+        Index(None, "device_id"),
+        Index(None, "account_id"),
+        Index(None, "device_id", "message_key"),
+    )
 
     queue_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     device_id: Mapped[str] = mapped_column(String(64))
     account_id: Mapped[str] = mapped_column(String(64))
     sender: Mapped[str] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    message_key: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)

@@ -1,5 +1,6 @@
 """The store's side of the relay for devices' outbound mail: who may send as an address, which
-device relayed each queued message, and the delivery events of those messages.
+device relayed each queued message (and, by its resend key, whether it relayed it before),
+and the delivery events of those messages.
 
 An authorized device's account owns a sender address when the address is a managed or BYOD
 address assigned to one of the account's devices, or when the address's domain has a
@@ -86,6 +87,29 @@ class OutboundStore:
                     created_at=at,
                 )
             )
+
+    def remember_key(self, queue_id: str, message_key: str) -> None:
+        """Set the resend key (`edge.outbound.resend.message_key`) of the message queued as
+        `queue_id`, once it is spooled."""
+        with self.store._write(control=False) as session:
+            row = session.get(OutboundMessageRow, queue_id)
+            if row is not None:
+                row.message_key = message_key
+
+    def relayed_before(self, device_id: str, message_key: str, since: datetime) -> str | None:
+        """The queue id of the message with `message_key` that `device_id` relayed at or after
+        `since` (the earliest), or None."""
+        with self.store._read() as session:
+            return session.scalars(
+                select(OutboundMessageRow.queue_id)
+                .where(
+                    OutboundMessageRow.device_id == device_id,
+                    OutboundMessageRow.message_key == message_key,
+                    OutboundMessageRow.created_at >= since,
+                )
+                .order_by(OutboundMessageRow.created_at)
+                .limit(1)
+            ).first()
 
     def relayed_by(self, queue_id: str) -> str | None:
         """The device that relayed `queue_id`, or None if no device did."""
