@@ -112,6 +112,18 @@ def test_reply_to_our_own_message_goes_to_its_recipients(s: Setup) -> None:
     assert q.envelope["sender"] == ALICE  # not sent to us: the default address
 
 
+def test_reply_to_a_note_to_ourselves_goes_to_ourselves(s: Setup) -> None:
+    note = (
+        f"From: {ALICE}\r\nTo: {ALICE}\r\nSubject: note\r\nMessage-ID: <n@example.test>\r\n\r\nx\r\n"
+    ).encode()
+    info = deliver(s, note)
+    reply = s.client.post(f"{MESSAGES}/{info.id}/reply", {"body_text": "noted", "reply_all": True})
+    assert reply.code == 200, reply.body
+    q = s.only()
+    assert addresses(q.msg["To"]) == [ALICE] and q.msg["Cc"] is None
+    assert q.envelope["sender"] == ALICE
+
+
 def test_reply_by_message_id_and_in_another_mailbox(s: Setup) -> None:
     deliver(s, folder="Archive")
     ref = "%3Corig-3%40example.net%3E"

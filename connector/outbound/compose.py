@@ -319,7 +319,8 @@ def reply_plan(original: bytes, own: list[str], *, reply_all: bool) -> ReplyPlan
     """Recipients and headers of a reply to `original` from the owner of `own` addresses:
     To is the Reply-To (else the From) of the original, or, when that is one of ours (a
     reply to our own message), the original To; with `reply_all` the original To and Cc
-    join in Cc. Our own addresses are never recipients."""
+    join in Cc. Our own addresses are recipients only of a reply to a message that went
+    to none but us (a note to self)."""
     mine = {a.lower() for a in own}
     reply_to = _header_addresses(original, "Reply-To") or _header_addresses(original, "From")
     to_orig = _header_addresses(original, "To")
@@ -330,6 +331,8 @@ def reply_plan(original: bytes, own: list[str], *, reply_all: bool) -> ReplyPlan
     to = _without(reply_to, mine)
     if not to:  # a reply to a message we sent goes to its recipients
         to = _without(to_orig, mine)
+    if not to:  # a note to ourselves: the reply goes to ourselves, as mail clients do
+        to = _without(to_orig or reply_to, set())
     cc = _without([*to_orig, *cc_orig], mine | {a.addr_spec.lower() for a in to})
     summary = header_summary(original)
     msgid = summary.message_id.strip()
