@@ -175,7 +175,9 @@ def build_edge(
         ).setServiceParent(service)
     relay = None
     if config.edge.relay_listen:
-        relay_factory = build_relay_factory(config, reactor, store, spool, queue.take, tls)
+        relay_factory = build_relay_factory(
+            config, reactor, store, spool, queue.take, tls, lookups=lookups
+        )
         relay = TCPListener("relay", config.edge.relay_listen, relay_factory, reactor)
         relay.setServiceParent(service)
     control = build_control(

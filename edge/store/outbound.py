@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from edge.store.events import DeliveryEvent
 from edge.store.models import (
@@ -74,23 +74,32 @@ class OutboundStore:
             return account if route is not None else None
 
     def record(
-        self, queue_id: str, device_id: str, account_id: str, sender: str, at: datetime
+        self,
+        queue_id: str,
+        device_id: str,
+        account_id: str,
+        sender: str,
+        at: datetime,
+        message_key: str | None = None,
     ) -> None:
-        """Remember that `device_id` relayed the message queued as `queue_id`."""
+        """Remember that `device_id` relayed the message queued as `queue_id`, with its resend
+        key (`edge.outbound.resend.message_key`) if it has one: one insert. The relay calls it
+        once the message is spooled, so a key never names a message the spool lacks."""
         with self.store._write(control=False) as session:
-            session.add(
-                OutboundMessageRow(
+            session.execute(
+                insert(OutboundMessageRow).values(
                     queue_id=queue_id,
                     device_id=device_id,
                     account_id=account_id,
                     sender=sender[:320],
                     created_at=at,
+                    message_key=message_key,
                 )
             )
 
     def remember_key(self, queue_id: str, message_key: str) -> None:
         """Set the resend key (`edge.outbound.resend.message_key`) of the message queued as
-        `queue_id`, once it is spooled."""
+        `queue_id`, recorded before without one."""
         with self.store._write(control=False) as session:
             row = session.get(OutboundMessageRow, queue_id)
             if row is not None:
