@@ -73,7 +73,6 @@ def build_relay_factory(
             max_keys=a.tracked_keys,
         )
 
-
     def commit_alone(writer: SpoolWriter, envelope: Envelope) -> defer.Deferred[None]:
         return threads.deferToThread(spool.commit, writer, envelope)
 
