@@ -228,6 +228,32 @@ class World:
         assert code == 250 and reply.startswith(b"2.0.0 Queued as out_"), reply
         return reply.decode().rsplit(" ", 1)[1]
 
+    def edge_events(self) -> list[dict[str, Any]]:
+        """The delivery events of the device's relayed mail (GET /v1/outbound/events)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.control_port}/v1/outbound/events?after=0&limit=500",
+            headers={"Authorization": f"Bearer {self.device_key}"},
+        )
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return list(json.loads(response.read())["events"])
+
+    def edge_settled(self) -> bool:
+        """Whether every recipient of every message the edge took from the device has a
+        final outcome: nothing more will reach a remote MX."""
+        open_: set[tuple[str, str]] = set()
+        for event in self.edge_events():
+            key = (event["queue_id"], event["recipient"])
+            if event["event"] == "accepted":
+                open_.add(key)
+            elif event["event"] in ("delivered", "bounced", "expired", "deleted"):
+                open_.discard(key)
+        return not open_
+
+    def device_queue(self) -> list[Path]:
+        """The files of the device's outbound queue (empty once every message is final)."""
+        queue = self.device.data_dir / "device" / "outbound" / "queue"
+        return [p for p in queue.rglob("*") if p.is_file()] if queue.exists() else []
+
     def relay_client(self) -> smtplib.SMTP:
         """An SMTP client of the edge's relay, logged in with the device's credentials."""
         client = smtplib.SMTP("127.0.0.1", self.relay_port, timeout=20)

@@ -4,16 +4,21 @@
 
 - The edge down while the device takes several messages: the device retries on its own
   backoff (`[device] relay_retry_initial`, `relay_retry_max`, made short here) and, once the
-  edge is back, every message arrives once, in order.
+  edge is back, relays them in order, and every message arrives once.
 - SIGKILL of the device after its 250 and before it could relay: after restart, once.
 - SIGKILL of the edge after the relay's 250 and before the remote MX took the message:
   after restart, once.
 - The same message relayed twice by the device (as after a crash between the edge's 250 and
   the device's own record of it): one queue id, one delivery, also across an edge restart.
+- The connection lost after the end of the data, before the device read the relay's 250
+  (a proxy between them drops it there, once): the device sends again, the edge answers
+  with the first queue id, and the message arrives once.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,17 +53,15 @@ def _far(world: World) -> DownstreamMX:
     return handler
 
 
-def _queue_files(world: World) -> list[Path]:
-    queue = world.device.data_dir / "device" / "outbound" / "queue"
-    return [p for p in queue.rglob("*") if p.is_file()] if queue.exists() else []
-
-
-def _once(far: DownstreamMX, mids: list[str]) -> None:
-    """Each of `mids` arrived, once each; nothing else did."""
+def _once(world: World, far: DownstreamMX, mids: list[str]) -> None:
+    """Each of `mids` arrived, and once everything has settled (the device's queue empty,
+    every message the edge took final), once each; nothing else did."""
     wait_until(
         lambda: all(m in message_ids(far.seen) for m in mids),
         lambda: f"{mids} at the remote MX; seen {message_ids(far.seen)}",
     )
+    wait_until(lambda: world.device_queue() == [], "the device's queue empty")
+    wait_until(world.edge_settled, lambda: f"the edge settled: {world.edge_events()}")
     assert sorted(message_ids(far.seen)) == sorted(mids)
 
 
@@ -71,14 +74,16 @@ def _delivered(world: World, item: str) -> None:
 
 @pytest.fixture
 def world(in_reactor: Any, tmp_path: Path) -> Iterator[World]:
-    w = make_world(tmp_path, in_reactor, edge_extra="delivery_connections = 1")
+    w = make_world(tmp_path, in_reactor)
     try:
         yield w
     finally:
         w.stop()
 
 
-def test_the_edge_down_then_back_every_message_arrives_once_in_order(world: World) -> None:
+def test_the_edge_down_then_back_every_message_is_relayed_in_order_and_arrives_once(
+    world: World,
+) -> None:
     far = _far(world)
     world.start_edge()
     world.start_device()
@@ -90,15 +95,28 @@ def test_the_edge_down_then_back_every_message_arrives_once_in_order(world: Worl
         lambda: world.device.log().count("is not reachable") >= 2,
         "the device trying the stopped edge again",
     )
-    assert far.seen == [] and len(_queue_files(world)) >= 5
+    assert far.seen == [] and len(world.device_queue()) >= 5
 
     world.start_edge()
     mids = [mid for mid, _data in sent]
-    _once(far, mids)
-    assert message_ids(far.seen) == mids  # in the order they were submitted
+    _once(world, far, mids)
     for item in items:
         _delivered(world, item)
-    assert _queue_files(world) == []
+    assert world.device_queue() == []
+    # In order: the device relayed them in the order they were submitted (the edge's queue
+    # ids, which increase, and the order of the relay's log lines say so). The edge's
+    # delivery queue makes no promise of order between messages it took a moment apart.
+    qids = [
+        next(
+            e["queue_id"]
+            for e in world.outbound_events()
+            if e["proxy_message_id"] == item and e["status"] == "relayed"
+        )
+        for item in items
+    ]
+    assert qids == sorted(qids) and len(set(qids)) == 5
+    log = world.edge.log()
+    assert sorted(qids, key=lambda q: log.index(f"relay {q}:")) == qids
 
 
 def test_sigkill_of_the_device_after_its_250_before_the_relay(world: World) -> None:
@@ -110,17 +128,17 @@ def test_sigkill_of_the_device_after_its_250_before_the_relay(world: World) -> N
     item = world.submit(data, ["bob@far.test"])
     wait_until(lambda: "is not reachable" in world.device.log(), "a failed relay attempt")
     world.device.kill()
-    assert _queue_files(world)  # the 250 meant: on disk
+    assert world.device_queue()  # the 250 meant: on disk
 
     world.set_device_relay(f"127.0.0.1:{world.relay_port}")
     world.start_device()
-    _once(far, [mid])
+    _once(world, far, [mid])
     _delivered(world, item)
     assert [s for s, _r in world.statuses(item)] == ["submitted", "relayed", "delivered"]
-    assert _queue_files(world) == []
+    assert world.device_queue() == []
     world.device.stop()
     world.start_device()  # nothing is left to send again
-    assert _queue_files(world) == [] and message_ids(far.seen) == [mid]
+    assert world.device_queue() == [] and message_ids(far.seen) == [mid]
 
 
 def test_sigkill_of_the_edge_after_the_relays_250_before_the_remote_mx(
@@ -138,7 +156,7 @@ def test_sigkill_of_the_edge_after_the_relays_250_before_the_remote_mx(
     far = DownstreamMX()
     world.remote("mx.far.test", HOSTS[0], handler=far)
     world.start_edge()
-    _once(far, [mid])
+    _once(world, far, [mid])
     _delivered(world, item)
     assert [s for s, _r in world.statuses(item)].count("relayed") == 1
     assert message_ids(far.seen) == [mid]
@@ -161,6 +179,71 @@ def test_a_resend_by_the_device_is_one_delivery_with_one_queue_id(world: World) 
         assert code == 250, reply
         qids.append(reply.decode().rsplit(" ", 1)[1])
     assert len(set(qids)) == 1, qids
-    _once(far, [mid])
+    _once(world, far, [mid])
     wait_until(lambda: "sent message" in world.edge.log(), "the resend in the edge's log")
     assert world.edge.log().count("not spooled again") == 2
+
+
+class DropFirst250:
+    """A TCP proxy to the edge's relay that, the first time the relay answers the end of
+    the data ("250 2.0.0 Queued as"), closes both connections instead of passing it on."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.dropped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, replies: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if replies and b"250 2.0.0 Queued as" in chunk and not self.dropped.is_set():
+                    self.dropped.set()
+                    break
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_lost_250_is_sent_again_and_delivered_once(world: World) -> None:
+    far = _far(world)
+    proxy = DropFirst250(world.relay_port)
+    try:
+        world.set_device_relay(f"127.0.0.1:{proxy.port}")
+        world.start_edge()
+        world.start_device()
+        mid, data = _message(1, "lost-250")
+        item = world.submit(data, ["bob@far.test"])
+        _once(world, far, [mid])
+        _delivered(world, item)
+    finally:
+        proxy.close()
+    assert proxy.dropped.is_set()  # the first 250 never reached the device
+    assert world.edge.log().count("not spooled again") == 1
+    relayed = [
+        e
+        for e in world.outbound_events()
+        if e["proxy_message_id"] == item and e["status"] == "relayed"
+    ]
+    assert len(relayed) == 1 and relayed[0]["queue_id"] in world.edge.log()
+    assert message_ids(far.seen) == [mid]
