@@ -2,9 +2,9 @@
 
 Built by the edge process (`edge.app.build_edge`) from the parts passed in: the store and its
 cache, the spool and its committer, the delivery queue's intake, the edge's TLS context, the
-signer and the process's `AuthThrottle`. Same limits as the MX (`edge.inbound.listener.smtp_limits`) but for the message size
-(`relay_max_message_size`: a device's attachments are base64-encoded). Nothing here
-listens or starts anything.
+signer and the process's `AuthThrottle`. Same limits as the MX
+(`edge.inbound.listener.smtp_limits`) but for the message size (`relay_max_message_size`: a
+device's attachments are base64-encoded). Nothing here listens or starts anything.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ At MAIL the sender must be an address the device's account owns
 `edge.store.cache.CachedLookups` when it is fresh, on the reactor thread, else loaded in a
 worker thread), checked again for every transaction (a device revoked meanwhile is refused
 as soon as the cache sees it: at once for a change made through this edge, within the
-cache's time to live for one made through another edge sharing the database); the null sender and everyone else's addresses are
-`553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
+cache's time to live for one made through another edge sharing the database); the null
+sender and everyone else's addresses are `553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
 line, header and loop limits as the MX.
 
 At the end of data, in a worker thread: the message's From and Sender header fields
@@ -27,9 +27,10 @@ edge's `Received:` header naming only the device ("from device <id>", never its 
 goes on top; then the message is spooled as `kind = "outbound"`, and after the spool commit
 the device is recorded as the message's sender, with its resend key, in one store write;
 only then is `250 2.0.0 Queued as <QID>` sent and the message handed to the delivery queue
-(a failed record is logged and the message, spooled, is answered 250 all the same). A domain whose active DKIM key
-cannot be used is `451 4.7.5` (logged): mail is never sent unsigned in its place. Signing
-and store work never run on the reactor thread.
+(a failed record is logged and the message, spooled, is answered 250 all the same). A
+domain whose active DKIM key cannot be used is `451 4.7.5` (logged): mail is never sent
+unsigned in its place. Signing and store work never run on the reactor thread (a cache hit
+is not store work).
 
 A device's resend of a message it relayed within `edge.outbound.resend.RESEND_WINDOW` (the
 same Message-ID, envelope and content: a device that crashed after the 250, or lost the
