@@ -14,8 +14,8 @@ At MAIL the sender must be an address the device's account owns
 worker thread), checked again for every transaction (a device revoked meanwhile is refused
 as soon as the cache sees it: at once for a change made through this edge, within the
 cache's time to live for one made through another edge sharing the database); the null
-sender and everyone else's addresses are `553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
-line, header and loop limits as the MX.
+sender and everyone else's addresses are `553 5.7.1`. Any syntactically valid recipient is
+taken, within the same recipient, size, line, header and loop limits as the MX.
 
 At the end of data, in a worker thread: the message's From and Sender header fields
 (`edge.outbound.authors`: exactly one From, at most one Sender, each read unambiguously or

@@ -10,8 +10,9 @@ a domain that merely ends like the routed one never counts). Addresses compare a
 
 ``OutboundStore`` methods are blocking, one short transaction each: run them in a worker
 thread. The two the relay runs for every message (`relayed_before`, `record`) go through
-SQLAlchemy Core on one connection, without an ORM session (a third less work each). Nothing here decides what an SMTP client is told, and nothing here does network or
-DNS work.
+SQLAlchemy Core on one connection, without an ORM session, which costs more than the query.
+Nothing here decides what an SMTP client is told, and nothing here does network or DNS
+work.
 """
 
 from __future__ import annotations
