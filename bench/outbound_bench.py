@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import statistics
 import subprocess
@@ -82,13 +83,27 @@ class Report:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+MESSAGE_NUMBER = b"0000000000000000"
+"""Where each message's number goes in its Message-ID (`numbered`), as wide as the number."""
+
+_numbers = itertools.count(1)
+
+
+def numbered(body: bytes) -> bytes:
+    """`body` with a Message-ID of its own: a device never relays two messages with the same
+    one, and the relay answers a message it took before (the same Message-ID, envelope and
+    content) with its first queue id, spooling nothing."""
+    return body.replace(MESSAGE_NUMBER, b"%016d" % next(_numbers), 1)
+
+
 def message_body(size: int) -> bytes:
     """A message of about `size` octets in 78-octet lines, dot-terminated, from the sender
-    to the recipient (the relay checks the From field against the device's account)."""
+    to the recipient (the relay checks the From field against the device's account), its
+    Message-ID numbered by `numbered` as it is sent."""
     head = (
         f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: bench\r\n"
         "Date: Tue, 08 Dec 2026 00:00:00 +0000\r\n"
-        "Message-ID: <bench@device.bench.test>\r\n\r\n"
+        f"Message-ID: <bench-{MESSAGE_NUMBER.decode()}@device.bench.test>\r\n\r\n"
     ).encode()
     line = b"X" * 76 + b"\r\n"
     lines = max(1, (size - len(head)) // len(line))
@@ -128,7 +143,7 @@ async def _session(port: int, count: int, body: bytes, login: tuple[str, str] | 
             await _expect(reader, b"250")
             writer.write(b"DATA\r\n")
             await _expect(reader, b"354")
-            writer.write(body)
+            writer.write(numbered(body))
             await _expect(reader, b"250")
         writer.write(b"QUIT\r\n")
         await _reply(reader)

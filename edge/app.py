@@ -139,7 +139,8 @@ def build_edge(
     workers = config.edge.mx_processes
     # With acceptors, the connection limits hold over all the processes on the MX port.
     counts = SharedCounts.create(workers) if workers > 1 else None
-    # The spool's one commit entry point for the MX, its durability chosen here, once.
+    # The spool's one commit entry point for the MX and the relay, its durability chosen here,
+    # once.
     committer = mx_committer(spool, reactor, while_syncing=queue.intake)
     factory = build_mx_factory(
         config,
@@ -175,7 +176,16 @@ def build_edge(
         ).setServiceParent(service)
     relay = None
     if config.edge.relay_listen:
-        relay_factory = build_relay_factory(config, reactor, store, spool, queue.take, tls)
+        relay_factory = build_relay_factory(
+            config,
+            reactor,
+            store,
+            spool,
+            queue.take,
+            tls,
+            lookups=lookups,
+            commit=committer.commit,
+        )
         relay = TCPListener("relay", config.edge.relay_listen, relay_factory, reactor)
         relay.setServiceParent(service)
     control = build_control(

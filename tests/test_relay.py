@@ -276,6 +276,26 @@ def test_a_sender_the_account_does_not_own_is_553(site: Site, sender: str) -> No
         assert client.rcpt("bob@far.test")[0] == 503  # no transaction was started
 
 
+def test_a_change_of_who_owns_a_sender_holds_for_the_next_mail_of_a_session(site: Site) -> None:
+    """The relay answers who owns a sender from the store's cache: a change made through this
+    edge (a route disabled, the device revoked) holds at once, in a session already open."""
+    access = AccessStore(site.edge.store)
+    tablet = _device(access, "tablet", "acct_tablet", "tablet.test")
+    (route,) = site.edge.store.list_routes("acct_tablet")
+    with _client(site, tablet) as client:
+        for _ in range(2):  # the second answered from the cache
+            assert client.mail("me@tablet.test")[0] == 250
+            assert client.rset()[0] == 250
+        site.edge.store.update_route(route.id, status="disabled")
+        assert client.mail("me@tablet.test")[0] == 553
+        site.edge.store.update_route(route.id, status="active")
+        assert client.mail("me@tablet.test")[0] == 250
+        assert client.rset()[0] == 250
+        access.revoke_device(tablet.id)
+        code, text = client.mail("me@tablet.test")
+        assert code == 553 and text.startswith(b"5.7.1 "), (code, text)
+
+
 def _head(*fields: bytes, subject: bytes = b"a header test") -> bytes:
     return b"".join(f + b"\r\n" for f in fields) + b"Subject: " + subject + b"\r\n\r\nHi.\r\n"
 

@@ -97,7 +97,6 @@ def _session(
         run_blocking=run,
         plaintext_networks=LOOPBACK,
         relayed_before=outbound.relayed_before,
-        remember_key=outbound.remember_key,
     )
     factory = SMTPServerFactory(lambda: RelayHandler(relay), Limits(), "edge.test", Clock())
     proto = factory.buildProtocol(None)

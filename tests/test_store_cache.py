@@ -1,11 +1,14 @@
-"""The store's lookup cache: hits, expiry, and this process's writes seen at once."""
+"""The store's lookup cache: hits, expiry, and this process's writes seen at once (for the
+MX's lookups and for the relay's question of who owns a sender address)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from edge.store import Store, open_store
+from edge.store.access import AccessStore
 from edge.store.cache import CachedLookups
 from edge.store.keyring import StoreKeys
 
@@ -19,7 +22,8 @@ class Counting:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.store, name)
-        if name in ("resolve_recipient", "get_device", "list_spam_rules"):
+        # `_read`: each read transaction of the relay's sender lookups (edge.store.outbound).
+        if name in ("resolve_recipient", "get_device", "list_spam_rules", "_read"):
 
             def counted(*args: Any, **kwargs: Any) -> Any:
                 self.calls += 1
@@ -79,3 +83,42 @@ def test_log_writes_keep_the_cache(tmp_path: Path) -> None:
     DeliveryEvents(store).record([("Q1", "me@home.test", "accepted", "", 1.0)])
     cache.resolve_recipient("me@home.test")
     assert counting.calls == 1
+
+
+def test_a_repeated_sender_is_answered_without_a_query(tmp_path: Path) -> None:
+    store, counting, cache, now = setup(tmp_path)
+    account = store.get_device("dev_home").account_id  # type: ignore[union-attr]
+    for address in ("me@home.test", "Me@HOME.test", "<me@home.test>"):
+        assert cache.sender_account("dev_home", address) == account
+    assert cache.sender_account("dev_home", "you@else.test") is None  # not the account's
+    assert cache.sender_account("dev_home", "you@else.test") is None
+    assert cache.sender_account("dev_home", "") is None  # no query for no address
+    assert counting.calls == 2
+    now[0] += 2.5
+    assert cache.sender_account("dev_home", "me@home.test") == account
+    assert counting.calls == 3
+
+
+def test_a_sender_change_in_this_process_is_seen_at_once(tmp_path: Path) -> None:
+    store, _counting, cache, _now = setup(tmp_path)
+    account = store.get_device("dev_home").account_id  # type: ignore[union-attr]
+    managed = store.add_managed_address("bob", "dev_home", domain="mail.edge.test", namespace="h")
+    assert cache.sender_account("dev_home", managed.address) == account
+    store.delete_managed_address(managed.id)  # an address removed (its domain is not routed)
+    assert cache.sender_account("dev_home", managed.address) is None
+
+    route = store.create_route(
+        "work.test",
+        type="byod",
+        connector_id="dev_home",
+        status="active",
+        account_id=account,
+        verified_at=datetime(2026, 12, 7, tzinfo=UTC),
+    )
+    assert cache.sender_account("dev_home", "me@work.test") == account
+    store.update_route(route.id, status="disabled")  # a route disabled
+    assert cache.sender_account("dev_home", "me@work.test") is None
+    store.update_route(route.id, status="active")
+    assert cache.sender_account("dev_home", "me@work.test") == account
+    AccessStore(store).revoke_device("dev_home")  # a device revoked
+    assert cache.sender_account("dev_home", "me@work.test") is None

@@ -1,10 +1,10 @@
 """The relay listener's factory: the SMTP server with the relay's session policy.
 
-Built by the edge process (`edge.app.build_edge`) from the parts passed in: the store, the
-spool, the delivery queue's intake, the edge's TLS context, the signer and the process's
-`AuthThrottle`. Same limits as the MX (`edge.inbound.listener.smtp_limits`) but for the message size
-(`relay_max_message_size`: a device's attachments are base64-encoded). Nothing here
-listens or starts anything.
+Built by the edge process (`edge.app.build_edge`) from the parts passed in: the store and its
+cache, the spool and its committer, the delivery queue's intake, the edge's TLS context, the
+signer and the process's `AuthThrottle`. Same limits as the MX
+(`edge.inbound.listener.smtp_limits`) but for the message size (`relay_max_message_size`: a
+device's attachments are base64-encoded). Nothing here listens or starts anything.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from edge.auththrottle import AuthThrottle
 from edge.checks import authserv_id
@@ -30,6 +30,7 @@ from edge.smtp.factory import SMTPServerFactory
 from edge.spool.spool import Envelope, Spool, SpoolWriter
 from edge.store import Store
 from edge.store.access import AccessStore
+from edge.store.cache import CachedLookups
 from edge.store.outbound import OutboundStore
 
 __all__ = ["AUTH_SERVICE", "build_relay_factory"]
@@ -48,12 +49,19 @@ def build_relay_factory(
     *,
     signer: Signer | None = None,
     throttle: AuthThrottle | None = None,
+    lookups: CachedLookups | None = None,
+    commit: Callable[[SpoolWriter, Envelope], defer.Deferred[None]] | None = None,
 ) -> SMTPServerFactory:
     """The protocol factory of the relay listener. `accepted` takes each committed message
     (the delivery queue's intake); `signer` signs with the domains' keys in `store` unless
     given; `throttle` is the process's delay on failed logins (one of the relay's own, from
-    `[auth]`, unless given)."""
+    `[auth]`, unless given); `lookups` is the process's store cache (one of the relay's own
+    unless given), which answers who owns a sender address; `commit` is the spool's commit
+    entry point (`edge.spool.committer.Committer.commit`, whose batches the MX's messages
+    share; without it, each message is committed alone in a worker thread)."""
     outbound, access = OutboundStore(store), AccessStore(store)
+    if lookups is None:
+        lookups = CachedLookups(store)
     if throttle is None:
         a = config.auth
         throttle = AuthThrottle(
@@ -65,16 +73,16 @@ def build_relay_factory(
             max_keys=a.tracked_keys,
         )
 
-    def commit(writer: SpoolWriter, envelope: Envelope) -> Any:
+    def commit_alone(writer: SpoolWriter, envelope: Envelope) -> defer.Deferred[None]:
         return threads.deferToThread(spool.commit, writer, envelope)
 
     relay = RelayContext(
         authenticate=access.authenticate,
-        sender_account=outbound.sender_account,
+        sender_account=lookups.sender_account,
         record=outbound.record,
         signer=signer if signer is not None else DkimSigner(access),
         spool=spool,
-        commit=commit,
+        commit=commit if commit is not None else commit_alone,
         accepted=accepted,
         hostname=config.fqdn,
         authserv_id=authserv_id(config),
@@ -82,7 +90,7 @@ def build_relay_factory(
         run_blocking=threads.deferToThread,
         plaintext_networks=parse_networks(config.edge.relay_plaintext_networks),
         relayed_before=outbound.relayed_before,
-        remember_key=outbound.remember_key,
+        run_cached=lookups.cached_or_load,
     )
     limits = smtp_limits(config)
     limits.own_received = RECEIVED_HEADERS_ADDED

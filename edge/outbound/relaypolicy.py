@@ -9,10 +9,13 @@ AUTH only after STARTTLS (AUTH before it: 538 5.7.11, MAIL: 530 5.7.0). MAIL wit
 is 530 5.7.0.
 
 At MAIL the sender must be an address the device's account owns
-(`edge.store.outbound.OutboundStore.sender_account`), checked again for every transaction
-(a device revoked meanwhile is refused); the null sender and everyone else's addresses are
-`553 5.7.1`. Any syntactically valid recipient is taken, within the same recipient, size,
-line, header and loop limits as the MX.
+(`edge.store.outbound.OutboundStore.sender_account`, answered from the store's cache
+`edge.store.cache.CachedLookups` when it is fresh, on the reactor thread, else loaded in a
+worker thread), checked again for every transaction (a device revoked meanwhile is refused
+as soon as the cache sees it: at once for a change made through this edge, within the
+cache's time to live for one made through another edge sharing the database); the null
+sender and everyone else's addresses are `553 5.7.1`. Any syntactically valid recipient is
+taken, within the same recipient, size, line, header and loop limits as the MX.
 
 At the end of data, in a worker thread: the message's From and Sender header fields
 (`edge.outbound.authors`: exactly one From, at most one Sender, each read unambiguously or
@@ -21,17 +24,20 @@ rule as the envelope sender (else `550 5.7.1`). The message (without the `X-Tail
 headers and `Authentication-Results` of the edge's authserv-id it may have brought) is
 DKIM-signed for each domain of its From field (d= aligned with From, as DMARC wants), the
 edge's `Received:` header naming only the device ("from device <id>", never its address)
-goes on top, and the device is recorded as the message's sender; then the message is
-spooled as `kind = "outbound"` and only after the spool commit is `250 2.0.0 Queued as
-<QID>` sent and the message handed to the delivery queue. A domain whose active DKIM key
-cannot be used is `451 4.7.5` (logged): mail is never sent unsigned in its place. Signing
-and store work never run on the reactor thread.
+goes on top; then the message is spooled as `kind = "outbound"`, and after the spool commit
+the device is recorded as the message's sender, with its resend key, in one store write;
+only then is `250 2.0.0 Queued as <QID>` sent and the message handed to the delivery queue
+(a failed record is logged and the message, spooled, is answered 250 all the same). A
+domain whose active DKIM key cannot be used is `451 4.7.5` (logged): mail is never sent
+unsigned in its place. Signing and store work never run on the reactor thread (a cache hit
+is not store work).
 
 A device's resend of a message it relayed within `edge.outbound.resend.RESEND_WINDOW` (the
 same Message-ID, envelope and content: a device that crashed after the 250, or lost the
 connection before reading it) is answered with the first message's `250 2.0.0 Queued as
 <QID>` and spools nothing (logged). The message's resend key is stored only after the spool
-commit, so a resend is never taken for a message that did not reach the spool.
+commit, so a resend is never taken for a message that did not reach the spool, and before
+the 250, so a device that has the 250 has a resend the relay recognises.
 """
 
 from __future__ import annotations
@@ -126,8 +132,9 @@ class RelayContext:
     """A device key's authorized device, or None (blocking)."""
     sender_account: Callable[[str, str], str | None]
     """The device's account if it owns the address, else None (blocking)."""
-    record: Callable[[str, str, str, str, datetime], None]
-    """Remember (queue id, device id, account id, sender, when) (blocking)."""
+    record: Callable[[str, str, str, str, datetime, str | None], None]
+    """Remember (queue id, device id, account id, sender, when, resend key or None) of a
+    spooled message (blocking)."""
     signer: Signer
     spool: Spool
     commit: Callable[[SpoolWriter, Envelope], defer.Deferred[None]]
@@ -140,13 +147,14 @@ class RelayContext:
     relayed_before: Callable[[str, str, datetime], str | None] | None = None
     """The queue id of a message of the device with this resend key relayed since the
     time, or None (blocking); None: resends are not recognised."""
-    remember_key: Callable[[str, str], None] | None = None
-    """Store the resend key of a spooled queue id (blocking)."""
+    run_cached: Callable[..., defer.Deferred[Any]] | None = None
+    """Runs a `sender_account` that may answer from a cache: at once when it can, else where
+    it may block (`CachedLookups.cached_or_load`); None: through `run_blocking`."""
 
 
 class RelaySink:
     """The MessageSink of one relay transaction: filter, then check the author fields, sign,
-    record and spool."""
+    spool and record."""
 
     def __init__(
         self, relay: RelayContext, writer: SpoolWriter, envelope: Envelope, received: bytes
@@ -187,18 +195,25 @@ class RelaySink:
             )
             return replies.S250_QUEUED.with_text(f"Queued as {first}")
         d = self.relay.commit(self.writer, self.envelope)
-        return d.addCallback(self._remember).addCallback(self._committed)
+        return d.addCallback(self._record).addCallback(self._committed)
 
-    def _remember(self, _: object) -> defer.Deferred[None] | None:
-        """After the commit: store the resend key (a failure is logged; the mail is spooled
-        and is answered 250 all the same)."""
-        key, remember = self.key, self.relay.remember_key
-        if not key or remember is None:
-            return None
-        d: defer.Deferred[None] = self.relay.run_blocking(remember, self.envelope.qid, key)
+    def _record(self, _: object) -> defer.Deferred[None]:
+        """After the commit: record the device and the resend key in one write (a failure is
+        logged; the mail is spooled and is answered 250 all the same)."""
+        env = self.envelope
+        at = datetime.fromtimestamp(env.received_at, UTC)
+        d: defer.Deferred[None] = self.relay.run_blocking(
+            self.relay.record,
+            env.qid,
+            env.extra["device_id"],
+            env.extra["account_id"],
+            env.sender,
+            at,
+            self.key,
+        )
 
         def failed(failure: Any) -> None:
-            log.failure("relay {qid}: resend key not stored", failure, qid=self.envelope.qid)
+            log.failure("relay {qid}: sender and resend key not recorded", failure, qid=env.qid)
 
         return d.addErrback(failed)
 
@@ -221,8 +236,7 @@ class RelaySink:
 
     def _prepare(self) -> str | None:
         """In a worker thread: the first queue id of a resend, or (not a resend) check the
-        author fields, sign for the From domains, put the edge's headers on top, record the
-        device, and None."""
+        author fields, sign for the From domains, put the edge's headers on top, and None."""
         relay, env = self.relay, self.envelope
         data = self.writer.data()
         first = self._resent(data)
@@ -237,8 +251,6 @@ class RelaySink:
             )
             raise SMTPReplyError(replies.S451_DKIM_KEY_UNUSABLE, str(exc)) from None
         self.writer.put_on_top(signature + self.received)
-        at = datetime.fromtimestamp(env.received_at, UTC)
-        relay.record(env.qid, env.extra["device_id"], env.extra["account_id"], env.sender, at)
         return None
 
     def _from_domains(self, data: bytes) -> list[str]:
@@ -326,9 +338,9 @@ class RelayHandler:
             raise SMTPReplyError(
                 replies.S553_SENDER_NOT_OWNED, f"device {device.id}: the null sender"
             )
-        found: defer.Deferred[str | None] = self.relay.run_blocking(
-            self.relay.sender_account, device.id, sender.address
-        )
+        relay = self.relay
+        run = relay.run_cached or relay.run_blocking
+        found: defer.Deferred[str | None] = run(relay.sender_account, device.id, sender.address)
         return then(found, self._owned, device, sender)
 
     def _owned(self, account: str | None, device: Device, sender: Path) -> Reply | None:

@@ -1,7 +1,9 @@
-"""Short-lived caches of the store's hot lookups: recipient routes, devices, spam rules.
+"""Short-lived caches of the store's hot lookups: recipient routes, devices, spam rules, and
+which account a relaying device may send as.
 
 Every inbound message asks the store who a recipient is, which account owns its device and
-which block rules apply; those answers change rarely. `CachedLookups` keeps them for `ttl`
+which block rules apply; every relayed one, whether the device's account owns its sender and
+author addresses. Those answers change rarely. `CachedLookups` keeps them for `ttl`
 seconds and drops everything as soon as this process commits a control-plane write
 (`Store.generation`), so a change made through this edge's API holds for the next
 connection, and one made through another edge sharing the database within `ttl` seconds.
@@ -25,8 +27,10 @@ from twisted.internet import defer, threads
 
 from edge.runtime.cachedload import MISSED, CachedLoad, NotCached
 from edge.runtime.nowlater import is_deferred
+from edge.store.outbound import OutboundStore
 from edge.store.records import Device, RecipientTarget, SpamRule
 from edge.store.store import Store
+from edge.store.validate import split_address
 
 __all__ = ["CachedLookups", "NotCached"]
 
@@ -48,6 +52,7 @@ class CachedLookups:
         self._lock = threading.Lock()
         self._entries: dict[tuple[Any, ...], tuple[float, Any]] = {}
         self._generation = store.generation
+        self._outbound = OutboundStore(store)
         # Misses load in a worker thread, through `run_blocking` as it is when they do.
         self.cached = CachedLoad(lambda fn, *args: self.run_blocking(fn, *args))
 
@@ -127,3 +132,16 @@ class CachedLookups:
             lambda: self.store.list_spam_rules(account_id, active_only),
         )
         return list(rules)
+
+    def sender_account(self, device_id: str, address: str) -> str | None:
+        """`OutboundStore.sender_account`, cached per device and address: the device's
+        status (a revoked device) and the address's owner (a removed address, a disabled
+        route) are as fresh as every other answer here."""
+        parts = split_address(address)
+        if parts is None:
+            return None
+        account: str | None = self._get(
+            ("sender", device_id, f"{parts[0]}@{parts[1]}"),
+            lambda: self._outbound.sender_account(device_id, address),
+        )
+        return account

@@ -9,16 +9,21 @@ a domain that merely ends like the routed one never counts). Addresses compare a
 ``edge.store.resolve`` compares them: domains case-insensitively, local parts lower-cased.
 
 ``OutboundStore`` methods are blocking, one short transaction each: run them in a worker
-thread. Nothing here decides what an SMTP client is told, and nothing here does network or
-DNS work.
+thread. The two the relay runs for every message (`relayed_before`, `record`) go through
+SQLAlchemy Core on one connection, without an ORM session, which costs more than the query.
+Nothing here decides what an SMTP client is told, and nothing here does network or DNS
+work.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
+from edge.store.engine import WRITE_OPTION
+from edge.store.errors import Conflict
 from edge.store.events import DeliveryEvent
 from edge.store.models import (
     ByodAddressRow,
@@ -74,23 +79,36 @@ class OutboundStore:
             return account if route is not None else None
 
     def record(
-        self, queue_id: str, device_id: str, account_id: str, sender: str, at: datetime
+        self,
+        queue_id: str,
+        device_id: str,
+        account_id: str,
+        sender: str,
+        at: datetime,
+        message_key: str | None = None,
     ) -> None:
-        """Remember that `device_id` relayed the message queued as `queue_id`."""
-        with self.store._write(control=False) as session:
-            session.add(
-                OutboundMessageRow(
-                    queue_id=queue_id,
-                    device_id=device_id,
-                    account_id=account_id,
-                    sender=sender[:320],
-                    created_at=at,
-                )
-            )
+        """Remember that `device_id` relayed the message queued as `queue_id`, with its resend
+        key (`edge.outbound.resend.message_key`) if it has one: one insert. The relay calls it
+        once the message is spooled, so a key never names a message the spool lacks."""
+        stmt = insert(OutboundMessageRow).values(
+            queue_id=queue_id,
+            device_id=device_id,
+            account_id=account_id,
+            sender=sender[:320],
+            created_at=at,
+            message_key=message_key,
+        )
+        engine = self.store.engine
+        try:
+            with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn:
+                with conn.begin():
+                    conn.execute(stmt)
+        except IntegrityError as exc:
+            raise Conflict("conflicts with an existing record") from exc
 
     def remember_key(self, queue_id: str, message_key: str) -> None:
         """Set the resend key (`edge.outbound.resend.message_key`) of the message queued as
-        `queue_id`, once it is spooled."""
+        `queue_id`, recorded before without one."""
         with self.store._write(control=False) as session:
             row = session.get(OutboundMessageRow, queue_id)
             if row is not None:
@@ -99,17 +117,19 @@ class OutboundStore:
     def relayed_before(self, device_id: str, message_key: str, since: datetime) -> str | None:
         """The queue id of the message with `message_key` that `device_id` relayed at or after
         `since` (the earliest), or None."""
-        with self.store._read() as session:
-            return session.scalars(
-                select(OutboundMessageRow.queue_id)
-                .where(
-                    OutboundMessageRow.device_id == device_id,
-                    OutboundMessageRow.message_key == message_key,
-                    OutboundMessageRow.created_at >= since,
-                )
-                .order_by(OutboundMessageRow.created_at)
-                .limit(1)
-            ).first()
+        stmt = (
+            select(OutboundMessageRow.queue_id)
+            .where(
+                OutboundMessageRow.device_id == device_id,
+                OutboundMessageRow.message_key == message_key,
+                OutboundMessageRow.created_at >= since,
+            )
+            .order_by(OutboundMessageRow.created_at)
+            .limit(1)
+        )
+        with self.store.engine.connect() as conn, conn.begin():
+            found: str | None = conn.execute(stmt).scalar()
+            return found
 
     def relayed_by(self, queue_id: str) -> str | None:
         """The device that relayed `queue_id`, or None if no device did."""
