@@ -253,28 +253,41 @@ port = {dns_port}
 """
 
 
-def _seed_store(data_dir: Path) -> None:
-    """The route of the benchmark's recipient: a device that has not connected yet, so mail
-    to it is accepted and waits in the spool (no delivery runs during the measurement)."""
-    sys.path.insert(0, str(REPO))
-    from edge.store import open_store
+_SEED = """
+import sys
+from pathlib import Path
+from edge.store import open_store
 
-    (data_dir / "edge").mkdir(parents=True, exist_ok=True)
-    store = open_store(f"sqlite:///{data_dir / 'edge' / 'store.db'}")
-    store.ensure_account()
-    store.create_device("bench", device_id="dev_bench", hostname="device.bench.test")
-    store.create_route(
-        BENCH_DOMAIN,
-        type="byod",
-        connector_id="dev_bench",
-        delivery_mode="split",
-        status="active",
-        setup_stage="active",
+data_dir, domain = Path(sys.argv[1]), sys.argv[2]
+(data_dir / "edge").mkdir(parents=True, exist_ok=True)
+store = open_store(f"sqlite:///{data_dir / 'edge' / 'store.db'}")
+store.ensure_account()
+store.create_device("bench", device_id="dev_bench", hostname="device.bench.test")
+store.create_route(
+    domain,
+    type="byod",
+    connector_id="dev_bench",
+    delivery_mode="split",
+    status="active",
+    setup_stage="active",
+)
+store.add_byod_address("rcpt", domain, "dev_bench")
+dispose = getattr(store, "close", None) or getattr(store, "dispose", None)
+if dispose is not None:
+    dispose()
+"""
+
+
+def _seed_store(data_dir: Path, repo: Path = REPO) -> None:
+    """The route of the benchmark's recipient: a device that has not connected yet, so mail
+    to it is accepted and waits in the spool (no delivery runs during the measurement).
+    Seeded by the code of the checkout that runs the edge, so its schema is that one's."""
+    subprocess.run(
+        [PYTHON, "-c", _SEED, str(data_dir), BENCH_DOMAIN],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        check=True,
     )
-    store.add_byod_address("rcpt", BENCH_DOMAIN, "dev_bench")
-    dispose = getattr(store, "close", None) or getattr(store, "dispose", None)
-    if dispose is not None:
-        dispose()
 
 
 @contextlib.contextmanager
@@ -298,7 +311,7 @@ def tailpost_edge(
         raise ValueError("the discarding edge runs this checkout's code in one process")
     data = workdir / (f"edge-{mode}-{label}" if label else f"edge-{mode}")
     data.mkdir(parents=True, exist_ok=True)
-    _seed_store(data)
+    _seed_store(data, repo)
     config = data / "edge.toml"
     # The relay listener on a free port too, where the checkout has one (an older baseline
     # checkout does not know the key).
