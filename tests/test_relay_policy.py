@@ -24,10 +24,10 @@ from edge.outbound.relaypolicy import (
     RelayContext,
     RelayHandler,
     parse_networks,
-    plaintext_allowed,
     relay_received,
 )
 from edge.smtp.factory import SMTPServerFactory
+from edge.smtp.proxy import is_trusted
 from edge.smtp.server import Limits
 from edge.spool.spool import Spool, SpoolWriter
 from edge.store import Store, open_store
@@ -66,9 +66,9 @@ def _device(store: Store) -> tuple[str, str]:
     ],
 )
 def test_the_default_plaintext_networks_are_loopback_only(host: str, allowed: bool) -> None:
-    assert plaintext_allowed(host, LOOPBACK) is allowed
-    assert plaintext_allowed("100.64.0.7", parse_networks(["100.64.0.0/10"]))
-    assert not plaintext_allowed("127.0.0.1", ())  # the configured list is the whole rule
+    assert is_trusted(host, LOOPBACK) is allowed
+    assert is_trusted("100.64.0.7", parse_networks(["100.64.0.0/10"]))
+    assert not is_trusted("127.0.0.1", ())  # the configured list is the whole rule
 
 
 def _session(

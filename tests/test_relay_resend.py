@@ -111,12 +111,11 @@ def test_the_key_and_its_lookup_in_the_store(store: Store) -> None:
     laptop, phone = store.create_device("laptop"), store.create_device("phone")
     outbound = OutboundStore(store)
     at = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-    outbound.record("Q1", laptop.id, laptop.account_id, "a@home.test", at)
-    outbound.record("Q2", laptop.id, laptop.account_id, "a@home.test", at + timedelta(hours=1))
+    outbound.record("Q0", laptop.id, laptop.account_id, "a@home.test", at)
     assert outbound.relayed_before(laptop.id, "k" * 64, at) is None  # no key stored yet
-    outbound.remember_key("Q1", "k" * 64)
-    outbound.remember_key("Q2", "k" * 64)
-    outbound.remember_key("Q-unknown", "k" * 64)  # nothing to set: no error
+    later = at + timedelta(hours=1)
+    outbound.record("Q1", laptop.id, laptop.account_id, "a@home.test", at, "k" * 64)
+    outbound.record("Q2", laptop.id, laptop.account_id, "a@home.test", later, "k" * 64)
     assert outbound.relayed_before(laptop.id, "k" * 64, at) == "Q1"  # the first
     assert outbound.relayed_before(laptop.id, "k" * 64, at + timedelta(minutes=1)) == "Q2"
     assert outbound.relayed_before(laptop.id, "k" * 64, at + timedelta(hours=2)) is None

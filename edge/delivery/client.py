@@ -72,9 +72,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import (
-    TLSRequiredError,
-)
+from twisted.mail.smtp import TLSRequiredError
 from twisted.python.failure import Failure
 
 from edge.checks.arc import ARCSealer

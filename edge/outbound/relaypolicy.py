@@ -60,6 +60,7 @@ from edge.outbound.resend import RESEND_WINDOW, message_id, message_key
 from edge.runtime.nowlater import then
 from edge.smtp import replies
 from edge.smtp.address import Path
+from edge.smtp.proxy import is_trusted
 from edge.smtp.replies import Reply, SMTPReplyError
 from edge.smtp.session import Refusal, Session
 from edge.smtp.trace import header_text
@@ -73,7 +74,6 @@ __all__ = [
     "RelayHandler",
     "Signer",
     "parse_networks",
-    "plaintext_allowed",
     "relay_received",
 ]
 
@@ -95,18 +95,6 @@ class Signer(Protocol):
 def parse_networks(values: Sequence[str]) -> tuple[IPNetwork, ...]:
     """The networks of `[edge] relay_plaintext_networks`; ValueError names a bad one."""
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
-
-
-def plaintext_allowed(host: str, networks: Sequence[IPNetwork]) -> bool:
-    """Whether a peer at `host` may authenticate without TLS: inside one of `networks` (an
-    IPv4-mapped IPv6 address counts as its IPv4 address). A name or garbage never is."""
-    try:
-        address = ipaddress.ip_address(host.strip().strip("[]").split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == net.version and address in net for net in networks)
 
 
 def relay_received(
@@ -306,9 +294,7 @@ class RelayHandler:
         """The account that owns the current transaction's sender."""
 
     def connect(self, session: Session) -> None:
-        session.auth_needs_tls = not plaintext_allowed(
-            session.peer_host, self.relay.plaintext_networks
-        )
+        session.auth_needs_tls = not is_trusted(session.peer_host, self.relay.plaintext_networks)
 
     def authenticate(self, session: Session, username: str, password: str) -> defer.Deferred[bool]:
         """True (now or later) when `password` is the live key of the authorized device

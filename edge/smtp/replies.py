@@ -137,8 +137,6 @@ D451_STS_NO_STARTTLS = Reply(
 D451_STS_CERTIFICATE = Reply(
     451, "4.7.5", "the TLS certificate of {where} is not valid for it, as the MTA-STS policy needs"
 )
-# RFC 6152 §3: 8-bit data to a server without 8BITMIME is converted or returned. Converting
-# would break the DKIM signature the edge put on the message: it is returned.
 # 5xx
 S500_UNKNOWN = Reply(500, "5.5.2", "Command not recognized")
 S500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
@@ -244,6 +242,8 @@ D451_PIN_NO_STARTTLS = Reply(
     451, "4.7.0", "the connector at {where} does not offer STARTTLS; credentials not sent"
 )
 D553_NO_SMTPUTF8 = Reply(553, "5.6.7", "{where} does not offer SMTPUTF8, which this message needs")
+# RFC 6152 §3: 8-bit data to a server without 8BITMIME is converted or returned. Converting
+# would break the DKIM signature the edge put on the message: it is returned.
 D554_NO_8BITMIME = Reply(554, "5.6.3", "{where} does not offer 8BITMIME, which this message needs")
 # The device's relay to its edge (connector.outbound), as its outbound queue records them.
 D451_NOT_LINKED = Reply(451, "4.7.0", "this device is not linked to an edge yet")

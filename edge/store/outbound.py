@@ -106,14 +106,6 @@ class OutboundStore:
         except IntegrityError as exc:
             raise Conflict("conflicts with an existing record") from exc
 
-    def remember_key(self, queue_id: str, message_key: str) -> None:
-        """Set the resend key (`edge.outbound.resend.message_key`) of the message queued as
-        `queue_id`, recorded before without one."""
-        with self.store._write(control=False) as session:
-            row = session.get(OutboundMessageRow, queue_id)
-            if row is not None:
-                row.message_key = message_key
-
     def relayed_before(self, device_id: str, message_key: str, since: datetime) -> str | None:
         """The queue id of the message with `message_key` that `device_id` relayed at or after
         `since` (the earliest), or None."""
