@@ -25,9 +25,8 @@ import contextlib
 import json
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,15 +246,6 @@ def render(report: Report, sessions: list[int]) -> str:
     return "\n".join(out)
 
 
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    if keep:
-        yield Path(tempfile.mkdtemp(prefix="tailpost-bench-"))
-        return
-    with tempfile.TemporaryDirectory(prefix="tailpost-bench-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
@@ -316,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
     failed = 0
     smtp_load.raise_fd_limit(4096)
-    with workspace(args.keep) as workdir, smtp_peers.null_dns(workdir) as dns_port:
+    with (
+        smtp_peers.workspace(args.keep, "tailpost-bench-") as workdir,
+        smtp_peers.null_dns(workdir) as dns_port,
+    ):
         print(f"work directory {workdir}", flush=True)
         with contextlib.ExitStack() as running:
             peers = []

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,6 +367,16 @@ def run_twistd(
     finally:
         stop_process(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def workspace(keep: bool, prefix: str) -> Iterator[Path]:
+    """A temporary directory for a run's servers, removed afterwards unless `keep`."""
+    if keep:
+        yield Path(tempfile.mkdtemp(prefix=prefix))
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def stop_on_signals() -> None:
