@@ -104,25 +104,37 @@ def aiosmtpd_sink(workdir: Path) -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
-def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
+def smtp_sink(
+    workdir: Path, name: str, options: tuple[str, ...] = (), piped: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Postfix's `smtp-sink` with `options` on a free port of 127.0.0.1, logging to
+    `workdir/<name>.log` (its standard output piped instead when `piped`, for the caller to
+    read), once it greets: the process and its port."""
     binary = tool("smtp-sink")
     if binary is None:
         raise PeerUnavailable("smtp-sink (Debian package postfix) is not installed")
     port = free_port()
-    cmd = [binary]
+    cmd = [binary, *options]
     if os.geteuid() == 0:
         cmd += ["-u", "nobody"]  # smtp-sink refuses to keep root privileges
-    log = open(workdir / "smtp-sink.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=log, stderr=log)
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
+    stdout: Any = subprocess.PIPE if piped else log
+    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=stdout, stderr=log)
     try:
         wait_smtp(port, proc)
-        yield Peer("postfix smtp-sink", port, proc.pid)
+        yield proc, port
     finally:
         stop_process(proc)
         log.close()
 
 
-POSTFIX_MAIN = """\
+@contextlib.contextmanager
+def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
+    with smtp_sink(workdir, "smtp-sink") as (proc, port):
+        yield Peer("postfix smtp-sink", port, proc.pid)
+
+
+POSTFIX_BASE_MAIN = """\
 compatibility_level = 3.6
 queue_directory = {root}/queue
 data_directory = {root}/data
@@ -140,8 +152,6 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_recipient_restrictions = permit_mynetworks, reject
-# Every accepted message goes to the hold queue: stored and fsynced, never delivered.
-smtpd_data_restrictions = check_client_access static:HOLD
 smtpd_peername_lookup = no
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
@@ -151,6 +161,14 @@ biff = no
 maillog_file = {root}/postfix.log
 maillog_file_prefixes = {root}
 """
+
+POSTFIX_MAIN = (
+    POSTFIX_BASE_MAIN
+    + """\
+# Every accepted message goes to the hold queue: stored and fsynced, never delivered.
+smtpd_data_restrictions = check_client_access static:HOLD
+"""
+)
 
 POSTFIX_MASTER = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -221,21 +239,34 @@ def private_postfix(
 
 
 @contextlib.contextmanager
-def null_dns(workdir: Path) -> Iterator[int]:
-    """A DNS server on 127.0.0.1 that has no records for any name (own process)."""
-    log = open(workdir / "dns.log", "wb")  # noqa: SIM115
+def script_server(
+    script: str, command: str, log_path: Path, what: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`python <script> <command>`, a server that prints its port on its first line once it
+    listens (its `what` names it in the error when it does not): the process and the port."""
+    log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [PYTHON, str(Path(__file__).resolve()), "null-dns"], stdout=subprocess.PIPE, stderr=log
+        [PYTHON, str(Path(script).resolve()), command], stdout=subprocess.PIPE, stderr=log, env=env
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.strip().isdigit():
-            raise RuntimeError("the null DNS server did not start")
-        yield int(line)
+            raise RuntimeError(f"{what} did not start")
+        yield proc, int(line)
     finally:
         stop_process(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def null_dns(workdir: Path) -> Iterator[int]:
+    """A DNS server on 127.0.0.1 that has no records for any name (own process)."""
+    with script_server(__file__, "null-dns", workdir / "dns.log", "the null DNS server") as (
+        _,
+        port,
+    ):
+        yield port
 
 
 EDGE_CONFIG = """\
@@ -395,25 +426,12 @@ def stop_on_signals() -> None:
 def tailpost_protocol_only(workdir: Path) -> Iterator[Peer]:
     """The edge's SMTP server alone, with a policy that accepts everything and keeps nothing:
     the ceiling of the protocol layer, to read the edge's own figures against."""
-    log = open(workdir / "protocol-only.log", "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [PYTHON, str(Path(__file__).resolve()), "protocol-only"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError("the protocol-only server did not start")
-        port = int(line)
+    log = workdir / "protocol-only.log"
+    what = "the protocol-only server"
+    with script_server(__file__, "protocol-only", log, what, env) as (proc, port):
         wait_smtp(port, proc)
         yield Peer("tailpost SMTP layer only", port, proc.pid)
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def _serve_protocol_only() -> None:
@@ -450,22 +468,29 @@ def _serve_protocol_only() -> None:
     reactor.run()
 
 
-def _serve_null_dns() -> None:
-    """Every name exists with no records: NODATA with an SOA (minimum 300 s), as a real
-    authoritative server answers, so resolvers may cache the negative answer (RFC 2308)."""
+def serve_dns(records: dict[tuple[bytes, int], Any], ttl: int = 300) -> None:
+    """A DNS server on 127.0.0.1 (TCP and UDP, one free port, printed once it listens) that
+    answers `records`, keyed by (lower-case name, type), and every other name and type with
+    NODATA and an SOA (minimum `ttl`), as a real authoritative server answers, so resolvers
+    may cache the negative answer (RFC 2308)."""
     from twisted.internet import defer, reactor
     from twisted.names import dns, server
     from twisted.names.common import ResolverBase
 
-    class NoData(ResolverBase):
+    class Zone(ResolverBase):
         def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:  # noqa: A002
+            found = records.get((name.lower().rstrip(b"."), type))
+            if found is not None:
+                return defer.succeed(
+                    ([dns.RRHeader(name, type, cls, ttl, found, auth=True)], [], [])
+                )
             soa = dns.Record_SOA(
-                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=300, ttl=300
+                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=ttl, ttl=ttl
             )
-            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, 300, soa, auth=True)]
+            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, ttl, soa, auth=True)]
             return defer.succeed(([], authority, []))
 
-    factory = server.DNSServerFactory(authorities=[NoData()])
+    factory = server.DNSServerFactory(authorities=[Zone()])
     tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     port = getattr(tcp.getHost(), "port")  # noqa: B009
     reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -475,7 +500,7 @@ def _serve_null_dns() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["null-dns"]:
-        _serve_null_dns()
+        serve_dns({})  # every name exists with no records
     elif sys.argv[1:] == ["protocol-only"]:
         sys.path.insert(0, str(REPO))
         _serve_protocol_only()
