@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -264,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     smtp_peers.stop_on_signals()
     smtp_load.raise_fd_limit(4096)
     report = Report(smtp_load.machine(), args.size, args.messages)
-    failed = 0
     with (
         smtp_peers.workspace(args.keep, "tailpost-outbound-") as workdir,
         outbound_peers.mx_dns(workdir) as dns_port,
@@ -275,25 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             (POSTFIX, lambda: outbound_peers.postfix_relay(workdir)),
         ]
         with contextlib.ExitStack() as running:
-            relays = []
-            for name, start in starts:
-                if only and not any(o in name for o in only):
-                    continue
-                try:
-                    relays.append(running.enter_context(start()))
-                except smtp_peers.PeerUnavailable as exc:
-                    report.skipped[name] = str(exc)
-                    print(f"  {name}: skipped ({exc})", flush=True)
-                except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                    failed += 1
-                    report.skipped[name] = f"FAILED to start: {exc}"
-                    print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
-            try:
-                measure(relays, args, report)
-            except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                failed += 1
-                report.skipped["(the run)"] = f"FAILED: {exc}"
-                print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+            relays, failed = smtp_peers.start_servers(running, starts, only, report.skipped)
+            failed += smtp_peers.run_measurement(
+                lambda: measure(relays, args, report), report.skipped
+            )
     print()
     print(render(report, args.sessions))
     if args.json:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -304,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     smtp_peers.stop_on_signals()
     report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
-    failed = 0
     smtp_load.raise_fd_limit(4096)
     with (
         smtp_peers.workspace(args.keep, "tailpost-bench-") as workdir,
@@ -312,27 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"work directory {workdir}", flush=True)
         with contextlib.ExitStack() as running:
-            peers = []
-            for name, start in servers(
-                workdir, dns_port, extra, args.edge_processes, args.baseline
-            ):
-                if only and not any(o in name for o in only):
-                    continue
-                try:
-                    peers.append(running.enter_context(start()))
-                except smtp_peers.PeerUnavailable as exc:
-                    report.skipped[name] = str(exc)
-                    print(f"  {name}: skipped ({exc})", flush=True)
-                except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                    failed += 1
-                    report.skipped[name] = f"FAILED to start: {exc}"
-                    print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
-            try:
-                measure(peers, args, report)
-            except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                failed += 1
-                report.skipped["(the run)"] = f"FAILED: {exc}"
-                print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+            peers, failed = smtp_peers.start_servers(
+                running,
+                servers(workdir, dns_port, extra, args.edge_processes, args.baseline),
+                only,
+                report.skipped,
+            )
+            failed += smtp_peers.run_measurement(
+                lambda: measure(peers, args, report), report.skipped
+            )
         if args.idle and (
             not only or any("tailpost edge" in o or o in "tailpost edge" for o in only)
         ):

@@ -7,7 +7,8 @@ edge, durable (`twistd tailpost-edge`) or discarding (`discard_edge.py`, the che
 and the message is dropped), with a null DNS server so its
 checks never query beyond this machine; and, to read the edge's figures against, the edge's
 SMTP protocol layer alone behind a policy that accepts everything. Run as a script
-(`null-dns`, `protocol-only`) it serves one of the last two and prints its port.
+(`null-dns`, `protocol-only`) it serves one of the last two and prints its port. The
+outbound benchmark's servers (outbound_peers.py) are built of the same pieces.
 
 Nothing here listens on anything but 127.0.0.1, touches the machine's own mail setup, or
 leaves a process running: every server is stopped by the context that started it.
@@ -25,15 +26,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
 BENCH_DOMAIN = "bench.test"
 BENCH_RCPT = f"rcpt@{BENCH_DOMAIN}"
+# What failed to start or run; raised by a server or a load generator, noted in the report.
+FAILURES = (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired)
+
+Server = TypeVar("Server")
 
 
 class PeerUnavailable(RuntimeError):
@@ -134,6 +140,8 @@ def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
         yield Peer("postfix smtp-sink", port, proc.pid)
 
 
+# The main.cf of a private Postfix instance, with what each use adds: the queue below, the
+# outbound benchmark's relay (outbound_peers.py).
 POSTFIX_BASE_MAIN = """\
 compatibility_level = 3.6
 queue_directory = {root}/queue
@@ -408,6 +416,43 @@ def workspace(keep: bool, prefix: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
+
+
+def start_servers(
+    running: contextlib.ExitStack,
+    starts: Iterable[tuple[str, Callable[[], AbstractContextManager[Server]]]],
+    only: set[str],
+    skipped: dict[str, str],
+) -> tuple[list[Server], int]:
+    """Start, in `running`, each server whose name has one of `only` in it (all when
+    empty); one that cannot run here or fails to start is noted in `skipped` and printed:
+    the started ones and how many failed."""
+    started: list[Server] = []
+    failed = 0
+    for name, start in starts:
+        if only and not any(o in name for o in only):
+            continue
+        try:
+            started.append(running.enter_context(start()))
+        except PeerUnavailable as exc:
+            skipped[name] = str(exc)
+            print(f"  {name}: skipped ({exc})", flush=True)
+        except FAILURES as exc:
+            failed += 1
+            skipped[name] = f"FAILED to start: {exc}"
+            print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
+    return started, failed
+
+
+def run_measurement(measure: Callable[[], None], skipped: dict[str, str]) -> int:
+    """Run `measure`; a failure is noted in `skipped` and printed: how many failed (0 or 1)."""
+    try:
+        measure()
+    except FAILURES as exc:
+        skipped["(the run)"] = f"FAILED: {exc}"
+        print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+        return 1
+    return 0
 
 
 def stop_on_signals() -> None:
