@@ -247,18 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    try:
-        args.sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
-    except ValueError:
-        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+    args.sessions = smtp_peers.parse_sessions(parser, args.sessions)
     if not args.sessions or min(args.sessions) < 1 or args.size < 300:
         parser.error("sessions must be positive and --size at least 300")
     if args.repeat < 1 or args.messages < max(args.sessions):
         parser.error("--repeat must be at least 1, --messages at least the most sessions")
-    try:
-        extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
-    except OSError as exc:
-        parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    extra = smtp_peers.read_edge_extra(parser, args.edge_extra)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     smtp_peers.stop_on_signals()
     smtp_load.raise_fd_limit(4096)

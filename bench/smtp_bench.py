@@ -280,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    try:
-        args.sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
-    except ValueError:
-        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+    args.sessions = smtp_peers.parse_sessions(parser, args.sessions)
     if not args.sessions or min(args.sessions) < 1 or args.messages < 1 or args.size < 200:
         parser.error("sessions and messages must be positive and --size at least 200")
     if args.repeat < 1:
@@ -294,10 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "(scripts/install-test-deps installs it without configuring any mail)", file=sys.stderr
         )
         return 2
-    try:
-        extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
-    except OSError as exc:
-        parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    extra = smtp_peers.read_edge_extra(parser, args.edge_extra)
     if args.baseline is not None and not (args.baseline / "edge" / "__init__.py").is_file():
         parser.error(f"--baseline: {args.baseline} is not a tailpost checkout (no edge/)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}

@@ -16,6 +16,7 @@ leaves a process running: every server is stopped by the context that started it
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -453,6 +454,23 @@ def run_measurement(measure: Callable[[], None], skipped: dict[str, str]) -> int
         print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
         return 1
     return 0
+
+
+def parse_sessions(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """The concurrencies of --sessions ("1,10,50"); a usage error when they are not integers."""
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+
+
+def read_edge_extra(parser: argparse.ArgumentParser, path: Path | None) -> str:
+    """The TOML fragment of --edge-extra, to append to the edge's configuration ("" without
+    one); a usage error when it cannot be read."""
+    try:
+        return "\n" + path.read_text() if path else ""
+    except OSError as exc:
+        parser.error(f"--edge-extra: cannot read {path}: {exc.strerror}")
 
 
 def stop_on_signals() -> None:
