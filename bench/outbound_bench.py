@@ -35,11 +35,9 @@ import contextlib
 import itertools
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,48 +103,31 @@ def message_body(size: int) -> bytes:
         "Date: Tue, 08 Dec 2026 00:00:00 +0000\r\n"
         f"Message-ID: <bench-{MESSAGE_NUMBER.decode()}@device.bench.test>\r\n\r\n"
     ).encode()
-    line = b"X" * 76 + b"\r\n"
-    lines = max(1, (size - len(head)) // len(line))
-    return head + line * lines + b".\r\n"
-
-
-async def _reply(reader: asyncio.StreamReader) -> bytes:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("connection closed")
-        if line[3:4] != b"-":
-            return line
-
-
-async def _expect(reader: asyncio.StreamReader, code: bytes) -> None:
-    line = await _reply(reader)
-    if not line.startswith(code):
-        raise RuntimeError(f"expected {code.decode()}, got {line[:200]!r}")
+    return smtp_load.padded_body(head, size)
 
 
 async def _session(port: int, count: int, body: bytes, login: tuple[str, str] | None) -> None:
     """One session: EHLO, AUTH PLAIN when `login`, then `count` transactions, no pipelining."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await _expect(reader, b"220")
+        await smtp_load.expect(reader, b"220")
         writer.write(b"EHLO device.bench.test\r\n")
-        await _expect(reader, b"250")
+        await smtp_load.expect(reader, b"250")
         if login is not None:
             token = base64.b64encode(f"\0{login[0]}\0{login[1]}".encode()).decode()
             writer.write(f"AUTH PLAIN {token}\r\n".encode())
-            await _expect(reader, b"235")
+            await smtp_load.expect(reader, b"235")
         for _ in range(count):
             writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
-            await _expect(reader, b"250")
+            await smtp_load.expect(reader, b"250")
             writer.write(f"RCPT TO:<{RCPT}>\r\n".encode())
-            await _expect(reader, b"250")
+            await smtp_load.expect(reader, b"250")
             writer.write(b"DATA\r\n")
-            await _expect(reader, b"354")
+            await smtp_load.expect(reader, b"354")
             writer.write(numbered(body))
-            await _expect(reader, b"250")
+            await smtp_load.expect(reader, b"250")
         writer.write(b"QUIT\r\n")
-        await _reply(reader)
+        await smtp_load.read_reply(reader)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -252,15 +233,6 @@ def render(report: Report, sessions: list[int]) -> str:
     return "\n".join(out)
 
 
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    if keep:
-        yield Path(tempfile.mkdtemp(prefix="tailpost-outbound-"))
-        return
-    with tempfile.TemporaryDirectory(prefix="tailpost-outbound-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
@@ -275,49 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    try:
-        args.sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
-    except ValueError:
-        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+    args.sessions = smtp_peers.parse_sessions(parser, args.sessions)
     if not args.sessions or min(args.sessions) < 1 or args.size < 300:
         parser.error("sessions must be positive and --size at least 300")
     if args.repeat < 1 or args.messages < max(args.sessions):
         parser.error("--repeat must be at least 1, --messages at least the most sessions")
-    try:
-        extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
-    except OSError as exc:
-        parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    extra = smtp_peers.read_edge_extra(parser, args.edge_extra)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     smtp_peers.stop_on_signals()
     smtp_load.raise_fd_limit(4096)
     report = Report(smtp_load.machine(), args.size, args.messages)
-    failed = 0
-    with workspace(args.keep) as workdir, outbound_peers.mx_dns(workdir) as dns_port:
+    with (
+        smtp_peers.workspace(args.keep, "tailpost-outbound-") as workdir,
+        outbound_peers.mx_dns(workdir) as dns_port,
+    ):
         print(f"work directory {workdir}", flush=True)
         starts: list[tuple[str, Callable[[], AbstractContextManager[Relay]]]] = [
             (TAILPOST, lambda: outbound_peers.tailpost_relay(workdir, dns_port, extra)),
             (POSTFIX, lambda: outbound_peers.postfix_relay(workdir)),
         ]
         with contextlib.ExitStack() as running:
-            relays = []
-            for name, start in starts:
-                if only and not any(o in name for o in only):
-                    continue
-                try:
-                    relays.append(running.enter_context(start()))
-                except smtp_peers.PeerUnavailable as exc:
-                    report.skipped[name] = str(exc)
-                    print(f"  {name}: skipped ({exc})", flush=True)
-                except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                    failed += 1
-                    report.skipped[name] = f"FAILED to start: {exc}"
-                    print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
-            try:
-                measure(relays, args, report)
-            except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                failed += 1
-                report.skipped["(the run)"] = f"FAILED: {exc}"
-                print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+            relays, failed = smtp_peers.start_servers(running, starts, only, report.skipped)
+            failed += smtp_peers.run_measurement(
+                lambda: measure(relays, args, report), report.skipped
+            )
     print()
     print(render(report, args.sessions))
     if args.json:

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import smtp_peers
 
@@ -108,63 +107,17 @@ class Sink:
 
 @contextlib.contextmanager
 def counting_sink(workdir: Path, name: str) -> Iterator[Sink]:
-    binary = smtp_peers.tool("smtp-sink")
-    if binary is None:
-        raise smtp_peers.PeerUnavailable("smtp-sink (Debian package postfix) is not installed")
-    port = smtp_peers.free_port()
-    cmd = [binary, "-c", "-h", MX_HOST]
-    if os.geteuid() == 0:
-        cmd += ["-u", "nobody"]  # smtp-sink refuses to keep root privileges
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=subprocess.PIPE, stderr=log)
-    try:
-        smtp_peers.wait_smtp(port, proc)
+    with smtp_peers.smtp_sink(workdir, name, ("-c", "-h", MX_HOST), piped=True) as (proc, port):
         yield Sink(proc, port)
-    finally:
-        smtp_peers.stop_process(proc)
-        log.close()
 
 
-POSTFIX_RELAY_MAIN = """\
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-daemon_directory = {daemons}
-command_directory = {commands}
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.bench.test
-mydomain = bench.test
-mydestination =
-relay_domains =
-local_recipient_maps =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions = permit_mynetworks, reject
-smtpd_peername_lookup = no
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-default_process_limit = 200
-message_size_limit = 26214400
-biff = no
-# Every message goes to the sink, the recipients' MX stand-in: an address, so no DNS.
-relayhost = [127.0.0.1]:SINK_PORT
-maillog_file = {root}/postfix.log
-maillog_file_prefixes = {root}
-"""
+# As the queueing instance of the MX benchmark, but nothing held: every message goes to
+# the sink, the recipients' MX stand-in (an address, so no DNS), by the delivery services.
+POSTFIX_RELAY_MAIN = smtp_peers.POSTFIX_BASE_MAIN + "relayhost = [127.0.0.1]:SINK_PORT\n"
 
-POSTFIX_RELAY_MASTER = """\
-127.0.0.1:{port} inet n - n - - smtpd
-cleanup   unix n - n - 0 cleanup
-rewrite   unix - - n - - trivial-rewrite
-proxymap  unix - - n - - proxymap
-anvil     unix - - n - 1 anvil
-qmgr      unix n - n 300 1 qmgr
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
+POSTFIX_RELAY_MASTER = (
+    smtp_peers.POSTFIX_MASTER
+    + """\
 verify    unix - - n - 1 verify
 flush     unix n - n 1000? 0 flush
 smtp      unix - - n - - smtp
@@ -173,8 +126,8 @@ error     unix - - n - - error
 retry     unix - - n - - error
 discard   unix - - n - - discard
 scache    unix - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
 """
+)
 
 
 @contextlib.contextmanager
@@ -254,21 +207,11 @@ def tailpost_relay(workdir: Path, dns_port: int, extra: str = "") -> Iterator[Re
 @contextlib.contextmanager
 def mx_dns(workdir: Path) -> Iterator[int]:
     """The DNS server of the recipient domain (own process): its port."""
-    log = open(workdir / "dns.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "mx-dns"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError("the DNS server did not start")
-        yield int(line)
-    finally:
-        smtp_peers.stop_process(proc)
-        log.close()
+    with smtp_peers.script_server(__file__, "mx-dns", workdir / "dns.log", "the DNS server") as (
+        _,
+        port,
+    ):
+        yield port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -297,35 +240,16 @@ def cpu_seconds(pid: int) -> float:
 def _serve_mx_dns() -> None:
     """MX of the recipient domain: its MX host; A of the MX host: 127.0.0.1; every other
     name and type: NODATA with an SOA (RFC 2308), as in `smtp_peers`' null DNS."""
-    from twisted.internet import defer, reactor
-    from twisted.names import dns, server
-    from twisted.names.common import ResolverBase
+    from twisted.names import dns
 
     ttl = 300
-    records: dict[tuple[bytes, int], Any] = {
-        (RCPT_DOMAIN.encode(), dns.MX): dns.Record_MX(10, MX_HOST.encode(), ttl=ttl),
-        (MX_HOST.encode(), dns.A): dns.Record_A("127.0.0.1", ttl=ttl),
-    }
-
-    class Zone(ResolverBase):
-        def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:  # noqa: A002
-            found = records.get((name.lower().rstrip(b"."), type))
-            if found is not None:
-                return defer.succeed(
-                    ([dns.RRHeader(name, type, cls, ttl, found, auth=True)], [], [])
-                )
-            soa = dns.Record_SOA(
-                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=ttl, ttl=ttl
-            )
-            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, ttl, soa, auth=True)]
-            return defer.succeed(([], authority, []))
-
-    factory = server.DNSServerFactory(authorities=[Zone()])
-    tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-    port = getattr(tcp.getHost(), "port")  # noqa: B009
-    reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")  # type: ignore[attr-defined]
-    print(port, flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    smtp_peers.serve_dns(
+        {
+            (RCPT_DOMAIN.encode(), dns.MX): dns.Record_MX(10, MX_HOST.encode(), ttl=ttl),
+            (MX_HOST.encode(), dns.A): dns.Record_A("127.0.0.1", ttl=ttl),
+        },
+        ttl,
+    )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -247,15 +245,6 @@ def render(report: Report, sessions: list[int]) -> str:
     return "\n".join(out)
 
 
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    if keep:
-        yield Path(tempfile.mkdtemp(prefix="tailpost-bench-"))
-        return
-    with tempfile.TemporaryDirectory(prefix="tailpost-bench-") as tmp:
-        yield Path(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50", help="concurrencies (default 1,10,50)")
@@ -291,10 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
-    try:
-        args.sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
-    except ValueError:
-        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+    args.sessions = smtp_peers.parse_sessions(parser, args.sessions)
     if not args.sessions or min(args.sessions) < 1 or args.messages < 1 or args.size < 200:
         parser.error("sessions and messages must be positive and --size at least 200")
     if args.repeat < 1:
@@ -305,41 +291,28 @@ def main(argv: list[str] | None = None) -> int:
             "(scripts/install-test-deps installs it without configuring any mail)", file=sys.stderr
         )
         return 2
-    try:
-        extra = "\n" + args.edge_extra.read_text() if args.edge_extra else ""
-    except OSError as exc:
-        parser.error(f"--edge-extra: cannot read {args.edge_extra}: {exc.strerror}")
+    extra = smtp_peers.read_edge_extra(parser, args.edge_extra)
     if args.baseline is not None and not (args.baseline / "edge" / "__init__.py").is_file():
         parser.error(f"--baseline: {args.baseline} is not a tailpost checkout (no edge/)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     smtp_peers.stop_on_signals()
     report = Report(machine=smtp_load.machine(), size=args.size, edge_processes=args.edge_processes)
-    failed = 0
     smtp_load.raise_fd_limit(4096)
-    with workspace(args.keep) as workdir, smtp_peers.null_dns(workdir) as dns_port:
+    with (
+        smtp_peers.workspace(args.keep, "tailpost-bench-") as workdir,
+        smtp_peers.null_dns(workdir) as dns_port,
+    ):
         print(f"work directory {workdir}", flush=True)
         with contextlib.ExitStack() as running:
-            peers = []
-            for name, start in servers(
-                workdir, dns_port, extra, args.edge_processes, args.baseline
-            ):
-                if only and not any(o in name for o in only):
-                    continue
-                try:
-                    peers.append(running.enter_context(start()))
-                except smtp_peers.PeerUnavailable as exc:
-                    report.skipped[name] = str(exc)
-                    print(f"  {name}: skipped ({exc})", flush=True)
-                except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                    failed += 1
-                    report.skipped[name] = f"FAILED to start: {exc}"
-                    print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
-            try:
-                measure(peers, args, report)
-            except (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired) as exc:
-                failed += 1
-                report.skipped["(the run)"] = f"FAILED: {exc}"
-                print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+            peers, failed = smtp_peers.start_servers(
+                running,
+                servers(workdir, dns_port, extra, args.edge_processes, args.baseline),
+                only,
+                report.skipped,
+            )
+            failed += smtp_peers.run_measurement(
+                lambda: measure(peers, args, report), report.skipped
+            )
         if args.idle and (
             not only or any("tailpost edge" in o or o in "tailpost edge" for o in only)
         ):

@@ -59,12 +59,19 @@ def message_body(size: int) -> bytes:
         f"From: <{SENDER}>\r\nTo: <{BENCH_RCPT}>\r\nSubject: bench\r\n"
         "Message-ID: <bench@client.bench.test>\r\n\r\n"
     ).encode()
+    return padded_body(head, size)
+
+
+def padded_body(head: bytes, size: int) -> bytes:
+    """`head` (header fields and the blank line) with 78-octet lines of X to about `size`
+    octets in all, dot-terminated."""
     line = b"X" * 76 + b"\r\n"
     lines = max(1, (size - len(head)) // len(line))
     return head + line * lines + b".\r\n"
 
 
-async def _reply(reader: asyncio.StreamReader) -> bytes:
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """The last line of the next (possibly multiline) SMTP reply."""
     while True:
         line = await reader.readline()
         if not line:
@@ -73,8 +80,8 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def _expect(reader: asyncio.StreamReader, code: bytes) -> None:
-    line = await _reply(reader)
+async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
+    line = await read_reply(reader)
     if not line.startswith(code):
         raise RuntimeError(f"expected {code.decode()}, got {line[:200]!r}")
 
@@ -84,22 +91,22 @@ async def _session(
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        await _expect(reader, b"220")
+        await expect(reader, b"220")
         writer.write(b"EHLO client.bench.test\r\n")
-        await _expect(reader, b"250")
+        await expect(reader, b"250")
         for _ in range(count):
             started = time.perf_counter()
             writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
-            await _expect(reader, b"250")
+            await expect(reader, b"250")
             writer.write(f"RCPT TO:<{recipient}>\r\n".encode())
-            await _expect(reader, b"250")
+            await expect(reader, b"250")
             writer.write(b"DATA\r\n")
-            await _expect(reader, b"354")
+            await expect(reader, b"354")
             writer.write(body)
-            await _expect(reader, b"250")
+            await expect(reader, b"250")
             out.append(time.perf_counter() - started)
         writer.write(b"QUIT\r\n")
-        await _reply(reader)
+        await read_reply(reader)
     finally:
         writer.close()
         try:

@@ -7,7 +7,8 @@ edge, durable (`twistd tailpost-edge`) or discarding (`discard_edge.py`, the che
 and the message is dropped), with a null DNS server so its
 checks never query beyond this machine; and, to read the edge's figures against, the edge's
 SMTP protocol layer alone behind a policy that accepts everything. Run as a script
-(`null-dns`, `protocol-only`) it serves one of the last two and prints its port.
+(`null-dns`, `protocol-only`) it serves one of the last two and prints its port. The
+outbound benchmark's servers (outbound_peers.py) are built of the same pieces.
 
 Nothing here listens on anything but 127.0.0.1, touches the machine's own mail setup, or
 leaves a process running: every server is stopped by the context that started it.
@@ -15,6 +16,7 @@ leaves a process running: every server is stopped by the context that started it
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -23,16 +25,22 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
 BENCH_DOMAIN = "bench.test"
 BENCH_RCPT = f"rcpt@{BENCH_DOMAIN}"
+# What failed to start or run; raised by a server or a load generator, noted in the report.
+FAILURES = (RuntimeError, OSError, TimeoutError, subprocess.TimeoutExpired)
+
+Server = TypeVar("Server")
 
 
 class PeerUnavailable(RuntimeError):
@@ -103,25 +111,39 @@ def aiosmtpd_sink(workdir: Path) -> Iterator[Peer]:
 
 
 @contextlib.contextmanager
-def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
+def smtp_sink(
+    workdir: Path, name: str, options: tuple[str, ...] = (), piped: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Postfix's `smtp-sink` with `options` on a free port of 127.0.0.1, logging to
+    `workdir/<name>.log` (its standard output piped instead when `piped`, for the caller to
+    read), once it greets: the process and its port."""
     binary = tool("smtp-sink")
     if binary is None:
         raise PeerUnavailable("smtp-sink (Debian package postfix) is not installed")
     port = free_port()
-    cmd = [binary]
+    cmd = [binary, *options]
     if os.geteuid() == 0:
         cmd += ["-u", "nobody"]  # smtp-sink refuses to keep root privileges
-    log = open(workdir / "smtp-sink.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=log, stderr=log)
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115
+    stdout: Any = subprocess.PIPE if piped else log
+    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1024"], stdout=stdout, stderr=log)
     try:
         wait_smtp(port, proc)
-        yield Peer("postfix smtp-sink", port, proc.pid)
+        yield proc, port
     finally:
         stop_process(proc)
         log.close()
 
 
-POSTFIX_MAIN = """\
+@contextlib.contextmanager
+def postfix_smtp_sink(workdir: Path) -> Iterator[Peer]:
+    with smtp_sink(workdir, "smtp-sink") as (proc, port):
+        yield Peer("postfix smtp-sink", port, proc.pid)
+
+
+# The main.cf of a private Postfix instance, with what each use adds: the queue below, the
+# outbound benchmark's relay (outbound_peers.py).
+POSTFIX_BASE_MAIN = """\
 compatibility_level = 3.6
 queue_directory = {root}/queue
 data_directory = {root}/data
@@ -139,8 +161,6 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 smtpd_recipient_restrictions = permit_mynetworks, reject
-# Every accepted message goes to the hold queue: stored and fsynced, never delivered.
-smtpd_data_restrictions = check_client_access static:HOLD
 smtpd_peername_lookup = no
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
@@ -150,6 +170,14 @@ biff = no
 maillog_file = {root}/postfix.log
 maillog_file_prefixes = {root}
 """
+
+POSTFIX_MAIN = (
+    POSTFIX_BASE_MAIN
+    + """\
+# Every accepted message goes to the hold queue: stored and fsynced, never delivered.
+smtpd_data_restrictions = check_client_access static:HOLD
+"""
+)
 
 POSTFIX_MASTER = """\
 127.0.0.1:{port} inet n - n - - smtpd
@@ -220,21 +248,34 @@ def private_postfix(
 
 
 @contextlib.contextmanager
-def null_dns(workdir: Path) -> Iterator[int]:
-    """A DNS server on 127.0.0.1 that has no records for any name (own process)."""
-    log = open(workdir / "dns.log", "wb")  # noqa: SIM115
+def script_server(
+    script: str, command: str, log_path: Path, what: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`python <script> <command>`, a server that prints its port on its first line once it
+    listens (its `what` names it in the error when it does not): the process and the port."""
+    log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [PYTHON, str(Path(__file__).resolve()), "null-dns"], stdout=subprocess.PIPE, stderr=log
+        [PYTHON, str(Path(script).resolve()), command], stdout=subprocess.PIPE, stderr=log, env=env
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.strip().isdigit():
-            raise RuntimeError("the null DNS server did not start")
-        yield int(line)
+            raise RuntimeError(f"{what} did not start")
+        yield proc, int(line)
     finally:
         stop_process(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def null_dns(workdir: Path) -> Iterator[int]:
+    """A DNS server on 127.0.0.1 that has no records for any name (own process)."""
+    with script_server(__file__, "null-dns", workdir / "dns.log", "the null DNS server") as (
+        _,
+        port,
+    ):
+        yield port
 
 
 EDGE_CONFIG = """\
@@ -368,6 +409,70 @@ def run_twistd(
         log.close()
 
 
+@contextlib.contextmanager
+def workspace(keep: bool, prefix: str) -> Iterator[Path]:
+    """A temporary directory for a run's servers, removed afterwards unless `keep`."""
+    if keep:
+        yield Path(tempfile.mkdtemp(prefix=prefix))
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def start_servers(
+    running: contextlib.ExitStack,
+    starts: Iterable[tuple[str, Callable[[], AbstractContextManager[Server]]]],
+    only: set[str],
+    skipped: dict[str, str],
+) -> tuple[list[Server], int]:
+    """Start, in `running`, each server whose name has one of `only` in it (all when
+    empty); one that cannot run here or fails to start is noted in `skipped` and printed:
+    the started ones and how many failed."""
+    started: list[Server] = []
+    failed = 0
+    for name, start in starts:
+        if only and not any(o in name for o in only):
+            continue
+        try:
+            started.append(running.enter_context(start()))
+        except PeerUnavailable as exc:
+            skipped[name] = str(exc)
+            print(f"  {name}: skipped ({exc})", flush=True)
+        except FAILURES as exc:
+            failed += 1
+            skipped[name] = f"FAILED to start: {exc}"
+            print(f"  {name}: FAILED to start ({exc}); see the logs with --keep")
+    return started, failed
+
+
+def run_measurement(measure: Callable[[], None], skipped: dict[str, str]) -> int:
+    """Run `measure`; a failure is noted in `skipped` and printed: how many failed (0 or 1)."""
+    try:
+        measure()
+    except FAILURES as exc:
+        skipped["(the run)"] = f"FAILED: {exc}"
+        print(f"  FAILED ({exc}); see the logs with --keep", flush=True)
+        return 1
+    return 0
+
+
+def parse_sessions(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """The concurrencies of --sessions ("1,10,50"); a usage error when they are not integers."""
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--sessions must be comma-separated integers, e.g. 1,10,50")
+
+
+def read_edge_extra(parser: argparse.ArgumentParser, path: Path | None) -> str:
+    """The TOML fragment of --edge-extra, to append to the edge's configuration ("" without
+    one); a usage error when it cannot be read."""
+    try:
+        return "\n" + path.read_text() if path else ""
+    except OSError as exc:
+        parser.error(f"--edge-extra: cannot read {path}: {exc.strerror}")
+
+
 def stop_on_signals() -> None:
     """Make SIGTERM and SIGHUP (a helper stopped, a CI timeout) unwind like an error, so
     that every server a benchmark started is stopped by its context manager instead of
@@ -384,25 +489,12 @@ def stop_on_signals() -> None:
 def tailpost_protocol_only(workdir: Path) -> Iterator[Peer]:
     """The edge's SMTP server alone, with a policy that accepts everything and keeps nothing:
     the ceiling of the protocol layer, to read the edge's own figures against."""
-    log = open(workdir / "protocol-only.log", "wb")  # noqa: SIM115
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [PYTHON, str(Path(__file__).resolve()), "protocol-only"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.strip().isdigit():
-            raise RuntimeError("the protocol-only server did not start")
-        port = int(line)
+    log = workdir / "protocol-only.log"
+    what = "the protocol-only server"
+    with script_server(__file__, "protocol-only", log, what, env) as (proc, port):
         wait_smtp(port, proc)
         yield Peer("tailpost SMTP layer only", port, proc.pid)
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def _serve_protocol_only() -> None:
@@ -439,22 +531,29 @@ def _serve_protocol_only() -> None:
     reactor.run()
 
 
-def _serve_null_dns() -> None:
-    """Every name exists with no records: NODATA with an SOA (minimum 300 s), as a real
-    authoritative server answers, so resolvers may cache the negative answer (RFC 2308)."""
+def serve_dns(records: dict[tuple[bytes, int], Any], ttl: int = 300) -> None:
+    """A DNS server on 127.0.0.1 (TCP and UDP, one free port, printed once it listens) that
+    answers `records`, keyed by (lower-case name, type), and every other name and type with
+    NODATA and an SOA (minimum `ttl`), as a real authoritative server answers, so resolvers
+    may cache the negative answer (RFC 2308)."""
     from twisted.internet import defer, reactor
     from twisted.names import dns, server
     from twisted.names.common import ResolverBase
 
-    class NoData(ResolverBase):
+    class Zone(ResolverBase):
         def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Any:  # noqa: A002
+            found = records.get((name.lower().rstrip(b"."), type))
+            if found is not None:
+                return defer.succeed(
+                    ([dns.RRHeader(name, type, cls, ttl, found, auth=True)], [], [])
+                )
             soa = dns.Record_SOA(
-                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=300, ttl=300
+                mname=b"ns.bench.test", rname=b"hostmaster.bench.test", minimum=ttl, ttl=ttl
             )
-            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, 300, soa, auth=True)]
+            authority = [dns.RRHeader(b"bench.test", dns.SOA, cls, ttl, soa, auth=True)]
             return defer.succeed(([], authority, []))
 
-    factory = server.DNSServerFactory(authorities=[NoData()])
+    factory = server.DNSServerFactory(authorities=[Zone()])
     tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     port = getattr(tcp.getHost(), "port")  # noqa: B009
     reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -464,7 +563,7 @@ def _serve_null_dns() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["null-dns"]:
-        _serve_null_dns()
+        serve_dns({})  # every name exists with no records
     elif sys.argv[1:] == ["protocol-only"]:
         sys.path.insert(0, str(REPO))
         _serve_protocol_only()
