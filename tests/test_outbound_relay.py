@@ -401,3 +401,16 @@ def test_mail_the_edge_never_takes_bounces_after_its_lifetime(
         assert dev.statuses() == [("submitted", None), ("bounced", BOB)]
     finally:
         stop(in_reactor, dev)
+
+
+@pytest.mark.parametrize("body", [b"\r\nHello\r\n", b""])
+def test_a_non_ascii_header_section_asks_for_smtputf8(
+    in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn, body: bytes
+) -> None:
+    data = f"From: <{ALICE}>\r\nTo: <{BOB}>\r\nSubject: Grüße\r\n".encode() + body
+    with running(in_reactor, tmp_path, edge) as dev:
+        in_reactor(dev.queue.submit, ALICE, [BOB], data, source="api")
+        within(in_reactor, dev.queue.when_drained)
+        (taken,) = edge.taken
+        assert taken.smtputf8 is True
+        assert "Grüße".encode() in taken.data

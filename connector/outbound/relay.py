@@ -157,8 +157,9 @@ class EdgeRelay:
             mail_from = wire_path(sender)
         except ValueError:
             return _everyone(recipients, replies.D550_BAD_ADDRESS, where, connected=True)
-        head_end = data.find(b"\r\n\r\n")
-        needs = Needs.of(sender, recipients, data, smtputf8=not data[: max(head_end, 0)].isascii())
+        head_end = data.find(b"\r\n\r\n")  # none: the message is all header section
+        head = data if head_end < 0 else data[:head_end]
+        needs = Needs.of(sender, recipients, data, smtputf8=not head.isascii())
         stuffed = dot_stuff(data)
         for attempt in range(2):
             try:
