@@ -29,8 +29,6 @@ from connector.idempotency import DeviceKeys
 from connector.imap import IMAPFactory, make_imap_factory
 from connector.mailservice import LinkState, MailService
 from connector.outbound.build import Outbound, build_outbound
-from connector.outbound.events import OutboundEvents
-from connector.outbound.queue import OutboundQueue
 from connector.receiver import ConnectorHandler
 from connector.registration import PinSync, Registration, build_registration
 from edge.auththrottle import AuthThrottle
@@ -63,9 +61,6 @@ class DeviceParts:
     registration: Registration | None = None
     tls_pin: str | None = None
     """The pin of the connector's certificate (`edge.tls.spki_pin`); None without TLS."""
-    outbound: OutboundQueue | None = None
-    """The outbound queue (`OutboundQueue.submit` for the submission listener and the API)."""
-    outbound_events: OutboundEvents | None = None
     sending: Outbound | None = None
     """All the sending parts: the queue and its events, the relay to the edge, the outcome
     poller, the submission listener."""
@@ -228,7 +223,6 @@ def build_device(
         plaintext_networks=plaintext,
         on_stored=stored,
     )
-    outbound, outbound_events = sending.queue, sending.events
     if sending.submission is not None:
         mail.listeners.append(sending.submission)  # listens while mail is enabled
         device_info.submission_addr = sending.submission.address
@@ -245,16 +239,16 @@ def build_device(
         clock=reactor,
         on_change=notify_imap,
         pause=pause,
-        outbound_queue=outbound,
+        outbound_queue=sending.queue,
         send_keys=DeviceKeys(device_dir / "idempotency.sqlite3", reactor.seconds),
-        outbound_events=outbound_events,
+        outbound_events=sending.events,
         max_message_size=config.device.max_send_size,
     )
     api.edge = EdgeJSON(edge_client) if edge_client is not None else None
     root = device_root(api.resource(), registration, edge_client, creds.local_api_token)
     http = TCPListener("http", d.http_listen, bounded_site(root, SEND_MAX_BODY), reactor)
     mail.setServiceParent(service)  # starts the connector and IMAP listeners while enabled
-    outbound.setServiceParent(service)
+    sending.queue.setServiceParent(service)
     if sending.poller is not None:
         sending.poller.setServiceParent(service)
     http.setServiceParent(service)
@@ -273,7 +267,5 @@ def build_device(
         link,
         registration,
         tls_pin,
-        outbound,
-        outbound_events,
         sending,
     )

@@ -41,7 +41,7 @@ from edge.smtp.replies import Reply
 from edge.smtp.session import Session
 from edge.smtp.trace import delivered_to, return_path
 from edge.spool.spool import QUEUE_ID_HEADER
-from maildir import FolderExists, Maildir, MessageInfo, address_folder
+from maildir import Maildir, MessageInfo, address_folder
 from maildir.verdict import parse_verdict
 
 JUNK_FOLDER = "Junk"
@@ -99,11 +99,7 @@ def folder_for(data: bytes, recipient: str | None = None) -> str:
 
 
 def _deliver(maildir: Maildir, data: bytes, folder: str, key: str | None) -> MessageInfo:
-    if folder != "INBOX" and folder not in maildir.list_folders():
-        try:
-            maildir.create_folder(folder)  # the user deleted it: mail must still land
-        except FolderExists:
-            pass
+    maildir.ensure_folder(folder)  # the user may have deleted it: mail must still land
     return maildir.deliver(data, folder, dedup_key=key)
 
 

@@ -1,4 +1,5 @@
-"""Making a rename durable: the directory that holds the new name is fsynced too."""
+"""Making a file durable: written in a temporary file, fsynced, renamed into place, and the
+directory that holds the new name fsynced too."""
 
 from __future__ import annotations
 
@@ -13,3 +14,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(tmp: Path, dest: Path, parts: list[bytes]) -> None:
+    """`parts` as the whole of `dest` (mode 0600), durably: written to `tmp`, fsynced, renamed
+    onto `dest`, the directory fsynced. `tmp` is removed if anything fails before the rename."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(dest.parent)

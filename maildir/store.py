@@ -112,6 +112,18 @@ class Maildir:
             _make_maildir(path, subfolder=True)
             return self.folder(name)
 
+    def ensure_folder(self, name: str) -> Folder:
+        """The folder `name`, made first if it is missing (say the user deleted it and mail
+        must still land there)."""
+        try:
+            return self.folder(name)
+        except FolderNotFound:
+            pass
+        try:
+            return self.create_folder(name)
+        except FolderExists:
+            return self.folder(name)
+
     def delete_folder(self, name: str) -> None:
         name = validate_folder_name(name)
         if name == "INBOX":

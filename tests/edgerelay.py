@@ -37,6 +37,8 @@ class Taken:
     data: bytes
     tls: bool
     qid: str
+    smtputf8: bool = False
+    """Whether MAIL FROM asked for SMTPUTF8."""
 
 
 @dataclass
@@ -74,6 +76,7 @@ class _Sink:
         self.sender = session.sender.address
         self.recipients = [r.address for r in session.recipients]
         self.tls = session.tls is not None
+        self.smtputf8 = "SMTPUTF8" in session.sender.params
         self.chunks: list[bytes] = []
 
     def write(self, chunk: bytes) -> None:
@@ -85,7 +88,9 @@ class _Sink:
     def finish(self) -> Reply:
         qid = f"Q{len(self.relay.taken) + 1}"
         data = b"".join(self.chunks)
-        self.relay.taken.append(Taken(self.sender, self.recipients, data, self.tls, qid))
+        self.relay.taken.append(
+            Taken(self.sender, self.recipients, data, self.tls, qid, self.smtputf8)
+        )
         return replies.S250_QUEUED.with_text(f"Queued as {qid}")
 
 

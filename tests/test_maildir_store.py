@@ -283,3 +283,15 @@ def test_a_message_renamed_by_another_process_is_still_read(md: Maildir) -> None
     os.unlink(md.root / "cur" / (info.path.name + ":2,S"))
     with pytest.raises(MessageNotFound):
         folder.read(info.id)
+
+
+def test_ensure_folder_makes_a_missing_folder_and_keeps_an_existing_one(md: Maildir) -> None:
+    assert md.ensure_folder("INBOX").path == md.root
+    info = md.deliver(MSG, md.ensure_folder("Lists").name)
+    assert "Lists" in md.list_folders()
+    assert md.ensure_folder("Lists").get(info.id).uid == info.uid  # kept, not made again
+    md.delete_folder("Lists")
+    with pytest.raises(FolderNotFound):
+        md.folder("Lists")
+    assert md.ensure_folder("Lists").name == "Lists"
+    assert md.folder("Lists").messages() == []

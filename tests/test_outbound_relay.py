@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,19 @@ def start(in_reactor: Any, dev: Device) -> None:
 
 def stop(in_reactor: Any, dev: Device) -> None:
     within(in_reactor, dev.queue.stopService)
+
+
+@contextmanager
+def running(in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn, **kw: Any) -> Iterator[Device]:
+    """A started device (`kw` for `Device`) whose relay is `edge`, listening from now on;
+    stopped after."""
+    port = in_reactor(edge.listen, in_reactor.reactor)
+    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}", **kw)
+    start(in_reactor, dev)
+    try:
+        yield dev
+    finally:
+        stop(in_reactor, dev)
 
 
 def test_relay_address_defaults_to_the_edge_host_on_2526() -> None:
@@ -232,10 +246,7 @@ def test_a_refused_recipient_bounces_with_a_notice_the_others_go(
     in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn
 ) -> None:
     edge.refuse.add(CAROL)
-    port = in_reactor(edge.listen, in_reactor.reactor)
-    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}")
-    start(in_reactor, dev)
-    try:
+    with running(in_reactor, tmp_path, edge) as dev:
         item = in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
         within(in_reactor, dev.queue.when_drained)
         assert [t.recipients for t in edge.taken] == [[BOB]]  # Carol refused at RCPT
@@ -250,34 +261,24 @@ def test_a_refused_recipient_bounces_with_a_notice_the_others_go(
         assert state[BOB]["status"] == "relayed" and state[CAROL]["status"] == "bounced"
         wait_for(lambda: len(dev.log.recent(10)) == 3, "three events")
         assert dev.statuses() == [("submitted", None), ("relayed", None), ("bounced", CAROL)]
-    finally:
-        stop(in_reactor, dev)
 
 
 def test_every_recipient_refused_removes_the_message(
     in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn
 ) -> None:
     edge.refuse.update({BOB, CAROL})
-    port = in_reactor(edge.listen, in_reactor.reactor)
-    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}")
-    start(in_reactor, dev)
-    try:
+    with running(in_reactor, tmp_path, edge) as dev:
         in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
         within(in_reactor, dev.queue.when_drained)
         assert edge.taken == [] and dev.files() == []
         assert len(dev.maildir.folder("INBOX").messages()) == 1
-    finally:
-        stop(in_reactor, dev)
 
 
 def test_a_temporary_refusal_waits_and_goes_once_later(
     in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn
 ) -> None:
     edge.later.add(CAROL)
-    port = in_reactor(edge.listen, in_reactor.reactor)
-    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}")
-    start(in_reactor, dev)
-    try:
+    with running(in_reactor, tmp_path, edge) as dev:
         item = in_reactor(dev.queue.submit, ALICE, [BOB, CAROL], message("x"), source="api")
         wait_for(lambda: dev.queue.attempts == 1 and not dev.queue.relaying, "a first attempt")
         assert dev.queue.queued == [item.id]
@@ -289,36 +290,22 @@ def test_a_temporary_refusal_waits_and_goes_once_later(
         assert [t.recipients for t in edge.taken] == [[BOB], [CAROL]]
         state = json.loads((dev.dir / f"{item.id}.state").read_text())["recipients"]
         assert state[BOB]["queue_id"] == "Q1" and state[CAROL]["queue_id"] == "Q2"
-    finally:
-        stop(in_reactor, dev)
 
 
 def test_a_wrong_key_sends_nothing_and_waits(
     in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn
 ) -> None:
-    port = in_reactor(edge.listen, in_reactor.reactor)
-    dev = in_reactor(
-        Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}", creds=(DEVICE_ID, "wrong")
-    )
-    start(in_reactor, dev)
-    try:
+    with running(in_reactor, tmp_path, edge, creds=(DEVICE_ID, "wrong")) as dev:
         item = in_reactor(dev.queue.submit, ALICE, [BOB], message("x"), source="api")
         wait_for(lambda: bool(dev.clock.getDelayedCalls()), "a retry timer")
         assert edge.taken == [] and dev.queue.queued == [item.id]
-    finally:
-        stop(in_reactor, dev)
 
 
 def test_an_unlinked_device_waits(in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn) -> None:
-    port = in_reactor(edge.listen, in_reactor.reactor)
-    dev = in_reactor(Device, tmp_path, in_reactor.reactor, f"127.0.0.1:{port}", creds=None)
-    start(in_reactor, dev)
-    try:
+    with running(in_reactor, tmp_path, edge, creds=None) as dev:
         in_reactor(dev.queue.submit, ALICE, [BOB], message("x"), source="api")
         wait_for(lambda: bool(dev.clock.getDelayedCalls()), "a retry timer")
         assert edge.taken == [] and edge.logins == []
-    finally:
-        stop(in_reactor, dev)
 
 
 def _outside_address() -> str | None:
@@ -414,3 +401,16 @@ def test_mail_the_edge_never_takes_bounces_after_its_lifetime(
         assert dev.statuses() == [("submitted", None), ("bounced", BOB)]
     finally:
         stop(in_reactor, dev)
+
+
+@pytest.mark.parametrize("body", [b"\r\nHello\r\n", b""])
+def test_a_non_ascii_header_section_asks_for_smtputf8(
+    in_reactor: Any, tmp_path: Path, edge: EdgeRelayStandIn, body: bytes
+) -> None:
+    data = f"From: <{ALICE}>\r\nTo: <{BOB}>\r\nSubject: Grüße\r\n".encode() + body
+    with running(in_reactor, tmp_path, edge) as dev:
+        in_reactor(dev.queue.submit, ALICE, [BOB], data, source="api")
+        within(in_reactor, dev.queue.when_drained)
+        (taken,) = edge.taken
+        assert taken.smtputf8 is True
+        assert "Grüße".encode() in taken.data

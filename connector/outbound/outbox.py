@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maildir.durable import fsync_dir
+from maildir.durable import fsync_dir, write_durably
 
 __all__ = ["ITEM_ID", "Outbox", "OutboxEnvelope", "RecipientState", "Stored"]
 
@@ -87,24 +87,6 @@ class Stored:
     has_data: bool = True
 
 
-def _write_durably(tmp: Path, dest: Path, parts: list[bytes]) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(dest.parent)
-
-
 class Outbox:
     """The queue directory. Every method does blocking file work."""
 
@@ -123,7 +105,7 @@ class Outbox:
     def write_message(self, envelope: OutboxEnvelope, data: bytes) -> None:
         """The envelope and the data in `<id>.msg`, durably (file and directory fsynced)."""
         dest = self._path(envelope.id, ".msg")
-        _write_durably(self.tmp / f"{envelope.id}.msg", dest, [envelope.to_json(), b"\n", data])
+        write_durably(self.tmp / f"{envelope.id}.msg", dest, [envelope.to_json(), b"\n", data])
 
     def read_data(self, item_id: str) -> bytes:
         raw = self._path(item_id, ".msg").read_bytes()
@@ -138,7 +120,7 @@ class Outbox:
         dest = self._path(envelope.id, ".state")
         head = json.loads(envelope.to_json())
         data = json.dumps({"envelope": head, "recipients": body}, ensure_ascii=False)
-        _write_durably(self.tmp / f"{envelope.id}.state", dest, [data.encode("utf-8")])
+        write_durably(self.tmp / f"{envelope.id}.state", dest, [data.encode("utf-8")])
 
     def remove(self, item_id: str, suffix: str) -> None:
         """Remove `<id><suffix>` durably (nothing if it is gone already)."""

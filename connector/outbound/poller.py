@@ -20,7 +20,6 @@ reactor thread and never sends the device key anywhere but the edge (the client'
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from twisted.logger import Logger
 
 from connector.edgeclient import EdgeClient, EdgeUnavailable
 from connector.outbound.queue import OutboundQueue
-from maildir.durable import fsync_dir
+from maildir.durable import write_durably
 
 __all__ = ["EDGE_OUTCOMES", "OutcomePoller"]
 
@@ -62,13 +61,7 @@ def read_cursor(path: Path) -> int:
 
 def write_cursor(path: Path, after: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"after": after}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_durably(tmp, path, [json.dumps({"after": after}).encode()])
 
 
 class OutcomePoller(Service):

@@ -60,7 +60,7 @@ from connector.outbound.items import Entry, OutboundItem, Relay, RelayOutcome, R
 from connector.outbound.message import ItemIds, check_path, complete
 from connector.outbound.outbox import Outbox, OutboxEnvelope, RecipientState, Stored
 from edge.smtp import replies
-from maildir import FolderExists, Maildir, MessageInfo, address_folder
+from maildir import Maildir, MessageInfo, address_folder
 from maildir.message import header_summary
 
 __all__ = [
@@ -233,14 +233,6 @@ class OutboundQueue(Service):
         except ValueError:
             return "INBOX"
 
-    def _ensure_folder(self, name: str) -> None:
-        if name == "INBOX" or name in self.maildir.list_folders():
-            return
-        try:
-            self.maildir.create_folder(name)
-        except FolderExists:
-            pass
-
     def _store(
         self, envelope: OutboxEnvelope, data: bytes, date: str
     ) -> tuple[OutboxEnvelope, MessageInfo]:
@@ -249,7 +241,7 @@ class OutboundQueue(Service):
         if not envelope.subject:
             envelope.subject = header_summary(data).subject
         folder = self._sent_folder(envelope.sender)
-        self._ensure_folder(folder)
+        self.maildir.ensure_folder(folder)
         sent = self.maildir.deliver(data, folder, flags=["\\Seen"])
         try:
             self.outbox.write_message(envelope, data)
@@ -418,7 +410,7 @@ class OutboundQueue(Service):
                 relay=where,
             )
             folder = self._notice_folder(envelope.sender)
-            self._ensure_folder(folder)
+            self.maildir.ensure_folder(folder)
             notice = self.maildir.deliver(
                 body, folder, dedup_key=notice_key(envelope.id, list(refused))
             )

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from connector.hoppolicy import IPNetwork, plaintext_allowed
 from connector.outbound.queue import RelayOutcome, RelayResult
 from edge.config import ConfigError, parse_listen
-from edge.delivery.client import Needs, wire_path
+from edge.delivery.client import Needs, dot_stuff, wire_path
 from edge.delivery.clientsession import (
     QUIT_TIMEOUT,
     ClientSession,
@@ -50,7 +50,6 @@ __all__ = ["DEFAULT_RELAY_PORT", "EdgeRelay", "relay_address"]
 log = Logger(namespace="tailpost.outbound.relay")
 
 DEFAULT_RELAY_PORT = 2526
-_DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
 _QUEUED_AS = re.compile(rb"Queued as ([A-Za-z0-9._-]{1,80})")
 
 
@@ -158,9 +157,10 @@ class EdgeRelay:
             mail_from = wire_path(sender)
         except ValueError:
             return _everyone(recipients, replies.D550_BAD_ADDRESS, where, connected=True)
-        head_end = data.find(b"\r\n\r\n")
-        needs = Needs.of(sender, recipients, data, smtputf8=not data[: max(head_end, 0)].isascii())
-        stuffed = _DOT_AT_LINE_START.sub(b"..", data)
+        head_end = data.find(b"\r\n\r\n")  # none: the message is all header section
+        head = data if head_end < 0 else data[:head_end]
+        needs = Needs.of(sender, recipients, data, smtputf8=not head.isascii())
+        stuffed = dot_stuff(data)
         for attempt in range(2):
             try:
                 session = await self._ready(host, port, creds, fresh=attempt > 0)

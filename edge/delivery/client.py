@@ -152,6 +152,11 @@ class Needs:
         )
 
 
+def dot_stuff(data: bytes) -> bytes:
+    """`data` as DATA sends it: a line that starts with "." gets another (RFC 5321 §4.5.2)."""
+    return _DOT_AT_LINE_START.sub(b"..", data)
+
+
 def _pin_failure(exc: Exception, pinned: PinnedClientTLS, where: str) -> Exception:
     """Why a pinned connection failed, said plainly in the log and the outcome's text."""
     if pinned.mismatch:
@@ -413,7 +418,7 @@ class SMTPDeliverer:
         defect of ours."""
         paths = (wire_path(sender), [wire_path(r) for r in recipients])
         needs = Needs.of(sender, recipients, data, smtputf8, target.kind == "mx", envid)
-        stuffed = _DOT_AT_LINE_START.sub(b"..", data)
+        stuffed = dot_stuff(data)
         prepare = None
         if self.sealer is not None and target.kind in SEALED_KINDS:
             prepare = _Seal(self, self.sealer, data, stuffed)

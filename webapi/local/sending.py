@@ -36,7 +36,7 @@ from connector.outbound.compose import (
     parse_addresses,
     reply_plan,
 )
-from webapi.errors import APIError, json_reply
+from webapi.errors import APIError
 from webapi.idempotency import Idempotency, KeyStore, body_digest
 from webapi.jsonbody import parse_json, require_json, too_large
 from webapi.local import models as m
@@ -170,7 +170,7 @@ class Sending:
 
     def _handle(self, request: IRequest, prepare: Callable[[bytes], Composed]) -> Deferred[bytes]:
         require_json(request)
-        key = Idempotency.key_of(request)  # a malformed key is refused before anything runs
+        Idempotency.key_of(request)  # a malformed key is refused before anything runs
         read: Deferred[tuple[bytes, str]] = self._run(_read, request.content, self.max_body)
 
         def run(body: tuple[bytes, str]) -> Deferred[bytes]:
@@ -180,8 +180,6 @@ class Sending:
                 built: Deferred[Composed] = self._run(prepare, raw)
                 return built.addCallback(self._submit)
 
-            if key is None:
-                return produce().addCallback(lambda r: json_reply(request, r[1], r[0]))
             return self.idempotency.handle_digest(request, SCOPE, digest, produce)
 
         return read.addCallback(run)
