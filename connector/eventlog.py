@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from twisted.logger import Logger
 
+from maildir.durable import write_durably
+
 __all__ = ["DEFAULT_KEEP", "EventBus", "JsonLinesLog", "iso_time"]
 
 log = Logger(namespace="tailpost.events")
@@ -126,13 +128,7 @@ class JsonLinesLog(Generic[E]):
     def _compact(self) -> None:
         """Rewrite the file with the events kept in memory (caller holds the lock)."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            for event in self._events:
-                fh.write(_line(event))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_durably(tmp, self.path, [_line(event) for event in self._events])
         self._lines_on_disk = len(self._events)
 
     def recent(self, limit: int) -> list[E]:
